@@ -1,0 +1,186 @@
+"""The fold algebra shared by the ONNX and PyTorch front-ends.
+
+An eval-mode BatchNorm is the per-channel affine map ``y = s * x + t`` with
+
+    s = gamma / sqrt(var + eps)        t = beta - mean * s
+
+(:func:`batchnorm_affine`). A layer ``y = W x + b`` followed by that map becomes ``(s W) x + (s b + t)``
+(:func:`fold_into_outputs`, the *backward* fold); the map followed by the layer becomes
+``(W s) x + (W t + b)`` (:func:`fold_into_inputs`, the *forward* fold, only exact when the layer never
+sees padding values, which would not be shifted).
+
+Everything is computed in float64 and rounded once, at the end, to the weight's dtype (or to
+``out_dtype``). Arrays are numpy; the PyTorch front-end converts at its boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+LayoutKind = Literal["conv", "conv_transpose", "matrix_in_out", "matrix_out_in"]
+
+
+class UnfoldableStatisticsError(ValueError):
+    """BatchNorm parameters that no finite scale and shift can represent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelAffine:
+    """A per-channel map ``y = scale * x + shift``, float64, one entry per channel."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return self.scale.shape[0]
+
+    def then(self, other: ChannelAffine) -> ChannelAffine:
+        """This map followed by ``other``: ``other.scale * (scale * x + shift) + other.shift``."""
+        return ChannelAffine(other.scale * self.scale, other.scale * self.shift + other.shift)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+    """Where a layer's weight keeps its output and input channels.
+
+    - ``conv``: ``(C_out, C_in / groups, *kernel)`` (Conv, torch ConvNd).
+    - ``conv_transpose``: ``(C_in, C_out / groups, *kernel)`` (ConvTranspose, torch ConvTransposeNd).
+    - ``matrix_in_out``: ``(K, N)``, ``y = x @ W`` (MatMul, Gemm with transB=0).
+    - ``matrix_out_in``: ``(N, K)``, ``y = x @ W.T`` (torch Linear, Gemm with transB=1).
+    """
+
+    kind: LayoutKind
+    groups: int = 1
+
+    def grouped_view(self, weight: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """``weight`` as ``(groups, out_per_group, in_per_group, rest...)`` plus the two per-group sizes.
+
+        Reshapes and transposes are views, so callers can write through them into a copy.
+        """
+        g = self.groups
+        if self.kind == "conv":
+            out_total, in_per_group = weight.shape[0], weight.shape[1]
+            view = weight.reshape(g, out_total // g, in_per_group, -1)
+        elif self.kind == "conv_transpose":
+            in_total, out_per_group = weight.shape[0], weight.shape[1]
+            view = weight.reshape(g, in_total // g, out_per_group, -1).transpose(0, 2, 1, 3)
+        elif self.kind == "matrix_in_out":
+            view = weight.T.reshape(1, weight.shape[1], weight.shape[0], 1)
+        else:  # matrix_out_in
+            view = weight.reshape(1, weight.shape[0], weight.shape[1], 1)
+        return view, view.shape[1], view.shape[2]
+
+    def out_channels(self, weight_shape: tuple[int, ...]) -> int:
+        if self.kind == "conv":
+            return weight_shape[0]
+        if self.kind == "conv_transpose":
+            return weight_shape[1] * self.groups
+        if self.kind == "matrix_in_out":
+            return weight_shape[1]
+        return weight_shape[0]
+
+    def in_channels(self, weight_shape: tuple[int, ...]) -> int:
+        if self.kind == "conv":
+            return weight_shape[1] * self.groups
+        if self.kind == "conv_transpose":
+            return weight_shape[0]
+        if self.kind == "matrix_in_out":
+            return weight_shape[0]
+        return weight_shape[1]
+
+
+def batchnorm_affine(
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    mean: np.ndarray,
+    var: np.ndarray,
+    eps: float,
+) -> ChannelAffine:
+    """The eval-mode BatchNorm as ``scale``/``shift`` in float64.
+
+    ``gamma``/``beta`` may be ``None`` (``affine=False``: 1 and 0). Raises
+    :class:`UnfoldableStatisticsError` with the reason when the statistics cannot be folded.
+    """
+    mean64 = np.asarray(mean, dtype=np.float64).reshape(-1)
+    var64 = np.asarray(var, dtype=np.float64).reshape(-1)
+    gamma64 = np.ones_like(mean64) if gamma is None else np.asarray(gamma, dtype=np.float64).reshape(-1)
+    beta64 = np.zeros_like(mean64) if beta is None else np.asarray(beta, dtype=np.float64).reshape(-1)
+    for name, array in (("scale", gamma64), ("bias", beta64), ("running mean", mean64), ("running variance", var64)):
+        bad = np.flatnonzero(~np.isfinite(array))
+        if bad.size:
+            raise UnfoldableStatisticsError(f"{name} is NaN or Inf in {bad.size} channel(s), first channel {bad[0]}")
+    negative = np.flatnonzero(var64 < 0)
+    if negative.size:
+        raise UnfoldableStatisticsError(
+            f"running variance is negative in {negative.size} channel(s), first channel {negative[0]} ({var64[negative[0]]:g})"
+        )
+    denominator = var64 + float(eps)
+    nonpositive = np.flatnonzero(denominator <= 0)
+    if nonpositive.size:
+        raise UnfoldableStatisticsError(
+            f"variance + eps is not positive in {nonpositive.size} channel(s), first channel {nonpositive[0]}"
+        )
+    scale = gamma64 / np.sqrt(denominator)
+    shift = beta64 - mean64 * scale
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        raise UnfoldableStatisticsError("scale or shift overflows float64")
+    return ChannelAffine(scale, shift)
+
+
+def _check_channels(affine: ChannelAffine, expected: int, what: str) -> None:
+    if affine.channels != expected:
+        raise ValueError(f"the per-channel map has {affine.channels} channels but the layer has {expected} {what}")
+
+
+def fold_into_outputs(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    affine: ChannelAffine,
+    layout: WeightLayout,
+    out_dtype: np.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Backward fold: the layer ``W, b`` followed by ``affine`` on its output channels.
+
+    Returns the new weight and bias (a bias is created when ``bias`` is None), rounded once to
+    ``out_dtype`` (default: the weight's dtype).
+    """
+    out_dtype = np.dtype(out_dtype or weight.dtype)
+    out_total = layout.out_channels(weight.shape)
+    _check_channels(affine, out_total, "output channels")
+    new_weight = np.array(weight, dtype=np.float64)
+    view, out_per_group, _ = layout.grouped_view(new_weight)
+    view *= affine.scale.reshape(layout.groups, out_per_group, 1, 1)
+    bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
+    new_bias = affine.scale * bias64 + affine.shift
+    return new_weight.astype(out_dtype), new_bias.astype(out_dtype)
+
+
+def fold_into_inputs(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    affine: ChannelAffine,
+    layout: WeightLayout,
+    out_dtype: np.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forward fold: ``affine`` on the layer's input channels, followed by the layer ``W, b``.
+
+    The new bias is ``b + W t`` with the kernel summed over its whole extent, which is exact only
+    when every kernel tap reads a real (shifted) input: no padding. The caller checks that.
+    """
+    out_dtype = np.dtype(out_dtype or weight.dtype)
+    _check_channels(affine, layout.in_channels(weight.shape), "input channels")
+    new_weight = np.array(weight, dtype=np.float64)
+    view, out_per_group, in_per_group = layout.grouped_view(new_weight)
+    g = layout.groups
+    shift_by_group = affine.shift.reshape(g, 1, in_per_group, 1)
+    # W t, per output channel, before scaling the weight in place.
+    bias_delta = (view * shift_by_group).sum(axis=(2, 3)).reshape(-1)
+    view *= affine.scale.reshape(g, 1, in_per_group, 1)
+    out_total = layout.out_channels(weight.shape)
+    bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
+    new_bias = bias64 + bias_delta
+    return new_weight.astype(out_dtype), new_bias.astype(out_dtype)

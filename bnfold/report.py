@@ -1,0 +1,122 @@
+"""The fold report both front-ends return and the CLI prints (text or JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+from bnfold.verification import Verification
+
+# Stable codes for BatchNorms left in place. The text of each skip says what the user can do.
+SKIP_CODES = {
+    "training-mode": "the BatchNorm normalises with batch statistics (training mode)",
+    "extra-outputs-used": "the BatchNorm's running-statistics outputs are read",
+    "no-foldable-neighbour": "no Conv/ConvTranspose/Gemm/MatMul/Linear next to it that can absorb it",
+    "layer-output-shared": "the layer's output is also read by something other than the BatchNorm",
+    "weight-not-constant": "the layer's weight or bias is not a constant",
+    "parameters-not-constant": "the BatchNorm's scale, bias, mean or variance is not a constant",
+    "padded-conv": "folding forward into a Conv that pads would shift its padding values",
+    "unfoldable-statistics": "the statistics have no finite per-channel scale and shift",
+    "channel-mismatch": "the BatchNorm's channel axis does not match the layer's channels",
+    "module-reused": "the layer module is called more than once",
+    "batch-statistics": "track_running_stats=False: the BatchNorm always uses batch statistics",
+}
+
+Direction = Literal["into-preceding", "into-following"]
+
+
+@dataclasses.dataclass
+class Fold:
+    batchnorm: str
+    layer: str
+    layer_op: str
+    direction: Direction
+    graph: str = ""
+
+    def describe(self) -> str:
+        where = f" (in {self.graph})" if self.graph else ""
+        arrow = "<-" if self.direction == "into-preceding" else "->"
+        return f"{self.layer} [{self.layer_op}] {arrow} {self.batchnorm}{where}"
+
+
+@dataclasses.dataclass
+class Skip:
+    batchnorm: str
+    code: str
+    reason: str
+    graph: str = ""
+
+    def __post_init__(self) -> None:
+        if self.code not in SKIP_CODES:
+            raise ValueError(f"unknown skip code {self.code!r}")
+
+    def describe(self) -> str:
+        where = f" (in {self.graph})" if self.graph else ""
+        return f"{self.batchnorm}{where}: [{self.code}] {self.reason}"
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What a fold did: folds, BatchNorms left with reasons, node counts, verification figures."""
+
+    model: str
+    frontend: Literal["onnx", "pytorch"]
+    folds: list[Fold] = dataclasses.field(default_factory=list)
+    skips: list[Skip] = dataclasses.field(default_factory=list)
+    nodes_before: dict[str, int] = dataclasses.field(default_factory=dict)
+    nodes_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    verification: Verification | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    output: str | None = None
+
+    @property
+    def batchnorms_before(self) -> int:
+        return self.nodes_before.get("batchnorm", 0)
+
+    @property
+    def batchnorms_after(self) -> int:
+        return self.nodes_after.get("batchnorm", 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": "bnfold.fold-report/1",
+            "model": self.model,
+            "frontend": self.frontend,
+            "output": self.output,
+            "folds": [dataclasses.asdict(f) for f in self.folds],
+            "skips": [dataclasses.asdict(s) for s in self.skips],
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "verification": None if self.verification is None else self.verification.to_dict(),
+            "notes": self.notes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+
+    def format_text(self) -> str:
+        lines = [f"bnfold: {self.model}"]
+        lines.append(
+            f"  folded {len(self.folds)} of {len(self.folds) + len(self.skips)} BatchNorm(s); "
+            f"nodes {self.nodes_before.get('total', 0)} -> {self.nodes_after.get('total', 0)}"
+        )
+        for fold in self.folds:
+            lines.append(f"  folded  {fold.describe()}")
+        for skip in self.skips:
+            lines.append(f"  left    {skip.describe()}")
+        for note in self.notes:
+            lines.append(f"  note    {note}")
+        if self.verification is not None:
+            lines.append(f"  {self.verification.summary()}")
+            for output in self.verification.outputs:
+                mark = "ok" if output.passed else "FAIL"
+                lines.append(
+                    f"    {mark:4} {output.name}: max abs {output.max_abs_error:.3g}, max rel "
+                    f"{output.max_rel_error:.3g} (atol {output.atol:g}, rtol {output.rtol:g})"
+                )
+        else:
+            lines.append("  verification skipped")
+        if self.output:
+            lines.append(f"  wrote {self.output}")
+        return "\n".join(lines)
