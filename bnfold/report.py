@@ -33,11 +33,12 @@ class Fold:
     layer_op: str
     direction: Direction
     graph: str = ""
+    batchnorm_op: str = "BatchNormalization"  # or the Mul/Add/Sub/Div that stood for one
 
     def describe(self) -> str:
         where = f" (in {self.graph})" if self.graph else ""
-        arrow = "<-" if self.direction == "into-preceding" else "->"
-        return f"{self.layer} [{self.layer_op}] {arrow} {self.batchnorm}{where}"
+        into = "preceding" if self.direction == "into-preceding" else "following"
+        return f"{self.batchnorm} [{self.batchnorm_op}] into {into} {self.layer} [{self.layer_op}]{where}"
 
 
 @dataclasses.dataclass
@@ -97,8 +98,11 @@ class FoldReport:
 
     def format_text(self) -> str:
         lines = [f"bnfold: {self.model}"]
+        batchnorm_folds = sum(f.batchnorm_op == "BatchNormalization" for f in self.folds)
+        other_folds = len(self.folds) - batchnorm_folds
+        also = f" and {other_folds} per-channel Mul/Add/Sub/Div" if other_folds else ""
         lines.append(
-            f"  folded {len(self.folds)} of {len(self.folds) + len(self.skips)} BatchNorm(s); "
+            f"  folded {batchnorm_folds} of {batchnorm_folds + len(self.skips)} BatchNorm(s){also}; "
             f"nodes {self.nodes_before.get('total', 0)} -> {self.nodes_after.get('total', 0)}"
         )
         for fold in self.folds:

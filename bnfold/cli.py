@@ -1,0 +1,94 @@
+"""The ``bnfold`` command line: ``bnfold MODEL.onnx -o OUT.onnx`` (the ``fold`` command is the default).
+
+Exit codes follow linters: 0 done, 1 verification failed (nothing written), 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from bnfold.onnx_fold import fold_onnx
+from bnfold.onnx_io import InputError, check_writable, save_model
+from bnfold.onnx_verify import VerificationUnavailableError
+from bnfold.verification import VerificationError
+
+EXIT_VERIFICATION_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class _FoldByDefault(click.Group):
+    """Route ``bnfold MODEL ...`` to ``bnfold fold MODEL ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["fold", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_FoldByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnfold")
+def main() -> None:
+    """Fold eval-mode BatchNorm into neighbouring layers; `bnfold MODEL -o OUT` runs `fold`."""
+
+
+def _parse_input_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{spec!r} is not NAME=D1,D2,...", param_hint="--input-shape") from None
+    return shapes
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"bnfold: error: {message}", err=True)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the folded model.")
+@click.option("--in-place", is_flag=True, help="Overwrite MODEL with the folded model.")
+@click.option("--dry-run", is_flag=True, help="Fold and verify, report, write nothing.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...", help="Shape of an input for verification (symbolic dims default to 1).")
+@click.option("--atol", type=float, help="Absolute tolerance (default by dtype: float32 1e-4).")
+@click.option("--rtol", type=float, help="Relative tolerance (default by dtype: float32 1e-3).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+def fold(model, output, in_place, dry_run, no_verify, output_format, input_shapes, atol, rtol, seed) -> None:
+    """Fold every BatchNorm of MODEL that is safe to fold, verify, write OUTPUT, report."""
+    if in_place and output is not None:
+        raise click.UsageError("give either -o/--output or --in-place, not both")
+    if not (output or in_place or dry_run):
+        raise click.UsageError("give -o/--output, --in-place or --dry-run")
+    target = model if in_place else output
+    if target is not None and not in_place and target.resolve() == model.resolve():
+        raise click.UsageError(f"{output} is the input model; pass --in-place to overwrite it")
+    shapes = _parse_input_shapes(input_shapes)
+    try:
+        if target is not None and not dry_run:
+            check_writable(target)
+        folded, report = fold_onnx(model, verify=not no_verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed)
+        if target is not None and not dry_run:
+            save_model(folded, target)
+            report.output = str(target)
+    except InputError as error:
+        _fail(str(error), EXIT_BAD_INPUT)
+    except VerificationUnavailableError as error:
+        _fail(f"{model}: {error}", EXIT_BAD_INPUT)
+    except VerificationError as error:
+        _emit(error.report, output_format)
+        _fail(f"{model}: verification failed, nothing written: {error}", EXIT_VERIFICATION_FAILED)
+    _emit(report, output_format)
+
+
+def _emit(report, output_format: str) -> None:
+    click.echo(report.to_json() if output_format == "json" else report.format_text())

@@ -1,0 +1,160 @@
+"""The ONNX front-end: load -> find foldable pairs -> fold -> verify -> report (-> save, in the CLI).
+
+:class:`FoldBatchNormPass` is an onnx_ir in-place pass: it walks the main graph and every If/Loop/Scan
+subgraph once, in order, offering each BatchNormalization and each per-channel Mul/Add/Sub/Div to the
+rules in :mod:`bnfold.onnx_rules`, and records a fold or a skip (with its reason) for every BatchNorm.
+:func:`fold_onnx` wraps it with loading, node counts and onnxruntime verification.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from bnfold.onnx_io import load_model
+from bnfold.onnx_rules import (
+    ELEMENTWISE_OPS,
+    FoldIntoFollowing,
+    FoldIntoPreceding,
+    Refusal,
+    GraphEditor,
+    batchnorm_channel_affine,
+    node_label,
+)
+from bnfold import onnx_verify
+from bnfold.report import Fold, FoldReport, Skip
+from bnfold.verification import VerificationError
+
+
+def _graphs(model: ir.Model) -> list[tuple[str, ir.Graph]]:
+    """The main graph (label "") and every subgraph, labelled by the node that owns it."""
+    labelled = [("", model.graph)]
+    for graph in model.graph.subgraphs():
+        owner = graph.parent if hasattr(graph, "parent") else None
+        labelled.append((graph.name or (node_label(owner) if owner is not None else "subgraph"), graph))
+    return labelled
+
+
+def node_counts(model: ir.Model) -> dict[str, int]:
+    ops = collections.Counter(node.op_type for _, graph in _graphs(model) for node in graph)
+    return {"total": sum(ops.values()), "batchnorm": ops.get("BatchNormalization", 0)}
+
+
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """Fold every BatchNormalization (and per-channel elementwise affine) that is provably safe."""
+
+    rules = (FoldIntoPreceding(), FoldIntoFollowing())
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folds: list[Fold] = []
+        self.skips: list[Skip] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        editor = GraphEditor(model)
+        before = len(self.folds)
+        for label, graph in _graphs(model):
+            for node in list(graph):
+                if node.graph is not graph or node.domain not in ("", "ai.onnx"):
+                    continue  # removed by an earlier fold, or a custom op
+                if node.op_type == "BatchNormalization":
+                    self._fold_batchnorm(node, opset, editor, label)
+                elif node.op_type in ELEMENTWISE_OPS:
+                    self._fold_elementwise(node, opset, editor, label)
+        return ir.passes.PassResult(model, modified=len(self.folds) > before)
+
+    def _fold_batchnorm(self, node: ir.Node, opset: int, editor: GraphEditor, graph_label: str) -> None:
+        refusals = []
+        try:
+            batchnorm_channel_affine(node, opset)  # reasons that hold in both directions come first
+            for rule in self.rules:
+                try:
+                    match = rule.check(node, opset)
+                except Refusal as refusal:
+                    refusals.append(refusal)
+                    continue
+                self._apply(rule, match, editor, graph_label)
+                return
+        except Refusal as refusal:
+            refusals = [refusal]
+        specific = [r for r in refusals if r.code != "no-foldable-neighbour"]
+        if specific:
+            code, reason = specific[0].code, specific[0].reason
+        else:
+            code = "no-foldable-neighbour"
+            reason = "; ".join(r.reason for r in refusals)
+            reason += " (only a Conv, ConvTranspose, Gemm or MatMul before it, or an unpadded Conv/Gemm/MatMul after it, can absorb it)"
+        self.skips.append(Skip(node_label(node), code, reason, graph_label))
+
+    def _fold_elementwise(self, node: ir.Node, opset: int, editor: GraphEditor, graph_label: str) -> None:
+        rule = self.rules[0]
+        try:
+            match = rule.check(node, opset)
+        except Refusal:
+            return  # an ordinary elementwise op: nothing to report
+        self._apply(rule, match, editor, graph_label)
+
+    def _apply(self, rule, match, editor: GraphEditor, graph_label: str) -> None:
+        fold = Fold(
+            batchnorm=node_label(match.anchor),
+            layer=node_label(match.layer.node),
+            layer_op=match.layer.node.op_type,
+            direction=rule.direction,
+            graph=graph_label,
+            batchnorm_op=match.anchor.op_type,
+        )
+        rule.rewrite(match, editor)
+        self.folds.append(fold)
+
+
+def _as_ir(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> tuple[ir.Model, str | bytes, str]:
+    """A working copy of ``model``, what onnxruntime should run as the original, and a label."""
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model), str(model), str(model)
+    if isinstance(model, onnx.ModelProto):
+        return ir.from_proto(model), model.SerializeToString(), model.graph.name or "<model>"
+    serialized = ir.to_proto(model).SerializeToString()
+    return ir.from_proto(onnx.load_from_string(serialized)), serialized, model.graph.name or "<model>"
+
+
+def fold_onnx(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    *,
+    verify: bool = True,
+    input_shapes: dict[str, list[int]] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+):
+    """Fold every eval-mode BatchNorm that is safe to fold; return ``(folded_model, report)``.
+
+    ``model`` is a path, an ``onnx_ir.Model`` or an ``onnx.ModelProto``; it is never modified. The folded
+    model is returned as the same kind (``onnx_ir.Model`` for a path). With ``verify`` the
+    original and folded models run in onnxruntime on seeded random inputs and every output is compared;
+    a mismatch raises :class:`bnfold.VerificationError` carrying the report.
+    """
+    working, original, label = _as_ir(model)
+    report = FoldReport(model=label, frontend="onnx", nodes_before=node_counts(working))
+    try:
+        ShapeInferencePass()(working)
+    except Exception as error:  # shapes only make MatMul folds provable; folding goes on without them
+        report.notes.append(f"shape inference failed ({type(error).__name__}); 2-D MatMul folds may be refused")
+    fold_pass = FoldBatchNormPass()
+    fold_pass(working)
+    report.folds, report.skips = fold_pass.folds, fold_pass.skips
+    report.nodes_after = node_counts(working)
+    if verify and report.folds:
+        report.verification = onnx_verify.verify(original, working, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed)
+        if not report.verification.passed:
+            raise VerificationError(report.verification, report)
+    elif verify:
+        report.notes.append("nothing folded, so nothing to verify")
+    if isinstance(model, onnx.ModelProto):
+        return ir.to_proto(working), report
+    return working, report

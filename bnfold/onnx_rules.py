@@ -1,0 +1,498 @@
+"""Fold rules for ONNX graphs, in the style of onnxscript's rewriter: a pattern, a check, a rewrite.
+
+Two rules, both anchored at a per-channel affine node (a BatchNormalization, or a Mul/Add/Sub/Div by a
+per-channel constant, the form some exporters give a BatchNorm or a Caffe Scale layer):
+
+- :class:`FoldIntoPreceding` (backward): ``Layer -> affine`` becomes ``Layer'`` with scaled output
+  channels. Layer = Conv, ConvTranspose, Gemm, or a 2-D MatMul with an optional Add of a constant bias.
+- :class:`FoldIntoFollowing` (forward, BatchNorm only): ``BatchNorm -> Layer`` becomes ``Layer'`` with
+  scaled input channels. Layer = Conv that pads nothing, Gemm with transA=0, or a 2-D MatMul.
+
+``check`` returns a :class:`Match` or raises :class:`Refusal` with a stable code and a sentence the user
+can act on; ``rewrite`` edits the graph. All arithmetic goes through :mod:`bnfold.fold_math`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.fold_math import (
+    ChannelAffine,
+    UnfoldableStatisticsError,
+    WeightLayout,
+    batchnorm_affine,
+    fold_into_inputs,
+    fold_into_outputs,
+)
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ELEMENTWISE_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+class Refusal(Exception):
+    """Why a fold cannot be done: a code from :data:`bnfold.report.SKIP_CODES` and a sentence."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def node_label(node: ir.Node) -> str:
+    if node.name:
+        return node.name
+    output = node.outputs[0].name if node.outputs else "?"
+    return f"{node.op_type}->{output}"
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's content when it is a constant: an initializer that is not also a graph input
+    (those are overridable defaults), a Constant node, or Identity/Transpose chains of those."""
+    perms: list[list[int] | None] = []
+    while value is not None and not value.is_graph_input():
+        producer = value.producer()
+        if producer is None:
+            tensor = value.const_value
+            if tensor is None:
+                return None
+            array = tensor.numpy()
+            break
+        if producer.domain not in ("", "ai.onnx"):
+            return None
+        if producer.op_type == "Constant":
+            tensor = ir.convenience.get_const_tensor(value)
+            if tensor is None:
+                return None
+            array = tensor.numpy()
+            break
+        if producer.op_type == "Identity":
+            value = producer.inputs[0]
+        elif producer.op_type == "Transpose":
+            perm = producer.attributes.get("perm")
+            perms.append(None if perm is None else list(perm.as_ints()))
+            value = producer.inputs[0]
+        else:
+            return None
+    else:
+        return None
+    for perm in reversed(perms):
+        array = np.transpose(array, perm)
+    return np.asarray(array)
+
+
+def _attr(node: ir.Node, name: str, default):
+    attribute = node.attributes.get(name)
+    return default if attribute is None else attribute.value
+
+
+def _only_consumer(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    if value.is_graph_output() or len(uses) != 1:
+        return None
+    return uses[0].node
+
+
+def _is_floating(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" or array.dtype.name == "bfloat16"
+
+
+def _const_input(node: ir.Node, index: int, what: str, optional: bool = False) -> np.ndarray | None:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        if optional:
+            return None
+        raise Refusal("weight-not-constant", f"{node_label(node)} has no {what}")
+    array = constant_array(value)
+    if array is None:
+        source = "a graph input" if value.is_graph_input() else "computed at run time"
+        raise Refusal(
+            "weight-not-constant",
+            f"the {what} of {node_label(node)} ({value.name}) is {source}; make it an initializer to fold",
+        )
+    if not _is_floating(array):
+        raise Refusal("weight-not-constant", f"the {what} of {node_label(node)} is {array.dtype}, not floating point")
+    return array
+
+
+@dataclasses.dataclass
+class Layer:
+    """A Conv/ConvTranspose/Gemm/MatMul seen as ``y = W x + b`` with a known weight layout."""
+
+    node: ir.Node
+    weight: np.ndarray
+    bias: np.ndarray | None
+    layout: WeightLayout
+    output_rank: int
+    bias_add: ir.Node | None = None  # MatMul's bias lives in a following Add
+
+    @property
+    def output(self) -> ir.Value:
+        return (self.bias_add or self.node).outputs[0]
+
+    @property
+    def gemm_alpha_beta(self) -> tuple[float, float]:
+        if self.node.op_type != "Gemm":
+            return 1.0, 1.0
+        return float(_attr(self.node, "alpha", 1.0)), float(_attr(self.node, "beta", 1.0))
+
+
+def _matmul_bias_add(matmul: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
+    """The ``Add(MatMul(...), constant)`` that serves as the MatMul's bias, if any."""
+    add = _only_consumer(matmul.outputs[0])
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    other = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
+    bias = constant_array(other)
+    if bias is None or not _is_floating(bias) or bias.ndim > 2:
+        return None
+    weight = constant_array(matmul.inputs[1])
+    out_channels = None if weight is None else weight.shape[-1]
+    if bias.ndim >= 1 and bias.shape[-1] not in (1, out_channels):
+        return None
+    return add, bias
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def layer_view(node: ir.Node, data_value: ir.Value | None = None) -> Layer:
+    """Read ``node`` as a foldable layer, or refuse. ``data_value`` is the input a forward fold
+    would scale (it must be the layer's data input, not its weight)."""
+    op = node.op_type
+    if data_value is not None and node.inputs[0] is not data_value:
+        raise Refusal("no-foldable-neighbour", f"it feeds the weight input of {node_label(node)}, not its data")
+    weight = _const_input(node, 1, "weight")
+    if op in ("Conv", "ConvTranspose"):
+        bias = _const_input(node, 2, "bias", optional=True)
+        kind = "conv" if op == "Conv" else "conv_transpose"
+        layout = WeightLayout(kind, int(_attr(node, "group", 1)))
+        return Layer(node, weight, bias, layout, weight.ndim)
+    if op == "Gemm":
+        if weight.ndim != 2:
+            raise Refusal("channel-mismatch", f"{node_label(node)} has a {weight.ndim}-D weight")
+        bias = _const_input(node, 2, "bias", optional=True)
+        kind = "matrix_out_in" if _attr(node, "transB", 0) else "matrix_in_out"
+        return Layer(node, weight, bias, WeightLayout(kind), 2)
+    # MatMul: BatchNorm's channel axis is 1, which is the MatMul's feature axis only for 2-D data.
+    if weight.ndim != 2:
+        raise Refusal("channel-mismatch", f"{node_label(node)} has a {weight.ndim}-D weight; only 2-D weights fold")
+    data_rank = _rank(node.inputs[0])
+    if data_rank != 2:
+        known = "unknown" if data_rank is None else f"{data_rank}-D"
+        raise Refusal(
+            "channel-mismatch",
+            f"the data of {node_label(node)} is {known}, so BatchNorm's channel axis 1 is not provably the "
+            "MatMul's feature axis (only 2-D data folds)",
+        )
+    found = None if data_value is not None else _matmul_bias_add(node)
+    bias_add, bias = found if found else (None, None)
+    return Layer(node, weight, bias, WeightLayout("matrix_in_out"), 2, bias_add)
+
+
+def batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
+    """The eval-mode BatchNormalization as a channel affine map, or a refusal saying why not."""
+    version = node.version or opset
+    label = node_label(node)
+    if version >= 14 and _attr(node, "training_mode", 0):
+        raise Refusal("training-mode", f"{label} has training_mode=1; export the model in eval mode (model.eval())")
+    if version < 7 and not _attr(node, "is_test", 0):
+        raise Refusal("training-mode", f"{label} has is_test=0 (opset {version} training mode); set is_test=1")
+    extra = [out for out in node.outputs[1:] if out is not None and out.name]
+    read = [out.name for out in extra if out.uses() or out.is_graph_output()]
+    if read:
+        raise Refusal("extra-outputs-used", f"the statistics outputs of {label} ({', '.join(read)}) are read")
+    if extra and version < 14:
+        raise Refusal(
+            "training-mode",
+            f"{label} declares its statistics outputs, which means training mode at opset {version}; remove them",
+        )
+    parameters = []
+    for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
+        array = constant_array(node.inputs[index]) if index < len(node.inputs) else None
+        if array is None:
+            raise Refusal("parameters-not-constant", f"the {what} of {label} is not a constant")
+        parameters.append(array)
+    scale, bias, mean, var = parameters
+    if version < 9 and not _attr(node, "spatial", 1) and any(p.ndim > 1 and p.size != p.shape[0] for p in parameters):
+        raise Refusal("channel-mismatch", f"{label} has spatial=0 with per-position statistics; only per-channel folds")
+    try:
+        return batchnorm_affine(scale, bias, mean, var, float(_attr(node, "epsilon", 1e-5)))
+    except UnfoldableStatisticsError as error:
+        raise Refusal("unfoldable-statistics", f"{label}: {error}") from None
+
+
+def elementwise_channel_affine(node: ir.Node, data: ir.Value, channels: int, rank: int) -> ChannelAffine | None:
+    """``node`` (Mul/Add/Sub/Div of ``data`` and a constant) as a channel affine map over a
+    ``rank``-D tensor with channels on axis 1, or None when the constant is not per-channel."""
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    data_first = node.inputs[0] is data
+    other = node.inputs[1] if data_first else node.inputs[0]
+    if other is data:
+        return None
+    constant = constant_array(other)
+    if constant is None or not _is_floating(constant) or constant.ndim > rank:
+        return None
+    padded = (1,) * (rank - constant.ndim) + constant.shape
+    if any(size != 1 for axis, size in enumerate(padded) if axis != 1) or padded[1] not in (1, channels):
+        return None
+    per_channel = np.broadcast_to(constant.astype(np.float64).reshape(-1), (channels,)).copy()
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    if node.op_type == "Mul":
+        return ChannelAffine(per_channel, zeros)
+    if node.op_type == "Add":
+        return ChannelAffine(ones, per_channel)
+    if node.op_type == "Sub":
+        return ChannelAffine(ones, -per_channel) if data_first else ChannelAffine(-ones, per_channel)
+    if node.op_type == "Div" and data_first and np.all(per_channel != 0):
+        return ChannelAffine(1.0 / per_channel, zeros)
+    return None
+
+
+@dataclasses.dataclass
+class Match:
+    anchor: ir.Node  # the BatchNorm (or elementwise node) that disappears
+    layer: Layer
+    affine: ChannelAffine
+    direction: str
+
+
+class GraphEditor:
+    """Graph edits shared by both rules: fresh initializers, rewiring, dead-constant removal."""
+
+    def __init__(self, model: ir.Model):
+        self._names = {v.name for g in (model.graph, *model.graph.subgraphs()) for v in _all_values(g) if v.name}
+        self._counter = itertools.count()
+
+    def fresh_name(self, base: str) -> str:
+        name = f"{base}_bnfold"
+        while name in self._names:
+            name = f"{base}_bnfold{next(self._counter)}"
+        self._names.add(name)
+        return name
+
+    def initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=self.fresh_name(base), const_value=ir.tensor(array))
+        value.shape = ir.Shape(array.shape)
+        value.type = ir.TensorType(value.const_value.dtype)
+        graph.register_initializer(value)
+        return value
+
+    def set_input(self, node: ir.Node, index: int, graph: ir.Graph, base: str, array: np.ndarray) -> None:
+        old = node.inputs[index] if index < len(node.inputs) else None
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, self.initializer(graph, base, array))
+        if old is not None:
+            remove_if_dead(old)
+
+    def bypass(self, anchor: ir.Node, replacement: ir.Value) -> None:
+        """Remove ``anchor``, handing its first output's uses (and graph-output slot, name included)
+        to ``replacement``."""
+        graph = anchor.graph
+        output = anchor.outputs[0]
+        if output.is_graph_output():
+            name = output.name
+            output.name = None
+            replacement.name = name
+        output.replace_all_uses_with(replacement, replace_graph_outputs=True)
+        inputs = [value for value in anchor.inputs if value is not None]
+        graph.remove(anchor, safe=True)
+        for value in inputs:
+            remove_if_dead(value)
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+def remove_if_dead(value: ir.Value) -> None:
+    """Drop a constant (initializer or Constant/Identity/Transpose chain) nobody reads any more."""
+    while value is not None and not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+        producer = value.producer()
+        if producer is None:
+            graph = value.graph
+            if graph is not None and value.name in graph.initializers:
+                del graph.initializers[value.name]
+            return
+        if producer.op_type not in ("Constant", "Identity", "Transpose") or len(producer.outputs) != 1:
+            return
+        upstream = producer.inputs[0] if producer.inputs else None
+        producer.graph.remove(producer, safe=True)
+        value = upstream
+
+
+def _weight_base(layer: Layer) -> str:
+    return layer.node.inputs[1].name or node_label(layer.node)
+
+
+class FoldIntoPreceding:
+    """``Layer -> BatchNorm (or per-channel Mul/Add/Sub/Div)``: scale the layer's output channels."""
+
+    direction = "into-preceding"
+
+    def check(self, anchor: ir.Node, opset: int) -> Match:
+        data = _data_input(anchor)
+        producer = data.producer() if data is not None else None
+        producer = _matmul_of_bias_add(producer) or producer
+        if not _is_layer(producer):
+            source = "a graph input or constant" if producer is None else producer.op_type
+            raise Refusal("no-foldable-neighbour", f"its input comes from {source}, not a Conv/ConvTranspose/Gemm/MatMul")
+        layer = layer_view(producer)
+        if layer.output is not data:
+            raise Refusal("no-foldable-neighbour", f"it is the bias Add of {node_label(producer)}")
+        if _only_consumer(layer.output) is not anchor:
+            raise Refusal(
+                "layer-output-shared",
+                f"the output of {node_label(layer.node)} is also read elsewhere (or is a graph output), so it "
+                "must stay unscaled",
+            )
+        channels = layer.layout.out_channels(layer.weight.shape)
+        if anchor.op_type == "BatchNormalization":
+            affine = batchnorm_channel_affine(anchor, opset)
+        else:
+            affine = elementwise_channel_affine(anchor, layer.output, channels, layer.output_rank)
+            if affine is None:
+                raise Refusal("no-foldable-neighbour", "the constant is not per-channel")
+        if affine.channels != channels:
+            raise Refusal(
+                "channel-mismatch",
+                f"{node_label(anchor)} has {affine.channels} channels, {node_label(layer.node)} outputs {channels}",
+            )
+        return Match(anchor, layer, affine, self.direction)
+
+    def rewrite(self, match: Match, editor: GraphEditor) -> None:
+        layer, affine = match.layer, match.affine
+        graph = layer.node.graph
+        alpha, beta = layer.gemm_alpha_beta
+        bias = layer.bias
+        if layer.node.op_type == "Gemm" and (bias is None or beta == 0.0):
+            bias, beta = None, 1.0
+            layer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        # Gemm adds beta * C: the shift enters C divided by beta.
+        shifted = ChannelAffine(affine.scale, affine.shift / beta)
+        weight, new_bias = fold_into_outputs(layer.weight, bias, shifted, layer.layout)
+        editor.set_input(layer.node, 1, graph, _weight_base(layer), weight)
+        if layer.node.op_type != "MatMul":
+            editor.set_input(layer.node, 2, graph, f"{_weight_base(layer)}_bias", new_bias)
+        elif layer.bias_add is not None:
+            bias_index = 1 if layer.bias_add.inputs[0] is layer.node.outputs[0] else 0
+            editor.set_input(layer.bias_add, bias_index, graph, f"{_weight_base(layer)}_bias", new_bias)
+        else:
+            layer.bias_add = _append_bias_add(layer.node, editor.initializer(graph, f"{_weight_base(layer)}_bias", new_bias))
+        editor.bypass(match.anchor, layer.output)
+
+
+def _append_bias_add(matmul: ir.Node, bias: ir.Value) -> ir.Node:
+    add = ir.Node("", "Add", [matmul.outputs[0], bias], name=f"{node_label(matmul)}_bias_bnfold")
+    add.outputs[0].type = matmul.outputs[0].type
+    add.outputs[0].shape = matmul.outputs[0].shape
+    matmul.graph.insert_after(matmul, add)
+    return add
+
+
+def _data_input(anchor: ir.Node) -> ir.Value | None:
+    """The tensor a BatchNorm normalises, or the one non-constant operand of an elementwise node."""
+    if anchor.op_type == "BatchNormalization":
+        return anchor.inputs[0]
+    variable = [v for v in anchor.inputs if v is not None and constant_array(v) is None]
+    return variable[0] if len(variable) == 1 else None
+
+
+def _is_layer(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx")
+
+
+def _matmul_of_bias_add(node: ir.Node | None) -> ir.Node | None:
+    """The MatMul behind ``node`` when ``node`` is that MatMul's bias Add."""
+    if node is None or node.op_type != "Add":
+        return None
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "MatMul":
+            bias = _matmul_bias_add(producer)
+            if bias is not None and bias[0] is node:
+                return producer
+    return None
+
+
+class FoldIntoFollowing:
+    """``BatchNorm -> Layer``: scale the next layer's input channels (exact only without padding)."""
+
+    direction = "into-following"
+
+    def check(self, anchor: ir.Node, opset: int) -> Match:
+        output = anchor.outputs[0]
+        consumer = _only_consumer(output)
+        if consumer is None:
+            consumers = sorted({use.node.op_type for use in output.uses()})
+            what = "is a graph output" if output.is_graph_output() else f"is read by {len(output.uses())} nodes"
+            raise Refusal("no-foldable-neighbour", f"its output {what} ({', '.join(consumers) or 'none'})")
+        if not _is_layer(consumer) or consumer.op_type == "ConvTranspose":
+            raise Refusal("no-foldable-neighbour", f"its output feeds {consumer.op_type}, which cannot absorb it")
+        layer = layer_view(consumer, data_value=output)
+        _check_unpadded(consumer)
+        if consumer.op_type == "Gemm" and _attr(consumer, "transA", 0):
+            raise Refusal("channel-mismatch", f"{node_label(consumer)} has transA=1: its features are not on axis 1")
+        affine = batchnorm_channel_affine(anchor, opset)
+        channels = layer.layout.in_channels(layer.weight.shape)
+        if affine.channels != channels:
+            raise Refusal(
+                "channel-mismatch", f"{node_label(anchor)} has {affine.channels} channels, {node_label(consumer)} reads {channels}"
+            )
+        return Match(anchor, layer, affine, self.direction)
+
+    def rewrite(self, match: Match, editor: GraphEditor) -> None:
+        layer, affine = match.layer, match.affine
+        graph = layer.node.graph
+        alpha, beta = layer.gemm_alpha_beta
+        bias = layer.bias
+        if layer.node.op_type == "Gemm" and (bias is None or beta == 0.0):
+            bias, beta = None, 1.0
+            layer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        # Gemm computes alpha * A B + beta * C: the shift's contribution alpha * t B enters C over beta.
+        shifted = ChannelAffine(affine.scale, affine.shift * alpha / beta)
+        weight, new_bias = fold_into_inputs(layer.weight, bias, shifted, layer.layout)
+        editor.set_input(layer.node, 1, graph, _weight_base(layer), weight)
+        if layer.node.op_type == "MatMul":
+            _append_bias_add_before_uses(layer.node, editor.initializer(graph, f"{_weight_base(layer)}_bias", new_bias))
+        else:
+            editor.set_input(layer.node, 2, graph, f"{_weight_base(layer)}_bias", new_bias)
+        editor.bypass(match.anchor, match.anchor.inputs[0])
+
+
+def _append_bias_add_before_uses(matmul: ir.Node, bias: ir.Value) -> None:
+    """Insert ``Add(MatMul, bias)`` and move every reader of the MatMul's output onto it."""
+    output = matmul.outputs[0]
+    readers_and_outputs = output.uses(), output.is_graph_output()
+    add = _append_bias_add(matmul, bias)
+    for use in readers_and_outputs[0]:
+        use.node.replace_input_with(use.idx, add.outputs[0])
+    if readers_and_outputs[1]:
+        name = output.name
+        output.name = None
+        add.outputs[0].name = name
+        graph = matmul.graph
+        graph.outputs[:] = [add.outputs[0] if v is output else v for v in graph.outputs]
+
+
+def _check_unpadded(node: ir.Node) -> None:
+    if node.op_type != "Conv":
+        return
+    auto_pad = _attr(node, "auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = list(_attr(node, "pads", []) or [])
+    if auto_pad not in ("NOTSET", "VALID") or any(pads):
+        padding = f"auto_pad={auto_pad}" if auto_pad not in ("NOTSET", "VALID") else f"pads={pads}"
+        raise Refusal(
+            "padded-conv",
+            f"{node_label(node)} pads its input ({padding}): the padding zeros would not be shifted",
+        )

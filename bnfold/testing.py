@@ -1,0 +1,174 @@
+"""Trained fixture models for tests, examples and benchmarks.
+
+Each fixture is a small architecture whose BatchNorm layers come from a ``norms`` namespace (anything
+with ``BatchNorm1d``/``2d``/``3d``). :func:`trained_fixture` builds it with the reference BatchNorm
+(:mod:`bnfold.reference`), trains it for a few seeded SGD steps on synthetic data so the running
+statistics, γ and β are realistic, then loads the weights into the same architecture built with
+``torch.nn``'s layers (the two are state-dict compatible) and returns that, in eval mode.
+:func:`export_onnx` writes such a model to ONNX with its BatchNormalization nodes kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import nn
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, norms: ModuleType):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = norms.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = norms.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + x)
+
+
+class SmallCNN(nn.Module):
+    """Conv→BN→ReLU stem, one residual block, a strided Conv→BN with bias, pooled linear head."""
+
+    def __init__(self, norms: ModuleType, channels: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), norms.BatchNorm2d(channels), nn.ReLU())
+        self.block = ResidualBlock(channels, norms)
+        self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2), norms.BatchNorm2d(2 * channels), nn.ReLU())
+        self.head = nn.Linear(2 * channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(self.block(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _mlp(norms: ModuleType) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(16, 32), norms.BatchNorm1d(32), nn.ReLU(),
+        nn.Linear(32, 32, bias=False), norms.BatchNorm1d(32), nn.ReLU(),
+        nn.Linear(32, 4),
+    )  # fmt: skip
+
+
+def _decoder(norms: ModuleType) -> nn.Module:
+    """ConvTranspose up-sampling, plain and grouped, with and without bias."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(8, 12, 4, stride=2, padding=1, bias=False), norms.BatchNorm2d(12), nn.ReLU(),
+        nn.ConvTranspose2d(12, 6, 3, stride=2, padding=1, output_padding=1, groups=3), norms.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 3, 1),
+    )  # fmt: skip
+
+
+def _conv1d(norms: ModuleType) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(4, 8, 5, padding=2), norms.BatchNorm1d(8), nn.ReLU(),
+        nn.Conv1d(8, 8, 3, dilation=2, bias=False), norms.BatchNorm1d(8), nn.ReLU(),
+        nn.Conv1d(8, 2, 1),
+    )  # fmt: skip
+
+
+def _conv3d(norms: ModuleType) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(2, 6, 3, padding=1, bias=False), norms.BatchNorm3d(6), nn.ReLU(),
+        nn.Conv3d(6, 6, 3, stride=2), norms.BatchNorm3d(6), nn.ReLU(),
+        nn.Conv3d(6, 2, 1),
+    )  # fmt: skip
+
+
+def _grouped(norms: ModuleType) -> nn.Module:
+    """MobileNet-style separable blocks: depthwise (groups = channels) and grouped convs."""
+    return nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1, bias=False), norms.BatchNorm2d(12), nn.ReLU6(),
+        nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), norms.BatchNorm2d(12), nn.ReLU6(),
+        nn.Conv2d(12, 16, 1, groups=4), norms.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, stride=2, groups=16), norms.BatchNorm2d(16),
+        nn.Conv2d(16, 5, 1),
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class FixtureSpec:
+    build: Callable[[ModuleType], nn.Module]
+    input_shape: tuple[int, ...]  # one sample, without the batch axis
+    batchnorms: int
+
+
+FIXTURES: dict[str, FixtureSpec] = {
+    "small_cnn": FixtureSpec(SmallCNN, (3, 16, 16), 4),
+    "mlp": FixtureSpec(_mlp, (16,), 2),
+    "decoder": FixtureSpec(_decoder, (8, 5, 5), 2),
+    "conv1d": FixtureSpec(_conv1d, (4, 32), 2),
+    "conv3d": FixtureSpec(_conv3d, (2, 8, 8, 8), 2),
+    "grouped": FixtureSpec(_grouped, (3, 12, 12), 4),
+}
+
+
+def train_steps(model: nn.Module, input_shape: tuple[int, ...], steps: int, seed: int, batch: int = 16) -> None:
+    """A few seeded Adam steps on synthetic inputs (mean 0.5, std 1.5) towards fixed random targets."""
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        probe = model(torch.randn(batch, *input_shape, generator=generator))
+    target = torch.randn(probe.shape, generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        x = torch.randn(batch, *input_shape, generator=generator) * 1.5 + 0.5
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def trained_fixture(name: str, steps: int = 20, seed: int = 0) -> nn.Module:
+    """The fixture ``name``, trained with the reference BatchNorm, as a torch.nn model in eval mode."""
+    from bnfold import reference
+
+    spec = FIXTURES[name]
+    torch.manual_seed(seed)
+    trained = spec.build(reference)
+    train_steps(trained, spec.input_shape, steps, seed)
+    model = spec.build(nn)
+    model.load_state_dict(trained.state_dict())
+    return model.eval()
+
+
+def example_input(name: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *FIXTURES[name].input_shape, generator=generator)
+
+
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    training: bool = False,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+) -> None:
+    """Export with the BatchNormalization nodes kept (no constant folding, which would fuse them).
+
+    ``training=True`` exports the BatchNorms in training mode (``training_mode=1``, batch statistics).
+    """
+    mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
+    dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            do_constant_folding=False,
+            training=mode,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes=dynamic_axes,
+        )
