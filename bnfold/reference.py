@@ -1,0 +1,225 @@
+"""A reference training-mode BatchNorm with the semantics of ``torch.nn.BatchNorm1d/2d/3d``.
+
+Used to train the test fixture models with code of our own rather than torch's fused kernel, while
+staying interchangeable with it: same constructor, parameter and buffer names, shapes and dtypes, so
+``state_dict``s load both ways.
+
+Semantics (channels on axis 1, statistics over every other axis, ``n`` values per channel):
+
+- Batch statistics are used in training mode, and in eval mode when there are no running buffers
+  (``track_running_stats=False``): ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the
+  *biased* batch variance ``var = sum((x - mean)**2) / n``.
+- In training mode with tracking, ``num_batches_tracked`` is incremented and, without autograd,
+  ``running = (1 - f) * running + f * batch`` for the mean and the *unbiased* variance
+  (``var * n / (n - 1)``), with ``f = momentum``, or ``f = 1 / num_batches_tracked`` (a cumulative
+  moving average) when ``momentum`` is None.
+- Eval mode with running buffers normalises with them.
+- A channel with a single value cannot be normalised in training: ``ValueError`` as in torch.
+
+The training-mode gradients are the closed-form ones (:class:`_BatchNormTrainFunction`), not autograd
+through the forward. Statistics and gradients are accumulated in float64 and rounded to the input
+dtype, as torch's CPU kernel does (its accumulation type for float32 on CPU is double).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_ACC = torch.float64
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _channel_view(v: Tensor, x: Tensor) -> Tensor:
+    """``v`` (one value per channel) shaped to broadcast against ``x`` along axis 1."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class _BatchNormTrainFunction(torch.autograd.Function):
+    """Batch-statistics BatchNorm with closed-form gradients.
+
+    ``apply(x, weight, bias, eps)`` returns ``(y, mean, var)``: the output in ``x.dtype`` and the
+    batch mean and *biased* variance in float64 (not differentiable; the caller uses them for the
+    running statistics). ``weight`` and ``bias`` may be None.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        dims = _reduce_dims(x)
+        xa = x.to(_ACC)
+        mean = xa.mean(dims)
+        centred = xa - _channel_view(mean, x)
+        # Two-pass variance: more accurate than E[x^2] - E[x]^2 when |mean| >> std.
+        var = centred.square().mean(dims)
+        invstd = torch.rsqrt(var + eps)
+        xhat = centred * _channel_view(invstd, x)
+        y = xhat
+        if weight is not None:
+            y = y * _channel_view(weight.to(_ACC), x)
+        if bias is not None:
+            y = y + _channel_view(bias.to(_ACC), x)
+        # xhat (float64) serves both gradient formulas; keeping it avoids recomputing the centring.
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
+        xhat, invstd, weight = ctx.saved_tensors
+        dims = _reduce_dims(xhat)
+        n = xhat.numel() // xhat.size(1)
+        dya = dy.to(_ACC)
+        sum_dy = dya.sum(dims)
+        sum_dy_xhat = (dya * xhat).sum(dims)
+
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of (x - mean) * invstd, with mean and invstd depending on x:
+            # (1/n) * gamma * invstd * (n * dy - sum(dy) - xhat * sum(dy * xhat)).
+            gain = invstd if weight is None else invstd * weight.to(_ACC)
+            grad_x = (
+                _channel_view(gain / n, xhat)
+                * (n * dya - _channel_view(sum_dy, xhat) - xhat * _channel_view(sum_dy_xhat, xhat))
+            ).to(dy.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None
+
+
+class _BatchNorm(nn.Module):
+    """Shared implementation; subclasses only define :meth:`_check_input_dim`."""
+
+    # torch's _NormBase version: version 2 added num_batches_tracked. Same value, same state_dict metadata.
+    _version = 2
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        # Registering None (rather than omitting) mirrors torch, so attribute access and
+        # state_dict keys behave the same for affine=False / track_running_stats=False.
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+        )
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        # As in torch, the buffers (not the flag) decide in eval mode, and the counter is advanced
+        # before the batch is validated (so a rejected batch still counts, exactly like torch).
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        update = self.training and self.track_running_stats and self.running_mean is not None
+        factor = 0.0
+        if update:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+        if not use_batch_stats:
+            # Eval with running statistics: a fixed affine map, so autograd differentiates it fine.
+            # Evaluated in float64 too, so that the weight gradient (a sum over N*L values) is
+            # accumulated in float64 as torch's kernel does.
+            scale = torch.rsqrt(self.running_var.to(_ACC) + self.eps)
+            if self.weight is not None:
+                scale = scale * self.weight.to(_ACC)
+            y = (x.to(_ACC) - _channel_view(self.running_mean.to(_ACC), x)) * _channel_view(scale, x)
+            if self.bias is not None:
+                y = y + _channel_view(self.bias.to(_ACC), x)
+            return y.to(x.dtype)
+
+        if x.numel() // x.size(1) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        y, mean, var = _BatchNormTrainFunction.apply(x, self.weight, self.bias, self.eps)
+        if update:
+            with torch.no_grad():
+                n = x.numel() // x.size(1)
+                unbiased = var * (n / (n - 1))
+                # Blend in float64 and round once, like torch's CPU update.
+                for running, batch in ((self.running_mean, mean), (self.running_var, unbiased)):
+                    running.copy_(factor * batch + (1.0 - factor) * running.to(_ACC))
+        return y
+
+
+class BatchNorm1d(_BatchNorm):
+    """BatchNorm over (N, C) or (N, C, L) input, like ``torch.nn.BatchNorm1d``."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {x.dim()}D input)")
+
+
+class BatchNorm2d(_BatchNorm):
+    """BatchNorm over (N, C, H, W) input, like ``torch.nn.BatchNorm2d``."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+
+
+class BatchNorm3d(_BatchNorm):
+    """BatchNorm over (N, C, D, H, W) input, like ``torch.nn.BatchNorm3d``."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 5:
+            raise ValueError(f"expected 5D input (got {x.dim()}D input)")
