@@ -380,14 +380,15 @@ class FoldIntoPreceding:
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = ChannelAffine(affine.scale, affine.shift / beta)
         weight, new_bias = fold_into_outputs(layer.weight, bias, shifted, layer.layout)
-        editor.set_input(layer.node, 1, graph, _weight_base(layer), weight)
+        base = _weight_base(layer)
+        editor.set_input(layer.node, 1, graph, base, weight)
         if layer.node.op_type != "MatMul":
-            editor.set_input(layer.node, 2, graph, f"{_weight_base(layer)}_bias", new_bias)
+            editor.set_input(layer.node, 2, graph, f"{base}_bias", new_bias)
         elif layer.bias_add is not None:
             bias_index = 1 if layer.bias_add.inputs[0] is layer.node.outputs[0] else 0
-            editor.set_input(layer.bias_add, bias_index, graph, f"{_weight_base(layer)}_bias", new_bias)
+            editor.set_input(layer.bias_add, bias_index, graph, f"{base}_bias", new_bias)
         else:
-            layer.bias_add = _append_bias_add(layer.node, editor.initializer(graph, f"{_weight_base(layer)}_bias", new_bias))
+            layer.bias_add = _append_bias_add(layer.node, editor.initializer(graph, f"{base}_bias", new_bias))
         editor.bypass(match.anchor, layer.output)
 
 
@@ -461,27 +462,26 @@ class FoldIntoFollowing:
         # Gemm computes alpha * A B + beta * C: the shift's contribution alpha * t B enters C over beta.
         shifted = ChannelAffine(affine.scale, affine.shift * alpha / beta)
         weight, new_bias = fold_into_inputs(layer.weight, bias, shifted, layer.layout)
-        editor.set_input(layer.node, 1, graph, _weight_base(layer), weight)
+        base = _weight_base(layer)
+        editor.set_input(layer.node, 1, graph, base, weight)
         if layer.node.op_type == "MatMul":
-            _append_bias_add_before_uses(layer.node, editor.initializer(graph, f"{_weight_base(layer)}_bias", new_bias))
+            _append_bias_add_before_uses(layer.node, editor.initializer(graph, f"{base}_bias", new_bias), editor)
         else:
-            editor.set_input(layer.node, 2, graph, f"{_weight_base(layer)}_bias", new_bias)
+            editor.set_input(layer.node, 2, graph, f"{base}_bias", new_bias)
         editor.bypass(match.anchor, match.anchor.inputs[0])
 
 
-def _append_bias_add_before_uses(matmul: ir.Node, bias: ir.Value) -> None:
+def _append_bias_add_before_uses(matmul: ir.Node, bias: ir.Value, editor: GraphEditor) -> None:
     """Insert ``Add(MatMul, bias)`` and move every reader of the MatMul's output onto it."""
     output = matmul.outputs[0]
-    readers_and_outputs = output.uses(), output.is_graph_output()
+    readers, is_graph_output = output.uses(), output.is_graph_output()
     add = _append_bias_add(matmul, bias)
-    for use in readers_and_outputs[0]:
+    for use in readers:
         use.node.replace_input_with(use.idx, add.outputs[0])
-    if readers_and_outputs[1]:
-        name = output.name
-        output.name = None
-        add.outputs[0].name = name
+    if is_graph_output:
         graph = matmul.graph
         graph.outputs[:] = [add.outputs[0] if v is output else v for v in graph.outputs]
+        add.outputs[0].name, output.name = output.name, editor.fresh_name(output.name)
 
 
 def _check_unpadded(node: ir.Node) -> None:

@@ -1,0 +1,95 @@
+"""Hand-built ONNX models for the fold tests, and an independent onnxruntime comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+RNG_SEED = 1234
+
+
+def batchnorm_parameters(channels: int, prefix: str, rng: np.random.Generator, dtype=np.float32) -> list[onnx.TensorProto]:
+    """Scale, bias, mean and variance that look trained: nothing is 1 or 0."""
+    arrays = {
+        "scale": rng.uniform(0.5, 1.5, channels),
+        "bias": rng.normal(0, 0.3, channels),
+        "mean": rng.normal(0, 0.5, channels),
+        "var": rng.uniform(0.5, 2.0, channels),
+    }
+    return [numpy_helper.from_array(a.astype(dtype), f"{prefix}_{k}") for k, a in arrays.items()]
+
+
+def batchnorm_node(x: str, y: str, prefix: str, **attributes) -> onnx.NodeProto:
+    inputs = [x] + [f"{prefix}_{k}" for k in ("scale", "bias", "mean", "var")]
+    return helper.make_node("BatchNormalization", inputs, [y], name=prefix, **attributes)
+
+
+def initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def make_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[tuple[str, list]],
+    outputs: list[str],
+    initializers: list[onnx.TensorProto],
+    opset: int = 17,
+    elem_type: int = TensorProto.FLOAT,
+    check: bool = True,
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "test",
+        [helper.make_tensor_value_info(name, elem_type, shape) for name, shape in inputs],
+        [helper.make_tensor_value_info(name, elem_type, None) for name in outputs],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset < 21 else 10
+    # Output shapes come from inference (this onnx's checker insists on a shape field).
+    model = onnx.shape_inference.infer_shapes(model)
+    if check:  # off for the training-mode models, whose outputs shape inference does not type
+        onnx.checker.check_model(model)
+    return model
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 7) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        shape = [d.dim_value or 2 for d in value.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def assert_same_outputs(original: onnx.ModelProto, folded: onnx.ModelProto, atol: float, rtol: float) -> float:
+    """Run both in onnxruntime on the same inputs; returns the largest absolute difference."""
+    feeds = random_feeds(original)
+    worst = 0.0
+    for expected, actual in zip(run(original, feeds), run(folded, feeds), strict=True):
+        np.testing.assert_allclose(actual.astype(np.float64), expected.astype(np.float64), atol=atol, rtol=rtol)
+        worst = max(worst, float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max()))
+    return worst
+
+
+def op_count(model: onnx.ModelProto, op_type: str) -> int:
+    """Occurrences of ``op_type`` in the graph and every subgraph."""
+    count = 0
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            count += node.op_type == op_type
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+    return count

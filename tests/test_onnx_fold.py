@@ -1,0 +1,400 @@
+"""ONNX front-end: every row of what must fold, and every refusal with its reason.
+
+Each fold test checks the BatchNorms left, the report, and the outputs against the original in
+onnxruntime (optimisations off) with explicit tolerances: float32 atol 1e-5 / rtol 1e-4 on hand-built
+single-layer models (the errors reached are around 1e-6), float64 1e-12, float16 2e-2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from bnfold import fold_onnx
+from onnx_models import (
+    assert_same_outputs,
+    batchnorm_node,
+    batchnorm_parameters,
+    initializer,
+    make_model,
+    op_count,
+)
+
+F32 = dict(atol=1e-5, rtol=1e-4)
+
+
+def rng():
+    return np.random.default_rng(0)
+
+
+def folded(model: onnx.ModelProto, **kwargs):
+    result, report = fold_onnx(model, **kwargs)
+    if report.folds:
+        onnx.checker.check_model(result)
+    return result, report
+
+
+def conv_bn(dims=2, bias=True, groups=1, cin=4, cout=6, op="Conv", pads=None, dtype=np.float32, elem=TensorProto.FLOAT):
+    r = rng()
+    kernel = [3] * dims
+    if op == "Conv":
+        weight = r.normal(size=[cout, cin // groups, *kernel])
+    else:
+        weight = r.normal(size=[cin, cout // groups, *kernel])
+    inits = [initializer("W", weight.astype(dtype)), *batchnorm_parameters(cout, "bn", r, dtype)]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(initializer("B", r.normal(size=cout).astype(dtype)))
+        inputs.append("B")
+    attrs = {"group": groups}
+    if pads is not None:
+        attrs["pads"] = pads
+    nodes = [helper.make_node(op, inputs, ["y"], name="layer", **attrs), batchnorm_node("y", "z", "bn")]
+    return make_model(nodes, [("x", [2, cin, *[7] * dims])], ["z"], inits, elem_type=elem)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("groups,cin,cout", [(1, 4, 6), (2, 4, 6), (6, 6, 6)])
+def test_conv_then_batchnorm_folds(dims, bias, groups, cin, cout):
+    model = conv_bn(dims, bias, groups, cin, cout)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    assert [(f.batchnorm, f.layer, f.direction) for f in report.folds] == [("bn", "layer", "into-preceding")]
+    assert report.verification.passed
+    assert_same_outputs(model, result, **F32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("groups,cin,cout", [(1, 4, 6), (2, 4, 6), (3, 6, 9), (6, 6, 6)])
+def test_conv_transpose_then_batchnorm_folds(bias, groups, cin, cout):
+    model = conv_bn(2, bias, groups, cin, cout, op="ConvTranspose")
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    assert report.folds[0].layer_op == "ConvTranspose"
+    assert_same_outputs(model, result, **F32)
+
+
+def gemm_bn(trans_a, trans_b, alpha, beta, c_shape, m=3, k=5, n=4, dtype=np.float32, elem=TensorProto.FLOAT):
+    r = rng()
+    weight = r.normal(size=[n, k] if trans_b else [k, n]).astype(dtype)
+    inits = [initializer("W", weight), *batchnorm_parameters(n, "bn", r, dtype)]
+    inputs = ["x", "W"]
+    if c_shape is not None:
+        inits.append(initializer("C", r.normal(size=c_shape).astype(dtype)))
+        inputs.append("C")
+    nodes = [
+        helper.make_node("Gemm", inputs, ["y"], name="gemm", transA=trans_a, transB=trans_b, alpha=alpha, beta=beta),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    return make_model(nodes, [("x", [k, m] if trans_a else [m, k])], ["z"], inits, elem_type=elem)
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0)])
+@pytest.mark.parametrize("c_shape", [None, [], [4], [1, 4], [3, 4]])
+def test_gemm_then_batchnorm_folds(trans_a, trans_b, alpha, beta, c_shape):
+    model = gemm_bn(trans_a, trans_b, alpha, beta, c_shape)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    assert_same_outputs(model, result, **F32)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_then_batchnorm_folds_and_gets_a_bias(with_bias):
+    r = rng()
+    inits = [initializer("W", r.normal(size=[5, 4]).astype(np.float32)), *batchnorm_parameters(4, "bn", r)]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm")]
+    if with_bias:
+        inits.append(initializer("b", r.normal(size=[4]).astype(np.float32)))
+        nodes.append(helper.make_node("Add", ["m", "b"], ["y"], name="bias"))
+    nodes.append(batchnorm_node("y" if with_bias else "m", "z", "bn"))
+    model = make_model(nodes, [("x", [3, 5])], ["z"], inits)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    assert op_count(result, "Add") == 1
+    assert_same_outputs(model, result, **F32)
+
+
+def test_matmul_on_3d_data_is_refused_because_channel_axis_differs():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[5, 4]).astype(np.float32)), *batchnorm_parameters(3, "bn", r)]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"), batchnorm_node("m", "z", "bn")]
+    model = make_model(nodes, [("x", [2, 3, 5])], ["z"], inits)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 1
+    assert [s.code for s in report.skips] == ["channel-mismatch"]
+    assert "3-D" in report.skips[0].reason
+
+
+def test_weights_from_constant_nodes_fold():
+    r = rng()
+    nodes = [
+        helper.make_node("Constant", [], ["W"], value=initializer("w", r.normal(size=[6, 4, 3, 3]).astype(np.float32))),
+        helper.make_node("Constant", [], ["B"], value=initializer("b", r.normal(size=[6]).astype(np.float32))),
+        helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv"),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], batchnorm_parameters(6, "bn", r))
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    assert op_count(result, "Constant") == 0  # the old weight constants are gone, not left dead
+    assert_same_outputs(model, result, **F32)
+
+
+def test_shared_weight_is_copied_not_changed_under_the_other_user():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[4, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(4, "bn", r)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv_a", pads=[1, 1, 1, 1]),
+        batchnorm_node("y", "z", "bn"),
+        helper.make_node("Conv", ["z", "W"], ["out"], name="conv_b", pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["out"], inits)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in result.graph.initializer}
+    conv_b = next(n for n in result.graph.node if n.name == "conv_b")
+    np.testing.assert_array_equal(weights[conv_b.input[1]], onnx.numpy_helper.to_array(inits[0]))
+    assert_same_outputs(model, result, **F32)
+
+
+@pytest.mark.parametrize(
+    "opset,attributes",
+    [(6, {"is_test": 1, "spatial": 1}), (7, {"spatial": 1}), (9, {}), (14, {"training_mode": 0}), (15, {}), (21, {})],
+)
+def test_batchnorm_of_every_opset_folds(opset, attributes):
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), batchnorm_node("y", "z", "bn", **attributes)]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits, opset=opset)
+    # onnxruntime has no BatchNormalization-6 kernel: that model is checked against the opset 7 fold.
+    result, report = folded(model, verify=opset > 6)
+    assert op_count(result, "BatchNormalization") == 0
+    if opset > 6:
+        assert_same_outputs(model, result, **F32)
+    else:
+        nodes[1] = batchnorm_node("y", "z", "bn", spatial=1)
+        reference, _ = folded(make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits, opset=7))
+        for got, expected in zip(result.graph.initializer, reference.graph.initializer, strict=True):
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(got), onnx.numpy_helper.to_array(expected))
+
+
+def test_training_mode_batchnorm_is_refused():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), batchnorm_node("y", "z", "bn", training_mode=1)]
+    model = make_model(nodes, [("x", [2, 4, 6, 6])], ["z"], inits, check=False)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 1
+    assert [(s.batchnorm, s.code) for s in report.skips] == [("bn", "training-mode")]
+    assert "eval" in report.skips[0].reason
+
+
+def test_batchnorm_with_statistics_outputs_read_is_refused():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    bn = batchnorm_node("y", "z", "bn")
+    bn.output.extend(["running_mean", "running_var"])
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), bn]
+    model = make_model(nodes, [("x", [2, 4, 6, 6])], ["z"], inits, opset=9, check=False)
+    model.graph.output.append(helper.make_tensor_value_info("running_mean", TensorProto.FLOAT, None))
+    result, report = folded(model)
+    assert [s.code for s in report.skips] == ["extra-outputs-used"]
+    assert "running_mean" in report.skips[0].reason
+
+
+def test_opset9_batchnorm_declaring_statistics_outputs_is_training_mode():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    bn = batchnorm_node("y", "z", "bn")
+    bn.output.extend(["m", "v", "sm", "sv"])
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), bn]
+    model = make_model(nodes, [("x", [2, 4, 6, 6])], ["z"], inits, opset=9, check=False)
+    result, report = folded(model)
+    assert [s.code for s in report.skips] == ["training-mode"]
+
+
+def test_batchnorm_inside_if_branch_folds():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+
+    def branch(name, with_bn):
+        nodes = [helper.make_node("Conv", ["x", "W"], [f"{name}_y"], name=f"{name}_conv")]
+        out = f"{name}_y"
+        if with_bn:
+            nodes.append(batchnorm_node(f"{name}_y", f"{name}_z", "bn"))
+            out = f"{name}_z"
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["z"], then_branch=branch("then", True), else_branch=branch("else", False)),
+    ]
+    inits.append(initializer("zero", np.array(0.0, np.float32)))
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+    result, report = folded(model)
+    assert op_count(model, "BatchNormalization") == 1
+    assert op_count(result, "BatchNormalization") == 0
+    assert report.folds[0].graph == "then"
+    for seed_sign in (1.0, -1.0):  # both branches
+        feeds = {"x": np.abs(np.random.default_rng(3).standard_normal([1, 4, 6, 6])).astype(np.float32) * seed_sign}
+        from onnx_models import run
+
+        np.testing.assert_allclose(run(result, feeds)[0], run(model, feeds)[0], **F32)
+
+
+@pytest.mark.parametrize(
+    "op,const_shape,data_first",
+    [("Mul", [6, 1, 1], True), ("Add", [1, 6, 1, 1], False), ("Sub", [6, 1, 1], True), ("Sub", [6, 1, 1], False),
+     ("Div", [6, 1, 1], True), ("Mul", [], True), ("Add", [1], True)],
+)  # fmt: skip
+def test_per_channel_elementwise_after_conv_folds(op, const_shape, data_first):
+    r = rng()
+    constant = r.uniform(0.5, 1.5, const_shape).astype(np.float32)
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("c", constant)]
+    inputs = ["y", "c"] if data_first else ["c", "y"]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), helper.make_node(op, inputs, ["z"], name="affine")]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+    result, report = folded(model)
+    assert op_count(result, op) == 0
+    assert [(f.batchnorm, f.batchnorm_op) for f in report.folds] == [("affine", op)]
+    assert_same_outputs(model, result, **F32)
+
+
+def test_mul_that_is_not_per_channel_is_left_alone():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("c", r.normal(size=[1, 1, 4, 4]).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), helper.make_node("Mul", ["y", "c"], ["z"])]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+    result, report = folded(model)
+    assert op_count(result, "Mul") == 1 and report.folds == [] and report.skips == []
+
+
+@pytest.mark.parametrize(
+    "dtype,elem,tolerance",
+    [(np.float16, TensorProto.FLOAT16, dict(atol=2e-2, rtol=2e-2)), (np.float64, TensorProto.DOUBLE, dict(atol=1e-12, rtol=1e-12))],
+)
+def test_half_and_double_models_fold_in_their_dtype(dtype, elem, tolerance):
+    # Gemm: onnxruntime's CPU Conv has no float64 kernel.
+    model = gemm_bn(0, 1, 1.0, 1.0, [4], dtype=dtype, elem=elem)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    assert {init.data_type for init in result.graph.initializer} == {elem}
+    assert_same_outputs(model, result, **tolerance)
+
+
+def test_bfloat16_weights_are_rounded_once_from_float64():
+    model = conv_bn(2, True, 1, 4, 6, dtype=np.float32)
+    import ml_dtypes
+
+    for init in model.graph.initializer:
+        array = onnx.numpy_helper.to_array(init).astype(ml_dtypes.bfloat16)
+        init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    result, report = folded(model, verify=False)  # onnxruntime has no bfloat16 Conv on CPU
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in result.graph.initializer}
+    conv = next(n for n in result.graph.node if n.op_type == "Conv")
+    originals = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    scale = originals["bn_scale"] / np.sqrt(originals["bn_var"] + 1e-5)
+    expected = (originals["W"] * scale[:, None, None, None]).astype(ml_dtypes.bfloat16)
+    assert weights[conv.input[1]].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(weights[conv.input[1]].astype(np.float32), expected.astype(np.float32))
+
+
+def batchnorm_then(layer: str, **attributes):
+    r = rng()
+    inits = batchnorm_parameters(4, "bn", r)
+    if layer == "Conv":
+        inits.append(initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)))
+        shape = [1, 4, 7, 7]
+    else:
+        inits.append(initializer("W", r.normal(size=[4, 6] if not attributes.get("transB") else [6, 4]).astype(np.float32)))
+        shape = [3, 4]
+    nodes = [batchnorm_node("x", "n", "bn"), helper.make_node(layer, ["n", "W"], ["z"], name="layer", **attributes)]
+    return make_model(nodes, [("x", shape)], ["z"], inits)
+
+
+@pytest.mark.parametrize(
+    "layer,attributes",
+    [("Conv", {}), ("Conv", {"pads": [0, 0, 0, 0], "auto_pad": "NOTSET"}), ("Conv", {"auto_pad": "VALID"}),
+     ("Gemm", {}), ("Gemm", {"transB": 1, "alpha": 0.5}), ("MatMul", {})],
+)  # fmt: skip
+def test_batchnorm_before_an_unpadded_layer_folds_forward(layer, attributes):
+    model = batchnorm_then(layer, **attributes)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    assert [f.direction for f in report.folds] == ["into-following"]
+    assert_same_outputs(model, result, **F32)
+
+
+@pytest.mark.parametrize("attributes", [{"pads": [1, 1, 1, 1]}, {"auto_pad": "SAME_UPPER"}])
+def test_batchnorm_before_a_padded_conv_is_refused(attributes):
+    result, report = folded(batchnorm_then("Conv", **attributes))
+    assert op_count(result, "BatchNormalization") == 1
+    assert [s.code for s in report.skips] == ["padded-conv"]
+
+
+def test_layer_output_read_elsewhere_is_refused():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        batchnorm_node("y", "z", "bn"),
+        helper.make_node("Relu", ["y"], ["r"]),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z", "r"], inits)
+    result, report = folded(model)
+    assert [s.code for s in report.skips] == ["layer-output-shared"]
+    assert "conv" in report.skips[0].reason
+
+
+def test_weight_from_graph_input_is_refused():
+    r = rng()
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), batchnorm_node("y", "z", "bn")]
+    model = make_model(nodes, [("x", [1, 4, 6, 6]), ("W", [6, 4, 3, 3])], ["z"], batchnorm_parameters(6, "bn", r))
+    result, report = folded(model)
+    assert [s.code for s in report.skips] == ["weight-not-constant"]
+    assert "graph input" in report.skips[0].reason
+
+
+@pytest.mark.parametrize(
+    "field,value,words", [("var", -0.5, "negative"), ("mean", np.nan, "NaN"), ("scale", np.inf, "Inf")]
+)
+def test_unfoldable_statistics_are_refused(field, value, words):
+    model = conv_bn()
+    for init in model.graph.initializer:
+        if init.name == f"bn_{field}":
+            array = onnx.numpy_helper.to_array(init).copy()
+            array[2] = value
+            init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    result, report = folded(model, verify=False)
+    assert [s.code for s in report.skips] == ["unfoldable-statistics"]
+    assert words in report.skips[0].reason and "channel 2" in report.skips[0].reason
+
+
+def test_pre_activation_batchnorm_is_left_with_reason():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(4, "bn", r)]
+    nodes = [batchnorm_node("x", "n", "bn"), helper.make_node("Relu", ["n"], ["a"]), helper.make_node("Conv", ["a", "W"], ["z"])]
+    result, report = folded(make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits))
+    assert [s.code for s in report.skips] == ["no-foldable-neighbour"]
+    assert "Relu" in report.skips[0].reason
+
+
+def test_graph_output_name_is_kept_when_the_batchnorm_produced_it():
+    model = conv_bn()
+    result, _ = folded(model)
+    assert [o.name for o in result.graph.output] == ["z"]
+
+
+def test_input_model_object_is_not_modified():
+    model = conv_bn()
+    before = model.SerializeToString()
+    folded(model)
+    assert model.SerializeToString() == before
