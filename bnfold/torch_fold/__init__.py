@@ -1,0 +1,128 @@
+"""PyTorch front-end: fold eval-mode BatchNorm into neighbouring Conv/ConvTranspose/Linear layers.
+
+``fold(model, example_inputs)`` works in five steps:
+
+1. **Pairs from the real data flow** (:mod:`.tracing`, :mod:`.calls`). The model is traced with
+   torch.fx, keeping unmodified torch layers and BatchNorms as module calls and tracing through
+   layer subclasses with their own ``forward`` (their ``F.conv2d`` becomes a function call on
+   parameters). When fx cannot trace the model, ``torch.export.export`` gives the graph instead.
+   Module order plays no part: only who reads whose output.
+2. **Checks with reasons** (:mod:`.planning`). Each BatchNorm either becomes a planned fold
+   (into the layer before it, else into the layer after it) or a :class:`~bnfold.report.Skip`
+   with a stable code and a sentence saying what the user can do.
+3. **Fold with the shared algebra** (:mod:`.rewrite`, :mod:`bnfold.fold_math`): float64 numpy at
+   the boundary, written back into the existing parameters once.
+4. **Module tree or graph.** When every fold is between module calls, each folded BatchNorm is
+   replaced by ``nn.Identity`` where it is registered: the result is the user's own class, forward
+   and state_dict keys. When a fold involves a function call, only the traced graph has it, so the
+   result is the fx ``GraphModule`` with the BatchNorm calls removed (the report says so).
+5. **Verify**: both models run on ``example_inputs`` and every output tensor is compared with the
+   shared dtype tolerances (:mod:`.verify`, :mod:`bnfold.verification`).
+
+``report.nodes_before`` / ``nodes_after`` count ``"batchnorm"``: the BatchNorms the report covers
+(modules, and ``F.batch_norm`` calls with their own statistics), and ``"total"``: the calls
+(call_module, call_function and call_method nodes) in the traced graph. Each fold removes one
+BatchNorm call, so ``after = before - folds`` for both.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from bnfold.report import FoldReport
+from bnfold.torch_fold.calls import DataFlow, read_data_flow
+from bnfold.torch_fold.planning import FoldPlan, plan_folds
+from bnfold.torch_fold.rewrite import fold_in_graph, fold_in_module_tree
+from bnfold.torch_fold.tracing import ModelNotTraceableError, TracedModel, trace_model
+from bnfold.torch_fold.verify import compare_outputs, run_outputs
+from bnfold.verification import VerificationError
+
+__all__ = ["ModelNotTraceableError", "TorchFoldResult", "fold"]
+
+# Modules whose train mode changes what an eval-mode fold must reproduce.
+_MODE_SENSITIVE_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+@dataclasses.dataclass
+class TorchFoldResult:
+    model: nn.Module
+    report: FoldReport
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    *,
+    inplace: bool = False,
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> TorchFoldResult:
+    """Fold every foldable eval-mode BatchNorm of ``model`` into a neighbouring Conv/ConvTranspose/Linear.
+
+    ``example_inputs`` are positional arguments for ``model`` (a single tensor is accepted as is); they
+    drive export when fx cannot trace, the shape checks, and verification. The model must be in eval
+    mode. It is left unchanged unless ``inplace=True`` *and* every fold fits its module tree; a
+    ``GraphModule`` result is always built on a copy. ``atol``/``rtol`` override the dtype tolerances.
+    Raises :class:`~bnfold.verification.VerificationError` when the outputs differ beyond tolerance.
+    """
+    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _require_eval_mode(model)
+    expected = run_outputs(model, example_inputs) if verify else None
+    notes = []
+    working = model if inplace else copy.deepcopy(model)
+    traced, flow, plan = _analyse(working, example_inputs)
+    if inplace and plan.needs_graph:
+        notes.append("inplace=True not honoured: the result is a new GraphModule and the input model is unchanged")
+        working = copy.deepcopy(model)
+        traced, flow, plan = _analyse(working, example_inputs)
+    notes.append(traced.note)
+    if plan.needs_graph:
+        folded = fold_in_graph(plan.folds, traced)
+        notes.append(
+            f"the result is a torch.fx GraphModule, not a {type(model).__name__}: some folds involve function "
+            "calls (F.conv2d, F.batch_norm, or a layer subclass with its own forward) that exist only in the "
+            "traced graph"
+        )
+    else:
+        folded = fold_in_module_tree(plan.folds, working, traced)
+    report = _report(model, flow, plan, notes)
+    if verify:
+        report.verification = compare_outputs(expected, run_outputs(folded, example_inputs), example_inputs, atol, rtol)
+        if not report.verification.passed:
+            raise VerificationError(report.verification, report)
+    return TorchFoldResult(folded, report)
+
+
+def _require_eval_mode(model: nn.Module) -> None:
+    training = [name or "<model>" for name, module in model.named_modules() if isinstance(module, _MODE_SENSITIVE_TYPES) and module.training]
+    if training:
+        listed = ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
+        raise ValueError(
+            f"{type(model).__name__} is in training mode ({listed}): BatchNorm uses batch statistics there and "
+            "only eval-mode BatchNorm can be folded. Call model.eval() before bnfold.fold."
+        )
+
+
+def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[TracedModel, DataFlow, FoldPlan]:
+    traced = trace_model(model, example_inputs)
+    flow = read_data_flow(traced)
+    return traced, flow, plan_folds(flow, model)
+
+
+def _report(model: nn.Module, flow: DataFlow, plan: FoldPlan, notes: list[str]) -> FoldReport:
+    batchnorms = len(plan.folds) + len(plan.skips)
+    folds = len(plan.folds)
+    return FoldReport(
+        model=type(model).__name__,
+        frontend="pytorch",
+        folds=[fold.to_report() for fold in plan.folds],
+        skips=plan.skips,
+        nodes_before={"batchnorm": batchnorms, "total": flow.call_count},
+        nodes_after={"batchnorm": batchnorms - folds, "total": flow.call_count - folds},
+        notes=notes,
+    )

@@ -1,0 +1,203 @@
+"""Which BatchNorm folds into which layer, or why it stays: one decision per BatchNorm.
+
+A BatchNorm folds *into the preceding* layer when its input is that layer's output and nothing else
+reads that output; otherwise *into the following* layer when that layer is the only reader of its
+output and never reads padding. Every check that fails becomes a :class:`~bnfold.report.Skip` with
+a stable code and a sentence saying what the user can do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from bnfold.fold_math import ChannelAffine, UnfoldableStatisticsError, batchnorm_affine
+from bnfold.report import Direction, Fold, Skip
+from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, tensor_rank
+from bnfold.torch_fold.conversion import to_numpy
+
+# (skip code, reason) for a check that fails.
+Refusal = tuple[str, str]
+
+_STAYS = "It stays as one multiply-add per channel."
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PlannedFold:
+    batchnorm: BatchNormCall
+    layer: LayerCall
+    direction: Direction
+    affine: ChannelAffine
+
+    @property
+    def in_module_tree(self) -> bool:
+        """Both ends are module calls, so the model's own module tree can carry the fold."""
+        return self.layer.module_path is not None and self.batchnorm.module_path is not None
+
+    def to_report(self) -> Fold:
+        return Fold(self.batchnorm.name, self.layer.name, self.layer.op, self.direction)
+
+
+@dataclasses.dataclass
+class FoldPlan:
+    folds: list[PlannedFold]
+    skips: list[Skip]
+
+    @property
+    def needs_graph(self) -> bool:
+        return any(not fold.in_module_tree for fold in self.folds)
+
+
+def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
+    """One decision per BatchNorm: per group of calls sharing statistics, and per module never called."""
+    plan = FoldPlan([], [])
+    for calls in flow.batchnorms_by_statistics():
+        decision = _decide(calls, flow)
+        (plan.folds if isinstance(decision, PlannedFold) else plan.skips).append(decision)
+    called = {call.name for call in flow.batchnorms}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called:
+            reason = "forward() never calls it, so there is nothing to fold; delete it if it is unused."
+            plan.skips.append(Skip(name, "no-foldable-neighbour", reason))
+    return plan
+
+
+def _decide(calls: list[BatchNormCall], flow: DataFlow) -> PlannedFold | Skip:
+    batchnorm = calls[0]
+    refusal = _batchnorm_refusal(calls)
+    if refusal is not None:
+        return Skip(batchnorm.name, *refusal)
+    preceding = flow.layer_producing(batchnorm.input)
+    following = flow.sole_layer_reading(batchnorm.node)
+    if preceding is None and following is None:
+        return Skip(batchnorm.name, "no-foldable-neighbour", _no_neighbour_reason(batchnorm, flow))
+    try:
+        affine = _affine(batchnorm)
+    except UnfoldableStatisticsError as error:
+        reason = f"{error}; re-estimate the running statistics (forward passes in train mode) to fold it."
+        return Skip(batchnorm.name, "unfoldable-statistics", reason)
+    first_refusal = None
+    for layer, direction in ((preceding, "into-preceding"), (following, "into-following")):
+        if layer is None:
+            continue
+        refusal = _layer_refusal(batchnorm, layer, direction, flow)
+        if refusal is None:
+            return PlannedFold(batchnorm, layer, direction, affine)
+        first_refusal = first_refusal or refusal
+    return Skip(batchnorm.name, *first_refusal)
+
+
+def _affine(batchnorm: BatchNormCall) -> ChannelAffine:
+    return batchnorm_affine(
+        to_numpy(batchnorm.weight),
+        to_numpy(batchnorm.bias),
+        to_numpy(batchnorm.running_mean),
+        to_numpy(batchnorm.running_var),
+        batchnorm.eps,
+    )
+
+
+def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
+    """Reasons that hold whatever the neighbours are."""
+    batchnorm = calls[0]
+    if len(calls) > 1:
+        return "module-reused", (
+            f"it is called {len(calls)} times with the same statistics and one fold can absorb only one call; "
+            "give each call its own BatchNorm to fold them."
+        )
+    if batchnorm.training:
+        return "training-mode", (
+            "F.batch_norm is called with training=True, so it normalises with batch statistics; "
+            "pass training=self.training to fold it in eval mode."
+        )
+    if batchnorm.running_mean is None or batchnorm.running_var is None:
+        return "batch-statistics", (
+            "track_running_stats=False: it normalises every batch with that batch's own statistics, even in "
+            "eval mode, so there is no constant scale and shift to fold; train with track_running_stats=True "
+            "to make it foldable."
+        )
+    if not batchnorm.tensors_are_attributes:
+        return "parameters-not-constant", (
+            "its scale, bias, mean or variance is computed in forward() instead of being a parameter or buffer; "
+            "only constants can be folded."
+        )
+    return None
+
+
+def _layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, flow: DataFlow) -> Refusal | None:
+    if layer.weight is None or not layer.bias_is_attribute:
+        return "weight-not-constant", (
+            f"`{layer.name}` computes its weight or bias in forward(); only a parameter or buffer can absorb "
+            "the BatchNorm."
+        )
+    uses = flow.uses_of(layer)
+    if uses > 1:
+        return "module-reused", (
+            f"`{layer.name}` is called {uses} times (or shares its weight with another layer), and folding would "
+            "change every call; give each call its own layer to fold it."
+        )
+    if direction == "into-preceding":
+        refusal = _preceding_layer_refusal(batchnorm, layer, flow)
+    else:
+        refusal = _following_layer_refusal(batchnorm, layer)
+    if refusal is None and not flow.traced.graph_rewritable and not (layer.module_path and batchnorm.module_path):
+        refusal = "no-foldable-neighbour", (
+            f"folding a function call (`{layer.name}` or this BatchNorm) needs the torch.fx graph, but torch.fx "
+            "could not trace the model; make forward() traceable by torch.fx to fold it."
+        )
+    return refusal
+
+
+def _preceding_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, flow: DataFlow) -> Refusal | None:
+    other_readers = [reader for reader in layer.node.users if reader is not batchnorm.node]
+    if other_readers:
+        readers = ", ".join(describe_node(reader, flow.traced) for reader in other_readers)
+        return "layer-output-shared", (
+            f"the output of `{layer.name}` is also read by {readers}, which must keep seeing un-normalised values; "
+            "it stays as one multiply-add per channel."
+        )
+    return _channel_refusal(batchnorm, layer, layer.output_channels)
+
+
+def _following_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall) -> Refusal | None:
+    if layer.layout.kind == "conv_transpose":
+        return "no-foldable-neighbour", (
+            f"its only reader `{layer.name}` is a transposed convolution, which sums a varying number of kernel "
+            f"taps near the borders, so the BatchNorm's shift cannot move into its bias. {_STAYS}"
+        )
+    if layer.pads_input:
+        return "padded-conv", (
+            f"its only reader `{layer.name}` pads its input, and the padding zeros would not be scaled and shifted "
+            f"like the normalised values. {_STAYS} (With padding=0 it would fold.)"
+        )
+    return _channel_refusal(batchnorm, layer, layer.input_channels)
+
+
+def _channel_refusal(batchnorm: BatchNormCall, layer: LayerCall, layer_channels: int) -> Refusal | None:
+    if layer.layout.kind == "matrix_out_in":
+        rank = tensor_rank(batchnorm.input)
+        if rank != 2:
+            shape = "a tensor of unknown rank" if rank is None else f"a rank-{rank} tensor"
+            return "channel-mismatch", (
+                f"the BatchNorm normalises axis 1 of {shape} while `{layer.name}` works on the last axis; "
+                "only (N, C) tensors line up."
+            )
+    if batchnorm.channels != layer_channels:
+        return "channel-mismatch", f"the BatchNorm has {batchnorm.channels} channels but `{layer.name}` has {layer_channels}."
+    return None
+
+
+def _no_neighbour_reason(batchnorm: BatchNormCall, flow: DataFlow) -> str:
+    readers = list(batchnorm.node.users)
+    source = describe_node(batchnorm.input, flow.traced)
+    described = ", ".join(describe_node(reader, flow.traced) for reader in readers) or "nothing"
+    if any(reader in flow.layers for reader in readers):
+        return (
+            f"its input comes from {source} and its output is read by {described}: a layer can absorb it only "
+            f"as the output's only reader. {_STAYS}"
+        )
+    return (
+        f"its input comes from {source} and its output is read by {described}; none of them is a Conv, "
+        f"ConvTranspose or Linear that could absorb a per-channel scale and shift. {_STAYS}"
+    )

@@ -1,0 +1,95 @@
+"""Applying planned folds: new layer weights, then the BatchNorms removed from the module tree or graph.
+
+Each layer's weight and bias are folded in float64 through every fold that touches them (a layer can
+absorb one BatchNorm before it and one after it) and written back once, so each value is rounded once.
+Writes are in place: parameters keep their identity, class and ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from bnfold.fold_math import fold_into_inputs, fold_into_outputs
+from bnfold.torch_fold.calls import LayerCall
+from bnfold.torch_fold.conversion import to_numpy, to_torch
+from bnfold.torch_fold.planning import PlannedFold
+from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel
+
+
+def fold_in_module_tree(folds: list[PlannedFold], model: nn.Module, traced: TracedModel) -> nn.Module:
+    """The user's model, with each folded BatchNorm module replaced by ``nn.Identity`` where it is registered."""
+    _write_folded_weights(folds, traced)
+    for fold in folds:
+        parent_path, _, name = fold.batchnorm.module_path.rpartition(".")
+        setattr(model.get_submodule(parent_path), name, nn.Identity())
+    return model
+
+
+def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModule:
+    """The traced GraphModule, with each folded BatchNorm call taken out of the graph."""
+    graph_module = traced.graph_module
+    _write_folded_weights(folds, traced)
+    for fold in folds:
+        _bypass(fold.batchnorm.node, fold.batchnorm.input)
+    graph_module.delete_all_unused_submodules()
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel) -> None:
+    folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]] = {}
+    for fold in folds:
+        layer = fold.layer
+        weight, bias = folded.get(layer, (to_numpy(layer.weight), to_numpy(layer.bias)))
+        fold_function = fold_into_outputs if fold.direction == "into-preceding" else fold_into_inputs
+        folded[layer] = fold_function(weight, bias, fold.affine, layer.layout, out_dtype=np.float64)
+    for layer, (weight, bias) in folded.items():
+        with torch.no_grad():
+            layer.weight.copy_(to_torch(weight, like=layer.weight))
+            if layer.bias is not None:
+                layer.bias.copy_(to_torch(bias, like=layer.bias))
+        if layer.bias is None:
+            _add_bias(layer, to_torch(bias, like=layer.weight), traced)
+
+
+def _add_bias(layer: LayerCall, bias: torch.Tensor, traced: TracedModel) -> None:
+    """Give a layer without a bias the folded one, as a parameter next to its weight."""
+    owner_path, _, weight_name = layer.weight_path.rpartition(".")
+    owner = traced.root.get_submodule(owner_path)
+    name = _free_bias_name(traced.model.get_submodule(owner_path), owner, weight_name)
+    owner.register_parameter(name, nn.Parameter(bias, requires_grad=layer.weight.requires_grad))
+    if layer.module_path is not None:
+        return  # the module's own forward reads self.bias
+    graph = traced.graph_module.graph
+    with graph.inserting_before(layer.node):
+        bias_node = graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
+    # conv, conv_transpose and linear all take the bias third.
+    if len(layer.node.args) > 2:
+        layer.node.update_arg(2, bias_node)
+    else:
+        layer.node.update_kwarg("bias", bias_node)
+
+
+def _free_bias_name(model_owner: nn.Module, owner: nn.Module, weight_name: str) -> str:
+    # A layer module (also a subclass with its own forward) keeps the usual state_dict key `<layer>.bias`.
+    if isinstance(model_owner, FOLDABLE_LAYER_TYPES):
+        return "bias"
+    name = f"{weight_name}_bias"
+    while hasattr(owner, name):
+        name += "_"
+    return name
+
+
+def _bypass(node: fx.Node, replacement: fx.Node) -> None:
+    """Remove ``node`` from its graph, its readers reading ``replacement``; drop attributes only it read."""
+    graph = node.graph
+    inputs = node.all_input_nodes
+    node.replace_all_uses_with(replacement)
+    graph.erase_node(node)
+    for input_node in inputs:
+        if input_node.op == "get_attr" and not input_node.users:
+            graph.erase_node(input_node)

@@ -1,0 +1,132 @@
+"""The model's real data flow as a graph: torch.fx symbolic tracing first, torch.export as the fallback.
+
+Pairs come from this graph, never from module order, so a BatchNorm registered after a conv in
+``__init__`` but not called after it in ``forward`` is not a pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+FOLDABLE_LAYER_TYPES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
+
+
+class ModelNotTraceableError(RuntimeError):
+    """Neither torch.fx nor torch.export could turn the model into a graph."""
+
+
+def has_torch_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs the ``forward`` of the torch class it derives from, unchanged.
+
+    A subclass that only adds attributes or an ``__init__`` computes what the torch layer computes;
+    one with its own ``forward`` (a "same"-padding conv, a QAT conv) may compute anything.
+    """
+    torch_class = next(cls for cls in type(module).__mro__ if cls.__module__.startswith("torch."))
+    return type(module).forward is torch_class.forward
+
+
+class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
+    """Keeps unmodified torch layers and BatchNorms as single calls and traces through everything else.
+
+    The default tracer keeps every ``torch.nn`` module as a leaf and traces through user classes, so a
+    plain ``class MyConv(nn.Conv2d)`` would dissolve into ``F.conv2d``, while a torch subclass with
+    its own forward would stay opaque. Here the test is the forward that actually runs.
+    """
+
+    def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(module, (*FOLDABLE_LAYER_TYPES, nn.modules.batchnorm._BatchNorm)):
+            return has_torch_forward(module)
+        return super().is_leaf_module(module, module_qualified_name)
+
+
+@dataclasses.dataclass
+class TracedModel:
+    """A graph of one model's forward and how to get from its nodes to the model's tensors.
+
+    ``attribute_paths`` maps each node that stands for a parameter or buffer (fx ``get_attr`` nodes,
+    export's lifted placeholders) to its dotted path under ``root``: the GraphModule for fx (which
+    shares the model's leaf modules and tensors but has plain ``nn.Module`` s for the modules traced
+    through), the model itself for export.
+    """
+
+    model: nn.Module
+    graph_module: fx.GraphModule
+    method: Literal["fx", "export"]
+    root: nn.Module
+    attribute_paths: dict[fx.Node, str]
+    note: str
+
+    @property
+    def graph_rewritable(self) -> bool:
+        """Only an fx graph runs as a module of its own; an exported graph is read, not returned."""
+        return self.method == "fx"
+
+    def tensor_at(self, path: str) -> torch.Tensor:
+        owner_path, _, name = path.rpartition(".")
+        return getattr(self.root.get_submodule(owner_path), name)
+
+    def module_stack_top(self, node: fx.Node) -> str | None:
+        """The path of the innermost module whose forward produced ``node`` (export graphs only)."""
+        stack = node.meta.get("nn_module_stack")
+        return list(stack.values())[-1][0] if stack else None
+
+
+def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
+    try:
+        graph = _UnmodifiedLayersAsLeavesTracer().trace(model)
+    # fx raises TraceError, TypeError, RuntimeError, ... depending on what forward does with a proxy.
+    except Exception as fx_error:  # noqa: BLE001
+        return _export_model(model, example_inputs, fx_error)
+    graph_module = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    note = "pairs found with torch.fx symbolic tracing"
+    if not _record_shapes(graph_module, example_inputs):
+        note += " (shape propagation failed, so rank-dependent Linear folds are refused)"
+    attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
+    return TracedModel(model, graph_module, "fx", graph_module, attribute_paths, note)
+
+
+def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
+    try:
+        exported = torch.export.export(model, example_inputs)
+    except Exception as export_error:  # noqa: BLE001 - reported together with the fx error
+        raise ModelNotTraceableError(
+            f"torch.fx could not trace {type(model).__name__} ({type(fx_error).__name__}: {fx_error}) "
+            f"and torch.export could not export it ({type(export_error).__name__}: {export_error})"
+        ) from export_error
+    signature = exported.graph_signature
+    lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    graph_module = exported.graph_module
+    attribute_paths = {node: lifted[node.name] for node in graph_module.graph.nodes if node.name in lifted}
+    note = (
+        f"torch.fx could not trace the model ({type(fx_error).__name__}: {_first_line(fx_error)}); "
+        "pairs found with torch.export.export instead, which folds module calls only"
+    )
+    return TracedModel(model, graph_module, "export", model, attribute_paths, note)
+
+
+def _record_shapes(graph_module: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Put each node's shape in its ``tensor_meta``; the rank tells which axis a Linear's features are on."""
+    try:
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(*example_inputs)
+    except Exception:  # noqa: BLE001 - shapes are an aid; without them rank-dependent folds are refused
+        return False
+    return True
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""

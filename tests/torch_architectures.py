@@ -1,0 +1,342 @@
+"""Small versions of real architectures for the PyTorch front-end's tests and the fuse comparison.
+
+Widths are tiny so the whole suite stays fast; the structure (where BatchNorms sit, what reads what)
+is what matters. ``CASES`` lists each model with an example input and the number of BatchNorm
+modules bnfold must leave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn_act(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: type = nn.ReLU) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act()
+    )
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class ResNet(nn.Module):
+    """Basic blocks with a conv+BN downsample in the shortcut; scriptable."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 16), classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
+        blocks = []
+        for cin, cout in zip((widths[0], *widths), widths):
+            blocks.append(BasicBlock(cin, cout, 1 if cin == cout else 2))
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            conv_bn_act(cin, hidden, 1, act=nn.ReLU6),
+            conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),  # depthwise
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.use_residual else self.block(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_act(3, 8, 3, 2, act=nn.ReLU6),
+            InvertedResidual(8, 8, 1, 2),
+            InvertedResidual(8, 12, 2, 3),
+            InvertedResidual(12, 12, 1, 3),
+            conv_bn_act(12, 24, 1, act=nn.ReLU6),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(24, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+class DenseLayer(nn.Module):
+    """Pre-activation: norm1 sits between a concat and a ReLU, so it stays; norm2 follows conv1 and folds."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = self.conv1(F.relu(self.norm1(torch.cat(features, 1))))
+        return self.conv2(F.relu(self.norm2(x)))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, cin: int, growth: int, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(DenseLayer(cin + i * growth, growth) for i in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Module):
+    """BN straight into an unpadded 1x1 conv (no ReLU between): folds forward into the conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.conv(self.norm(x)))
+
+
+class DenseNet(nn.Module):
+    """11 BatchNorms: norm0, 4 x norm2 and the transition fold; 4 x norm1 and norm5 (before ReLU) stay."""
+
+    def __init__(self, growth: int = 4, classes: int = 5):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.norm0 = nn.BatchNorm2d(8)
+        self.pool0 = nn.MaxPool2d(2)
+        self.block1 = DenseBlock(8, growth, 2)
+        self.transition = Transition(8 + 2 * growth, 8)
+        self.block2 = DenseBlock(8, growth, 2)
+        self.norm5 = nn.BatchNorm2d(8 + 2 * growth)
+        self.classifier = nn.Linear(8 + 2 * growth, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool0(F.relu(self.norm0(self.conv0(x))))
+        x = self.block2(self.transition(self.block1(x)))
+        return self.classifier(F.relu(self.norm5(x)).mean((2, 3)))
+
+
+class UNet(nn.Module):
+    """Two levels: ConvTranspose2d up-sampling followed by BN, concatenated with the skip."""
+
+    def __init__(self, width: int = 6, classes: int = 2):
+        super().__init__()
+        self.down1 = self._double(3, width)
+        self.down2 = self._double(width, 2 * width)
+        self.bottom = self._double(2 * width, 4 * width)
+        self.up2 = self._up(4 * width, 2 * width)
+        self.dec2 = self._double(4 * width, 2 * width)
+        self.up1 = self._up(2 * width, width)
+        self.dec1 = self._double(2 * width, width)
+        self.head = nn.Conv2d(width, classes, 1)
+
+    @staticmethod
+    def _double(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(conv_bn_act(cin, cout), conv_bn_act(cout, cout))
+
+    @staticmethod
+    def _up(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2), nn.BatchNorm2d(cout), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip1 = self.down1(x)
+        skip2 = self.down2(F.max_pool2d(skip1, 2))
+        x = self.bottom(F.max_pool2d(skip2, 2))
+        x = self.dec2(torch.cat([self.up2(x), skip2], 1))
+        x = self.dec1(torch.cat([self.up1(x), skip1], 1))
+        return self.head(x)
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow "SAME" padding (asymmetric for even kernels or stride 2) with its own forward."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
+        total = max(kernel - stride, 0)
+        self.same_padding = (total // 2, total - total // 2) * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, self.same_padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    """Expand 1x1, depthwise "same" conv, squeeze-excite, project 1x1; residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4):
+        super().__init__()
+        hidden = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU())
+        self.depthwise = nn.Sequential(Conv2dSame(hidden, hidden, 3, stride, groups=hidden), nn.BatchNorm2d(hidden), nn.SiLU())
+        self.se_reduce = nn.Conv2d(hidden, max(1, cin // 4), 1)
+        self.se_expand = nn.Conv2d(max(1, cin // 4), hidden, 1)
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.use_residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.depthwise(self.expand(x))
+        h = h * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
+        h = self.project(h)
+        return x + h if self.use_residual else h
+
+
+class EfficientNet(nn.Module):
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(Conv2dSame(3, 8, 3, 2), nn.BatchNorm2d(8), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(8, 8, 1), MBConv(8, 12, 2))
+        self.head = nn.Sequential(nn.Conv2d(12, 24, 1, bias=False), nn.BatchNorm2d(24), nn.SiLU())
+        self.classifier = nn.Linear(24, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+class MLP(nn.Module):
+    def __init__(self, features: int = 10, hidden: int = 16, classes: int = 3):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Conv1dNet(nn.Module):
+    """Conv1d with reflect and circular padding and groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(4, 8, 5, padding=2, padding_mode="reflect"), nn.BatchNorm1d(8), nn.ReLU(),
+            nn.Conv1d(8, 8, 3, padding=1, groups=2, padding_mode="circular", bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+            nn.Conv1d(8, 6, 3, stride=2), nn.BatchNorm1d(6),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv3d(2, 4, 3, padding=1, padding_mode="replicate"), nn.BatchNorm3d(4), nn.ReLU(),
+            nn.Conv3d(4, 8, 3, stride=2, padding=1, groups=4, bias=False), nn.BatchNorm3d(8), nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class GroupedConvTranspose(nn.Module):
+    """ConvTranspose1d/2d/3d with groups, each followed by BatchNorm; one BN with affine=False."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1d = nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2), nn.BatchNorm1d(6))
+        self.up2d = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False), nn.BatchNorm2d(6, affine=False))
+        self.up3d = nn.Sequential(nn.ConvTranspose3d(4, 8, 2, stride=2, groups=4), nn.BatchNorm3d(8))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.up1d(x1), self.up2d(x2), self.up3d(x3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    example_inputs: Callable[[], tuple[torch.Tensor, ...]]
+    batchnorms_left: int  # BatchNorm modules bnfold must leave in place
+
+
+def _image(channels: int = 3, size: int = 16) -> tuple[torch.Tensor]:
+    return (torch.randn(4, channels, size, size),)
+
+
+CASES = [
+    Case("resnet", ResNet, _image, 0),
+    Case("mobilenet_v2", MobileNetV2, _image, 0),
+    Case("densenet", DenseNet, _image, 5),
+    Case("unet", UNet, _image, 0),
+    Case("efficientnet", EfficientNet, _image, 0),
+    Case("mlp", MLP, lambda: (torch.randn(8, 10),), 0),
+    Case("conv1d", Conv1dNet, lambda: (torch.randn(4, 4, 20),), 0),
+    Case("conv3d", Conv3dNet, lambda: (torch.randn(2, 2, 6, 6, 6),), 0),
+    Case(
+        "grouped_conv_transpose",
+        GroupedConvTranspose,
+        lambda: (torch.randn(4, 4, 7), torch.randn(4, 4, 5, 5), torch.randn(2, 4, 3, 3, 3)),
+        0,
+    ),
+]
+
+
+def batchnorm_modules(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def trained_eval_model(case: Case, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """``case``'s model with non-trivial BatchNorm statistics, after two training steps, in eval mode.
+
+    Random statistics first (fresh ones are mean 0, variance 1, which hide scale/shift mistakes),
+    then two SGD steps in train mode so the statistics and weights are also what training makes.
+    """
+    torch.manual_seed(seed)
+    model = case.build()
+    inputs = case.example_inputs()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_().mul_(0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                if module.affine:
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.normal_().mul_(0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        outputs = model(*inputs)
+        loss = sum(o.square().mean() for o in (outputs if isinstance(outputs, tuple) else (outputs,)))
+        loss.backward()
+        optimizer.step()
+    return model.eval(), inputs
