@@ -112,10 +112,10 @@ FIXTURES: dict[str, FixtureSpec] = {
 def train_steps(model: nn.Module, input_shape: tuple[int, ...], steps: int, seed: int, batch: int = 16) -> None:
     """A few seeded Adam steps on synthetic inputs (mean 0.5, std 1.5) towards fixed random targets."""
     generator = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        probe = model(torch.randn(batch, *input_shape, generator=generator))
+    with torch.no_grad():  # in eval mode, so the shape probe does not count as a training batch
+        probe = model.eval()(torch.randn(batch, *input_shape, generator=generator))
     target = torch.randn(probe.shape, generator=generator)
+    model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(steps):
         x = torch.randn(batch, *input_shape, generator=generator) * 1.5 + 0.5
