@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes, uses_external_data
 from bnfold.verification import Verification, compare_output
 
 
@@ -64,8 +64,10 @@ def run_model(source: str | os.PathLike | bytes, feeds: dict[str, np.ndarray]) -
 
 
 def model_source(model: ir.Model, scratch: str) -> str | bytes:
-    """Something onnxruntime can open: serialized bytes, or a file with external data past 2 GiB."""
-    if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+    """Something onnxruntime can open: serialized bytes, or a file with its external data when the
+    model has external tensors (bytes would point at data relative to the working directory) or
+    passes the 2 GiB protobuf limit."""
+    if not uses_external_data(model) and tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         return ir.to_proto(model).SerializeToString()
     path = Path(scratch) / "model.onnx"
     ir.save(model, path, external_data="model.onnx.data")

@@ -1,0 +1,168 @@
+"""The `bnfold` command: outputs, exit codes 0/1/2, one-line errors, nothing lost or half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from bnfold.cli import main
+from onnx_models import assert_same_outputs, op_count
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "small_cnn.onnx"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    path = tmp_path / "model.onnx"
+    shutil.copy(EXAMPLE, path)
+    return path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_fold_writes_output_and_leaves_input_untouched(model, tmp_path):
+    before = digest(model)
+    out = tmp_path / "folded.onnx"
+    result = invoke(model, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert digest(model) == before
+    folded = onnx.load(out)
+    assert op_count(folded, "BatchNormalization") == 0
+    assert_same_outputs(onnx.load(model), folded, atol=1e-5, rtol=1e-4)
+    assert "folded 4 of 4 BatchNorm(s)" in result.output and "verification passed" in result.output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bnfold")] == []  # no staging left
+
+
+def test_json_report_follows_the_schema(model, tmp_path):
+    result = invoke("fold", model, "-o", tmp_path / "f.onnx", "--format", "json")
+    assert result.exit_code == 0
+    report = json.loads(result.output)
+    assert report["schema"] == "bnfold.fold-report/1"
+    assert report["nodes_before"] == {"total": 15, "batchnorm": 4}
+    assert report["nodes_after"] == {"total": 11, "batchnorm": 0}
+    assert {f["direction"] for f in report["folds"]} == {"into-preceding"}
+    assert report["verification"]["passed"] is True
+    assert report["verification"]["max_abs_error"] < 1e-5
+    assert report["output"] == str(tmp_path / "f.onnx")
+
+
+def test_dry_run_writes_nothing(model, tmp_path):
+    out = tmp_path / "f.onnx"
+    result = invoke(model, "-o", out, "--dry-run")
+    assert result.exit_code == 0
+    assert not out.exists()
+    assert "wrote" not in result.output
+
+
+def test_output_equal_to_input_needs_in_place(model):
+    before = digest(model)
+    result = invoke(model, "-o", model)
+    assert result.exit_code == 2
+    assert "--in-place" in result.output
+    assert digest(model) == before
+
+
+def test_in_place_overwrites_the_input(model):
+    result = invoke(model, "--in-place")
+    assert result.exit_code == 0
+    assert op_count(onnx.load(model), "BatchNormalization") == 0
+
+
+def test_verification_failure_exits_1_and_writes_nothing(model, tmp_path):
+    out = tmp_path / "f.onnx"
+    result = invoke(model, "-o", out, "--atol", "0", "--rtol", "0")
+    assert result.exit_code == 1
+    assert not out.exists()
+    assert "verification failed, nothing written" in result.output
+    assert "FAIL" in result.output
+
+
+def test_no_verify_skips_verification(model, tmp_path):
+    result = invoke(model, "-o", tmp_path / "f.onnx", "--no-verify")
+    assert result.exit_code == 0
+    assert "verification skipped" in result.output
+
+
+@pytest.mark.parametrize(
+    "make_bad,problem",
+    [
+        (lambda p: None, "no such file"),
+        (lambda p: p.write_bytes(b"definitely not a protobuf \xff\xfe"), "not a readable ONNX model"),
+        (lambda p: p.write_bytes(EXAMPLE.read_bytes()[:5000]), "not a readable ONNX model"),
+        (lambda p: p.write_bytes(b""), "empty file"),
+    ],
+    ids=["missing", "garbage", "truncated", "empty"],
+)
+def test_bad_input_is_one_line_naming_the_file(tmp_path, make_bad, problem):
+    path = tmp_path / "bad.onnx"
+    make_bad(path)
+    result = invoke(path, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and problem in lines[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unwritable_output_fails_before_work(model, tmp_path):
+    result = invoke(model, "-o", tmp_path / "missing-dir" / "f.onnx")
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_usage_errors_exit_2(model):
+    assert invoke(model).exit_code == 2  # no -o / --in-place / --dry-run
+    assert invoke(model, "--input-shape", "nonsense", "--dry-run").exit_code == 2
+    assert invoke(model, "--format", "xml", "--dry-run").exit_code == 2
+
+
+def test_input_shape_overrides_the_symbolic_batch(model):
+    result = invoke(model, "--dry-run", "--format", "json", "--input-shape", "input=3,3,16,16")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["verification"]["inputs"] == {"input": [3, 3, 16, 16]}
+    unknown = invoke(model, "--dry-run", "--input-shape", "nope=1,2")
+    assert unknown.exit_code == 2 and "nope" in unknown.output
+
+
+def test_external_data_round_trip(model, tmp_path):
+    source = tmp_path / "ext" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(model), source, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    result = invoke(source, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (out.parent / "folded.onnx.data").is_file()
+    assert_same_outputs(onnx.load(model), onnx.load(out), atol=1e-5, rtol=1e-4)
+    (source.parent / "weights.bin").unlink()
+    result = invoke(source, "-o", tmp_path / "again.onnx")
+    assert result.exit_code == 2 and "weights.bin" in result.output and "missing" in result.output
+
+
+def test_external_data_in_place_keeps_the_data_readable(model, tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save(onnx.load(model), source, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    result = invoke(source, "--in-place")
+    assert result.exit_code == 0, result.output
+    assert_same_outputs(onnx.load(model), onnx.load(source), atol=1e-5, rtol=1e-4)
+
+
+def test_console_script_runs_the_main_job(model, tmp_path):
+    script = Path(sys.executable).with_name("bnfold")
+    completed = subprocess.run([script, model, "-o", tmp_path / "f.onnx"], capture_output=True, text=True, env=os.environ)
+    assert completed.returncode == 0, completed.stderr
+    assert "folded 4 of 4" in completed.stdout
