@@ -84,9 +84,9 @@ def fold(
     if plan.needs_graph:
         folded = fold_in_graph(plan.folds, traced)
         notes.append(
-            f"the result is a torch.fx GraphModule, not a {type(model).__name__}: some folds involve function "
-            "calls (F.conv2d, F.batch_norm, or a layer subclass with its own forward) that exist only in the "
-            "traced graph"
+            f"the result is a torch.fx GraphModule instead of the {type(model).__name__} module tree: some folds "
+            "involve function calls (F.conv2d, F.batch_norm, or a layer subclass with its own forward) that exist "
+            "only in the traced graph"
         )
     else:
         folded = fold_in_module_tree(plan.folds, working, traced)

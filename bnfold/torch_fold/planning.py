@@ -142,9 +142,10 @@ def _layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, direction: Direct
     else:
         refusal = _following_layer_refusal(batchnorm, layer)
     if refusal is None and not flow.traced.graph_rewritable and not (layer.module_path and batchnorm.module_path):
+        function_call = "this BatchNorm (F.batch_norm)" if layer.module_path else f"`{layer.name}` ({layer.op})"
         refusal = "no-foldable-neighbour", (
-            f"folding a function call (`{layer.name}` or this BatchNorm) needs the torch.fx graph, but torch.fx "
-            "could not trace the model; make forward() traceable by torch.fx to fold it."
+            f"{function_call} is a function call, which only a torch.fx graph can fold, but torch.fx could not "
+            "trace the model; make forward() traceable by torch.fx to fold it."
         )
     return refusal
 

@@ -1,0 +1,380 @@
+"""The PyTorch front-end on real architectures and on one small model per refusal.
+
+Output tolerances (explicit, relative to the output's scale ``max|original|``, at least 1):
+float32 1e-5, float64 1e-12, bfloat16 3e-2 (folded weights are rounded to bfloat16 once). The
+reached figures are about 4e-7 (float32), 2e-16 (float64) and 4e-3 (bfloat16).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+from torch_architectures import CASES, Conv2dSame, MobileNetV2, ResNet, batchnorm_modules, trained_eval_model
+
+from bnfold.report import SKIP_CODES
+from bnfold.torch_fold import fold
+from bnfold.verification import VerificationError
+
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}
+
+
+def assert_same_outputs(expected, actual) -> None:
+    if isinstance(expected, torch.Tensor):
+        expected, actual = (expected,), (actual,)
+    for e, a in zip(expected, actual, strict=True):
+        scale = max(1.0, e.abs().max().item())
+        error = (a.double() - e.double()).abs().max().item()
+        assert error <= RELATIVE_TOLERANCE[e.dtype] * scale, f"max abs error {error:.3g} at output scale {scale:.3g}"
+
+
+def outputs(model: nn.Module, inputs: tuple):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def skip_codes(report) -> dict[str, str]:
+    return {skip.batchnorm: skip.code for skip in report.skips}
+
+
+def randomise_statistics(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+# --- real architectures ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_folds_real_architecture(case):
+    model, inputs = trained_eval_model(case)
+    state_before = copy.deepcopy(model.state_dict())
+    result = fold(model, inputs)
+
+    assert batchnorm_modules(result.model) == case.batchnorms_left
+    assert len(result.report.skips) == case.batchnorms_left
+    assert len(result.report.folds) + len(result.report.skips) == batchnorm_modules(model)
+    assert result.report.frontend == "pytorch" and result.report.verification.passed
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+    # The input model is untouched.
+    assert batchnorm_modules(model) == batchnorm_modules(case.build())
+    assert all(torch.equal(tensor, model.state_dict()[key]) for key, tensor in state_before.items())
+    for name, parameter in result.model.named_parameters():
+        assert isinstance(parameter, nn.Parameter) and parameter.requires_grad, name
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name != "efficientnet"], ids=lambda case: case.name)
+def test_module_tree_result_keeps_class_and_state_dict_keys(case):
+    model, inputs = trained_eval_model(case)
+    result = fold(model, inputs)
+
+    assert type(result.model) is type(model)
+    folded_batchnorms = {f.batchnorm for f in result.report.folds}
+    kept_keys = {k for k in model.state_dict() if k.rpartition(".")[0] not in folded_batchnorms}
+    new_keys = set(result.model.state_dict()) - kept_keys
+    assert kept_keys <= set(result.model.state_dict())
+    assert new_keys == {f"{f.layer}.bias" for f in result.report.folds} - set(model.state_dict())
+    for name in folded_batchnorms:
+        assert isinstance(result.model.get_submodule(name), nn.Identity)
+
+
+def test_layer_subclass_with_own_forward_folds_in_the_traced_graph():
+    case = next(c for c in CASES if c.name == "efficientnet")
+    model, inputs = trained_eval_model(case)
+    result = fold(model, inputs)
+
+    assert isinstance(result.model, fx.GraphModule)
+    assert any("GraphModule" in note for note in result.report.notes)
+    assert {f.layer_op for f in result.report.folds} == {"Conv2d", "F.conv2d"}
+    # The "same" conv had no bias: the folded one sits where a Conv2d keeps it.
+    assert "stem.0.bias" in result.model.state_dict()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_folds_at_least_as_many_as_torch_fx_fuse(case):
+    model, inputs = trained_eval_model(case)
+    fuse_folded = batchnorm_modules(model) - batchnorm_modules(fuse(model))
+    bnfold_folded = len(fold(model, inputs, verify=False).report.folds)
+    assert bnfold_folded >= fuse_folded
+
+
+# --- dtypes, scripting, export, parameters -----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_folded_model_keeps_dtype(dtype):
+    model, inputs = trained_eval_model(CASES[0])
+    model, inputs = model.to(dtype), tuple(x.to(dtype) for x in inputs)
+    result = fold(model, inputs)
+
+    assert batchnorm_modules(result.model) == 0
+    assert {p.dtype for p in result.model.parameters()} == {dtype}
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+def test_folded_resnet_still_scripts():
+    model, inputs = trained_eval_model(CASES[0])
+    torch.jit.script(model)  # works before
+    folded = fold(model, inputs).model
+    assert_same_outputs(outputs(model, inputs), outputs(torch.jit.script(folded), inputs))
+
+
+def test_folded_mobilenet_still_exports():
+    model, inputs = trained_eval_model(next(c for c in CASES if c.build is MobileNetV2))
+    torch.export.export(model, inputs)  # works before
+    exported = torch.export.export(fold(model, inputs).model, inputs)
+    assert_same_outputs(outputs(model, inputs), exported.module()(*inputs))
+
+
+def test_parameters_keep_requires_grad_and_new_bias_follows_weight():
+    model, inputs = trained_eval_model(CASES[0])
+    model.conv1.weight.requires_grad_(False)
+    result = fold(model, inputs)
+
+    assert isinstance(result.model.conv1.bias, nn.Parameter)
+    assert not result.model.conv1.weight.requires_grad and not result.model.conv1.bias.requires_grad
+    assert result.model.layers[0].conv1.bias.requires_grad
+
+
+def test_inplace_folds_the_given_model():
+    model, inputs = trained_eval_model(CASES[0])
+    expected = outputs(model, inputs)
+    result = fold(model, inputs, inplace=True)
+
+    assert result.model is model and batchnorm_modules(model) == 0
+    assert_same_outputs(expected, outputs(model, inputs))
+
+
+def test_report_counts():
+    model, inputs = trained_eval_model(CASES[0])
+    report = fold(model, inputs).report
+
+    assert report.nodes_before["batchnorm"] == 6 and report.nodes_after["batchnorm"] == 0
+    assert report.nodes_before["total"] - report.nodes_after["total"] == 6
+    assert "torch.fx" in report.notes[0]
+
+
+def test_verification_failure_raises_with_the_report():
+    model, inputs = trained_eval_model(CASES[0])
+    with pytest.raises(VerificationError) as raised:
+        fold(model, inputs, atol=0.0, rtol=0.0)
+    assert not raised.value.verification.passed and raised.value.report.folds
+
+
+def test_nested_outputs_are_all_compared():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return {"features": y, "pooled": [y.mean((2, 3)), y.amax((2, 3))]}
+
+    result = fold(randomise_statistics(TwoHeads()), (torch.randn(2, 3, 8, 8),))
+    names = [o.name for o in result.report.verification.outputs]
+    assert names == ["output['features']", "output['pooled'][0]", "output['pooled'][1]"]
+
+
+# --- single-pattern models ---------------------------------------------------------------------
+
+
+class BatchNormThenLayer(nn.Module):
+    """BN on the input straight into a layer: only a forward fold is possible."""
+
+    def __init__(self, layer: nn.Module, batchnorm: nn.Module):
+        super().__init__()
+        self.bn, self.layer = batchnorm, layer
+
+    def forward(self, x):
+        return self.layer(self.bn(x))
+
+
+@pytest.mark.parametrize(
+    ("layer", "batchnorm", "shape"),
+    [
+        (nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(4), (2, 4, 9, 9)),
+        (nn.Conv2d(4, 6, 3, padding="valid", bias=False), nn.BatchNorm2d(4, affine=False), (2, 4, 7, 7)),
+        (nn.Conv1d(4, 4, 1, padding="same", padding_mode="reflect"), nn.BatchNorm1d(4), (2, 4, 7)),
+        (nn.Linear(5, 3), nn.BatchNorm1d(5), (6, 5)),
+    ],
+    ids=["conv-grouped", "conv-valid-affine-false", "conv-same-1x1", "linear"],
+)
+def test_batchnorm_folds_into_following_layer(layer, batchnorm, shape):
+    model = randomise_statistics(BatchNormThenLayer(layer, batchnorm))
+    inputs = (torch.randn(shape),)
+    result = fold(model, inputs)
+
+    assert [f.direction for f in result.report.folds] == ["into-following"]
+    assert isinstance(result.model.bn, nn.Identity)
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+def test_training_mode_is_refused_with_a_clear_error():
+    model, inputs = trained_eval_model(CASES[0])
+    with pytest.raises(ValueError, match=r"\.eval\(\)"):
+        fold(model.train(), inputs)
+    mobilenet, inputs = trained_eval_model(next(c for c in CASES if c.build is MobileNetV2))
+    mobilenet.classifier[0].train()  # a Dropout alone counts too
+    with pytest.raises(ValueError, match="classifier.0"):
+        fold(mobilenet, inputs)
+
+
+class ConvThenBatchNorm(nn.Module):
+    def __init__(self, batchnorm: nn.Module | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = batchnorm or nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class SharedConvOutput(ConvThenBatchNorm):
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class ReusedConv(ConvThenBatchNorm):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv(F.relu(self.bn(self.conv(x)))))
+
+
+class OrderNotDataFlow(ConvThenBatchNorm):
+    """``bn`` follows ``conv`` in __init__ but reads the model input in forward."""
+
+    def __init__(self):
+        super().__init__(nn.BatchNorm2d(3))
+        self.unused = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.conv(F.relu(self.bn(x)))
+
+
+class LinearOnSequence(nn.Module):
+    """Linear on (N, L, C) then BatchNorm1d on axis 1 (L): the channel axes do not line up."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.linear(x))
+
+
+def _infinite_scale() -> nn.BatchNorm2d:
+    batchnorm = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        batchnorm.weight[2] = float("inf")
+    return batchnorm
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "expected"),
+    [
+        (ConvThenBatchNorm(nn.BatchNorm2d(4, track_running_stats=False)), (2, 3, 6, 6), {"bn": "batch-statistics"}),
+        (SharedConvOutput(), (2, 3, 6, 6), {"bn": "layer-output-shared"}),
+        (ReusedConv(), (2, 4, 6, 6), {"bn": "module-reused", "bn2": "module-reused"}),
+        (ConvThenBatchNorm(_infinite_scale()), (2, 3, 6, 6), {"bn": "unfoldable-statistics"}),
+        (OrderNotDataFlow(), (2, 3, 6, 6), {"bn": "no-foldable-neighbour", "unused": "no-foldable-neighbour"}),
+        (BatchNormThenLayer(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), (2, 4, 6, 6), {"bn": "padded-conv"}),
+        (BatchNormThenLayer(nn.ConvTranspose2d(4, 4, 3), nn.BatchNorm2d(4)), (2, 4, 6, 6), {"bn": "no-foldable-neighbour"}),
+        (LinearOnSequence(), (2, 4, 4), {"bn": "channel-mismatch"}),
+    ],
+    ids=["batch-statistics", "shared-output", "reused", "unfoldable", "order", "padded", "transposed", "channels"],
+)
+def test_refusals_have_codes_and_reasons(model, inputs, expected):
+    model = randomise_statistics(model)
+    state_before = copy.deepcopy(model.state_dict())
+    result = fold(model, (torch.randn(inputs),))
+
+    assert skip_codes(result.report) == expected and not result.report.folds
+    assert all(skip.code in SKIP_CODES and skip.reason.endswith((".", ")")) for skip in result.report.skips)
+    assert all(torch.equal(t, result.model.state_dict()[k]) for k, t in state_before.items())
+
+
+def test_refusal_reasons_name_the_neighbours():
+    model = randomise_statistics(SharedConvOutput())
+    (skip,) = fold(model, (torch.randn(2, 3, 6, 6),)).report.skips
+    assert "`conv`" in skip.reason and "`add`" in skip.reason
+
+
+# --- functional calls and the export fallback --------------------------------------------------
+
+
+class FunctionalBatchNorm(nn.Module):
+    """F.batch_norm on buffers of the model, after a conv module and before an F.conv2d."""
+
+    def __init__(self, training_flag: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+        self.kernel = nn.Parameter(torch.randn(5, 4, 1, 1))
+        self.training_flag = training_flag
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.mean, self.var, self.scale, None, training=self.training_flag, eps=1e-3)
+        return F.conv2d(x, self.kernel)
+
+
+def test_functional_batch_norm_folds_in_the_traced_graph():
+    model = FunctionalBatchNorm().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert isinstance(result.model, fx.GraphModule)
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("batch_norm", "conv")]
+    assert F.batch_norm not in {n.target for n in result.model.graph.nodes}
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+def test_functional_batch_norm_in_training_mode_stays():
+    model = FunctionalBatchNorm(training_flag=True).eval()
+    result = fold(model, (torch.randn(2, 3, 8, 8),))
+    assert skip_codes(result.report) == {"batch_norm": "training-mode"}
+
+
+class ShapeBranchNet(nn.Module):
+    """Branches on an input size, which torch.fx cannot trace but torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.same = Conv2dSame(4, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.bn(self.same(self.stem(x)))
+
+
+def test_untraceable_model_falls_back_to_export():
+    model = randomise_statistics(ShapeBranchNet())
+    inputs = (torch.randn(2, 3, 9, 9),)
+    result = fold(model, inputs)
+
+    assert type(result.model) is ShapeBranchNet
+    assert any("torch.export" in note for note in result.report.notes)
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("stem.1", "stem.0")]
+    # The "same" conv runs its own forward: only an fx graph could fold it.
+    assert skip_codes(result.report) == {"bn": "no-foldable-neighbour"}
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
