@@ -172,3 +172,40 @@ def export_onnx(
             output_names=["output"],
             dynamic_axes=dynamic_axes,
         )
+
+
+def conv_bn_chain(pairs: int, channels: int = 4, size: int = 8, seed: int = 0):
+    """An ONNX model of ``pairs`` Conv(1x1)→BatchNorm pairs in a chain, built directly with onnx.helper
+    (exporting thousands of layers from PyTorch would dominate any timing). Statistics are random
+    but trained-looking: nothing is 1 or 0."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, initializers = [], []
+    current = "input"
+    for index in range(pairs):
+        weight = rng.normal(0, 1 / np.sqrt(channels), (channels, channels, 1, 1)).astype(np.float32)
+        parameters = {
+            "scale": rng.uniform(0.8, 1.2, channels),
+            "bias": rng.normal(0, 0.1, channels),
+            "mean": rng.normal(0, 0.1, channels),
+            "var": rng.uniform(0.8, 1.2, channels),
+        }
+        initializers.append(numpy_helper.from_array(weight, f"w{index}"))
+        initializers.extend(numpy_helper.from_array(v.astype(np.float32), f"bn{index}_{k}") for k, v in parameters.items())
+        nodes.append(helper.make_node("Conv", [current, f"w{index}"], [f"c{index}"], name=f"conv{index}"))
+        bn_inputs = [f"c{index}"] + [f"bn{index}_{k}" for k in parameters]
+        current = "output" if index == pairs - 1 else f"b{index}"
+        nodes.append(helper.make_node("BatchNormalization", bn_inputs, [current], name=f"bn{index}"))
+    graph = helper.make_graph(
+        nodes,
+        f"chain{pairs}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", channels, size, size])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
