@@ -155,6 +155,16 @@ def test_inplace_folds_the_given_model():
     assert_same_outputs(expected, outputs(model, inputs))
 
 
+def test_inplace_is_not_honoured_when_the_result_is_a_graph_module():
+    model, inputs = trained_eval_model(next(c for c in CASES if c.name == "efficientnet"))
+    state_before = copy.deepcopy(model.state_dict())
+    result = fold(model, inputs, inplace=True)
+
+    assert isinstance(result.model, fx.GraphModule) and "inplace=True" in result.report.notes[0]
+    assert model.state_dict().keys() == state_before.keys()
+    assert all(torch.equal(tensor, model.state_dict()[key]) for key, tensor in state_before.items())
+
+
 def test_report_counts():
     model, inputs = trained_eval_model(CASES[0])
     report = fold(model, inputs).report
@@ -217,6 +227,16 @@ def test_batchnorm_folds_into_following_layer(layer, batchnorm, shape):
 
     assert [f.direction for f in result.report.folds] == ["into-following"]
     assert isinstance(result.model.bn, nn.Identity)
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+def test_layer_absorbs_a_batchnorm_on_each_side():
+    model = randomise_statistics(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert sorted(f.direction for f in result.report.folds) == ["into-following", "into-preceding"]
+    assert batchnorm_modules(result.model) == 0
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
@@ -378,3 +398,13 @@ def test_untraceable_model_falls_back_to_export():
     # The "same" conv runs its own forward: only an fx graph could fold it.
     assert skip_codes(result.report) == {"bn": "no-foldable-neighbour"}
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+def test_export_fallback_reports_batch_statistics_under_the_module_name():
+    class Branching(ConvThenBatchNorm):
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.shape[0] > 1 else self.conv(x)
+
+    batchnorm = nn.BatchNorm2d(4, affine=False, track_running_stats=False)
+    result = fold(Branching(batchnorm).eval(), (torch.randn(2, 3, 6, 6),))
+    assert skip_codes(result.report) == {"bn": "batch-statistics"}

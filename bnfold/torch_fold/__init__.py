@@ -92,14 +92,19 @@ def fold(
         folded = fold_in_module_tree(plan.folds, working, traced)
     report = _report(model, flow, plan, notes)
     if verify:
-        report.verification = compare_outputs(expected, run_outputs(folded, example_inputs), example_inputs, atol, rtol)
+        actual = run_outputs(folded, example_inputs)
+        report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)
         if not report.verification.passed:
             raise VerificationError(report.verification, report)
     return TorchFoldResult(folded, report)
 
 
 def _require_eval_mode(model: nn.Module) -> None:
-    training = [name or "<model>" for name, module in model.named_modules() if isinstance(module, _MODE_SENSITIVE_TYPES) and module.training]
+    training = [
+        name or "<model>"
+        for name, module in model.named_modules()
+        if isinstance(module, _MODE_SENSITIVE_TYPES) and module.training
+    ]
     if training:
         listed = ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
         raise ValueError(

@@ -24,12 +24,16 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 aten = torch.ops.aten
 
 _CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_TRANSPOSE_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_TRANSPOSE_ARGUMENTS = (
+    "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"
+)
 _LINEAR_ARGUMENTS = ("input", "weight", "bias")
 # F.batch_norm and aten.batch_norm take the same values in different orders.
-_FUNCTIONAL_BATCHNORM_ARGUMENTS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_FUNCTIONAL_BATCHNORM_ARGUMENTS = (
+    "input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"
+)
 _ATEN_BATCHNORM_ARGUMENTS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
-BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +124,7 @@ class DataFlow:
     call_count: int  # call_module, call_function and call_method nodes
 
     def layer_producing(self, value: Any) -> LayerCall | None:
-        return self.layers.get(value)
+        return self.layers.get(value) if isinstance(value, fx.Node) else None
 
     def sole_layer_reading(self, node: fx.Node) -> LayerCall | None:
         """The layer that is the only reader of ``node``, reading it as its data input."""
@@ -151,8 +155,8 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
         batchnorm = _batchnorm_call(node, traced)
         if batchnorm is not None:
             batchnorms.append(batchnorm)
-    calls = [node for node in traced.graph_module.graph.nodes if node.op in ("call_module", "call_function", "call_method")]
-    return DataFlow(traced, layers, batchnorms, _count_tensor_uses(traced), len(calls))
+    calls = sum(node.op in ("call_module", "call_function", "call_method") for node in traced.graph_module.graph.nodes)
+    return DataFlow(traced, layers, batchnorms, _count_tensor_uses(traced), calls)
 
 
 def tensor_rank(node: Any) -> int | None:
@@ -239,11 +243,11 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
         and weight is not None
         and _pads(arguments.get("padding", 0), tuple(weight.shape[2:]), arguments.get("dilation", 1))
     )
-    module_path = _exported_module_call(node, weight_path, traced, FOLDABLE_LAYER_TYPES)
+    module_path = _exported_module_call(node, traced, FOLDABLE_LAYER_TYPES)
     return LayerCall(
         node=node,
         input=arguments["input"],
-        name=_owner_of_type(weight_path, traced, FOLDABLE_LAYER_TYPES) or weight_path or node.name,
+        name=_calling_module(node, traced, FOLDABLE_LAYER_TYPES) or weight_path or node.name,
         op=type(traced.root.get_submodule(module_path)).__name__ if module_path else f"F.{function.name}",
         layout=WeightLayout(function.kind, arguments.get("groups", 1)),
         pads_input=pads_input,
@@ -272,53 +276,52 @@ def _module_batchnorm_call(node: fx.Node, module: nn.Module, path: str) -> Batch
         name=path,
         key=path,
         module_path=path,
-        **{name: getattr(module, name) for name in BATCHNORM_TENSORS},
+        **{name: getattr(module, name) for name in _BATCHNORM_TENSORS},
         eps=module.eps,
         training=module.training,
         tensors_are_attributes=True,
     )
 
 
-def _functional_batchnorm_call(node: fx.Node, argument_names: tuple[str, ...], traced: TracedModel) -> BatchNormCall:
+def _functional_batchnorm_call(
+    node: fx.Node, argument_names: tuple[str, ...], traced: TracedModel
+) -> BatchNormCall:
     arguments = _bind(node, argument_names)
-    paths = {name: traced.attribute_paths.get(arguments.get(name)) for name in BATCHNORM_TENSORS}
+    paths = {name: traced.attribute_paths.get(arguments.get(name)) for name in _BATCHNORM_TENSORS}
     tensors = {name: None if path is None else traced.tensor_at(path) for name, path in paths.items()}
-    mean_path = paths["running_mean"]
+    module_path = _exported_module_call(node, traced, (_BatchNorm,))
     return BatchNormCall(
         node=node,
         input=arguments["input"],
-        name=_owner_of_type(mean_path, traced, (_BatchNorm,)) or node.name,
-        key=mean_path or node.name,
-        module_path=_exported_module_call(node, mean_path, traced, (_BatchNorm,)),
+        name=_calling_module(node, traced, (_BatchNorm,)) or node.name,
+        key=module_path or paths["running_mean"] or node.name,
+        module_path=module_path,
         **tensors,
         eps=float(arguments.get("eps", 1e-5)),
         training=bool(arguments.get("training", False)),
-        tensors_are_attributes=all(arguments.get(name) is None or paths[name] is not None for name in BATCHNORM_TENSORS),
+        tensors_are_attributes=all(arguments.get(name) is None or paths[name] is not None for name in paths),
     )
 
 
-def _owner_of_type(attribute_path: str | None, traced: TracedModel, types: tuple) -> str | None:
-    """The path of the model's module holding the attribute, when it is one of ``types``.
+def _calling_module(node: fx.Node, traced: TracedModel, types: tuple) -> str | None:
+    """The path of the innermost module whose forward made this call, when it is one of ``types``.
 
     A function call inside a layer or BatchNorm subclass with its own forward is reported under that
     module's name, which is what the user knows it by.
     """
-    if attribute_path is None:
-        return None
-    owner_path = attribute_path.rpartition(".")[0]
-    return owner_path if isinstance(traced.model.get_submodule(owner_path), types) else None
+    path = traced.module_stack_top(node)
+    return path if path is not None and isinstance(traced.model.get_submodule(path), types) else None
 
 
-def _exported_module_call(node: fx.Node, attribute_path: str | None, traced: TracedModel, types: tuple) -> str | None:
+def _exported_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> str | None:
     """In an exported graph, the path of the unmodified torch module whose own forward made this aten call.
 
     fx keeps such modules as ``call_module`` nodes, so there every function call is a real function call.
     """
-    owner_path = _owner_of_type(attribute_path, traced, types)
-    if traced.method != "export" or owner_path is None:
+    if traced.method != "export":
         return None
-    owner = traced.model.get_submodule(owner_path)
-    return owner_path if has_torch_forward(owner) and traced.module_stack_top(node) == owner_path else None
+    path = _calling_module(node, traced, types)
+    return path if path is not None and has_torch_forward(traced.model.get_submodule(path)) else None
 
 
 def _bind(node: fx.Node, argument_names: tuple[str, ...]) -> dict[str, Any]:

@@ -106,16 +106,16 @@ def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
             f"it is called {len(calls)} times with the same statistics and one fold can absorb only one call; "
             "give each call its own BatchNorm to fold them."
         )
-    if batchnorm.training:
-        return "training-mode", (
-            "F.batch_norm is called with training=True, so it normalises with batch statistics; "
-            "pass training=self.training to fold it in eval mode."
-        )
     if batchnorm.running_mean is None or batchnorm.running_var is None:
         return "batch-statistics", (
             "track_running_stats=False: it normalises every batch with that batch's own statistics, even in "
             "eval mode, so there is no constant scale and shift to fold; train with track_running_stats=True "
             "to make it foldable."
+        )
+    if batchnorm.training:
+        return "training-mode", (
+            "F.batch_norm is called with training=True, so it normalises with batch statistics; "
+            "pass training=self.training to fold it in eval mode."
         )
     if not batchnorm.tensors_are_attributes:
         return "parameters-not-constant", (
@@ -125,7 +125,9 @@ def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
     return None
 
 
-def _layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, flow: DataFlow) -> Refusal | None:
+def _layer_refusal(
+    batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, flow: DataFlow
+) -> Refusal | None:
     if layer.weight is None or not layer.bias_is_attribute:
         return "weight-not-constant", (
             f"`{layer.name}` computes its weight or bias in forward(); only a parameter or buffer can absorb "
@@ -155,8 +157,8 @@ def _preceding_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, flow: D
     if other_readers:
         readers = ", ".join(describe_node(reader, flow.traced) for reader in other_readers)
         return "layer-output-shared", (
-            f"the output of `{layer.name}` is also read by {readers}, which must keep seeing un-normalised values; "
-            "it stays as one multiply-add per channel."
+            f"the output of `{layer.name}` is also read by {readers}, which must keep seeing "
+            f"un-normalised values. {_STAYS}"
         )
     return _channel_refusal(batchnorm, layer, layer.output_channels)
 
@@ -169,8 +171,8 @@ def _following_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall) -> Refu
         )
     if layer.pads_input:
         return "padded-conv", (
-            f"its only reader `{layer.name}` pads its input, and the padding zeros would not be scaled and shifted "
-            f"like the normalised values. {_STAYS} (With padding=0 it would fold.)"
+            f"its only reader `{layer.name}` pads its input, and the padding zeros would not be scaled and "
+            f"shifted like the normalised values. {_STAYS} (With padding=0 it would fold.)"
         )
     return _channel_refusal(batchnorm, layer, layer.input_channels)
 
@@ -185,7 +187,9 @@ def _channel_refusal(batchnorm: BatchNormCall, layer: LayerCall, layer_channels:
                 "only (N, C) tensors line up."
             )
     if batchnorm.channels != layer_channels:
-        return "channel-mismatch", f"the BatchNorm has {batchnorm.channels} channels but `{layer.name}` has {layer_channels}."
+        return "channel-mismatch", (
+            f"the BatchNorm has {batchnorm.channels} channels but `{layer.name}` has {layer_channels}."
+        )
     return None
 
 

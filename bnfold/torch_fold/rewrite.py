@@ -44,9 +44,10 @@ def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel) -> None
     folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]] = {}
     for fold in folds:
         layer = fold.layer
-        weight, bias = folded.get(layer, (to_numpy(layer.weight), to_numpy(layer.bias)))
+        if layer not in folded:
+            folded[layer] = (to_numpy(layer.weight), to_numpy(layer.bias))
         fold_function = fold_into_outputs if fold.direction == "into-preceding" else fold_into_inputs
-        folded[layer] = fold_function(weight, bias, fold.affine, layer.layout, out_dtype=np.float64)
+        folded[layer] = fold_function(*folded[layer], fold.affine, layer.layout, out_dtype=np.float64)
     for layer, (weight, bias) in folded.items():
         with torch.no_grad():
             layer.weight.copy_(to_torch(weight, like=layer.weight))

@@ -80,7 +80,7 @@ class TracedModel:
         return getattr(self.root.get_submodule(owner_path), name)
 
     def module_stack_top(self, node: fx.Node) -> str | None:
-        """The path of the innermost module whose forward produced ``node`` (export graphs only)."""
+        """The path of the innermost module whose forward produced ``node``, as both tracers record it."""
         stack = node.meta.get("nn_module_stack")
         return list(stack.values())[-1][0] if stack else None
 
