@@ -229,8 +229,8 @@ def batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
 def elementwise_channel_affine(node: ir.Node, data: ir.Value, channels: int, rank: int) -> ChannelAffine | None:
     """``node`` (Mul/Add/Sub/Div of ``data`` and a constant) as a channel affine map over a
     ``rank``-D tensor with channels on axis 1, or None when the constant is not per-channel."""
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-        return None
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) != 2 or "broadcast" in node.attributes:
+        return None  # opset < 7 "broadcast"/"axis" semantics are not numpy's: leave those alone
     data_first = node.inputs[0] is data
     other = node.inputs[1] if data_first else node.inputs[0]
     if other is data:
@@ -346,6 +346,8 @@ class FoldIntoPreceding:
         if not _is_layer(producer):
             source = "a graph input or constant" if producer is None else producer.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source}, not a Conv/ConvTranspose/Gemm/MatMul")
+        if producer.graph is not anchor.graph:
+            raise Refusal("no-foldable-neighbour", f"its input comes from {node_label(producer)} in an enclosing graph")
         layer = layer_view(producer)
         if layer.output is not data:
             raise Refusal("no-foldable-neighbour", f"it is the bias Add of {node_label(producer)}")
@@ -439,6 +441,8 @@ class FoldIntoFollowing:
             raise Refusal("no-foldable-neighbour", f"its output {what} ({', '.join(consumers) or 'none'})")
         if not _is_layer(consumer) or consumer.op_type == "ConvTranspose":
             raise Refusal("no-foldable-neighbour", f"its output feeds {consumer.op_type}, which cannot absorb it")
+        if consumer.graph is not anchor.graph:
+            raise Refusal("no-foldable-neighbour", f"its output feeds {node_label(consumer)} in a subgraph")
         layer = layer_view(consumer, data_value=output)
         _check_unpadded(consumer)
         if consumer.op_type == "Gemm" and _attr(consumer, "transA", 0):

@@ -398,3 +398,58 @@ def test_input_model_object_is_not_modified():
     before = model.SerializeToString()
     folded(model)
     assert model.SerializeToString() == before
+
+
+def test_batchnorm_inside_loop_body_folds():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[4, 4, 1, 1]).astype(np.float32) * 0.5), *batchnorm_parameters(4, "bn", r)]
+    inits.append(initializer("trip", np.array(3, np.int64)))
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Conv", ["state", "W"], ["y"], name="body_conv"),
+            batchnorm_node("y", "state_out", "bn"),
+        ],
+        "loop_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 4, 5, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, 4, 5, 5]),
+        ],
+    )
+    nodes = [helper.make_node("Loop", ["trip", "", "x"], ["z"], body=body, name="loop")]
+    model = make_model(nodes, [("x", [1, 4, 5, 5])], ["z"], inits, check=False)
+    result, report = fold_onnx(model)  # no checker: shape inference leaves the Loop's output untyped
+    assert op_count(result, "BatchNormalization") == 0
+    assert [(f.batchnorm, f.graph) for f in report.folds] == [("bn", "loop_body")]
+    assert_same_outputs(model, result, **F32)
+
+
+def test_batchnorm_in_subgraph_after_outer_conv_is_left():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[4, 4, 1, 1]).astype(np.float32)), *batchnorm_parameters(4, "bn", r)]
+    inits.append(initializer("flag", np.array(True)))
+    branch = lambda name, nodes, out: helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])  # noqa: E731
+    then_branch = branch("then", [batchnorm_node("y", "t", "bn")], "t")
+    else_branch = branch("else", [helper.make_node("Relu", ["y"], ["e"])], "e")
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        helper.make_node("If", ["flag"], ["z"], then_branch=then_branch, else_branch=else_branch),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 5, 5])], ["z"], inits, check=False)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 1
+    assert [s.code for s in report.skips] == ["layer-output-shared"] or "enclosing graph" in report.skips[0].reason
+
+
+def test_legacy_broadcast_mul_is_left_alone():
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("c", r.normal(size=[6]).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"]), helper.make_node("Mul", ["y", "c"], ["z"], broadcast=1, axis=1)]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits, opset=6, check=False)
+    result, report = folded(model, verify=False)
+    assert op_count(result, "Mul") == 1 and report.folds == []
