@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv_bn_act(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: type = nn.ReLU) -> nn.Sequential:
+def conv_bn_act(
+    cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: type = nn.ReLU
+) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act()
     )
@@ -202,7 +204,9 @@ class MBConv(nn.Module):
         super().__init__()
         hidden = cin * expand
         self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU())
-        self.depthwise = nn.Sequential(Conv2dSame(hidden, hidden, 3, stride, groups=hidden), nn.BatchNorm2d(hidden), nn.SiLU())
+        self.depthwise = nn.Sequential(
+            Conv2dSame(hidden, hidden, 3, stride, groups=hidden), nn.BatchNorm2d(hidden), nn.SiLU()
+        )
         self.se_reduce = nn.Conv2d(hidden, max(1, cin // 4), 1)
         self.se_expand = nn.Conv2d(max(1, cin // 4), hidden, 1)
         self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
@@ -247,7 +251,9 @@ class Conv1dNet(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv1d(4, 8, 5, padding=2, padding_mode="reflect"), nn.BatchNorm1d(8), nn.ReLU(),
-            nn.Conv1d(8, 8, 3, padding=1, groups=2, padding_mode="circular", bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+            nn.Conv1d(8, 8, 3, padding=1, groups=2, padding_mode="circular", bias=False),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
             nn.Conv1d(8, 6, 3, stride=2), nn.BatchNorm1d(6),
         )
 
@@ -273,7 +279,9 @@ class GroupedConvTranspose(nn.Module):
     def __init__(self):
         super().__init__()
         self.up1d = nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2), nn.BatchNorm1d(6))
-        self.up2d = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False), nn.BatchNorm2d(6, affine=False))
+        self.up2d = nn.Sequential(
+            nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False), nn.BatchNorm2d(6, affine=False)
+        )
         self.up3d = nn.Sequential(nn.ConvTranspose3d(4, 8, 2, stride=2, groups=4), nn.BatchNorm3d(8))
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> tuple[torch.Tensor, ...]:
