@@ -28,9 +28,10 @@ from bnfold.fold_math import (
     fold_into_inputs,
     fold_into_outputs,
 )
+from bnfold.report import ELEMENTWISE_AFFINE_OPS
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-ELEMENTWISE_OPS = ("Mul", "Add", "Sub", "Div")
+ELEMENTWISE_OPS = ELEMENTWISE_AFFINE_OPS
 
 
 class Refusal(Exception):
@@ -60,6 +61,10 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
             if tensor is None:
                 return None
             array = tensor.numpy()
+            if isinstance(tensor, ir.ExternalTensor):
+                # Copy out and unmap, so a large model's weights are not all held mapped at once.
+                array = array.copy()
+                tensor.release()
             break
         if producer.domain not in ("", "ai.onnx"):
             return None

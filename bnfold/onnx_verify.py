@@ -4,7 +4,9 @@ random inputs, with the runtime's graph optimisations off (so its own fusions ca
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,12 @@ def model_source(model: ir.Model, scratch: str) -> str | bytes:
     return str(path)
 
 
+def _progress(message: str, started: float) -> None:
+    """Progress on stderr when a person is watching it: verification of a large model takes a while."""
+    if sys.stderr.isatty():
+        print(f"bnfold: verifying: {message} ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
+
+
 def verify(
     original: str | os.PathLike | bytes,
     folded: ir.Model,
@@ -84,7 +92,9 @@ def verify(
     seed: int = 0,
 ) -> Verification:
     """Compare every output of ``folded`` with ``original`` (a path or serialized model)."""
+    started = time.perf_counter()
     feeds = random_inputs(folded, input_shapes, seed)
+    _progress("running the original model in onnxruntime", started)
     try:
         expected = run_model(original, feeds)
     except Exception as error:
@@ -92,8 +102,10 @@ def verify(
             f"onnxruntime cannot run the original model ({str(error).strip().splitlines()[0]}); "
             "use --no-verify to fold without verification"
         ) from None
+    _progress("running the folded model in onnxruntime", started)
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
         actual = run_model(model_source(folded, scratch), feeds)
+    _progress("comparing outputs", started)
     output_types = {value.name: value.dtype for value in folded.graph.outputs}
     comparisons = []
     for name, reference in expected.items():

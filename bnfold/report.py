@@ -25,6 +25,9 @@ SKIP_CODES = {
 
 Direction = Literal["into-preceding", "into-following"]
 
+# Ops that fold like a BatchNorm without being one: the ONNX front-end's per-channel elementwise folds.
+ELEMENTWISE_AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
+
 
 @dataclasses.dataclass
 class Fold:
@@ -33,7 +36,7 @@ class Fold:
     layer_op: str
     direction: Direction
     graph: str = ""
-    batchnorm_op: str = "BatchNormalization"  # or the Mul/Add/Sub/Div that stood for one
+    batchnorm_op: str = "BatchNormalization"  # or BatchNorm2d, F.batch_norm, or a Mul/Add/Sub/Div standing for one
 
     def describe(self) -> str:
         where = f" (in {self.graph})" if self.graph else ""
@@ -98,7 +101,7 @@ class FoldReport:
 
     def format_text(self) -> str:
         lines = [f"bnfold: {self.model}"]
-        batchnorm_folds = sum(f.batchnorm_op == "BatchNormalization" for f in self.folds)
+        batchnorm_folds = sum(f.batchnorm_op not in ELEMENTWISE_AFFINE_OPS for f in self.folds)
         other_folds = len(self.folds) - batchnorm_folds
         also = f" and {other_folds} per-channel Mul/Add/Sub/Div" if other_folds else ""
         lines.append(

@@ -98,6 +98,7 @@ class BatchNormCall:
     node: fx.Node
     input: Any
     name: str  # the module's path, or the node's name for a function call outside any BatchNorm module
+    op: str  # "BatchNorm2d" for a module call, "F.batch_norm" for a function call
     key: str  # calls with the same key normalise with the same statistics
     module_path: str | None  # set when an unmodified torch BatchNorm module makes this call
     weight: torch.Tensor | None
@@ -274,6 +275,7 @@ def _module_batchnorm_call(node: fx.Node, module: nn.Module, path: str) -> Batch
         node=node,
         input=node.args[0],
         name=path,
+        op=type(module).__name__,
         key=path,
         module_path=path,
         **{name: getattr(module, name) for name in _BATCHNORM_TENSORS},
@@ -294,6 +296,7 @@ def _functional_batchnorm_call(
         node=node,
         input=arguments["input"],
         name=_calling_module(node, traced, (_BatchNorm,)) or node.name,
+        op="F.batch_norm",
         key=module_path or paths["running_mean"] or node.name,
         module_path=module_path,
         **tensors,

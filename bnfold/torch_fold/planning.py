@@ -36,7 +36,7 @@ class PlannedFold:
         return self.layer.module_path is not None and self.batchnorm.module_path is not None
 
     def to_report(self) -> Fold:
-        return Fold(self.batchnorm.name, self.layer.name, self.layer.op, self.direction)
+        return Fold(self.batchnorm.name, self.layer.name, self.layer.op, self.direction, batchnorm_op=self.batchnorm.op)
 
 
 @dataclasses.dataclass
