@@ -92,3 +92,7 @@ def fold(model, output, in_place, dry_run, no_verify, output_format, input_shape
 
 def _emit(report, output_format: str) -> None:
     click.echo(report.to_json() if output_format == "json" else report.format_text())
+
+
+from bnfold.check_command import check  # noqa: E402
+main.add_command(check)

@@ -1,0 +1,52 @@
+"""``bnfold check``: a CI gate that catches eval-mode mistakes before a model ships.
+
+Forgetting ``model.eval()`` leaves BatchNorm normalising with the statistics of whatever else is in
+the batch and Dropout dropping, so predictions change with the batch. The check reads ONNX files and
+PyTorch models (``torch.export`` archives, TorchScript archives, state-dicts with a factory, or a
+callable returning the model), reports findings with stable codes, and measures batch dependence by
+running a batch of random samples and each sample alone.
+
+======  ========  ==========================================================================
+Code    Severity  Finding
+======  ========  ==========================================================================
+BN001   error     BatchNorm in training mode: ONNX ``training_mode=1``, ``is_test=0`` (opset < 7)
+                  or running-statistics outputs declared/read; PyTorch ``module.training``, or
+                  exported with ``training=True``
+BN002   error     BatchNorm without running statistics (``track_running_stats=False``): always
+                  batch statistics
+BN003   error     running statistics never trained: mean exactly 0 and variance exactly 1 in
+                  every channel (PyTorch's initial values), or ``num_batches_tracked == 0``
+BN004   error     broken running statistics: NaN/Inf, negative variance, variance + eps <= 0
+BN005   warning   near-zero variance with a large scale: ``|γ|/sqrt(var+eps) > 1e4`` in some
+                  channel, a precision risk (most of all once folded into the weights)
+BN006   info      foldable BatchNorm left in an ONNX model: ``bnfold`` would remove it
+DO001   error     Dropout active at inference: ONNX true constant ``training_mode`` input (opset
+                  12+) or ``is_test=0`` (opset < 7); PyTorch Dropout module in training mode
+BD001   error     outputs depend on the batch: a sample's output in a batch of K differs from
+                  its output alone beyond the dtype tolerance (figures: which output, how much)
+BD002   info      batch dependence not measured (batch fixed at 1, no example inputs, the model
+                  does not run on random inputs), and why
+======  ========  ==========================================================================
+
+Python API: :func:`check_model` (PyTorch), :func:`check_onnx`, :func:`check_file` (by file), each
+returning a list of :class:`Finding`; :func:`assert_inference_ready` for test suites.
+"""
+
+from bnfold.check.assertions import assert_inference_ready
+from bnfold.check.files import check_file
+from bnfold.check.findings import CODES, Code, CodeSelection, Finding, UnknownCodeError, errors
+from bnfold.check.onnx_inspect import check_onnx
+from bnfold.check.torch_inspect import check_model
+
+__all__ = [
+    "CODES",
+    "Code",
+    "CodeSelection",
+    "Finding",
+    "UnknownCodeError",
+    "assert_inference_ready",
+    "check_file",
+    "check_model",
+    "check_onnx",
+    "errors",
+]

@@ -1,0 +1,116 @@
+"""The static rules, on layer descriptions that the ONNX and PyTorch inspectors both produce.
+
+Each inspector reads its model into :class:`BatchNormState` and :class:`DropoutState` records (what
+mode the layer is in, and why; its statistics as float64 arrays); the rules here turn those into
+findings, so one rule serves both front-ends. Broken statistics are found by
+:func:`bnfold.fold_math.batchnorm_affine`, the same test that decides whether a fold is possible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from bnfold.check.findings import Finding
+from bnfold.fold_math import UnfoldableStatisticsError, batchnorm_affine
+
+# Past this |γ| / sqrt(var + eps), a channel multiplies its input (and, once folded, its weights) by
+# more than float32's relative precision can spare: 1e4 eats 4 of its ~7 significant digits.
+LARGE_SCALE = 1e4
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    """A BatchNorm's parameters and running statistics, float64, one entry per channel."""
+
+    weight: np.ndarray | None  # None when affine=False (γ = 1)
+    bias: np.ndarray | None  # None when affine=False (β = 0)
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    eps: float
+    batches_tracked: int | None = None  # PyTorch's num_batches_tracked; None when the format has none
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormState:
+    name: str
+    training: str | None  # why it normalises with batch statistics, e.g. "training_mode=1"; None in eval mode
+    tracks_running_stats: bool = True
+    statistics: Statistics | None = None  # None when they are not constants the inspector can read
+
+
+@dataclasses.dataclass(frozen=True)
+class DropoutState:
+    name: str
+    training: str | None  # why it drops at inference, e.g. "module.training is True"; None when inactive
+    probability: float | None  # None when it is not a constant
+
+
+LayerState = BatchNormState | DropoutState
+
+
+def layer_findings(states: list[LayerState]) -> list[Finding]:
+    findings = []
+    for state in states:
+        findings += batchnorm_findings(state) if isinstance(state, BatchNormState) else dropout_findings(state)
+    return findings
+
+
+def batchnorm_findings(state: BatchNormState) -> list[Finding]:
+    findings = []
+    if not state.tracks_running_stats:
+        findings.append(
+            Finding("BN002", state.name, "no running statistics (track_running_stats=False): it always normalises with the statistics of the current batch")
+        )
+    elif state.training:
+        findings.append(
+            Finding("BN001", state.name, f"training mode ({state.training}): it normalises with the statistics of the current batch")
+        )
+    if state.statistics is not None:
+        findings.extend(statistics_findings(state.name, state.statistics))
+    return findings
+
+
+def dropout_findings(state: DropoutState) -> list[Finding]:
+    if not state.training or state.probability == 0:
+        return []  # inactive, or active with nothing to drop
+    rate = "an unknown fraction" if state.probability is None else f"{state.probability:.0%}"
+    return [Finding("DO001", state.name, f"training mode ({state.training}): it zeroes {rate} of its inputs at random")]
+
+
+def statistics_findings(name: str, statistics: Statistics) -> list[Finding]:
+    findings = _untrained_findings(name, statistics)
+    try:
+        affine = batchnorm_affine(statistics.weight, statistics.bias, statistics.running_mean, statistics.running_var, statistics.eps)
+    except UnfoldableStatisticsError as error:
+        return [*findings, Finding("BN004", name, str(error))]
+    return [*findings, *_precision_findings(name, statistics, np.abs(affine.scale))]
+
+
+def _untrained_findings(name: str, statistics: Statistics) -> list[Finding]:
+    reasons = []
+    # 0 and 1 are PyTorch's initial values; trained statistics are never exactly that across a layer.
+    if np.all(statistics.running_mean == 0) and np.all(statistics.running_var == 1):
+        reasons.append(f"running mean is exactly 0 and variance exactly 1 in all {statistics.running_mean.size} channels")
+    if statistics.batches_tracked == 0:
+        reasons.append("num_batches_tracked is 0")
+    if not reasons:
+        return []
+    return [Finding("BN003", name, f"{' and '.join(reasons)}: the running statistics were never updated by training")]
+
+
+def _precision_findings(name: str, statistics: Statistics, scale: np.ndarray) -> list[Finding]:
+    large = np.flatnonzero(scale > LARGE_SCALE)
+    if not large.size:
+        return []
+    worst = large[np.argmax(scale[large])]
+    gamma = 1.0 if statistics.weight is None else statistics.weight.reshape(-1)[worst]
+    return [
+        Finding(
+            "BN005",
+            name,
+            f"|γ|/sqrt(var+eps) exceeds {LARGE_SCALE:g} in {large.size} channel(s); worst channel {worst}: "
+            f"{scale[worst]:.3g} (γ {gamma:.3g}, var {statistics.running_var.reshape(-1)[worst]:.3g}, eps {statistics.eps:g})",
+        )
+    ]

@@ -1,0 +1,186 @@
+"""The ONNX inspector: describe every BatchNormalization and Dropout node (main graph and subgraphs),
+ask the fold pass which BatchNorms it would remove, and measure batch dependence in onnxruntime.
+
+Training mode, per the ONNX operator versions: BatchNormalization with ``training_mode=1`` (opset 14+),
+``is_test=0`` (before opset 7), or running-statistics outputs that are read, or declared before opset
+14 (where their presence is what selects training); Dropout with a true constant ``training_mode``
+input (opset 12+) or ``is_test=0`` (before opset 7). Opsets 7-11 have no Dropout training mode.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bnfold.check.batch_dependence import (
+    DEFAULT_BATCH_SIZE,
+    NotMeasurable,
+    Output,
+    measure_batch_dependence,
+    measurement_sizes,
+    not_measured,
+)
+from bnfold.check.findings import Finding
+from bnfold.check.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
+from bnfold.onnx_fold import fold_onnx
+from bnfold.onnx_io import InputError, load_model
+from bnfold.onnx_rules import constant_array, node_label
+from bnfold.onnx_verify import VerificationUnavailableError, model_source, random_inputs, run_model
+
+# Dropout's ratio when the input (opset 12+) or attribute (before opset 7) is absent.
+DEFAULT_DROPOUT_RATIO = 0.5
+
+
+def check_onnx(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    *,
+    input_shapes: dict[str, list[int]] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    measure_batch: bool = True,
+) -> list[Finding]:
+    """Every finding for an ONNX model (a path, an ``onnx_ir.Model`` or a ``ModelProto``; not modified).
+
+    ``input_shapes`` gives the shape of inputs by name for the batch-dependence measurement (their first,
+    batch, dimension is replaced by the batch size); ``measure_batch=False`` skips that measurement.
+    """
+    label = str(model) if isinstance(model, (str, os.PathLike)) else "<model>"
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    elif isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    data_inputs = [value for value in model.graph.inputs if value.name not in model.graph.initializers]
+    unknown = sorted(set(input_shapes or {}) - {value.name for value in data_inputs})
+    if unknown:
+        raise InputError(label, f"--input-shape names unknown input(s): {', '.join(unknown)}")
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    findings = [*layer_findings(_layer_states(model, opset)), *_foldable_findings(model)]
+    if measure_batch:
+        findings += _batch_dependence(model, data_inputs, input_shapes or {}, batch_size, seed)
+    return findings
+
+
+def _layer_states(model: ir.Model, opset: int) -> list[LayerState]:
+    states: list[LayerState] = []
+    for node in model.graph.all_nodes():
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        version = node.version or opset
+        if node.op_type == "BatchNormalization":
+            states.append(_batchnorm_state(node, version))
+        elif node.op_type == "Dropout":
+            states.append(_dropout_state(node, version))
+    return states
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _constant_input(node: ir.Node, index: int) -> np.ndarray | None:
+    value = _input(node, index)
+    return None if value is None else constant_array(value)
+
+
+def _batchnorm_state(node: ir.Node, version: int) -> BatchNormState:
+    return BatchNormState(node_label(node), _batchnorm_training(node, version), statistics=_statistics(node))
+
+
+def _batchnorm_training(node: ir.Node, version: int) -> str | None:
+    if version >= 14 and node.attributes.get_int("training_mode", 0):
+        return "training_mode=1"
+    if version < 7 and not node.attributes.get_int("is_test", 0):
+        return f"is_test=0 at opset {version}"
+    statistics_outputs = [output for output in node.outputs[1:] if output is not None and output.name]
+    read = [output.name for output in statistics_outputs if output.uses() or output.is_graph_output()]
+    if read:
+        return f"its running-statistics outputs are read: {', '.join(read)}"
+    if statistics_outputs and version < 14:
+        names = ", ".join(output.name for output in statistics_outputs)
+        return f"it declares running-statistics outputs ({names}), which selects training mode at opset {version}"
+    return None
+
+
+def _statistics(node: ir.Node) -> Statistics | None:
+    """The node's scale, bias, mean and variance when all four are constants."""
+    arrays = [_constant_input(node, index) for index in range(1, 5)]
+    if any(array is None for array in arrays):
+        return None
+    weight, bias, mean, var = (np.asarray(array, dtype=np.float64) for array in arrays)
+    return Statistics(weight, bias, mean, var, node.attributes.get_float("epsilon", 1e-5))
+
+
+def _dropout_state(node: ir.Node, version: int) -> DropoutState:
+    label = node_label(node)
+    if version < 7:
+        training = None if node.attributes.get_int("is_test", 0) else f"is_test=0 at opset {version}"
+        return DropoutState(label, training, node.attributes.get_float("ratio", DEFAULT_DROPOUT_RATIO))
+    if version < 12:
+        return DropoutState(label, None, None)
+    mode = _constant_input(node, 2)
+    training = "its training_mode input is true" if mode is not None and bool(np.any(mode)) else None
+    if _input(node, 1) is None:
+        return DropoutState(label, training, DEFAULT_DROPOUT_RATIO)
+    ratio = _constant_input(node, 1)
+    return DropoutState(label, training, None if ratio is None else float(ratio.reshape(-1)[0]))
+
+
+def _foldable_findings(model: ir.Model) -> list[Finding]:
+    _, report = fold_onnx(model, verify=False)
+    return [
+        Finding(
+            "BN006",
+            fold.batchnorm,
+            f"`bnfold` would fold it into the {fold.direction.removeprefix('into-')} {fold.layer} [{fold.layer_op}]"
+            f"{f' (in {fold.graph})' if fold.graph else ''} and remove it",
+        )
+        for fold in report.folds
+        if fold.batchnorm_op == "BatchNormalization"
+    ]
+
+
+def _batch_dependence(
+    model: ir.Model, data_inputs: list[ir.Value], input_shapes: dict[str, list[int]], batch_size: int, seed: int
+) -> list[Finding]:
+    try:
+        if not data_inputs:
+            raise NotMeasurable("the model has no inputs")
+        batch_dims = [_batch_dim(value, input_shapes.get(value.name)) for value in data_inputs]
+        batch_size, alone_size = measurement_sizes(batch_dims, batch_size)
+        shapes = {
+            value.name: [batch_size, *_sample_dims(value, input_shapes.get(value.name))]
+            for value in data_inputs
+            if value.shape is not None or value.name in input_shapes
+        }
+        feeds = random_inputs(model, shapes, seed)
+    except (NotMeasurable, VerificationUnavailableError) as reason:
+        return [not_measured(str(reason))]
+    with tempfile.TemporaryDirectory(prefix="bnfold-check-") as scratch:
+        source = model_source(model, scratch)
+
+        def run(indices: list[int]) -> dict[str, Output]:
+            outputs = run_model(source, {name: array[indices] for name, array in feeds.items()})
+            return {name: Output(values, str(values.dtype)) for name, values in outputs.items()}
+
+        return measure_batch_dependence(run, batch_size, alone_size)
+
+
+def _batch_dim(value: ir.Value, given_shape: list[int] | None) -> int | None:
+    """The input's fixed batch size, or None when it is free (symbolic, or the shape is the user's)."""
+    if given_shape is not None or value.shape is None:
+        return None
+    if len(value.shape) == 0:
+        return 1  # a scalar input: no batch axis, like a batch fixed at 1
+    first = value.shape[0]
+    return first if isinstance(first, int) else None
+
+
+def _sample_dims(value: ir.Value, given_shape: list[int] | None) -> list[int]:
+    """The shape of one sample: the user's, else the model's with symbolic dimensions at 1."""
+    if given_shape is not None:
+        return list(given_shape[1:])
+    return [dim if isinstance(dim, int) else 1 for dim in value.shape[1:]]

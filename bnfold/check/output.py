@@ -1,0 +1,86 @@
+"""The check's results as linters print them: text lines, one JSON document, or GitHub annotations.
+
+JSON schema (``--format json``)::
+
+    {
+      "findings": [{"path": str, "code": str, "severity": "error" | "warning" | "info",
+                    "name": str,   # node, module or output; "" for the whole model
+                    "message": str, "hint": str}, ...],
+      "unreadable": [{"path": str, "message": str}, ...],   # inputs that could not be checked
+      "summary": {"checked": int, "unreadable": int, "error": int, "warning": int, "info": int}
+    }
+
+GitHub (``--format github``): one workflow command per finding,
+``::error file=PATH,title=CODE::NAME: MESSAGE (HINT)``, with ``::warning`` and ``::notice`` for the
+other severities, so findings appear as annotations on the pull request.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+from bnfold.check.findings import SEVERITIES, Finding
+
+_GITHUB_COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
+_TALLY_LABELS = {"error": "error(s)", "warning": "warning(s)", "info": "info"}
+
+
+@dataclasses.dataclass
+class CheckResults:
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why it was not checked
+    checked: int = 0
+
+    def counts(self) -> dict[str, int]:
+        by_severity = collections.Counter(finding.severity for finding in self.findings)
+        return {severity: by_severity[severity] for severity in SEVERITIES}
+
+
+def format_text(results: CheckResults) -> str:
+    lines = [f"{finding.path}: {finding.code} {finding.severity}{_name(finding)}: {finding.message} ({finding.hint})" for finding in results.findings]
+    counts = results.counts()
+    tally = ", ".join(f"{count} {_TALLY_LABELS[severity]}" for severity, count in counts.items() if count) or "no findings"
+    unreadable = f", {len(results.unreadable)} unreadable" if results.unreadable else ""
+    lines.append(f"{tally} in {results.checked} checked model(s){unreadable}")
+    return "\n".join(lines)
+
+
+def _name(finding: Finding) -> str:
+    return f" {finding.name}" if finding.name else ""
+
+
+def format_json(results: CheckResults) -> str:
+    document = {
+        "findings": [finding.to_dict() for finding in results.findings],
+        "unreadable": [{"path": path, "message": message} for path, message in results.unreadable.items()],
+        "summary": {"checked": results.checked, "unreadable": len(results.unreadable), **results.counts()},
+    }
+    return json.dumps(document, indent=2)
+
+
+def format_github(results: CheckResults) -> str:
+    lines = [
+        _workflow_command(_GITHUB_COMMANDS[finding.severity], finding.path, finding.code,
+                          f"{finding.name + ': ' if finding.name else ''}{finding.message} ({finding.hint})")
+        for finding in results.findings
+    ]  # fmt: skip
+    lines += [_workflow_command("error", path, "unreadable", message) for path, message in results.unreadable.items()]
+    return "\n".join(lines)
+
+
+def _workflow_command(command: str, path: str, title: str, message: str) -> str:
+    return f"::{command} file={_escape_property(path)},title={_escape_property(title)}::{_escape_data(message)}"
+
+
+def _escape_data(text: str) -> str:
+    # GitHub's escaping for workflow commands: a newline would end the command.
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+FORMATTERS = {"text": format_text, "json": format_json, "github": format_github}

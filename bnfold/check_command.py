@@ -1,0 +1,104 @@
+"""The ``bnfold check`` command: check model files for eval-mode mistakes, linter style.
+
+Exit codes: 0 no error finding (warnings and info pass), 1 error findings, 2 bad usage or an input
+that could not be checked (its problem goes to stderr; the other inputs are still checked).
+The codes are listed in :mod:`bnfold.check`; the output formats in :mod:`bnfold.check.output`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+
+from bnfold.check import CodeSelection, Finding, UnknownCodeError, check_file, check_model, errors
+from bnfold.check.batch_dependence import DEFAULT_BATCH_SIZE
+from bnfold.check.output import FORMATTERS, CheckResults
+from bnfold.check.torch_load import model_from_callable
+from bnfold.onnx_io import InputError
+
+EXIT_ERROR_FINDINGS = 1
+EXIT_BAD_INPUT = 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="PATH...")
+@click.option("--model", "model_specs", multiple=True, metavar="MODULE:CALLABLE", help="Check the model this callable returns (repeatable).")
+@click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the architecture that state-dict files are loaded into.")
+@click.option("--trust-pickle", is_flag=True, help="Load pickled whole modules (torch.save(model)); this runs code from the file.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
+              help="Input shape, batch dimension first, for the batch-dependence measurement: NAME= for ONNX inputs, "
+                   "in order (float32) for PyTorch models. The batch dimension's size is set by --batch-size.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Samples in the batch that is compared with each sample alone.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples.")
+@click.option("--select", metavar="CODES", help="Report only these codes or code prefixes, comma-separated (e.g. BN,DO001).")
+@click.option("--ignore", metavar="CODES", help="Do not report these codes or code prefixes, comma-separated.")
+@click.option("--format", "output_format", type=click.Choice(list(FORMATTERS)), default="text", show_default=True)
+def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, seed, select, ignore, output_format) -> None:
+    """Check ONNX files and PyTorch models for BatchNorm/Dropout left in training mode, untrained or
+    broken statistics, and outputs that change with the batch; exit 1 on any error finding."""
+    if not paths and not model_specs:
+        raise click.UsageError("give model files (PATH...) or --model MODULE:CALLABLE")
+    try:
+        selection = CodeSelection.parse(select, ignore)
+    except UnknownCodeError as error:
+        raise click.BadParameter(str(error), param_hint="--select/--ignore") from None
+    named_shapes, positional_shapes = _parse_input_shapes(input_shapes)
+    example_inputs = [torch.zeros(shape) for shape in positional_shapes] or None
+    measurement = {"batch_size": batch_size, "seed": seed, "measure_batch": selection.reports_any("BD")}
+    results = CheckResults()
+    for path in paths:
+        check_path = functools.partial(
+            check_file, path, factory=factory, trust_pickle=trust_pickle, input_shapes=named_shapes,
+            example_inputs=example_inputs, **measurement,
+        )  # fmt: skip
+        _check_one(results, selection, str(path), check_path)
+    for spec in model_specs:
+        _check_one(results, selection, spec, functools.partial(_check_callable, spec, example_inputs, **measurement))
+    text = FORMATTERS[output_format](results)
+    if text:
+        click.echo(text)
+    click.get_current_context().exit(_exit_code(results))
+
+
+def _check_one(results: CheckResults, selection: CodeSelection, label: str, run: Callable[[], list[Finding]]) -> None:
+    try:
+        findings = run()
+    except InputError as error:
+        click.echo(f"bnfold: error: {error}", err=True)
+        results.unreadable[label] = error.problem
+        return
+    results.findings += selection.apply(findings)
+    results.checked += 1
+
+
+def _check_callable(spec: str, example_inputs: list[torch.Tensor] | None, **measurement) -> list[Finding]:
+    return [finding.at(spec) for finding in check_model(model_from_callable(spec), example_inputs, **measurement)]
+
+
+def _exit_code(results: CheckResults) -> int:
+    if results.unreadable:
+        return EXIT_BAD_INPUT
+    return EXIT_ERROR_FINDINGS if errors(results.findings) else 0
+
+
+def _parse_input_shapes(specs: tuple[str, ...]) -> tuple[dict[str, list[int]], list[list[int]]]:
+    """``NAME=D1,D2`` entries by name (ONNX inputs) and plain ``D1,D2`` entries in order (PyTorch inputs)."""
+    named, positional = {}, []
+    for spec in specs:
+        name, _, dims = spec.rpartition("=")
+        try:
+            shape = [int(dim) for dim in dims.split(",")]
+            if any(dim < 1 for dim in shape):
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"{spec!r} is not [NAME=]D1,D2,... with positive sizes", param_hint="--input-shape") from None
+        if name:
+            named[name] = shape
+        else:
+            positional.append(shape)
+    return named, positional

@@ -1,0 +1,512 @@
+"""`bnfold check`: every finding on real (trained, exported, loaded) models, the loading routes, the
+output formats, code selection and exit codes, and the Python API."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import bnfold.check
+from bnfold.check import CODES, assert_inference_ready, check_model, check_onnx, errors
+from bnfold.cli import main
+from bnfold.testing import FIXTURES, SmallCNN, example_input, export_onnx, trained_fixture
+
+SMALL_CNN_BATCHNORMS = ["stem.1", "block.bn1", "block.bn2", "down.1"]
+GITHUB_COMMAND = re.compile(r"^::(error|warning|notice) file=[^,]+,title=[A-Za-z0-9]+::.+")
+
+
+def codes(findings) -> list[str]:
+    return [finding.code for finding in findings]
+
+
+def named(findings, code: str) -> list[str]:
+    return [finding.name for finding in findings if finding.code == code]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The models are tiny: one thread is faster than two fighting over a busy runner's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _trained_once(name: str) -> nn.Module:
+    return trained_fixture(name)
+
+
+def trained(name: str) -> nn.Module:
+    """A fresh copy of the trained fixture ``name`` in eval mode (each is trained once per session)."""
+    return copy.deepcopy(_trained_once(name))
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["check", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.fixture
+def trained_cnn() -> nn.Module:
+    return trained("small_cnn")
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory) -> dict[str, str]:
+    """The trained small_cnn exported in eval and in training mode, batch dimension symbolic."""
+    directory = tmp_path_factory.mktemp("onnx")
+    files = {}
+    for mode, training in (("eval", False), ("train", True)):
+        files[mode] = str(directory / f"small_cnn_{mode}.onnx")
+        export_onnx(trained("small_cnn").train(training), example_input("small_cnn"), files[mode], training=training)
+    return files
+
+
+def dropout_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.25), nn.Linear(16, 2))
+
+
+# The registry and its documentation
+
+
+def test_every_code_is_in_the_documented_table_with_its_severity():
+    table = {line.split()[0]: line.split()[1] for line in bnfold.check.__doc__.splitlines() if re.match(r"^[A-Z]{2}\d{3}\s", line)}
+    assert table == {code: entry.severity for code, entry in CODES.items()}
+
+
+# Clean models: no false alarms
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_trained_fixture_in_eval_mode_has_no_finding(name):
+    findings = check_model(trained(name), example_input(name))
+    assert findings == []  # also no BD002: batch dependence was measured, and none was found
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_trained_fixture_exported_in_eval_mode_only_has_its_foldable_batchnorms(name, tmp_path):
+    path = tmp_path / f"{name}.onnx"
+    export_onnx(trained(name), example_input(name), path)
+    findings = check_onnx(path)
+    assert codes(findings) == ["BN006"] * FIXTURES[name].batchnorms
+    assert all(finding.severity == "info" for finding in findings)
+
+
+def test_eval_export_at_opset_12_is_not_mistaken_for_training(trained_cnn, tmp_path):
+    path = tmp_path / "opset12.onnx"
+    export_onnx(trained_cnn, example_input("small_cnn"), path, opset=12)
+    assert errors(check_onnx(path)) == []
+
+
+# Training mode
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fixture_in_train_mode_reports_every_batchnorm_and_batch_dependence(name):
+    findings = check_model(trained(name).train(), example_input(name))
+    assert codes(findings).count("BN001") == FIXTURES[name].batchnorms
+    assert "BD001" in codes(findings)
+
+
+def test_train_mode_check_leaves_the_model_as_it_was(trained_cnn):
+    trained_cnn.train()
+    before = {name: tensor.clone() for name, tensor in trained_cnn.state_dict().items()}
+    findings = check_model(trained_cnn, example_input("small_cnn"))
+    assert named(findings, "BN001") == SMALL_CNN_BATCHNORMS
+    assert trained_cnn.training
+    after = trained_cnn.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_train_mode_onnx_export_reports_training_mode_and_measured_batch_dependence(onnx_files):
+    findings = check_onnx(onnx_files["train"])
+    assert codes(findings).count("BN001") == 4
+    assert all("training_mode=1" in finding.message for finding in findings if finding.code == "BN001")
+    (dependence,) = [finding for finding in findings if finding.code == "BD001"]
+    assert dependence.name == "output"
+    assert float(re.search(r"by up to ([\d.e+-]+)", dependence.message).group(1)) > 1e-3
+
+
+def test_train_mode_export_at_opset_12_is_recognised_by_its_statistics_outputs(trained_cnn, tmp_path):
+    path = tmp_path / "train12.onnx"
+    export_onnx(trained_cnn.train(), example_input("small_cnn"), path, training=True, opset=12)
+    findings = check_onnx(path, measure_batch=False)
+    assert codes(findings) == ["BN001"] * 4
+    assert "statistics outputs" in findings[0].message
+
+
+def _legacy_model(is_test: int) -> onnx.ModelProto:
+    """Opset 6: BatchNormalization and Dropout chose training mode with is_test=0."""
+    channels = 3
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), "scale"),
+        numpy_helper.from_array(rng.normal(size=channels).astype(np.float32), "bias"),
+        numpy_helper.from_array(rng.normal(size=channels).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), "var"),
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["normalised"], is_test=is_test),
+        helper.make_node("Dropout", ["normalised"], ["y"], is_test=is_test, ratio=0.3),
+    ]
+    graph = helper.make_graph(
+        nodes, "legacy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, 4, 4])],
+        initializers,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+
+
+def test_legacy_is_test_0_is_training_mode_for_batchnorm_and_dropout():
+    findings = check_onnx(_legacy_model(is_test=0), measure_batch=False)
+    assert codes(findings) == ["BN001", "DO001"]
+    assert "is_test=0" in findings[0].message and "30%" in findings[1].message
+    assert codes(check_onnx(_legacy_model(is_test=1), measure_batch=False)) == []
+
+
+def test_batchnorm_whose_statistics_output_is_read_is_in_training_mode(onnx_files):
+    model = onnx.load(onnx_files["eval"])
+    batchnorm = next(node for node in model.graph.node if node.op_type == "BatchNormalization")
+    batchnorm.output.extend(["stem_running_mean"])
+    model.graph.output.append(helper.make_tensor_value_info("stem_running_mean", TensorProto.FLOAT, [8]))
+    findings = check_onnx(model, measure_batch=False)
+    assert named(findings, "BN001") == [batchnorm.name]
+    assert "stem_running_mean" in findings[0].message
+
+
+# Dropout
+
+
+def test_dropout_in_train_mode_is_reported_with_its_rate():
+    findings = check_model(dropout_model().train(), torch.zeros(2, 8))
+    assert named(findings, "DO001") == ["2"]
+    assert "25%" in findings[0].message
+    assert "BD001" in codes(findings)  # a different mask for each run
+    assert check_model(dropout_model().eval(), torch.zeros(2, 8)) == []
+
+
+def test_dropout_with_nothing_to_drop_is_harmless_in_train_mode():
+    model = nn.Sequential(nn.Linear(8, 2), nn.Dropout(0.0)).train()
+    assert check_model(model, torch.zeros(2, 8)) == []
+
+
+@pytest.mark.parametrize("opset", [12, 17])
+def test_dropout_exported_in_training_mode(opset, tmp_path):
+    path = tmp_path / "dropout.onnx"
+    export_onnx(dropout_model().train(), torch.zeros(3, 8), path, training=True, opset=opset)
+    findings = check_onnx(path)
+    assert codes(findings) == ["DO001", "BD001"]
+    export_onnx(dropout_model().eval(), torch.zeros(3, 8), path, opset=opset)
+    assert check_onnx(path) == []
+
+
+# Statistics
+
+
+def test_fresh_model_has_untrained_statistics_in_pytorch_and_onnx(tmp_path):
+    torch.manual_seed(0)
+    fresh = SmallCNN(nn).eval()
+    findings = check_model(fresh, example_input("small_cnn"))
+    assert named(findings, "BN003") == SMALL_CNN_BATCHNORMS
+    assert "num_batches_tracked is 0" in findings[0].message and "exactly 0" in findings[0].message
+    path = tmp_path / "fresh.onnx"
+    export_onnx(fresh, example_input("small_cnn"), path)
+    assert codes(check_onnx(path)).count("BN003") == 4  # ONNX keeps no counter: found by the 0/1 values
+
+
+def test_zero_batch_counter_alone_means_untrained(trained_cnn):
+    trained_cnn.block.bn1.num_batches_tracked.zero_()
+    findings = check_model(trained_cnn, measure_batch=False)
+    assert named(findings, "BN003") == ["block.bn1"]
+    assert "num_batches_tracked is 0" in findings[0].message and "exactly 0" not in findings[0].message
+
+
+@pytest.mark.parametrize(
+    ("buffer", "value", "expected"),
+    [("running_mean", math.nan, "NaN"), ("running_var", -0.5, "negative"), ("running_var", math.inf, "NaN or Inf")],
+)
+def test_broken_statistics_are_errors(trained_cnn, buffer, value, expected):
+    getattr(trained_cnn.block.bn2, buffer)[3] = value
+    findings = check_model(trained_cnn, measure_batch=False)
+    assert named(findings, "BN004") == ["block.bn2"]
+    assert expected in findings[0].message and "channel 3" in findings[0].message
+
+
+def test_broken_statistics_in_onnx(trained_cnn, tmp_path):
+    trained_cnn.stem[1].running_var[0] = -1.0
+    path = tmp_path / "broken.onnx"
+    export_onnx(trained_cnn, example_input("small_cnn"), path)
+    findings = check_onnx(path, measure_batch=False)
+    assert codes(findings).count("BN004") == 1
+    assert "BN006" in codes(findings)  # the other three still fold; the broken one does not
+    assert codes(findings).count("BN006") == 3
+
+
+def test_near_zero_variance_with_large_scale_is_a_warning(trained_cnn):
+    trained_cnn.down[1].running_var[5] = 0.0
+    trained_cnn.down[1].weight.data[5] = 100.0  # 100 / sqrt(1e-5) ~ 3.2e4
+    findings = check_model(trained_cnn, measure_batch=False)
+    assert codes(findings) == ["BN005"]
+    assert findings[0].severity == "warning" and "channel 5" in findings[0].message and "3.16e+04" in findings[0].message
+
+
+def test_batchnorm_without_running_statistics(trained_cnn):
+    trained_cnn.block.bn1 = nn.BatchNorm2d(8, track_running_stats=False).eval()
+    findings = check_model(trained_cnn, example_input("small_cnn"))
+    assert named(findings, "BN002") == ["block.bn1"]
+    assert "BN001" not in codes(findings)  # eval mode, yet batch statistics
+    assert "BD001" in codes(findings)
+
+
+# Batch dependence: what can and cannot be measured
+
+
+def test_batch_fixed_at_one_cannot_be_measured(trained_cnn, tmp_path):
+    path = tmp_path / "batch1.onnx"
+    export_onnx(trained_cnn.train(), example_input("small_cnn", batch=1), path, training=True, dynamic_batch=False)
+    findings = check_onnx(path)
+    assert "BD002" in codes(findings) and "BD001" not in codes(findings)
+    assert "fixed" in findings[-1].message
+
+
+def test_fixed_batch_is_measured_against_copies_of_each_sample(trained_cnn, tmp_path):
+    path = tmp_path / "batch2.onnx"
+    export_onnx(trained_cnn, example_input("small_cnn", batch=2), path, dynamic_batch=False)
+    assert "BD001" not in codes(check_onnx(path))
+    export_onnx(trained_cnn.train(), example_input("small_cnn", batch=2), path, training=True, dynamic_batch=False)
+    (dependence,) = [finding for finding in check_onnx(path) if finding.code == "BD001"]
+    assert "batch of 2 copies of itself" in dependence.message
+
+
+def test_module_without_example_inputs_is_not_measured(trained_cnn):
+    assert codes(check_model(trained_cnn.train())) == ["BN001"] * 4 + ["BD002"]
+
+
+def test_named_input_shape_and_batch_size_are_used_for_onnx(onnx_files):
+    findings = check_onnx(onnx_files["train"], input_shapes={"input": [1, 3, 16, 16]}, batch_size=3)
+    assert "batch of 3" in next(finding for finding in findings if finding.code == "BD001").message
+    (not_run,) = [finding for finding in check_onnx(onnx_files["train"], input_shapes={"input": [1, 3, 8, 8]}) if finding.code.startswith("BD")]
+    assert not_run.code == "BD002" and "does not run" in not_run.message  # the model is exported for 16x16 images
+    with pytest.raises(bnfold.onnx_io.InputError, match="unknown input"):
+        check_onnx(onnx_files["train"], input_shapes={"image": [1, 3, 8, 8]})
+
+
+# The command: formats, exit codes, selection
+
+
+def test_clean_onnx_exits_0_with_info_findings(onnx_files):
+    result = invoke(onnx_files["eval"])
+    assert result.exit_code == 0, result.output
+    assert "BN006 info /stem/stem.1/BatchNormalization: `bnfold` would fold it" in result.stdout
+
+
+def test_text_lines_have_path_code_severity_name_message_and_hint(onnx_files):
+    result = invoke(onnx_files["train"])
+    assert result.exit_code == 1
+    line = next(line for line in result.stdout.splitlines() if " BN001 " in line)
+    assert line == (
+        f"{onnx_files['train']}: BN001 error /stem/stem.1/BatchNormalization: training mode (training_mode=1): it normalises "
+        f"with the statistics of the current batch ({CODES['BN001'].hint})"
+    )
+    assert result.stdout.splitlines()[-1] == "5 error(s) in 1 checked model(s)"
+
+
+def test_json_output(onnx_files):
+    result = invoke("--format", "json", onnx_files["train"], onnx_files["eval"])
+    document = json.loads(result.stdout)
+    assert result.exit_code == 1
+    assert document["summary"] == {"checked": 2, "unreadable": 0, "error": 5, "warning": 0, "info": 4}
+    first = document["findings"][0]
+    assert set(first) == {"path", "code", "severity", "name", "message", "hint"}
+    assert (first["path"], first["code"], first["severity"]) == (onnx_files["train"], "BN001", "error")
+
+
+def test_github_annotations(onnx_files, tmp_path):
+    unreadable = tmp_path / "broken.onnx"
+    unreadable.write_bytes(b"not a model")
+    result = invoke("--format", "github", onnx_files["train"], onnx_files["eval"], unreadable)
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 2
+    assert lines and all(GITHUB_COMMAND.match(line) for line in lines), lines
+    assert {line.split(" ")[0] for line in lines} == {"::error", "::notice"}
+    assert any(line.startswith(f"::error file={unreadable},title=unreadable::") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        (["--select", "BN001"], {"BN001"}),
+        (["--select", "bd"], {"BD001"}),
+        (["--select", "BN,BD", "--ignore", "BN001"], {"BD001", "BN006"}),
+        (["--ignore", "BD"], {"BN001", "BN006"}),
+    ],
+)
+def test_select_and_ignore_by_code_or_prefix(onnx_files, selection, expected):
+    result = invoke("--format", "json", *selection, onnx_files["train"], onnx_files["eval"])
+    assert {finding["code"] for finding in json.loads(result.stdout)["findings"]} == expected
+
+
+def test_ignoring_the_batch_codes_skips_the_measurement(monkeypatch, onnx_files):
+    def fail(*args, **kwargs):
+        raise AssertionError("measured although BD codes are ignored")
+
+    monkeypatch.setattr(bnfold.check.onnx_inspect, "measure_batch_dependence", fail)
+    assert invoke("--ignore", "BD", onnx_files["train"]).exit_code == 1
+
+
+def test_only_error_findings_fail_the_build(onnx_files):
+    assert invoke("--select", "BN006", onnx_files["train"]).exit_code == 0
+    assert invoke("--ignore", "BN001,BD001", onnx_files["train"]).exit_code == 0
+    assert invoke("--select", "BD001", onnx_files["train"]).exit_code == 1
+
+
+def test_warning_alone_exits_0(trained_cnn, tmp_path):
+    trained_cnn.down[1].running_var[5] = 0.0
+    trained_cnn.down[1].weight.data[5] = 100.0
+    path = tmp_path / "warning.onnx"
+    export_onnx(trained_cnn, example_input("small_cnn"), path)
+    result = invoke("--ignore", "BN006", path)
+    assert result.exit_code == 0
+    assert " BN005 warning " in result.stdout
+
+
+@pytest.mark.parametrize("option", ["--select", "--ignore"])
+def test_unknown_code_is_a_usage_error(onnx_files, option):
+    result = invoke(option, "BN001,XY", onnx_files["eval"])
+    assert result.exit_code == 2
+    assert "'XY' is not a finding code" in result.output
+
+
+def test_unreadable_inputs_exit_2_after_checking_the_others(onnx_files, tmp_path):
+    result = invoke(onnx_files["eval"], tmp_path / "missing.onnx", tmp_path / "missing.pt2")
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'missing.onnx'}: no such file" in result.stderr
+    assert "BN006" in result.stdout
+
+
+def test_nothing_to_check_is_a_usage_error():
+    assert invoke().exit_code == 2
+
+
+# The command: PyTorch loading routes
+
+
+@pytest.fixture(scope="module")
+def exported_programs(tmp_path_factory) -> dict[str, str]:
+    """.pt2 archives of the trained small_cnn: eval and train mode with a dynamic batch, eval with batch 2."""
+    directory = tmp_path_factory.mktemp("pt2")
+    example = (example_input("small_cnn"),)
+    dynamic = ({0: torch.export.Dim("batch")},)
+    files = {}
+    for name, training, shapes in (("eval", False, dynamic), ("train", True, dynamic), ("eval_batch2", False, None)):
+        files[name] = str(directory / f"{name}.pt2")
+        model = trained("small_cnn").train(training)
+        torch.export.save(torch.export.export(model, example, dynamic_shapes=shapes), files[name])
+    return files
+
+
+def test_torch_export_archives_with_their_own_example_inputs(exported_programs):
+    clean = invoke("--format", "json", exported_programs["eval"], exported_programs["eval_batch2"])
+    assert clean.exit_code == 0, clean.output
+    assert json.loads(clean.stdout)["findings"] == []  # measured (no BD002), nothing found
+    train = invoke("--format", "json", exported_programs["train"])
+    found = [(finding["code"], finding["name"]) for finding in json.loads(train.stdout)["findings"]]
+    assert train.exit_code == 1
+    assert found == [("BN001", name) for name in SMALL_CNN_BATCHNORMS] + [("BD001", "output")]
+
+
+def test_torchscript_archives(trained_cnn, tmp_path):
+    path = tmp_path / "model.ts"
+    torch.jit.save(torch.jit.script(trained_cnn), path)
+    assert invoke("--input-shape", "1,3,16,16", path).exit_code == 0
+    torch.jit.save(torch.jit.script(trained_cnn.train()), path)
+    result = invoke("--format", "json", "--input-shape", "1,3,16,16", path)
+    assert result.exit_code == 1
+    assert [finding["code"] for finding in json.loads(result.stdout)["findings"]] == ["BN001"] * 4 + ["BD001"]
+
+
+def test_state_dict_with_factory(trained_cnn, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(trained_cnn.state_dict(), path)
+    result = invoke("--factory", "check_helpers:small_cnn_architecture", "--input-shape", "1,3,16,16", path)
+    assert result.exit_code == 0, result.output
+    assert "no findings" in result.stdout
+
+
+def test_state_dict_without_factory_is_an_input_error(trained_cnn, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(trained_cnn.state_dict(), path)
+    result = invoke(path)
+    assert result.exit_code == 2
+    assert "is a state-dict: give --factory" in result.stderr
+
+
+def test_model_callable(tmp_path):
+    result = invoke("--model", "check_helpers:trained_small_cnn_in_train_mode", "--input-shape", "1,3,16,16")
+    assert result.exit_code == 1
+    assert "check_helpers:trained_small_cnn_in_train_mode: BN001 error stem.1:" in result.stdout
+    assert invoke("--model", "check_helpers:trained_small_cnn", "--input-shape", "1,3,16,16").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [("check_helpers:not_a_model", "returned a int"), ("check_helpers:missing", "cannot import"), ("check_helpers", "module:callable")],
+)
+def test_bad_model_callable_is_an_input_error(spec, problem):
+    result = invoke("--model", spec)
+    assert result.exit_code == 2
+    assert problem in result.stderr
+
+
+def test_model_callable_is_imported_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_models_for_check.py").write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Dropout(0.5))\n")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("--model", "my_models_for_check:build", "--select", "DO")
+    assert result.exit_code == 1, result.output
+    assert "DO001 error 0:" in result.stdout
+
+
+def test_pickled_module_is_refused_unless_trusted(trained_cnn, tmp_path):
+    path = tmp_path / "whole_model.pt"
+    torch.save(trained_cnn.train(), path)
+    refused = invoke(path)
+    assert refused.exit_code == 2
+    assert "is a pickled module (it needs bnfold.testing.SmallCNN)" in refused.stderr
+    assert "--trust-pickle" in refused.stderr
+    trusted = invoke("--trust-pickle", "--ignore", "BD", path)
+    assert trusted.exit_code == 1
+    assert trusted.stdout.count(" BN001 error ") == 4
+
+
+def test_a_file_that_is_no_model_is_an_input_error(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a model")
+    result = invoke(path)
+    assert result.exit_code == 2
+    assert "not a readable PyTorch or ONNX file" in result.stderr
+
+
+# The assertion helper
+
+
+def test_assert_inference_ready_lists_the_error_findings(trained_cnn, onnx_files):
+    assert_inference_ready(trained_cnn, example_input("small_cnn"))
+    assert_inference_ready(onnx_files["eval"])  # info findings pass
+    with pytest.raises(AssertionError, match=r"5 error\(s\)") as failure:
+        assert_inference_ready(trained_cnn.train(), example_input("small_cnn"))
+    assert str(failure.value).count("BN001") == 4 and "BD001" in str(failure.value)
+    with pytest.raises(AssertionError, match="BN001 /stem/stem.1/BatchNormalization"):
+        assert_inference_ready(onnx.load(onnx_files["train"]))
