@@ -28,6 +28,7 @@ from bnfold.fold_math import (
     fold_into_inputs,
     fold_into_outputs,
 )
+from bnfold.onnx_constants import constant_array, drop_if_unread
 from bnfold.report import ELEMENTWISE_AFFINE_OPS
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -48,45 +49,6 @@ def node_label(node: ir.Node) -> str:
         return node.name
     output = node.outputs[0].name if node.outputs else "?"
     return f"{node.op_type}->{output}"
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's content when it is a constant: an initializer that is not also a graph input
-    (those are overridable defaults), a Constant node, or Identity/Transpose chains of those."""
-    perms: list[list[int] | None] = []
-    while value is not None and not value.is_graph_input():
-        producer = value.producer()
-        if producer is None:
-            tensor = value.const_value
-            if tensor is None:
-                return None
-            array = tensor.numpy()
-            if isinstance(tensor, ir.ExternalTensor):
-                # Copy out and unmap, so a large model's weights are not all held mapped at once.
-                array = array.copy()
-                tensor.release()
-            break
-        if producer.domain not in ("", "ai.onnx"):
-            return None
-        if producer.op_type == "Constant":
-            tensor = ir.convenience.get_const_tensor(value)
-            if tensor is None:
-                return None
-            array = tensor.numpy()
-            break
-        if producer.op_type == "Identity":
-            value = producer.inputs[0]
-        elif producer.op_type == "Transpose":
-            perm = producer.attributes.get("perm")
-            perms.append(None if perm is None else list(perm.as_ints()))
-            value = producer.inputs[0]
-        else:
-            return None
-    else:
-        return None
-    for perm in reversed(perms):
-        array = np.transpose(array, perm)
-    return np.asarray(array)
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -294,7 +256,7 @@ class GraphEditor:
             node.resize_inputs(index + 1)
         node.replace_input_with(index, self.initializer(graph, base, array))
         if old is not None:
-            remove_if_dead(old)
+            drop_if_unread(old)
 
     def bypass(self, anchor: ir.Node, replacement: ir.Value) -> None:
         """Remove ``anchor``, handing its first output's uses (and graph-output slot, name included)
@@ -309,7 +271,7 @@ class GraphEditor:
         inputs = [value for value in anchor.inputs if value is not None]
         graph.remove(anchor, safe=True)
         for value in inputs:
-            remove_if_dead(value)
+            drop_if_unread(value)
 
 
 def _all_values(graph: ir.Graph):
@@ -317,22 +279,6 @@ def _all_values(graph: ir.Graph):
     yield from graph.initializers.values()
     for node in graph:
         yield from node.outputs
-
-
-def remove_if_dead(value: ir.Value) -> None:
-    """Drop a constant (initializer or Constant/Identity/Transpose chain) nobody reads any more."""
-    while value is not None and not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-        producer = value.producer()
-        if producer is None:
-            graph = value.graph
-            if graph is not None and value.name in graph.initializers:
-                del graph.initializers[value.name]
-            return
-        if producer.op_type not in ("Constant", "Identity", "Transpose") or len(producer.outputs) != 1:
-            return
-        upstream = producer.inputs[0] if producer.inputs else None
-        producer.graph.remove(producer, safe=True)
-        value = upstream
 
 
 def _weight_base(layer: Layer) -> str:

@@ -76,3 +76,18 @@ def test_bundled_example_is_the_regenerated_fixture(tmp_path):
     assert fresh.keys() == stored.keys()
     for key in fresh:
         np.testing.assert_allclose(fresh[key], stored[key], atol=1e-6, rtol=1e-5, err_msg=key)
+
+
+def test_dynamo_export_without_optimisation_folds_through_computed_zero_biases(tmp_path):
+    """torch.onnx.export(dynamo=True, optimize=False) writes each absent conv bias as
+    Shape/Expand/CastLike of a zero: those are evaluated as constants and removed once unread."""
+    path = tmp_path / "dynamo.onnx"
+    model = trained_fixture("small_cnn")
+    torch.onnx.export(model, (example_input("small_cnn"),), path, dynamo=True, optimize=False, verbose=False)
+    original = onnx.load(path)
+    assert op_count(original, "BatchNormalization") == 4 and op_count(original, "Expand") == 6
+    folded, report = fold_onnx(original)
+    assert op_count(folded, "BatchNormalization") == 0
+    assert op_count(folded, "Expand") == op_count(folded, "CastLike") == op_count(folded, "Shape") == 0
+    assert report.verification.passed
+    assert_same_outputs(original, folded, atol=1e-5, rtol=1e-4)

@@ -454,3 +454,21 @@ def test_legacy_broadcast_mul_is_left_alone():
     model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits, opset=6, check=False)
     result, report = folded(model, verify=False)
     assert op_count(result, "Mul") == 1 and report.folds == []
+
+
+def test_weight_behind_a_deep_constant_computation_folds_without_recursion():
+    """A weight reached through thousands of Identity/Cast nodes: evaluated iteratively, then removed."""
+    r = rng()
+    nodes, current = [], "W"
+    for index in range(3000):
+        op = "Identity" if index % 2 else "Cast"
+        attrs = {"to": TensorProto.FLOAT} if op == "Cast" else {}
+        nodes.append(helper.make_node(op, [current], [f"w{index}"], **attrs))
+        current = f"w{index}"
+    nodes += [helper.make_node("Conv", ["x", current], ["y"], name="conv"), batchnorm_node("y", "z", "bn")]
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+    result, report = folded(model)
+    assert op_count(result, "BatchNormalization") == 0
+    assert len(result.graph.node) == 1  # the whole weight computation was dropped once unread
+    assert_same_outputs(model, result, **F32)
