@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import torch
 
-from bnfold.check import CodeSelection, Finding, UnknownCodeError, check_file, check_model, errors
+from bnfold.check import CODES, CodeSelection, Finding, UnknownCodeError, check_file, check_model, errors
 from bnfold.check.batch_dependence import DEFAULT_BATCH_SIZE
 from bnfold.check.output import FORMATTERS, CheckResults
 from bnfold.check.torch_load import model_from_callable
@@ -24,11 +24,18 @@ EXIT_ERROR_FINDINGS = 1
 EXIT_BAD_INPUT = 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="PATH...")
-@click.option("--model", "model_specs", multiple=True, metavar="MODULE:CALLABLE", help="Check the model this callable returns (repeatable).")
+def _codes_epilog() -> str:
+    rows = "\n".join(f"  {rule.code}  {rule.severity:<8} {rule.title}" for rule in CODES.values())
+    return f"\b\nFinding codes:\n{rows}"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_codes_epilog())
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[PATH]...")
+@click.option("--model", "model_specs", multiple=True, metavar="MODULE:CALLABLE",
+              help="Check the model this callable returns (repeatable).")
 @click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the architecture that state-dict files are loaded into.")
-@click.option("--trust-pickle", is_flag=True, help="Load pickled whole modules (torch.save(model)); this runs code from the file.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Load pickled whole modules (torch.save(model)); this runs code from the file.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
               help="Input shape, batch dimension first, for the batch-dependence measurement: NAME= for ONNX inputs, "
                    "in order (float32) for PyTorch models. The batch dimension's size is set by --batch-size.")
@@ -96,7 +103,8 @@ def _parse_input_shapes(specs: tuple[str, ...]) -> tuple[dict[str, list[int]], l
             if any(dim < 1 for dim in shape):
                 raise ValueError
         except ValueError:
-            raise click.BadParameter(f"{spec!r} is not [NAME=]D1,D2,... with positive sizes", param_hint="--input-shape") from None
+            message = f"{spec!r} is not [NAME=]D1,D2,... with positive sizes"
+            raise click.BadParameter(message, param_hint="--input-shape") from None
         if name:
             named[name] = shape
         else:

@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bnfold.check
+import bnfold.check_command
 from bnfold.check import CODES, assert_inference_ready, check_model, check_onnx, errors
+from bnfold.check.output import CheckResults, format_github
 from bnfold.cli import main
 from bnfold.testing import FIXTURES, SmallCNN, example_input, export_onnx, trained_fixture
 
@@ -82,7 +85,8 @@ def dropout_model() -> nn.Module:
 
 
 def test_every_code_is_in_the_documented_table_with_its_severity():
-    table = {line.split()[0]: line.split()[1] for line in bnfold.check.__doc__.splitlines() if re.match(r"^[A-Z]{2}\d{3}\s", line)}
+    rows = [line.split() for line in bnfold.check.__doc__.splitlines() if re.match(r"^[A-Z]{2}\d{3}\s", line)]
+    table = {row[0]: row[1] for row in rows}
     assert table == {code: entry.severity for code, entry in CODES.items()}
 
 
@@ -251,8 +255,7 @@ def test_broken_statistics_in_onnx(trained_cnn, tmp_path):
     export_onnx(trained_cnn, example_input("small_cnn"), path)
     findings = check_onnx(path, measure_batch=False)
     assert codes(findings).count("BN004") == 1
-    assert "BN006" in codes(findings)  # the other three still fold; the broken one does not
-    assert codes(findings).count("BN006") == 3
+    assert codes(findings).count("BN006") == 3  # the other three still fold; the broken one does not
 
 
 def test_near_zero_variance_with_large_scale_is_a_warning(trained_cnn):
@@ -298,7 +301,8 @@ def test_module_without_example_inputs_is_not_measured(trained_cnn):
 def test_named_input_shape_and_batch_size_are_used_for_onnx(onnx_files):
     findings = check_onnx(onnx_files["train"], input_shapes={"input": [1, 3, 16, 16]}, batch_size=3)
     assert "batch of 3" in next(finding for finding in findings if finding.code == "BD001").message
-    (not_run,) = [finding for finding in check_onnx(onnx_files["train"], input_shapes={"input": [1, 3, 8, 8]}) if finding.code.startswith("BD")]
+    findings = check_onnx(onnx_files["train"], input_shapes={"input": [1, 3, 8, 8]})
+    (not_run,) = [finding for finding in findings if finding.code.startswith("BD")]
     assert not_run.code == "BD002" and "does not run" in not_run.message  # the model is exported for 16x16 images
     with pytest.raises(bnfold.onnx_io.InputError, match="unknown input"):
         check_onnx(onnx_files["train"], input_shapes={"image": [1, 3, 8, 8]})
@@ -463,7 +467,11 @@ def test_model_callable(tmp_path):
 
 @pytest.mark.parametrize(
     ("spec", "problem"),
-    [("check_helpers:not_a_model", "returned a int"), ("check_helpers:missing", "cannot import"), ("check_helpers", "module:callable")],
+    [
+        ("check_helpers:not_a_model", "returned a int"),
+        ("check_helpers:missing", "cannot import"),
+        ("check_helpers", "module:callable"),
+    ],
 )
 def test_bad_model_callable_is_an_input_error(spec, problem):
     result = invoke("--model", spec)
@@ -472,7 +480,8 @@ def test_bad_model_callable_is_an_input_error(spec, problem):
 
 
 def test_model_callable_is_imported_from_the_current_directory(tmp_path, monkeypatch):
-    (tmp_path / "my_models_for_check.py").write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Dropout(0.5))\n")
+    module = "from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Dropout(0.5))\n"
+    (tmp_path / "my_models_for_check.py").write_text(module)
     monkeypatch.chdir(tmp_path)
     result = invoke("--model", "my_models_for_check:build", "--select", "DO")
     assert result.exit_code == 1, result.output
@@ -510,3 +519,22 @@ def test_assert_inference_ready_lists_the_error_findings(trained_cnn, onnx_files
     assert str(failure.value).count("BN001") == 4 and "BD001" in str(failure.value)
     with pytest.raises(AssertionError, match="BN001 /stem/stem.1/BatchNormalization"):
         assert_inference_ready(onnx.load(onnx_files["train"]))
+
+
+# Packaging
+
+
+def test_pre_commit_hook_runs_the_check_command_on_model_files():
+    hook = (Path(__file__).parent.parent / ".pre-commit-hooks.yaml").read_text()
+    fields = dict(re.findall(r"^-? *(id|entry|files): (.+)$", hook, flags=re.MULTILINE))
+    assert fields["id"] == "bnfold-check"
+    program, command = fields["entry"].split()
+    assert program == "bnfold" and main.commands[command] is bnfold.check_command.check
+    files = re.compile(fields["files"])
+    assert files.search("models/resnet.onnx") and files.search("model.pt2") and not files.search("train.py")
+
+
+def test_github_annotation_stays_on_one_line():
+    finding = bnfold.check.Finding("BD002", "", "line one\nline two, 100%").at("dir/a:b.onnx")
+    (line,) = format_github(CheckResults([finding], checked=1)).splitlines()
+    assert line == f"::notice file=dir/a%3Ab.onnx,title=BD002::<model>: line one%0Aline two, 100%25 ({CODES['BD002'].hint})"

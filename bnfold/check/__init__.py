@@ -34,15 +34,15 @@ returning a list of :class:`Finding`; :func:`assert_inference_ready` for test su
 
 from bnfold.check.assertions import assert_inference_ready
 from bnfold.check.files import check_file
-from bnfold.check.findings import CODES, Code, CodeSelection, Finding, UnknownCodeError, errors
+from bnfold.check.findings import CODES, CodeSelection, Finding, Rule, UnknownCodeError, errors
 from bnfold.check.onnx_inspect import check_onnx
 from bnfold.check.torch_inspect import check_model
 
 __all__ = [
     "CODES",
-    "Code",
     "CodeSelection",
     "Finding",
+    "Rule",
     "UnknownCodeError",
     "assert_inference_ready",
     "check_file",

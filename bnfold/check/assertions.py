@@ -33,5 +33,5 @@ def assert_inference_ready(
         findings = check_model(model, example_inputs)
     failing = errors(findings)
     if failing:
-        listing = "\n".join(f"  {finding.code} {finding.name or '<model>'}: {finding.message} ({finding.hint})" for finding in failing)
+        listing = "\n".join(f"  {finding.code} {finding.describe()}" for finding in failing)
         raise AssertionError(f"model is not ready for inference, {len(failing)} error(s):\n{listing}")

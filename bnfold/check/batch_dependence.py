@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bnfold.check.errors import describe_error
 from bnfold.check.findings import Finding
 from bnfold.verification import OutputComparison, compare_output
 
@@ -49,11 +50,6 @@ def measurement_sizes(batch_dims: list[int | None], batch_size: int) -> tuple[in
         return fixed, fixed
     sizes = ", ".join(sorted("free" if dim is None else str(dim) for dim in distinct))
     raise NotMeasurable(f"the inputs' batch dimension is fixed ({sizes}), so there is no batch of several samples to run")
-
-
-def describe_error(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def measure_batch_dependence(run: Runner, batch_size: int, alone_size: int = 1) -> list[Finding]:

@@ -14,34 +14,34 @@ Severity = Literal["error", "warning", "info"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Code:
+class Rule:
     code: str
     severity: Severity
     title: str
     hint: str
 
 
-CODES: dict[str, Code] = {
+CODES: dict[str, Rule] = {
     code.code: code
     for code in (
-        Code("BN001", "error", "BatchNorm in training mode",
+        Rule("BN001", "error", "BatchNorm in training mode",
              "call model.eval() before saving or exporting the model"),
-        Code("BN002", "error", "BatchNorm without running statistics",
+        Rule("BN002", "error", "BatchNorm without running statistics",
              "build the layer with track_running_stats=True and train it, or use a per-sample norm such as GroupNorm"),
-        Code("BN003", "error", "running statistics never trained",
+        Rule("BN003", "error", "running statistics never trained",
              "load the trained weights, or run training or a statistics pass before saving"),
-        Code("BN004", "error", "broken running statistics",
+        Rule("BN004", "error", "broken running statistics",
              "retrain or recompute the statistics; check the checkpoint and any manual edits of the buffers"),
-        Code("BN005", "warning", "near-zero variance with a large scale",
+        Rule("BN005", "warning", "near-zero variance with a large scale",
              "check those channels: they amplify rounding errors, most of all after folding into the weights"),
-        Code("BN006", "info", "foldable BatchNorm left",
+        Rule("BN006", "info", "foldable BatchNorm left",
              "run `bnfold MODEL -o OUT` to fold it into its neighbour"),
-        Code("DO001", "error", "Dropout active at inference",
+        Rule("DO001", "error", "Dropout active at inference",
              "call model.eval() before saving or exporting the model"),
-        Code("BD001", "error", "outputs depend on the batch",
+        Rule("BD001", "error", "outputs depend on the batch",
              "look for layers left in training mode: see the BN and DO findings; call model.eval()"),
-        Code("BD002", "info", "batch dependence not measured",
-             "give example inputs (--input-shape) whose batch dimension is not fixed at 1"),
+        Rule("BD002", "info", "batch dependence not measured",
+             "give example inputs with --input-shape, or export the model with a batch dimension not fixed at 1"),
     )
 }  # fmt: skip
 
@@ -69,6 +69,10 @@ class Finding:
     @property
     def hint(self) -> str:
         return CODES[self.code].hint
+
+    def describe(self) -> str:
+        """``name: message (hint)``, the part every output format shows."""
+        return f"{self.name or '<model>'}: {self.message} ({self.hint})"
 
     def at(self, path: str) -> Finding:
         return dataclasses.replace(self, path=path)

@@ -19,6 +19,8 @@ from bnfold.fold_math import UnfoldableStatisticsError, batchnorm_affine
 # more than float32's relative precision can spare: 1e4 eats 4 of its ~7 significant digits.
 LARGE_SCALE = 1e4
 
+_BATCH_STATISTICS = "it normalises with the statistics of the current batch"
+
 
 @dataclasses.dataclass(frozen=True)
 class Statistics:
@@ -60,13 +62,9 @@ def layer_findings(states: list[LayerState]) -> list[Finding]:
 def batchnorm_findings(state: BatchNormState) -> list[Finding]:
     findings = []
     if not state.tracks_running_stats:
-        findings.append(
-            Finding("BN002", state.name, "no running statistics (track_running_stats=False): it always normalises with the statistics of the current batch")
-        )
+        findings.append(Finding("BN002", state.name, f"no running statistics (track_running_stats=False): {_BATCH_STATISTICS}"))
     elif state.training:
-        findings.append(
-            Finding("BN001", state.name, f"training mode ({state.training}): it normalises with the statistics of the current batch")
-        )
+        findings.append(Finding("BN001", state.name, f"training mode ({state.training}): {_BATCH_STATISTICS}"))
     if state.statistics is not None:
         findings.extend(statistics_findings(state.name, state.statistics))
     return findings
@@ -82,7 +80,9 @@ def dropout_findings(state: DropoutState) -> list[Finding]:
 def statistics_findings(name: str, statistics: Statistics) -> list[Finding]:
     findings = _untrained_findings(name, statistics)
     try:
-        affine = batchnorm_affine(statistics.weight, statistics.bias, statistics.running_mean, statistics.running_var, statistics.eps)
+        affine = batchnorm_affine(
+            statistics.weight, statistics.bias, statistics.running_mean, statistics.running_var, statistics.eps
+        )
     except UnfoldableStatisticsError as error:
         return [*findings, Finding("BN004", name, str(error))]
     return [*findings, *_precision_findings(name, statistics, np.abs(affine.scale))]

@@ -149,7 +149,7 @@ def _batch_dependence(
     try:
         if not data_inputs:
             raise NotMeasurable("the model has no inputs")
-        batch_dims = [_batch_dim(value, input_shapes.get(value.name)) for value in data_inputs]
+        batch_dims = [_batch_dim(value) for value in data_inputs]
         batch_size, alone_size = measurement_sizes(batch_dims, batch_size)
         shapes = {
             value.name: [batch_size, *_sample_dims(value, input_shapes.get(value.name))]
@@ -169,9 +169,9 @@ def _batch_dependence(
         return measure_batch_dependence(run, batch_size, alone_size)
 
 
-def _batch_dim(value: ir.Value, given_shape: list[int] | None) -> int | None:
-    """The input's fixed batch size, or None when it is free (symbolic, or the shape is the user's)."""
-    if given_shape is not None or value.shape is None:
+def _batch_dim(value: ir.Value) -> int | None:
+    """The input's fixed batch size, or None when it is free (symbolic, or the shape is unknown)."""
+    if value.shape is None:
         return None
     if len(value.shape) == 0:
         return 1  # a scalar input: no batch axis, like a batch fixed at 1

@@ -11,7 +11,7 @@ JSON schema (``--format json``)::
     }
 
 GitHub (``--format github``): one workflow command per finding,
-``::error file=PATH,title=CODE::NAME: MESSAGE (HINT)``, with ``::warning`` and ``::notice`` for the
+``::error file=PATH,title=CODE::NAME: MESSAGE (HINT)`` (NAME ``<model>`` for whole-model findings), with ``::warning`` and ``::notice`` for the
 other severities, so findings appear as annotations on the pull request.
 """
 
@@ -39,16 +39,12 @@ class CheckResults:
 
 
 def format_text(results: CheckResults) -> str:
-    lines = [f"{finding.path}: {finding.code} {finding.severity}{_name(finding)}: {finding.message} ({finding.hint})" for finding in results.findings]
+    lines = [f"{finding.path}: {finding.code} {finding.severity} {finding.describe()}" for finding in results.findings]
     counts = results.counts()
     tally = ", ".join(f"{count} {_TALLY_LABELS[severity]}" for severity, count in counts.items() if count) or "no findings"
     unreadable = f", {len(results.unreadable)} unreadable" if results.unreadable else ""
     lines.append(f"{tally} in {results.checked} checked model(s){unreadable}")
     return "\n".join(lines)
-
-
-def _name(finding: Finding) -> str:
-    return f" {finding.name}" if finding.name else ""
 
 
 def format_json(results: CheckResults) -> str:
@@ -62,10 +58,9 @@ def format_json(results: CheckResults) -> str:
 
 def format_github(results: CheckResults) -> str:
     lines = [
-        _workflow_command(_GITHUB_COMMANDS[finding.severity], finding.path, finding.code,
-                          f"{finding.name + ': ' if finding.name else ''}{finding.message} ({finding.hint})")
+        _workflow_command(_GITHUB_COMMANDS[finding.severity], finding.path, finding.code, finding.describe())
         for finding in results.findings
-    ]  # fmt: skip
+    ]
     lines += [_workflow_command("error", path, "unreadable", message) for path, message in results.unreadable.items()]
     return "\n".join(lines)
 

@@ -46,17 +46,17 @@ def check_model(
     of the random samples of the batch-dependence measurement; a ``torch.export`` program defaults to
     its own example inputs. ``measure_batch=False`` skips the measurement.
     """
-    if isinstance(model, torch.export.ExportedProgram):
-        findings = layer_findings(exported_layer_states(model))
+    exported = isinstance(model, torch.export.ExportedProgram)
+    findings = layer_findings(exported_layer_states(model) if exported else module_layer_states(model))
+    if not measure_batch:
+        return findings
+    if exported:
         module, batch_dims = model.module(), _exported_batch_dims(model)
         if example_inputs is None:
             example_inputs = _exported_example_inputs(model)
     else:
-        findings = layer_findings(module_layer_states(model))
         module, batch_dims = model, None
-    if measure_batch:
-        findings += _batch_dependence(module, example_inputs, batch_dims, batch_size, seed)
-    return findings
+    return findings + _batch_dependence(module, example_inputs, batch_dims, batch_size, seed)
 
 
 def _exported_batch_dims(program: torch.export.ExportedProgram) -> list[int | None]:
@@ -85,7 +85,7 @@ def _batch_dependence(
 ) -> list[Finding]:
     try:
         if example_inputs is None:
-            raise NotMeasurable("no example inputs to take shapes from (give --input-shape, or example_inputs)")
+            raise NotMeasurable("no example inputs to take input shapes from")
         templates = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
         if any(template.dim() == 0 for template in templates):
             raise NotMeasurable("an example input is a scalar, with no batch axis")

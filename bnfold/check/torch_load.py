@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bnfold.check.errors import describe_error
 from bnfold.check.torch_inspect import Model
 from bnfold.onnx_io import InputError
 
@@ -41,7 +42,7 @@ def load_torch_model(path: str | os.PathLike, *, factory: str | None = None, tru
         if kind == "torchscript":
             return torch.jit.load(path, map_location="cpu")
     except Exception as error:  # a damaged archive: whatever the reader raises
-        raise InputError(path, f"not a readable {kind} archive ({type(error).__name__})") from None
+        raise InputError(path, f"not a readable {kind} archive ({describe_error(error)})") from None
     saved = _unpickle(path, trust_pickle)
     if isinstance(saved, nn.Module):
         return saved
@@ -77,15 +78,13 @@ def _unpickle(path: Path, trust_pickle: bool):
                 f"is a pickled module (it needs {refused.group(1)}): loading it runs code from the file, so it is "
                 "refused; pass --trust-pickle if you trust the file, or save a state-dict or a torch.export archive",
             ) from None
-        raise InputError(path, f"not a readable PyTorch or ONNX file ({_error_summary(error)})") from None
+        raise InputError(path, f"not a readable PyTorch or ONNX file ({_load_error(error)})") from None
 
 
-def _error_summary(error: Exception) -> str:
-    """The error in one line: the safe unpickler's own complaint when torch wraps one, else the first line."""
-    text = str(error)
-    _, found, complaint = text.partition("WeightsUnpickler error:")
-    lines = (complaint if found else text).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+def _load_error(error: Exception) -> str:
+    """The error in one line: the safe unpickler's own complaint when torch wraps one in its advice."""
+    _, wrapped, complaint = str(error).partition("WeightsUnpickler error:")
+    return describe_error(error, complaint if wrapped else None)
 
 
 def _is_state_dict(saved) -> bool:
@@ -93,17 +92,19 @@ def _is_state_dict(saved) -> bool:
 
 
 def _load_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor], factory: str) -> nn.Module:
-    model = call(factory, "--factory")
+    model = call_entry_point(factory, "--factory")
     if not isinstance(model, nn.Module):
         raise InputError(factory, f"--factory returned a {type(model).__name__}, not an nn.Module")
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:  # missing, unexpected or misshapen entries
-        raise InputError(path, f"does not fit the --factory architecture ({_error_summary(error)})") from None
+        # torch's message is a header line, then one line per kind of mismatch: the first is the news.
+        mismatch = str(error).splitlines()[1:2]
+        raise InputError(path, f"does not fit the --factory architecture ({describe_error(error, *mismatch)})") from None
     return model
 
 
-def call(spec: str, option: str):
+def call_entry_point(spec: str, option: str):
     """Call ``package.module:attribute.path`` (imported with the current directory importable)."""
     module_name, sep, attribute_path = spec.partition(":")
     if not sep or not module_name or not attribute_path:
@@ -120,7 +121,7 @@ def call(spec: str, option: str):
     try:
         return target()
     except Exception as error:  # the user's code: report it as a bad input, in one line
-        raise InputError(spec, f"{option}: calling it raised {_error_summary(error)}") from None
+        raise InputError(spec, f"{option}: calling it raised {describe_error(error)}") from None
 
 
 @contextlib.contextmanager
@@ -139,7 +140,7 @@ def _current_directory_importable():
 
 def model_from_callable(spec: str) -> Model:
     """What ``--model module:callable`` returns, which must be a model."""
-    model = call(spec, "--model")
+    model = call_entry_point(spec, "--model")
     if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
         raise InputError(spec, f"--model returned a {type(model).__name__}, not an nn.Module or ExportedProgram")
     return model

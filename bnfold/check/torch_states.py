@@ -28,7 +28,9 @@ _EXPORTED_BATCHNORMS = frozenset({
     "aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit",
     "aten::_native_batch_norm_legit_functional", "aten::_native_batch_norm_legit_no_training",
 })  # fmt: skip
-_EXPORTED_DROPOUTS = frozenset({"aten::dropout", "aten::native_dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::feature_alpha_dropout"})
+_EXPORTED_DROPOUTS = frozenset({
+    "aten::dropout", "aten::native_dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::feature_alpha_dropout",
+})  # fmt: skip
 
 
 def _is_a(module: nn.Module, base: type) -> bool:
@@ -114,7 +116,9 @@ def _exported_batchnorm(node: torch.fx.Node, lifted: _LiftedTensors) -> BatchNor
     arguments = _arguments(node)
     training = "exported with training=True" if arguments.get("training") else None
     tracks_running_stats = arguments.get("running_mean") is not None
-    names = {argument: lifted.qualified_name(arguments.get(argument)) for argument in ("weight", "bias", "running_mean", "running_var")}
+    names = {
+        argument: lifted.qualified_name(arguments.get(argument)) for argument in ("weight", "bias", "running_mean", "running_var")
+    }
     if names["running_mean"] is None or names["running_var"] is None:
         return BatchNormState(_module_path(node), training, tracks_running_stats)  # no statistics, or computed ones
     # num_batches_tracked is no argument of the call: it sits beside the running mean in the model.
