@@ -250,11 +250,13 @@ class GraphEditor:
         graph.register_initializer(value)
         return value
 
-    def set_input(self, node: ir.Node, index: int, graph: ir.Graph, base: str, array: np.ndarray) -> None:
+    def set_input(self, node: ir.Node, index: int, base: str, array: np.ndarray) -> None:
+        """Point input ``index`` of ``node`` at a new initializer holding ``array``; the old value is
+        never modified (another node may read it) and is dropped once nothing reads it."""
         old = node.inputs[index] if index < len(node.inputs) else None
         if index >= len(node.inputs):
             node.resize_inputs(index + 1)
-        node.replace_input_with(index, self.initializer(graph, base, array))
+        node.replace_input_with(index, self.initializer(node.graph, base, array))
         if old is not None:
             drop_if_unread(old)
 
@@ -279,10 +281,6 @@ def _all_values(graph: ir.Graph):
     yield from graph.initializers.values()
     for node in graph:
         yield from node.outputs
-
-
-def _weight_base(layer: Layer) -> str:
-    return layer.node.inputs[1].name or node_label(layer.node)
 
 
 class FoldIntoPreceding:
@@ -324,33 +322,35 @@ class FoldIntoPreceding:
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         layer, affine = match.layer, match.affine
-        graph = layer.node.graph
-        alpha, beta = layer.gemm_alpha_beta
-        bias = layer.bias
-        if layer.node.op_type == "Gemm" and (bias is None or beta == 0.0):
-            bias, beta = None, 1.0
-            layer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        bias, _, beta = _bias_alpha_beta(layer)
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = ChannelAffine(affine.scale, affine.shift / beta)
-        weight, new_bias = fold_into_outputs(layer.weight, bias, shifted, layer.layout)
-        base = _weight_base(layer)
-        editor.set_input(layer.node, 1, graph, base, weight)
-        if layer.node.op_type != "MatMul":
-            editor.set_input(layer.node, 2, graph, f"{base}_bias", new_bias)
-        elif layer.bias_add is not None:
-            bias_index = 1 if layer.bias_add.inputs[0] is layer.node.outputs[0] else 0
-            editor.set_input(layer.bias_add, bias_index, graph, f"{base}_bias", new_bias)
-        else:
-            layer.bias_add = _append_bias_add(layer.node, editor.initializer(graph, f"{base}_bias", new_bias))
+        _write_weight_and_bias(layer, *fold_into_outputs(layer.weight, bias, shifted, layer.layout), editor)
         editor.bypass(match.anchor, layer.output)
 
 
-def _append_bias_add(matmul: ir.Node, bias: ir.Value) -> ir.Node:
-    add = ir.Node("", "Add", [matmul.outputs[0], bias], name=f"{node_label(matmul)}_bias_bnfold")
-    add.outputs[0].type = matmul.outputs[0].type
-    add.outputs[0].shape = matmul.outputs[0].shape
-    matmul.graph.insert_after(matmul, add)
-    return add
+def _bias_alpha_beta(layer: Layer) -> tuple[np.ndarray | None, float, float]:
+    """The layer's bias with Gemm's alpha and beta; a Gemm whose C is absent or ignored (beta = 0)
+    is set to beta = 1, ready for the bias the fold creates."""
+    alpha, beta = layer.gemm_alpha_beta
+    if layer.node.op_type == "Gemm" and (layer.bias is None or beta == 0.0):
+        layer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        return None, alpha, 1.0
+    return layer.bias, alpha, beta
+
+
+def _write_weight_and_bias(layer: Layer, weight: np.ndarray, bias: np.ndarray, editor: GraphEditor) -> None:
+    """Give the layer fresh initializers; a MatMul's bias goes into its bias Add, created if absent."""
+    base = layer.node.inputs[1].name or node_label(layer.node)
+    editor.set_input(layer.node, 1, base, weight)
+    if layer.node.op_type != "MatMul":
+        editor.set_input(layer.node, 2, f"{base}_bias", bias)
+    elif layer.bias_add is not None:
+        bias_index = 1 if layer.bias_add.inputs[0] is layer.node.outputs[0] else 0
+        editor.set_input(layer.bias_add, bias_index, f"{base}_bias", bias)
+    else:
+        bias_value = editor.initializer(layer.node.graph, f"{base}_bias", bias)
+        layer.bias_add = _insert_bias_add(layer.node, bias_value, editor)
 
 
 def _data_input(anchor: ir.Node) -> ir.Value | None:
@@ -408,35 +408,30 @@ class FoldIntoFollowing:
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         layer, affine = match.layer, match.affine
-        graph = layer.node.graph
-        alpha, beta = layer.gemm_alpha_beta
-        bias = layer.bias
-        if layer.node.op_type == "Gemm" and (bias is None or beta == 0.0):
-            bias, beta = None, 1.0
-            layer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        bias, alpha, beta = _bias_alpha_beta(layer)
         # Gemm computes alpha * A B + beta * C: the shift's contribution alpha * t B enters C over beta.
         shifted = ChannelAffine(affine.scale, affine.shift * alpha / beta)
-        weight, new_bias = fold_into_inputs(layer.weight, bias, shifted, layer.layout)
-        base = _weight_base(layer)
-        editor.set_input(layer.node, 1, graph, base, weight)
-        if layer.node.op_type == "MatMul":
-            _append_bias_add_before_uses(layer.node, editor.initializer(graph, f"{base}_bias", new_bias), editor)
-        else:
-            editor.set_input(layer.node, 2, graph, f"{base}_bias", new_bias)
+        _write_weight_and_bias(layer, *fold_into_inputs(layer.weight, bias, shifted, layer.layout), editor)
         editor.bypass(match.anchor, match.anchor.inputs[0])
 
 
-def _append_bias_add_before_uses(matmul: ir.Node, bias: ir.Value, editor: GraphEditor) -> None:
-    """Insert ``Add(MatMul, bias)`` and move every reader of the MatMul's output onto it."""
+def _insert_bias_add(matmul: ir.Node, bias: ir.Value, editor: GraphEditor) -> ir.Node:
+    """Insert ``Add(MatMul, bias)`` and move every reader of the MatMul's output (and its graph-output
+    slot, name included) onto it."""
     output = matmul.outputs[0]
     readers, is_graph_output = output.uses(), output.is_graph_output()
-    add = _append_bias_add(matmul, bias)
+    add = ir.Node("", "Add", [output, bias], name=editor.fresh_name(f"{node_label(matmul)}_bias"))
+    add.outputs[0].type, add.outputs[0].shape = output.type, output.shape
+    matmul.graph.insert_after(matmul, add)
     for use in readers:
         use.node.replace_input_with(use.idx, add.outputs[0])
     if is_graph_output:
         graph = matmul.graph
         graph.outputs[:] = [add.outputs[0] if v is output else v for v in graph.outputs]
         add.outputs[0].name, output.name = output.name, editor.fresh_name(output.name)
+    else:
+        add.outputs[0].name = editor.fresh_name(output.name or "matmul")
+    return add
 
 
 def _check_unpadded(node: ir.Node) -> None:
