@@ -12,12 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-import torch
 
-from bnfold.check import CODES, CodeSelection, Finding, UnknownCodeError, check_file, check_model, errors
+from bnfold.check import CODES, CodeSelection, Finding, UnknownCodeError, errors
 from bnfold.check.batch_dependence import DEFAULT_BATCH_SIZE
 from bnfold.check.output import FORMATTERS, CheckResults
-from bnfold.check.torch_load import model_from_callable
 from bnfold.onnx_io import InputError
 
 EXIT_ERROR_FINDINGS = 1
@@ -42,7 +40,8 @@ def _codes_epilog() -> str:
 @click.option("--batch-size", type=click.IntRange(min=2), default=DEFAULT_BATCH_SIZE, show_default=True,
               help="Samples in the batch that is compared with each sample alone.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples.")
-@click.option("--select", metavar="CODES", help="Report only these codes or code prefixes, comma-separated (e.g. BN,DO001).")
+@click.option("--select", metavar="CODES",
+              help="Report only these codes or code prefixes, comma-separated (e.g. BN,DO001).")
 @click.option("--ignore", metavar="CODES", help="Do not report these codes or code prefixes, comma-separated.")
 @click.option("--format", "output_format", type=click.Choice(list(FORMATTERS)), default="text", show_default=True)
 def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, seed, select, ignore, output_format) -> None:
@@ -55,17 +54,20 @@ def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, s
     except UnknownCodeError as error:
         raise click.BadParameter(str(error), param_hint="--select/--ignore") from None
     named_shapes, positional_shapes = _parse_input_shapes(input_shapes)
-    example_inputs = [torch.zeros(shape) for shape in positional_shapes] or None
+    from bnfold.check import sources  # imports torch: only when something is checked, not for `bnfold fold`
+
+    example_inputs = sources.example_inputs(positional_shapes)
     measurement = {"batch_size": batch_size, "seed": seed, "measure_batch": selection.reports_any("BD")}
     results = CheckResults()
     for path in paths:
         check_path = functools.partial(
-            check_file, path, factory=factory, trust_pickle=trust_pickle, input_shapes=named_shapes,
+            sources.check_file, path, factory=factory, trust_pickle=trust_pickle, input_shapes=named_shapes,
             example_inputs=example_inputs, **measurement,
         )  # fmt: skip
         _check_one(results, selection, str(path), check_path)
     for spec in model_specs:
-        _check_one(results, selection, spec, functools.partial(_check_callable, spec, example_inputs, **measurement))
+        check_spec = functools.partial(sources.check_entry_point, spec, example_inputs, **measurement)
+        _check_one(results, selection, spec, check_spec)
     text = FORMATTERS[output_format](results)
     if text:
         click.echo(text)
@@ -81,10 +83,6 @@ def _check_one(results: CheckResults, selection: CodeSelection, label: str, run:
         return
     results.findings += selection.apply(findings)
     results.checked += 1
-
-
-def _check_callable(spec: str, example_inputs: list[torch.Tensor] | None, **measurement) -> list[Finding]:
-    return [finding.at(spec) for finding in check_model(model_from_callable(spec), example_inputs, **measurement)]
 
 
 def _exit_code(results: CheckResults) -> int:

@@ -8,6 +8,8 @@ import functools
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -538,3 +540,9 @@ def test_github_annotation_stays_on_one_line():
     finding = bnfold.check.Finding("BD002", "", "line one\nline two, 100%").at("dir/a:b.onnx")
     (line,) = format_github(CheckResults([finding], checked=1)).splitlines()
     assert line == f"::notice file=dir/a%3Ab.onnx,title=BD002::<model>: line one%0Aline two, 100%25 ({CODES['BD002'].hint})"
+
+
+def test_registering_the_command_keeps_torch_out_of_cli_start_up():
+    probe = "import sys, bnfold.cli; print('torch' in sys.modules)"  # torch costs `bnfold fold` seconds
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -32,11 +32,25 @@ Python API: :func:`check_model` (PyTorch), :func:`check_onnx`, :func:`check_file
 returning a list of :class:`Finding`; :func:`assert_inference_ready` for test suites.
 """
 
-from bnfold.check.assertions import assert_inference_ready
-from bnfold.check.files import check_file
+import importlib
+
 from bnfold.check.findings import CODES, CodeSelection, Finding, Rule, UnknownCodeError, errors
-from bnfold.check.onnx_inspect import check_onnx
-from bnfold.check.torch_inspect import check_model
+
+# Imported on first use: the inspectors import torch, seconds that every `bnfold` command would
+# otherwise pay at start-up, since the CLI registers `check` beside `fold`.
+_INSPECTOR_MODULES = {
+    "assert_inference_ready": "bnfold.check.assertions",
+    "check_file": "bnfold.check.sources",
+    "check_model": "bnfold.check.torch_inspect",
+    "check_onnx": "bnfold.check.onnx_inspect",
+}
+
+
+def __getattr__(name: str):
+    if name in _INSPECTOR_MODULES:
+        return getattr(importlib.import_module(_INSPECTOR_MODULES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CODES",

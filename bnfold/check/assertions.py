@@ -14,7 +14,7 @@ import os
 import onnx
 import onnx_ir as ir
 
-from bnfold.check.files import check_file
+from bnfold.check.sources import check_file
 from bnfold.check.findings import errors
 from bnfold.check.onnx_inspect import check_onnx
 from bnfold.check.torch_inspect import ExampleInputs, Model, check_model

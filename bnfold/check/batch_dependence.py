@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bnfold.check.errors import describe_error
+from bnfold.check.error_text import describe_error
 from bnfold.check.findings import Finding
 from bnfold.verification import OutputComparison, compare_output
 

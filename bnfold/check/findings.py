@@ -15,6 +15,8 @@ Severity = Literal["error", "warning", "info"]
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """What a code means: its severity, a short title (listed by ``bnfold check --help``) and the fix."""
+
     code: str
     severity: Severity
     title: str
@@ -22,8 +24,8 @@ class Rule:
 
 
 CODES: dict[str, Rule] = {
-    code.code: code
-    for code in (
+    rule.code: rule
+    for rule in (
         Rule("BN001", "error", "BatchNorm in training mode",
              "call model.eval() before saving or exporting the model"),
         Rule("BN002", "error", "BatchNorm without running statistics",

@@ -26,9 +26,10 @@ from bnfold.check.batch_dependence import (
 )
 from bnfold.check.findings import Finding
 from bnfold.check.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
+from bnfold.onnx_constants import constant_array
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_io import InputError, load_model
-from bnfold.onnx_rules import constant_array, node_label
+from bnfold.onnx_rules import node_label
 from bnfold.onnx_verify import VerificationUnavailableError, model_source, random_inputs, run_model
 
 # Dropout's ratio when the input (opset 12+) or attribute (before opset 7) is absent.

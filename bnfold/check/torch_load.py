@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnfold.check.errors import describe_error
+from bnfold.check.error_text import describe_error
 from bnfold.check.torch_inspect import Model
 from bnfold.onnx_io import InputError
 

@@ -1,0 +1,51 @@
+"""One model source checked by the front-end that reads it: a file (``.onnx`` by the ONNX inspector,
+anything else as a PyTorch file, whose kind :mod:`bnfold.check.torch_load` tells by content), or the
+``module:callable`` of ``--model``. Findings come back carrying the source, as ``path``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from bnfold.check.batch_dependence import DEFAULT_BATCH_SIZE
+from bnfold.check.findings import Finding
+from bnfold.check.onnx_inspect import check_onnx
+from bnfold.check.torch_inspect import ExampleInputs, check_model
+from bnfold.check.torch_load import load_torch_model, model_from_callable
+
+ONNX_SUFFIX = ".onnx"
+
+
+def check_file(
+    path: str | os.PathLike,
+    *,
+    factory: str | None = None,
+    trust_pickle: bool = False,
+    input_shapes: dict[str, list[int]] | None = None,
+    example_inputs: ExampleInputs | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    measure_batch: bool = True,
+) -> list[Finding]:
+    """Findings for the model in ``path``. ``input_shapes`` (by input name) serve ONNX files,
+    ``example_inputs`` (positional) PyTorch files."""
+    measurement = {"batch_size": batch_size, "seed": seed, "measure_batch": measure_batch}
+    if Path(path).suffix.lower() == ONNX_SUFFIX:
+        findings = check_onnx(path, input_shapes=input_shapes, **measurement)
+    else:
+        model = load_torch_model(path, factory=factory, trust_pickle=trust_pickle)
+        findings = check_model(model, example_inputs, **measurement)
+    return [finding.at(str(path)) for finding in findings]
+
+
+def check_entry_point(spec: str, example_inputs: ExampleInputs | None = None, **measurement) -> list[Finding]:
+    """Findings for the model that ``module:callable`` returns (keyword arguments as for :func:`check_model`)."""
+    return [finding.at(spec) for finding in check_model(model_from_callable(spec), example_inputs, **measurement)]
+
+
+def example_inputs(shapes: list[list[int]]) -> list[torch.Tensor] | None:
+    """float32 example inputs of these shapes, or None for no shapes (the measurement reads only their
+    shape and dtype)."""
+    return [torch.zeros(shape) for shape in shapes] or None
