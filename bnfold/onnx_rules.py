@@ -161,23 +161,41 @@ def layer_view(node: ir.Node, data_value: ir.Value | None = None) -> Layer:
     return Layer(node, weight, bias, WeightLayout("matrix_in_out"), 2, bias_add)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingMode:
+    """What puts a BatchNormalization in training mode (``fact``), and what the user can do (``fix``)."""
+
+    code: str
+    fact: str
+    fix: str
+
+
+def batchnorm_training_mode(node: ir.Node, version: int) -> TrainingMode | None:
+    """Why a BatchNormalization of opset ``version`` normalises with batch statistics or exposes its
+    running statistics, per the operator's versions; None for a plain eval-mode node."""
+    if version >= 14 and _attr(node, "training_mode", 0):
+        return TrainingMode("training-mode", "training_mode=1", "export the model in eval mode (model.eval())")
+    if version < 7 and not _attr(node, "is_test", 0):
+        return TrainingMode("training-mode", f"is_test=0 at opset {version}", "set is_test=1")
+    extra = [out for out in node.outputs[1:] if out is not None and out.name]
+    read = [out.name for out in extra if out.uses() or out.is_graph_output()]
+    if read:
+        fact = f"its running-statistics outputs are read: {', '.join(read)}"
+        return TrainingMode("extra-outputs-used", fact, "export the model in eval mode, where nothing reads them")
+    if extra and version < 14:
+        names = ", ".join(out.name for out in extra)
+        fact = f"it declares running-statistics outputs ({names}), which selects training mode at opset {version}"
+        return TrainingMode("training-mode", fact, "remove those outputs")
+    return None
+
+
 def batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
     """The eval-mode BatchNormalization as a channel affine map, or a refusal saying why not."""
     version = node.version or opset
     label = node_label(node)
-    if version >= 14 and _attr(node, "training_mode", 0):
-        raise Refusal("training-mode", f"{label} has training_mode=1; export the model in eval mode (model.eval())")
-    if version < 7 and not _attr(node, "is_test", 0):
-        raise Refusal("training-mode", f"{label} has is_test=0 (opset {version} training mode); set is_test=1")
-    extra = [out for out in node.outputs[1:] if out is not None and out.name]
-    read = [out.name for out in extra if out.uses() or out.is_graph_output()]
-    if read:
-        raise Refusal("extra-outputs-used", f"the statistics outputs of {label} ({', '.join(read)}) are read")
-    if extra and version < 14:
-        raise Refusal(
-            "training-mode",
-            f"{label} declares its statistics outputs, which means training mode at opset {version}; remove them",
-        )
+    training = batchnorm_training_mode(node, version)
+    if training is not None:
+        raise Refusal(training.code, f"{label}: {training.fact}; {training.fix}")
     parameters = []
     for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
         array = constant_array(node.inputs[index]) if index < len(node.inputs) else None

@@ -29,7 +29,7 @@ from bnfold.check.layer_rules import BatchNormState, DropoutState, LayerState, S
 from bnfold.onnx_constants import constant_array
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_io import InputError, load_model
-from bnfold.onnx_rules import node_label
+from bnfold.onnx_rules import batchnorm_training_mode, node_label
 from bnfold.onnx_verify import VerificationUnavailableError, model_source, random_inputs, run_model
 
 # Dropout's ratio when the input (opset 12+) or attribute (before opset 7) is absent.
@@ -92,18 +92,8 @@ def _batchnorm_state(node: ir.Node, version: int) -> BatchNormState:
 
 
 def _batchnorm_training(node: ir.Node, version: int) -> str | None:
-    if version >= 14 and node.attributes.get_int("training_mode", 0):
-        return "training_mode=1"
-    if version < 7 and not node.attributes.get_int("is_test", 0):
-        return f"is_test=0 at opset {version}"
-    statistics_outputs = [output for output in node.outputs[1:] if output is not None and output.name]
-    read = [output.name for output in statistics_outputs if output.uses() or output.is_graph_output()]
-    if read:
-        return f"its running-statistics outputs are read: {', '.join(read)}"
-    if statistics_outputs and version < 14:
-        names = ", ".join(output.name for output in statistics_outputs)
-        return f"it declares running-statistics outputs ({names}), which selects training mode at opset {version}"
-    return None
+    training = batchnorm_training_mode(node, version)
+    return None if training is None else training.fact
 
 
 def _statistics(node: ir.Node) -> Statistics | None:
