@@ -2,7 +2,7 @@
 
 Exit codes: 0 no error finding (warnings and info pass), 1 error findings, 2 bad usage or an input
 that could not be checked (its problem goes to stderr; the other inputs are still checked).
-The codes are listed in :mod:`bnfold.check`; the output formats in :mod:`bnfold.check.output`.
+The codes are listed in :mod:`bnfold.checks`; the output formats in :mod:`bnfold.checks.output`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from bnfold.check import CODES, CodeSelection, Finding, UnknownCodeError, errors
-from bnfold.check.batch_dependence import DEFAULT_BATCH_SIZE
-from bnfold.check.output import FORMATTERS, CheckResults
+from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, errors
+from bnfold.checks.batch_dependence import DEFAULT_BATCH_SIZE
+from bnfold.checks.output import FORMATTERS, CheckResults
 from bnfold.onnx_io import InputError
 
 EXIT_ERROR_FINDINGS = 1
@@ -54,7 +54,7 @@ def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, s
     except UnknownCodeError as error:
         raise click.BadParameter(str(error), param_hint="--select/--ignore") from None
     named_shapes, positional_shapes = _parse_input_shapes(input_shapes)
-    from bnfold.check import sources  # imports torch: only when something is checked, not for `bnfold fold`
+    from bnfold.checks import sources  # imports torch: only when something is checked, not for `bnfold fold`
 
     example_inputs = sources.example_inputs(positional_shapes)
     measurement = {"batch_size": batch_size, "seed": seed, "measure_batch": selection.reports_any("BD")}

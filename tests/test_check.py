@@ -20,10 +20,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-import bnfold.check
+import bnfold
+import bnfold.checks
 import bnfold.check_command
-from bnfold.check import CODES, assert_inference_ready, check_model, check_onnx, errors
-from bnfold.check.output import CheckResults, format_github
+from bnfold.checks import CODES, assert_inference_ready, check_model, check_onnx, errors
+from bnfold.checks.output import CheckResults, format_github
 from bnfold.cli import main
 from bnfold.testing import FIXTURES, SmallCNN, example_input, export_onnx, trained_fixture
 
@@ -87,7 +88,7 @@ def dropout_model() -> nn.Module:
 
 
 def test_every_code_is_in_the_documented_table_with_its_severity():
-    rows = [line.split() for line in bnfold.check.__doc__.splitlines() if re.match(r"^[A-Z]{2}\d{3}\s", line)]
+    rows = [line.split() for line in bnfold.checks.__doc__.splitlines() if re.match(r"^[A-Z]{2}\d{3}\s", line)]
     table = {row[0]: row[1] for row in rows}
     assert table == {code: entry.severity for code, entry in CODES.items()}
 
@@ -369,7 +370,7 @@ def test_ignoring_the_batch_codes_skips_the_measurement(monkeypatch, onnx_files)
     def fail(*args, **kwargs):
         raise AssertionError("measured although BD codes are ignored")
 
-    monkeypatch.setattr(bnfold.check.onnx_inspect, "measure_batch_dependence", fail)
+    monkeypatch.setattr(bnfold.checks.onnx_inspect, "measure_batch_dependence", fail)
     assert invoke("--ignore", "BD", onnx_files["train"]).exit_code == 1
 
 
@@ -537,7 +538,7 @@ def test_pre_commit_hook_runs_the_check_command_on_model_files():
 
 
 def test_github_annotation_stays_on_one_line():
-    finding = bnfold.check.Finding("BD002", "", "line one\nline two, 100%").at("dir/a:b.onnx")
+    finding = bnfold.checks.Finding("BD002", "", "line one\nline two, 100%").at("dir/a:b.onnx")
     (line,) = format_github(CheckResults([finding], checked=1)).splitlines()
     assert line == f"::notice file=dir/a%3Ab.onnx,title=BD002::<model>: line one%0Aline two, 100%25 ({CODES['BD002'].hint})"
 
@@ -546,3 +547,14 @@ def test_registering_the_command_keeps_torch_out_of_cli_start_up():
     probe = "import sys, bnfold.cli; print('torch' in sys.modules)"  # torch costs `bnfold fold` seconds
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_top_level_check_dispatches_on_the_model_kind(tmp_path):
+    model = trained_fixture("mlp")
+    assert bnfold.check(model, (example_input("mlp"),)) == []
+    path = tmp_path / "mlp.onnx"
+    export_onnx(model, example_input("mlp"), path)
+    assert {f.code for f in bnfold.check(path)} == {"BN006"}
+    model.train()
+    with pytest.raises(AssertionError, match="BN001"):
+        bnfold.assert_inference_ready(model, (example_input("mlp"),))

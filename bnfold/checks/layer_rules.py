@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from bnfold.check.findings import Finding
+from bnfold.checks.findings import Finding
 from bnfold.fold_math import UnfoldableStatisticsError, batchnorm_affine
 
 # Past this |γ| / sqrt(var + eps), a channel multiplies its input (and, once folded, its weights) by

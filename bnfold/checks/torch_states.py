@@ -1,4 +1,4 @@
-"""PyTorch models read into the layer states of :mod:`bnfold.check.layer_rules`.
+"""PyTorch models read into the layer states of :mod:`bnfold.checks.layer_rules`.
 
 Two sources: the module tree of an ``nn.Module`` (also a TorchScript module, whose submodules keep
 their class name in ``original_name`` but not their class), and the graph of a ``torch.export``
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnfold.check.layer_rules import BatchNormState, DropoutState, LayerState, Statistics
+from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics
 from bnfold.torch_fold.conversion import to_numpy
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm

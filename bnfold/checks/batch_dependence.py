@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bnfold.check.error_text import describe_error
-from bnfold.check.findings import Finding
+from bnfold.checks.error_text import describe_error
+from bnfold.checks.findings import Finding
 from bnfold.verification import OutputComparison, compare_output
 
 DEFAULT_BATCH_SIZE = 4

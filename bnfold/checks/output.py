@@ -21,7 +21,7 @@ import collections
 import dataclasses
 import json
 
-from bnfold.check.findings import SEVERITIES, Finding
+from bnfold.checks.findings import SEVERITIES, Finding
 
 _GITHUB_COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
 _TALLY_LABELS = {"error": "error(s)", "warning": "warning(s)", "info": "info"}

@@ -2,7 +2,7 @@
 
 A :class:`Finding` carries only what differs between occurrences (which layer, the figures); its
 severity and hint come from :data:`CODES`, so one code always means the same thing. The table of codes
-is in the docstring of :mod:`bnfold.check`.
+is in the docstring of :mod:`bnfold.checks`.
 """
 
 from __future__ import annotations

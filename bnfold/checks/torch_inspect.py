@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bnfold.check.batch_dependence import (
+from bnfold.checks.batch_dependence import (
     DEFAULT_BATCH_SIZE,
     NotMeasurable,
     Output,
@@ -23,9 +23,9 @@ from bnfold.check.batch_dependence import (
     measurement_sizes,
     not_measured,
 )
-from bnfold.check.findings import Finding
-from bnfold.check.layer_rules import layer_findings
-from bnfold.check.torch_states import exported_layer_states, module_layer_states
+from bnfold.checks.findings import Finding
+from bnfold.checks.layer_rules import layer_findings
+from bnfold.checks.torch_states import exported_layer_states, module_layer_states
 from bnfold.torch_fold.conversion import to_numpy
 
 Model = nn.Module | torch.jit.ScriptModule | torch.export.ExportedProgram

@@ -28,21 +28,23 @@ BD002   info      batch dependence not measured (batch fixed at 1, no example in
                   does not run on random inputs), and why
 ======  ========  ==========================================================================
 
-Python API: :func:`check_model` (PyTorch), :func:`check_onnx`, :func:`check_file` (by file), each
-returning a list of :class:`Finding`; :func:`assert_inference_ready` for test suites.
+Python API: :func:`check` (any model kind, also as ``bnfold.check``), :func:`check_model` (PyTorch),
+:func:`check_onnx`, :func:`check_file` (by file), each returning a list of :class:`Finding`;
+:func:`assert_inference_ready` (also ``bnfold.assert_inference_ready``) for test suites.
 """
 
 import importlib
 
-from bnfold.check.findings import CODES, CodeSelection, Finding, Rule, UnknownCodeError, errors
+from bnfold.checks.findings import CODES, CodeSelection, Finding, Rule, UnknownCodeError, errors
 
 # Imported on first use: the inspectors import torch, seconds that every `bnfold` command would
 # otherwise pay at start-up, since the CLI registers `check` beside `fold`.
 _INSPECTOR_MODULES = {
-    "assert_inference_ready": "bnfold.check.assertions",
-    "check_file": "bnfold.check.sources",
-    "check_model": "bnfold.check.torch_inspect",
-    "check_onnx": "bnfold.check.onnx_inspect",
+    "assert_inference_ready": "bnfold.checks.assertions",
+    "check": "bnfold.checks.assertions",
+    "check_file": "bnfold.checks.sources",
+    "check_model": "bnfold.checks.torch_inspect",
+    "check_onnx": "bnfold.checks.onnx_inspect",
 }
 
 

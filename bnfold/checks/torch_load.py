@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnfold.check.error_text import describe_error
-from bnfold.check.torch_inspect import Model
+from bnfold.checks.error_text import describe_error
+from bnfold.checks.torch_inspect import Model
 from bnfold.onnx_io import InputError
 
 

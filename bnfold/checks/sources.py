@@ -1,5 +1,5 @@
 """One model source checked by the front-end that reads it: a file (``.onnx`` by the ONNX inspector,
-anything else as a PyTorch file, whose kind :mod:`bnfold.check.torch_load` tells by content), or the
+anything else as a PyTorch file, whose kind :mod:`bnfold.checks.torch_load` tells by content), or the
 ``module:callable`` of ``--model``. Findings come back carrying the source, as ``path``."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from bnfold.check.batch_dependence import DEFAULT_BATCH_SIZE
-from bnfold.check.findings import Finding
-from bnfold.check.onnx_inspect import check_onnx
-from bnfold.check.torch_inspect import ExampleInputs, check_model
-from bnfold.check.torch_load import load_torch_model, model_from_callable
+from bnfold.checks.batch_dependence import DEFAULT_BATCH_SIZE
+from bnfold.checks.findings import Finding
+from bnfold.checks.onnx_inspect import check_onnx
+from bnfold.checks.torch_inspect import ExampleInputs, check_model
+from bnfold.checks.torch_load import load_torch_model, model_from_callable
 
 ONNX_SUFFIX = ".onnx"
 

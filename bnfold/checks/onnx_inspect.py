@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.check.batch_dependence import (
+from bnfold.checks.batch_dependence import (
     DEFAULT_BATCH_SIZE,
     NotMeasurable,
     Output,
@@ -24,8 +24,8 @@ from bnfold.check.batch_dependence import (
     measurement_sizes,
     not_measured,
 )
-from bnfold.check.findings import Finding
-from bnfold.check.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
+from bnfold.checks.findings import Finding
+from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
 from bnfold.onnx_constants import constant_array
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_io import InputError, load_model

@@ -1,0 +1,43 @@
+"""The Python entry points: :func:`check` returns the findings of any model kind, and
+:func:`assert_inference_ready` fails a test when a model is not ready for inference.
+
+    from bnfold import assert_inference_ready
+
+    def test_model_ships_in_eval_mode():
+        model = build_and_load_checkpoint()
+        assert_inference_ready(model, torch.randn(2, 3, 224, 224))
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import onnx_ir as ir
+
+from bnfold.checks.findings import Finding, errors
+from bnfold.checks.sources import check_file
+from bnfold.checks.onnx_inspect import check_onnx
+from bnfold.checks.torch_inspect import ExampleInputs, Model, check_model
+
+
+def check(
+    model: Model | onnx.ModelProto | ir.Model | str | os.PathLike, example_inputs: ExampleInputs | None = None
+) -> list[Finding]:
+    """Every finding of ``model``: a PyTorch model, an ONNX model, or the path of a model file."""
+    if isinstance(model, (str, os.PathLike)):
+        return check_file(model, example_inputs=example_inputs)
+    if isinstance(model, (onnx.ModelProto, ir.Model)):
+        return check_onnx(model)
+    return check_model(model, example_inputs)
+
+
+def assert_inference_ready(
+    model: Model | onnx.ModelProto | ir.Model | str | os.PathLike, example_inputs: ExampleInputs | None = None
+) -> None:
+    """Raise ``AssertionError`` listing every error finding of ``model`` (see :func:`check`).
+    Warnings and info findings pass."""
+    failing = errors(check(model, example_inputs))
+    if failing:
+        listing = "\n".join(f"  {finding.code} {finding.describe()}" for finding in failing)
+        raise AssertionError(f"model is not ready for inference, {len(failing)} error(s):\n{listing}")
