@@ -10,7 +10,8 @@ An eval-mode BatchNorm is the per-channel affine map ``y = s * x + t`` with
 sees padding values, which would not be shifted).
 
 Everything is computed in float64 and rounded once, at the end, to the weight's dtype (or to
-``out_dtype``). Arrays are numpy; the PyTorch front-end converts at its boundary.
+``out_dtype``) by :func:`round_to_dtype`. Arrays are numpy; the PyTorch front-end converts at its
+boundary.
 """
 
 from __future__ import annotations
@@ -93,6 +94,28 @@ class WeightLayout:
         return weight_shape[1]
 
 
+def round_to_dtype(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """Round float64 ``array`` to ``dtype`` once, to nearest even.
+
+    numpy rounds float64 to float32 and float16 directly. bfloat16 (ml_dtypes, and torch alike) goes
+    through float32, which rounds twice; going through float32 rounded *to odd* instead keeps the
+    single correct rounding (float32 has more than two extra bits over bfloat16's 8).
+    """
+    dtype = np.dtype(dtype)
+    array = np.asarray(array, dtype=np.float64)
+    if dtype.name != "bfloat16":
+        return array.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        narrow = array.astype(np.float32)
+        widened = narrow.astype(np.float64)
+        # Truncate toward zero, then set the last bit wherever the truncation dropped something.
+        overshoot = np.abs(widened) > np.abs(array)
+        narrow[overshoot] = np.nextafter(narrow[overshoot], np.float32(0))
+        inexact = np.isfinite(array) & (narrow.astype(np.float64) != array)
+    narrow.view(np.uint32)[inexact] |= np.uint32(1)
+    return narrow.astype(dtype)
+
+
 def batchnorm_affine(
     gamma: np.ndarray | None,
     beta: np.ndarray | None,
@@ -156,7 +179,7 @@ def fold_into_outputs(
     view *= affine.scale.reshape(layout.groups, out_per_group, 1, 1)
     bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
     new_bias = affine.scale * bias64 + affine.shift
-    return new_weight.astype(out_dtype), new_bias.astype(out_dtype)
+    return round_to_dtype(new_weight, out_dtype), round_to_dtype(new_bias, out_dtype)
 
 
 def fold_into_inputs(
@@ -183,4 +206,4 @@ def fold_into_inputs(
     out_total = layout.out_channels(weight.shape)
     bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
     new_bias = bias64 + bias_delta
-    return new_weight.astype(out_dtype), new_bias.astype(out_dtype)
+    return round_to_dtype(new_weight, out_dtype), round_to_dtype(new_bias, out_dtype)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bnfold.fold_math import round_to_dtype
+
+# torch dtypes numpy has, or (bfloat16) ml_dtypes has, with the same bit layout.
+_NUMPY_DTYPES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
 
 def to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     """float64 on the CPU, whatever the tensor's dtype (numpy has no bfloat16) and device."""
@@ -12,5 +17,18 @@ def to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
 
 
 def to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """Back to ``like``'s device and dtype: the one rounding of the fold happens here."""
-    return torch.from_numpy(array).to(device=like.device, dtype=like.dtype)
+    """float64 ``array`` back to ``like``'s device and dtype, rounded once by the shared algebra
+    (torch's own float64 -> half/bfloat16 conversion rounds twice, through float32)."""
+    name = _NUMPY_DTYPES.get(like.dtype)
+    if name is None:
+        return torch.from_numpy(array).to(device=like.device, dtype=like.dtype)
+    rounded = round_to_dtype(array, np.dtype(name) if name != "bfloat16" else _bfloat16())
+    if name == "bfloat16":  # no bfloat16 in torch.from_numpy: carry the bits over
+        return torch.from_numpy(rounded.view(np.int16)).view(torch.bfloat16).to(like.device)
+    return torch.from_numpy(rounded).to(like.device)
+
+
+def _bfloat16() -> np.dtype:
+    import ml_dtypes  # installed with onnx
+
+    return np.dtype(ml_dtypes.bfloat16)

@@ -1,0 +1,130 @@
+"""The shared fold algebra: every layout against the layer computed in float64 by torch, the refusals,
+and the single rounding."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnfold.fold_math import (
+    ChannelAffine,
+    UnfoldableStatisticsError,
+    WeightLayout,
+    batchnorm_affine,
+    fold_into_inputs,
+    fold_into_outputs,
+    round_to_dtype,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def affine(channels: int) -> ChannelAffine:
+    return ChannelAffine(RNG.uniform(0.5, 1.5, channels), RNG.normal(0, 0.5, channels))
+
+
+def per_channel(a: ChannelAffine, x: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * torch.from_numpy(a.scale).view(shape) + torch.from_numpy(a.shift).view(shape)
+
+
+def t(array):
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_conv_output_fold_matches_conv_then_affine(groups):
+    weight, bias, a = RNG.normal(size=(6, 6 // groups, 3, 3)), RNG.normal(size=6), affine(6)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    w, b = fold_into_outputs(weight, bias, a, WeightLayout("conv", groups))
+    expected = per_channel(a, F.conv2d(x, t(weight), t(bias), groups=groups))
+    torch.testing.assert_close(F.conv2d(x, t(w), t(b), groups=groups), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_conv_transpose_output_fold_uses_the_per_group_output_axis(groups):
+    weight, a = RNG.normal(size=(6, 9 // groups, 3, 3)), affine(9)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    w, b = fold_into_outputs(weight, None, a, WeightLayout("conv_transpose", groups))
+    expected = per_channel(a, F.conv_transpose2d(x, t(weight), groups=groups))
+    torch.testing.assert_close(F.conv_transpose2d(x, t(w), t(b), groups=groups), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_conv_input_fold_matches_affine_then_unpadded_conv(groups):
+    weight, bias, a = RNG.normal(size=(6, 6 // groups, 3, 3)), RNG.normal(size=6), affine(6)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    w, b = fold_into_inputs(weight, bias, a, WeightLayout("conv", groups))
+    expected = F.conv2d(per_channel(a, x), t(weight), t(bias), groups=groups)
+    torch.testing.assert_close(F.conv2d(x, t(w), t(b), groups=groups), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["matrix_in_out", "matrix_out_in"])
+def test_matrix_folds_both_directions(kind):
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def apply(weight, bias):
+        y = x @ t(weight) if kind == "matrix_in_out" else x @ t(weight).T
+        return y if bias is None else y + t(bias)
+
+    weight = RNG.normal(size=(5, 3) if kind == "matrix_in_out" else (3, 5))
+    after, before = affine(3), affine(5)
+    w, b = fold_into_outputs(weight, None, after, WeightLayout(kind))
+    torch.testing.assert_close(apply(w, b), per_channel(after, apply(weight, None)), atol=1e-12, rtol=1e-12)
+    w, b = fold_into_inputs(weight, None, before, WeightLayout(kind))
+    expected = per_channel(before, x) @ (t(weight) if kind == "matrix_in_out" else t(weight).T)
+    torch.testing.assert_close(apply(w, b), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_batchnorm_affine_is_the_eval_formula_in_float64():
+    gamma, beta, mean, var = (RNG.uniform(0.5, 1.5, 4).astype(np.float32) for _ in range(4))
+    a = batchnorm_affine(gamma, beta, mean, var, 1e-3)
+    assert a.scale.dtype == np.float64
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = F.batch_norm(x, t(mean).double(), t(var).double(), t(gamma).double(), t(beta).double(), False, 0.0, 1e-3)
+    torch.testing.assert_close(per_channel(a, x), expected, atol=1e-14, rtol=1e-14)
+    plain = batchnorm_affine(None, None, mean, var, 1e-3)  # affine=False
+    np.testing.assert_allclose(plain.scale, 1 / np.sqrt(var.astype(np.float64) + 1e-3))
+
+
+@pytest.mark.parametrize(
+    "field,value,words",
+    [("var", -1.0, "negative"), ("var", 0.0, "not positive"), ("mean", np.nan, "NaN"), ("gamma", np.inf, "Inf")],
+)
+def test_unfoldable_statistics_say_why_and_where(field, value, words):
+    params = {name: np.ones(4) for name in ("gamma", "beta", "mean", "var")}
+    params[field] = params[field].copy()
+    params[field][3] = value
+    eps = 0.0 if words == "not positive" else 1e-5
+    with pytest.raises(UnfoldableStatisticsError, match=words) as error:
+        batchnorm_affine(params["gamma"], params["beta"], params["mean"], params["var"], eps)
+    assert "channel 3" in str(error.value)
+
+
+def test_bfloat16_is_rounded_once_not_through_float32():
+    # Just above the midpoint between the bfloat16 neighbours 1 and 1 + 2^-7: nearest is 1 + 2^-7.
+    # float32 rounds it onto the midpoint first, and then ties-to-even gives 1 (the double-rounding error).
+    x = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30)])
+    assert x.astype(ml_dtypes.bfloat16)[0] == 1.0  # what a plain cast does
+    np.testing.assert_array_equal(round_to_dtype(x, ml_dtypes.bfloat16).astype(np.float64), [1 + 2**-7, -(1 + 2**-7)])
+
+
+def test_bfloat16_rounding_is_nearest_on_random_values():
+    x = RNG.standard_normal(100_000) * np.exp(RNG.uniform(-30, 30, 100_000))
+    rounded = round_to_dtype(x, ml_dtypes.bfloat16)
+    bits = rounded.view(np.uint16).astype(np.int32)
+    neighbours = [(bits + step).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64) for step in (-1, 1)]
+    error = np.abs(x - rounded.astype(np.float64))
+    assert not any(np.any(np.abs(x - n) < error) for n in neighbours)
+
+
+def test_folds_round_once_to_the_weight_dtype():
+    weight = RNG.normal(size=(4, 2, 3, 3)).astype(np.float16)
+    a = affine(4)
+    w, b = fold_into_outputs(weight, None, a, WeightLayout("conv"))
+    assert w.dtype == np.float16 and b.dtype == np.float16
+    exact = weight.astype(np.float64) * a.scale[:, None, None, None]
+    np.testing.assert_array_equal(w, exact.astype(np.float16))
