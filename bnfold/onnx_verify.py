@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +60,19 @@ def _session(source: str | os.PathLike | bytes) -> ort.InferenceSession:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def run_model(source: str | os.PathLike | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def model_runner(source: str | os.PathLike | bytes) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """One onnxruntime session (optimisations off), as a function from feeds to named outputs."""
     session = _session(source)
     names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, feeds), strict=True))
+
+    return run
+
+
+def run_model(source: str | os.PathLike | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return model_runner(source)(feeds)
 
 
 def model_source(model: ir.Model, scratch: str) -> str | bytes:

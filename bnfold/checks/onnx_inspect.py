@@ -30,7 +30,7 @@ from bnfold.onnx_constants import constant_array
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_io import InputError, load_model
 from bnfold.onnx_rules import batchnorm_training_mode, node_label
-from bnfold.onnx_verify import VerificationUnavailableError, model_source, random_inputs, run_model
+from bnfold.onnx_verify import VerificationUnavailableError, model_runner, model_source, random_inputs
 
 # Dropout's ratio when the input (opset 12+) or attribute (before opset 7) is absent.
 DEFAULT_DROPOUT_RATIO = 0.5
@@ -151,10 +151,10 @@ def _batch_dependence(
     except (NotMeasurable, VerificationUnavailableError) as reason:
         return [not_measured(str(reason))]
     with tempfile.TemporaryDirectory(prefix="bnfold-check-") as scratch:
-        source = model_source(model, scratch)
+        run_session = model_runner(model_source(model, scratch))
 
         def run(indices: list[int]) -> dict[str, Output]:
-            outputs = run_model(source, {name: array[indices] for name, array in feeds.items()})
+            outputs = run_session({name: array[indices] for name, array in feeds.items()})
             return {name: Output(values, str(values.dtype)) for name, values in outputs.items()}
 
         return measure_batch_dependence(run, batch_size, alone_size)
