@@ -24,6 +24,11 @@ CONSTANT_OPS = frozenset(
 )  # fmt: skip
 
 
+# Marks a value found to be computed at run time. Folding only ever replaces constants with constants, so
+# the mark stays true; it keeps repeated queries along long Add/Mul chains linear instead of quadratic.
+_NOT_CONSTANT = "bnfold.not_constant"
+
+
 def _initializer_array(value: ir.Value) -> np.ndarray | None:
     tensor = value.const_value
     if tensor is None:
@@ -98,7 +103,11 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
             stack.pop()
             continue
         producer = current.producer()
-        if current.is_graph_input() or (producer is not None and not _is_constant_op(producer)):
+        if (
+            current.meta.get(_NOT_CONSTANT)
+            or current.is_graph_input()
+            or (producer is not None and not _is_constant_op(producer))
+        ):
             known[current] = None
             stack.pop()
             continue
@@ -121,6 +130,9 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
             except Exception:  # an op the reference evaluator rejects: treat as not constant
                 results = [None] * len(producer.outputs)
         known.update(zip(producer.outputs, results))
+        for output, result in zip(producer.outputs, results):
+            if result is None:
+                output.meta[_NOT_CONSTANT] = True
     return known[value]
 
 

@@ -478,3 +478,19 @@ def test_weight_behind_a_deep_constant_computation_folds_without_recursion():
     assert op_count(result, "BatchNormalization") == 0
     assert len(result.graph.node) == 1  # the whole weight computation was dropped once unread
     assert_same_outputs(model, result, **F32)
+
+
+def test_constant_queries_along_a_long_runtime_add_chain_stay_linear(monkeypatch):
+    """Every Add of a run-time chain asks whether its operands are constant; without memoising the
+    answer each question would walk the whole chain back to the input (quadratic work)."""
+    from bnfold import onnx_constants
+
+    visits = []
+    original = onnx_constants._is_constant_op
+    monkeypatch.setattr(onnx_constants, "_is_constant_op", lambda node: visits.append(node) or original(node))
+    length = 2000
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"a{i - 1}", "c"], [f"a{i}"]) for i in range(length)]
+    model = make_model(nodes, [("x", [1, 4])], [f"a{length - 1}"], [initializer("c", np.ones(4, np.float32))])
+    result, report = folded(model, verify=False)
+    assert report.folds == [] and len(result.graph.node) == length
+    assert len(visits) < 5 * length
