@@ -113,14 +113,21 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.folds.append(fold)
 
 
-def _as_ir(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> tuple[ir.Model, str | bytes, str]:
-    """A working copy of ``model``, what onnxruntime should run as the original, and a label."""
+def _as_ir(model: str | os.PathLike | ir.Model | onnx.ModelProto, keep_original: bool) -> tuple[ir.Model, str | bytes | None, str]:
+    """A working copy of ``model``, what onnxruntime should run as the original (when
+    ``keep_original``; serializing a large model costs time and memory), and a label."""
     if isinstance(model, (str, os.PathLike)):
         return load_model(model), str(model), str(model)
+    label = model.graph.name or "<model>"
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(model), model.SerializeToString(), model.graph.name or "<model>"
-    serialized = ir.to_proto(model).SerializeToString()
-    return ir.from_proto(onnx.load_from_string(serialized)), serialized, model.graph.name or "<model>"
+        return ir.from_proto(model), model.SerializeToString() if keep_original else None, label
+    proto = ir.to_proto(model)
+    return ir.from_proto(proto), proto.SerializeToString() if keep_original else None, label
+
+
+def _needs_shapes(model: ir.Model) -> bool:
+    """Only MatMul folds need inferred shapes (the data's rank); inference is superlinear in graph size."""
+    return any(node.op_type == "MatMul" for _, graph in _graphs(model) for node in graph)
 
 
 def fold_onnx(
@@ -139,12 +146,13 @@ def fold_onnx(
     original and folded models run in onnxruntime on seeded random inputs and every output is compared;
     a mismatch raises :class:`bnfold.VerificationError` carrying the report.
     """
-    working, original, label = _as_ir(model)
+    working, original, label = _as_ir(model, keep_original=verify)
     report = FoldReport(model=label, frontend="onnx", nodes_before=node_counts(working))
-    try:
-        ShapeInferencePass()(working)
-    except Exception as error:  # shapes only make MatMul folds provable; folding goes on without them
-        report.notes.append(f"shape inference failed ({type(error).__name__}); 2-D MatMul folds may be refused")
+    if _needs_shapes(working):
+        try:
+            ShapeInferencePass()(working)
+        except Exception as error:  # shapes only make MatMul folds provable; folding goes on without them
+            report.notes.append(f"shape inference failed ({type(error).__name__}); 2-D MatMul folds may be refused")
     fold_pass = FoldBatchNormPass()
     fold_pass(working)
     report.folds, report.skips = fold_pass.folds, fold_pass.skips

@@ -190,7 +190,25 @@ def batchnorm_training_mode(node: ir.Node, version: int) -> TrainingMode | None:
 
 
 def batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
-    """The eval-mode BatchNormalization as a channel affine map, or a refusal saying why not."""
+    """The eval-mode BatchNormalization as a channel affine map, or a refusal saying why not.
+
+    Remembered in ``node.meta``: the pass asks once up front and each rule asks again."""
+    cached = node.meta.get(_AFFINE)
+    if cached is None:
+        try:
+            cached = _batchnorm_channel_affine(node, opset)
+        except Refusal as refusal:
+            cached = refusal
+        node.meta[_AFFINE] = cached
+    if isinstance(cached, Refusal):
+        raise cached
+    return cached
+
+
+_AFFINE = "bnfold.channel_affine"
+
+
+def _batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
     version = node.version or opset
     label = node_label(node)
     training = batchnorm_training_mode(node, version)
@@ -262,7 +280,8 @@ class GraphEditor:
         return name
 
     def initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=self.fresh_name(base), const_value=ir.tensor(array))
+        # ir.Tensor, not ir.tensor(): the convenience constructor's protocol checks cost more than the fold.
+        value = ir.Value(name=self.fresh_name(base), const_value=ir.Tensor(array))
         value.shape = ir.Shape(array.shape)
         value.type = ir.TensorType(value.const_value.dtype)
         graph.register_initializer(value)
@@ -307,9 +326,13 @@ class FoldIntoPreceding:
     direction = "into-preceding"
 
     def check(self, anchor: ir.Node, opset: int) -> Match:
+        if not any(_is_layer(_layer_behind(value)) for value in anchor.inputs):
+            # Checked before _data_input, which may evaluate constants (shape arithmetic is full of Mul/Add).
+            source = anchor.inputs[0].producer() if anchor.inputs and anchor.inputs[0] is not None else None
+            source_name = "a graph input or constant" if source is None else source.op_type
+            raise Refusal("no-foldable-neighbour", f"its input comes from {source_name}, not a Conv/ConvTranspose/Gemm/MatMul")
         data = _data_input(anchor)
-        producer = data.producer() if data is not None else None
-        producer = _matmul_of_bias_add(producer) or producer
+        producer = _layer_behind(data)
         if not _is_layer(producer):
             source = "a graph input or constant" if producer is None else producer.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source}, not a Conv/ConvTranspose/Gemm/MatMul")
@@ -377,6 +400,12 @@ def _data_input(anchor: ir.Node) -> ir.Value | None:
         return anchor.inputs[0]
     variable = [v for v in anchor.inputs if v is not None and constant_array(v) is None]
     return variable[0] if len(variable) == 1 else None
+
+
+def _layer_behind(value: ir.Value | None) -> ir.Node | None:
+    """The node that produces ``value``, seeing through a MatMul's bias Add to the MatMul."""
+    producer = value.producer() if value is not None else None
+    return _matmul_of_bias_add(producer) or producer
 
 
 def _is_layer(node: ir.Node | None) -> bool:
