@@ -188,7 +188,7 @@ def _fixture(name: str) -> BenchModel:
 
 def _architecture(name: str) -> BenchModel:
     def torch_model():
-        from architectures import example_image, realistic_model
+        from bnfold.architectures import example_image, realistic_model
 
         return realistic_model(name), example_image(name)
 
@@ -211,7 +211,7 @@ def _chain(pairs: int) -> BenchModel:
 
 
 def catalogue() -> dict[str, BenchModel]:
-    from architectures import ARCHITECTURES
+    from bnfold.architectures import ARCHITECTURES
     from bnfold.testing import FIXTURES
 
     models = [*map(_fixture, FIXTURES), *map(_architecture, ARCHITECTURES), *map(_chain, CHAIN_SIZES)]

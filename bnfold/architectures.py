@@ -1,4 +1,5 @@
-"""Real architectures at their published size, for the folder benchmark (torchvision is not available here).
+"""Real architectures at their published size, for the ONNX architecture tests and the folder benchmark
+(torchvision's wheels do not work beside the CPU torch this project pins, so they are written out here).
 
 - ``resnet50``: ResNet-50 v1.5 (bottleneck blocks [3, 4, 6, 3], stride on the 3x3 conv), 53 BatchNorms.
 - ``mobilenet_v2``: MobileNetV2, width 1.0, inverted residuals with ReLU6, 52 BatchNorms.
