@@ -69,8 +69,8 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(completed.stdout.strip().splitlines()[1] if completed.returncode == 0 else completed.stderr)
-    print(f"| model size | verify | exit | wall time | peak RSS | peak / size |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model size | verify | exit | wall time | peak RSS | peak / size |")
+    print("|---|---|---|---|---|---|")
     print(
         f"| {size / 2**30:.2f} GiB | {'no' if args.no_verify else 'yes'} | {completed.returncode} | "
         f"{elapsed:.1f} s | {peak / 2**30:.2f} GiB | {peak / size:.2f} |"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from bnfold.check_command import check
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_io import InputError, check_writable, save_model
 from bnfold.onnx_verify import VerificationUnavailableError
@@ -32,6 +33,9 @@ class _FoldByDefault(click.Group):
 @click.version_option(package_name="bnfold")
 def main() -> None:
     """Fold eval-mode BatchNorm into neighbouring layers; `bnfold MODEL -o OUT` runs `fold`."""
+
+
+main.add_command(check)
 
 
 def _parse_input_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
@@ -93,6 +97,3 @@ def fold(model, output, in_place, dry_run, no_verify, output_format, input_shape
 def _emit(report, output_format: str) -> None:
     click.echo(report.to_json() if output_format == "json" else report.format_text())
 
-
-from bnfold.check_command import check  # noqa: E402
-main.add_command(check)

@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import collections
 import os
-from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from bnfold import onnx_verify
 from bnfold.onnx_io import load_model
 from bnfold.onnx_rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
     FoldIntoPreceding,
-    Refusal,
     GraphEditor,
+    Refusal,
     batchnorm_channel_affine,
     node_label,
 )
-from bnfold import onnx_verify
 from bnfold.report import Fold, FoldReport, Skip
 from bnfold.verification import VerificationError
 

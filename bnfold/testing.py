@@ -179,7 +179,6 @@ def conv_bn_chain(pairs: int, channels: int = 4, size: int = 8, seed: int = 0):
     (exporting thousands of layers from PyTorch would dominate any timing). Statistics are random
     but trained-looking: nothing is 1 or 0."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

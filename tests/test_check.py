@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bnfold
-import bnfold.checks
 import bnfold.check_command
+import bnfold.checks
 from bnfold.checks import CODES, assert_inference_ready, check_model, check_onnx, errors
 from bnfold.checks.output import CheckResults, format_github
 from bnfold.cli import main

@@ -13,9 +13,9 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
+from onnx_models import assert_same_outputs, op_count
 
 from bnfold.cli import main
-from onnx_models import assert_same_outputs, op_count
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "small_cnn.onnx"
 

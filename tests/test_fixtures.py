@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx_models import assert_same_outputs, op_count
 from torch import nn
 
 from bnfold import fold_onnx
 from bnfold.testing import FIXTURES, example_input, export_onnx, trained_fixture
-from onnx_models import assert_same_outputs, op_count
 
 
 @pytest.fixture(scope="module", params=sorted(FIXTURES))

@@ -7,12 +7,12 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from onnx_models import assert_same_outputs, op_count
+from torch_architectures import CASES, trained_eval_model
 
 from bnfold import fold_onnx
 from bnfold.architectures import ARCHITECTURES, realistic_model
 from bnfold.testing import export_onnx
-from onnx_models import assert_same_outputs, op_count
-from torch_architectures import CASES, trained_eval_model
 
 # BatchNorms bnfold must leave, with their skip code. DenseNet-121's pre-activation BN→ReLU→Conv layers
 # read a Concat and feed a ReLU: nothing can absorb them (62 of its 121).

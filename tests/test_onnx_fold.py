@@ -11,8 +11,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-
-from bnfold import fold_onnx
 from onnx_models import (
     assert_same_outputs,
     batchnorm_node,
@@ -21,6 +19,8 @@ from onnx_models import (
     make_model,
     op_count,
 )
+
+from bnfold import fold_onnx
 
 F32 = dict(atol=1e-5, rtol=1e-4)
 

@@ -16,8 +16,8 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.checks.findings import Finding, errors
-from bnfold.checks.sources import check_file
 from bnfold.checks.onnx_inspect import check_onnx
+from bnfold.checks.sources import check_file
 from bnfold.checks.torch_inspect import ExampleInputs, Model, check_model
 
 
