@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import tempfile
 
 import onnx
 import onnx_ir as ir
@@ -112,16 +113,19 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.folds.append(fold)
 
 
-def _as_ir(model: str | os.PathLike | ir.Model | onnx.ModelProto, keep_original: bool) -> tuple[ir.Model, str | bytes | None, str]:
-    """A working copy of ``model``, what onnxruntime should run as the original (when
-    ``keep_original``; serializing a large model costs time and memory), and a label."""
+def _as_ir(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto, scratch: str | None
+) -> tuple[ir.Model, str | bytes | None, str]:
+    """A working copy of ``model``, what onnxruntime should run as the original (only with a
+    ``scratch`` directory, i.e. when verifying: serializing a large model costs time and memory), and a label."""
     if isinstance(model, (str, os.PathLike)):
         return load_model(model), str(model), str(model)
     label = model.graph.name or "<model>"
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(model), model.SerializeToString() if keep_original else None, label
-    proto = ir.to_proto(model)
-    return ir.from_proto(proto), proto.SerializeToString() if keep_original else None, label
+        return ir.from_proto(model), model.SerializeToString() if scratch else None, label
+    # An onnx_ir model may hold external tensors: clone it (tensors are shared, never modified) and let
+    # onnxruntime read the original from a file that carries its data.
+    return model.clone(), onnx_verify.model_source(model, scratch) if scratch else None, label
 
 
 def _needs_shapes(model: ir.Model) -> bool:
@@ -145,23 +149,26 @@ def fold_onnx(
     original and folded models run in onnxruntime on seeded random inputs and every output is compared;
     a mismatch raises :class:`bnfold.VerificationError` carrying the report.
     """
-    working, original, label = _as_ir(model, keep_original=verify)
-    report = FoldReport(model=label, frontend="onnx", nodes_before=node_counts(working))
-    if _needs_shapes(working):
-        try:
-            ShapeInferencePass()(working)
-        except Exception as error:  # shapes only make MatMul folds provable; folding goes on without them
-            report.notes.append(f"shape inference failed ({type(error).__name__}); 2-D MatMul folds may be refused")
-    fold_pass = FoldBatchNormPass()
-    fold_pass(working)
-    report.folds, report.skips = fold_pass.folds, fold_pass.skips
-    report.nodes_after = node_counts(working)
-    if verify and report.folds:
-        report.verification = onnx_verify.verify(original, working, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed)
-        if not report.verification.passed:
-            raise VerificationError(report.verification, report)
-    elif verify:
-        report.notes.append("nothing folded, so nothing to verify")
+    with tempfile.TemporaryDirectory(prefix="bnfold-original-") as scratch:
+        working, original, label = _as_ir(model, scratch if verify else None)
+        report = FoldReport(model=label, frontend="onnx", nodes_before=node_counts(working))
+        if _needs_shapes(working):
+            try:
+                ShapeInferencePass()(working)
+            except Exception as error:  # shapes only make MatMul folds provable; folding goes on without them
+                report.notes.append(f"shape inference failed ({type(error).__name__}); 2-D MatMul folds may be refused")
+        fold_pass = FoldBatchNormPass()
+        fold_pass(working)
+        report.folds, report.skips = fold_pass.folds, fold_pass.skips
+        report.nodes_after = node_counts(working)
+        if verify and report.folds:
+            report.verification = onnx_verify.verify(
+                original, working, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed
+            )
+            if not report.verification.passed:
+                raise VerificationError(report.verification, report)
+        elif verify:
+            report.notes.append("nothing folded, so nothing to verify")
     if isinstance(model, onnx.ModelProto):
         return ir.to_proto(working), report
     return working, report

@@ -166,3 +166,19 @@ def test_console_script_runs_the_main_job(model, tmp_path):
     completed = subprocess.run([script, model, "-o", tmp_path / "f.onnx"], capture_output=True, text=True, env=os.environ)
     assert completed.returncode == 0, completed.stderr
     assert "folded 4 of 4" in completed.stdout
+
+
+def test_fold_onnx_accepts_an_onnx_ir_model_with_external_data(model, tmp_path):
+    import onnx_ir as ir
+
+    from bnfold import fold_onnx
+
+    source = tmp_path / "ext" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(model), source, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    loaded = ir.load(source)
+    folded, report = fold_onnx(loaded)
+    assert report.verification.passed and len(report.folds) == 4
+    assert sum(node.op_type == "BatchNormalization" for node in loaded.graph) == 4  # the input is untouched
+    ir.save(folded, tmp_path / "folded.onnx", external_data="folded.data")  # untouched tensors stay external
+    assert_same_outputs(onnx.load(model), onnx.load(tmp_path / "folded.onnx"), atol=1e-5, rtol=1e-4)
