@@ -182,3 +182,23 @@ def test_fold_onnx_accepts_an_onnx_ir_model_with_external_data(model, tmp_path):
     assert sum(node.op_type == "BatchNormalization" for node in loaded.graph) == 4  # the input is untouched
     ir.save(folded, tmp_path / "folded.onnx", external_data="folded.data")  # untouched tensors stay external
     assert_same_outputs(onnx.load(model), onnx.load(tmp_path / "folded.onnx"), atol=1e-5, rtol=1e-4)
+
+
+def test_verification_progress_goes_to_stderr_only_on_a_terminal(model, tmp_path):
+    import pty
+
+    script = Path(sys.executable).with_name("bnfold")
+    controller, terminal = pty.openpty()
+    with os.fdopen(controller, "rb", buffering=0) as screen:
+        completed = subprocess.run([script, model, "--dry-run"], stdout=subprocess.PIPE, stderr=terminal)
+        os.close(terminal)
+        shown = b""
+        try:
+            while chunk := screen.read(4096):
+                shown += chunk
+        except OSError:  # the terminal side is closed: everything has been read
+            pass
+    assert completed.returncode == 0
+    assert b"verifying: running the original model" in shown and b"comparing outputs" in shown
+    piped = subprocess.run([script, model, "--dry-run"], capture_output=True, text=True)
+    assert "verifying" not in piped.stderr
