@@ -74,14 +74,6 @@ class FoldReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     output: str | None = None
 
-    @property
-    def batchnorms_before(self) -> int:
-        return self.nodes_before.get("batchnorm", 0)
-
-    @property
-    def batchnorms_after(self) -> int:
-        return self.nodes_after.get("batchnorm", 0)
-
     def to_dict(self) -> dict:
         return {
             "schema": "bnfold.fold-report/1",
