@@ -281,9 +281,8 @@ class GraphEditor:
 
     def initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         # ir.Tensor, not ir.tensor(): the convenience constructor's protocol checks cost more than the fold.
+        # No shape or type on the value: the tensor carries both, and onnx_ir would repeat them as value_info.
         value = ir.Value(name=self.fresh_name(base), const_value=ir.Tensor(array))
-        value.shape = ir.Shape(array.shape)
-        value.type = ir.TensorType(value.const_value.dtype)
         graph.register_initializer(value)
         return value
 
@@ -306,6 +305,10 @@ class GraphEditor:
             name = output.name
             output.name = None
             replacement.name = name
+            # The graph output keeps its declared type and shape (the anchor preserves both), which the
+            # replacement may not have been given (exporters rarely annotate intermediate values).
+            replacement.type = output.type or replacement.type
+            replacement.shape = output.shape or replacement.shape
         output.replace_all_uses_with(replacement, replace_graph_outputs=True)
         inputs = [value for value in anchor.inputs if value is not None]
         graph.remove(anchor, safe=True)
