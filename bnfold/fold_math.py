@@ -103,7 +103,7 @@ def round_to_dtype(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     """
     dtype = np.dtype(dtype)
     array = np.asarray(array, dtype=np.float64)
-    if dtype.name != "bfloat16":
+    if dtype.kind == "f" or dtype.name != "bfloat16":  # (dtype.name is slow: ask only for exotic kinds)
         return array.astype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         narrow = array.astype(np.float32)
@@ -121,11 +121,13 @@ def batchnorm_affine(
     beta: np.ndarray | None,
     mean: np.ndarray,
     var: np.ndarray,
-    eps: float,
+    eps: float | np.ndarray,
 ) -> ChannelAffine:
     """The eval-mode BatchNorm as ``scale``/``shift`` in float64.
 
-    ``gamma``/``beta`` may be ``None`` (``affine=False``: 1 and 0). Raises
+    ``gamma``/``beta`` may be ``None`` (``affine=False``: 1 and 0). Every operation is per channel, so
+    the parameters of several BatchNorms can go through one call, concatenated, with ``eps`` an array
+    giving each channel its BatchNorm's epsilon. Raises
     :class:`UnfoldableStatisticsError` with the reason when the statistics cannot be folded.
     """
     mean64 = np.asarray(mean, dtype=np.float64).reshape(-1)
@@ -141,7 +143,7 @@ def batchnorm_affine(
         raise UnfoldableStatisticsError(
             f"running variance is negative in {negative.size} channel(s), first channel {negative[0]} ({var64[negative[0]]:g})"
         )
-    denominator = var64 + float(eps)
+    denominator = var64 + np.asarray(eps, dtype=np.float64)
     nonpositive = np.flatnonzero(denominator <= 0)
     if nonpositive.size:
         raise UnfoldableStatisticsError(

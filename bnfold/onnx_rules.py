@@ -265,19 +265,26 @@ class Match:
     direction: str
 
 
+class FreshNames:
+    """Names for the values a fold creates: ``<base>_bnfold``, numbered when that is taken."""
+
+    def __init__(self, taken: set[str]):
+        self._taken = taken
+        self._counter = itertools.count()
+
+    def __call__(self, base: str) -> str:
+        name = f"{base}_bnfold"
+        while name in self._taken:
+            name = f"{base}_bnfold{next(self._counter)}"
+        self._taken.add(name)
+        return name
+
+
 class GraphEditor:
     """Graph edits shared by both rules: fresh initializers, rewiring, dead-constant removal."""
 
     def __init__(self, model: ir.Model):
-        self._names = {v.name for g in (model.graph, *model.graph.subgraphs()) for v in _all_values(g) if v.name}
-        self._counter = itertools.count()
-
-    def fresh_name(self, base: str) -> str:
-        name = f"{base}_bnfold"
-        while name in self._names:
-            name = f"{base}_bnfold{next(self._counter)}"
-        self._names.add(name)
-        return name
+        self.fresh_name = FreshNames({v.name for g in (model.graph, *model.graph.subgraphs()) for v in _all_values(g) if v.name})
 
     def initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         # ir.Tensor, not ir.tensor(): the convenience constructor's protocol checks cost more than the fold.

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -94,7 +95,7 @@ def _progress(message: str, started: float) -> None:
 
 def verify(
     original: str | os.PathLike | bytes,
-    folded: ir.Model,
+    folded: ir.Model | onnx.ModelProto,
     *,
     input_shapes: dict[str, list[int]] | None = None,
     atol: float | None = None,
@@ -103,6 +104,9 @@ def verify(
 ) -> Verification:
     """Compare every output of ``folded`` with ``original`` (a path or serialized model)."""
     started = time.perf_counter()
+    folded_source = None
+    if isinstance(folded, onnx.ModelProto):  # the fast path's result: in memory, no external data
+        folded_source, folded = folded.SerializeToString(), ir.from_proto(folded)
     feeds = random_inputs(folded, input_shapes, seed)
     _progress("running the original model in onnxruntime", started)
     try:
@@ -114,7 +118,7 @@ def verify(
         ) from None
     _progress("running the folded model in onnxruntime", started)
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
-        actual = run_model(model_source(folded, scratch), feeds)
+        actual = run_model(folded_source or model_source(folded, scratch), feeds)
     _progress("comparing outputs", started)
     output_types = {value.name: value.dtype for value in folded.graph.outputs}
     comparisons = []

@@ -93,3 +93,43 @@ def op_count(model: onnx.ModelProto, op_type: str) -> int:
             for attr in node.attribute:
                 graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
     return count
+
+
+def _node_signature(node: onnx.NodeProto) -> tuple:
+    attributes = sorted((a.name, a.SerializeToString()) for a in node.attribute)
+    return node.op_type, node.domain, node.name, list(node.input), list(node.output), attributes
+
+
+def _initializer_contents(graph: onnx.GraphProto) -> dict[str, tuple]:
+    return {
+        t.name: (t.data_type, list(t.dims), numpy_helper.to_array(t).tobytes()) for t in graph.initializer
+    }
+
+
+def fast_path_agrees(model: onnx.ModelProto) -> bool:
+    """Fold ``model`` with the protobuf fast path and with FoldBatchNormPass. When the fast path takes the
+    model, assert that both give the same model (nodes, attributes, names, initializer bytes, graph inputs
+    and outputs) and the same folds; when it declines, assert it left the model untouched. Returns
+    whether the fast path took it."""
+    import onnx_ir as ir
+
+    from bnfold.onnx_fast_path import fold_plain_pairs
+    from bnfold.onnx_fold import FoldBatchNormPass
+
+    fast = onnx.ModelProto()
+    fast.CopyFrom(model)
+    folds = fold_plain_pairs(fast)
+    if folds is None:
+        assert fast.SerializeToString() == model.SerializeToString(), "the fast path declined but changed the model"
+        return False
+    working = ir.from_proto(model)
+    fold_pass = FoldBatchNormPass()
+    fold_pass(working)
+    slow = ir.to_proto(working)
+    assert folds == fold_pass.folds and not fold_pass.skips
+    assert [_node_signature(n) for n in fast.graph.node] == [_node_signature(n) for n in slow.graph.node]
+    assert _initializer_contents(fast.graph) == _initializer_contents(slow.graph)
+    for field in ("input", "output"):
+        ours = [v.SerializeToString() for v in getattr(fast.graph, field)]
+        assert ours == [v.SerializeToString() for v in getattr(slow.graph, field)], field
+    return True

@@ -15,6 +15,7 @@ from onnx_models import (
     assert_same_outputs,
     batchnorm_node,
     batchnorm_parameters,
+    fast_path_agrees,
     initializer,
     make_model,
     op_count,
@@ -31,6 +32,7 @@ def rng():
 
 
 def folded(model: onnx.ModelProto, **kwargs):
+    fast_path_agrees(model)
     result, report = fold_onnx(model, **kwargs)
     if report.folds:
         onnx.checker.check_model(result)
