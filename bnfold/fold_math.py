@@ -16,7 +16,9 @@ boundary.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -182,6 +184,41 @@ def fold_into_outputs(
     bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
     new_bias = affine.scale * bias64 + affine.shift
     return round_to_dtype(new_weight, out_dtype), round_to_dtype(new_bias, out_dtype)
+
+
+def fold_many_into_outputs(
+    layers: Sequence[tuple[np.ndarray, np.ndarray | None, ChannelAffine, WeightLayout]],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`fold_into_outputs` of each ``(weight, bias, affine, layout)``, with the same results bit for
+    bit (every element is the same one product, or product and sum, rounded once).
+
+    Layers whose weight leads with the output channels (``conv``, ``matrix_out_in``) and whose bias is
+    per-channel or absent are computed together, one numpy pass per weight dtype: with many small
+    layers numpy's per-call overhead, not the arithmetic, is the cost. Others go one by one.
+    """
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(layers)
+    batches: dict[np.dtype, list[int]] = collections.defaultdict(list)
+    for position, (weight, bias, affine, layout) in enumerate(layers):
+        channels = weight.shape[0] if weight.ndim else -1
+        if layout.kind in ("conv", "matrix_out_in") and affine.channels == channels and (bias is None or bias.shape == (channels,)):
+            batches[weight.dtype].append(position)
+        else:
+            results[position] = fold_into_outputs(weight, bias, affine, layout)
+    for dtype, positions in batches.items():
+        weights = [layers[p][0] for p in positions]
+        channels = [weight.shape[0] for weight in weights]
+        per_channel = [weight.size // weight.shape[0] for weight in weights]
+        scale = np.concatenate([layers[p][2].scale for p in positions])
+        shift = np.concatenate([layers[p][2].shift for p in positions])
+        bias = np.concatenate([np.zeros(c) if layers[p][1] is None else layers[p][1] for p, c in zip(positions, channels)])
+        new_weight = np.concatenate([weight.reshape(-1) for weight in weights]).astype(np.float64)
+        new_weight *= np.repeat(scale, np.repeat(per_channel, channels))
+        new_bias = scale * bias.astype(np.float64) + shift
+        flat_weights = np.split(round_to_dtype(new_weight, dtype), np.cumsum([w.size for w in weights])[:-1])
+        flat_biases = np.split(round_to_dtype(new_bias, dtype), np.cumsum(channels)[:-1])
+        for p, weight, flat_weight, flat_bias in zip(positions, weights, flat_weights, flat_biases):
+            results[p] = flat_weight.reshape(weight.shape), flat_bias
+    return results
 
 
 def fold_into_inputs(

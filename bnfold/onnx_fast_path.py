@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import math
 import sys
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfold.fold_math import ChannelAffine, UnfoldableStatisticsError, WeightLayout, batchnorm_affine, fold_into_outputs
+from bnfold.fold_math import ChannelAffine, UnfoldableStatisticsError, WeightLayout, batchnorm_affine, fold_many_into_outputs
 from bnfold.onnx_constants import CONSTANT_OPS
 from bnfold.onnx_rules import ELEMENTWISE_OPS, FreshNames
 from bnfold.report import Fold
@@ -51,30 +53,50 @@ class _Pair:
     bias: onnx.TensorProto | None  # the layer's bias initializer, rewritten in place when there is one
     fold_bias: bool  # False for a Gemm whose C is ignored (beta = 0): the fold starts from no bias
     beta: float
-    statistics: list[np.ndarray]  # scale, bias, mean, var
+    statistics: list[onnx.TensorProto]  # scale, bias, mean, var
+    statistic_names: list[str]
+    epsilon: float
+    channels: int
+    labels: tuple[str, str]  # the BatchNorm's and the layer's, for the report
 
 
 class _GraphIndex:
-    """One pass over the main graph: initializers, producers, readers, taken names, node positions."""
+    """One pass over the main graph: initializers, producers, readers, the BatchNorms (with their
+    positions) and per-channel elementwise candidates, and whether any node holds a subgraph."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.initializer_positions: dict[str, int] = {}
+        for position, tensor in enumerate(graph.initializer):
+            name = tensor.name
+            self.initializers[name] = tensor
+            self.initializer_positions[name] = position
         self.graph_inputs = {value.name for value in graph.input}
         self.graph_outputs = {value.name for value in graph.output}
         self.producers: dict[str, onnx.NodeProto] = {}
-        self.readers: dict[str, list[tuple[onnx.NodeProto, int]]] = collections.defaultdict(list)
+        self.readers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)  # once per input slot
+        self.batchnorms: list[tuple[int, onnx.NodeProto]] = []
+        self.elementwise: list[onnx.NodeProto] = []
         self.has_subgraphs = False
         self.nodes = graph.node
         self._may_be_constant: dict[str, bool] | None = None
-        for node in graph.node:
-            for position, name in enumerate(node.input):
+        readers, producers = self.readers, self.producers
+        for position, node in enumerate(graph.node):
+            for name in node.input:
                 if name:
-                    self.readers[name].append((node, position))
+                    readers[name].append(node)
             for name in node.output:
                 if name:
-                    self.producers[name] = node
-            if node.op_type in _CONTROL_FLOW_OPS or node.domain not in _DEFAULT_DOMAINS:
+                    producers[name] = node
+            op_type = node.op_type
+            if node.domain not in _DEFAULT_DOMAINS:
                 self.has_subgraphs = self.has_subgraphs or any(a.type in _SUBGRAPH_ATTRIBUTES for a in node.attribute)
+            elif op_type == "BatchNormalization":
+                self.batchnorms.append((position, node))
+            elif op_type in ELEMENTWISE_OPS:
+                self.elementwise.append(node)
+            elif op_type in _CONTROL_FLOW_OPS:
+                self.has_subgraphs = True
 
     def taken_names(self) -> set[str]:
         return {*self.graph_inputs, *self.initializers, *self.producers}
@@ -116,10 +138,6 @@ class _GraphIndex:
         return candidates
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, onnx.AttributeProto]:
-    return {attribute.name: attribute for attribute in node.attribute}
-
-
 def _label(node: onnx.NodeProto) -> str:
     """The label :func:`bnfold.onnx_rules.node_label` gives the same node."""
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
@@ -127,13 +145,18 @@ def _label(node: onnx.NodeProto) -> str:
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:
     dtype = _RAW_DTYPES.get(tensor.data_type)
-    if dtype is not None and tensor.raw_data:
-        return np.frombuffer(tensor.raw_data, dtype).reshape(tuple(tensor.dims))
+    raw = tensor.raw_data if dtype is not None else b""  # (each read of the field copies the bytes)
+    if raw:
+        return np.frombuffer(raw, dtype).reshape(tuple(tensor.dims))
     return numpy_helper.to_array(tensor)
 
 
 def _write(tensor: onnx.TensorProto, name: str, array: np.ndarray, data_type: int) -> None:
-    """Make ``tensor`` a fresh initializer holding ``array``, encoded as onnx_ir writes one."""
+    """Make ``tensor`` an initializer named ``name`` holding ``array`` as raw data, as onnx_ir writes one."""
+    if tensor.HasField("raw_data") and tensor.data_type == data_type and tuple(tensor.dims) == array.shape:
+        tensor.name = name  # already in that form: two fields to set
+        tensor.raw_data = array.tobytes()
+        return
     tensor.Clear()
     tensor.name = name
     tensor.data_type = data_type
@@ -150,65 +173,75 @@ def _elementwise_may_fold(node: onnx.NodeProto, index: _GraphIndex) -> bool:
 def _plain_pair(batchnorm: onnx.NodeProto, opset: int, index: _GraphIndex) -> _Pair | None:
     """``batchnorm`` and the layer before it, when FoldBatchNormPass would certainly fold the one into the
     other; None when anything about it needs the pass's full rules."""
-    attributes = _attributes(batchnorm)
-    if (
-        opset < 7
-        or len(batchnorm.input) != 5
-        or any(batchnorm.output[1:])
-        or ("training_mode" in attributes and attributes["training_mode"].i)
-        or ("spatial" in attributes and not attributes["spatial"].i)
-    ):
+    inputs = batchnorm.input
+    if opset < 7 or len(inputs) != 5 or any(batchnorm.output[1:]):
         return None
-    statistic_tensors = [index.initializer(name) for name in batchnorm.input[1:]]
-    layer = index.producers.get(batchnorm.input[0])
-    if None in statistic_tensors or layer is None or layer.op_type not in _LAYER_OPS or layer.domain not in _DEFAULT_DOMAINS:
+    epsilon = 1e-5
+    for attribute in batchnorm.attribute:  # (read once: protobuf field access is the cost here)
+        name = attribute.name
+        if name == "epsilon":
+            epsilon = attribute.f
+        elif (name == "training_mode" and attribute.i) or (name == "spatial" and not attribute.i):
+            return None
+    statistic_names = inputs[1:]
+    statistics = [index.initializer(name) for name in statistic_names]
+    layer = index.producers.get(inputs[0])
+    if None in statistics or layer is None or layer.op_type not in _LAYER_OPS or layer.domain not in _DEFAULT_DOMAINS:
         return None
-    if layer.output[0] != batchnorm.input[0] or not index.sole_reader(layer.output[0]) or len(layer.input) < 2:
+    layer_inputs = layer.input
+    if layer.output[0] != inputs[0] or not index.sole_reader(inputs[0]) or len(layer_inputs) < 2:
         return None
-    layer_attributes = _attributes(layer)
-    weight = index.initializer(layer.input[1])
-    bias_name = layer.input[2] if len(layer.input) > 2 else ""
+    weight = index.initializer(layer_inputs[1])
+    bias_name = layer_inputs[2] if len(layer_inputs) > 2 else ""
     bias = index.initializer(bias_name) if bias_name else None
-    if weight is None or not index.sole_reader(layer.input[1]) or (bias_name and (bias is None or not index.sole_reader(bias_name))):
+    if weight is None or not index.sole_reader(layer_inputs[1]) or (bias_name and (bias is None or not index.sole_reader(bias_name))):
         return None
-    beta = 1.0
+    groups, transposed, beta = 1, 0, 1.0
+    for attribute in layer.attribute:
+        name = attribute.name
+        if name == "group":
+            groups = attribute.i
+        elif name == "transB":
+            transposed = attribute.i
+        elif name == "beta":
+            beta = attribute.f
     if layer.op_type == "Gemm":
         if len(weight.dims) != 2:
             return None
-        transposed = "transB" in layer_attributes and layer_attributes["transB"].i
-        layout = WeightLayout("matrix_out_in" if transposed else "matrix_in_out")
-        beta = layer_attributes["beta"].f if "beta" in layer_attributes else 1.0
+        layout = _layout("matrix_out_in" if transposed else "matrix_in_out", 1)
     else:
-        groups = layer_attributes["group"].i if "group" in layer_attributes else 1
-        layout = WeightLayout("conv" if layer.op_type == "Conv" else "conv_transpose", groups)
-    channels = layout.out_channels(tuple(weight.dims))
-    statistics = [_array(tensor).reshape(-1) for tensor in statistic_tensors]
-    if any(array.size != channels for array in statistics):
+        layout = _layout("conv" if layer.op_type == "Conv" else "conv_transpose", groups)
+    channels = layout.out_channels(weight.dims)
+    if any(math.prod(tensor.dims) != channels for tensor in statistics):
         return None
     fold_bias = bias is not None and beta != 0.0
-    return _Pair(batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0, statistics)
+    labels = (batchnorm.name or _label(batchnorm), layer.name or _label(layer))
+    return _Pair(batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0, statistics, statistic_names, epsilon, channels, labels)
+
+
+_layout = functools.cache(WeightLayout)
 
 
 def _channel_affines(pairs: list[_Pair]) -> list[ChannelAffine] | None:
     """Every pair's BatchNorm as a channel affine map, computed in one call over all their channels."""
     if not pairs:
         return []
-    eps = []
-    for pair in pairs:
-        attributes = _attributes(pair.batchnorm)
-        epsilon = attributes["epsilon"].f if "epsilon" in attributes else 1e-5
-        eps.append(np.full(pair.statistics[0].size, epsilon))
-    columns = [np.concatenate([pair.statistics[k] for pair in pairs]) for k in range(4)]
+    sizes = [pair.channels for pair in pairs]
+    columns = [_concatenated([pair.statistics[k] for pair in pairs]) for k in range(4)]
+    eps = np.repeat([pair.epsilon for pair in pairs], sizes)
     try:
-        joint = batchnorm_affine(*columns, np.concatenate(eps))
+        joint = batchnorm_affine(*columns, eps)
     except UnfoldableStatisticsError:
         return None  # the pass names the BatchNorm and the channel
-    affines, start = [], 0
-    for pair in pairs:
-        end = start + pair.statistics[0].size
-        affines.append(ChannelAffine(joint.scale[start:end], joint.shift[start:end]))
-        start = end
-    return affines
+    ends = np.cumsum(sizes).tolist()
+    return [ChannelAffine(joint.scale[end - size : end], joint.shift[end - size : end]) for size, end in zip(sizes, ends)]
+
+
+def _concatenated(tensors: list[onnx.TensorProto]) -> np.ndarray:
+    """The tensors' values end to end, as float64; float32 raw data (the usual encoding) in one read."""
+    if all(tensor.data_type == onnx.TensorProto.FLOAT and tensor.raw_data for tensor in tensors):
+        return np.frombuffer(b"".join(tensor.raw_data for tensor in tensors), np.float32).astype(np.float64)
+    return np.concatenate([_array(tensor).reshape(-1).astype(np.float64) for tensor in tensors])
 
 
 def fold_plain_pairs(model: onnx.ModelProto) -> list[Fold] | None:
@@ -219,55 +252,67 @@ def fold_plain_pairs(model: onnx.ModelProto) -> list[Fold] | None:
     index = _GraphIndex(graph)
     if index.has_subgraphs or sys.byteorder != "little":
         return None
-    pairs, positions = [], []
-    for position, node in enumerate(graph.node):
-        if node.domain not in _DEFAULT_DOMAINS:
-            continue
-        if node.op_type == "BatchNormalization":
-            pair = _plain_pair(node, opset, index)
-            if pair is None:
-                return None
-            pairs.append(pair)
-            positions.append(position)
-        elif node.op_type in ELEMENTWISE_OPS and _elementwise_may_fold(node, index):
-            return None
+    if any(_elementwise_may_fold(node, index) for node in index.elementwise):
+        return None
+    pairs = [_plain_pair(node, opset, index) for _, node in index.batchnorms]
+    if None in pairs:
+        return None
     affines = _channel_affines(pairs)
     if affines is None:
         return None
     # Proven: from here on every pair folds. Nothing above changed the model.
+    folds = [Fold(*pair.labels, pair.layer.op_type, "into-preceding") for pair in pairs]
     fresh_name = FreshNames(index.taken_names())
-    unread = collections.Counter()
-    folds = []
-    for pair, affine in zip(pairs, affines, strict=True):
-        folds.append(Fold(_label(pair.batchnorm), _label(pair.layer), pair.layer.op_type, "into-preceding"))
-        _rewrite(pair, affine, graph, fresh_name)
-        unread.update(pair.batchnorm.input[1:])
+    for chunk in _chunks(list(zip(pairs, affines))):
+        _rewrite(chunk, graph, fresh_name)
     _bypass_all(pairs, index, graph)
-    dead = {name for name, count in unread.items() if count == len(index.readers[name]) and name not in index.graph_outputs}
-    _delete(graph.initializer, [i for i, tensor in enumerate(graph.initializer) if tensor.name in dead])
-    _delete(graph.node, positions)
+    unread = collections.Counter(name for pair in pairs for name in pair.statistic_names)
+    dead = [name for name, count in unread.items() if count == len(index.readers[name]) and name not in index.graph_outputs]
+    _delete(graph.initializer, [index.initializer_positions[name] for name in dead])
+    _delete(graph.node, [position for position, _ in index.batchnorms])
     return folds
 
 
-def _rewrite(pair: _Pair, affine: ChannelAffine, graph: onnx.GraphProto, fresh_name: FreshNames) -> None:
-    """Scale the layer's output channels; its weight and bias initializers get new names, as the pass
-    gives the new initializers it creates (their old contents are read by nothing else)."""
-    layer, data_type = pair.layer, pair.weight.data_type
-    old_bias = _array(pair.bias) if pair.fold_bias else None
-    # Gemm adds beta * C: the shift enters C divided by beta.
-    shifted = ChannelAffine(affine.scale, affine.shift / pair.beta)
-    weight, bias = fold_into_outputs(_array(pair.weight), old_bias, shifted, pair.layout)
-    base = layer.input[1]
-    weight_name, bias_name = fresh_name(base), fresh_name(f"{base}_bias")
-    _write(pair.weight, weight_name, weight, data_type)
-    layer.input[1] = weight_name
-    _write(pair.bias if pair.bias is not None else graph.initializer.add(), bias_name, bias, data_type)
-    if len(layer.input) > 2:
-        layer.input[2] = bias_name
-    else:
-        layer.input.append(bias_name)
-    if layer.op_type == "Gemm" and not pair.fold_bias:
-        _set_float_attribute(layer, "beta", 1.0)  # C is now the folded bias
+def _chunks(items: list[tuple[_Pair, ChannelAffine]]):
+    """Runs of pairs with at most :data:`_CHUNK_ELEMENTS` weight elements (one layer may exceed it), so
+    that folding many layers at once never holds float64 copies of all the model's weights."""
+    chunk, elements = [], 0
+    for item in items:
+        size = math.prod(item[0].weight.dims)
+        if chunk and elements + size > _CHUNK_ELEMENTS:
+            yield chunk
+            chunk, elements = [], 0
+        chunk.append(item)
+        elements += size
+    if chunk:
+        yield chunk
+
+
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _rewrite(chunk: list[tuple[_Pair, ChannelAffine]], graph: onnx.GraphProto, fresh_name: FreshNames) -> None:
+    """Scale the layers' output channels. Each weight and bias initializer is rewritten under a new name,
+    the one the pass gives the initializer it creates (the old contents are read by nothing else)."""
+    layers = []
+    for pair, affine in chunk:
+        bias = _array(pair.bias) if pair.fold_bias else None
+        # Gemm adds beta * C: the shift enters C divided by beta.
+        shifted = affine if pair.beta == 1.0 else ChannelAffine(affine.scale, affine.shift / pair.beta)
+        layers.append((_array(pair.weight), bias, shifted, pair.layout))
+    for (pair, _), (weight, bias) in zip(chunk, fold_many_into_outputs(layers)):
+        layer, data_type = pair.layer, pair.weight.data_type
+        base = layer.input[1]
+        weight_name, bias_name = fresh_name(base), fresh_name(f"{base}_bias")
+        _write(pair.weight, weight_name, weight, data_type)
+        layer.input[1] = weight_name
+        _write(pair.bias if pair.bias is not None else graph.initializer.add(), bias_name, bias, data_type)
+        if len(layer.input) > 2:
+            layer.input[2] = bias_name
+        else:
+            layer.input.append(bias_name)
+        if layer.op_type == "Gemm" and not pair.fold_bias:
+            _set_float_attribute(layer, "beta", 1.0)  # C is now the folded bias
 
 
 def _set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
@@ -288,8 +333,10 @@ def _bypass_all(pairs: list[_Pair], index: _GraphIndex, graph: onnx.GraphProto) 
             pair.layer.output[0] = normalized
             gone.add(data)
         else:
-            for reader, position in index.readers.get(normalized, ()):
-                reader.input[position] = data
+            for reader in index.readers.get(normalized, ()):
+                for position, name in enumerate(reader.input):
+                    if name == normalized:
+                        reader.input[position] = data
             gone.add(normalized)
     _delete(graph.value_info, [i for i, value in enumerate(graph.value_info) if value.name in gone])
 

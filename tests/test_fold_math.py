@@ -16,6 +16,7 @@ from bnfold.fold_math import (
     batchnorm_affine,
     fold_into_inputs,
     fold_into_outputs,
+    fold_many_into_outputs,
     round_to_dtype,
 )
 
@@ -128,3 +129,28 @@ def test_folds_round_once_to_the_weight_dtype():
     assert w.dtype == np.float16 and b.dtype == np.float16
     exact = weight.astype(np.float64) * a.scale[:, None, None, None]
     np.testing.assert_array_equal(w, exact.astype(np.float16))
+
+
+def test_folding_many_layers_at_once_gives_each_layer_fold_bit_for_bit():
+    """Batched (leading output channels, per-channel or no bias) and one-by-one layers, mixed dtypes."""
+    layers = []
+    for dtype in (np.float32, np.float16, np.float64, ml_dtypes.bfloat16):
+        for kind, shape, groups in [
+            ("conv", (6, 2, 3, 3), 3),
+            ("conv", (4, 4, 1, 1), 1),
+            ("matrix_out_in", (5, 7), 1),
+            ("conv_transpose", (4, 3, 2, 2), 2),
+            ("matrix_in_out", (7, 5), 1),
+        ]:
+            layout = WeightLayout(kind, groups)
+            channels = layout.out_channels(shape)
+            weight = RNG.normal(size=shape).astype(dtype)
+            for bias in (None, RNG.normal(size=channels).astype(dtype)):
+                layers.append((weight, bias, affine(channels), layout))
+    # A Gemm-style bias broadcast over rows goes one by one.
+    layers.append((RNG.normal(size=(5, 7)).astype(np.float32), RNG.normal(size=(3, 5)).astype(np.float32), affine(5), WeightLayout("matrix_out_in")))
+    for layer, (weight, bias) in zip(layers, fold_many_into_outputs(layers), strict=True):
+        expected_weight, expected_bias = fold_into_outputs(*layer)
+        for ours, expected in ((weight, expected_weight), (bias, expected_bias)):
+            assert ours.dtype == expected.dtype and ours.shape == expected.shape
+            assert ours.tobytes() == expected.tobytes()
