@@ -10,12 +10,14 @@ Prints three markdown tables on stdout (progress goes to stderr):
    optimisations off, the same seeded inputs). Every (model, tool) runs in a fresh subprocess with a
    per-run timeout; a crash or timeout fills the cell instead of ending the run. A reference row per
    model times ``onnx.load`` + ``onnx.save`` of the model file. bnfold has two rows: the bare
-   ``FoldBatchNormPass`` and the public ``fold_onnx(verify=False)`` (which adds shape inference).
+   ``FoldBatchNormPass`` on onnx_ir (conversion included) and the public ``fold_onnx(verify=False)``, which
+   folds a model of plain Conv/Gemm→BN pairs on the protobuf (``bnfold.onnx_fast_path``) and runs the pass
+   (with shape inference when there is a MatMul) otherwise.
 2. **Inference gain.** onnxruntime latency of the original and the bnfold-folded model with the
    runtime's optimisations off and at ORT_ENABLE_ALL, and PyTorch eager latency of the original module
    and ``bnfold.fold(model, example_inputs).model``.
-3. **Scaling.** bnfold's fold time per Conv→BN pair (the pass alone) on chains of 500, 2000 and 8000
-   pairs, and the ratio of the slowest to the fastest per-pair time.
+3. **Scaling.** bnfold's fold time per Conv→BN pair (the pass alone, and ``fold_onnx``) on chains of 500,
+   2000 and 8000 pairs, and the ratio of the slowest to the fastest per-pair time.
 
 See benchmarks/README.md for the method and a full run's output.
 """
@@ -607,20 +609,28 @@ def inference_table(models: list[BenchModel], rounds: int) -> tuple[str, list[st
     return markdown_table(headers, rows), notes
 
 
-def bnfold_pass_seconds(model: onnx.ModelProto, repeats: int) -> list[float]:
-    """The FoldBatchNormPass alone, each run on a fresh onnx_ir model (conversion not timed)."""
+def bnfold_seconds(model: onnx.ModelProto, repeats: int) -> dict[str, list[float]]:
+    """In-process timings on one model: the FoldBatchNormPass alone (each run on a fresh onnx_ir model,
+    conversion not timed) and ``fold_onnx(verify=False)`` end to end (ModelProto in and out: the
+    protobuf fast path on a plain model)."""
     import onnx_ir as ir
 
+    from bnfold import fold_onnx
     from bnfold.onnx_fold import FoldBatchNormPass
 
     FoldBatchNormPass()(ir.from_proto(tiny_model()))
-    times = []
+    fold_onnx(tiny_model(), verify=False)
+    times = {"pass": [], "fold_onnx": []}
     for _ in range(repeats):
         working = ir.from_proto(model)
         gc.collect()
         start = time.perf_counter()
         FoldBatchNormPass()(working)
-        times.append(time.perf_counter() - start)
+        times["pass"].append(time.perf_counter() - start)
+        gc.collect()
+        start = time.perf_counter()
+        fold_onnx(model, verify=False)
+        times["fold_onnx"].append(time.perf_counter() - start)
     return times
 
 
@@ -632,21 +642,26 @@ def _per_pair_cell(row: FoldRow | None, pairs: int) -> str:
 
 
 def scaling_table(chains: list[BenchModel], repeats: int, fold_results: dict[tuple[str, str], FoldRow]) -> str:
-    per_pair_us = {}
+    per_pair_us: dict[str, dict[int, float]] = {"pass": {}, "fold_onnx": {}}
     rows = []
     for chain in chains:
         pairs = chain_size(chain.name)
         log(f"  scaling {chain.name}")
-        seconds = statistics.median(bnfold_pass_seconds(onnx.load(chain.path), repeats))
-        per_pair_us[pairs] = 1e6 * seconds / pairs
+        cells = [str(pairs)]
+        for what, times in bnfold_seconds(onnx.load(chain.path), repeats).items():
+            seconds = statistics.median(times)
+            per_pair_us[what][pairs] = 1e6 * seconds / pairs
+            cells += [fmt_ms(1000 * seconds), f"{per_pair_us[what][pairs]:.1f}"]
         peers = [_per_pair_cell(fold_results.get((chain.name, tool)), pairs) for tool in FOLDERS]
-        rows.append([str(pairs), fmt_ms(1000 * seconds), f"{per_pair_us[pairs]:.1f}", *peers])
-    headers = ["pairs", "bnfold pass ms", "bnfold pass µs/pair", *(f"{tool} end-to-end µs/pair" for tool in FOLDERS)]
+        rows.append([*cells, *peers])
+    headers = ["pairs", "bnfold pass ms", "bnfold pass µs/pair", "bnfold.fold_onnx ms", "bnfold.fold_onnx µs/pair",
+               *(f"{tool} end-to-end µs/pair (table 1)" for tool in FOLDERS)]  # fmt: skip
     table = markdown_table(headers, rows)
-    if len(per_pair_us) > 1:
-        ratio = max(per_pair_us.values()) / min(per_pair_us.values())
-        verdict = "within" if ratio <= 2 else "NOT within"
-        table += f"\n\nbnfold pass time per pair, slowest / fastest: **{ratio:.2f}** ({verdict} the factor-2 target)."
+    for what, label in (("pass", "FoldBatchNormPass"), ("fold_onnx", "fold_onnx(verify=False)")):
+        if len(per_pair_us[what]) > 1:
+            ratio = max(per_pair_us[what].values()) / min(per_pair_us[what].values())
+            verdict = "within" if ratio <= 2 else "NOT within"
+            table += f"\n\nbnfold {label} time per pair, slowest / fastest: **{ratio:.2f}** ({verdict} the factor-2 target)."
     return table
 
 

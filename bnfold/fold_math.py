@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -136,6 +137,18 @@ def batchnorm_affine(
     var64 = np.asarray(var, dtype=np.float64).reshape(-1)
     gamma64 = np.ones_like(mean64) if gamma is None else np.asarray(gamma, dtype=np.float64).reshape(-1)
     beta64 = np.zeros_like(mean64) if beta is None else np.asarray(beta, dtype=np.float64).reshape(-1)
+    denominator = var64 + np.asarray(eps, dtype=np.float64)
+    with np.errstate(all="ignore"):  # bad statistics are diagnosed below, not warned about
+        scale = gamma64 / np.sqrt(denominator)
+        shift = beta64 - mean64 * scale
+    # NaN or Inf anywhere but in the variance shows in scale or shift; an infinite variance gives scale 0.
+    if not (np.isfinite(scale).all() and np.isfinite(shift).all() and np.isfinite(var64).all() and (var64 >= 0).all()):
+        _raise_unfoldable(gamma64, beta64, mean64, var64, denominator)
+    return ChannelAffine(scale, shift)
+
+
+def _raise_unfoldable(gamma64, beta64, mean64, var64, denominator) -> None:
+    """Say what is wrong with statistics that gave no finite scale and shift, naming the first channel."""
     for name, array in (("scale", gamma64), ("bias", beta64), ("running mean", mean64), ("running variance", var64)):
         bad = np.flatnonzero(~np.isfinite(array))
         if bad.size:
@@ -145,17 +158,12 @@ def batchnorm_affine(
         raise UnfoldableStatisticsError(
             f"running variance is negative in {negative.size} channel(s), first channel {negative[0]} ({var64[negative[0]]:g})"
         )
-    denominator = var64 + np.asarray(eps, dtype=np.float64)
     nonpositive = np.flatnonzero(denominator <= 0)
     if nonpositive.size:
         raise UnfoldableStatisticsError(
             f"variance + eps is not positive in {nonpositive.size} channel(s), first channel {nonpositive[0]}"
         )
-    scale = gamma64 / np.sqrt(denominator)
-    shift = beta64 - mean64 * scale
-    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        raise UnfoldableStatisticsError("scale or shift overflows float64")
-    return ChannelAffine(scale, shift)
+    raise UnfoldableStatisticsError("scale or shift overflows float64")
 
 
 def _check_channels(affine: ChannelAffine, expected: int, what: str) -> None:
@@ -214,10 +222,10 @@ def fold_many_into_outputs(
         new_weight = np.concatenate([weight.reshape(-1) for weight in weights]).astype(np.float64)
         new_weight *= np.repeat(scale, np.repeat(per_channel, channels))
         new_bias = scale * bias.astype(np.float64) + shift
-        flat_weights = np.split(round_to_dtype(new_weight, dtype), np.cumsum([w.size for w in weights])[:-1])
-        flat_biases = np.split(round_to_dtype(new_bias, dtype), np.cumsum(channels)[:-1])
-        for p, weight, flat_weight, flat_bias in zip(positions, weights, flat_weights, flat_biases):
-            results[p] = flat_weight.reshape(weight.shape), flat_bias
+        rounded_weight, rounded_bias = round_to_dtype(new_weight, dtype), round_to_dtype(new_bias, dtype)
+        weight_end, bias_end = itertools.accumulate(w.size for w in weights), itertools.accumulate(channels)
+        for p, weight, w_end, c, b_end in zip(positions, weights, weight_end, channels, bias_end):
+            results[p] = rounded_weight[w_end - weight.size : w_end].reshape(weight.shape), rounded_bias[b_end - c : b_end]
     return results
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import math
 import sys
 
@@ -227,13 +228,13 @@ def _channel_affines(pairs: list[_Pair]) -> list[ChannelAffine] | None:
     if not pairs:
         return []
     sizes = [pair.channels for pair in pairs]
-    columns = [_concatenated([pair.statistics[k] for pair in pairs]) for k in range(4)]
+    columns = _concatenated([pair.statistics[k] for k in range(4) for pair in pairs]).reshape(4, -1)
     eps = np.repeat([pair.epsilon for pair in pairs], sizes)
     try:
         joint = batchnorm_affine(*columns, eps)
     except UnfoldableStatisticsError:
         return None  # the pass names the BatchNorm and the channel
-    ends = np.cumsum(sizes).tolist()
+    ends = itertools.accumulate(sizes)
     return [ChannelAffine(joint.scale[end - size : end], joint.shift[end - size : end]) for size, end in zip(sizes, ends)]
 
 
