@@ -194,21 +194,31 @@ def fold_into_outputs(
     return round_to_dtype(new_weight, out_dtype), round_to_dtype(new_bias, out_dtype)
 
 
+# Past this many weight elements a layer's arithmetic outweighs numpy's per-call overhead.
+BATCHED_WEIGHT_SIZE = 1 << 14
+
+
 def fold_many_into_outputs(
     layers: Sequence[tuple[np.ndarray, np.ndarray | None, ChannelAffine, WeightLayout]],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`fold_into_outputs` of each ``(weight, bias, affine, layout)``, with the same results bit for
     bit (every element is the same one product, or product and sum, rounded once).
 
-    Layers whose weight leads with the output channels (``conv``, ``matrix_out_in``) and whose bias is
-    per-channel or absent are computed together, one numpy pass per weight dtype: with many small
-    layers numpy's per-call overhead, not the arithmetic, is the cost. Others go one by one.
+    Small layers (up to :data:`BATCHED_WEIGHT_SIZE` elements) whose weight leads with the output channels
+    (``conv``, ``matrix_out_in``) and whose bias is per-channel or absent are computed together, one numpy
+    pass per weight dtype: for them numpy's per-call overhead, not the arithmetic, is the cost. Others go
+    one by one.
     """
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(layers)
     batches: dict[np.dtype, list[int]] = collections.defaultdict(list)
     for position, (weight, bias, affine, layout) in enumerate(layers):
         channels = weight.shape[0] if weight.ndim else -1
-        if layout.kind in ("conv", "matrix_out_in") and affine.channels == channels and (bias is None or bias.shape == (channels,)):
+        if (
+            weight.size <= BATCHED_WEIGHT_SIZE
+            and layout.kind in ("conv", "matrix_out_in")
+            and affine.channels == channels
+            and (bias is None or bias.shape == (channels,))
+        ):
             batches[weight.dtype].append(position)
         else:
             results[position] = fold_into_outputs(weight, bias, affine, layout)

@@ -10,10 +10,11 @@ of arithmetic). :func:`fold_plain_pairs` first proves that a model is such a cas
 - nothing else would fold: no Mul/Add/Sub/Div reads a layer's output next to something that may be constant;
 - no subgraphs, no external data, a little-endian machine.
 
-Only then does it rewrite the model, in place; otherwise it returns None with the model untouched, and
-:class:`bnfold.onnx_fold.FoldBatchNormPass` folds it (or says why not). When this path folds, its result is
-the pass's: the same folds, the same values (the arithmetic is :mod:`bnfold.fold_math`, here with the
-statistics of all pairs in one call), the same new names. Tests compare the two on every model they fold.
+Only then does it build the folded copy (copying everything but the tensors it replaces); otherwise it
+returns None, and :class:`bnfold.onnx_fold.FoldBatchNormPass` folds the model (or says why not). The input
+is never modified. When this path folds, its result is the pass's: the same folds, the same values (the
+arithmetic is :mod:`bnfold.fold_math`, here over many pairs per numpy call), the same new names, the same
+initializer order. Tests compare the two on every model they fold.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ _FLOATING = (*_RAW_DTYPES, onnx.TensorProto.BFLOAT16)
 
 @dataclasses.dataclass
 class _Pair:
+    """A plain pair as read from the input model; positions address the same nodes in the folded copy."""
+
+    batchnorm_position: int
+    layer_position: int
     batchnorm: onnx.NodeProto
     layer: onnx.NodeProto
     layout: WeightLayout
     weight: onnx.TensorProto
-    bias: onnx.TensorProto | None  # the layer's bias initializer, rewritten in place when there is one
+    bias: onnx.TensorProto | None  # the layer's bias initializer, if any
     fold_bias: bool  # False for a Gemm whose C is ignored (beta = 0): the fold starts from no bias
     beta: float
     statistics: list[onnx.TensorProto]  # scale, bias, mean, var
@@ -66,38 +71,37 @@ class _GraphIndex:
     positions) and per-channel elementwise candidates, and whether any node holds a subgraph."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.initializers: dict[str, onnx.TensorProto] = {}
-        self.initializer_positions: dict[str, int] = {}
-        for position, tensor in enumerate(graph.initializer):
-            name = tensor.name
-            self.initializers[name] = tensor
-            self.initializer_positions[name] = position
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
         self.graph_inputs = {value.name for value in graph.input}
         self.graph_outputs = {value.name for value in graph.output}
-        self.producers: dict[str, onnx.NodeProto] = {}
-        self.readers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)  # once per input slot
-        self.batchnorms: list[tuple[int, onnx.NodeProto]] = []
+        self.nodes = list(graph.node)
+        self.producers: dict[str, int] = {}  # value name -> position of the node that writes it
+        self.readers: dict[str, list[int]] = collections.defaultdict(list)  # positions, once per input slot
+        self.batchnorms: list[int] = []
         self.elementwise: list[onnx.NodeProto] = []
         self.has_subgraphs = False
-        self.nodes = graph.node
         self._may_be_constant: dict[str, bool] | None = None
         readers, producers = self.readers, self.producers
-        for position, node in enumerate(graph.node):
+        for position, node in enumerate(self.nodes):
             for name in node.input:
                 if name:
-                    readers[name].append(node)
+                    readers[name].append(position)
             for name in node.output:
                 if name:
-                    producers[name] = node
+                    producers[name] = position
             op_type = node.op_type
             if node.domain not in _DEFAULT_DOMAINS:
                 self.has_subgraphs = self.has_subgraphs or any(a.type in _SUBGRAPH_ATTRIBUTES for a in node.attribute)
             elif op_type == "BatchNormalization":
-                self.batchnorms.append((position, node))
+                self.batchnorms.append(position)
             elif op_type in ELEMENTWISE_OPS:
                 self.elementwise.append(node)
             elif op_type in _CONTROL_FLOW_OPS:
                 self.has_subgraphs = True
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        position = self.producers.get(name)
+        return None if position is None else self.nodes[position]
 
     def taken_names(self) -> set[str]:
         return {*self.graph_inputs, *self.initializers, *self.producers}
@@ -152,28 +156,17 @@ def _array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
-def _write(tensor: onnx.TensorProto, name: str, array: np.ndarray, data_type: int) -> None:
-    """Make ``tensor`` an initializer named ``name`` holding ``array`` as raw data, as onnx_ir writes one."""
-    if tensor.HasField("raw_data") and tensor.data_type == data_type and tuple(tensor.dims) == array.shape:
-        tensor.name = name  # already in that form: two fields to set
-        tensor.raw_data = array.tobytes()
-        return
-    tensor.Clear()
-    tensor.name = name
-    tensor.data_type = data_type
-    tensor.dims.extend(array.shape)
-    tensor.raw_data = array.tobytes()
-
-
 def _elementwise_may_fold(node: onnx.NodeProto, index: _GraphIndex) -> bool:
     """Whether FoldBatchNormPass might fold this Mul/Add/Sub/Div into a layer (erring towards yes)."""
-    reads_layer = any(index.producers.get(name) is not None and index.producers[name].op_type in _FOLD_TARGET_OPS for name in node.input)
+    producers = [index.producer(name) for name in node.input]
+    reads_layer = any(producer is not None and producer.op_type in _FOLD_TARGET_OPS for producer in producers)
     return reads_layer and any(index.may_be_constant(name) for name in node.input if name)
 
 
-def _plain_pair(batchnorm: onnx.NodeProto, opset: int, index: _GraphIndex) -> _Pair | None:
-    """``batchnorm`` and the layer before it, when FoldBatchNormPass would certainly fold the one into the
-    other; None when anything about it needs the pass's full rules."""
+def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
+    """The BatchNorm at ``position`` and the layer before it, when FoldBatchNormPass would certainly fold
+    the one into the other; None when anything about it needs the pass's full rules."""
+    batchnorm = index.nodes[position]
     inputs = batchnorm.input
     if opset < 7 or len(inputs) != 5 or any(batchnorm.output[1:]):
         return None
@@ -186,7 +179,8 @@ def _plain_pair(batchnorm: onnx.NodeProto, opset: int, index: _GraphIndex) -> _P
             return None
     statistic_names = inputs[1:]
     statistics = [index.initializer(name) for name in statistic_names]
-    layer = index.producers.get(inputs[0])
+    layer_position = index.producers.get(inputs[0])
+    layer = None if layer_position is None else index.nodes[layer_position]
     if None in statistics or layer is None or layer.op_type not in _LAYER_OPS or layer.domain not in _DEFAULT_DOMAINS:
         return None
     layer_inputs = layer.input
@@ -217,7 +211,10 @@ def _plain_pair(batchnorm: onnx.NodeProto, opset: int, index: _GraphIndex) -> _P
         return None
     fold_bias = bias is not None and beta != 0.0
     labels = (batchnorm.name or _label(batchnorm), layer.name or _label(layer))
-    return _Pair(batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0, statistics, statistic_names, epsilon, channels, labels)
+    return _Pair(
+        position, layer_position, batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0,
+        statistics, statistic_names, epsilon, channels, labels,
+    )  # fmt: skip
 
 
 _layout = functools.cache(WeightLayout)
@@ -245,36 +242,56 @@ def _concatenated(tensors: list[onnx.TensorProto]) -> np.ndarray:
     return np.concatenate([_array(tensor).reshape(-1).astype(np.float64) for tensor in tensors])
 
 
-def fold_plain_pairs(model: onnx.ModelProto) -> list[Fold] | None:
-    """Fold every BatchNorm of ``model`` in place and return the folds, when all of them are plain pairs
-    and nothing else would fold; otherwise return None and leave ``model`` as it was."""
-    graph = model.graph
+def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold]] | None:
+    """The folded copy of ``model`` and its folds, when every BatchNorm in it is a plain pair and nothing
+    else would fold; None otherwise. ``model`` is never modified, and the tensors the fold replaces are
+    never copied."""
     opset = next((entry.version for entry in model.opset_import if entry.domain in _DEFAULT_DOMAINS), 1)
-    index = _GraphIndex(graph)
+    index = _GraphIndex(model.graph)
     if index.has_subgraphs or sys.byteorder != "little":
         return None
     if any(_elementwise_may_fold(node, index) for node in index.elementwise):
         return None
-    pairs = [_plain_pair(node, opset, index) for _, node in index.batchnorms]
+    pairs = [_plain_pair(position, opset, index) for position in index.batchnorms]
     if None in pairs:
         return None
     affines = _channel_affines(pairs)
     if affines is None:
         return None
-    # Proven: from here on every pair folds. Nothing above changed the model.
+    # Proven: every pair folds.
     folds = [Fold(*pair.labels, pair.layer.op_type, "into-preceding") for pair in pairs]
     fresh_name = FreshNames(index.taken_names())
-    for chunk in _chunks(list(zip(pairs, affines))):
-        _rewrite(chunk, graph, fresh_name)
-    _bypass_all(pairs, index, graph)
+    new_names = [(fresh_name(pair.layer.input[1]), fresh_name(f"{pair.layer.input[1]}_bias")) for pair in pairs]
     unread = collections.Counter(name for pair in pairs for name in pair.statistic_names)
-    dead = [name for name, count in unread.items() if count == len(index.readers[name]) and name not in index.graph_outputs]
-    _delete(graph.initializer, [index.initializer_positions[name] for name in dead])
-    _delete(graph.node, [position for position, _ in index.batchnorms])
-    return folds
+    dropped = {name for name, count in unread.items() if count == len(index.readers[name]) and name not in index.graph_outputs}
+    dropped.update(tensor.name for pair in pairs for tensor in (pair.weight, pair.bias) if tensor is not None)
+
+    folded = onnx.ModelProto()
+    _copy_fields(model, folded, skip="graph")
+    _copy_fields(model.graph, folded.graph, skip="initializer")
+    # The pass's order: the initializers it keeps, then each pair's new weight and bias.
+    folded.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name not in dropped)
+    for chunk in _chunks(list(zip(pairs, affines, new_names))):
+        _rewrite(chunk, folded.graph)
+    _bypass_all(pairs, index, folded.graph)
+    _delete(folded.graph.node, index.batchnorms)
+    return folded, folds
 
 
-def _chunks(items: list[tuple[_Pair, ChannelAffine]]):
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of protobuf message ``source`` but ``skip`` into ``target``."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated
+            getattr(target, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # message
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _chunks(items: list[tuple[_Pair, ChannelAffine, tuple[str, str]]]):
     """Runs of pairs with at most :data:`_CHUNK_ELEMENTS` weight elements (one layer may exceed it), so
     that folding many layers at once never holds float64 copies of all the model's weights."""
     chunk, elements = [], 0
@@ -292,28 +309,36 @@ def _chunks(items: list[tuple[_Pair, ChannelAffine]]):
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _rewrite(chunk: list[tuple[_Pair, ChannelAffine]], graph: onnx.GraphProto, fresh_name: FreshNames) -> None:
-    """Scale the layers' output channels. Each weight and bias initializer is rewritten under a new name,
-    the one the pass gives the initializer it creates (the old contents are read by nothing else)."""
+def _rewrite(chunk: list[tuple[_Pair, ChannelAffine, tuple[str, str]]], graph: onnx.GraphProto) -> None:
+    """Scale the chunk's layers' output channels into new weight and bias initializers of ``graph`` (the
+    folded copy), under the names the pass gives them, and point the layers at them."""
     layers = []
-    for pair, affine in chunk:
+    for pair, affine, _ in chunk:
         bias = _array(pair.bias) if pair.fold_bias else None
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = affine if pair.beta == 1.0 else ChannelAffine(affine.scale, affine.shift / pair.beta)
         layers.append((_array(pair.weight), bias, shifted, pair.layout))
-    for (pair, _), (weight, bias) in zip(chunk, fold_many_into_outputs(layers)):
-        layer, data_type = pair.layer, pair.weight.data_type
-        base = layer.input[1]
-        weight_name, bias_name = fresh_name(base), fresh_name(f"{base}_bias")
-        _write(pair.weight, weight_name, weight, data_type)
+    for (pair, _, (weight_name, bias_name)), (weight, bias) in zip(chunk, fold_many_into_outputs(layers)):
+        data_type = pair.weight.data_type
+        _add_initializer(graph, weight_name, weight, data_type)
+        _add_initializer(graph, bias_name, bias, data_type)
+        layer = graph.node[pair.layer_position]
         layer.input[1] = weight_name
-        _write(pair.bias if pair.bias is not None else graph.initializer.add(), bias_name, bias, data_type)
         if len(layer.input) > 2:
             layer.input[2] = bias_name
         else:
             layer.input.append(bias_name)
         if layer.op_type == "Gemm" and not pair.fold_bias:
             _set_float_attribute(layer, "beta", 1.0)  # C is now the folded bias
+
+
+def _add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray, data_type: int) -> None:
+    """An initializer holding ``array`` as raw data, as onnx_ir writes one."""
+    tensor = graph.initializer.add()
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(array.shape)
+    tensor.raw_data = array.tobytes()
 
 
 def _set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
@@ -325,19 +350,22 @@ def _set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
 
 
 def _bypass_all(pairs: list[_Pair], index: _GraphIndex, graph: onnx.GraphProto) -> None:
-    """Hand each BatchNorm's output to its layer: readers read the layer's output instead, and a graph
-    output keeps its name (now the layer's output). Value info of the names that go is dropped."""
+    """Hand each BatchNorm's output to its layer in ``graph`` (the folded copy): readers read the layer's
+    output instead, and a graph output keeps its name (now the layer's output). Value info of the names
+    that go is dropped."""
     gone = set()
+    nodes = graph.node
     for pair in pairs:
         normalized, data = pair.batchnorm.output[0], pair.batchnorm.input[0]
         if normalized in index.graph_outputs:
-            pair.layer.output[0] = normalized
+            nodes[pair.layer_position].output[0] = normalized
             gone.add(data)
         else:
-            for reader in index.readers.get(normalized, ()):
-                for position, name in enumerate(reader.input):
+            for position in index.readers.get(normalized, ()):
+                reader = nodes[position]
+                for slot, name in enumerate(reader.input):
                     if name == normalized:
-                        reader.input[position] = data
+                        reader.input[slot] = data
             gone.add(normalized)
     _delete(graph.value_info, [i for i, value in enumerate(graph.value_info) if value.name in gone])
 

@@ -174,19 +174,15 @@ def _gc_paused():
 
 
 def _fold_onnx(model, verify: bool, *, input_shapes, atol, rtol, seed):
-    if isinstance(model, onnx.ModelProto):
-        folded = onnx.ModelProto()
-        folded.CopyFrom(model)
-        before = _proto_node_counts(folded)
-        folds = fold_plain_pairs(folded)
-        if folds is not None:
-            label = model.graph.name or "<model>"
-            report = FoldReport(model=label, frontend="onnx", nodes_before=before, folds=folds)
-            report.nodes_after = _proto_node_counts(folded)
-            original = model.SerializeToString() if verify and folds else None
-            _verify(report, verify, original, folded, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed)
-            return folded, report
-        del folded  # not a plain case: the pass folds (or explains) it
+    fast = fold_plain_pairs(model) if isinstance(model, onnx.ModelProto) else None
+    if fast is not None:
+        folded, folds = fast
+        label = model.graph.name or "<model>"
+        report = FoldReport(model=label, frontend="onnx", nodes_before=_proto_node_counts(model), folds=folds)
+        report.nodes_after = _proto_node_counts(folded)
+        original = model.SerializeToString() if verify and folds else None
+        _verify(report, verify, original, folded, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed)
+        return folded, report
     with tempfile.TemporaryDirectory(prefix="bnfold-original-") as scratch:
         working, original, label = _as_ir(model, scratch if verify else None)
         report = FoldReport(model=label, frontend="onnx", nodes_before=node_counts(working))
