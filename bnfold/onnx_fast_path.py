@@ -48,9 +48,8 @@ _FLOATING = (*_RAW_DTYPES, onnx.TensorProto.BFLOAT16)
 
 @dataclasses.dataclass
 class _Pair:
-    """A plain pair as read from the input model; positions address the same nodes in the folded copy."""
+    """A plain pair as read from the input model; ``layer_position`` addresses the layer in the folded copy."""
 
-    batchnorm_position: int
     layer_position: int
     batchnorm: onnx.NodeProto
     layer: onnx.NodeProto
@@ -212,7 +211,7 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
     fold_bias = bias is not None and beta != 0.0
     labels = (batchnorm.name or _label(batchnorm), layer.name or _label(layer))
     return _Pair(
-        position, layer_position, batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0,
+        layer_position, batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0,
         statistics, statistic_names, epsilon, channels, labels,
     )  # fmt: skip
 
