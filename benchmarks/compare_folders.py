@@ -409,6 +409,11 @@ def batchnorm_count(graph: onnx.GraphProto) -> int:
     return sum((node.op_type == "BatchNormalization") + sum(map(batchnorm_count, _subgraphs(node))) for node in graph.node)
 
 
+def node_count(graph: onnx.GraphProto) -> int:
+    """Nodes in ``graph`` and every subgraph."""
+    return sum(1 + sum(map(node_count, _subgraphs(node))) for node in graph.node)
+
+
 def seeded_feeds(path: Path) -> dict[str, np.ndarray]:
     import onnx_ir as ir
 
@@ -520,6 +525,7 @@ class FoldRow:
     before: int
     run: ToolRun
     after: int | None = None
+    nodes: int | None = None  # in the tool's output (the original's on the reference row)
     error: float | str | None = None
 
     def cells(self, repeats: int) -> list[str]:
@@ -527,16 +533,18 @@ class FoldRow:
         time_cell = fmt_ms(median_ms(self.run.times))
         if self.run.times and len(self.run.times) < repeats:
             time_cell += f" (n={len(self.run.times)})"
+        nodes = "—" if self.nodes is None else str(self.nodes)
         if self.run.failure:
-            return [*head, str(self.before), "—", self.run.failure, memory, "—"]
+            return [*head, str(self.before), "—", "—", self.run.failure, memory, "—"]
         if self.tool == REFERENCE:
-            return [*head, "", "", time_cell, memory, ""]
+            return [*head, "", "", nodes, time_cell, memory, ""]
         folded = "—" if self.after is None else str(self.before - self.after)
-        return [*head, str(self.before), folded, time_cell, memory, fmt_error(self.error)]
+        return [*head, str(self.before), folded, nodes, time_cell, memory, fmt_error(self.error)]
 
 
 def fold_rows(model: BenchModel, repeats: int, budget_s: float) -> list[FoldRow]:
-    before = batchnorm_count(onnx.load(model.path, load_external_data=False).graph)
+    original = onnx.load(model.path, load_external_data=False).graph
+    before = batchnorm_count(original)
     feeds = seeded_feeds(model.path)
     from bnfold.onnx_verify import run_model
 
@@ -544,9 +552,10 @@ def fold_rows(model: BenchModel, repeats: int, budget_s: float) -> list[FoldRow]
     rows = []
     for tool in [*FOLDERS, REFERENCE]:
         run = run_tool(tool, model, repeats, budget_s)
-        row = FoldRow(model.name, tool, before, run)
+        row = FoldRow(model.name, tool, before, run, nodes=node_count(original) if tool == REFERENCE else None)
         if run.output is not None:
-            row.after = batchnorm_count(onnx.load(run.output, load_external_data=False).graph)
+            folded = onnx.load(run.output, load_external_data=False).graph
+            row.after, row.nodes = batchnorm_count(folded), node_count(folded)
             try:
                 row.error = max_abs_error(expected, run.output, feeds)
             except Exception as error:
@@ -557,7 +566,8 @@ def fold_rows(model: BenchModel, repeats: int, budget_s: float) -> list[FoldRow]
 
 
 def fold_table(rows: list[FoldRow], repeats: int) -> str:
-    headers = ["model", "tool", "BN before", "BN folded", "fold time ms (median)", "peak extra MiB", "max abs error"]
+    headers = ["model", "tool", "BN before", "BN folded", "nodes after (reference: before)", "fold time ms (median)",
+               "peak extra MiB", "max abs error"]  # fmt: skip
     return markdown_table(headers, (row.cells(repeats) for row in rows), text_columns=2)
 
 
