@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import gc
 import os
 import tempfile
@@ -117,24 +118,62 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.folds.append(fold)
 
 
-def _as_ir(
-    model: str | os.PathLike | ir.Model | onnx.ModelProto, scratch: str | None
-) -> tuple[ir.Model, str | bytes | None, str]:
-    """A working copy of ``model``, what onnxruntime should run as the original (only with a
-    ``scratch`` directory, i.e. when verifying: serializing a large model costs time and memory), and a label."""
-    if isinstance(model, (str, os.PathLike)):
-        return load_model(model), str(model), str(model)
-    label = model.graph.name or "<model>"
+@dataclasses.dataclass
+class _WorkingCopy:
+    model: ir.Model  # what the pass edits
+    original: str | bytes | None  # what onnxruntime runs as the original (only when verifying)
+    label: str
+    notes: list[str]
+
+
+def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, scratch: str | None) -> _WorkingCopy:
+    """A working copy of ``model``, with inferred shapes when it has a MatMul (MatMul folds need the data's
+    rank). The original for onnxruntime is kept only with a ``scratch`` directory, i.e. when verifying:
+    serializing a large model costs time and memory."""
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(model), model.SerializeToString() if scratch else None, label
-    # An onnx_ir model may hold external tensors: clone it (tensors are shared, never modified) and let
-    # onnxruntime read the original from a file that carries its data.
-    return model.clone(), onnx_verify.model_source(model, scratch) if scratch else None, label
+        # Inferred on the protobuf, before the conversion: onnx_ir's pass would convert back and forth.
+        label, notes = model.graph.name or "<model>", []
+        shaped = model
+        if _proto_has_matmul(model):
+            try:
+                shaped = onnx.shape_inference.infer_shapes(model)
+            except Exception as error:
+                notes.append(_SHAPES_FAILED.format(type(error).__name__))
+        return _WorkingCopy(ir.from_proto(shaped), model.SerializeToString() if scratch else None, label, notes)
+    if isinstance(model, (str, os.PathLike)):
+        copy = _WorkingCopy(load_model(model), str(model), str(model), [])
+    else:
+        # An onnx_ir model may hold external tensors: clone it (tensors are shared, never modified) and let
+        # onnxruntime read the original from a file that carries its data.
+        original = onnx_verify.model_source(model, scratch) if scratch else None
+        copy = _WorkingCopy(model.clone(), original, model.graph.name or "<model>", [])
+    if _needs_shapes(copy.model):
+        try:
+            ShapeInferencePass()(copy.model)
+        except Exception as error:
+            copy.notes.append(_SHAPES_FAILED.format(type(error).__name__))
+    return copy
+
+
+# Shapes only make MatMul folds provable; folding goes on without them.
+_SHAPES_FAILED = "shape inference failed ({}); 2-D MatMul folds may be refused"
 
 
 def _needs_shapes(model: ir.Model) -> bool:
     """Only MatMul folds need inferred shapes (the data's rank); inference is superlinear in graph size."""
     return any(node.op_type == "MatMul" for _, graph in _graphs(model) for node in graph)
+
+
+def _proto_has_matmul(model: onnx.ModelProto) -> bool:
+    """:func:`_needs_shapes` of a protobuf model (subgraphs included)."""
+    graphs = [model.graph]
+    while graphs:
+        for node in graphs.pop().node:
+            if node.op_type == "MatMul":
+                return True
+            for attribute in node.attribute:
+                graphs.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+    return False
 
 
 def fold_onnx(
@@ -185,13 +224,9 @@ def _fold_onnx(model, verify: bool, *, input_shapes, atol, rtol, seed):
         return folded, report
     # A scratch directory only for verification (creating and removing one costs about a millisecond).
     with tempfile.TemporaryDirectory(prefix="bnfold-original-") if verify else contextlib.nullcontext() as scratch:
-        working, original, label = _as_ir(model, scratch)
-        report = FoldReport(model=label, frontend="onnx", nodes_before=node_counts(working))
-        if _needs_shapes(working):
-            try:
-                ShapeInferencePass()(working)
-            except Exception as error:  # shapes only make MatMul folds provable; folding goes on without them
-                report.notes.append(f"shape inference failed ({type(error).__name__}); 2-D MatMul folds may be refused")
+        copy = _working_copy(model, scratch)
+        working, original = copy.model, copy.original
+        report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)
         fold_pass = FoldBatchNormPass()
         fold_pass(working)
         report.folds, report.skips = fold_pass.folds, fold_pass.skips
