@@ -209,7 +209,7 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
     if any(math.prod(tensor.dims) != channels for tensor in statistics):
         return None
     fold_bias = bias is not None and beta != 0.0
-    labels = (batchnorm.name or _label(batchnorm), layer.name or _label(layer))
+    labels = (_label(batchnorm), _label(layer))
     return _Pair(
         layer_position, batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0,
         statistics, statistic_names, epsilon, channels, labels,
