@@ -236,8 +236,9 @@ def _channel_affines(pairs: list[_Pair]) -> list[ChannelAffine] | None:
 
 def _concatenated(tensors: list[onnx.TensorProto]) -> np.ndarray:
     """The tensors' values end to end, as float64; float32 raw data (the usual encoding) in one read."""
-    if all(tensor.data_type == onnx.TensorProto.FLOAT and tensor.raw_data for tensor in tensors):
-        return np.frombuffer(b"".join(tensor.raw_data for tensor in tensors), np.float32).astype(np.float64)
+    raw = [tensor.raw_data if tensor.data_type == onnx.TensorProto.FLOAT else b"" for tensor in tensors]  # (one copy each)
+    if all(raw):
+        return np.frombuffer(b"".join(raw), np.float32).astype(np.float64)
     return np.concatenate([_array(tensor).reshape(-1).astype(np.float64) for tensor in tensors])
 
 
