@@ -7,21 +7,37 @@
 - a whole pickled module (``torch.save(model)``): unpickling it imports and runs code named in the
   file, so it is refused unless the caller trusts the file (``--trust-pickle``).
 
+What is unpickled: unless the caller trusts the file, nothing from it goes through Python's pickle.
+State-dicts and the tensors of a ``.pt2`` archive (weights, constants, example inputs) are read by
+torch's ``weights_only`` unpickler, which builds only tensors and plain containers (safe from torch
+2.6, CVE-2025-32434). ``torch.export.load`` would also run ``pickle`` (opaque constants),
+``torch.load(weights_only=False)`` (pickled weights and constants, and example inputs the safe
+loader refuses), the TorchScript object unpickler (custom objects), ``sympy.sympify`` (shape
+expressions, which it evaluates as Python) and AOTInductor's native libraries: while it loads, each is
+refused, and so is the archive. TorchScript archives go to ``torch.jit.load``, whose C++ unpickler
+resolves only TorchScript types (a ``data.pkl`` naming any other global fails to load) and whose code
+is TorchScript, which calls registered operators, not Python. ``--trust-pickle`` lifts every refusal:
+the file may then run code.
+
 ``--model module:callable`` skips the file: the callable returns the model. For both callables the
 current directory is importable, as it is for ``python -m``.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import contextlib
 import importlib
 import os
+import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import sympy
 import torch
 from torch import nn
 
@@ -35,7 +51,10 @@ def load_torch_model(path: str | os.PathLike, *, factory: str | None = None, tru
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file" if not path.exists() else "not a file")
-    kind = _archive_kind(path)
+    entries = _archive_entries(path)
+    kind = _archive_kind(entries)
+    if kind == "export" and not trust_pickle:
+        return _load_untrusted_export(path, entries)
     try:
         if kind == "export":
             return torch.export.load(path)
@@ -53,12 +72,16 @@ def load_torch_model(path: str | os.PathLike, *, factory: str | None = None, tru
     raise InputError(path, f"holds a {type(saved).__name__}, not a model or a state-dict")
 
 
-def _archive_kind(path: Path) -> str:
-    """The kind of file, from its archive entries: "export", "torchscript" or "pickle" (torch.save, zipped or not)."""
+def _archive_entries(path: Path) -> list[str]:
+    """The entries of a zip archive, below its top folder as torch names them; none for other files."""
     if not zipfile.is_zipfile(path):
-        return "pickle"
+        return []
     with zipfile.ZipFile(path) as archive:
-        entries = [name.partition("/")[2] for name in archive.namelist()]
+        return [name.partition("/")[2] for name in archive.namelist()]
+
+
+def _archive_kind(entries: list[str]) -> str:
+    """The kind of file, from its archive entries: "export", "torchscript" or "pickle" (torch.save, zipped or not)."""
     if "archive_format" in entries:
         return "export"
     if "constants.pkl" in entries or any(entry.startswith("code/") for entry in entries):
@@ -66,16 +89,135 @@ def _archive_kind(path: Path) -> str:
     return "pickle"
 
 
+_AOTI_ENTRIES = "data/aotinductor/"
+
+
+def _load_untrusted_export(path: Path, entries: list[str]) -> torch.export.ExportedProgram:
+    """torch.export.load with everything that would run code from the file refused (see the module docstring)."""
+    refusals: list[str] = []
+    if any(entry.startswith(_AOTI_ENTRIES) for entry in entries):
+        # torch.export.load loads every AOTInductor model in the archive: a native library, or C++ it compiles.
+        refusals.append("AOTInductor compiled code")
+    else:
+        try:
+            with _code_from_the_file_refused(refusals):
+                return torch.export.load(path)
+        except Exception as error:  # a damaged archive: whatever the reader raises
+            if not refusals:
+                raise InputError(path, f"not a readable export archive ({describe_error(error)})") from None
+    # torch wraps some refusals in its own errors, or catches them and tries its legacy format: the record tells.
+    raise InputError(
+        path,
+        f"is a torch.export archive holding {refusals[0]}: loading it runs code from the file, so it is refused; "
+        "pass --trust-pickle if you trust the file",
+    ) from None
+
+
+class _Refused(Exception):
+    """Raised instead of running an unpickler or an evaluator on an untrusted archive. Not a RuntimeError:
+    torch.export.load catches those and retries the archive in its legacy format."""
+
+
+@contextlib.contextmanager
+def _code_from_the_file_refused(refusals: list[str]) -> Iterator[None]:
+    """While active: ``torch.load`` only ever loads safely (``weights_only=True``); pickle, the TorchScript
+    object unpickler and sympify of anything but plain sympy expressions raise :class:`_Refused`. Each
+    refusal is appended to ``refusals``. The patches are process-wide while active, which is only during one load."""
+
+    def refuse(what: str):
+        refusals.append(what)
+        raise _Refused(what)
+
+    def refuse_pickle(*args, **kwargs):
+        refuse("pickled data")
+
+    class RefusingUnpickler(pickle.Unpickler):  # a class, so that modules subclassing it meanwhile still import
+        def __init__(self, *args, **kwargs):
+            refuse_pickle()
+
+        load = refuse_pickle
+
+    def safe_torch_load(*args, weights_only=None, **kwargs):
+        try:
+            return original_torch_load(*args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as error:  # the safe unpickler's refusal (a damaged file raises other errors)
+            needed = _refused_global(error)
+            refuse(f"pickled data (it needs {needed})" if needed else "pickled data")
+
+    def plain_sympify(text, *args, **kwargs):
+        if isinstance(text, str) and not _is_plain_sympy(text, kwargs.get("locals") or {}):
+            refuse("a shape expression that is not plain sympy (sympify evaluates it as Python)")
+        return original_sympify(text, *args, **kwargs)
+
+    original_torch_load, original_sympify = torch.load, sympy.sympify
+    patches = [
+        (torch, "load", safe_torch_load),
+        (pickle, "load", refuse_pickle),
+        (pickle, "loads", refuse_pickle),
+        (pickle, "Unpickler", RefusingUnpickler),
+        (torch._C, "_pickle_load_obj", refuse_pickle),
+        (sympy, "sympify", plain_sympify),
+    ]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+# What sympy's srepr writes (torch serializes shape expressions with it): calls, names, numbers, keywords.
+_PLAIN_SYMPY_NODES = (
+    ast.Expression, ast.Call, ast.keyword, ast.Name, ast.Load, ast.Constant, ast.Tuple, ast.UnaryOp, ast.USub, ast.UAdd,
+)
+# No parentheses: sympy may parse a string argument, and a string without them cannot call anything.
+_PLAIN_SYMPY_STRING = re.compile(r"[\w.+-]*")
+
+
+def _is_plain_sympy(text: str, local_names: Mapping[str, object]) -> bool:
+    """Whether evaluating ``text`` as sympify does only builds sympy objects: every name is a sympy class
+    or constant, one of torch's ``local_names``, or unknown to Python and sympy (so sympify makes it a Symbol)."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return False
+    for node in ast.walk(tree):
+        if not isinstance(node, _PLAIN_SYMPY_NODES):
+            return False
+        if isinstance(node, ast.Name) and not _is_sympy_name(node.id, local_names):
+            return False
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if not _PLAIN_SYMPY_STRING.fullmatch(node.value) or "__" in node.value:
+                return False
+    return True
+
+
+def _is_sympy_name(name: str, local_names: Mapping[str, object]) -> bool:
+    if name in local_names:
+        return True
+    value = vars(sympy).get(name)
+    if value is None:
+        return not hasattr(builtins, name)
+    return isinstance(value, sympy.Basic) or (isinstance(value, type) and issubclass(value, sympy.Basic))
+
+
+def _refused_global(error: Exception) -> str | None:
+    """The first class the safe unpickler would have had to import, which it names in its error."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return refused.group(1) if refused else None
+
+
 def _unpickle(path: Path, trust_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as error:  # not a torch file at all: torch raises UnpicklingError, KeyError, RuntimeError, ...
-        # The safe unpickler names the first class it would have had to import.
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if refused and not trust_pickle:
+        needed = _refused_global(error)
+        if needed and not trust_pickle:
             raise InputError(
                 path,
-                f"is a pickled module (it needs {refused.group(1)}): loading it runs code from the file, so it is "
+                f"is a pickled module (it needs {needed}): loading it runs code from the file, so it is "
                 "refused; pass --trust-pickle if you trust the file, or save a state-dict or a torch.export archive",
             ) from None
         raise InputError(path, f"not a readable PyTorch or ONNX file ({_load_error(error)})") from None

@@ -1,0 +1,172 @@
+"""Model files that would run code when loaded: `bnfold check` refuses them unless --trust-pickle is given.
+
+Each archive is a genuine torch.export.save (or torch.jit.save) archive with one entry rewritten to
+carry a payload that creates a marker file; the marker proves whether the payload ran."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import pickle
+import zipfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import bnfold
+from bnfold.cli import main
+from bnfold.onnx_io import InputError
+
+
+class TouchMarker:
+    """Unpickling this creates the marker file: the kind of payload a hostile model file carries."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def conv_bn() -> nn.Module:
+    """A Conv-BatchNorm model in eval mode whose statistics look trained (so a clean archive has no finding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model[1].num_batches_tracked.fill_(10)
+    return model
+
+
+@pytest.fixture(scope="module")
+def archive_entries() -> dict[str, bytes]:
+    """The entries of a .pt2 archive of conv_bn with a dynamic batch (so it holds shape expressions)."""
+    exported = torch.export.export(conv_bn(), (torch.zeros(2, 3, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def write_archive(path: pathlib.Path, entries: dict[str, bytes]) -> pathlib.Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return path
+
+
+def entry(entries: dict[str, bytes], inner_name: str) -> str:
+    """The archive name of ``inner_name``: torch puts every entry below a top folder."""
+    return next(name for name in entries if name.partition("/")[2] == inner_name)
+
+
+def torch_saved(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def payload_in_sample_inputs(entries, marker):
+    entries[entry(entries, "data/sample_inputs/model.pt")] = torch_saved(TouchMarker(marker))
+
+
+def payload_in_pickled_weight(entries, marker):
+    config_name = entry(entries, "data/weights/model_weights_config.json")
+    config = json.loads(entries[config_name])
+    weight = next(iter(config["config"].values()))
+    weight["use_pickle"] = True
+    entries[config_name] = json.dumps(config).encode()
+    entries[entry(entries, "data/weights/" + weight["path_name"])] = torch_saved(TouchMarker(marker))
+
+
+def payload_in_opaque_constant(entries, marker):
+    config_name = entry(entries, "data/constants/model_constants_config.json")
+    config = json.loads(entries[config_name])
+    config["config"]["payload"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+    entries[config_name] = json.dumps(config).encode()
+    entries[config_name.replace("model_constants_config.json", "opaque_obj_0")] = pickle.dumps(TouchMarker(marker))
+
+
+def payload_in_shape_expression(entries, marker):
+    """sympify evaluates the archive's shape expressions as Python: one of them touches the marker, then
+    evaluates to the batch symbol it replaced."""
+    model_name = entry(entries, "models/model.json")
+    text = entries[model_name].decode()
+    symbol = json.dumps("Symbol('s31', positive=True, integer=True)")
+    assert symbol in text, "the exported batch dimension is no longer named s31"
+    payload = f"(__import__('pathlib').Path({str(marker)!r}).touch(), {json.loads(symbol)})[1]"
+    entries[model_name] = text.replace(symbol, json.dumps(payload), 1).encode()
+
+
+PAYLOADS = [payload_in_sample_inputs, payload_in_pickled_weight, payload_in_opaque_constant, payload_in_shape_expression]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["check", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.fixture(params=PAYLOADS, ids=lambda plant: plant.__name__)
+def hostile_archive(request, archive_entries, tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A .pt2 archive with a payload in one entry, and the marker file the payload would create."""
+    marker = tmp_path / "payload-ran"
+    entries = dict(archive_entries)
+    request.param(entries, marker)
+    return write_archive(tmp_path / "hostile.pt2", entries), marker
+
+
+def test_hostile_archive_is_refused_by_the_cli_without_running_its_payload(hostile_archive):
+    path, marker = hostile_archive
+    result = invoke(path)
+    assert result.exit_code == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "runs code from the file, so it is refused; pass --trust-pickle" in result.stderr
+    assert not marker.exists()
+
+
+def test_hostile_archive_is_an_input_error_from_python_without_running_its_payload(hostile_archive):
+    path, marker = hostile_archive
+    with pytest.raises(InputError, match="--trust-pickle"):
+        bnfold.check(path)
+    assert not marker.exists()
+
+
+def test_with_trust_pickle_the_payload_runs_as_torch_runs_it(hostile_archive):
+    path, marker = hostile_archive
+    invoke("--trust-pickle", path)
+    assert marker.exists()
+
+
+def test_clean_archive_checks_without_trust_pickle(archive_entries, tmp_path):
+    path = write_archive(tmp_path / "clean.pt2", archive_entries)
+    result = invoke("--format", "json", path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["findings"] == []  # loaded with its example inputs and measured (no BD002)
+    assert bnfold.check(path) == []
+
+
+def test_archive_with_aotinductor_code_is_refused(archive_entries, tmp_path):
+    """torch.export.load loads every AOTInductor model of the archive: a native library, run on loading."""
+    entries = dict(archive_entries)
+    top_folder = next(iter(entries)).partition("/")[0]
+    entries[f"{top_folder}/data/aotinductor/model/model.so"] = b"\x7fELF"
+    result = invoke(write_archive(tmp_path / "aoti.pt2", entries))
+    assert result.exit_code == 2
+    assert "holding AOTInductor compiled code: loading it runs code from the file" in result.stderr
+
+
+@pytest.mark.parametrize("pickle_entry", ["data.pkl", "constants.pkl"])
+def test_torchscript_unpickler_resolves_no_python_global(pickle_entry, tmp_path):
+    """torch.jit.load's C++ unpickler knows only TorchScript types: a payload fails to load, without running."""
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(conv_bn()), buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    marker = tmp_path / "payload-ran"
+    entries[entry(entries, pickle_entry)] = pickle.dumps(TouchMarker(marker), protocol=2)
+    result = invoke("--input-shape", "1,3,8,8", write_archive(tmp_path / "model.ts", entries))
+    assert result.exit_code == 2
+    assert "not a readable torchscript archive" in result.stderr
+    assert not marker.exists()
