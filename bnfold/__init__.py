@@ -4,18 +4,26 @@
 - ``bnfold.fold(module, example_inputs)`` -> ``TorchFoldResult(model, report)``: the PyTorch front-end.
 - ``bnfold.check(model_or_path, example_inputs)`` -> findings; ``bnfold.assert_inference_ready(...)``.
 
-The PyTorch front-end and the checks are imported on first use, so ONNX-only users do not pay for
-importing torch.
+Every name is imported on first use, so ONNX-only users do not pay for importing torch.
 """
 
 import importlib
 
-from bnfold.fold_math import ChannelAffine, UnfoldableStatisticsError, WeightLayout, batchnorm_affine
-from bnfold.onnx_fold import fold_onnx
-from bnfold.report import Fold, FoldReport, Skip
-from bnfold.verification import Verification, VerificationError
-
+# Everything is imported on first use: `bnfold --help` and ONNX-only users pay for no numpy, onnx or torch
+# import they do not need.
 _LAZY = {
+    "ChannelAffine": "bnfold.fold_math",
+    "UnfoldableStatisticsError": "bnfold.fold_math",
+    "WeightLayout": "bnfold.fold_math",
+    "batchnorm_affine": "bnfold.fold_math",
+    "fold_onnx": "bnfold.onnx_fold",
+    "Fold": "bnfold.report",
+    "FoldReport": "bnfold.report",
+    "Skip": "bnfold.report",
+    "Verification": "bnfold.verification",
+    "VerificationError": "bnfold.verification",
+    "VerificationUnavailableError": "bnfold.onnx_verify",
+    "InputError": "bnfold.errors",
     "fold": "bnfold.torch_fold",
     "TorchFoldResult": "bnfold.torch_fold",
     "ModelNotTraceableError": "bnfold.torch_fold",
@@ -27,12 +35,14 @@ __all__ = [
     "ChannelAffine",
     "Fold",
     "FoldReport",
+    "InputError",
     "ModelNotTraceableError",
     "Skip",
     "TorchFoldResult",
     "UnfoldableStatisticsError",
     "Verification",
     "VerificationError",
+    "VerificationUnavailableError",
     "WeightLayout",
     "assert_inference_ready",
     "batchnorm_affine",

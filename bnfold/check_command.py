@@ -16,7 +16,7 @@ import click
 from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, errors
 from bnfold.checks.batch_dependence import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
-from bnfold.onnx_io import InputError
+from bnfold.errors import InputError
 
 EXIT_ERROR_FINDINGS = 1
 EXIT_BAD_INPUT = 2

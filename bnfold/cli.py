@@ -1,38 +1,62 @@
 """The ``bnfold`` command line: ``bnfold MODEL.onnx -o OUT.onnx`` (the ``fold`` command is the default).
 
-Exit codes follow linters: 0 done, 1 verification failed (nothing written), 2 bad usage or bad input.
+Exit codes follow linters: 0 done, 1 verification failed (nothing written), 2 bad usage, bad input or an
+internal error, 130 interrupted. Every error is one line on stderr, never a traceback. The heavy imports
+(numpy, onnx, onnxruntime, torch) happen inside the commands, so ``--help`` is quick and an interrupt
+during start-up is handled like any other.
 """
 
 from __future__ import annotations
 
+import difflib
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from bnfold.check_command import check
-from bnfold.onnx_fold import fold_onnx
-from bnfold.onnx_io import InputError, check_writable, save_model
-from bnfold.onnx_verify import VerificationUnavailableError
-from bnfold.verification import VerificationError
+from bnfold.errors import InputError
 
 EXIT_VERIFICATION_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-class _FoldByDefault(click.Group):
-    """Route ``bnfold MODEL ...`` to ``bnfold fold MODEL ...``."""
+class _BnfoldGroup(click.Group):
+    """Routes ``bnfold MODEL ...`` to ``bnfold fold MODEL ...``, suggests the command a mistyped word was
+    meant to be, and turns interrupts and unexpected exceptions into one line and an exit code."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if args and args[0] == "help":
+            args = ["--help"]
+        elif args and args[0] not in self.commands and not args[0].startswith("-"):
+            close = difflib.get_close_matches(args[0], self.commands, n=1, cutoff=0.6)
+            if close and not Path(args[0]).exists():
+                ctx.fail(f"no command {args[0]!r}; did you mean {close[0]!r}? (a model path runs `fold`)")
             args = ["fold", *args]
         return super().parse_args(ctx, args)
 
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("bnfold: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as error:  # a bug, not bad input; still one line, and not the code of a verdict
+            detail = (str(error).strip().splitlines() or ["no detail"])[0]
+            click.echo(f"bnfold: error: internal error ({type(error).__name__}: {detail}); please report it", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
 
-@click.group(cls=_FoldByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=_BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def main() -> None:
     """Fold eval-mode BatchNorm into neighbouring layers; `bnfold MODEL -o OUT` runs `fold`."""
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so scratch files are removed on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 main.add_command(check)
@@ -66,23 +90,29 @@ def _fail(message: str, code: int) -> None:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...", help="Shape of an input for verification (symbolic dims default to 1).")
 @click.option("--atol", type=float, help="Absolute tolerance (default by dtype: float32 1e-4).")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype: float32 1e-3).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random verification inputs.")
 def fold(model, output, in_place, dry_run, no_verify, output_format, input_shapes, atol, rtol, seed) -> None:
     """Fold every BatchNorm of MODEL that is safe to fold, verify, write OUTPUT, report."""
+    from bnfold.onnx_fold import fold_onnx
+    from bnfold.onnx_io import check_writable, save_model
+    from bnfold.onnx_verify import VerificationUnavailableError
+    from bnfold.verification import VerificationError
+
     if in_place and output is not None:
         raise click.UsageError("give either -o/--output or --in-place, not both")
     if not (output or in_place or dry_run):
         raise click.UsageError("give -o/--output, --in-place or --dry-run")
     target = model if in_place else output
-    if target is not None and not in_place and target.resolve() == model.resolve():
+    read_from = [] if in_place else [model]  # --in-place replaces the input, and only then
+    if target is not None and not in_place and target.absolute() == model.absolute():
         raise click.UsageError(f"{output} is the input model; pass --in-place to overwrite it")
     shapes = _parse_input_shapes(input_shapes)
     try:
         if target is not None and not dry_run:
-            check_writable(target)
+            check_writable(target, read_from)
         folded, report = fold_onnx(model, verify=not no_verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed)
         if target is not None and not dry_run:
-            save_model(folded, target)
+            save_model(folded, target, read_from=read_from)
             report.output = str(target)
     except InputError as error:
         _fail(str(error), EXIT_BAD_INPUT)
@@ -96,4 +126,3 @@ def fold(model, output, in_place, dry_run, no_verify, output_format, input_shape
 
 def _emit(report, output_format: str) -> None:
     click.echo(report.to_json() if output_format == "json" else report.format_text())
-

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
 import shutil
+import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
+
+from bnfold.errors import InputError
 
 # Past this many bytes of tensor data a model cannot be one protobuf file (the 2 GiB limit, with margin).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-class InputError(Exception):
-    """Bad input or output path: one line naming the file and the problem (CLI exit code 2)."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path = str(path)
-        self.problem = problem
-
-
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load ``path`` with its external data kept lazy, after checking that the data files are there."""
+    """Load ``path`` with its external data kept lazy, after checking that onnx's checker accepts it and
+    that every external data file lies in the model's folder and is there, whole. Nothing outside the
+    model's folder is ever read."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file")
@@ -32,40 +33,67 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if path.stat().st_size == 0:
         raise InputError(path, "empty file, not an ONNX model")
     try:
-        model = ir.load(path)
+        # An absolute base directory: onnx_ir confines a tensor's data to it only when it is not empty.
+        model = ir.load(path.absolute())
     except Exception as error:  # protobuf's DecodeError and friends: truncated or not ONNX at all
-        raise InputError(path, f"not a readable ONNX model ({type(error).__name__}: {_first_line(error)})") from None
+        raise InputError(path, f"not a readable ONNX model ({_first_line(error)})") from None
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(path, "not an ONNX model (no graph in the file)")
     _check_external_data(model, path)
+    try:
+        # By path, so that models past 2 GiB are checked too (the checker reads no tensor data from files).
+        onnx.checker.check_model(str(path))
+    except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
+        raise InputError(path, f"not a valid ONNX model ({_first_line(error)})") from None
     return model
 
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
-    return text.splitlines()[0] if text else "no detail"
+    detail = text.splitlines()[0] if text else "no detail"
+    return f"{type(error).__name__}: {detail}"
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The files the model's external tensors are read from."""
+    return {
+        Path(value.const_value.path)
+        for graph in (model.graph, *model.graph.subgraphs())
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Every external data location must name a regular file inside the model's folder (after symlinks),
+    long enough for its tensor: a hostile model could otherwise make bnfold read, and copy into its
+    output, any file the user can read."""
+    folder = path.absolute().parent.resolve()
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             tensor = value.const_value
             if not isinstance(tensor, ir.ExternalTensor):
                 continue
-            data_path = Path(tensor.base_dir) / tensor.location
+            location = tensor.location
+            try:
+                data_path = (folder / location).resolve()
+            except (OSError, ValueError) as error:  # a NUL byte, a symlink loop
+                raise InputError(path, f"external data location {location!r} of tensor {value.name!r} is unusable ({error})") from None
+            if Path(location).is_absolute() or not data_path.is_relative_to(folder):
+                raise InputError(
+                    path,
+                    f"external data location {location!r} of tensor {value.name!r} leaves the model's folder; "
+                    "bnfold reads external data only from the model's own folder",
+                )
             if not data_path.is_file():
-                raise InputError(path, f"external data file {tensor.location!r} of tensor {value.name!r} is missing")
+                raise InputError(path, f"external data file {location!r} of tensor {value.name!r} is missing")
             end = (tensor.offset or 0) + (tensor.length or 0)
             if data_path.stat().st_size < end:
-                raise InputError(path, f"external data file {tensor.location!r} is truncated (tensor {value.name!r})")
+                raise InputError(path, f"external data file {location!r} is truncated (tensor {value.name!r})")
 
 
 def uses_external_data(model: ir.Model) -> bool:
-    return any(
-        isinstance(value.const_value, ir.ExternalTensor)
-        for graph in (model.graph, *model.graph.subgraphs())
-        for value in graph.initializers.values()
-    )
+    return bool(external_data_files(model))
 
 
 def tensor_bytes(model: ir.Model) -> int:
@@ -77,39 +105,140 @@ def tensor_bytes(model: ir.Model) -> int:
     )
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail before any work when the output cannot be written."""
+def check_writable(path: str | os.PathLike, read_from: Iterable[str | os.PathLike] = ()) -> None:
+    """Fail before any work when the output cannot be written, is not a regular file (a FIFO, a device:
+    replacing ``/dev/null`` is never what was meant), or is one of the files ``read_from``."""
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+    directory = path.parent
     if path.is_dir():
         raise InputError(path, "output is a directory")
     if not directory.is_dir():
         raise InputError(path, f"output directory {str(directory)!r} does not exist")
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise InputError(path, "output exists and is not a regular file (a device, FIFO or socket)")
     if not os.access(directory, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise InputError(path, "output is not writable")
+    for source in read_from:
+        if _same_file(path, Path(source)):
+            raise InputError(path, f"output would replace {str(source)!r}, which the model is read from; write elsewhere")
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:
-    """Write ``model`` to ``path`` atomically: into a temporary directory beside it, then rename.
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
-    With ``external_data`` (default: when the input had it, or the tensors pass the protobuf limit)
-    the tensors go to ``<name>.data`` beside the model. Writing to a temporary directory first also
-    keeps the input's external data readable while it is being copied, even when writing in place.
+
+# Scratch directories are named kind-PID-random so that a later run can tell those of dead runs (killed
+# before they could clean up) and remove them.
+_SCRATCH_NAME = re.compile(r"(?:\.)?bnfold-[a-z]+-(\d+)-\w+")
+
+
+@contextlib.contextmanager
+def scratch_directory(kind: str, parent: str | os.PathLike | None = None, *, hidden: bool = False):
+    """A fresh directory ``bnfold-KIND-PID-*`` in ``parent`` (default: the system's temporary directory),
+    removed on exit; stale ones left there by runs that no longer exist are removed first."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    _remove_stale_scratch(parent)
+    prefix = f"{'.' if hidden else ''}bnfold-{kind}-{os.getpid()}-"
+    directory = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield Path(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_stale_scratch(parent: Path) -> None:
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = _SCRATCH_NAME.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and not _process_exists(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or a name that only looks like ours: leave it
+    return True
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    external_data: bool | None = None,
+    *,
+    read_from: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Write ``model`` to ``path`` atomically: staged in a directory beside it, then renamed.
+
+    ``read_from`` names the input model files (their external data files count too) that must survive:
+    ``path`` may be none of them nor any file the model's tensors are read from. With ``external_data``
+    (default: when the input had it, or the tensors pass the protobuf limit) the tensors go to a data file
+    of this write's own, ``<name>.<8 hex>.data``, placed before the model is renamed: a model and its data
+    appear together or not at all, an interrupted or concurrent run can never pair a model with another
+    run's data, and no existing file but ``path`` is ever replaced. Once the new model is in place, the data
+    files bearing its name that the replaced model read are removed, unless they belong to ``read_from``.
     """
     path = Path(path)
-    check_writable(path)
+    kept = {file for source in read_from for file in model_files(source)} if path.exists() else set(map(Path, read_from))
+    check_writable(path, [*kept, *external_data_files(model)])
     if external_data is None:
         external_data = uses_external_data(model) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=path.parent if str(path.parent) else "."))
-    try:
+    data_name = f"{path.name}.{secrets.token_hex(4)}.data" if external_data else None
+    orphaned = _own_data_files(path) - {file.absolute() for file in kept}
+    with scratch_directory("staging", path.parent, hidden=True) as staging:
         staged_model = staging / path.name
         try:
-            ir.save(model, staged_model, external_data=data_name if external_data else None)
+            ir.save(model, staged_model, external_data=data_name)
+            if data_name:
+                os.link(staging / data_name, path.parent / data_name)  # fails rather than replace a file
+            os.replace(staged_model, path)
         except OSError as error:
             raise InputError(path, f"cannot write output ({error.strerror or error})") from None
-        if external_data:
-            os.replace(staging / data_name, path.parent / data_name)
-        os.replace(staged_model, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    for file in orphaned:
+        file.unlink(missing_ok=True)
+
+
+def model_files(path: str | os.PathLike) -> set[Path]:
+    """``path`` and, when it is an ONNX model, the external data files it names (absolute paths)."""
+    path = Path(path).absolute()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX model (or not there): only the file itself
+        return {path}
+    locations = {
+        entry.value
+        for tensor in _tensors(proto.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return {path} | {path.parent / location for location in locations}
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every initializer and Constant tensor of ``graph`` and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _own_data_files(path: Path) -> set[Path]:
+    """The data files beside ``path`` bearing its name (``<name>.data``, ``<name>.<hex>.data``) that the
+    model now there reads: replacing the model orphans them. Data files named otherwise may be shared."""
+    own_name = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
+    if not path.is_file() or not any(own_name.fullmatch(entry.name) for entry in os.scandir(path.parent)):
+        return set()  # nothing to clean up: spare the parse
+    return {file for file in model_files(path) - {path.absolute()} if file.parent == path.absolute().parent and own_name.fullmatch(file.name)}

@@ -1,0 +1,224 @@
+"""Hostile and unlucky files: nothing read outside the model's folder, no input destroyed, no output that
+is half-written or paired with another run's data, no traceback, and the exit codes CI relies on."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+from onnx_models import assert_same_outputs
+
+from bnfold.cli import main
+from bnfold.errors import InputError
+from bnfold.onnx_io import load_model
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "small_cnn.onnx"
+BNFOLD = Path(sys.executable).with_name("bnfold")
+
+
+def invoke(*args, cwd: Path | None = None):
+    """The CLI in this process (from ``cwd`` when given): exit code and everything it printed."""
+    previous = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        os.chdir(previous)
+    return result.exit_code, result.output
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def with_external_data(folder: Path, name: str = "model.onnx", location: str = "model.onnx.data") -> Path:
+    """The bundled example saved in ``folder`` with every tensor in the data file ``location``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    onnx.save(onnx.load(EXAMPLE), path, save_as_external_data=True, location=location, size_threshold=0)
+    return path
+
+
+def point_tensor_at(model_path: Path, location: str) -> None:
+    """Make the first external tensor of ``model_path`` read ``location`` instead (a crafted model)."""
+    proto = onnx.load(model_path, load_external_data=False)
+    tensor = proto.graph.initializer[0]
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+        if entry.key == "offset":
+            entry.value = "0"
+    onnx.save(proto, model_path)
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    """A file outside the model's folder that a crafted model tries to read."""
+    path = tmp_path / "outside.bin"
+    path.write_bytes(b"SECRET" * 4096)
+    return path
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "symlink"])
+def test_external_data_outside_the_models_folder_is_refused_and_never_read(tmp_path, secret, how):
+    model = with_external_data(tmp_path / "model")
+    location = {"parent": "../outside.bin", "absolute": str(secret), "symlink": "link.bin"}[how]
+    if how == "symlink":
+        (tmp_path / "model" / "link.bin").symlink_to(secret)
+    point_tensor_at(model, location)
+    for given, cwd in (("model.onnx", tmp_path / "model"), (str(model), None)):  # a bare name and a path
+        code, output = invoke(given, "-o", tmp_path / "out.onnx", "--no-verify", cwd=cwd)
+        assert code == 2, output
+        assert "leaves the model's folder" in output and output.count("\n") == 1
+        assert not (tmp_path / "out.onnx").exists()
+        assert not any(p.name.endswith(".data") for p in tmp_path.iterdir())
+    code, output = invoke("check", "model.onnx", cwd=tmp_path / "model")
+    assert code == 2 and "leaves the model's folder" in output and "SECRET" not in output
+    with pytest.raises(InputError, match="leaves the model's folder"):
+        load_model(model)
+
+
+def test_output_onto_the_inputs_data_file_is_refused(tmp_path):
+    model = with_external_data(tmp_path)
+    data = tmp_path / "model.onnx.data"
+    before = digest(data)
+    code, output = invoke(model, "-o", data, "--no-verify")
+    assert code == 2 and "which the model is read from" in output
+    assert digest(data) == before
+    assert_same_outputs(onnx.load(EXAMPLE), onnx.load(model), atol=0, rtol=0)
+
+
+def test_output_named_like_the_inputs_data_never_replaces_it(tmp_path):
+    """`mv model.onnx orig.onnx; bnfold orig.onnx -o model.onnx`: orig's data file is model.onnx.data."""
+    with_external_data(tmp_path)
+    original = tmp_path / "orig.onnx"
+    (tmp_path / "model.onnx").rename(original)
+    before = digest(tmp_path / "model.onnx.data")
+    code, output = invoke(original, "-o", tmp_path / "model.onnx")
+    assert code == 0, output
+    assert digest(tmp_path / "model.onnx.data") == before
+    assert_same_outputs(onnx.load(EXAMPLE), onnx.load(original), atol=0, rtol=0)
+    assert_same_outputs(onnx.load(EXAMPLE), onnx.load(tmp_path / "model.onnx"), atol=1e-5, rtol=1e-4)
+
+
+def test_rewriting_an_output_replaces_its_data_file_and_leaves_no_other(tmp_path):
+    model = with_external_data(tmp_path / "in")
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    for _ in range(3):
+        code, output = invoke(model, "-o", out)
+        assert code == 0, output
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert len(names) == 2 and names[0] == "folded.onnx" and names[1].endswith(".data")
+    assert_same_outputs(onnx.load(EXAMPLE), onnx.load(out), atol=1e-5, rtol=1e-4)
+
+
+def test_in_place_with_external_data_removes_the_replaced_data_file(tmp_path):
+    model = with_external_data(tmp_path)
+    code, output = invoke(model, "--in-place")
+    assert code == 0, output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == "model.onnx" and names[1].startswith("model.onnx.") and names[1] != "model.onnx.data"
+    assert_same_outputs(onnx.load(EXAMPLE), onnx.load(model), atol=1e-5, rtol=1e-4)
+
+
+def test_data_files_of_other_models_are_never_removed(tmp_path):
+    """An existing output whose data file is also an input's: replacing the output must not delete it."""
+    shared = with_external_data(tmp_path, name="out.onnx", location="out.onnx.data")
+    model = tmp_path / "model.onnx"
+    shutil.copy(shared, model)  # reads out.onnx.data as well
+    before = digest(tmp_path / "out.onnx.data")
+    code, output = invoke(model, "-o", shared)
+    assert code == 0, output
+    assert digest(tmp_path / "out.onnx.data") == before
+    assert_same_outputs(onnx.load(EXAMPLE), onnx.load(model), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("special", ["fifo", "device"])
+def test_output_onto_a_fifo_or_device_is_refused(tmp_path, special):
+    if special == "fifo":
+        target = tmp_path / "pipe"
+        os.mkfifo(target)
+    else:
+        target = Path("/dev/null")
+    code, output = invoke(EXAMPLE, "-o", target, "--no-verify")
+    assert code == 2 and "not a regular file" in output
+    assert not target.is_file() and target.exists()
+
+
+def test_stale_staging_and_scratch_directories_of_dead_runs_are_removed(tmp_path, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_staging = tmp_path / f".bnfold-staging-{dead.pid}-abc123"
+    stale_staging.mkdir()
+    (stale_staging / "model.onnx").write_bytes(b"half")
+    live_staging = tmp_path / f".bnfold-staging-{os.getpid()}-def456"  # a run still going: left alone
+    live_staging.mkdir()
+    code, output = invoke(EXAMPLE, "-o", tmp_path / "folded.onnx", "--no-verify")
+    assert code == 0, output
+    assert not stale_staging.exists() and live_staging.exists()
+
+
+def model_failing_the_checker(problem: str) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    reads = "undefined" if problem == "dangling" else "x"
+    graph = helper.make_graph([helper.make_node("Relu", [reads], ["y"])], "g", [x], [y])
+    if problem == "no-opset":
+        return helper.make_model(graph, opset_imports=[])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("problem", ["dangling", "no-opset"])
+def test_a_model_the_onnx_checker_rejects_is_bad_input(tmp_path, problem):
+    path = tmp_path / "bad.onnx"
+    onnx.save(model_failing_the_checker(problem), path)
+    code, output = invoke(path, "-o", tmp_path / "out.onnx")
+    assert code == 2 and "not a valid ONNX model" in output and output.count("\n") == 1
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_mistyped_commands_are_named_not_folded():
+    code, output = invoke("chekc", "m.onnx")
+    assert code == 2 and "did you mean 'check'" in output
+    code, output = invoke("help")
+    assert code == 0 and "Commands:" in output
+
+
+def test_negative_seed_is_a_usage_error():
+    code, output = invoke(EXAMPLE, "--dry-run", "--seed", "-1")
+    assert code == 2 and "--seed" in output
+
+
+def ours(folder: Path) -> list[Path]:
+    return [path for path in folder.iterdir() if path.name.startswith("bnfold-")]
+
+
+def test_interrupt_exits_130_in_one_line_and_removes_scratch_files(tmp_path):
+    """A real SIGINT in the middle of verification (a large input keeps it busy)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    environment = {**os.environ, "TMPDIR": str(scratch)}
+    process = subprocess.Popen(
+        [BNFOLD, EXAMPLE, "--dry-run", "--input-shape", "input=50000,3,16,16"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not ours(scratch) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # verification has started once its scratch directory exists
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "bnfold: interrupted"
+    assert ours(scratch) == []
