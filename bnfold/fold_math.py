@@ -10,18 +10,21 @@ An eval-mode BatchNorm is the per-channel affine map ``y = s * x + t`` with
 sees padding values, which would not be shifted).
 
 Everything is computed in float64 and rounded once, at the end, to the weight's dtype (or to
-``out_dtype``) by :func:`round_to_dtype`. Arrays are numpy; the PyTorch front-end converts at its
-boundary.
+``out_dtype``) by :func:`round_to_dtype`. A fold whose weight or bias would round to NaN or Inf there is
+refused (:class:`FoldOverflowError`). Arrays are numpy; the PyTorch front-end converts at its boundary.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 
 LayoutKind = Literal["conv", "conv_transpose", "matrix_in_out", "matrix_out_in"]
@@ -29,6 +32,19 @@ LayoutKind = Literal["conv", "conv_transpose", "matrix_in_out", "matrix_out_in"]
 
 class UnfoldableStatisticsError(ValueError):
     """BatchNorm parameters that no finite scale and shift can represent."""
+
+
+class FoldOverflowError(ValueError):
+    """A folded weight or bias with a value its dtype cannot hold: NaN, Inf, or past the dtype's range."""
+
+    def __init__(self, what: str, dtype: np.dtype, largest: float):
+        self.what, self.dtype, self.largest = what, np.dtype(dtype), largest
+        if math.isfinite(largest):
+            limit = float(ml_dtypes.finfo(self.dtype).max)
+            problem = f"reaches {largest:.4g}, past the largest {self.dtype.name} value ({limit:g})"
+        else:
+            problem = f"has NaN or Inf values ({self.dtype.name})"
+        super().__init__(f"the folded {what} {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +135,31 @@ def round_to_dtype(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     return narrow.astype(dtype)
 
 
+@functools.cache
+def _overflow_threshold(dtype: np.dtype) -> float:
+    """The magnitude from which float64 values round to Inf in ``dtype``: its largest finite value plus half
+    an ulp there (a tie rounds to even, which is Inf). Inf for float64."""
+    largest = float(ml_dtypes.finfo(dtype).max)
+    half_ulp = math.ldexp(1.0, math.frexp(largest)[1] - 2 - ml_dtypes.finfo(dtype).nmant)
+    return largest + half_ulp
+
+
+def check_fits(array: np.ndarray, dtype: np.dtype | type, what: str) -> None:
+    """Raise :class:`FoldOverflowError` unless every value of float64 ``array`` rounds to a finite ``dtype``
+    value (NaN fails the comparison too)."""
+    dtype = np.dtype(dtype)
+    if not array.size:
+        return
+    largest = max(float(array.max()), -float(array.min()))  # (no temporary |array|: weights can be large)
+    if not largest < _overflow_threshold(dtype):
+        raise FoldOverflowError(what, dtype, largest)
+
+
+def _rounded(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    check_fits(array, dtype, what)
+    return round_to_dtype(array, dtype)
+
+
 def batchnorm_affine(
     gamma: np.ndarray | None,
     beta: np.ndarray | None,
@@ -191,7 +232,7 @@ def fold_into_outputs(
     view *= affine.scale.reshape(layout.groups, out_per_group, 1, 1)
     bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
     new_bias = affine.scale * bias64 + affine.shift
-    return round_to_dtype(new_weight, out_dtype), round_to_dtype(new_bias, out_dtype)
+    return _rounded(new_weight, out_dtype, "weight"), _rounded(new_bias, out_dtype, "bias")
 
 
 # Past this many weight elements a layer's arithmetic outweighs numpy's per-call overhead.
@@ -232,7 +273,7 @@ def fold_many_into_outputs(
         new_weight = np.concatenate([weight.reshape(-1) for weight in weights]).astype(np.float64)
         new_weight *= np.repeat(scale, np.repeat(per_channel, channels))
         new_bias = scale * bias.astype(np.float64) + shift
-        rounded_weight, rounded_bias = round_to_dtype(new_weight, dtype), round_to_dtype(new_bias, dtype)
+        rounded_weight, rounded_bias = _rounded(new_weight, dtype, "weight"), _rounded(new_bias, dtype, "bias")
         weight_end, bias_end = itertools.accumulate(w.size for w in weights), itertools.accumulate(channels)
         for p, weight, w_end, c, b_end in zip(positions, weights, weight_end, channels, bias_end):
             results[p] = rounded_weight[w_end - weight.size : w_end].reshape(weight.shape), rounded_bias[b_end - c : b_end]
@@ -263,4 +304,4 @@ def fold_into_inputs(
     out_total = layout.out_channels(weight.shape)
     bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
     new_bias = bias64 + bias_delta
-    return round_to_dtype(new_weight, out_dtype), round_to_dtype(new_bias, out_dtype)
+    return _rounded(new_weight, out_dtype, "weight"), _rounded(new_bias, out_dtype, "bias")

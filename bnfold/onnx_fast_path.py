@@ -10,9 +10,9 @@ of arithmetic). :func:`fold_plain_pairs` first proves that a model is such a cas
 - nothing else would fold: no Mul/Add/Sub/Div reads a layer's output next to something that may be constant;
 - no subgraphs, no external data, a little-endian machine.
 
-Only then does it build the folded copy (copying everything but the tensors it replaces); otherwise it
-returns None, and :class:`bnfold.onnx_fold.FoldBatchNormPass` folds the model (or says why not). The input
-is never modified. When this path folds, its result is the pass's: the same folds, the same values (the
+Only then does it build the folded copy (copying everything but the tensors it replaces); otherwise, or
+when a folded weight or bias does not fit its dtype, it returns None, and
+:class:`bnfold.onnx_fold.FoldBatchNormPass` folds the model (or says why not). The input is never modified. When this path folds, its result is the pass's: the same folds, the same values (the
 arithmetic is :mod:`bnfold.fold_math`, here over many pairs per numpy call), the same new names, the same
 initializer order. Tests compare the two on every model they fold.
 """
@@ -30,7 +30,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfold.fold_math import ChannelAffine, UnfoldableStatisticsError, WeightLayout, batchnorm_affine, fold_many_into_outputs
+from bnfold.fold_math import (
+    ChannelAffine,
+    FoldOverflowError,
+    UnfoldableStatisticsError,
+    WeightLayout,
+    batchnorm_affine,
+    fold_many_into_outputs,
+)
 from bnfold.onnx_constants import CONSTANT_OPS
 from bnfold.onnx_rules import ELEMENTWISE_OPS, FreshNames
 from bnfold.report import Fold
@@ -271,8 +278,11 @@ def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold
     _copy_fields(model.graph, folded.graph, skip="initializer")
     # The pass's order: the initializers it keeps, then each pair's new weight and bias.
     folded.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name not in dropped)
-    for chunk in _chunks(list(zip(pairs, affines, new_names))):
-        _rewrite(chunk, folded.graph)
+    try:
+        for chunk in _chunks(list(zip(pairs, affines, new_names))):
+            _rewrite(chunk, folded.graph)
+    except FoldOverflowError:
+        return None  # the pass refuses that pair and names it
     _bypass_all(pairs, index, folded.graph)
     _delete(folded.graph.node, index.batchnorms)
     return folded, folds

@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from bnfold.fold_math import (
     ChannelAffine,
+    FoldOverflowError,
     UnfoldableStatisticsError,
     WeightLayout,
     batchnorm_affine,
@@ -261,8 +262,11 @@ def elementwise_channel_affine(node: ir.Node, data: ir.Value, channels: int, ran
 class Match:
     anchor: ir.Node  # the BatchNorm (or elementwise node) that disappears
     layer: Layer
-    affine: ChannelAffine
     direction: str
+    # The layer's folded weight and bias, computed by ``check``: a fold its dtype cannot hold is refused
+    # before anything in the graph changes.
+    weight: np.ndarray
+    bias: np.ndarray
 
 
 class FreshNames:
@@ -369,29 +373,48 @@ class FoldIntoPreceding:
                 "channel-mismatch",
                 f"{node_label(anchor)} has {affine.channels} channels, {node_label(layer.node)} outputs {channels}",
             )
-        return Match(anchor, layer, affine, self.direction)
-
-    def rewrite(self, match: Match, editor: GraphEditor) -> None:
-        layer, affine = match.layer, match.affine
         bias, _, beta = _bias_alpha_beta(layer)
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = ChannelAffine(affine.scale, affine.shift / beta)
-        _write_weight_and_bias(layer, *fold_into_outputs(layer.weight, bias, shifted, layer.layout), editor)
-        editor.bypass(match.anchor, layer.output)
+        return Match(anchor, layer, self.direction, *_folded(fold_into_outputs, anchor, layer, bias, shifted))
+
+    def rewrite(self, match: Match, editor: GraphEditor) -> None:
+        _write_weight_and_bias(match, editor)
+        editor.bypass(match.anchor, match.layer.output)
+
+
+def _starts_without_bias(layer: Layer) -> bool:
+    """A Gemm whose C is absent or ignored (beta = 0): the fold starts from no bias, and the rewrite sets
+    beta = 1 for the bias it creates."""
+    return layer.node.op_type == "Gemm" and (layer.bias is None or layer.gemm_alpha_beta[1] == 0.0)
 
 
 def _bias_alpha_beta(layer: Layer) -> tuple[np.ndarray | None, float, float]:
-    """The layer's bias with Gemm's alpha and beta; a Gemm whose C is absent or ignored (beta = 0)
-    is set to beta = 1, ready for the bias the fold creates."""
+    """The layer's bias with Gemm's alpha and beta (beta 1 when the fold starts without a bias)."""
     alpha, beta = layer.gemm_alpha_beta
-    if layer.node.op_type == "Gemm" and (layer.bias is None or beta == 0.0):
-        layer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    if _starts_without_bias(layer):
         return None, alpha, 1.0
     return layer.bias, alpha, beta
 
 
-def _write_weight_and_bias(layer: Layer, weight: np.ndarray, bias: np.ndarray, editor: GraphEditor) -> None:
+def _folded(fold, anchor: ir.Node, layer: Layer, bias: np.ndarray | None, affine: ChannelAffine):
+    """``fold`` (a :mod:`bnfold.fold_math` fold) of the layer's weight and ``bias``, or a refusal when its
+    dtype cannot hold the result."""
+    try:
+        return fold(layer.weight, bias, affine, layer.layout)
+    except FoldOverflowError as error:
+        raise Refusal(
+            "fold-overflows",
+            f"folding {node_label(anchor)} into {node_label(layer.node)}: {error}; keep the BatchNorm, or store the "
+            "layer in a wider dtype (float16 -> float32) before folding (a near-zero running variance is the usual cause)",
+        ) from None
+
+
+def _write_weight_and_bias(match: Match, editor: GraphEditor) -> None:
     """Give the layer fresh initializers; a MatMul's bias goes into its bias Add, created if absent."""
+    layer, weight, bias = match.layer, match.weight, match.bias
+    if _starts_without_bias(layer):
+        layer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     base = layer.node.inputs[1].name or node_label(layer.node)
     editor.set_input(layer.node, 1, base, weight)
     if layer.node.op_type != "MatMul":
@@ -461,14 +484,13 @@ class FoldIntoFollowing:
             raise Refusal(
                 "channel-mismatch", f"{node_label(anchor)} has {affine.channels} channels, {node_label(consumer)} reads {channels}"
             )
-        return Match(anchor, layer, affine, self.direction)
-
-    def rewrite(self, match: Match, editor: GraphEditor) -> None:
-        layer, affine = match.layer, match.affine
         bias, alpha, beta = _bias_alpha_beta(layer)
         # Gemm computes alpha * A B + beta * C: the shift's contribution alpha * t B enters C over beta.
         shifted = ChannelAffine(affine.scale, affine.shift * alpha / beta)
-        _write_weight_and_bias(layer, *fold_into_inputs(layer.weight, bias, shifted, layer.layout), editor)
+        return Match(anchor, layer, self.direction, *_folded(fold_into_inputs, anchor, layer, bias, shifted))
+
+    def rewrite(self, match: Match, editor: GraphEditor) -> None:
+        _write_weight_and_bias(match, editor)
         editor.bypass(match.anchor, match.anchor.inputs[0])
 
 

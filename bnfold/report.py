@@ -18,6 +18,7 @@ SKIP_CODES = {
     "parameters-not-constant": "the BatchNorm's scale, bias, mean or variance is not a constant",
     "padded-conv": "folding forward into a Conv that pads would shift its padding values",
     "unfoldable-statistics": "the statistics have no finite per-channel scale and shift",
+    "fold-overflows": "the folded weight or bias would be NaN/Inf or past the range of its dtype",
     "channel-mismatch": "the BatchNorm's channel axis does not match the layer's channels",
     "module-reused": "the layer module is called more than once",
     "batch-statistics": "track_running_stats=False: the BatchNorm always uses batch statistics",

@@ -1,5 +1,5 @@
 """The shared fold algebra: every layout against the layer computed in float64 by torch, the refusals,
-and the single rounding."""
+the single rounding, and folds whose result the layer's dtype cannot hold (refused by both front-ends)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper
+from onnx_models import fast_path_agrees, initializer, make_model
+from torch import nn
 
+import bnfold
 from bnfold.fold_math import (
     ChannelAffine,
+    FoldOverflowError,
     UnfoldableStatisticsError,
     WeightLayout,
     batchnorm_affine,
+    check_fits,
     fold_into_inputs,
     fold_into_outputs,
     fold_many_into_outputs,
@@ -154,3 +160,88 @@ def test_folding_many_layers_at_once_gives_each_layer_fold_bit_for_bit():
         for ours, expected in ((weight, expected_weight), (bias, expected_bias)):
             assert ours.dtype == expected.dtype and ours.shape == expected.shape
             assert ours.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, ml_dtypes.bfloat16])
+def test_check_fits_stops_exactly_where_rounding_reaches_inf(dtype):
+    largest = float(ml_dtypes.finfo(dtype).max)
+    below_inf = np.nextafter(largest + (largest - float(np.nextafter(dtype(largest), dtype(0)))) / 2, 0)
+    assert np.isfinite(round_to_dtype(np.array([below_inf]), dtype)).all()
+    check_fits(np.array([1.0, -below_inf]), dtype, "weight")
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(round_to_dtype(np.array([np.nextafter(below_inf, np.inf)]), dtype)).all()
+    with pytest.raises(FoldOverflowError, match=f"weight reaches .*, past the largest {np.dtype(dtype).name}"):
+        check_fits(np.array([1.0, -np.nextafter(below_inf, np.inf)]), dtype, "weight")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_check_fits_refuses_nan_and_inf_even_in_float64(value):
+    with pytest.raises(FoldOverflowError, match="bias has NaN or Inf values"):
+        check_fits(np.array([0.0, value]), np.float64, "bias")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_folds_refuse_a_result_the_dtype_cannot_hold(dtype):
+    weight, layout = np.full((4, 4, 1, 1), 2.0).astype(dtype), WeightLayout("conv")
+    huge = ChannelAffine(np.full(4, 1e39), np.zeros(4))
+    name = np.dtype(dtype).name
+    for fold in (fold_into_outputs, fold_into_inputs):
+        with pytest.raises(FoldOverflowError, match=f"weight reaches 2e\\+39, past the largest {name}"):
+            fold(weight, None, huge, layout)
+    with pytest.raises(FoldOverflowError, match=f"weight reaches 2e\\+39, past the largest {name}"):
+        fold_many_into_outputs([(weight, None, huge, layout)])
+    shifted = ChannelAffine(np.ones(4), np.full(4, 1e39))  # the weight fits, the bias does not
+    with pytest.raises(FoldOverflowError, match="bias reaches 1e\\+39"):
+        fold_into_outputs(weight, None, shifted, layout)
+
+
+# A weight that the BatchNorm below (scale 1e6 on channel 1) takes past the dtype's largest value.
+OVERFLOWING_WEIGHT = {"float16": 1.0, "bfloat16": 2.0**116}
+
+
+def _overflowing_conv_bn(elem_type: int, dtype) -> object:
+    """Conv -> BN whose zero variance (eps 1e-12) scales channel 1 of the weight by 1e6."""
+    weight = np.full((2, 2, 1, 1), OVERFLOWING_WEIGHT[np.dtype(dtype).name])
+    parameters = {"s": [1.0, 1.0], "b": [0.0, 0.0], "m": [0.0, 0.0], "v": [1.0, 0.0]}
+    inits = [initializer("W", weight.astype(dtype))]
+    inits += [initializer(name, np.array(values).astype(dtype)) for name, values in parameters.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        helper.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-12),
+    ]
+    return make_model(nodes, [("x", [1, 2, 3, 3])], ["z"], inits, elem_type=elem_type)
+
+
+@pytest.mark.parametrize("elem_type,dtype", [(TensorProto.FLOAT16, np.float16), (TensorProto.BFLOAT16, ml_dtypes.bfloat16)])
+@pytest.mark.parametrize("as_path", [False, True])
+def test_onnx_fold_that_overflows_is_skipped_with_or_without_verification(tmp_path, elem_type, dtype, as_path):
+    model = _overflowing_conv_bn(elem_type, dtype)
+    assert not fast_path_agrees(model)  # the fast path declines; the pass refuses and says why
+    source = model
+    if as_path:
+        source = tmp_path / "model.onnx"
+        source.write_bytes(model.SerializeToString())
+    for verify in (False, True):
+        if verify and elem_type == TensorProto.BFLOAT16:
+            continue  # onnxruntime has no bfloat16 Conv on the CPU; nothing is folded to verify anyway
+        _, report = bnfold.fold_onnx(source, verify=verify)
+        assert not report.folds and [skip.code for skip in report.skips] == ["fold-overflows"]
+        reason = report.skips[0].reason
+        largest = f"reaches {OVERFLOWING_WEIGHT[np.dtype(dtype).name] * 1e6:.4g}"
+        assert "into conv" in reason and np.dtype(dtype).name in reason and largest in reason and "wider dtype" in reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("verify", [False, True])
+def test_torch_fold_that_overflows_is_skipped(dtype, verify):
+    model = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm2d(2, eps=1e-12)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(OVERFLOWING_WEIGHT[str(dtype).removeprefix("torch.")])
+        model[1].running_var[1] = 0.0
+    model = model.to(dtype)
+    result = bnfold.fold(model, (torch.ones(1, 2, 3, 3, dtype=dtype),), verify=verify)
+    assert not result.report.folds and [skip.code for skip in result.report.skips] == ["fold-overflows"]
+    reason = result.report.skips[0].reason
+    largest = f"reaches {OVERFLOWING_WEIGHT[str(dtype).removeprefix('torch.')] * 1e6:.4g}"
+    assert "`0`" in reason and str(dtype).removeprefix("torch.") in reason and largest in reason
+    assert torch.isfinite(result.model[0].weight).all() and isinstance(result.model[1], nn.BatchNorm2d)

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 from torch import nn
 
-from bnfold.fold_math import ChannelAffine, UnfoldableStatisticsError, batchnorm_affine
+from bnfold.fold_math import (
+    ChannelAffine,
+    FoldOverflowError,
+    UnfoldableStatisticsError,
+    batchnorm_affine,
+    check_fits,
+    fold_into_inputs,
+    fold_into_outputs,
+)
 from bnfold.report import Direction, Fold, Skip
 from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, tensor_rank
 from bnfold.torch_fold.conversion import to_numpy
@@ -28,7 +37,9 @@ class PlannedFold:
     batchnorm: BatchNormCall
     layer: LayerCall
     direction: Direction
-    affine: ChannelAffine
+    # The layer's weight and bias (float64) after this fold and every earlier one into the same layer:
+    # computed while planning, so that a fold the layer's dtype cannot hold is refused.
+    layer_values: tuple[np.ndarray, np.ndarray]
 
     @property
     def in_module_tree(self) -> bool:
@@ -52,8 +63,9 @@ class FoldPlan:
 def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     """One decision per BatchNorm: per group of calls sharing statistics, and per module never called."""
     plan = FoldPlan([], [])
+    folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]] = {}
     for calls in flow.batchnorms_by_statistics():
-        decision = _decide(calls, flow)
+        decision = _decide(calls, flow, folded)
         (plan.folds if isinstance(decision, PlannedFold) else plan.skips).append(decision)
     called = {call.name for call in flow.batchnorms}
     for name, module in model.named_modules():
@@ -63,7 +75,10 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     return plan
 
 
-def _decide(calls: list[BatchNormCall], flow: DataFlow) -> PlannedFold | Skip:
+def _decide(
+    calls: list[BatchNormCall], flow: DataFlow, folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]]
+) -> PlannedFold | Skip:
+    """The fold or skip for one BatchNorm; ``folded`` holds the values of layers folded so far (updated)."""
     batchnorm = calls[0]
     refusal = _batchnorm_refusal(calls)
     if refusal is not None:
@@ -83,7 +98,16 @@ def _decide(calls: list[BatchNormCall], flow: DataFlow) -> PlannedFold | Skip:
             continue
         refusal = _layer_refusal(batchnorm, layer, direction, flow)
         if refusal is None:
-            return PlannedFold(batchnorm, layer, direction, affine)
+            try:
+                values = _fold_values(layer, direction, affine, folded.get(layer))
+            except FoldOverflowError as error:
+                refusal = "fold-overflows", (
+                    f"folding it into `{layer.name}`: {error}; keep the BatchNorm, or convert the model to a wider "
+                    "dtype (model.float()) before folding (a near-zero running variance is the usual cause)."
+                )
+            else:
+                folded[layer] = values
+                return PlannedFold(batchnorm, layer, direction, values)
         first_refusal = first_refusal or refusal
     return Skip(batchnorm.name, *first_refusal)
 
@@ -96,6 +120,24 @@ def _affine(batchnorm: BatchNormCall) -> ChannelAffine:
         to_numpy(batchnorm.running_var),
         batchnorm.eps,
     )
+
+
+def _fold_values(
+    layer: LayerCall, direction: Direction, affine: ChannelAffine, previous: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's float64 weight and bias after folding ``affine`` into them (after ``previous`` folds),
+    checked against the dtypes they will be written back in."""
+    weight, bias = previous or (to_numpy(layer.weight), to_numpy(layer.bias))
+    fold_function = fold_into_outputs if direction == "into-preceding" else fold_into_inputs
+    weight, bias = fold_function(weight, bias, affine, layer.layout, out_dtype=np.float64)
+    check_fits(weight, _numpy_dtype(layer.weight), "weight")
+    check_fits(bias, _numpy_dtype(layer.weight if layer.bias is None else layer.bias), "bias")
+    return weight, bias
+
+
+def _numpy_dtype(tensor) -> np.dtype:
+    """numpy's (or ml_dtypes') dtype of the same name as the tensor's (torch.bfloat16 -> bfloat16)."""
+    return np.dtype(str(tensor.dtype).removeprefix("torch."))
 
 
 def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:

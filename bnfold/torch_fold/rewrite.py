@@ -1,20 +1,19 @@
 """Applying planned folds: new layer weights, then the BatchNorms removed from the module tree or graph.
 
-Each layer's weight and bias are folded in float64 through every fold that touches them (a layer can
-absorb one BatchNorm before it and one after it) and written back once, so each value is rounded once.
+Each layer's weight and bias were folded in float64 through every fold that touches them while planning (a
+layer can absorb one BatchNorm before it and one after it); they are written back once, so each value is
+rounded once.
 Writes are in place: parameters keep their identity, class and ``requires_grad``.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from bnfold.fold_math import fold_into_inputs, fold_into_outputs
 from bnfold.torch_fold.calls import LayerCall
-from bnfold.torch_fold.conversion import to_numpy, to_torch
+from bnfold.torch_fold.conversion import to_torch
 from bnfold.torch_fold.planning import PlannedFold
 from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel
 
@@ -41,13 +40,8 @@ def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModu
 
 
 def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel) -> None:
-    folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]] = {}
-    for fold in folds:
-        layer = fold.layer
-        if layer not in folded:
-            folded[layer] = (to_numpy(layer.weight), to_numpy(layer.bias))
-        fold_function = fold_into_outputs if fold.direction == "into-preceding" else fold_into_inputs
-        folded[layer] = fold_function(*folded[layer], fold.affine, layer.layout, out_dtype=np.float64)
+    # A layer's last fold carries the values of all its folds.
+    folded = {fold.layer: fold.layer_values for fold in folds}
     for layer, (weight, bias) in folded.items():
         with torch.no_grad():
             layer.weight.copy_(to_torch(weight, like=layer.weight))
