@@ -33,7 +33,8 @@ def _codes_epilog() -> str:
               help="Check the model this callable returns (repeatable).")
 @click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the architecture that state-dict files are loaded into.")
 @click.option("--trust-pickle", is_flag=True,
-              help="Load pickled whole modules (torch.save(model)); this runs code from the file.")
+              help="Load pickled modules (torch.save(model)) and .pt2 archives holding pickled objects or compiled code; "
+                   "this runs code from the file.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
               help="Input shape, batch dimension first, for the batch-dependence measurement: NAME= for ONNX inputs, "
                    "in order (float32) for PyTorch models. The batch dimension's size is set by --batch-size.")
