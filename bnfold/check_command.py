@@ -31,7 +31,8 @@ def _codes_epilog() -> str:
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[PATH]...")
 @click.option("--model", "model_specs", multiple=True, metavar="MODULE:CALLABLE",
               help="Check the model this callable returns (repeatable).")
-@click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the architecture that state-dict files are loaded into.")
+@click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the architecture that state-dict files are loaded into; a state-dict stores no train/eval mode, so "
+                   "it is checked in eval mode, as deployed.")
 @click.option("--trust-pickle", is_flag=True,
               help="Load pickled modules (torch.save(model)) and .pt2 archives holding pickled objects or compiled code; "
                    "this runs code from the file.")

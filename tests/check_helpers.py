@@ -10,6 +10,11 @@ def small_cnn_architecture() -> nn.Module:
     return SmallCNN(nn).eval()
 
 
+def small_cnn_as_built() -> nn.Module:
+    """The architecture as a model zoo's factory returns it: in training mode, as every new module is."""
+    return SmallCNN(nn)
+
+
 def trained_small_cnn() -> nn.Module:
     return trained_fixture("small_cnn")
 

@@ -453,6 +453,15 @@ def test_state_dict_with_factory(trained_cnn, tmp_path):
     assert "no findings" in result.stdout
 
 
+def test_state_dict_is_checked_in_eval_mode_whatever_mode_the_factory_builds(trained_cnn, tmp_path):
+    """A state-dict stores no mode: a factory's fresh module (training mode) must not make every BN a BN001."""
+    path = tmp_path / "weights.pt"
+    torch.save(trained_cnn.state_dict(), path)
+    result = invoke("--format", "json", "--factory", "check_helpers:small_cnn_as_built", "--input-shape", "1,3,16,16", path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["findings"] == []
+
+
 def test_state_dict_without_factory_is_an_input_error(trained_cnn, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(trained_cnn.state_dict(), path)

@@ -243,7 +243,9 @@ def _load_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor], factory
         # torch's message is a header line, then one line per kind of mismatch: the first is the news.
         mismatch = str(error).splitlines()[1:2]
         raise InputError(path, f"does not fit the --factory architecture ({describe_error(error, *mismatch)})") from None
-    return model
+    # A state-dict stores no train/eval mode, and factories build modules in training mode: check the
+    # model as it will be deployed, or every BatchNorm would be a false BN001.
+    return model.eval()
 
 
 def call_entry_point(spec: str, option: str):
