@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_ir as ir
@@ -18,7 +19,9 @@ import onnx_ir as ir
 from bnfold.checks.findings import Finding, errors
 from bnfold.checks.onnx_inspect import check_onnx
 from bnfold.checks.sources import check_file
-from bnfold.checks.torch_inspect import ExampleInputs, Model, check_model
+
+if TYPE_CHECKING:
+    from bnfold.checks.torch_inspect import ExampleInputs, Model
 
 
 def check(
@@ -29,6 +32,8 @@ def check(
         return check_file(model, example_inputs=example_inputs)
     if isinstance(model, (onnx.ModelProto, ir.Model)):
         return check_onnx(model)
+    from bnfold.checks.torch_inspect import check_model  # a PyTorch model: torch is there
+
     return check_model(model, example_inputs)
 
 

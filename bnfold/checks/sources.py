@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from bnfold.checks.batch_dependence import DEFAULT_BATCH_SIZE
 from bnfold.checks.findings import Finding
 from bnfold.checks.onnx_inspect import check_onnx
-from bnfold.checks.torch_inspect import ExampleInputs, check_model
-from bnfold.checks.torch_load import load_torch_model, model_from_callable
+from bnfold.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from bnfold.checks.torch_inspect import ExampleInputs
+
+# torch is imported only for PyTorch sources: ONNX-only installs (no `bnfold[torch]`) check ONNX files.
 
 ONNX_SUFFIX = ".onnx"
 
@@ -35,6 +40,13 @@ def check_file(
     if Path(path).suffix.lower() == ONNX_SUFFIX:
         findings = check_onnx(path, input_shapes=input_shapes, **measurement)
     else:
+        try:
+            from bnfold.checks.torch_inspect import check_model
+            from bnfold.checks.torch_load import load_torch_model
+        except ImportError as error:
+            if error.name != "torch":
+                raise
+            raise InputError(path, "is not an .onnx file, and PyTorch files need torch: pip install 'bnfold[torch]'") from None
         model = load_torch_model(path, factory=factory, trust_pickle=trust_pickle)
         findings = check_model(model, example_inputs, **measurement)
     return [finding.at(str(path)) for finding in findings]
@@ -42,10 +54,17 @@ def check_file(
 
 def check_entry_point(spec: str, example_inputs: ExampleInputs | None = None, **measurement) -> list[Finding]:
     """Findings for the model that ``module:callable`` returns (keyword arguments as for :func:`check_model`)."""
+    from bnfold.checks.torch_inspect import check_model
+    from bnfold.checks.torch_load import model_from_callable
+
     return [finding.at(spec) for finding in check_model(model_from_callable(spec), example_inputs, **measurement)]
 
 
 def example_inputs(shapes: list[list[int]]) -> list[torch.Tensor] | None:
     """float32 example inputs of these shapes, or None for no shapes (the measurement reads only their
     shape and dtype)."""
-    return [torch.zeros(shape) for shape in shapes] or None
+    if not shapes:
+        return None
+    import torch
+
+    return [torch.zeros(shape) for shape in shapes]
