@@ -48,7 +48,9 @@ def _codes_epilog() -> str:
 @click.option("--format", "output_format", type=click.Choice(list(FORMATTERS)), default="text", show_default=True)
 def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, seed, select, ignore, output_format) -> None:
     """Check ONNX files and PyTorch models for BatchNorm/Dropout left in training mode, untrained or
-    broken statistics, and outputs that change with the batch; exit 1 on any error finding."""
+    broken statistics, and outputs that change with the batch; exit 1 on any error finding.
+
+    A directory PATH is searched for .onnx and .pt2 files (inside a git work tree, those git does not ignore)."""
     if not paths and not model_specs:
         raise click.UsageError("give model files (PATH...) or --model MODULE:CALLABLE")
     try:
@@ -56,12 +58,12 @@ def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, s
     except UnknownCodeError as error:
         raise click.BadParameter(str(error), param_hint="--select/--ignore") from None
     named_shapes, positional_shapes = _parse_input_shapes(input_shapes)
-    from bnfold.checks import sources  # imports torch: only when something is checked, not for `bnfold fold`
+    from bnfold.checks import sources  # imports numpy and onnx: only when something is checked
 
     example_inputs = sources.example_inputs(positional_shapes)
     measurement = {"batch_size": batch_size, "seed": seed, "measure_batch": selection.reports_any("BD")}
     results = CheckResults()
-    for path in paths:
+    for path in (file for given in paths for file in sources.files_to_check(given)):
         check_path = functools.partial(
             sources.check_file, path, factory=factory, trust_pickle=trust_pickle, input_shapes=named_shapes,
             example_inputs=example_inputs, **measurement,

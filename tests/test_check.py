@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -567,3 +568,22 @@ def test_top_level_check_dispatches_on_the_model_kind(tmp_path):
     model.train()
     with pytest.raises(AssertionError, match="BN001"):
         bnfold.assert_inference_ready(model, (example_input("mlp"),))
+
+
+def test_a_directory_is_searched_for_models_git_ignored_files_left_out(onnx_files, tmp_path):
+    repository = tmp_path / "models"
+    (repository / "nested").mkdir(parents=True)
+    (repository / "build").mkdir()
+    shutil.copy(onnx_files["eval"], repository / "nested" / "good.onnx")
+    shutil.copy(onnx_files["train"], repository / "build" / "ignored.onnx")
+    (repository / "notes.txt").write_text("not a model")
+    plain = invoke("--format", "json", repository)
+    assert plain.exit_code == 1  # outside git every model is checked, the training-mode one included
+    assert json.loads(plain.stdout)["summary"]["checked"] == 2
+    subprocess.run(["git", "init", "-q", str(repository)], check=True)
+    (repository / ".gitignore").write_text("build/\n")
+    in_git = invoke("--format", "json", repository)
+    assert in_git.exit_code == 0, in_git.output
+    report = json.loads(in_git.stdout)
+    assert report["summary"]["checked"] == 1
+    assert {finding["path"] for finding in report["findings"]} == {str(repository / "nested" / "good.onnx")}

@@ -5,6 +5,7 @@ anything else as a PyTorch file, whose kind :mod:`bnfold.checks.torch_load` tell
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,36 @@ if TYPE_CHECKING:
 # torch is imported only for PyTorch sources: ONNX-only installs (no `bnfold[torch]`) check ONNX files.
 
 ONNX_SUFFIX = ".onnx"
+# What `bnfold check DIRECTORY` picks up: ONNX files and torch.export archives (other PyTorch files need
+# --factory or trust, so they are checked only when named).
+MODEL_SUFFIXES = (ONNX_SUFFIX, ".pt2")
+
+
+def files_to_check(path: str | os.PathLike) -> list[Path]:
+    """``path`` itself, or for a directory the model files under it (sorted), as linters recurse: inside a
+    git work tree only the files git does not ignore, elsewhere all but hidden files and folders."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    listed = _git_files(path)
+    if listed is None:
+        listed = []
+        for folder, folders, names in os.walk(path):
+            folders[:] = sorted(name for name in folders if not name.startswith("."))  # prunes the walk
+            listed += [Path(folder, name).relative_to(path) for name in names if not name.startswith(".")]
+    return sorted(path / name for name in listed if name.suffix.lower() in MODEL_SUFFIXES)
+
+
+def _git_files(directory: Path) -> list[Path] | None:
+    """The tracked and untracked-but-not-ignored files under ``directory``; None outside a git work tree."""
+    try:
+        listing = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "."],
+            cwd=directory, capture_output=True, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a repository
+        return None
+    return [Path(os.fsdecode(name)) for name in listing.stdout.split(b"\0") if name]
 
 
 def check_file(
