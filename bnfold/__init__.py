@@ -1,6 +1,7 @@
 """bnfold: fold eval-mode BatchNorm into neighbouring layers of ONNX and PyTorch models.
 
-- ``bnfold.fold_onnx(model_or_path)`` -> ``(folded_model, FoldReport)``: the ONNX front-end.
+- ``bnfold.fold_onnx(model_or_path)`` -> ``(folded_model, FoldReport)``: the ONNX front-end;
+  ``bnfold.save(folded_model, path)`` writes its result.
 - ``bnfold.fold(module, example_inputs)`` -> ``TorchFoldResult(model, report)``: the PyTorch front-end.
 - ``bnfold.check(model_or_path, example_inputs)`` -> findings; ``bnfold.assert_inference_ready(...)``.
 
@@ -24,6 +25,8 @@ _LAZY = {
     "VerificationError": "bnfold.verification",
     "VerificationUnavailableError": "bnfold.onnx_verify",
     "InputError": "bnfold.errors",
+    "MissingInputError": "bnfold.errors",
+    "save": "bnfold.onnx_io",
     "fold": "bnfold.torch_fold",
     "TorchFoldResult": "bnfold.torch_fold",
     "ModelNotTraceableError": "bnfold.torch_fold",
@@ -36,6 +39,7 @@ __all__ = [
     "Fold",
     "FoldReport",
     "InputError",
+    "MissingInputError",
     "ModelNotTraceableError",
     "Skip",
     "TorchFoldResult",
@@ -49,10 +53,15 @@ __all__ = [
     "check",
     "fold",
     "fold_onnx",
+    "save",
 ]
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("bnfold")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

@@ -12,3 +12,7 @@ class InputError(Exception):
         super().__init__(f"{path}: {problem}")
         self.path = str(path)
         self.problem = problem
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A named input file does not exist: caught as an :class:`InputError` or a ``FileNotFoundError``."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from bnfold.errors import InputError
+from bnfold.errors import InputError, MissingInputError
 
 # Past this many bytes of tensor data a model cannot be one protobuf file (the 2 GiB limit, with margin).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -27,7 +27,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     model's folder is ever read."""
     path = Path(path)
     if not path.exists():
-        raise InputError(path, "no such file")
+        raise MissingInputError(path, "no such file")
     if path.is_dir():
         raise InputError(path, "is a directory, not an ONNX file")
     if path.stat().st_size == 0:
@@ -242,3 +242,9 @@ def _own_data_files(path: Path) -> set[Path]:
     if not path.is_file() or not any(own_name.fullmatch(entry.name) for entry in os.scandir(path.parent)):
         return set()  # nothing to clean up: spare the parse
     return {file for file in model_files(path) - {path.absolute()} if file.parent == path.absolute().parent and own_name.fullmatch(file.name)}
+
+
+def save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write a model that :func:`bnfold.fold_onnx` returned (either kind) to ``path``, as the CLI does:
+    atomically, tensors in a data file of its own when the model has external data or passes 2 GiB."""
+    save_model(ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model, path)

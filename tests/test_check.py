@@ -468,7 +468,7 @@ def test_state_dict_without_factory_is_an_input_error(trained_cnn, tmp_path):
     torch.save(trained_cnn.state_dict(), path)
     result = invoke(path)
     assert result.exit_code == 2
-    assert "is a state-dict: give --factory" in result.stderr
+    assert "is a state-dict: give the factory that builds its architecture (--factory" in result.stderr
 
 
 def test_model_callable(tmp_path):
@@ -537,14 +537,22 @@ def test_assert_inference_ready_lists_the_error_findings(trained_cnn, onnx_files
 # Packaging
 
 
-def test_pre_commit_hook_runs_the_check_command_on_model_files():
-    hook = (Path(__file__).parent.parent / ".pre-commit-hooks.yaml").read_text()
-    fields = dict(re.findall(r"^-? *(id|entry|files): (.+)$", hook, flags=re.MULTILINE))
-    assert fields["id"] == "bnfold-check"
-    program, command = fields["entry"].split()
-    assert program == "bnfold" and main.commands[command] is bnfold.check_command.check
-    files = re.compile(fields["files"])
-    assert files.search("models/resnet.onnx") and files.search("model.pt2") and not files.search("train.py")
+def test_pre_commit_hooks_run_the_check_command_on_model_files():
+    """Two hooks: ONNX files with the light install (no torch), .pt2 archives with torch added."""
+    text = (Path(__file__).parent.parent / ".pre-commit-hooks.yaml").read_text()
+    hooks = {}
+    for block in re.split(r"^- ", text, flags=re.MULTILINE)[1:]:
+        fields = dict(re.findall(r"^ *(id|entry|files|additional_dependencies): ([^#\n]+?) *(?:#.*)?$", block, flags=re.MULTILINE))
+        hooks[fields.pop("id")] = fields
+    assert set(hooks) == {"bnfold-check", "bnfold-check-pytorch"}
+    for hook in hooks.values():
+        program, command = hook["entry"].split()
+        assert program == "bnfold" and main.commands[command] is bnfold.check_command.check
+    onnx_files, pytorch_files = (re.compile(hooks[name]["files"]) for name in ("bnfold-check", "bnfold-check-pytorch"))
+    assert onnx_files.search("models/resnet.onnx") and not onnx_files.search("model.pt2") and not onnx_files.search("train.py")
+    assert pytorch_files.search("model.pt2") and not pytorch_files.search("models/resnet.onnx")
+    assert "additional_dependencies" not in hooks["bnfold-check"]
+    assert "torch" in hooks["bnfold-check-pytorch"]["additional_dependencies"]
 
 
 def test_github_annotation_stays_on_one_line():
@@ -587,3 +595,17 @@ def test_a_directory_is_searched_for_models_git_ignored_files_left_out(onnx_file
     report = json.loads(in_git.stdout)
     assert report["summary"]["checked"] == 1
     assert {finding["path"] for finding in report["findings"]} == {str(repository / "nested" / "good.onnx")}
+
+
+def test_python_api_takes_a_factory_and_reports_a_missing_file_as_file_not_found(trained_cnn, tmp_path):
+    from check_helpers import small_cnn_as_built
+
+    path = tmp_path / "weights.pt"
+    torch.save(trained_cnn.state_dict(), path)
+    assert bnfold.check(path, torch.zeros(1, 3, 16, 16), factory=small_cnn_as_built) == []
+    assert_inference_ready(path, torch.zeros(1, 3, 16, 16), factory="check_helpers:small_cnn_as_built")
+    for missing in (tmp_path / "absent.onnx", tmp_path / "absent.pt"):
+        with pytest.raises(FileNotFoundError, match="no such file"):
+            bnfold.check(missing)
+        with pytest.raises(bnfold.InputError):
+            bnfold.check(missing)

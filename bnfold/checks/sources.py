@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from bnfold.errors import InputError
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from bnfold.checks.torch_inspect import ExampleInputs
 
@@ -57,7 +59,7 @@ def _git_files(directory: Path) -> list[Path] | None:
 def check_file(
     path: str | os.PathLike,
     *,
-    factory: str | None = None,
+    factory: Callable[[], nn.Module] | str | None = None,
     trust_pickle: bool = False,
     input_shapes: dict[str, list[int]] | None = None,
     example_inputs: ExampleInputs | None = None,

@@ -34,7 +34,7 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import sympy
@@ -43,14 +43,16 @@ from torch import nn
 
 from bnfold.checks.error_text import describe_error
 from bnfold.checks.torch_inspect import Model
-from bnfold.onnx_io import InputError
+from bnfold.errors import InputError, MissingInputError
 
 
-def load_torch_model(path: str | os.PathLike, *, factory: str | None = None, trust_pickle: bool = False) -> Model:
+def load_torch_model(
+    path: str | os.PathLike, *, factory: Callable[[], nn.Module] | str | None = None, trust_pickle: bool = False
+) -> Model:
     """The model in ``path``; :class:`InputError` (one line) when it cannot or must not be loaded."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "no such file" if not path.exists() else "not a file")
+        raise MissingInputError(path, "no such file") if not path.exists() else InputError(path, "not a file")
     entries = _archive_entries(path)
     kind = _archive_kind(entries)
     if kind == "export" and not trust_pickle:
@@ -67,7 +69,9 @@ def load_torch_model(path: str | os.PathLike, *, factory: str | None = None, tru
         return saved
     if _is_state_dict(saved):
         if factory is None:
-            raise InputError(path, "is a state-dict: give --factory module:callable that builds its architecture")
+            raise InputError(
+                path, "is a state-dict: give the factory that builds its architecture (--factory module:callable; factory= in Python)"
+            )
         return _load_state_dict(path, saved, factory)
     raise InputError(path, f"holds a {type(saved).__name__}, not a model or a state-dict")
 
@@ -233,16 +237,16 @@ def _is_state_dict(saved) -> bool:
     return isinstance(saved, Mapping) and bool(saved) and all(isinstance(value, torch.Tensor) for value in saved.values())
 
 
-def _load_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor], factory: str) -> nn.Module:
-    model = call_entry_point(factory, "--factory")
+def _load_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor], factory: Callable[[], nn.Module] | str) -> nn.Module:
+    model = factory() if callable(factory) else call_entry_point(factory, "--factory")
     if not isinstance(model, nn.Module):
-        raise InputError(factory, f"--factory returned a {type(model).__name__}, not an nn.Module")
+        raise InputError(str(factory), f"the factory returned a {type(model).__name__}, not an nn.Module")
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:  # missing, unexpected or misshapen entries
         # torch's message is a header line, then one line per kind of mismatch: the first is the news.
         mismatch = str(error).splitlines()[1:2]
-        raise InputError(path, f"does not fit the --factory architecture ({describe_error(error, *mismatch)})") from None
+        raise InputError(path, f"does not fit the factory's architecture ({describe_error(error, *mismatch)})") from None
     # A state-dict stores no train/eval mode, and factories build modules in training mode: check the
     # model as it will be deployed, or every BatchNorm would be a false BN001.
     return model.eval()

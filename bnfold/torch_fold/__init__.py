@@ -28,7 +28,7 @@ BatchNorm call, so ``after = before - folds`` for both.
 from __future__ import annotations
 
 import copy
-import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -47,8 +47,10 @@ __all__ = ["ModelNotTraceableError", "TorchFoldResult", "fold"]
 _MODE_SENSITIVE_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-@dataclasses.dataclass
-class TorchFoldResult:
+class TorchFoldResult(NamedTuple):
+    """What :func:`fold` returns: ``result.model``/``result.report``, or ``model, report = fold(...)`` as
+    with :func:`bnfold.fold_onnx`."""
+
     model: nn.Module
     report: FoldReport
 
