@@ -29,11 +29,19 @@ CONSTANT_OPS = frozenset(
 _NOT_CONSTANT = "bnfold.not_constant"
 
 
+class MalformedTensorError(ValueError):
+    """A stored tensor whose data does not fit its type and shape (short raw data, the wrong typed field, an
+    undefined type): the model cannot be used at all."""
+
+
 def _initializer_array(value: ir.Value) -> np.ndarray | None:
     tensor = value.const_value
     if tensor is None:
         return None
-    array = tensor.numpy()
+    try:
+        array = tensor.numpy()
+    except Exception as error:  # onnx_ir raises ValueError, TypeError, ... depending on how the data is wrong
+        raise MalformedTensorError(f"tensor {value.name!r} is unreadable ({type(error).__name__}: {error})") from None
     if isinstance(tensor, ir.ExternalTensor):
         # Copy out and unmap, so a large model's weights are not all held mapped at once.
         array = array.copy()

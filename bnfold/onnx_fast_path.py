@@ -38,7 +38,7 @@ from bnfold.fold_math import (
     batchnorm_affine,
     fold_many_into_outputs,
 )
-from bnfold.onnx_constants import CONSTANT_OPS
+from bnfold.onnx_constants import CONSTANT_OPS, MalformedTensorError
 from bnfold.onnx_rules import ELEMENTWISE_OPS, FreshNames
 from bnfold.report import Fold
 
@@ -86,9 +86,13 @@ class _GraphIndex:
         self.batchnorms: list[int] = []
         self.elementwise: list[onnx.NodeProto] = []
         self.has_subgraphs = False
+        # protobuf hands over strings that are not UTF-8 as bytes; the pass refuses such models.
+        self.has_non_text = any(type(text) is bytes for text in (graph.name, graph.doc_string))
         self._may_be_constant: dict[str, bool] | None = None
         readers, producers = self.readers, self.producers
         for position, node in enumerate(self.nodes):
+            if type(node.name) is bytes or any(type(attribute.name) is bytes for attribute in node.attribute):
+                self.has_non_text = True
             for name in node.input:
                 if name:
                     readers[name].append(position)
@@ -96,6 +100,8 @@ class _GraphIndex:
                 if name:
                     producers[name] = position
             op_type = node.op_type
+            if type(op_type) is bytes or type(node.domain) is bytes or type(node.doc_string) is bytes:
+                self.has_non_text = True
             if node.domain not in _DEFAULT_DOMAINS:
                 self.has_subgraphs = self.has_subgraphs or any(a.type in _SUBGRAPH_ATTRIBUTES for a in node.attribute)
             elif op_type == "BatchNormalization":
@@ -104,6 +110,8 @@ class _GraphIndex:
                 self.elementwise.append(node)
             elif op_type in _CONTROL_FLOW_OPS:
                 self.has_subgraphs = True
+        names = itertools.chain(readers, producers, self.initializers, self.graph_inputs, self.graph_outputs)
+        self.has_non_text = self.has_non_text or any(type(name) is bytes for name in names)
 
     def producer(self, name: str) -> onnx.NodeProto | None:
         position = self.producers.get(name)
@@ -149,6 +157,10 @@ class _GraphIndex:
         return candidates
 
 
+def _has_non_text_fields(model: onnx.ModelProto) -> bool:
+    return any(type(getattr(model, field)) is bytes for field in ("producer_name", "producer_version", "domain", "doc_string"))
+
+
 def _label(node: onnx.NodeProto) -> str:
     """The label :func:`bnfold.onnx_rules.node_label` gives the same node."""
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
@@ -157,9 +169,12 @@ def _label(node: onnx.NodeProto) -> str:
 def _array(tensor: onnx.TensorProto) -> np.ndarray:
     dtype = _RAW_DTYPES.get(tensor.data_type)
     raw = tensor.raw_data if dtype is not None else b""  # (each read of the field copies the bytes)
-    if raw:
-        return np.frombuffer(raw, dtype).reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor)
+    try:
+        if raw:
+            return np.frombuffer(raw, dtype).reshape(tuple(tensor.dims))
+        return numpy_helper.to_array(tensor)
+    except Exception as error:  # data that does not fit the shape: the pass raises the user's error
+        raise MalformedTensorError(str(error)) from None
 
 
 def _elementwise_may_fold(node: onnx.NodeProto, index: _GraphIndex) -> bool:
@@ -174,11 +189,13 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
     the one into the other; None when anything about it needs the pass's full rules."""
     batchnorm = index.nodes[position]
     inputs = batchnorm.input
-    if opset < 7 or len(inputs) != 5 or any(batchnorm.output[1:]):
+    if opset < 7 or len(inputs) != 5 or not batchnorm.output or any(batchnorm.output[1:]):
         return None
     epsilon = 1e-5
     for attribute in batchnorm.attribute:  # (read once: protobuf field access is the cost here)
         name = attribute.name
+        if _BATCHNORM_ATTRIBUTES.get(name, attribute.type) != attribute.type:
+            return None  # malformed: the pass says why
         if name == "epsilon":
             epsilon = attribute.f
         elif (name == "training_mode" and attribute.i) or (name == "spatial" and not attribute.i):
@@ -200,20 +217,25 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
     groups, transposed, beta = 1, 0, 1.0
     for attribute in layer.attribute:
         name = attribute.name
+        if _LAYER_ATTRIBUTES.get(name, attribute.type) != attribute.type:
+            return None
         if name == "group":
             groups = attribute.i
         elif name == "transB":
             transposed = attribute.i
         elif name == "beta":
             beta = attribute.f
+    dims = weight.dims
     if layer.op_type == "Gemm":
-        if len(weight.dims) != 2:
+        if len(dims) != 2:
             return None
         layout = _layout("matrix_out_in" if transposed else "matrix_in_out", 1)
     else:
+        if len(dims) < 3 or groups < 1 or dims[0] % groups:
+            return None
         layout = _layout("conv" if layer.op_type == "Conv" else "conv_transpose", groups)
-    channels = layout.out_channels(weight.dims)
-    if any(math.prod(tensor.dims) != channels for tensor in statistics):
+    channels = layout.out_channels(dims)
+    if 0 in dims or any(math.prod(tensor.dims) != channels for tensor in statistics) or not _bias_fits(bias, layer, channels):
         return None
     fold_bias = bias is not None and beta != 0.0
     labels = (_label(batchnorm), _label(layer))
@@ -224,6 +246,21 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
 
 
 _layout = functools.cache(WeightLayout)
+_FLOAT, _INT = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
+# The types of the attributes the pass reads; any other type is a malformed model.
+_BATCHNORM_ATTRIBUTES = {"epsilon": _FLOAT, "training_mode": _INT, "spatial": _INT, "is_test": _INT}
+_LAYER_ATTRIBUTES = {"group": _INT, "transA": _INT, "transB": _INT, "alpha": _FLOAT, "beta": _FLOAT}
+
+
+def _bias_fits(bias: onnx.TensorProto | None, layer: onnx.NodeProto, channels: int) -> bool:
+    """Whether the bias has a shape the pass folds: ``[C]`` for a convolution, whatever broadcasts to
+    ``(M, N)`` for a Gemm."""
+    if bias is None:
+        return True
+    dims = list(bias.dims)
+    if layer.op_type != "Gemm":
+        return dims == [channels]
+    return len(dims) <= 2 and (not dims or dims[-1] in (1, channels))
 
 
 def _channel_affines(pairs: list[_Pair]) -> list[ChannelAffine] | None:
@@ -245,6 +282,8 @@ def _concatenated(tensors: list[onnx.TensorProto]) -> np.ndarray:
     """The tensors' values end to end, as float64; float32 raw data (the usual encoding) in one read."""
     raw = [tensor.raw_data if tensor.data_type == onnx.TensorProto.FLOAT else b"" for tensor in tensors]  # (one copy each)
     if all(raw):
+        if any(len(data) != 4 * math.prod(tensor.dims) for data, tensor in zip(raw, tensors)):
+            raise MalformedTensorError("raw data does not fit the shape")
         return np.frombuffer(b"".join(raw), np.float32).astype(np.float64)
     return np.concatenate([_array(tensor).reshape(-1).astype(np.float64) for tensor in tensors])
 
@@ -255,17 +294,24 @@ def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold
     never copied."""
     opset = next((entry.version for entry in model.opset_import if entry.domain in _DEFAULT_DOMAINS), 1)
     index = _GraphIndex(model.graph)
-    if index.has_subgraphs or sys.byteorder != "little":
+    if index.has_subgraphs or index.has_non_text or sys.byteorder != "little" or _has_non_text_fields(model):
         return None
     if any(_elementwise_may_fold(node, index) for node in index.elementwise):
         return None
     pairs = [_plain_pair(position, opset, index) for position in index.batchnorms]
     if None in pairs:
         return None
+    try:
+        return _fold_pairs(model, index, pairs)
+    except (FoldOverflowError, MalformedTensorError):
+        return None  # the pass refuses that pair, or the model, and says why
+
+
+def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[_Pair]) -> tuple[onnx.ModelProto, list[Fold]] | None:
     affines = _channel_affines(pairs)
     if affines is None:
         return None
-    # Proven: every pair folds.
+    # Proven: every pair folds (unless a folded value overflows its dtype or a tensor's data is malformed).
     folds = [Fold(*pair.labels, pair.layer.op_type, "into-preceding") for pair in pairs]
     fresh_name = FreshNames(index.taken_names())
     new_names = [(fresh_name(pair.layer.input[1]), fresh_name(f"{pair.layer.input[1]}_bias")) for pair in pairs]
@@ -278,11 +324,8 @@ def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold
     _copy_fields(model.graph, folded.graph, skip="initializer")
     # The pass's order: the initializers it keeps, then each pair's new weight and bias.
     folded.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name not in dropped)
-    try:
-        for chunk in _chunks(list(zip(pairs, affines, new_names))):
-            _rewrite(chunk, folded.graph)
-    except FoldOverflowError:
-        return None  # the pass refuses that pair and names it
+    for chunk in _chunks(list(zip(pairs, affines, new_names))):
+        _rewrite(chunk, folded.graph)
     _bypass_all(pairs, index, folded.graph)
     _delete(folded.graph.node, index.batchnorms)
     return folded, folds

@@ -22,7 +22,8 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from bnfold import onnx_verify
 from bnfold.onnx_fast_path import fold_plain_pairs
-from bnfold.onnx_io import load_model
+from bnfold.onnx_constants import MalformedTensorError
+from bnfold.onnx_io import InputError, load_model
 from bnfold.onnx_rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
@@ -132,27 +133,68 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, scratch
     serializing a large model costs time and memory."""
     if isinstance(model, onnx.ModelProto):
         # Inferred on the protobuf, before the conversion: onnx_ir's pass would convert back and forth.
-        label, notes = model.graph.name or "<model>", []
+        label, notes = _label(model.graph.name), []
         shaped = model
         if _proto_has_matmul(model):
             try:
                 shaped = onnx.shape_inference.infer_shapes(model)
             except Exception as error:
                 notes.append(_SHAPES_FAILED.format(type(error).__name__))
-        return _WorkingCopy(ir.from_proto(shaped), model.SerializeToString() if scratch else None, label, notes)
+        try:
+            working = ir.from_proto(shaped)
+        except Exception as error:  # onnx_ir's SerdeError and friends, on a malformed graph
+            raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
+        _require_text(working, label)
+        return _WorkingCopy(working, model.SerializeToString() if scratch else None, label, notes)
     if isinstance(model, (str, os.PathLike)):
         copy = _WorkingCopy(load_model(model), str(model), str(model), [])
+        _require_text(copy.model, copy.label)
     else:
+        label = _label(model.graph.name)
+        _require_text(model, label)
         # An onnx_ir model may hold external tensors: clone it (tensors are shared, never modified) and let
         # onnxruntime read the original from a file that carries its data.
+        try:
+            clone = model.clone()
+        except Exception as error:  # onnx_ir refuses to copy a graph that reads values nothing defines
+            raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
         original = onnx_verify.model_source(model, scratch) if scratch else None
-        copy = _WorkingCopy(model.clone(), original, model.graph.name or "<model>", [])
+        copy = _WorkingCopy(clone, original, label, [])
     if _needs_shapes(copy.model):
         try:
             ShapeInferencePass()(copy.model)
         except Exception as error:
             copy.notes.append(_SHAPES_FAILED.format(type(error).__name__))
     return copy
+
+
+def _label(graph_name) -> str:
+    return graph_name if graph_name and isinstance(graph_name, str) else "<model>"
+
+
+def _innermost(error: BaseException) -> str:
+    """The root cause's type and first line (onnx_ir wraps errors in a SerdeError per level)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+
+
+def _require_text(model: ir.Model, label: str) -> None:
+    """Refuse a model with a name that is not UTF-8: protobuf hands such strings over as bytes, which
+    neither the report nor onnx_ir's writer can take."""
+    texts = [("model field", text) for text in (model.producer_name, model.producer_version, model.domain, model.doc_string)]
+    for _, graph in _graphs(model):
+        texts += [("graph name", graph.name), ("graph doc string", graph.doc_string)]
+        values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+        for node in graph:
+            texts += [("node name", node.name), ("op type", node.op_type), ("domain", node.domain), ("doc string", node.doc_string)]
+            texts += [("attribute name", name) for name in node.attributes]
+            values += [value for value in (*node.inputs, *node.outputs) if value is not None]
+        texts += [("value name", value.name) for value in values]
+    for what, text in texts:
+        if isinstance(text, bytes):
+            raise InputError(label, f"{what} {text!r} is not UTF-8 text")
 
 
 # Shapes only make MatMul folds provable; folding goes on without them.
@@ -228,7 +270,10 @@ def _fold_onnx(model, verify: bool, *, input_shapes, atol, rtol, seed):
         working, original = copy.model, copy.original
         report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)
         fold_pass = FoldBatchNormPass()
-        fold_pass(working)
+        try:
+            fold_pass(working)
+        except MalformedTensorError as error:
+            raise InputError(copy.label, str(error)) from None
         report.folds, report.skips = fold_pass.folds, fold_pass.skips
         report.nodes_after = node_counts(working)
         _verify(report, verify, original, working, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed)

@@ -57,6 +57,20 @@ def _attr(node: ir.Node, name: str, default):
     return default if attribute is None else attribute.value
 
 
+_INT = (ir.AttributeType.INT,)
+_NUMBER = (ir.AttributeType.FLOAT, ir.AttributeType.INT)
+
+
+def _typed_attr(node: ir.Node, name: str, default, types: tuple[ir.AttributeType, ...], code: str):
+    """An attribute the fold computes with, or a refusal when a malformed model gives it another type."""
+    attribute = node.attributes.get(name)
+    if attribute is None:
+        return default
+    if attribute.type not in types:
+        raise Refusal(code, f"the {name} attribute of {node_label(node)} is {attribute.type.name}, not {types[0].name}")
+    return attribute.value
+
+
 def _only_consumer(value: ir.Value) -> ir.Node | None:
     uses = value.uses()
     if value.is_graph_output() or len(uses) != 1:
@@ -105,7 +119,8 @@ class Layer:
     def gemm_alpha_beta(self) -> tuple[float, float]:
         if self.node.op_type != "Gemm":
             return 1.0, 1.0
-        return float(_attr(self.node, "alpha", 1.0)), float(_attr(self.node, "beta", 1.0))
+        alpha, beta = (float(_typed_attr(self.node, name, 1.0, _NUMBER, "channel-mismatch")) for name in ("alpha", "beta"))
+        return alpha, beta
 
 
 def _matmul_bias_add(matmul: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
@@ -124,6 +139,18 @@ def _matmul_bias_add(matmul: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
     return add, bias
 
 
+def _check_conv_shapes(node: ir.Node, weight: np.ndarray, bias: np.ndarray | None, layout: WeightLayout) -> None:
+    """Refuse a Conv/ConvTranspose whose weight, group and bias do not fit together (a malformed model)."""
+    label = node_label(node)
+    if weight.ndim < 3:
+        raise Refusal("channel-mismatch", f"{label} has a {weight.ndim}-D weight; a convolution's is (channels, channels / group, *kernel)")
+    if layout.groups < 1 or weight.shape[0] % layout.groups:
+        raise Refusal("channel-mismatch", f"{label} has group={layout.groups}, which does not divide the {weight.shape[0]} channels on its weight's axis 0")
+    outputs = layout.out_channels(weight.shape)
+    if bias is not None and bias.shape != (outputs,):
+        raise Refusal("channel-mismatch", f"the bias of {label} has shape {list(bias.shape)}, not [{outputs}]")
+
+
 def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
@@ -135,17 +162,25 @@ def layer_view(node: ir.Node, data_value: ir.Value | None = None) -> Layer:
     if data_value is not None and node.inputs[0] is not data_value:
         raise Refusal("no-foldable-neighbour", f"it feeds the weight input of {node_label(node)}, not its data")
     weight = _const_input(node, 1, "weight")
+    if 0 in weight.shape:
+        raise Refusal("channel-mismatch", f"{node_label(node)} has an empty weight, of shape {list(weight.shape)}")
     if op in ("Conv", "ConvTranspose"):
         bias = _const_input(node, 2, "bias", optional=True)
         kind = "conv" if op == "Conv" else "conv_transpose"
-        layout = WeightLayout(kind, int(_attr(node, "group", 1)))
+        layout = WeightLayout(kind, _typed_attr(node, "group", 1, _INT, "channel-mismatch"))
+        _check_conv_shapes(node, weight, bias, layout)
         return Layer(node, weight, bias, layout, weight.ndim)
     if op == "Gemm":
         if weight.ndim != 2:
             raise Refusal("channel-mismatch", f"{node_label(node)} has a {weight.ndim}-D weight")
         bias = _const_input(node, 2, "bias", optional=True)
-        kind = "matrix_out_in" if _attr(node, "transB", 0) else "matrix_in_out"
-        return Layer(node, weight, bias, WeightLayout(kind), 2)
+        kind = "matrix_out_in" if _typed_attr(node, "transB", 0, _INT, "channel-mismatch") else "matrix_in_out"
+        layout = WeightLayout(kind)
+        outputs = layout.out_channels(weight.shape)
+        # C broadcasts to (M, N): a scalar, [N], [1, N], [M, N], or a size-1 last axis.
+        if bias is not None and (bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, outputs))):
+            raise Refusal("channel-mismatch", f"the bias of {node_label(node)} has shape {list(bias.shape)}, which does not broadcast to its {outputs} outputs")
+        return Layer(node, weight, bias, layout, 2)
     # MatMul: BatchNorm's channel axis is 1, which is the MatMul's feature axis only for 2-D data.
     if weight.ndim != 2:
         raise Refusal("channel-mismatch", f"{node_label(node)} has a {weight.ndim}-D weight; only 2-D weights fold")
@@ -212,6 +247,8 @@ _AFFINE = "bnfold.channel_affine"
 def _batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
     version = node.version or opset
     label = node_label(node)
+    if not node.outputs:
+        raise Refusal("no-foldable-neighbour", f"{label} has no output")
     training = batchnorm_training_mode(node, version)
     if training is not None:
         raise Refusal(training.code, f"{label}: {training.fact}; {training.fix}")
@@ -220,12 +257,18 @@ def _batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
         array = constant_array(node.inputs[index]) if index < len(node.inputs) else None
         if array is None:
             raise Refusal("parameters-not-constant", f"the {what} of {label} is not a constant")
+        if not _is_floating(array):
+            raise Refusal("parameters-not-constant", f"the {what} of {label} is {array.dtype}, not floating point")
         parameters.append(array)
     scale, bias, mean, var = parameters
-    if version < 9 and not _attr(node, "spatial", 1) and any(p.ndim > 1 and p.size != p.shape[0] for p in parameters):
+    if version < 9 and not _typed_attr(node, "spatial", 1, _INT, "channel-mismatch") and any(p.ndim > 1 and p.size != p.shape[0] for p in parameters):
         raise Refusal("channel-mismatch", f"{label} has spatial=0 with per-position statistics; only per-channel folds")
+    sizes = [p.size for p in parameters]
+    if len(set(sizes)) != 1 or not sizes[0]:
+        raise Refusal("channel-mismatch", f"{label} has {'/'.join(map(str, sizes))} values of scale/bias/mean/variance; one per channel is needed")
+    epsilon = float(_typed_attr(node, "epsilon", 1e-5, _NUMBER, "unfoldable-statistics"))
     try:
-        return batchnorm_affine(scale, bias, mean, var, float(_attr(node, "epsilon", 1e-5)))
+        return batchnorm_affine(scale, bias, mean, var, epsilon)
     except UnfoldableStatisticsError as error:
         raise Refusal("unfoldable-statistics", f"{label}: {error}") from None
 
@@ -340,6 +383,8 @@ class FoldIntoPreceding:
     direction = "into-preceding"
 
     def check(self, anchor: ir.Node, opset: int) -> Match:
+        if not anchor.outputs:
+            raise Refusal("no-foldable-neighbour", "it has no output")
         if not any(_is_layer(_layer_behind(value)) for value in anchor.inputs):
             # Checked before _data_input, which may evaluate constants (shape arithmetic is full of Mul/Add).
             source = anchor.inputs[0].producer() if anchor.inputs and anchor.inputs[0] is not None else None
@@ -476,7 +521,7 @@ class FoldIntoFollowing:
             raise Refusal("no-foldable-neighbour", f"its output feeds {node_label(consumer)} in a subgraph")
         layer = layer_view(consumer, data_value=output)
         _check_unpadded(consumer)
-        if consumer.op_type == "Gemm" and _attr(consumer, "transA", 0):
+        if consumer.op_type == "Gemm" and _typed_attr(consumer, "transA", 0, _INT, "channel-mismatch"):
             raise Refusal("channel-mismatch", f"{node_label(consumer)} has transA=1: its features are not on axis 1")
         affine = batchnorm_channel_affine(anchor, opset)
         channels = layer.layout.in_channels(layer.weight.shape)
@@ -516,9 +561,9 @@ def _insert_bias_add(matmul: ir.Node, bias: ir.Value, editor: GraphEditor) -> ir
 def _check_unpadded(node: ir.Node) -> None:
     if node.op_type != "Conv":
         return
-    auto_pad = _attr(node, "auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    pads = list(_attr(node, "pads", []) or [])
+    auto_pad = _typed_attr(node, "auto_pad", "NOTSET", (ir.AttributeType.STRING,), "padded-conv")
+    auto_pad = auto_pad.decode(errors="replace") if isinstance(auto_pad, bytes) else auto_pad
+    pads = list(_typed_attr(node, "pads", [], (ir.AttributeType.INTS,), "padded-conv"))
     if auto_pad not in ("NOTSET", "VALID") or any(pads):
         padding = f"auto_pad={auto_pad}" if auto_pad not in ("NOTSET", "VALID") else f"pads={pads}"
         raise Refusal(

@@ -24,9 +24,10 @@ from bnfold.checks.batch_dependence import (
     measurement_sizes,
     not_measured,
 )
+from bnfold.checks.error_text import describe_error
 from bnfold.checks.findings import Finding
 from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
-from bnfold.onnx_constants import constant_array
+from bnfold.onnx_constants import MalformedTensorError, constant_array
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_io import InputError, load_model
 from bnfold.onnx_rules import batchnorm_training_mode, node_label
@@ -59,7 +60,12 @@ def check_onnx(
     if unknown:
         raise InputError(label, f"--input-shape names unknown input(s): {', '.join(unknown)}")
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-    findings = [*layer_findings(_layer_states(model, opset)), *_foldable_findings(model)]
+    try:
+        findings = [*layer_findings(_layer_states(model, opset)), *_foldable_findings(model)]
+    except MalformedTensorError as error:
+        raise InputError(label, str(error)) from None
+    except InputError as error:  # from the fold, which labels the in-memory model "<model>"
+        raise InputError(label, error.problem) from None
     if measure_batch:
         findings += _batch_dependence(model, data_inputs, input_shapes or {}, batch_size, seed)
     return findings
@@ -151,7 +157,10 @@ def _batch_dependence(
     except (NotMeasurable, VerificationUnavailableError) as reason:
         return [not_measured(str(reason))]
     with tempfile.TemporaryDirectory(prefix="bnfold-check-") as scratch:
-        run_session = model_runner(model_source(model, scratch))
+        try:
+            run_session = model_runner(model_source(model, scratch))
+        except Exception as error:  # whatever onnxruntime raises on a model it will not load
+            return [not_measured(f"onnxruntime cannot load the model ({describe_error(error)})")]
 
         def run(indices: list[int]) -> dict[str, Output]:
             outputs = run_session({name: array[indices] for name, array in feeds.items()})

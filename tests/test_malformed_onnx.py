@@ -1,0 +1,124 @@
+"""Malformed ONNX models, one crafted per kind: a pair that makes no sense is left with a skip code and a
+reason; a model that cannot be used at all raises bnfold's InputError. Never a traceback."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx_models import batchnorm_node, batchnorm_parameters, fast_path_agrees, initializer
+
+import bnfold
+from bnfold.onnx_io import InputError
+
+
+def conv_bn(weight_shape=(3, 2, 3, 3), channels=3, group=None, epsilon=None, name="bn") -> onnx.ModelProto:
+    r = np.random.default_rng(0)
+    conv = {"group": group} if group is not None else {}
+    bn = {"epsilon": epsilon} if epsilon is not None else {}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", **conv), batchnorm_node("y", "z", "bn", **bn)]
+    nodes[1].name = name
+    inits = [initializer("W", r.normal(size=weight_shape).astype(np.float32)), *batchnorm_parameters(channels, "bn", r)]
+    return _model(nodes, inits)
+
+
+def _model(nodes, inits) -> onnx.ModelProto:
+    """Without onnx's checker or shape inference, which refuse some of these models before bnfold sees them."""
+    graph = helper.make_graph(nodes, "test", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info(n.output[0] if n.output else "z", TensorProto.FLOAT, None) for n in nodes[-1:]], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def skips(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    fast_path_agrees(model)
+    _, report = bnfold.fold_onnx(model, verify=False)
+    assert not report.folds
+    return [(skip.code, skip.reason) for skip in report.skips]
+
+
+def tensor(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def test_short_raw_data_is_an_input_error(tmp_path):
+    model = conv_bn()
+    weight = tensor(model, "W")
+    weight.raw_data = weight.raw_data[:-4]
+    with pytest.raises(InputError, match="tensor 'W' is unreadable"):
+        bnfold.fold_onnx(model, verify=False)
+    path = tmp_path / "short.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match=str(path)):
+        bnfold.fold_onnx(path, verify=False)
+    with pytest.raises(InputError):
+        bnfold.check(path)
+
+
+def test_wrong_typed_data_field_is_an_input_error():
+    model = conv_bn()
+    scale = tensor(model, "bn_scale")
+    scale.ClearField("raw_data")
+    scale.int64_data.extend([1, 2, 3])  # a FLOAT tensor keeps its values in float_data or raw_data
+    with pytest.raises(InputError, match="tensor 'bn_scale' is unreadable"):
+        bnfold.fold_onnx(model, verify=False)
+
+
+def test_batchnorm_scale_of_the_wrong_length_is_a_channel_mismatch():
+    model = conv_bn()
+    scale = tensor(model, "bn_scale")
+    scale.CopyFrom(initializer("bn_scale", np.ones(2, np.float32)))
+    [(code, reason)] = skips(model)
+    assert code == "channel-mismatch" and "2/3/3/3 values" in reason
+
+
+@pytest.mark.parametrize("group", [0, -1, 2])
+def test_conv_group_that_does_not_divide_the_channels_is_a_channel_mismatch(group):
+    [(code, reason)] = skips(conv_bn(group=group))
+    assert code == "channel-mismatch" and f"group={group}" in reason
+
+
+@pytest.mark.parametrize("channels,words", [(0, "0/0/0/0 values"), (3, "empty weight, of shape [0, 2, 3, 3]")])
+def test_zero_channels_are_a_channel_mismatch(channels, words):
+    [(code, reason)] = skips(conv_bn(weight_shape=(0, 2, 3, 3), channels=channels))
+    assert code == "channel-mismatch" and words in reason
+
+
+def test_one_dimensional_conv_weight_is_a_channel_mismatch():
+    [(code, reason)] = skips(conv_bn(weight_shape=(3,)))
+    assert code == "channel-mismatch" and "1-D weight" in reason
+
+
+def test_non_numeric_epsilon_is_refused_and_a_missing_one_is_the_default():
+    [(code, reason)] = skips(conv_bn(epsilon="tiny"))
+    assert code == "unfoldable-statistics" and "epsilon attribute of bn is STRING" in reason
+    _, report = bnfold.fold_onnx(conv_bn(), verify=False)
+    assert len(report.folds) == 1
+
+
+def test_batchnorm_without_outputs_is_left():
+    model = conv_bn()
+    del model.graph.node[1].output[:]
+    model.graph.output[0].name = "y"
+    [(code, reason)] = skips(model)
+    assert code == "no-foldable-neighbour" and "has no output" in reason
+
+
+def test_over_long_names_fold():
+    long = "n" * 100_000
+    _, report = bnfold.fold_onnx(conv_bn(name=long), verify=True)
+    assert [fold.batchnorm for fold in report.folds] == [long]
+
+
+def test_names_that_are_not_utf8_are_an_input_error(tmp_path):
+    data = conv_bn(name="bn\u00e9").SerializeToString().replace("bn\u00e9".encode(), b"bn\xff\xfe")
+    model = onnx.ModelProto.FromString(data)
+    with pytest.raises(InputError, match="not UTF-8"):
+        bnfold.fold_onnx(model, verify=False)
+    path = tmp_path / "bad_name.onnx"
+    path.write_bytes(data)
+    for call in (lambda: bnfold.fold_onnx(path, verify=False), lambda: bnfold.check(path)):
+        with pytest.raises(InputError):
+            call()
