@@ -231,6 +231,82 @@ class EfficientNet(nn.Module):
         return self.classifier(self.head(self.blocks(self.stem(x))).mean((2, 3)))
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's ``layers/norm_act.py`` BatchNormAct2d (eval-relevant path verbatim): a BatchNorm2d subclass whose
+    forward asserts the input's rank, calls ``F.batch_norm`` and then applies ``drop`` and ``act``."""
+
+    def __init__(self, num_features: int, act_layer: type[nn.Module] = nn.ReLU, drop_layer: type[nn.Module] | None = None):
+        super().__init__(num_features)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=True)
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+        )
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class ConvNormAct(nn.Module):
+    """timm's ``layers/conv_bn_act.py`` ConvNormAct: ``conv`` then ``bn`` (a BatchNormAct2d), no anti-aliasing."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, same: bool = False):
+        super().__init__()
+        if same:
+            self.conv = Conv2dSame(cin, cout, kernel, stride, groups=groups)
+        else:
+            self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
+        self.bn = BatchNormAct2d(cout, act_layer=nn.SiLU, drop_layer=lambda: nn.Dropout(0.1))
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.bn(x)
+        aa = getattr(self, "aa", None)
+        if aa is not None:
+            x = self.aa(x)
+        return x
+
+
+class TimmStyleNet(nn.Module):
+    """A timm-style stem and blocks: ConvNormAct with BatchNormAct2d, TF-"same" convs, a residual add."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.conv_stem = ConvNormAct(3, 8, 3, 2, same=True)
+        self.block1 = ConvNormAct(8, 8, 3, groups=8)
+        self.block2 = ConvNormAct(8, 16, 1)
+        self.conv_head = ConvNormAct(16, 24, 3, 2, same=True)
+        self.classifier = nn.Linear(24, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_stem(x)
+        x = x + self.block1(x)
+        x = self.conv_head(self.block2(x))
+        return self.classifier(x.mean((2, 3)))
+
+
 class MLP(nn.Module):
     def __init__(self, features: int = 10, hidden: int = 16, classes: int = 3):
         super().__init__()
@@ -306,6 +382,7 @@ CASES = [
     Case("densenet", DenseNet, _image, 5),
     Case("unet", UNet, _image, 0),
     Case("efficientnet", EfficientNet, _image, 0),
+    Case("timm_style", TimmStyleNet, _image, 0),
     Case("mlp", MLP, lambda: (torch.randn(8, 10),), 0),
     Case("conv1d", Conv1dNet, lambda: (torch.randn(4, 4, 20),), 0),
     Case("conv3d", Conv3dNet, lambda: (torch.randn(2, 2, 6, 6, 6),), 0),

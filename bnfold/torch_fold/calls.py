@@ -128,10 +128,11 @@ class DataFlow:
         return self.layers.get(value) if isinstance(value, fx.Node) else None
 
     def sole_layer_reading(self, node: fx.Node) -> LayerCall | None:
-        """The layer that is the only reader of ``node``, reading it as its data input."""
-        if len(node.users) != 1:
+        """The layer that is the only reader of ``node``'s values, reading it as its data input."""
+        readers = value_readers(node)
+        if len(readers) != 1:
             return None
-        layer = self.layers.get(next(iter(node.users)))
+        layer = self.layers.get(readers[0])
         return layer if layer is not None and layer.input is node else None
 
     def uses_of(self, layer: LayerCall) -> int:
@@ -158,6 +159,28 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
             batchnorms.append(batchnorm)
     calls = sum(node.op in ("call_module", "call_function", "call_method") for node in traced.graph_module.graph.nodes)
     return DataFlow(traced, layers, batchnorms, _count_tensor_uses(traced), calls)
+
+
+# Reads of a tensor's metadata, which a fold leaves as they were (same shape, dtype and device): timm's
+# BatchNormAct2d asserts `x.ndim == 4` on the conv output, which must not count as a second reader.
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "get_device", "numel", "nelement"})
+_METADATA_FUNCTIONS = frozenset({aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.dim.default})
+
+
+def value_readers(node: fx.Node) -> list[fx.Node]:
+    """The readers of ``node`` that see its values, not only its shape, dtype or device."""
+    return [reader for reader in node.users if not _reads_only_metadata(reader, node)]
+
+
+def _reads_only_metadata(reader: fx.Node, node: fx.Node) -> bool:
+    if not reader.args or reader.args[0] is not node or node in reader.args[1:] or node in reader.kwargs.values():
+        return False
+    if reader.op == "call_function" and reader.target is getattr:
+        return len(reader.args) == 2 and reader.args[1] in _METADATA_ATTRIBUTES
+    if reader.op == "call_method":
+        return reader.target in _METADATA_METHODS
+    return reader.op == "call_function" and reader.target in _METADATA_FUNCTIONS
 
 
 def tensor_rank(node: Any) -> int | None:

@@ -23,7 +23,7 @@ from bnfold.fold_math import (
     fold_into_outputs,
 )
 from bnfold.report import Direction, Fold, Skip
-from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, tensor_rank
+from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, tensor_rank, value_readers
 from bnfold.torch_fold.conversion import to_numpy
 
 # (skip code, reason) for a check that fails.
@@ -195,7 +195,7 @@ def _layer_refusal(
 
 
 def _preceding_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, flow: DataFlow) -> Refusal | None:
-    other_readers = [reader for reader in layer.node.users if reader is not batchnorm.node]
+    other_readers = [reader for reader in value_readers(layer.node) if reader is not batchnorm.node]
     if other_readers:
         readers = ", ".join(describe_node(reader, flow.traced) for reader in other_readers)
         return "layer-output-shared", (
@@ -236,7 +236,7 @@ def _channel_refusal(batchnorm: BatchNormCall, layer: LayerCall, layer_channels:
 
 
 def _no_neighbour_reason(batchnorm: BatchNormCall, flow: DataFlow) -> str:
-    readers = list(batchnorm.node.users)
+    readers = value_readers(batchnorm.node)
     source = describe_node(batchnorm.input, flow.traced)
     described = ", ".join(describe_node(reader, flow.traced) for reader in readers) or "nothing"
     if any(reader in flow.layers for reader in readers):
