@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes, uses_external_data
-from bnfold.verification import Verification, compare_output
+from bnfold.verification import Verification, compare_output, not_compared
 
 
 class VerificationUnavailableError(RuntimeError):
@@ -123,6 +123,10 @@ def verify(
     output_types = {value.name: value.dtype for value in folded.graph.outputs}
     comparisons = []
     for name, reference in expected.items():
+        if not isinstance(reference, np.ndarray):  # a sequence or map output: onnxruntime returns a list or dict
+            kind = type(reference).__name__
+            comparisons.append(not_compared(name, kind, f"onnxruntime returned a {kind}, not a tensor"))
+            continue
         dtype = output_types.get(name)
         dtype_name = str(dtype.numpy()) if dtype is not None else str(reference.dtype)
         comparisons.append(compare_output(name, reference, actual[name], dtype_name, atol, rtol))

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Literal
 
-from bnfold.verification import Verification
+from bnfold.verification import OutputComparison, Verification
 
 # Stable codes for BatchNorms left in place. The text of each skip says what the user can do.
 SKIP_CODES = {
@@ -109,14 +109,22 @@ class FoldReport:
             lines.append(f"  note    {note}")
         if self.verification is not None:
             lines.append(f"  {self.verification.summary()}")
-            for output in self.verification.outputs:
-                mark = "ok" if output.passed else "FAIL"
-                lines.append(
-                    f"    {mark:4} {output.name}: max abs {output.max_abs_error:.3g}, max rel "
-                    f"{output.max_rel_error:.3g} (atol {output.atol:g}, rtol {output.rtol:g})"
-                )
+            lines += [f"    {_describe_output(output)}" for output in self.verification.outputs]
         else:
             lines.append("  verification skipped")
         if self.output:
             lines.append(f"  wrote {self.output}")
         return "\n".join(lines)
+
+
+def _describe_output(output: OutputComparison) -> str:
+    if output.status == "not compared":
+        return f"--   {output.name}: not compared: {output.reason}"
+    mark = "ok" if output.passed else "FAIL"
+    left_out = output.elements - output.elements_compared
+    counted = f"{output.elements_compared} element(s)" + (f", {left_out} NaN/Inf in both left out" if left_out else "")
+    because = f"; {output.reason}" if output.reason else ""
+    return (
+        f"{mark:4} {output.name}: max abs {output.max_abs_error:.3g}, max rel {output.max_rel_error:.3g} "
+        f"(atol {output.atol:g}, rtol {output.rtol:g}) over {counted}{because}"
+    )

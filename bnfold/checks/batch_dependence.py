@@ -63,6 +63,8 @@ def measure_batch_dependence(run: Runner, batch_size: int, alone_size: int = 1) 
     if not per_sample:
         return [not_measured(f"no output has the batch dimension ({batch_size}) first")]
     worst: dict[str, tuple[int, OutputComparison]] = {}
+    unmeasured: dict[str, str] = {}  # output -> why a sample of it could not be compared
+    compared: set[str] = set()
     for index in range(batch_size):
         try:
             alone = run([index] * alone_size)
@@ -73,8 +75,15 @@ def measure_batch_dependence(run: Runner, batch_size: int, alone_size: int = 1) 
             ]  # fmt: skip
         for name in per_sample:
             comparison = compare_output(name, alone[name].values[0], batched[name].values[index], batched[name].dtype)
-            if not comparison.passed and (name not in worst or comparison.max_abs_error > worst[name][1].max_abs_error):
+            if comparison.status == "not compared":
+                unmeasured.setdefault(name, comparison.reason)
+                continue
+            compared.add(name)
+            if comparison.failed and (name not in worst or comparison.max_abs_error > worst[name][1].max_abs_error):
                 worst[name] = (index, comparison)
+    if not compared:  # every row of every output is NaN or Inf: nothing was measured
+        reasons = "; ".join(f"output {name!r}: {reason}" for name, reason in unmeasured.items())
+        return [not_measured(f"no output row has a finite value to compare ({reasons})")]
     return [_dependence_finding(index, comparison, batch_size, alone_size) for index, comparison in worst.values()]
 
 

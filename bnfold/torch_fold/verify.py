@@ -2,46 +2,50 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from bnfold.torch_fold.conversion import to_numpy
-from bnfold.verification import Verification, compare_output
+from bnfold.verification import OutputComparison, Verification, compare_output, not_compared, tolerances_for
 
 
-def run_outputs(model: nn.Module, example_inputs: tuple) -> dict[str, torch.Tensor]:
-    """The model's output tensors by their place in the (nested) output, e.g. ``output[1]['logits']``."""
+def run_outputs(model: nn.Module, example_inputs: tuple) -> dict[str, Any]:
+    """The leaves of the model's (nested) output by their place in it, e.g. ``output[1]['logits']``:
+    tensors, and whatever else the forward returned (None, numpy arrays, numbers), which is not compared."""
     with torch.no_grad():
-        return dict(_flatten(model(*example_inputs), "output"))
+        leaves, _ = pytree.tree_flatten_with_path(model(*example_inputs))
+    return {f"output{pytree.keystr(path)}": leaf for path, leaf in leaves}
 
 
 def compare_outputs(
-    expected: dict[str, torch.Tensor],
-    actual: dict[str, torch.Tensor],
+    expected: dict[str, Any],
+    actual: dict[str, Any],
     example_inputs: tuple,
     atol: float | None,
     rtol: float | None,
 ) -> Verification:
-    comparisons = []
-    for name, expected_tensor in expected.items():
-        actual_tensor = actual.get(name)
-        # A missing output compares as a shape mismatch, which fails.
-        actual_array = np.empty(0) if actual_tensor is None else to_numpy(actual_tensor)
-        dtype_name = str(expected_tensor.dtype).removeprefix("torch.")
-        comparisons.append(compare_output(name, to_numpy(expected_tensor), actual_array, dtype_name, atol, rtol))
+    comparisons = [_compare_leaf(name, leaf, actual.get(name), atol, rtol) for name, leaf in expected.items()]
     inputs = {f"input{i}": list(x.shape) for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor)}
-    return Verification(comparisons, inputs)
+    if any(isinstance(leaf, torch.Tensor) for leaf in expected.values()):
+        return Verification(comparisons, inputs)
+    returned = ", ".join(f"{name} is {_kind(leaf)}" for name, leaf in expected.items()) or "an empty container"
+    return Verification(comparisons, inputs, nothing_compared=f"the forward returned no tensors ({returned})")
 
 
-def _flatten(value: Any, name: str):
-    if isinstance(value, torch.Tensor):
-        yield name, value
-    elif isinstance(value, (tuple, list)):
-        for index, item in enumerate(value):
-            yield from _flatten(item, f"{name}[{index}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _flatten(item, f"{name}[{key!r}]")
+def _compare_leaf(name: str, expected: Any, actual: Any, atol: float | None, rtol: float | None) -> OutputComparison:
+    if not isinstance(expected, torch.Tensor):
+        return not_compared(name, _kind(expected), f"the forward returned {_kind(expected)} here, not a tensor")
+    dtype_name = str(expected.dtype).removeprefix("torch.")
+    if not isinstance(actual, torch.Tensor):
+        atol, rtol = tolerances_for(dtype_name, atol, rtol)
+        reason = f"{_kind(actual)} in the folded model's output where the original returned a tensor"
+        return OutputComparison(name, dtype_name, "failed", expected.numel(), 0, math.inf, math.inf, atol, rtol, reason)
+    return compare_output(name, to_numpy(expected), to_numpy(actual), dtype_name, atol, rtol)
+
+
+def _kind(leaf: Any) -> str:
+    return "None" if leaf is None else type(leaf).__name__

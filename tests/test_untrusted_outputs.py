@@ -1,0 +1,220 @@
+"""Hostile and unlucky inputs: outputs with nothing to compare, inputs too large to make, names that
+would forge report lines. Real models (hand-built ONNX run in onnxruntime, real nn.Modules), exact
+messages, figures and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper
+from onnx_models import batchnorm_node, batchnorm_parameters, initializer, make_model, run
+from torch import nn
+
+import bnfold
+from bnfold.checks import check_onnx
+from bnfold.cli import main
+from bnfold.onnx_verify import random_inputs, verify
+from bnfold.verification import VerificationError
+
+CONV_OUTPUT_ELEMENTS = 4 * 6 * 6  # a 3x3 Conv with 4 channels on an 8x8 image, one sample
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+
+
+def conv_batchnorm(tail: list[onnx.NodeProto], outputs: list[str], input_shape=("N", 3, 8, 8), bn_name="bn") -> onnx.ModelProto:
+    """x -> Conv -> BatchNorm -> b, then ``tail`` nodes reading b; the BatchNorm folds into the Conv."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), batchnorm_node("c", "b", bn_name), *tail]
+    weight = initializer("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32))
+    return make_model(nodes, [("x", list(input_shape))], outputs, [weight, *batchnorm_parameters(4, bn_name, rng)])
+
+
+def nan_everywhere(source: str, output: str) -> list[onnx.NodeProto]:
+    """sqrt(-exp(source)): NaN in every element."""
+    return [
+        helper.make_node("Exp", [source], [f"{output}_exp"]),
+        helper.make_node("Neg", [f"{output}_exp"], [f"{output}_neg"]),
+        helper.make_node("Sqrt", [f"{output}_neg"], [output]),
+    ]
+
+
+def two_way(original: list[onnx.NodeProto], folded: list[onnx.NodeProto], initializers=()) -> tuple[bytes, onnx.ModelProto]:
+    """An "original" and a "folded" model of x -> y, to verify one against the other."""
+    def model(nodes):
+        return make_model(nodes, [("x", [1, 4, 6, 6])], ["y"], list(initializers))
+
+    return model(original).SerializeToString(), model(folded)
+
+
+ZERO = initializer("zero", np.zeros((), np.float32))
+
+
+def feeds_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The inputs verification runs on (seed 0)."""
+    return random_inputs(ir.from_proto(model), seed=0)
+
+
+# --- A. nothing compared is not a pass ---------------------------------------------------------
+
+
+def test_an_output_nan_everywhere_in_the_original_fails_the_fold_with_nothing_written(tmp_path):
+    path, out = tmp_path / "nan.onnx", tmp_path / "folded.onnx"
+    onnx.save(conv_batchnorm(nan_everywhere("b", "y"), ["y"]), path)
+    result = invoke(path, "-o", out, "--format", "json")
+    assert result.exit_code == 1 and not out.exists()
+    reason = f"nothing was compared: output 'y': the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s)"
+    assert result.stderr == f"bnfold: error: {path}: verification failed, nothing written: {reason}\n"
+    verification = json.loads(result.stdout)["verification"]
+    assert verification["passed"] is False and verification["reason"] == reason
+    assert verification["outputs_compared"] == 0
+    assert verification["max_abs_error"] is None and verification["max_rel_error"] is None
+    assert verification["outputs"] == [
+        {"name": "y", "dtype": "float32", "status": "not compared", "elements": CONV_OUTPUT_ELEMENTS,
+         "elements_compared": 0, "max_abs_error": None, "max_rel_error": None, "atol": 1e-4, "rtol": 1e-3,
+         "reason": f"the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s)", "passed": False}
+    ]  # fmt: skip
+    text = invoke(path, "--dry-run").stdout.splitlines()
+    assert text[-2:] == [
+        f"  verification FAILED: 1 output(s), {reason}",
+        f"    --   y: not compared: the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s)",
+    ]
+
+
+def test_nan_in_the_same_places_on_both_sides_is_left_out_and_counted():
+    tail = [helper.make_node("Sqrt", ["b"], ["half"]), *nan_everywhere("b", "nan")]
+    model = conv_batchnorm(tail, ["half", "nan"])
+    (original_half, _) = run(model, feeds_of(model))
+    finite = int(np.isfinite(original_half).sum())
+    assert 0 < finite < CONV_OUTPUT_ELEMENTS  # a real mixture, found by onnxruntime on the original
+
+    _, report = bnfold.fold_onnx(model)
+    half, nan = report.verification.outputs
+    assert report.verification.passed and len(report.folds) == 1
+    assert (half.status, half.elements, half.elements_compared) == ("passed", CONV_OUTPUT_ELEMENTS, finite)
+    assert (nan.status, nan.elements, nan.elements_compared, nan.max_abs_error) == ("not compared", CONV_OUTPUT_ELEMENTS, 0, None)
+    assert report.verification.max_abs_error == half.max_abs_error < 1e-5
+    lines = report.format_text().splitlines()
+    assert lines[-3].startswith("  verification passed: 2 output(s), 1 not compared, max abs error ")
+    assert lines[-2].startswith("    ok   half: max abs ")
+    assert lines[-2].endswith(f"over {finite} element(s), {CONV_OUTPUT_ELEMENTS - finite} NaN/Inf in both left out")
+    assert lines[-1] == f"    --   nan: not compared: the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s)"
+    assert report.to_dict()["verification"]["outputs_compared"] == 1
+
+
+def test_nan_brought_in_by_the_folded_model_fails():
+    # y = x + sqrt(min(x, 0)): x itself where x >= 0, NaN where x < 0
+    original, folded = two_way(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_node("Min", ["x", "zero"], ["m"]), helper.make_node("Sqrt", ["m"], ["s"]),
+         helper.make_node("Add", ["x", "s"], ["y"])],
+        [ZERO],
+    )  # fmt: skip
+    negative = int((feeds_of(folded)["x"] < 0).sum())
+    verification = verify(original, folded)
+    (y,) = verification.outputs
+    assert not verification.passed and 0 < negative < y.elements == 144
+    assert (y.status, y.elements_compared, y.max_abs_error) == ("failed", 144, float("inf"))
+    assert y.reason == f"NaN or Inf in {negative} element(s) where the original is finite"
+    assert verification.reason == (
+        f"folded model differs from the original: output 'y', max abs error inf, max rel error inf: {y.reason}"
+    )
+
+
+def test_inf_brought_in_by_the_folded_model_fails():
+    original, folded = two_way([helper.make_node("Identity", ["x"], ["y"])], [helper.make_node("Div", ["x", "zero"], ["y"])], [ZERO])
+    (y,) = verify(original, folded).outputs
+    assert (y.status, y.reason) == ("failed", "NaN or Inf in 144 element(s) where the original is finite")
+
+
+def test_a_finite_value_where_the_original_is_nan_fails():
+    original, folded = two_way([helper.make_node("Sqrt", ["x"], ["y"])], [helper.make_node("Relu", ["x"], ["y"])])
+    negative = int((feeds_of(folded)["x"] < 0).sum())
+    (y,) = verify(original, folded).outputs
+    assert (y.status, y.reason) == ("failed", f"{negative} element(s) differ where the original is NaN or Inf")
+
+
+def test_infinities_must_keep_their_sign():
+    original, folded = two_way(
+        [helper.make_node("Div", ["x", "zero"], ["y"])],
+        [helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Div", ["n", "zero"], ["y"])],
+        [ZERO],
+    )
+    (y,) = verify(original, folded).outputs
+    assert (y.status, y.reason) == ("failed", "144 element(s) differ where the original is NaN or Inf")
+    same = verify(original, onnx.load_from_string(original))
+    assert not same.passed and same.reason == "nothing was compared: output 'y': the original is NaN or Inf in all 144 element(s)"
+
+
+class ConvBatchNorm(nn.Module):
+    """Conv -> BatchNorm, whose forward returns ``shape_output(y)``."""
+
+    def __init__(self, shape_output):
+        super().__init__()
+        self.conv, self.bn, self.shape_output = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), shape_output
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.shape_output(self.bn(self.conv(x)))
+
+
+def fold_torch(shape_output):
+    torch.manual_seed(0)
+    return bnfold.fold(ConvBatchNorm(shape_output).eval(), (torch.randn(1, 3, 8, 8),))
+
+
+@pytest.mark.parametrize(
+    ("shape_output", "returned"),
+    [
+        (lambda y: None, "output is None"),
+        (lambda y: y.detach().numpy(), "output is ndarray"),
+        (lambda y: {"a": None, "b": 2}, "output['a'] is None, output['b'] is int"),
+        (lambda y: (), "an empty container"),
+    ],
+    ids=["None", "numpy", "dict-of-non-tensors", "empty-tuple"],
+)
+def test_a_forward_that_returns_no_tensor_fails_verification(shape_output, returned):
+    with pytest.raises(VerificationError) as raised:
+        fold_torch(shape_output)
+    assert str(raised.value) == f"nothing was compared: the forward returned no tensors ({returned})"
+    verification = raised.value.verification
+    assert not verification.passed and verification.compared == []
+    assert all(output.status == "not compared" for output in verification.outputs)
+    assert raised.value.report.folds  # the fold happened; only its proof is missing
+
+
+def test_non_tensor_leaves_beside_tensors_are_reported_not_compared():
+    result = fold_torch(lambda y: (y, None, y.detach().numpy(), 3.0, {"n": torch.tensor(float("nan"))}))
+    verification = result.report.verification
+    assert verification.passed
+    statuses = [(o.name, o.status, o.elements_compared, o.reason) for o in verification.outputs]
+    assert statuses == [
+        ("output[0]", "passed", CONV_OUTPUT_ELEMENTS, ""),
+        ("output[1]", "not compared", 0, "the forward returned None here, not a tensor"),
+        ("output[2]", "not compared", 0, "the forward returned ndarray here, not a tensor"),
+        ("output[3]", "not compared", 0, "the forward returned float here, not a tensor"),
+        ("output[4]['n']", "not compared", 0, "the original is NaN or Inf in all 1 element(s)"),
+    ]
+    assert result.report.format_text().splitlines()[-6].startswith("  verification passed: 5 output(s), 4 not compared, ")
+
+
+def test_a_tensor_nan_everywhere_fails_verification():
+    with pytest.raises(VerificationError, match=r"^nothing was compared: output 'output': the original is NaN or Inf in all 144 element"):
+        fold_torch(lambda y: y * float("nan"))
+
+
+def test_batch_dependence_of_outputs_nan_everywhere_is_not_measured():
+    findings = check_onnx(conv_batchnorm(nan_everywhere("b", "y"), ["y"]))
+    assert [(f.code, f.message) for f in findings if f.code.startswith("BD")] == [
+        ("BD002", "batch dependence not measured: no output row has a finite value to compare "
+                  f"(output 'y': the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s))"),
+    ]  # fmt: skip
