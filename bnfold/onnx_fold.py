@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import gc
 import os
-import tempfile
 
 import onnx
 import onnx_ir as ir
@@ -23,7 +22,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from bnfold import onnx_verify
 from bnfold.onnx_fast_path import fold_plain_pairs
 from bnfold.onnx_constants import MalformedTensorError
-from bnfold.onnx_io import InputError, load_model
+from bnfold.onnx_io import InputError, load_model, scratch_directory
 from bnfold.onnx_rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
@@ -265,7 +264,7 @@ def _fold_onnx(model, verify: bool, *, input_shapes, atol, rtol, seed):
         _verify(report, verify, original, folded, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed)
         return folded, report
     # A scratch directory only for verification (creating and removing one costs about a millisecond).
-    with tempfile.TemporaryDirectory(prefix="bnfold-original-") if verify else contextlib.nullcontext() as scratch:
+    with scratch_directory("original") if verify else contextlib.nullcontext() as scratch:
         copy = _working_copy(model, scratch)
         working, original = copy.model, copy.original
         report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,9 +166,14 @@ def test_stale_staging_and_scratch_directories_of_dead_runs_are_removed(tmp_path
     (stale_staging / "model.onnx").write_bytes(b"half")
     live_staging = tmp_path / f".bnfold-staging-{os.getpid()}-def456"  # a run still going: left alone
     live_staging.mkdir()
-    code, output = invoke(EXAMPLE, "-o", tmp_path / "folded.onnx", "--no-verify")
+    temporary = tmp_path / "tmp"
+    stale_verify = temporary / f"bnfold-verify-{dead.pid}-ghi789"
+    stale_verify.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))  # where verification keeps its scratch files
+    code, output = invoke(EXAMPLE, "-o", tmp_path / "folded.onnx")
     assert code == 0, output
     assert not stale_staging.exists() and live_staging.exists()
+    assert list(temporary.iterdir()) == []
 
 
 def model_failing_the_checker(problem: str) -> onnx.ModelProto:
