@@ -3,6 +3,7 @@ random inputs, with the runtime's graph optimisations off (so its own fusions ca
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -16,41 +17,99 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes, uses_external_data
-from bnfold.verification import Verification, compare_output, not_compared
+from bnfold.verification import (
+    RANDOM_INPUT_BUDGET_BYTES,
+    Verification,
+    compare_output,
+    gib,
+    not_compared,
+    over_random_input_budget,
+)
+
+
+# Elements drawn at a time when making a random input (8 MiB of float64).
+_DRAW_CHUNK = 2**20
 
 
 class VerificationUnavailableError(RuntimeError):
-    """onnxruntime cannot run the original model, so nothing can be proven either way."""
+    """Nothing can be proven either way: onnxruntime cannot run the original model, or no random inputs
+    can be made for it (no shape, a size below 1, or past the memory budget)."""
 
 
 def random_inputs(
-    model: ir.Model, input_shapes: dict[str, list[int]] | None = None, seed: int = 0
+    model: ir.Model, input_shapes: dict[str, list[int]] | None = None, seed: int = 0, fixed_remedy: str = ""
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs shaped from the model's inputs; symbolic dimensions are 1 unless overridden."""
+    """Seeded inputs shaped from the model's inputs; symbolic dimensions are 1 unless overridden. Shapes
+    with a size below 1, or inputs past :data:`RANDOM_INPUT_BUDGET_BYTES` in all, are refused before
+    anything is allocated; ``fixed_remedy`` is the caller's advice when the model's fixed sizes alone
+    are past the budget."""
     input_shapes = dict(input_shapes or {})
-    rng = np.random.default_rng(seed)
     initializer_names = set(model.graph.initializers)
-    feeds = {}
+    planned: dict[str, tuple[list[int], np.dtype]] = {}
     for value in model.graph.inputs:
         if value.name in initializer_names:
             continue  # an overridable default: run with the stored value
-        shape = input_shapes.pop(value.name, None)
-        if shape is None:
-            if value.shape is None:
-                raise VerificationUnavailableError(
-                    f"input {value.name!r} has no shape; give one with --input-shape {value.name}=..."
-                )
-            shape = [dim if isinstance(dim, int) else 1 for dim in value.shape]
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:  # integer inputs are usually indices: stay within the smallest plausible range
-            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
+        planned[value.name] = (_input_shape(value, input_shapes.pop(value.name, None)), dtype)
     if input_shapes:
         raise VerificationUnavailableError(f"--input-shape names unknown input(s): {', '.join(sorted(input_shapes))}")
+    _refuse_past_budget(model, planned, fixed_remedy)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, (shape, dtype) in planned.items():
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = _drawn(shape, dtype, rng.standard_normal)
+        else:  # integer inputs are usually indices: stay within the smallest plausible range (bool: 0 or 1)
+            feeds[name] = _drawn(shape, dtype, lambda size: rng.integers(0, 2, size))
     return feeds
+
+
+def _drawn(shape: list[int], dtype: np.dtype, draw: Callable[[int], np.ndarray]) -> np.ndarray:
+    """An array of ``dtype`` filled with ``draw``'s values a chunk at a time: the draws come in float64 or
+    int64, and whole they would take up to four times the budget beside the input. The values are those
+    of one whole draw (the generator's stream does not depend on the chunking)."""
+    array = np.empty(shape, dtype)
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _DRAW_CHUNK):
+        flat[start : start + _DRAW_CHUNK] = draw(min(_DRAW_CHUNK, flat.size - start))
+    return array
+
+
+def _refuse_past_budget(model: ir.Model, planned: dict[str, tuple[list[int], np.dtype]], fixed_remedy: str) -> None:
+    too_large = over_random_input_budget({name: (shape, str(dtype), dtype.itemsize) for name, (shape, dtype) in planned.items()})
+    if too_large is None:
+        return
+    largest, problem = too_large
+    declared = next(value for value in model.graph.inputs if value.name == largest)
+    fixed_bytes = math.prod(_smallest_shape(declared)) * planned[largest][1].itemsize
+    if fixed_bytes <= RANDOM_INPUT_BUDGET_BYTES:
+        raise VerificationUnavailableError(f"{problem}; give a smaller shape with --input-shape {largest}=D1,D2,...")
+    fixed = f"{problem}, and the model fixes sizes that take {gib(fixed_bytes)} at the least, so no --input-shape brings it within"
+    raise VerificationUnavailableError(f"{fixed}; {fixed_remedy}" if fixed_remedy else fixed)
+
+
+def _input_shape(value: ir.Value, given: list[int] | None) -> list[int]:
+    """The shape to make ``value``'s random input in: the given one, else the declared one with symbolic
+    dimensions at 1; every size at least 1."""
+    if given is not None:
+        if any(dim < 1 for dim in given):
+            raise VerificationUnavailableError(
+                f"--input-shape {value.name}={','.join(map(str, given))}: every size must be at least 1"
+            )
+        return list(given)
+    if value.shape is None:
+        raise VerificationUnavailableError(f"input {value.name!r} has no shape; give one with --input-shape {value.name}=...")
+    shape = _smallest_shape(value)
+    if any(dim < 1 for dim in shape):
+        raise VerificationUnavailableError(
+            f"input {value.name!r} declares shape {shape}, with a size below 1; give one with --input-shape {value.name}=D1,D2,..."
+        )
+    return shape
+
+
+def _smallest_shape(value: ir.Value) -> list[int]:
+    """The declared shape with its symbolic dimensions at 1 (no dimensions when there is no shape)."""
+    return [dim if isinstance(dim, int) else 1 for dim in value.shape or []]
 
 
 def _session(source: str | os.PathLike | bytes) -> ort.InferenceSession:
@@ -107,7 +166,7 @@ def verify(
     folded_source = None
     if isinstance(folded, onnx.ModelProto):  # the fast path's result: in memory, no external data
         folded_source, folded = folded.SerializeToString(), ir.from_proto(folded)
-    feeds = random_inputs(folded, input_shapes, seed)
+    feeds = random_inputs(folded, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
     _progress("running the original model in onnxruntime", started)
     try:
         expected = run_model(original, feeds)

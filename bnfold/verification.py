@@ -24,6 +24,31 @@ def tolerances_for(dtype_name: str, atol: float | None = None, rtol: float | Non
     return (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
 
 
+# What the random inputs of one verification or batch-dependence measurement may take in all, checked
+# before any is made: a model may declare any shape ([1, 3, 100000, 100000] float32 is 112 GiB).
+RANDOM_INPUT_BUDGET_BYTES = 2 * 2**30
+
+
+def over_random_input_budget(inputs: dict[str, tuple[list[int], str, int]]) -> tuple[str, str] | None:
+    """``(largest input, what the inputs would take against the budget)`` when random inputs of these
+    ``name: (shape, dtype name, bytes per element)`` exceed :data:`RANDOM_INPUT_BUDGET_BYTES`, else None."""
+    sizes = {name: math.prod(shape) * itemsize for name, (shape, _, itemsize) in inputs.items()}
+    total = sum(sizes.values())
+    if total <= RANDOM_INPUT_BUDGET_BYTES:
+        return None
+    largest = max(sizes, key=sizes.__getitem__)
+    shape, dtype, _ = inputs[largest]
+    with_others = f" ({gib(total)} with the other inputs)" if total > sizes[largest] else ""
+    return largest, (
+        f"input {largest!r} of shape {shape} {dtype} takes {gib(sizes[largest])}{with_others}, over the "
+        f"{gib(RANDOM_INPUT_BUDGET_BYTES)} budget for random inputs"
+    )
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:.3g} GiB"
+
+
 Status = Literal["passed", "failed", "not compared"]
 
 # Kinds of array whose elements are not real numbers: nothing in them to hold to a tolerance.

@@ -17,10 +17,10 @@ from onnx_models import batchnorm_node, batchnorm_parameters, initializer, make_
 from torch import nn
 
 import bnfold
-from bnfold.checks import check_onnx
+from bnfold.checks import check_model, check_onnx
 from bnfold.cli import main
-from bnfold.onnx_verify import random_inputs, verify
-from bnfold.verification import VerificationError
+from bnfold.onnx_verify import VerificationUnavailableError, random_inputs, verify
+from bnfold.verification import RANDOM_INPUT_BUDGET_BYTES, VerificationError
 
 CONV_OUTPUT_ELEMENTS = 4 * 6 * 6  # a 3x3 Conv with 4 channels on an 8x8 image, one sample
 
@@ -218,3 +218,98 @@ def test_batch_dependence_of_outputs_nan_everywhere_is_not_measured():
         ("BD002", "batch dependence not measured: no output row has a finite value to compare "
                   f"(output 'y': the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s))"),
     ]  # fmt: skip
+
+
+# --- B. random inputs within a stated memory budget --------------------------------------------
+
+HUGE = [1, 3, 100000, 100000]
+
+
+def test_the_budget_is_two_gib():
+    assert RANDOM_INPUT_BUDGET_BYTES == 2 * 2**30
+
+
+def test_a_huge_declared_input_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "huge.onnx"
+    onnx.save(conv_batchnorm([], ["b"], input_shape=HUGE), path)
+    result = invoke(path, "--dry-run")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"bnfold: error: {path}: input 'x' of shape [1, 3, 100000, 100000] float32 takes 112 GiB, over the 2 GiB budget "
+        "for random inputs, and the model fixes sizes that take 112 GiB at the least, so no --input-shape brings it "
+        "within; use --no-verify to fold without verification\n"
+    )
+    assert invoke(path, "--dry-run", "--no-verify").exit_code == 0  # the remedy the message names
+
+
+def test_a_huge_given_shape_names_input_shape_as_the_remedy(tmp_path):
+    path = tmp_path / "free.onnx"
+    onnx.save(conv_batchnorm([], ["b"], input_shape=["N", 3, "H", "W"]), path)
+    result = invoke(path, "--dry-run", "--input-shape", "x=1,3,100000,100000")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"bnfold: error: {path}: input 'x' of shape [1, 3, 100000, 100000] float32 takes 112 GiB, over the 2 GiB budget "
+        "for random inputs; give a smaller shape with --input-shape x=D1,D2,...\n"
+    )
+    assert invoke(path, "--dry-run", "--input-shape", "x=1,3,16,16").exit_code == 0
+
+
+def test_the_budget_counts_every_input():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), batchnorm_node("c", "y", "bn"),
+             helper.make_node("Identity", ["z"], ["z_out"])]  # fmt: skip
+    weight = initializer("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32))
+    model = make_model(nodes, [("x", ["N", 3, "H", "W"]), ("z", ["N", 2, "H", "W"])], ["y", "z_out"],
+                       [weight, *batchnorm_parameters(4, "bn", rng)])  # fmt: skip
+    shapes = {"x": [1, 3, 16384, 8192], "z": [1, 2, 16384, 8192]}  # 1.5 GiB and 1 GiB of float32
+    with pytest.raises(VerificationUnavailableError) as raised:
+        bnfold.fold_onnx(model, input_shapes=shapes)
+    assert str(raised.value) == (
+        "input 'x' of shape [1, 3, 16384, 8192] float32 takes 1.5 GiB (2.5 GiB with the other inputs), over the 2 GiB "
+        "budget for random inputs; give a smaller shape with --input-shape x=D1,D2,..."
+    )
+
+
+def test_check_reports_a_huge_input_as_not_measured(tmp_path):
+    path = tmp_path / "huge.onnx"
+    onnx.save(conv_batchnorm([], ["b"], input_shape=["N", *HUGE[1:]]), path)
+    result = CliRunner().invoke(main, ["check", str(path), "--format", "json"], catch_exceptions=False)
+    assert result.exit_code == 0
+    findings = json.loads(result.stdout)["findings"]
+    assert [(f["code"], f["message"]) for f in findings if f["code"] == "BD002"] == [
+        ("BD002", "batch dependence not measured: input 'x' of shape [4, 3, 100000, 100000] float32 takes 447 GiB, over "
+                  "the 2 GiB budget for random inputs, and the model fixes sizes that take 112 GiB at the least, so no "
+                  "--input-shape brings it within"),
+    ]  # fmt: skip
+
+
+def test_check_of_a_pytorch_model_with_huge_example_inputs_is_not_measured():
+    model = ConvBatchNorm(lambda y: y).eval()
+    shapes_only = torch.empty(HUGE, device="meta")  # only the shape and dtype are read: nothing allocated
+    findings = [(f.code, f.message) for f in check_model(model, shapes_only) if f.code.startswith("BD")]
+    assert findings == [
+        ("BD002", "batch dependence not measured: input 'input0' of shape [4, 3, 100000, 100000] float32 takes 447 GiB, "
+                  "over the 2 GiB budget for random inputs; give smaller example inputs (--input-shape D1,D2,... in order)"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("dims", ["1,3,-4,8", "1,0,8,8"])
+def test_input_shapes_below_one_are_a_clear_error(tmp_path, dims):
+    path = tmp_path / "model.onnx"
+    onnx.save(conv_batchnorm([], ["b"]), path)
+    result = invoke(path, "--dry-run", "--input-shape", f"x={dims}")
+    assert result.exit_code == 2
+    assert result.stderr == f"bnfold: error: {path}: --input-shape x={dims}: every size must be at least 1\n"
+
+
+def test_a_declared_size_below_one_is_a_clear_error():
+    model = conv_batchnorm([], ["b"], input_shape=[1, 3, 8, 8])
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -5
+    with pytest.raises(VerificationUnavailableError) as raised:
+        bnfold.fold_onnx(model)
+    assert str(raised.value) == (
+        "input 'x' declares shape [1, 3, -5, 8], with a size below 1; give one with --input-shape x=D1,D2,..."
+    )
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    bd = [f.message for f in check_onnx(model) if f.code == "BD002"]
+    assert bd == ["batch dependence not measured: input 'x' declares a size below 1 ([N,3,-5,8]); give one with --input-shape"]

@@ -183,4 +183,7 @@ def _sample_dims(value: ir.Value, given_shape: list[int] | None) -> list[int]:
     """The shape of one sample: the user's, else the model's with symbolic dimensions at 1."""
     if given_shape is not None:
         return list(given_shape[1:])
-    return [dim if isinstance(dim, int) else 1 for dim in value.shape[1:]]
+    dims = [dim if isinstance(dim, int) else 1 for dim in value.shape[1:]]
+    if any(dim < 1 for dim in dims):
+        raise NotMeasurable(f"input {value.name!r} declares a size below 1 ({value.shape}); give one with --input-shape")
+    return dims

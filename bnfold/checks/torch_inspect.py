@@ -27,6 +27,7 @@ from bnfold.checks.findings import Finding
 from bnfold.checks.layer_rules import layer_findings
 from bnfold.checks.torch_states import exported_layer_states, module_layer_states
 from bnfold.torch_fold.conversion import to_numpy
+from bnfold.verification import over_random_input_budget
 
 Model = nn.Module | torch.jit.ScriptModule | torch.export.ExportedProgram
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
@@ -92,6 +93,13 @@ def _batch_dependence(
         if batch_dims is None:
             batch_dims = [None] * len(templates)  # an eager module takes any batch size
         batch_size, alone_size = measurement_sizes(batch_dims, batch_size)
+        sizes = {
+            f"input{index}": ([batch_size, *template.shape[1:]], str(template.dtype).removeprefix("torch."), template.element_size())
+            for index, template in enumerate(templates)
+        }
+        too_large = over_random_input_budget(sizes)
+        if too_large:
+            raise NotMeasurable(f"{too_large[1]}; give smaller example inputs (--input-shape D1,D2,... in order)")
     except NotMeasurable as reason:
         return [not_measured(str(reason))]
     with torch.random.fork_rng(devices=[]):
