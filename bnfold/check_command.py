@@ -17,6 +17,7 @@ from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, error
 from bnfold.checks.batch_dependence import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
 from bnfold.errors import InputError
+from bnfold.input_shapes import parse_input_shapes, positional
 
 EXIT_ERROR_FINDINGS = 1
 EXIT_BAD_INPUT = 2
@@ -37,8 +38,8 @@ def _codes_epilog() -> str:
               help="Load pickled modules (torch.save(model)) and .pt2 archives holding pickled objects or compiled code; "
                    "this runs code from the file.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
-              help="Input shape, batch dimension first, for the batch-dependence measurement: NAME= for ONNX inputs, "
-                   "in order (float32) for PyTorch models. The batch dimension's size is set by --batch-size.")
+              help="Input shape, batch dimension first, for the batch-dependence measurement: by name (NAME= or NAME:) "
+                   "for ONNX inputs, or in input order (float32 for PyTorch models). --batch-size sets the batch dimension.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=DEFAULT_BATCH_SIZE, show_default=True,
               help="Samples in the batch that is compared with each sample alone.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples.")
@@ -57,15 +58,15 @@ def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, s
         selection = CodeSelection.parse(select, ignore)
     except UnknownCodeError as error:
         raise click.BadParameter(str(error), param_hint="--select/--ignore") from None
-    named_shapes, positional_shapes = _parse_input_shapes(input_shapes)
+    shapes = parse_input_shapes(input_shapes)
     from bnfold.checks import sources  # imports numpy and onnx: only when something is checked
 
-    example_inputs = sources.example_inputs(positional_shapes)
+    example_inputs = sources.example_inputs(positional(shapes))
     measurement = {"batch_size": batch_size, "seed": seed, "measure_batch": selection.reports_any("BD")}
     results = CheckResults()
     for path in (file for given in paths for file in sources.files_to_check(given)):
         check_path = functools.partial(
-            sources.check_file, path, factory=factory, trust_pickle=trust_pickle, input_shapes=named_shapes,
+            sources.check_file, path, factory=factory, trust_pickle=trust_pickle, input_shapes=shapes,
             example_inputs=example_inputs, **measurement,
         )  # fmt: skip
         _check_one(results, selection, str(path), check_path)
@@ -93,22 +94,3 @@ def _exit_code(results: CheckResults) -> int:
     if results.unreadable:
         return EXIT_BAD_INPUT
     return EXIT_ERROR_FINDINGS if errors(results.findings) else 0
-
-
-def _parse_input_shapes(specs: tuple[str, ...]) -> tuple[dict[str, list[int]], list[list[int]]]:
-    """``NAME=D1,D2`` entries by name (ONNX inputs) and plain ``D1,D2`` entries in order (PyTorch inputs)."""
-    named, positional = {}, []
-    for spec in specs:
-        name, _, dims = spec.rpartition("=")
-        try:
-            shape = [int(dim) for dim in dims.split(",")]
-            if any(dim < 1 for dim in shape):
-                raise ValueError
-        except ValueError:
-            message = f"{spec!r} is not [NAME=]D1,D2,... with positive sizes"
-            raise click.BadParameter(message, param_hint="--input-shape") from None
-        if name:
-            named[name] = shape
-        else:
-            positional.append(shape)
-    return named, positional

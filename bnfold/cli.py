@@ -17,6 +17,7 @@ import click
 
 from bnfold.check_command import check
 from bnfold.errors import InputError
+from bnfold.input_shapes import named, parse_input_shapes, positional
 
 EXIT_VERIFICATION_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -62,19 +63,6 @@ def main() -> None:
 main.add_command(check)
 
 
-def _parse_input_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
-    shapes = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = [int(d) for d in dims.split(",")]
-        except ValueError:
-            raise click.BadParameter(f"{spec!r} is not NAME=D1,D2,...", param_hint="--input-shape") from None
-    return shapes
-
-
 def _fail(message: str, code: int) -> None:
     click.echo(f"bnfold: error: {message}", err=True)
     sys.exit(code)
@@ -87,14 +75,15 @@ def _fail(message: str, code: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Fold and verify, report, write nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...", help="Shape of an input for verification (symbolic dims default to 1).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
+              help="Shape of an input for verification, by name (NAME= or NAME:) or in input order; symbolic dims default to 1.")
 @click.option("--atol", type=float, help="Absolute tolerance (default by dtype: float32 1e-4).")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype: float32 1e-3).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random verification inputs.")
 def fold(model, output, in_place, dry_run, no_verify, output_format, input_shapes, atol, rtol, seed) -> None:
     """Fold every BatchNorm of MODEL that is safe to fold, verify, write OUTPUT, report."""
     from bnfold.onnx_fold import fold_onnx
-    from bnfold.onnx_io import check_writable, save_model
+    from bnfold.onnx_io import check_writable, data_input_names, save_model
     from bnfold.onnx_verify import VerificationUnavailableError
     from bnfold.verification import VerificationError
 
@@ -106,8 +95,10 @@ def fold(model, output, in_place, dry_run, no_verify, output_format, input_shape
     read_from = [] if in_place else [model]  # --in-place replaces the input, and only then
     if target is not None and not in_place and target.absolute() == model.absolute():
         raise click.UsageError(f"{output} is the input model; pass --in-place to overwrite it")
-    shapes = _parse_input_shapes(input_shapes)
+    shapes = parse_input_shapes(input_shapes)
     try:
+        if positional(shapes):
+            shapes = named(shapes, data_input_names(model), str(model))
         if target is not None and not dry_run:
             check_writable(target, read_from)
         folded, report = fold_onnx(model, verify=not no_verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed)

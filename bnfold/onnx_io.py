@@ -48,6 +48,12 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     return model
 
 
+def data_input_names(path: str | os.PathLike) -> list[str]:
+    """The names of the model's inputs that are not initializers (what verification feeds), in order."""
+    graph = load_model(path).graph
+    return [value.name for value in graph.inputs if value.name not in graph.initializers]
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     detail = text.splitlines()[0] if text else "no detail"

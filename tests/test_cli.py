@@ -205,3 +205,24 @@ def test_verification_progress_goes_to_stderr_only_on_a_terminal(model, tmp_path
     assert b"verifying: running the original model" in shown and b"comparing outputs" in shown
     piped = subprocess.run([script, model, "--dry-run"], capture_output=True, text=True)
     assert "verifying" not in piped.stderr
+
+
+@pytest.mark.parametrize("spec", ["input=3,3,16,16", "input:3,3,16,16", "3,3,16,16"])
+def test_input_shape_has_one_syntax_in_fold_and_check(model, spec):
+    result = invoke(model, "--dry-run", "--format", "json", "--input-shape", spec)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["verification"]["inputs"] == {"input": [3, 3, 16, 16]}
+    checked = invoke("check", "--format", "json", "--input-shape", spec, model)
+    assert checked.exit_code == 0, checked.output
+
+
+@pytest.mark.parametrize("spec", ["input=0,3,16,16", "input=-1,3", "3,x", "input="])
+def test_input_shape_rejects_the_same_bad_sizes_in_fold_and_check(model, spec):
+    for command in ([model, "--dry-run"], ["check", model]):
+        result = CliRunner().invoke(main, [*map(str, command), "--input-shape", spec])
+        assert result.exit_code == 2 and "positive sizes" in result.output, (command, result.output)
+
+
+def test_more_shapes_in_order_than_inputs_is_bad_input(model):
+    result = CliRunner().invoke(main, [str(model), "--dry-run", "--input-shape", "1,3,16,16", "--input-shape", "1,2"])
+    assert result.exit_code == 2 and "2 input shapes given in order, but the model has 1 input(s)" in result.output

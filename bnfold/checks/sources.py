@@ -14,6 +14,8 @@ from bnfold.checks.batch_dependence import DEFAULT_BATCH_SIZE
 from bnfold.checks.findings import Finding
 from bnfold.checks.onnx_inspect import check_onnx
 from bnfold.errors import InputError
+from bnfold.input_shapes import InputShapes, named, positional
+from bnfold.onnx_io import data_input_names
 
 if TYPE_CHECKING:
     import torch
@@ -61,17 +63,20 @@ def check_file(
     *,
     factory: Callable[[], nn.Module] | str | None = None,
     trust_pickle: bool = False,
-    input_shapes: dict[str, list[int]] | None = None,
+    input_shapes: InputShapes | None = None,
     example_inputs: ExampleInputs | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     measure_batch: bool = True,
 ) -> list[Finding]:
-    """Findings for the model in ``path``. ``input_shapes`` (by input name) serve ONNX files,
-    ``example_inputs`` (positional) PyTorch files."""
+    """Findings for the model in ``path``. ``input_shapes`` (by input name, or by position among the data
+    inputs) serve ONNX files, ``example_inputs`` (positional) PyTorch files."""
     measurement = {"batch_size": batch_size, "seed": seed, "measure_batch": measure_batch}
     if Path(path).suffix.lower() == ONNX_SUFFIX:
-        findings = check_onnx(path, input_shapes=input_shapes, **measurement)
+        shapes = input_shapes or {}
+        if positional(shapes):
+            shapes = named(shapes, data_input_names(path), str(path))
+        findings = check_onnx(path, input_shapes=shapes, **measurement)
     else:
         try:
             from bnfold.checks.torch_inspect import check_model
