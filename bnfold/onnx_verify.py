@@ -17,6 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes, uses_external_data
+from bnfold.report import printable
 from bnfold.verification import (
     RANDOM_INPUT_BUDGET_BYTES,
     Verification,
@@ -171,9 +172,9 @@ def verify(
     try:
         expected = run_model(original, feeds)
     except Exception as error:
-        raise VerificationUnavailableError(
-            f"onnxruntime cannot run the original model ({str(error).strip().splitlines()[0]}); "
-            "use --no-verify to fold without verification"
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise VerificationUnavailableError(  # onnxruntime quotes node names from the model: print them escaped
+            f"onnxruntime cannot run the original model ({printable(first_line)}); use --no-verify to fold without verification"
         ) from None
     _progress("running the folded model in onnxruntime", started)
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from bnfold.verification import OutputComparison, Verification
+if TYPE_CHECKING:  # annotations only: this module stays free of numpy for the check's text output
+    from bnfold.verification import OutputComparison, Verification
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that ``str.isprintable`` rejects written as its escape (``\\n``,
+    ``\\x1b``, ``\\u2028``), for names and messages that come from model files: a node named
+    ``"bn\\nall good"`` must not print a line of its own, nor a terminal escape sequence."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
 
 # Stable codes for BatchNorms left in place. The text of each skip says what the user can do.
 SKIP_CODES = {
@@ -114,7 +125,7 @@ class FoldReport:
             lines.append("  verification skipped")
         if self.output:
             lines.append(f"  wrote {self.output}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)
 
 
 def _describe_output(output: OutputComparison) -> str:

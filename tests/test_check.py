@@ -558,7 +558,7 @@ def test_pre_commit_hooks_run_the_check_command_on_model_files():
 def test_github_annotation_stays_on_one_line():
     finding = bnfold.checks.Finding("BD002", "", "line one\nline two, 100%").at("dir/a:b.onnx")
     (line,) = format_github(CheckResults([finding], checked=1)).splitlines()
-    assert line == f"::notice file=dir/a%3Ab.onnx,title=BD002::<model>: line one%0Aline two, 100%25 ({CODES['BD002'].hint})"
+    assert line == f"::notice file=dir/a%3Ab.onnx,title=BD002::<model>: line one\\nline two, 100%25 ({CODES['BD002'].hint})"
 
 
 def test_registering_the_command_keeps_torch_out_of_cli_start_up():

@@ -29,12 +29,16 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
 
 
-def conv_batchnorm(tail: list[onnx.NodeProto], outputs: list[str], input_shape=("N", 3, 8, 8), bn_name="bn") -> onnx.ModelProto:
-    """x -> Conv -> BatchNorm -> b, then ``tail`` nodes reading b; the BatchNorm folds into the Conv."""
+def conv_batchnorm(
+    tail: list[onnx.NodeProto], outputs: list[str], input_shape=("N", 3, 8, 8), bn_name="bn", conv_name="conv", extra=()
+) -> onnx.ModelProto:
+    """x -> Conv -> BatchNorm -> b, then ``tail`` nodes reading b; the BatchNorm folds into the Conv.
+    ``extra`` initializers are for the tail."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), batchnorm_node("c", "b", bn_name), *tail]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name=conv_name), batchnorm_node("c", "b", bn_name), *tail]
     weight = initializer("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32))
-    return make_model(nodes, [("x", list(input_shape))], outputs, [weight, *batchnorm_parameters(4, bn_name, rng)])
+    initializers = [weight, *batchnorm_parameters(4, bn_name, rng), *extra]
+    return make_model(nodes, [("x", list(input_shape))], outputs, initializers)
 
 
 def nan_everywhere(source: str, output: str) -> list[onnx.NodeProto]:
@@ -313,3 +317,86 @@ def test_a_declared_size_below_one_is_a_clear_error():
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     bd = [f.message for f in check_onnx(model) if f.code == "BD002"]
     assert bd == ["batch dependence not measured: input 'x' declares a size below 1 ([N,3,-5,8]); give one with --input-shape"]
+
+
+# --- C. names from model files cannot forge report lines -----------------------------------------
+
+FORGED = "bn\nall good: no findings in 1 checked model(s)"
+LAYER = "conv\x1b[2J\t100%, ok:"  # a terminal escape, a tab, GitHub's escape character and separators
+OUTPUT = "y\r\x1b[1A"
+LEFT = "left\x1b]0;title\x07"  # a BatchNorm with nothing to fold into (terminal title sequence)
+ESCAPED = {FORGED: "bn\\nall good: no findings in 1 checked model(s)", LAYER: "conv\\x1b[2J\\t100%, ok:",
+           OUTPUT: "y\\r\\x1b[1A", LEFT: "left\\x1b]0;title\\x07"}  # fmt: skip
+BN006_HINT = bnfold.checks.CODES["BN006"].hint
+
+
+def hostile_model() -> onnx.ModelProto:
+    """A Conv -> BatchNorm pair that folds, output OUTPUT, and a BatchNorm LEFT on the input that cannot."""
+    left_rng = np.random.default_rng(1)
+    tail = [helper.make_node("Identity", ["b"], [OUTPUT]), batchnorm_node("x", "left_out", LEFT),
+            helper.make_node("Relu", ["left_out"], ["z"])]  # fmt: skip
+    return conv_batchnorm(tail, [OUTPUT, "z"], bn_name=FORGED, conv_name=LAYER, extra=batchnorm_parameters(3, LEFT, left_rng))
+
+
+def all_printable(text: str) -> bool:
+    return all(line.isprintable() for line in text.split("\n"))
+
+
+@pytest.fixture
+def hostile_file(tmp_path):
+    path = tmp_path / "evil\nall good.onnx"  # a model file's name comes from the pull request too
+    onnx.save(hostile_model(), path)
+    return path
+
+
+def test_check_text_output_escapes_names_and_paths(hostile_file):
+    result = CliRunner().invoke(main, ["check", str(hostile_file), "--select", "BN006"], catch_exceptions=False)
+    path = str(hostile_file).replace("\n", "\\n")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [
+        f"{path}: BN006 info {ESCAPED[FORGED]}: `bnfold` would fold it into the preceding {ESCAPED[LAYER]} [Conv] "
+        f"and remove it ({BN006_HINT})",
+        "1 info in 1 checked model(s)",
+    ]
+    assert all_printable(result.stdout)
+
+
+def test_github_annotations_escape_names_then_apply_githubs_escapes(hostile_file):
+    result = CliRunner().invoke(main, ["check", str(hostile_file), "--select", "BN006", "--format", "github"])
+    path = str(hostile_file).replace("\n", "\\n").replace("%", "%25").replace(":", "%3A").replace(",", "%2C")
+    message = (
+        f"{ESCAPED[FORGED]}: `bnfold` would fold it into the preceding {ESCAPED[LAYER]} [Conv] and remove it ({BN006_HINT})"
+    )
+    assert result.exit_code == 0
+    assert result.stdout == f"::notice file={path},title=BN006::{message.replace('%', '%25')}\n"
+
+
+def test_check_json_carries_names_exactly(hostile_file):
+    result = CliRunner().invoke(main, ["check", str(hostile_file), "--select", "BN006", "--format", "json"])
+    (finding,) = json.loads(result.stdout)["findings"]
+    assert (finding["path"], finding["name"]) == (str(hostile_file), FORGED)
+    assert LAYER in finding["message"]
+    assert all_printable(result.stdout)  # JSON escapes control characters itself
+
+
+def test_fold_report_text_escapes_names_from_the_model(hostile_file):
+    _, report = bnfold.fold_onnx(hostile_model())
+    lines = report.format_text().splitlines()
+    assert f"  folded  {ESCAPED[FORGED]} [BatchNormalization] into preceding {ESCAPED[LAYER]} [Conv]" in lines
+    assert any(line.startswith(f"  left    {ESCAPED[LEFT]}: [no-foldable-neighbour] ") for line in lines)
+    assert any(line.startswith(f"    ok   {ESCAPED[OUTPUT]}: max abs ") for line in lines)
+    assert len(lines) == 7 and all_printable(report.format_text())
+    assert report.to_dict()["folds"][0]["batchnorm"] == FORGED  # JSON keeps the exact name
+    result = invoke(hostile_file, "--dry-run")
+    assert result.exit_code == 0 and all_printable(result.stdout) and "\nall good" not in result.stdout
+
+
+def test_assertion_message_escapes_module_names():
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 4, 3))
+    model.add_module(FORGED, nn.BatchNorm2d(4))
+    with pytest.raises(AssertionError) as raised:
+        bnfold.assert_inference_ready(model.train(), (torch.randn(2, 3, 8, 8),))
+    message = str(raised.value)
+    assert f"  BN001 {ESCAPED[FORGED]}: " in message
+    assert not any(line.startswith("all good") for line in message.splitlines())

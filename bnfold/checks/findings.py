@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from bnfold.report import printable
+
 Severity = Literal["error", "warning", "info"]
 
 
@@ -73,8 +75,9 @@ class Finding:
         return CODES[self.code].hint
 
     def describe(self) -> str:
-        """``name: message (hint)``, the part every output format shows."""
-        return f"{self.name or '<model>'}: {self.message} ({self.hint})"
+        """``name: message (hint)``, the part every output format shows, on one line: the name and the
+        message come from the model file, so what :func:`bnfold.report.printable` rejects is escaped."""
+        return printable(f"{self.name or '<model>'}: {self.message} ({self.hint})")
 
     def at(self, path: str) -> Finding:
         return dataclasses.replace(self, path=path)

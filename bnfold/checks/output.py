@@ -13,6 +13,10 @@ JSON schema (``--format json``)::
 GitHub (``--format github``): one workflow command per finding,
 ``::error file=PATH,title=CODE::NAME: MESSAGE (HINT)`` (NAME ``<model>`` for whole-model findings), with ``::warning`` and ``::notice`` for the
 other severities, so findings appear as annotations on the pull request.
+
+Names and messages come from model files: the text and GitHub formats escape every character that
+``str.isprintable`` rejects (``\\n``, ``\\x1b``; :func:`bnfold.report.printable`), so a node named
+``"bn\\nall good: no findings"`` cannot print a line of its own; JSON carries them exactly, escaped by JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import json
 
 from bnfold.checks.findings import SEVERITIES, Finding
+from bnfold.report import printable
 
 _GITHUB_COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
 _TALLY_LABELS = {"error": "error(s)", "warning": "warning(s)", "info": "info"}
@@ -39,7 +44,7 @@ class CheckResults:
 
 
 def format_text(results: CheckResults) -> str:
-    lines = [f"{finding.path}: {finding.code} {finding.severity} {finding.describe()}" for finding in results.findings]
+    lines = [f"{printable(finding.path)}: {finding.code} {finding.severity} {finding.describe()}" for finding in results.findings]
     counts = results.counts()
     tally = ", ".join(f"{count} {_TALLY_LABELS[severity]}" for severity, count in counts.items() if count) or "no findings"
     unreadable = f", {len(results.unreadable)} unreadable" if results.unreadable else ""
@@ -70,8 +75,9 @@ def _workflow_command(command: str, path: str, title: str, message: str) -> str:
 
 
 def _escape_data(text: str) -> str:
-    # GitHub's escaping for workflow commands: a newline would end the command.
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    # Control characters are escaped as in the text format, so no CR or LF is left for GitHub's %0D/%0A
+    # (a newline would end the command); its own escape character still needs escaping.
+    return printable(text).replace("%", "%25")
 
 
 def _escape_property(text: str) -> str:
