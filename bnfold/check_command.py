@@ -14,9 +14,10 @@ from pathlib import Path
 import click
 
 from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, errors
-from bnfold.checks.batch_dependence import DEFAULT_BATCH_SIZE
+from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
 from bnfold.errors import InputError
+from bnfold.report import printable
 from bnfold.input_shapes import parse_input_shapes, positional
 
 EXIT_ERROR_FINDINGS = 1
@@ -83,7 +84,7 @@ def _check_one(results: CheckResults, selection: CodeSelection, label: str, run:
     try:
         findings = run()
     except InputError as error:
-        click.echo(f"bnfold: error: {error}", err=True)
+        click.echo(f"bnfold: error: {printable(str(error))}", err=True)
         results.unreadable[label] = error.problem
         return
     results.findings += selection.apply(findings)

@@ -87,3 +87,13 @@ def test_fold_report_json_block_has_the_real_reports_keys(fresh_clone):
     report = json.loads(completed.stdout)
     report["skips"] = [{"batchnorm": "", "code": "", "reason": "", "graph": ""}]  # the example folds everything
     assert key_structure(json.loads(shown)) == key_structure(report)
+
+
+def test_check_report_json_block_has_the_real_reports_keys(fresh_clone):
+    (shown,) = re.findall(r"`--format json` prints\s*```json\n(.*?)```", README, flags=re.DOTALL)
+    completed = run("bnfold check examples/small_cnn.onnx --format json", fresh_clone)
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout)
+    report["unreadable"] = [{"path": "", "message": ""}]  # the example reads
+    assert report["schema"] == "bnfold.check-report/1"
+    assert key_structure(json.loads(shown)) == key_structure(report)

@@ -17,10 +17,8 @@ from collections.abc import Callable
 import numpy as np
 
 from bnfold.checks.error_text import describe_error
-from bnfold.checks.findings import Finding
+from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.verification import OutputComparison, compare_output
-
-DEFAULT_BATCH_SIZE = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,9 @@ from bnfold.report import printable
 
 Severity = Literal["error", "warning", "info"]
 
+# BD001's K: samples in the batch that is compared with each sample alone.
+DEFAULT_BATCH_SIZE = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:

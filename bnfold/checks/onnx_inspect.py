@@ -10,7 +10,6 @@ input (opset 12+) or ``is_test=0`` (before opset 7). Opsets 7-11 have no Dropout
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import onnx
@@ -29,7 +28,7 @@ from bnfold.checks.findings import Finding
 from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
 from bnfold.onnx_constants import MalformedTensorError, constant_array
 from bnfold.onnx_fold import fold_onnx
-from bnfold.onnx_io import InputError, load_model
+from bnfold.onnx_io import InputError, load_model, scratch_directory
 from bnfold.onnx_rules import batchnorm_training_mode, node_label
 from bnfold.onnx_verify import VerificationUnavailableError, model_runner, model_source, random_inputs
 
@@ -156,7 +155,7 @@ def _batch_dependence(
         feeds = random_inputs(model, shapes, seed)
     except (NotMeasurable, VerificationUnavailableError) as reason:
         return [not_measured(str(reason))]
-    with tempfile.TemporaryDirectory(prefix="bnfold-check-") as scratch:
+    with scratch_directory("check") as scratch:
         try:
             run_session = model_runner(model_source(model, scratch))
         except Exception as error:  # whatever onnxruntime raises on a model it will not load

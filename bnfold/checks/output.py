@@ -3,6 +3,7 @@
 JSON schema (``--format json``)::
 
     {
+      "schema": "bnfold.check-report/1",
       "findings": [{"path": str, "code": str, "severity": "error" | "warning" | "info",
                     "name": str,   # node, module or output; "" for the whole model
                     "message": str, "hint": str}, ...],
@@ -28,6 +29,7 @@ import json
 from bnfold.checks.findings import SEVERITIES, Finding
 from bnfold.report import printable
 
+CHECK_REPORT_SCHEMA = "bnfold.check-report/1"
 _GITHUB_COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
 _TALLY_LABELS = {"error": "error(s)", "warning": "warning(s)", "info": "info"}
 
@@ -54,6 +56,7 @@ def format_text(results: CheckResults) -> str:
 
 def format_json(results: CheckResults) -> str:
     document = {
+        "schema": CHECK_REPORT_SCHEMA,
         "findings": [finding.to_dict() for finding in results.findings],
         "unreadable": [{"path": path, "message": message} for path, message in results.unreadable.items()],
         "summary": {"checked": results.checked, "unreadable": len(results.unreadable), **results.counts()},

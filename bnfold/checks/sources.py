@@ -10,8 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bnfold.checks.batch_dependence import DEFAULT_BATCH_SIZE
-from bnfold.checks.findings import Finding
+from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.checks.onnx_inspect import check_onnx
 from bnfold.errors import InputError
 from bnfold.input_shapes import InputShapes, named, positional
@@ -99,10 +98,10 @@ def check_entry_point(spec: str, example_inputs: ExampleInputs | None = None, **
 
 
 def example_inputs(shapes: list[list[int]]) -> list[torch.Tensor] | None:
-    """float32 example inputs of these shapes, or None for no shapes (the measurement reads only their
-    shape and dtype)."""
+    """float32 example inputs of these shapes, or None for no shapes. The measurement reads only their shape
+    and dtype, so they live on the meta device: a huge shape allocates nothing before the memory budget check."""
     if not shapes:
         return None
     import torch
 
-    return [torch.zeros(shape) for shape in shapes]
+    return [torch.empty(shape, device="meta") for shape in shapes]

@@ -111,9 +111,10 @@ def _batch_dependence(
 def _random_like(template: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Random samples shaped and typed like ``template``; integer inputs are usually indices, so 0 or 1."""
     shape = (batch_size, *template.shape[1:])
+    device = "cpu" if template.is_meta else template.device  # meta templates only describe the input
     if template.is_floating_point():
-        return torch.randn(shape).to(device=template.device, dtype=template.dtype)
-    return torch.randint(0, 2, shape).to(device=template.device, dtype=template.dtype)
+        return torch.randn(shape).to(device=device, dtype=template.dtype)
+    return torch.randint(0, 2, shape).to(device=device, dtype=template.dtype)
 
 
 def _runner(module: nn.Module, inputs: list[torch.Tensor]) -> Runner:
