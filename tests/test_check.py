@@ -287,6 +287,11 @@ def test_batch_fixed_at_one_cannot_be_measured(trained_cnn, tmp_path):
     findings = check_onnx(path)
     assert "BD002" in codes(findings) and "BD001" not in codes(findings)
     assert "fixed" in findings[-1].message
+    # The advice is what works for a fixed batch: --input-shape cannot change it, re-exporting can.
+    assert "export the model with a batch axis that is not fixed" in findings[-1].describe()
+    assert "--input-shape cannot change a size the model fixes" in findings[-1].message
+    shaped = invoke("--format", "json", "--input-shape", "input=4,3,16,16", path)
+    assert "BD001" not in shaped.stdout  # a batch of 4 is not runnable on this model: the advice above is right
 
 
 def test_fixed_batch_is_measured_against_copies_of_each_sample(trained_cnn, tmp_path):

@@ -47,7 +47,10 @@ def measurement_sizes(batch_dims: list[int | None], batch_size: int) -> tuple[in
     if len(distinct) == 1 and (fixed := next(iter(distinct))) > 1:
         return fixed, fixed
     sizes = ", ".join(sorted("free" if dim is None else str(dim) for dim in distinct))
-    raise NotMeasurable(f"the inputs' batch dimension is fixed ({sizes}), so there is no batch of several samples to run")
+    raise NotMeasurable(
+        f"the inputs' batch dimension is fixed ({sizes}) in the model, so there is no batch of several samples to run; "
+        "export the model with a batch axis that is not fixed (--input-shape cannot change a size the model fixes)"
+    )
 
 
 def measure_batch_dependence(run: Runner, batch_size: int, alone_size: int = 1) -> list[Finding]:

@@ -48,7 +48,7 @@ CODES: dict[str, Rule] = {
         Rule("BD001", "error", "outputs depend on the batch",
              "look for layers left in training mode: see the BN and DO findings; call model.eval()"),
         Rule("BD002", "info", "batch dependence not measured",
-             "give example inputs with --input-shape, or export the model with a batch dimension not fixed at 1"),
+             "the message says what would make it measurable"),
     )
 }  # fmt: skip
 

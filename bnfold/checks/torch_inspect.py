@@ -86,7 +86,9 @@ def _batch_dependence(
 ) -> list[Finding]:
     try:
         if example_inputs is None:
-            raise NotMeasurable("no example inputs to take input shapes from")
+            raise NotMeasurable(
+                "no example inputs to take input shapes from; give them (--input-shape D1,D2,... in order, example_inputs in Python)"
+            )
         templates = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
         if any(template.dim() == 0 for template in templates):
             raise NotMeasurable("an example input is a scalar, with no batch axis")
