@@ -80,7 +80,12 @@ def _fail(message: str, code: int) -> None:
 @click.option("--atol", type=float, help="Absolute tolerance (default by dtype: float32 1e-4).")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype: float32 1e-3).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random verification inputs.")
-def fold(model, output, in_place, dry_run, no_verify, output_format, input_shapes, atol, rtol, seed) -> None:
+@click.option(
+    "--freeze-initializer-inputs",
+    is_flag=True,
+    help="Treat graph inputs that have an initializer (every weight in IR version < 4 models) as constants and remove them from the inputs.",
+)
+def fold(model, output, in_place, dry_run, no_verify, output_format, input_shapes, atol, rtol, seed, freeze_initializer_inputs) -> None:
     """Fold every BatchNorm of MODEL that is safe to fold, verify, write OUTPUT, report."""
     from bnfold.onnx_fold import fold_onnx
     from bnfold.onnx_io import check_writable, data_input_names, save_model
@@ -101,7 +106,10 @@ def fold(model, output, in_place, dry_run, no_verify, output_format, input_shape
             shapes = named(shapes, data_input_names(model), str(model))
         if target is not None and not dry_run:
             check_writable(target, read_from)
-        folded, report = fold_onnx(model, verify=not no_verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed)
+        folded, report = fold_onnx(
+            model, verify=not no_verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed,
+            freeze_initializer_inputs=freeze_initializer_inputs,
+        )  # fmt: skip
         if target is not None and not dry_run:
             save_model(folded, target, read_from=read_from)
             report.output = str(target)

@@ -24,8 +24,9 @@ CONSTANT_OPS = frozenset(
 )  # fmt: skip
 
 
-# Marks a value found to be computed at run time. Folding only ever replaces constants with constants, so
-# the mark stays true; it keeps repeated queries along long Add/Mul chains linear instead of quadratic.
+# Marks a value found to be computed at run time, holding the reason. Folding only ever replaces constants
+# with constants, so the mark stays true; it keeps repeated queries along long Add/Mul chains linear
+# instead of quadratic.
 _NOT_CONSTANT = "bnfold.not_constant"
 
 
@@ -97,13 +98,37 @@ def _evaluate(node: ir.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray
     return [np.asarray(result) for result in evaluator.run(None, feeds)]
 
 
+FREEZE_HINT = (
+    "pass freeze_initializer_inputs=True (CLI: --freeze-initializer-inputs) to fold it as a constant, "
+    "which removes such inputs from the model's interface"
+)
+
+
+def _input_reason(value: ir.Value) -> str:
+    if value.const_value is None:
+        return f"read from graph input {value.name!r}; make it an initializer to fold"
+    # IR version < 4 requires every initializer to be a graph input: the usual source of this.
+    return (
+        f"read from graph input {value.name!r}, whose initializer is only an overridable default (IR version < 4 "
+        f"models declare every initializer an input); {FREEZE_HINT}"
+    )
+
+
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's content when it is computable without running the model: an initializer that is not
     also a graph input (those are overridable defaults), a Constant node, or :data:`CONSTANT_OPS` over
-    those. None otherwise."""
-    if value is None:
-        return None
+    those. None otherwise (:func:`not_constant_reason` says why)."""
+    return None if value is None else _constant(value)[0]
+
+
+def not_constant_reason(value: ir.Value) -> str:
+    """Why :func:`constant_array` of ``value`` is None, as a phrase ("read from graph input 'x'")."""
+    return _constant(value)[1]
+
+
+def _constant(value: ir.Value) -> tuple[np.ndarray | None, str]:
     known: dict[ir.Value, np.ndarray | None] = {}
+    reasons: dict[ir.Value, str] = {}
     stack = [value]
     while stack:
         current = stack[-1]
@@ -111,37 +136,43 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
             stack.pop()
             continue
         producer = current.producer()
-        if (
-            current.meta.get(_NOT_CONSTANT)
-            or current.is_graph_input()
-            or (producer is not None and not _is_constant_op(producer))
-        ):
+        marked = current.meta.get(_NOT_CONSTANT)
+        if marked or current.is_graph_input() or (producer is not None and not _is_constant_op(producer)):
             known[current] = None
+            if marked:
+                reasons[current] = marked
+            elif current.is_graph_input():
+                reasons[current] = _input_reason(current)
+            else:
+                reasons[current] = f"computed at run time (by {producer.op_type})"
             stack.pop()
             continue
         if producer is None:
             known[current] = _initializer_array(current)
+            reasons[current] = "neither an initializer nor computed from constants"
             stack.pop()
             continue
         needed = _needed_inputs(producer)
-        pending = [v for v in needed if v not in known]
-        if pending:
-            stack.extend(pending)
+        blocked = next((v for v in needed if v in known and known[v] is None), None)
+        pending = next((v for v in needed if v not in known), None)
+        if blocked is None and pending is not None:
+            stack.append(pending)  # one at a time: an input found not constant ends the search here
             continue
         stack.pop()
-        inputs = [known[v] if v in needed else None for v in producer.inputs]
-        if any(known[v] is None for v in needed):
-            results = [None] * len(producer.outputs)
+        if blocked is not None:
+            results, reason = [None] * len(producer.outputs), reasons[blocked]
         else:
+            inputs = [known[v] if v in needed else None for v in producer.inputs]
             try:
-                results = _evaluate(producer, inputs)
-            except Exception:  # an op the reference evaluator rejects: treat as not constant
+                results, reason = _evaluate(producer, inputs), ""
+            except Exception as error:  # an op the reference evaluator rejects: treat as not constant
                 results = [None] * len(producer.outputs)
+                reason = f"computed by a {producer.op_type} that could not be evaluated ({type(error).__name__})"
         known.update(zip(producer.outputs, results))
         for output, result in zip(producer.outputs, results):
             if result is None:
-                output.meta[_NOT_CONSTANT] = True
-    return known[value]
+                output.meta[_NOT_CONSTANT] = reasons[output] = reason
+    return known[value], reasons.get(value, "")
 
 
 def drop_if_unread(value: ir.Value | None) -> None:

@@ -225,6 +225,7 @@ def fold_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    freeze_initializer_inputs: bool = False,
 ):
     """Fold every eval-mode BatchNorm that is safe to fold; return ``(folded_model, report)``.
 
@@ -233,11 +234,18 @@ def fold_onnx(
     original and folded models run in onnxruntime on seeded random inputs and every output is compared;
     a mismatch raises :class:`bnfold.VerificationError` carrying the report.
 
+    ``freeze_initializer_inputs`` removes from the main graph's inputs every input that has an initializer
+    (IR version < 4 models declare every initializer an input, which makes their weights overridable, so
+    not constants), raising the IR version to 4 where needed; the report names them. This changes the
+    model's interface: those inputs can no longer be fed.
+
     A ``ModelProto`` whose BatchNorms all sit in plain Conv/ConvTranspose/Gemm pairs is folded on the
     protobuf by :mod:`bnfold.onnx_fast_path`, with the same result as :class:`FoldBatchNormPass`.
     """
     with _gc_paused():
-        return _fold_onnx(model, verify, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed)
+        return _fold_onnx(
+            model, verify, freeze_initializer_inputs, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed
+        )
 
 
 @contextlib.contextmanager
@@ -253,8 +261,10 @@ def _gc_paused():
             gc.enable()
 
 
-def _fold_onnx(model, verify: bool, *, input_shapes, atol, rtol, seed):
-    fast = fold_plain_pairs(model) if isinstance(model, onnx.ModelProto) else None
+def _fold_onnx(model, verify: bool, freeze: bool, *, input_shapes, atol, rtol, seed):
+    # The fast path reads initializer-backed inputs as not constant: freezing goes through the pass.
+    use_fast = isinstance(model, onnx.ModelProto) and not (freeze and _proto_initializer_inputs(model))
+    fast = fold_plain_pairs(model) if use_fast else None
     if fast is not None:
         folded, folds = fast
         label = model.graph.name or "<model>"
@@ -267,6 +277,8 @@ def _fold_onnx(model, verify: bool, *, input_shapes, atol, rtol, seed):
     with scratch_directory("original") if verify else contextlib.nullcontext() as scratch:
         copy = _working_copy(model, scratch)
         working, original = copy.model, copy.original
+        if freeze:
+            copy.notes += _freeze_initializer_inputs(working)
         report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)
         fold_pass = FoldBatchNormPass()
         try:
@@ -279,6 +291,27 @@ def _fold_onnx(model, verify: bool, *, input_shapes, atol, rtol, seed):
     if isinstance(model, onnx.ModelProto):
         return ir.to_proto(working), report
     return working, report
+
+
+def _proto_initializer_inputs(model: onnx.ModelProto) -> bool:
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return any(value.name in initializers for value in model.graph.input)
+
+
+def _freeze_initializer_inputs(model: ir.Model) -> list[str]:
+    """Drop the main graph's initializer-backed inputs, so their initializers are constants; the notes
+    that say so. Verification then feeds only the remaining inputs (the original runs on the stored values
+    of the others)."""
+    graph = model.graph
+    frozen = [value.name for value in graph.inputs if value.name in graph.initializers]
+    if not frozen:
+        return []
+    graph.inputs[:] = [value for value in graph.inputs if value.name not in graph.initializers]
+    notes = [f"froze {len(frozen)} initializer-backed graph input(s), no longer inputs of the model: {', '.join(frozen)}"]
+    if model.ir_version < 4:  # before IR version 4 every initializer had to be a graph input
+        notes.append(f"IR version {model.ir_version} -> 4, the first that allows initializers that are not inputs")
+        model.ir_version = 4
+    return notes
 
 
 def _verify(report: FoldReport, verify: bool, original, folded, **options) -> None:

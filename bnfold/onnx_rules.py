@@ -29,7 +29,7 @@ from bnfold.fold_math import (
     fold_into_inputs,
     fold_into_outputs,
 )
-from bnfold.onnx_constants import constant_array, drop_if_unread
+from bnfold.onnx_constants import constant_array, drop_if_unread, not_constant_reason
 from bnfold.report import ELEMENTWISE_AFFINE_OPS
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -90,11 +90,7 @@ def _const_input(node: ir.Node, index: int, what: str, optional: bool = False) -
         raise Refusal("weight-not-constant", f"{node_label(node)} has no {what}")
     array = constant_array(value)
     if array is None:
-        source = "a graph input" if value.is_graph_input() else "computed at run time"
-        raise Refusal(
-            "weight-not-constant",
-            f"the {what} of {node_label(node)} ({value.name}) is {source}; make it an initializer to fold",
-        )
+        raise Refusal("weight-not-constant", f"the {what} of {node_label(node)} ({value.name}) is {not_constant_reason(value)}")
     if not _is_floating(array):
         raise Refusal("weight-not-constant", f"the {what} of {node_label(node)} is {array.dtype}, not floating point")
     return array
@@ -254,9 +250,11 @@ def _batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
         raise Refusal(training.code, f"{label}: {training.fact}; {training.fix}")
     parameters = []
     for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
-        array = constant_array(node.inputs[index]) if index < len(node.inputs) else None
+        value = node.inputs[index] if index < len(node.inputs) else None
+        array = None if value is None else constant_array(value)
         if array is None:
-            raise Refusal("parameters-not-constant", f"the {what} of {label} is not a constant")
+            source = "missing" if value is None else f"{value.name}, {not_constant_reason(value)}"
+            raise Refusal("parameters-not-constant", f"the {what} of {label} is not a constant ({source})")
         if not _is_floating(array):
             raise Refusal("parameters-not-constant", f"the {what} of {label} is {array.dtype}, not floating point")
         parameters.append(array)

@@ -65,7 +65,10 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 def random_feeds(model: onnx.ModelProto, seed: int = 7) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
+    stored = {tensor.name for tensor in model.graph.initializer}
     for value in model.graph.input:
+        if value.name in stored:
+            continue  # an initializer-backed input (IR version < 4): run on its stored default
         shape = [d.dim_value or 2 for d in value.type.tensor_type.shape.dim]
         dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         feeds[value.name] = rng.standard_normal(shape).astype(dtype)
