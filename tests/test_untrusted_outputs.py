@@ -358,7 +358,8 @@ def test_check_text_output_escapes_names_and_paths(hostile_file):
     assert result.exit_code == 0
     assert result.stdout.splitlines() == [
         f"{path}: BN006 info {ESCAPED[FORGED]}: `bnfold` would fold it into the preceding {ESCAPED[LAYER]} [Conv] "
-        f"and remove it ({BN006_HINT})",
+        "and remove it",
+        f"BN006 (1): {BN006_HINT}",
         "1 info in 1 checked model(s)",
     ]
     assert all_printable(result.stdout)

@@ -77,10 +77,11 @@ class Finding:
     def hint(self) -> str:
         return CODES[self.code].hint
 
-    def describe(self) -> str:
+    def describe(self, with_hint: bool = True) -> str:
         """``name: message (hint)``, the part every output format shows, on one line: the name and the
         message come from the model file, so what :func:`bnfold.report.printable` rejects is escaped."""
-        return printable(f"{self.name or '<model>'}: {self.message} ({self.hint})")
+        hint = f" ({self.hint})" if with_hint else ""
+        return printable(f"{self.name or '<model>'}: {self.message}{hint}")
 
     def at(self, path: str) -> Finding:
         return dataclasses.replace(self, path=path)

@@ -26,7 +26,7 @@ import collections
 import dataclasses
 import json
 
-from bnfold.checks.findings import SEVERITIES, Finding
+from bnfold.checks.findings import CODES, SEVERITIES, Finding
 from bnfold.report import printable
 
 CHECK_REPORT_SCHEMA = "bnfold.check-report/1"
@@ -46,7 +46,13 @@ class CheckResults:
 
 
 def format_text(results: CheckResults) -> str:
-    lines = [f"{printable(finding.path)}: {finding.code} {finding.severity} {finding.describe()}" for finding in results.findings]
+    """A line per finding, then each code's hint once (20 BatchNorms left in training mode share one fix)."""
+    lines = [
+        f"{printable(finding.path)}: {finding.code} {finding.severity} {finding.describe(with_hint=False)}"
+        for finding in results.findings
+    ]
+    per_code = collections.Counter(finding.code for finding in results.findings)
+    lines += [f"{code} ({count}): {CODES[code].hint}" for code, count in per_code.items()]
     counts = results.counts()
     tally = ", ".join(f"{count} {_TALLY_LABELS[severity]}" for severity, count in counts.items() if count) or "no findings"
     unreadable = f", {len(results.unreadable)} unreadable" if results.unreadable else ""
