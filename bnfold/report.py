@@ -87,6 +87,7 @@ class FoldReport:
     output: str | None = None
 
     def to_dict(self) -> dict:
+        """Plain data for JSON: every field, verification figures included."""
         return {
             "schema": "bnfold.fold-report/1",
             "model": self.model,
@@ -101,9 +102,14 @@ class FoldReport:
         }
 
     def to_json(self) -> str:
+        """The report as ``--format json`` prints it (schema in the README)."""
         return json.dumps(self.to_dict(), indent=2, allow_nan=True)
 
+    def __str__(self) -> str:
+        return self.format_text()
+
     def format_text(self) -> str:
+        """The report as the command line prints it: one line per fold and skip, then the verification."""
         lines = [f"bnfold: {self.model}"]
         batchnorm_folds = sum(f.batchnorm_op not in ELEMENTWISE_AFFINE_OPS for f in self.folds)
         other_folds = len(self.folds) - batchnorm_folds

@@ -53,3 +53,9 @@ def test_exceptions_users_catch_are_exported():
 def test_version_and_type_information():
     assert bnfold.__version__ == version("bnfold") and re.fullmatch(r"\d+\.\d+\.\d+.*", bnfold.__version__)
     assert (Path(bnfold.__file__).parent / "py.typed").is_file()
+
+
+def test_printing_a_report_prints_the_readable_report():
+    _, report = bnfold.fold_onnx(EXAMPLE)
+    assert str(report) == report.format_text() and str(report).startswith("bnfold: ")
+    assert "folded 4 of 4 BatchNorm(s)" in str(report)
