@@ -14,8 +14,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.experimental.optimization import fuse
-from torch_architectures import CASES, Conv2dSame, batchnorm_modules, trained_eval_model
+from torch_architectures import (
+    CASES,
+    BatchNormAct2d,
+    Conv2dSame,
+    FrozenBatchNorm2d,
+    batchnorm_modules,
+    fuse_folds,
+    trained_eval_model,
+)
 
 from bnfold.report import SKIP_CODES
 from bnfold.torch_fold import fold
@@ -89,7 +96,15 @@ def test_module_tree_result_keeps_class_and_state_dict_keys(case):
     assert kept_keys <= set(result.model.state_dict())
     assert new_keys == {f"{f.layer}.bias" for f in result.report.folds} - set(model.state_dict())
     for name in folded_batchnorms:
-        assert isinstance(result.model.get_submodule(name), nn.Identity)
+        original, replacement = model.get_submodule(name), result.model.get_submodule(name)
+        if isinstance(original, BatchNormAct2d):  # what its forward does after normalising stays
+            assert isinstance(replacement, nn.Sequential)
+            assert [(n, type(m)) for n, m in replacement.named_children()] == [
+                ("drop", type(original.drop)),
+                ("act", type(original.act)),
+            ]
+        else:
+            assert isinstance(replacement, nn.Identity)
 
 
 def test_layer_subclass_with_own_forward_folds_in_the_traced_graph():
@@ -98,16 +113,173 @@ def test_layer_subclass_with_own_forward_folds_in_the_traced_graph():
     result = fold(model, inputs)
 
     assert isinstance(result.model, fx.GraphModule)
-    assert any("GraphModule" in note for note in result.report.notes)
+    assert type(result.model).__name__ == "GraphModule"  # not EfficientNet: it is not the user's class
+    assert any("GraphModule instead of the EfficientNet module tree" in note for note in result.report.notes)
     assert {f.layer_op for f in result.report.folds} == {"Conv2d", "F.conv2d"}
     # The "same" conv had no bias: the folded one sits where a Conv2d keeps it.
     assert "stem.0.bias" in result.model.state_dict()
 
 
+def test_batchnorm_act_folds_in_the_module_tree_keeping_drop_and_act():
+    model, inputs = trained_eval_model(case_named("timm_conv"))
+    result = fold(model, inputs)
+
+    assert type(result.model) is type(model)
+    assert [(f.batchnorm, f.batchnorm_op, f.layer) for f in result.report.folds] == [
+        (f"{block}.bn", "BatchNormAct2d", f"{block}.conv") for block in ("stem", "conv1", "conv2", "head")
+    ]
+    stem_bn = result.model.stem.bn
+    assert isinstance(stem_bn.drop, nn.Dropout) and stem_bn.drop.p == 0.1 and isinstance(stem_bn.act, nn.SiLU)
+    assert isinstance(result.model.conv2.bn.act, nn.Identity)  # apply_act=False
+    x = torch.randn(2, 3, 8, 8)
+    assert_same_outputs(outputs(model.stem, (x,)), outputs(result.model.stem, (x,)))
+    # The activation is applied exactly as before: SiLU of the folded conv's output.
+    assert torch.equal(outputs(result.model.stem, (x,)), F.silu(outputs(result.model.stem.conv, (x,))))
+    assert result.report.nodes_before == {"batchnorm": 4, "total": 36}
+    assert result.report.nodes_after == {"batchnorm": 0, "total": 32}
+
+
+def test_batchnorm_act_after_a_same_padding_conv_folds_in_a_graph_not_named_as_the_model():
+    model, inputs = trained_eval_model(case_named("timm_style"))
+    result = fold(model, inputs)
+
+    assert isinstance(result.model, fx.GraphModule) and type(result.model).__name__ == "GraphModule"
+    assert {f.batchnorm_op for f in result.report.folds} == {"BatchNormAct2d"}
+    assert {f.batchnorm for f in result.report.folds} == {"conv_stem.bn", "block1.bn", "block2.bn", "conv_head.bn"}
+    called = {node.target for node in result.model.graph.nodes if node.op == "call_module"}
+    assert {"conv_stem.bn.drop", "conv_stem.bn.act"} <= called and F.batch_norm not in {
+        node.target for node in result.model.graph.nodes
+    }
+
+
+def test_frozen_batchnorm_folds_in_the_module_tree():
+    model, inputs = trained_eval_model(case_named("detection_backbone"))
+    result = fold(model, inputs)
+
+    assert type(result.model) is type(model)
+    assert {f.batchnorm_op for f in result.report.folds} == {"FrozenBatchNorm2d"} and len(result.report.folds) == 9
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in result.model.modules())
+    assert isinstance(result.model.layer1.downsample[1], nn.Identity)
+    frozen = {name for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    kept = {key for key in model.state_dict() if key.rpartition(".")[0] not in frozen}
+    assert set(result.model.state_dict()) == kept | {f"{f.layer}.bias" for f in result.report.folds}
+    # Each FrozenBatchNorm2d took 9 calls (4 reshapes, add, rsqrt, 2 multiplies, subtract) and the multiply-add.
+    assert result.report.nodes_before["total"] - result.report.nodes_after["total"] == 9 * 11
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for frozen in (m for m in module.modules() if isinstance(m, FrozenBatchNorm2d)):
+            for buffer in frozen.buffers():
+                buffer.uniform_(0.5, 1.5)
+    return module.eval()
+
+
+class FrozenAfterConv(nn.Module):
+    """fx cannot trace the shape branch: torch.export's aten multiply-add folds in the module tree too."""
+
+    def __init__(self, frozen: type[nn.Module] = FrozenBatchNorm2d):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), frozen(4)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.bn(self.conv(x))
+
+
+class FrozenBatchNormReLU(FrozenBatchNorm2d):
+    """Also applies F.relu, a function call: the module cannot become a child module, only a graph can fold it."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+class TracedFrozenAfterConv(FrozenAfterConv):
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_frozen_batchnorm_folds_under_torch_export():
+    model = _frozen(FrozenAfterConv())
+    inputs = (torch.randn(2, 3, 9, 9),)
+    result = fold(model, inputs)
+
+    assert type(result.model) is FrozenAfterConv and isinstance(result.model.bn, nn.Identity)
+    assert any("torch.export" in note for note in result.report.notes)
+    assert [(f.batchnorm, f.batchnorm_op, f.layer) for f in result.report.folds] == [("bn", "FrozenBatchNorm2d", "conv")]
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+def test_frozen_batchnorm_with_more_in_its_forward_folds_in_the_graph():
+    model = _frozen(TracedFrozenAfterConv(FrozenBatchNormReLU))
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert type(result.model).__name__ == "GraphModule"
+    assert [(f.batchnorm_op, f.layer) for f in result.report.folds] == [("x * scale + shift", "conv")]
+    assert F.relu in {node.target for node in result.model.graph.nodes}
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class AffineAfterConv(nn.Module):
+    """``conv(x) * scale + shift`` written in forward, with scale and shift of the given kinds."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor | float):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("scale", scale)
+        self.shift = shift
+
+    def forward(self, x):
+        return self.conv(x) * self.scale - self.shift
+
+
+def test_per_channel_affine_of_buffers_next_to_a_conv_folds_in_the_graph():
+    model = AffineAfterConv(torch.rand(4, 1, 1) + 0.5, nn.Parameter(torch.randn(1, 4, 1, 1))).eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.batchnorm_op, f.layer) for f in result.report.folds] == [("sub", "x * scale + shift", "conv")]
+    assert not {torch.mul, torch.sub} & {getattr(torch, str(getattr(n.target, "__name__", "")), None) for n in result.model.graph.nodes}
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+@pytest.mark.parametrize(
+    ("scale", "shift"),
+    [
+        (torch.rand(1, 1, 6, 6), 0.0),  # varies over space, not channels
+        (torch.rand(2, 4, 1, 1), 0.0),  # varies over the batch
+        (torch.rand(4, 1, 1, dtype=torch.float64), 0.0),  # promotes the output to float64
+    ],
+    ids=["spatial", "batch", "dtype"],
+)
+def test_affine_that_is_not_per_channel_is_not_a_batchnorm(scale, shift):
+    model = AffineAfterConv(scale, shift).eval()
+    report = fold(model, (torch.randn(2, 3, 8, 8),)).report
+    assert not report.folds and not report.skips and report.nodes_before["batchnorm"] == 0
+
+
+def test_affine_of_literals_or_random_values_is_not_a_batchnorm():
+    class Literal(AffineAfterConv):
+        def forward(self, x):
+            return self.conv(x) * 2.0 + 1.0
+
+    class Random(AffineAfterConv):
+        def forward(self, x):
+            return self.conv(x) * torch.rand_like(self.scale) + self.shift
+
+    for model in (Literal(torch.ones(4, 1, 1), 0.0), Random(torch.ones(4, 1, 1), 0.0)):
+        report = fold(model.eval(), (torch.randn(2, 3, 8, 8),), verify=False).report
+        assert not report.folds and not report.skips
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_folds_at_least_as_many_as_torch_fx_fuse(case):
     model, inputs = trained_eval_model(case)
-    fuse_folded = batchnorm_modules(model) - batchnorm_modules(fuse(model))
+    fuse_folded = fuse_folds(model)
     bnfold_folded = len(fold(model, inputs, verify=False).report.folds)
     assert bnfold_folded >= fuse_folded
 

@@ -11,8 +11,10 @@ import dataclasses
 from typing import Callable
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 
 def conv_bn_act(
@@ -235,10 +237,16 @@ class BatchNormAct2d(nn.BatchNorm2d):
     """timm's ``layers/norm_act.py`` BatchNormAct2d (eval-relevant path verbatim): a BatchNorm2d subclass whose
     forward asserts the input's rank, calls ``F.batch_norm`` and then applies ``drop`` and ``act``."""
 
-    def __init__(self, num_features: int, act_layer: type[nn.Module] = nn.ReLU, drop_layer: type[nn.Module] | None = None):
+    def __init__(
+        self,
+        num_features: int,
+        apply_act: bool = True,
+        act_layer: type[nn.Module] = nn.ReLU,
+        drop_layer: type[nn.Module] | None = None,
+    ):
         super().__init__(num_features)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
-        self.act = act_layer(inplace=True)
+        self.act = act_layer(inplace=True) if apply_act else nn.Identity()
 
     def forward(self, x):
         torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
@@ -272,13 +280,22 @@ class BatchNormAct2d(nn.BatchNorm2d):
 class ConvNormAct(nn.Module):
     """timm's ``layers/conv_bn_act.py`` ConvNormAct: ``conv`` then ``bn`` (a BatchNormAct2d), no anti-aliasing."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, same: bool = False):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        same: bool = False,
+        apply_act: bool = True,
+    ):
         super().__init__()
         if same:
             self.conv = Conv2dSame(cin, cout, kernel, stride, groups=groups)
         else:
             self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
-        self.bn = BatchNormAct2d(cout, act_layer=nn.SiLU, drop_layer=lambda: nn.Dropout(0.1))
+        self.bn = BatchNormAct2d(cout, apply_act, act_layer=nn.SiLU, drop_layer=lambda: nn.Dropout(0.1))
 
     def forward(self, x):
         x = self.conv(x)
@@ -305,6 +322,99 @@ class TimmStyleNet(nn.Module):
         x = x + self.block1(x)
         x = self.conv_head(self.block2(x))
         return self.classifier(x.mean((2, 3)))
+
+
+class TimmConvNet(nn.Module):
+    """timm ConvNormAct blocks on plain convs (ResNet/ByobNet style; one without activation before a residual
+    add): every pair is a module call, so the BatchNormAct2d fold fits the module tree."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = ConvNormAct(3, 8, 3, 2)
+        self.conv1 = ConvNormAct(8, 8, 3)
+        self.conv2 = ConvNormAct(8, 8, 1, apply_act=False)
+        self.act = nn.ReLU()
+        self.head = ConvNormAct(8, 16, 1)
+        self.classifier = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.act(x + self.conv2(self.conv1(x)))
+        return self.classifier(self.head(x).mean((2, 3)))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's ``ops/misc.py`` FrozenBatchNorm2d (detectron2's is the same in eval): statistics and affine
+    parameters as buffers, forward ``x * scale + shift``; not an ``nn.BatchNorm`` subclass."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        num_batches_tracked_key = prefix + "num_batches_tracked"
+        if num_batches_tracked_key in state_dict:
+            del state_dict[num_batches_tracked_key]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # move reshapes to the beginning
+        # to make it fuser-friendly
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        return x * scale + bias
+
+
+class FrozenBottleneck(nn.Module):
+    """torchvision's ResNet Bottleneck with ``norm_layer=FrozenBatchNorm2d``, as detection backbones build it."""
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = FrozenBatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, 4 * width, 1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(4 * width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * width, 1, stride, bias=False), FrozenBatchNorm2d(4 * width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.downsample(x))
+
+
+class DetectionBackbone(nn.Module):
+    """A Faster R-CNN style ResNet + FPN body: FrozenBatchNorm2d throughout the ResNet, plain convs in the FPN,
+    two feature maps out."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = FrozenBottleneck(8, 4, 1)
+        self.layer2 = FrozenBottleneck(16, 8, 2)
+        self.inner1, self.inner2 = nn.Conv2d(16, channels, 1), nn.Conv2d(32, channels, 1)
+        self.layer_out1, self.layer_out2 = (nn.Conv2d(channels, channels, 3, padding=1) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c1 = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        c2 = self.layer2(c1)
+        p2 = self.inner2(c2)
+        p1 = self.inner1(c1) + F.interpolate(p2, size=c1.shape[-2:], mode="nearest")
+        return self.layer_out1(p1), self.layer_out2(p2)
 
 
 class MLP(nn.Module):
@@ -383,6 +493,8 @@ CASES = [
     Case("unet", UNet, _image, 0),
     Case("efficientnet", EfficientNet, _image, 0),
     Case("timm_style", TimmStyleNet, _image, 0),
+    Case("timm_conv", TimmConvNet, _image, 0),
+    Case("detection_backbone", DetectionBackbone, _image, 0),
     Case("mlp", MLP, lambda: (torch.randn(8, 10),), 0),
     Case("conv1d", Conv1dNet, lambda: (torch.randn(4, 4, 20),), 0),
     Case("conv3d", Conv3dNet, lambda: (torch.randn(2, 2, 6, 6, 6),), 0),
@@ -395,8 +507,28 @@ CASES = [
 ]
 
 
+BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+
+
 def batchnorm_modules(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return sum(isinstance(m, BATCHNORM_TYPES) for m in model.modules())
+
+
+def fuse_folds(model: nn.Module) -> int:
+    """How many BatchNorm calls ``torch.fx.experimental.optimization.fuse`` removes from ``model``'s fx graph.
+
+    Counted on the graphs, not on modules: fx traces through BatchNorm subclasses with their own forward and
+    FrozenBatchNorm2d, so they vanish from the module tree of fuse's result without having been folded.
+    """
+    return _batchnorm_calls(fx.symbolic_trace(model)) - _batchnorm_calls(fuse(model))
+
+
+def _batchnorm_calls(graph_module: fx.GraphModule) -> int:
+    modules = dict(graph_module.named_modules())
+    return sum(
+        node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm)
+        for node in graph_module.graph.nodes
+    )
 
 
 def trained_eval_model(case: Case, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -410,10 +542,10 @@ def trained_eval_model(case: Case, seed: int = 0) -> tuple[nn.Module, tuple[torc
     inputs = case.example_inputs()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, BATCHNORM_TYPES):
                 module.running_mean.normal_().mul_(0.5)
                 module.running_var.uniform_(0.5, 2.0)
-                if module.affine:
+                if isinstance(module, FrozenBatchNorm2d) or module.affine:
                     module.weight.uniform_(0.5, 1.5)
                     module.bias.normal_().mul_(0.3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

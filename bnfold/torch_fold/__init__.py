@@ -20,9 +20,10 @@
    shared dtype tolerances (:mod:`.verify`, :mod:`bnfold.verification`).
 
 ``report.nodes_before`` / ``nodes_after`` count ``"batchnorm"``: the BatchNorms the report covers
-(modules, and ``F.batch_norm`` calls with their own statistics), and ``"total"``: the calls
-(call_module, call_function and call_method nodes) in the traced graph. Each fold removes one
-BatchNorm call, so ``after = before - folds`` for both.
+(modules, ``F.batch_norm`` calls with their own statistics, and per-channel ``x * scale + shift`` computed
+from parameters and buffers, as FrozenBatchNorm2d does), and ``"total"``: the calls (call_module,
+call_function and call_method nodes) in the traced graph. Each fold removes one BatchNorm, and from
+``"total"`` the calls it took (one, or the multiply-add and the scale's computation).
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ def _report(model: nn.Module, flow: DataFlow, plan: FoldPlan, notes: list[str]) 
         folds=[fold.to_report() for fold in plan.folds],
         skips=plan.skips,
         nodes_before={"batchnorm": batchnorms, "total": flow.call_count},
-        nodes_after={"batchnorm": batchnorms - folds, "total": flow.call_count - folds},
+        nodes_after={
+            "batchnorm": batchnorms - folds,
+            "total": flow.call_count - sum(fold.batchnorm.call_nodes for fold in plan.folds),
+        },
         notes=notes,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import operator
 from typing import Any
 
 import torch
@@ -34,6 +35,11 @@ _FUNCTIONAL_BATCHNORM_ARGUMENTS = (
 )
 _ATEN_BATCHNORM_ARGUMENTS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
 _BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+# x * scale + shift, as fx records it (operators, torch functions, tensor methods) and as export does.
+_MULTIPLY = frozenset({operator.mul, torch.mul, aten.mul.Tensor, "mul"})
+_ADD = frozenset({operator.add, torch.add, aten.add.Tensor, "add"})
+_SUBTRACT = frozenset({operator.sub, torch.sub, aten.sub.Tensor, "sub"})
+_AFFINE_OP = "x * scale + shift"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +99,18 @@ class LayerCall:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BatchNormCall:
-    """One eval-mode BatchNorm call, as a module or as ``F.batch_norm`` on parameters and buffers."""
+    """One eval-mode BatchNorm: a module call, ``F.batch_norm`` on parameters and buffers (also inside a
+    BatchNorm subclass's own forward), or ``x * scale + shift`` per channel with scale and shift computed from
+    parameters and buffers only (FrozenBatchNorm2d)."""
 
-    node: fx.Node
+    node: fx.Node  # the normalised value
     input: Any
     name: str  # the module's path, or the node's name for a function call outside any BatchNorm module
-    op: str  # "BatchNorm2d" for a module call, "F.batch_norm" for a function call
+    op: str  # the module's class ("BatchNorm2d", "BatchNormAct2d", "FrozenBatchNorm2d"), else "F.batch_norm"
     key: str  # calls with the same key normalise with the same statistics
-    module_path: str | None  # set when an unmodified torch BatchNorm module makes this call
+    # The module the module tree can replace to remove this call: a torch BatchNorm, or a module whose whole
+    # forward is this normalisation followed by `kept_children` (timm's BatchNormAct2d: drop, act).
+    module_path: str | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     running_mean: torch.Tensor | None
@@ -108,10 +118,14 @@ class BatchNormCall:
     eps: float
     training: bool
     tensors_are_attributes: bool  # every tensor argument is absent or a parameter/buffer
+    kept_children: tuple[str, ...] = ()
+    per_channel: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, shift) for x * scale + shift
+    call_nodes: int = 1  # graph calls the normalisation takes (the scale's computation included)
+    input_reader: fx.Node | None = None  # the node that reads `input`, when not `node` (the multiply)
 
     @property
     def channels(self) -> int:
-        return self.running_mean.numel()
+        return (self.running_mean if self.per_channel is None else self.per_channel[0]).numel()
 
 
 @dataclasses.dataclass
@@ -158,7 +172,18 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
         if batchnorm is not None:
             batchnorms.append(batchnorm)
     calls = sum(node.op in ("call_module", "call_function", "call_method") for node in traced.graph_module.graph.nodes)
-    return DataFlow(traced, layers, batchnorms, _count_tensor_uses(traced), calls)
+    flow = DataFlow(traced, layers, [], _count_tensor_uses(traced), calls)
+    # A per-channel multiply-add counts as a BatchNorm when it is a whole module (FrozenBatchNorm2d) or sits
+    # next to a layer; elsewhere (input scaling, layer scale) it is just arithmetic.
+    flow.batchnorms = [
+        call
+        for call in batchnorms
+        if call.per_channel is None
+        or call.module_path is not None
+        or flow.layer_producing(call.input) is not None
+        or flow.sole_layer_reading(call.node) is not None
+    ]
+    return flow
 
 
 # Reads of a tensor's metadata, which a fold leaves as they were (same shape, dtype and device): timm's
@@ -290,6 +315,8 @@ def _batchnorm_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
             return _module_batchnorm_call(node, module, node.target)
     elif node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
         return _functional_batchnorm_call(node, _BATCHNORM_FUNCTIONS[node.target], traced)
+    elif _is_op(node, _ADD | _SUBTRACT):
+        return _affine_call(node, traced)
     return None
 
 
@@ -314,19 +341,190 @@ def _functional_batchnorm_call(
     arguments = _bind(node, argument_names)
     paths = {name: traced.attribute_paths.get(arguments.get(name)) for name in _BATCHNORM_TENSORS}
     tensors = {name: None if path is None else traced.tensor_at(path) for name, path in paths.items()}
+    owner = _calling_module(node, traced, (_BatchNorm,))
     module_path = _exported_module_call(node, traced, (_BatchNorm,))
+    kept_children: tuple[str, ...] | None = ()
+    if owner is not None and module_path is None:  # a BatchNorm subclass with its own forward
+        statistics = {value for value in node.all_input_nodes if value in traced.attribute_paths}
+        kept_children = module_remainder(traced, owner, arguments["input"], node, {node, *statistics})
+        module_path = owner if kept_children is not None else None
     return BatchNormCall(
         node=node,
         input=arguments["input"],
-        name=_calling_module(node, traced, (_BatchNorm,)) or node.name,
-        op="F.batch_norm",
+        name=owner or node.name,
+        op=type(traced.model.get_submodule(owner)).__name__ if owner else "F.batch_norm",
         key=module_path or paths["running_mean"] or node.name,
         module_path=module_path,
         **tensors,
         eps=float(arguments.get("eps", 1e-5)),
         training=bool(arguments.get("training", False)),
         tensors_are_attributes=all(arguments.get(name) is None or paths[name] is not None for name in paths),
+        kept_children=kept_children or (),
     )
+
+
+def _affine_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
+    """``x * scale + shift`` (or ``- shift``, operands in either order) with a per-channel scale and shift
+    computed from parameters, buffers and literals only, keeping x's shape and dtype."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    product = next((a for a in node.args if _is_op(a, _MULTIPLY) and not a.kwargs and len(a.args) == 2), None)
+    if product is None or len(product.users) != 1 or (_is_op(node, _SUBTRACT) and node.args[0] is not product):
+        return None
+    cache: dict[fx.Node, Any] = {}
+    shift_argument = node.args[1] if node.args[0] is product else node.args[0]
+    shift = _constant_value(shift_argument, traced, cache)
+    constants = [(argument, _constant_value(argument, traced, cache)) for argument in product.args]
+    variables = [argument for argument, value in constants if value is None]
+    if shift is None or len(variables) != 1:
+        return None
+    (data,) = variables
+    scale = next(value for argument, value in constants if argument is not data)
+    data_meta, output_meta = _shape_and_dtype(data), _shape_and_dtype(node)
+    if data_meta is None or data_meta != output_meta or data_meta != _shape_and_dtype(product):
+        return None
+    shape = data_meta[0]
+    scale, shift = _channel_values(scale, shape), _channel_values(shift, shape)
+    if scale is None or shift is None:
+        return None
+    normalisation = {node, product, *(n for n in cache if cache[n] is not None)}
+    if not any(n in traced.attribute_paths for n in normalisation):
+        return None  # literals only: arithmetic, not a BatchNorm
+    owner = traced.module_stack_top(node)
+    kept_children = None if owner is None else module_remainder(traced, owner, data, node, normalisation)
+    module_path = owner if kept_children == () else None
+    return BatchNormCall(
+        node=node,
+        input=data,
+        name=module_path or node.name,
+        op=type(traced.model.get_submodule(module_path)).__name__ if module_path else _AFFINE_OP,
+        key=module_path or node.name,
+        module_path=module_path,
+        weight=None,
+        bias=None,
+        running_mean=None,
+        running_var=None,
+        eps=0.0,
+        training=False,
+        tensors_are_attributes=True,
+        per_channel=(scale, -shift if _is_op(node, _SUBTRACT) else shift),
+        call_nodes=sum(n.op in ("call_function", "call_method") for n in normalisation),
+        input_reader=product,
+    )
+
+
+def module_remainder(
+    traced: TracedModel, path: str, data: Any, normalised: fx.Node, normalisation: set[fx.Node]
+) -> tuple[str, ...] | None:
+    """The child modules that module ``path``'s forward applies after normalising its input, when that is all
+    the forward does; None otherwise.
+
+    Proven on the traced graph: ``data`` comes from outside the module; each node made inside the module's
+    forward is part of ``normalisation`` (of ``data``, ending at ``normalised``), or reads only a shape, rank or dtype (and checks on it: timm's
+    ``_assert(x.ndim == 4)``), or calls one of the module's own children on the previous result alone, one
+    after another, the last result leaving the module. Replacing the module by those children is then exact.
+    """
+    order = {node: index for index, node in enumerate(traced.graph_module.graph.nodes)}
+    inside = {node for node in order if path in _stack_paths(node)}
+    if data in inside:
+        return None  # the module computes what it normalises itself
+    chain: list[fx.Node] = []
+    current = normalised
+    while any(reader in inside for reader in value_readers(current)):
+        readers = value_readers(current)
+        reader = readers[0]
+        is_child_call = reader.op == "call_module" and reader.target.rpartition(".")[0] == path
+        if len(readers) != 1 or not is_child_call or reader.args != (current,) or reader.kwargs:
+            return None
+        chain.append(reader)
+        current = reader
+    shape_checks: set[fx.Node] = set()
+    for node in sorted(inside - normalisation - set(chain), key=order.__getitem__):
+        reads_metadata = node.op in ("call_function", "call_method") and (
+            all(value in shape_checks for value in node.all_input_nodes)
+            or (isinstance(node.args[0], fx.Node) and _reads_only_metadata(node, node.args[0]))
+        )
+        if not reads_metadata or not set(node.users) <= inside:
+            return None
+        shape_checks.add(node)
+    return tuple(node.target.rpartition(".")[2] for node in chain)
+
+
+def _stack_paths(node: fx.Node) -> set[str]:
+    return {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
+
+
+def _is_op(node: Any, ops: frozenset) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in ops
+    return node.op == "call_function" and node.target in ops
+
+
+# Random functions: a value computed with them is not a constant even when every input is.
+_RANDOM_NAMES = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout")
+
+
+def _constant_value(value: Any, traced: TracedModel, cache: dict[fx.Node, Any]) -> Any:
+    """The value of ``value`` when it depends only on parameters, buffers and literals (evaluated with the
+    model's own ops and dtypes, as its forward computes it), else None. ``cache`` keeps every node looked at:
+    the constant ones with their value."""
+    if isinstance(value, (list, tuple)):
+        items = [_constant_value(item, traced, cache) for item in value]
+        constant = all(item is not None or original is None for item, original in zip(items, value))
+        return type(value)(items) if constant else None
+    if not isinstance(value, fx.Node):
+        return value
+    if value not in cache:
+        cache[value] = _evaluate(value, traced, cache)
+    return cache[value]
+
+
+def _evaluate(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> Any:
+    if node in traced.attribute_paths:
+        return traced.tensor_at(traced.attribute_paths[node])
+    if node.op not in ("call_function", "call_method") or not node.all_input_nodes or _mutates_or_draws(node):
+        return None
+    arguments = [_constant_value(argument, traced, cache) for argument in node.args]
+    keywords = {name: _constant_value(argument, traced, cache) for name, argument in node.kwargs.items()}
+    given = [*node.args, *node.kwargs.values()]
+    if any(value is None and argument is not None for value, argument in zip([*arguments, *keywords.values()], given)):
+        return None
+    with torch.no_grad():
+        if node.op == "call_method":
+            return getattr(arguments[0], node.target)(*arguments[1:], **keywords)
+        return node.target(*arguments, **keywords)
+
+
+def _mutates_or_draws(node: fx.Node) -> bool:
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") or any(random in name for random in _RANDOM_NAMES)
+
+
+def _shape_and_dtype(node: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """A node's shape and dtype: from ShapeProp's ``tensor_meta`` (fx) or the fake ``val`` (export)."""
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(meta.shape), meta.dtype
+    value = node.meta.get("val")
+    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
+
+
+def _channel_values(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """One value per channel (axis 1 of ``shape``) when ``value`` broadcasts along that axis only, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = torch.tensor(float(value), dtype=torch.float64)
+    if not isinstance(value, torch.Tensor) or len(shape) < 2 or value.dim() > len(shape):
+        return None
+    sizes = (1,) * (len(shape) - value.dim()) + tuple(value.shape)
+    if any(size != 1 for axis, size in enumerate(sizes) if axis != 1) or sizes[1] not in (1, shape[1]):
+        return None
+    return value.detach().reshape(-1).expand(shape[1])
 
 
 def _calling_module(node: fx.Node, traced: TracedModel, types: tuple) -> str | None:

@@ -88,7 +88,7 @@ def _decide(
     if preceding is None and following is None:
         return Skip(batchnorm.name, "no-foldable-neighbour", _no_neighbour_reason(batchnorm, flow))
     try:
-        affine = _affine(batchnorm)
+        affine = channel_affine(batchnorm)
     except UnfoldableStatisticsError as error:
         reason = f"{error}; re-estimate the running statistics (forward passes in train mode) to fold it."
         return Skip(batchnorm.name, "unfoldable-statistics", reason)
@@ -112,7 +112,10 @@ def _decide(
     return Skip(batchnorm.name, *first_refusal)
 
 
-def _affine(batchnorm: BatchNormCall) -> ChannelAffine:
+def channel_affine(batchnorm: BatchNormCall) -> ChannelAffine:
+    """The per-channel scale and shift the BatchNorm applies, float64."""
+    if batchnorm.per_channel is not None:
+        return ChannelAffine(*(to_numpy(values) for values in batchnorm.per_channel))
     return batchnorm_affine(
         to_numpy(batchnorm.weight),
         to_numpy(batchnorm.bias),
@@ -148,7 +151,7 @@ def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
             f"it is called {len(calls)} times with the same statistics and one fold can absorb only one call; "
             "give each call its own BatchNorm to fold them."
         )
-    if batchnorm.running_mean is None or batchnorm.running_var is None:
+    if batchnorm.per_channel is None and (batchnorm.running_mean is None or batchnorm.running_var is None):
         return "batch-statistics", (
             "track_running_stats=False: it normalises every batch with that batch's own statistics, even in "
             "eval mode, so there is no constant scale and shift to fold; train with track_running_stats=True "
@@ -195,7 +198,8 @@ def _layer_refusal(
 
 
 def _preceding_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, flow: DataFlow) -> Refusal | None:
-    other_readers = [reader for reader in value_readers(layer.node) if reader is not batchnorm.node]
+    own_reader = batchnorm.input_reader or batchnorm.node
+    other_readers = [reader for reader in value_readers(layer.node) if reader is not own_reader]
     if other_readers:
         readers = ", ".join(describe_node(reader, flow.traced) for reader in other_readers)
         return "layer-output-shared", (

@@ -8,6 +8,8 @@ Writes are in place: parameters keep their identity, class and ``requires_grad``
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -19,11 +21,16 @@ from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel
 
 
 def fold_in_module_tree(folds: list[PlannedFold], model: nn.Module, traced: TracedModel) -> nn.Module:
-    """The user's model, with each folded BatchNorm module replaced by ``nn.Identity`` where it is registered."""
+    """The user's model, with each folded BatchNorm module replaced where it is registered by ``nn.Identity``,
+    or by an ``nn.Sequential`` of the children its forward applied after normalising (timm's BatchNormAct2d:
+    ``drop``, ``act``), under their own names so their state_dict keys stay."""
     _write_folded_weights(folds, traced)
     for fold in folds:
-        parent_path, _, name = fold.batchnorm.module_path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, nn.Identity())
+        path = fold.batchnorm.module_path
+        module = model.get_submodule(path)
+        kept = collections.OrderedDict((name, module.get_submodule(name)) for name in fold.batchnorm.kept_children)
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), name, nn.Sequential(kept) if kept else nn.Identity())
     return model
 
 
@@ -80,11 +87,12 @@ def _free_bias_name(model_owner: nn.Module, owner: nn.Module, weight_name: str) 
 
 
 def _bypass(node: fx.Node, replacement: fx.Node) -> None:
-    """Remove ``node`` from its graph, its readers reading ``replacement``; drop attributes only it read."""
-    graph = node.graph
-    inputs = node.all_input_nodes
+    """Remove ``node`` from its graph, its readers reading ``replacement``; then what only it read (attributes,
+    the multiply of ``x * scale + shift`` and the scale's computation)."""
     node.replace_all_uses_with(replacement)
-    graph.erase_node(node)
-    for input_node in inputs:
-        if input_node.op == "get_attr" and not input_node.users:
-            graph.erase_node(input_node)
+    unused = [node]
+    while unused:
+        dead = unused.pop()
+        inputs = dead.all_input_nodes
+        dead.graph.erase_node(dead)
+        unused.extend(n for n in inputs if not n.users and n.op != "placeholder" and not n.is_impure() and n not in unused)

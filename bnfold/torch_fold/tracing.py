@@ -45,7 +45,13 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
     The default tracer keeps every ``torch.nn`` module as a leaf and traces through user classes, so a
     plain ``class MyConv(nn.Conv2d)`` would dissolve into ``F.conv2d``, while a torch subclass with
     its own forward would stay opaque. Here the test is the forward that actually runs.
+
+    Buffers are traced as graph inputs like parameters, so that a scale computed from them in forward
+    (FrozenBatchNorm2d's ``weight * (running_var + eps).rsqrt()``) stays traceable to its source instead of
+    becoming a constant fx computed while tracing.
     """
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(module, (*FOLDABLE_LAYER_TYPES, nn.modules.batchnorm._BatchNorm)):
@@ -86,12 +92,17 @@ class TracedModel:
 
 
 def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
+    attributes_before = set(vars(model))
     try:
         graph = _UnmodifiedLayersAsLeavesTracer().trace(model)
     # fx raises TraceError, TypeError, RuntimeError, ... depending on what forward does with a proxy.
     except Exception as fx_error:  # noqa: BLE001
+        _remove_added_attributes(model, attributes_before)
         return _export_model(model, example_inputs, fx_error)
-    graph_module = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    # Named "GraphModule", as fx names it by default: a graph result must not pass for the user's class.
+    graph_module = fx.GraphModule(model, graph)
+    # fx stores the constants it made while tracing on the model; the GraphModule has its own copies now.
+    _remove_added_attributes(model, attributes_before)
     note = "pairs found with torch.fx symbolic tracing"
     if not _record_shapes(graph_module, example_inputs):
         note += " (shape propagation failed, so rank-dependent Linear folds are refused)"
@@ -116,6 +127,11 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
         "pairs found with torch.export.export instead, which folds module calls only"
     )
     return TracedModel(model, graph_module, "export", model, attribute_paths, note)
+
+
+def _remove_added_attributes(model: nn.Module, attributes_before: set[str]) -> None:
+    for name in set(vars(model)) - attributes_before:
+        delattr(model, name)
 
 
 def _record_shapes(graph_module: fx.GraphModule, example_inputs: tuple) -> bool:
