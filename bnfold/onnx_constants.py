@@ -1,27 +1,42 @@
 """Reading constant tensors out of an ONNX graph, and dropping the ones a fold leaves unread.
 
-Exporters do not always hand weights over as plain initializers: the TorchScript exporter transposes a
-Linear weight with a Transpose node, the dynamo exporter (unoptimised) builds a zero bias with
-Shape/Expand/CastLike. :func:`constant_array` evaluates such side computations when every input is itself
-constant (initializers, Constant nodes), using onnx's reference evaluator for ops other than the trivial
-ones, without recursion (graphs can be thousands of nodes deep).
+Weights are not always plain initializers: the TorchScript exporter transposes a Linear weight with a
+Transpose node, the dynamo exporter (unoptimised) builds a zero bias with Shape/Expand/CastLike, converted
+model-zoo networks build theirs with ConstantOfShape, Range, Mul, Concat, ... :func:`constant_array`
+evaluates any such computation whose inputs are all constant (initializers, Constant nodes), a node at a
+time (onnx's reference evaluator on a one-node model, for ops other than the trivial ones), without
+recursion (graphs can be thousands of nodes deep), and refuses a result past :data:`EVALUATION_CAP_BYTES`.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-# Cheap, shape-bounded ops that exporters put between an initializer and a layer's weight or bias input.
-CONSTANT_OPS = frozenset(
+# Ops never evaluated ahead of time: random results (Dropout is random in training mode), or subgraphs.
+_NEVER_EVALUATED = frozenset(
     {
-        "Constant", "Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast",
-        "CastLike", "Shape", "Expand", "ConstantOfShape", "Concat", "Gather", "Slice", "Neg",
-        "Mul", "Add", "Sub", "Div",
+        "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+        "Dropout", "If", "Loop", "Scan", "SequenceMap",
     }
 )  # fmt: skip
+
+# A computed tensor may take this much, or as much as the node's inputs together (a Transpose or Reshape
+# of a large stored weight creates nothing new); past it the value is left as not constant.
+EVALUATION_CAP_BYTES = 64 << 20
+
+# Inputs at most this large are handed to shape inference as data: shapes, repeats, Range's bounds.
+_SHAPE_DATA_ELEMENTS = 64
+
+
+def evaluable_op(domain: str, op_type: str) -> bool:
+    """Whether a node of this op is evaluated when all its inputs are constant."""
+    return domain in ("", "ai.onnx") and op_type not in _NEVER_EVALUATED
 
 
 # Marks a value found to be computed at run time, holding the reason. Folding only ever replaces constants
@@ -51,7 +66,7 @@ def _initializer_array(value: ir.Value) -> np.ndarray | None:
 
 
 def _is_constant_op(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in CONSTANT_OPS
+    return evaluable_op(node.domain, node.op_type)
 
 
 def _static_shape(value: ir.Value) -> list[int] | None:
@@ -82,20 +97,69 @@ def _evaluate(node: ir.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray
     if node.op_type == "Transpose":
         perm = node.attributes.get("perm")
         return [np.transpose(inputs[0], None if perm is None else list(perm.as_ints()))]
+    proto, names, outputs, opset = _one_node(node, inputs)
+    predicted = _predicted_bytes(node, proto, names, inputs, opset)
+    limit = _byte_limit(inputs)
+    if predicted is not None and predicted > limit:
+        raise _TooLarge(predicted, limit)
+    graph = onnx.helper.make_graph(
+        [proto], "constant", [onnx.helper.make_tensor_value_info(n, 0, None) for n in names if n],
+        [onnx.helper.make_tensor_value_info(n, 0, None) for n in outputs],
+    )  # fmt: skip
+    evaluator = ReferenceEvaluator(graph, opsets={"": opset})
+    feeds = {name: array for name, array in zip(names, inputs) if name}
+    results = [np.asarray(result) for result in evaluator.run(None, feeds)]
+    produced = sum(result.nbytes for result in results)
+    if produced > limit:  # shape inference could not bound it beforehand
+        raise _TooLarge(produced, limit)
+    return results
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"{size / 2**20:.1f} MiB, past the {limit / 2**20:.0f} MiB cap on evaluated tensors")
+
+
+def _byte_limit(inputs: list[np.ndarray | None]) -> int:
+    return max(EVALUATION_CAP_BYTES, sum(array.nbytes for array in inputs if array is not None))
+
+
+def _one_node(node: ir.Node, inputs: list[np.ndarray | None]):
+    """The node as a NodeProto reading ``in<i>`` (the present inputs) and writing ``out<i>``, and its opset."""
     proto = ir.serde.serialize_node(node)
     names = [f"in{i}" if array is not None else "" for i, array in enumerate(inputs)]
     outputs = [f"out{i}" for i in range(len(node.outputs))]
     del proto.input[:], proto.output[:]
     proto.input.extend(names)
     proto.output.extend(outputs)
-    graph = onnx.helper.make_graph(
-        [proto], "constant", [onnx.helper.make_tensor_value_info(n, 0, None) for n in names if n],
-        [onnx.helper.make_tensor_value_info(n, 0, None) for n in outputs],
-    )  # fmt: skip
     opset = node.version or (node.graph.opset_imports.get("") if node.graph is not None else None)
-    evaluator = ReferenceEvaluator(graph, opsets={"": opset or onnx.defs.onnx_opset_version()})
-    feeds = {name: array for name, array in zip(names, inputs) if name}
-    return [np.asarray(result) for result in evaluator.run(None, feeds)]
+    return proto, names, outputs, opset or onnx.defs.onnx_opset_version()
+
+
+def _predicted_bytes(node, proto, names, inputs, opset: int) -> int | None:
+    """The outputs' size by shape inference, before anything is allocated (ConstantOfShape, Expand, Tile
+    and Range can ask for any size); None when inference cannot tell."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+        types, data = {}, {}
+        for name, array in zip(names, inputs):
+            if name:
+                element = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+                types[name] = onnx.helper.make_tensor_type_proto(element, array.shape)
+                if array.size <= _SHAPE_DATA_ELEMENTS:
+                    data[name] = numpy_helper.from_array(array, name)
+        opsets = [onnx.helper.make_opsetid("", opset)]
+        inferred = onnx.shape_inference.infer_node_outputs(schema, proto, types, data, opset_imports=opsets)
+    except Exception:  # an op or input type inference does not cover: the size is checked afterwards
+        return None
+    total = 0
+    for value_type in inferred.values():
+        tensor = value_type.tensor_type
+        if not tensor.HasField("shape") or not all(dim.HasField("dim_value") for dim in tensor.shape.dim):
+            return None
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+        total += math.prod(dim.dim_value for dim in tensor.shape.dim) * itemsize
+    return total
 
 
 FREEZE_HINT = (
@@ -116,7 +180,7 @@ def _input_reason(value: ir.Value) -> str:
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's content when it is computable without running the model: an initializer that is not
-    also a graph input (those are overridable defaults), a Constant node, or :data:`CONSTANT_OPS` over
+    also a graph input (those are overridable defaults), a Constant node, or evaluable ops (:func:`evaluable_op`) over
     those. None otherwise (:func:`not_constant_reason` says why)."""
     return None if value is None else _constant(value)[0]
 
@@ -165,6 +229,9 @@ def _constant(value: ir.Value) -> tuple[np.ndarray | None, str]:
             inputs = [known[v] if v in needed else None for v in producer.inputs]
             try:
                 results, reason = _evaluate(producer, inputs), ""
+            except _TooLarge as error:
+                results = [None] * len(producer.outputs)
+                reason = f"computed by constants, but its {producer.op_type} would take {error}"
             except Exception as error:  # an op the reference evaluator rejects: treat as not constant
                 results = [None] * len(producer.outputs)
                 reason = f"computed by a {producer.op_type} that could not be evaluated ({type(error).__name__})"
@@ -175,8 +242,10 @@ def _constant(value: ir.Value) -> tuple[np.ndarray | None, str]:
     return known[value], reasons.get(value, "")
 
 
-def drop_if_unread(value: ir.Value | None) -> None:
-    """Remove ``value`` and the constant computation behind it once nothing reads any of it."""
+def drop_if_unread(value: ir.Value | None) -> list[str]:
+    """Remove ``value`` and the constant computation behind it once nothing reads any of it; the op types
+    of the nodes removed."""
+    removed = []
     pending = [value]
     while pending:
         current = pending.pop()
@@ -194,4 +263,6 @@ def drop_if_unread(value: ir.Value | None) -> None:
             continue
         inputs = list(producer.inputs)  # removal detaches them
         producer.graph.remove(producer, safe=True)
+        removed.append(producer.op_type)
         pending.extend(inputs)
+    return removed

@@ -38,7 +38,7 @@ from bnfold.fold_math import (
     batchnorm_affine,
     fold_many_into_outputs,
 )
-from bnfold.onnx_constants import CONSTANT_OPS, MalformedTensorError
+from bnfold.onnx_constants import MalformedTensorError, evaluable_op
 from bnfold.onnx_rules import ELEMENTWISE_OPS, FreshNames
 from bnfold.report import Fold
 
@@ -146,7 +146,7 @@ class _GraphIndex:
         # Nodes are in topological order, so one pass sees every input before the node that reads it.
         candidates = {name: name not in self.graph_inputs for name in self.initializers}
         for node in self.nodes:
-            if node.domain not in _DEFAULT_DOMAINS or node.op_type not in CONSTANT_OPS:
+            if not evaluable_op(node.domain, node.op_type):
                 constant = False
             elif node.op_type == "Shape":
                 constant = True  # of a statically shaped value

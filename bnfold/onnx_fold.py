@@ -59,6 +59,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         super().__init__()
         self.folds: list[Fold] = []
         self.skips: list[Skip] = []
+        self.notes: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
@@ -72,6 +73,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                     self._fold_batchnorm(node, opset, editor, label)
                 elif node.op_type in ELEMENTWISE_OPS:
                     self._fold_elementwise(node, opset, editor, label)
+        if editor.removed_constants:
+            ops = ", ".join(f"{op} x{count}" for op, count in sorted(editor.removed_constants.items()))
+            total = sum(editor.removed_constants.values())
+            self.notes.append(f"evaluated {total} constant node(s) computing folded weights or parameters, and removed them: {ops}")
         return ir.passes.PassResult(model, modified=len(self.folds) > before)
 
     def _fold_batchnorm(self, node: ir.Node, opset: int, editor: GraphEditor, graph_label: str) -> None:
@@ -286,6 +291,7 @@ def _fold_onnx(model, verify: bool, freeze: bool, *, input_shapes, atol, rtol, s
         except MalformedTensorError as error:
             raise InputError(copy.label, str(error)) from None
         report.folds, report.skips = fold_pass.folds, fold_pass.skips
+        report.notes += fold_pass.notes
         report.nodes_after = node_counts(working)
         _verify(report, verify, original, working, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed)
     if isinstance(model, onnx.ModelProto):

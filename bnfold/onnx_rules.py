@@ -14,6 +14,7 @@ can act on; ``rewrite`` edits the graph. All arithmetic goes through :mod:`bnfol
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 
@@ -329,6 +330,7 @@ class GraphEditor:
     """Graph edits shared by both rules: fresh initializers, rewiring, dead-constant removal."""
 
     def __init__(self, model: ir.Model):
+        self.removed_constants: collections.Counter[str] = collections.Counter()  # op types, for the report
         self.fresh_name = FreshNames({v.name for g in (model.graph, *model.graph.subgraphs()) for v in _all_values(g) if v.name})
 
     def initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
@@ -346,7 +348,7 @@ class GraphEditor:
             node.resize_inputs(index + 1)
         node.replace_input_with(index, self.initializer(node.graph, base, array))
         if old is not None:
-            drop_if_unread(old)
+            self.removed_constants.update(drop_if_unread(old))
 
     def bypass(self, anchor: ir.Node, replacement: ir.Value) -> None:
         """Remove ``anchor``, handing its first output's uses (and graph-output slot, name included)
@@ -365,7 +367,7 @@ class GraphEditor:
         inputs = [value for value in anchor.inputs if value is not None]
         graph.remove(anchor, safe=True)
         for value in inputs:
-            drop_if_unread(value)
+            self.removed_constants.update(drop_if_unread(value))
 
 
 def _all_values(graph: ir.Graph):

@@ -8,12 +8,22 @@ on hand-built single-layer models.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
-from onnx_models import assert_same_outputs, batchnorm_node, batchnorm_parameters, fast_path_agrees, initializer, op_count
+from onnx_models import (
+    assert_same_outputs,
+    batchnorm_node,
+    batchnorm_parameters,
+    fast_path_agrees,
+    initializer,
+    make_model,
+    op_count,
+)
 
 from bnfold import fold_onnx
 from bnfold.cli import main
@@ -80,3 +90,81 @@ def test_cli_option_freezes(tmp_path):
     report = json.loads(done.output)
     assert len(report["folds"]) == 1 and report["notes"][0].startswith("froze 5 initializer-backed graph input(s)")
     assert [v.name for v in onnx.load(out).graph.input] == ["x"]
+
+
+# Item 2: weights and BatchNorm parameters computed by constant subgraphs.
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def computed_weights_conv_bn(range_limit: float = 216.0) -> onnx.ModelProto:
+    """Conv -> BatchNorm whose weight is Reshape(Range * 0.01) and whose variance is Exp(Tile(...)): ops
+    beyond the exporter patterns."""
+    r = np.random.default_rng(0)
+    scale, bias, mean, _ = batchnorm_parameters(6, "bn", r)
+    nodes = [
+        helper.make_node("Range", ["start", "limit", "delta"], ["ramp"]),
+        helper.make_node("Slice", ["ramp", "zero", "count"], ["ramp216"]),
+        helper.make_node("Sin", ["ramp216"], ["wave"]),
+        helper.make_node("Reshape", ["wave", "wshape"], ["W"]),
+        helper.make_node("Tile", ["var_seed", "repeats"], ["tiled"]),
+        helper.make_node("Exp", ["tiled"], ["bn_var"]),
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    inits = [
+        initializer("start", np.float32(0)), initializer("limit", np.float32(range_limit)), initializer("delta", np.float32(1)),
+        initializer("zero", np.array([0])), initializer("count", np.array([216])), initializer("wshape", np.array([6, 4, 3, 3])),
+        initializer("var_seed", np.array([0.1, -0.2, 0.3], np.float32)), initializer("repeats", np.array([2])),
+        scale, bias, mean,
+    ]  # fmt: skip
+    return make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+
+
+def test_weights_from_constant_subgraphs_fold_and_the_report_names_them():
+    model = computed_weights_conv_bn()
+    assert not fast_path_agrees(model)
+    result, report = fold_onnx(model)
+    assert len(report.folds) == 1 and not report.skips
+    assert [n.op_type for n in result.graph.node] == ["Conv"]
+    assert report.notes == [
+        "evaluated 6 constant node(s) computing folded weights or parameters, and removed them: "
+        "Exp x1, Range x1, Reshape x1, Sin x1, Slice x1, Tile x1"
+    ]
+    assert_same_outputs(model, result, **F32)
+
+
+def test_a_computed_tensor_past_the_cap_is_left_with_a_reason():
+    # Range over 2**24 + 2 floats: 64 MiB of float32 and 8 bytes, refused before it is made.
+    model = computed_weights_conv_bn(range_limit=float(2**24 + 2))
+    result, report = fold_onnx(model)
+    assert [s.code for s in report.skips] == ["weight-not-constant"] and not report.folds
+    assert "Range would take 64.0 MiB, past the 64 MiB cap on evaluated tensors" in report.skips[0].reason
+    assert len(result.graph.node) == len(model.graph.node)
+
+
+def light_model(name: str) -> onnx.ModelProto:
+    return onnx.load(LIGHT / f"light_{name}.onnx")
+
+
+@pytest.mark.parametrize(
+    "name,batchnorms,folded_batchnorms,evaluated",
+    [("resnet50", 53, 53, 237), ("shufflenet", 49, 49, 241), ("inception_v2", 69, 69, 543), ("densenet121", 121, 59, 525)],
+)
+def test_light_model_zoo_networks_fold_once_frozen(name, batchnorms, folded_batchnorms, evaluated):
+    """The onnx package's light model-zoo networks: IR version 3 (initializers are inputs), weights built by
+    ConstantOfShape. Without the option nothing folds (the issue's 0 of 292); with it every BatchNorm after
+    a Conv folds (densenet's other 62 are pre-activation: Concat/MaxPool -> BN -> Mul -> Add -> Relu)."""
+    model = light_model(name)
+    assert op_count(model, "BatchNormalization") == batchnorms and model.ir_version == 3
+    _, refused = fold_onnx(model, verify=False)
+    assert not refused.folds and {s.code for s in refused.skips} == {"parameters-not-constant"}
+    assert all("--freeze-initializer-inputs" in s.reason for s in refused.skips)
+    assert not fast_path_agrees(model)
+    result, report = fold_onnx(model, verify=False, freeze_initializer_inputs=True)
+    assert sum(f.batchnorm_op == "BatchNormalization" for f in report.folds) == folded_batchnorms
+    assert op_count(result, "BatchNormalization") == batchnorms - folded_batchnorms
+    assert {s.code for s in report.skips} <= {"no-foldable-neighbour"}
+    assert f"evaluated {evaluated} constant node(s)" in report.notes[2]
+    onnx.checker.check_model(result)
+    assert_same_outputs(model, result, atol=1e-5, rtol=1e-4)
