@@ -44,8 +44,9 @@ from bnfold.report import Fold
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
-# Producers whose output a per-channel Mul/Add/Sub/Div could be folded into (a BatchNorm's, once folded).
-_FOLD_TARGET_OPS = (*_LAYER_OPS, "MatMul", "BatchNormalization")
+# Producers whose output a per-channel Mul/Add/Sub/Div could be folded into (a BatchNorm's, once folded;
+# Identity and Dropout, which the pass folds through).
+_FOLD_TARGET_OPS = (*_LAYER_OPS, "MatMul", "BatchNormalization", "Identity", "Dropout")
 _SUBGRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 _CONTROL_FLOW_OPS = ("If", "Loop", "Scan", "SequenceMap")  # the default domain's ops with subgraphs
 # Read straight from raw_data; other encodings (and bfloat16) go through onnx.numpy_helper.

@@ -121,6 +121,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         )
         rule.rewrite(match, editor)
         self.folds.append(fold)
+        if match.passthroughs:
+            through = ", ".join(f"{node_label(node)} [{node.op_type}]" for node in match.passthroughs)
+            self.notes.append(f"{fold.batchnorm} folded through {through}, left in place (the identity at inference)")
 
 
 @dataclasses.dataclass

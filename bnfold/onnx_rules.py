@@ -309,6 +309,36 @@ class Match:
     # before anything in the graph changes.
     weight: np.ndarray
     bias: np.ndarray
+    passthroughs: tuple[ir.Node, ...] = ()  # Identity / inference Dropout between the two, in data order
+
+
+def _inference_passthrough(node: ir.Node | None, opset: int) -> bool:
+    """An Identity, or a Dropout in inference mode whose mask nothing reads: its output is its input."""
+    if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+        return False
+    if node.op_type == "Identity":
+        return True
+    if node.op_type != "Dropout" or any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
+        return False
+    version = node.version or opset
+    if version < 7:
+        return bool(_attr(node, "is_test", 0))
+    training = node.inputs[2] if version >= 12 and len(node.inputs) > 2 else None
+    if training is None:
+        return True  # Dropout 7 and 10 are the identity at inference; 12+ without training_mode too
+    flag = constant_array(training)
+    return flag is not None and flag.size == 1 and not flag.reshape(-1)[0]
+
+
+def _passthroughs_before(value: ir.Value | None, opset: int) -> tuple[ir.Value | None, tuple[ir.Node, ...]]:
+    """The value before a chain of passthroughs ending in ``value``, each read only by the next, and the chain."""
+    chain = []
+    producer = value.producer() if value is not None else None
+    while _inference_passthrough(producer, opset) and _only_consumer(producer.outputs[0]) is not None:
+        chain.append(producer)
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value, tuple(reversed(chain))
 
 
 class FreshNames:
@@ -385,12 +415,12 @@ class FoldIntoPreceding:
     def check(self, anchor: ir.Node, opset: int) -> Match:
         if not anchor.outputs:
             raise Refusal("no-foldable-neighbour", "it has no output")
-        if not any(_is_layer(_layer_behind(value)) for value in anchor.inputs):
+        if not any(_is_layer(_layer_behind(_passthroughs_before(value, opset)[0])) for value in anchor.inputs):
             # Checked before _data_input, which may evaluate constants (shape arithmetic is full of Mul/Add).
             source = anchor.inputs[0].producer() if anchor.inputs and anchor.inputs[0] is not None else None
             source_name = "a graph input or constant" if source is None else source.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source_name}, not a Conv/ConvTranspose/Gemm/MatMul")
-        data = _data_input(anchor)
+        data, passthroughs = _passthroughs_before(_data_input(anchor), opset)
         producer = _layer_behind(data)
         if not _is_layer(producer):
             source = "a graph input or constant" if producer is None else producer.op_type
@@ -400,7 +430,7 @@ class FoldIntoPreceding:
         layer = layer_view(producer)
         if layer.output is not data:
             raise Refusal("no-foldable-neighbour", f"it is the bias Add of {node_label(producer)}")
-        if _only_consumer(layer.output) is not anchor:
+        if _only_consumer(layer.output) is not (passthroughs[0] if passthroughs else anchor):
             raise Refusal(
                 "layer-output-shared",
                 f"the output of {node_label(layer.node)} is also read elsewhere (or is a graph output), so it "
@@ -421,11 +451,12 @@ class FoldIntoPreceding:
         bias, _, beta = _bias_alpha_beta(layer)
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = ChannelAffine(affine.scale, affine.shift / beta)
-        return Match(anchor, layer, self.direction, *_folded(fold_into_outputs, anchor, layer, bias, shifted))
+        return Match(anchor, layer, self.direction, *_folded(fold_into_outputs, anchor, layer, bias, shifted), passthroughs)
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)
-        editor.bypass(match.anchor, match.layer.output)
+        # The passthroughs stay: they now carry the folded layer's output.
+        editor.bypass(match.anchor, match.passthroughs[-1].outputs[0] if match.passthroughs else match.layer.output)
 
 
 def _starts_without_bias(layer: Layer) -> bool:
@@ -511,6 +542,11 @@ class FoldIntoFollowing:
     def check(self, anchor: ir.Node, opset: int) -> Match:
         output = anchor.outputs[0]
         consumer = _only_consumer(output)
+        passthroughs = []
+        while _inference_passthrough(consumer, opset) and consumer.inputs[0] is output:
+            passthroughs.append(consumer)
+            output = consumer.outputs[0]
+            consumer = _only_consumer(output)
         if consumer is None:
             consumers = sorted({use.node.op_type for use in output.uses()})
             what = "is a graph output" if output.is_graph_output() else f"is read by {len(output.uses())} nodes"
@@ -532,7 +568,7 @@ class FoldIntoFollowing:
         bias, alpha, beta = _bias_alpha_beta(layer)
         # Gemm computes alpha * A B + beta * C: the shift's contribution alpha * t B enters C over beta.
         shifted = ChannelAffine(affine.scale, affine.shift * alpha / beta)
-        return Match(anchor, layer, self.direction, *_folded(fold_into_inputs, anchor, layer, bias, shifted))
+        return Match(anchor, layer, self.direction, *_folded(fold_into_inputs, anchor, layer, bias, shifted), tuple(passthroughs))
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)

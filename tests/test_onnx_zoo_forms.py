@@ -168,3 +168,82 @@ def test_light_model_zoo_networks_fold_once_frozen(name, batchnorms, folded_batc
     assert f"evaluated {evaluated} constant node(s)" in report.notes[2]
     onnx.checker.check_model(result)
     assert_same_outputs(model, result, atol=1e-5, rtol=1e-4)
+
+
+# Item 4: BatchNorm next to an inference-mode Dropout or an Identity.
+
+
+def dropout(x: str, y: str, opset: int, name: str = "drop", training: str | None = None, mask: bool = False, **attributes):
+    inputs = [x] if training is None else [x, "ratio", training]
+    outputs = [y, "mask"] if mask else [y]
+    return helper.make_node("Dropout", inputs, outputs, name=name, **attributes)
+
+
+def layer_passthrough_bn(passthroughs, opset: int = 13, extra_inits=(), outputs=("z",)) -> onnx.ModelProto:
+    """Conv -> passthroughs -> BatchNorm; ``passthroughs`` are nodes from "y" to "p"."""
+    r = np.random.default_rng(0)
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r), *extra_inits]
+    bn_attributes = {"is_test": 1} if opset < 7 else {}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), *passthroughs, batchnorm_node("p", "z", "bn", **bn_attributes)]
+    return make_model(nodes, [("x", [1, 4, 6, 6])], list(outputs), inits, opset=opset)
+
+
+TRAINING_OFF = [initializer("ratio", np.float32(0.5)), initializer("off", np.array(False))]
+
+
+@pytest.mark.parametrize(
+    "opset,passthroughs,extra",
+    [
+        (13, [helper.make_node("Identity", ["y"], ["p"], name="id")], ()),
+        (7, [dropout("y", "p", 7)], ()),
+        (10, [dropout("y", "p", 10)], ()),
+        (13, [helper.make_node("Identity", ["y"], ["q"], name="id"), dropout("q", "p", 13, training="off")], TRAINING_OFF),
+        (13, [dropout("y", "p", 13, mask=True)], ()),  # the mask is declared but unread
+    ],
+    ids=["identity", "dropout7", "dropout10", "identity-dropout13-training-off", "dropout13-unread-mask"],
+)
+def test_batchnorm_folds_back_through_inference_passthroughs(opset, passthroughs, extra):
+    model = layer_passthrough_bn(passthroughs, opset, extra)
+    assert not fast_path_agrees(model)
+    result, report = fold_onnx(model)
+    assert [(f.batchnorm, f.layer, f.direction) for f in report.folds] == [("bn", "conv", "into-preceding")]
+    assert op_count(result, "BatchNormalization") == 0
+    assert [n.op_type for n in result.graph.node] == ["Conv", *[n.op_type for n in passthroughs]]
+    through = ", ".join(f"{n.name} [{n.op_type}]" for n in passthroughs)
+    assert report.notes == [f"bn folded through {through}, left in place (the identity at inference)"]
+    assert report.verification.passed
+    assert_same_outputs(model, result, **F32)
+
+
+@pytest.mark.parametrize(
+    "opset,passthroughs,extra,outputs",
+    [
+        (6, [dropout("y", "p", 6)], (), ("z",)),  # is_test=0: training mode
+        (13, [dropout("y", "p", 13, training="on")], [initializer("ratio", np.float32(0.5)), initializer("on", np.array(True))], ("z",)),
+        (13, [dropout("y", "p", 13, mask=True), helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT)], (), ("z", "m")),
+        (13, [helper.make_node("Identity", ["y"], ["p"], name="id")], (), ("z", "p")),  # read elsewhere
+    ],
+    ids=["dropout6-training", "dropout13-training-on", "dropout13-mask-read", "identity-output-read"],
+)
+def test_batchnorm_does_not_fold_through_an_active_or_read_passthrough(opset, passthroughs, extra, outputs):
+    model = layer_passthrough_bn(passthroughs, opset, extra, outputs)
+    fast_path_agrees(model)
+    result, report = fold_onnx(model, verify=False)
+    assert not report.folds and [s.code for s in report.skips] == ["no-foldable-neighbour"]
+    assert f"its input comes from {passthroughs[0].op_type}" in report.skips[0].reason
+    assert op_count(result, "BatchNormalization") == 1
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+@pytest.mark.parametrize("passthrough", ["Identity", "Dropout"])
+def test_batchnorm_folds_forward_through_a_passthrough(op, passthrough):
+    r = np.random.default_rng(0)
+    inits = [*batchnorm_parameters(5, "bn", r), initializer("W", r.normal(size=[5, 3]).astype(np.float32))]
+    nodes = [batchnorm_node("x", "n", "bn"), helper.make_node(passthrough, ["n"], ["p"], name="pass"), helper.make_node(op, ["p", "W"], ["z"], name="layer")]
+    model = make_model(nodes, [("x", [2, 5])], ["z"], inits)
+    assert not fast_path_agrees(model)
+    result, report = fold_onnx(model)
+    assert [(f.batchnorm, f.layer, f.direction) for f in report.folds] == [("bn", "layer", "into-following")]
+    assert [n.op_type for n in result.graph.node] == [passthrough, op, *(["Add"] if op == "MatMul" else [])]
+    assert report.notes == [f"bn folded through pass [{passthrough}], left in place (the identity at inference)"]
+    assert_same_outputs(model, result, **F32)
