@@ -297,6 +297,8 @@ def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold
     index = _GraphIndex(model.graph)
     if index.has_subgraphs or index.has_non_text or sys.byteorder != "little" or _has_non_text_fields(model):
         return None
+    if _has_unknown_element_types(model.graph):
+        return None  # the pass's conversion reports the malformed model as bad input
     if any(_elementwise_may_fold(node, index) for node in index.elementwise):
         return None
     pairs = [_plain_pair(position, opset, index) for position in index.batchnorms]
@@ -306,6 +308,17 @@ def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold
         return _fold_pairs(model, index, pairs)
     except (FoldOverflowError, MalformedTensorError):
         return None  # the pass refuses that pair, or the model, and says why
+
+
+_KNOWN_ELEMENT_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def _has_unknown_element_types(graph: onnx.GraphProto) -> bool:
+    """A declared input, output or value type that no ONNX version defines (a damaged or hostile file)."""
+    values = itertools.chain(graph.input, graph.output, graph.value_info)
+    return any(
+        value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in _KNOWN_ELEMENT_TYPES for value in values
+    )
 
 
 def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[_Pair]) -> tuple[onnx.ModelProto, list[Fold]] | None:

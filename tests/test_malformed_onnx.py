@@ -122,3 +122,12 @@ def test_names_that_are_not_utf8_are_an_input_error(tmp_path):
     for call in (lambda: bnfold.fold_onnx(path, verify=False), lambda: bnfold.check(path)):
         with pytest.raises(InputError):
             call()
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_an_undefined_element_type_is_an_input_error_with_or_without_verification(verify):
+    """The fast path would fold it and leave verification to trip over the type: it declines instead."""
+    model = conv_bn()
+    model.graph.input[0].type.tensor_type.elem_type = 65  # no ONNX version defines it
+    with pytest.raises(InputError, match="65 is not a valid DataType"):
+        bnfold.fold_onnx(model, verify=verify)
