@@ -1,8 +1,9 @@
 """A reference training-mode BatchNorm with the semantics of ``torch.nn.BatchNorm1d/2d/3d``.
 
 Used to train the test fixture models with code of our own rather than torch's fused kernel, while
-staying interchangeable with it: same constructor, parameter and buffer names, shapes and dtypes, so
-``state_dict``s load both ways.
+staying a drop-in for it: each class is a subclass of its torch counterpart that replaces only ``forward``,
+so isinstance checks, ``convert_sync_batchnorm``, bnfold's fold and ``bnfold check`` see a BatchNorm, and
+constructor, parameter and buffer names, shapes, dtypes and ``state_dict`` loading are torch's.
 
 Semantics (channels on axis 1, statistics over every other axis, ``n`` values per channel):
 
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["REFERENCE_BATCHNORMS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _ACC = torch.float64
 
@@ -96,73 +97,9 @@ class _BatchNormTrainFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
-class _BatchNorm(nn.Module):
-    """Shared implementation; subclasses only define :meth:`_check_input_dim`."""
-
-    # torch's _NormBase version: version 2 added num_batches_tracked. Same value, same state_dict metadata.
-    _version = 2
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        # Registering None (rather than omitting) mirrors torch, so attribute access and
-        # state_dict keys behave the same for affine=False / track_running_stats=False.
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-        )
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        raise NotImplementedError
+class _ReferenceBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The reference forward. Construction, parameters and buffers, ``reset_*``, ``extra_repr``, input checks
+    and state_dict loading (a checkpoint without ``num_batches_tracked`` loads as in torch) are torch's own."""
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -201,25 +138,16 @@ class _BatchNorm(nn.Module):
         return y
 
 
-class BatchNorm1d(_BatchNorm):
-    """BatchNorm over (N, C) or (N, C, L) input, like ``torch.nn.BatchNorm1d``."""
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {x.dim()}D input)")
+class BatchNorm1d(_ReferenceBatchNorm, nn.BatchNorm1d):
+    """BatchNorm over (N, C) or (N, C, L) input: a ``torch.nn.BatchNorm1d`` with the reference forward."""
 
 
-class BatchNorm2d(_BatchNorm):
-    """BatchNorm over (N, C, H, W) input, like ``torch.nn.BatchNorm2d``."""
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+class BatchNorm2d(_ReferenceBatchNorm, nn.BatchNorm2d):
+    """BatchNorm over (N, C, H, W) input: a ``torch.nn.BatchNorm2d`` with the reference forward."""
 
 
-class BatchNorm3d(_BatchNorm):
-    """BatchNorm over (N, C, D, H, W) input, like ``torch.nn.BatchNorm3d``."""
+class BatchNorm3d(_ReferenceBatchNorm, nn.BatchNorm3d):
+    """BatchNorm over (N, C, D, H, W) input: a ``torch.nn.BatchNorm3d`` with the reference forward."""
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 5:
-            raise ValueError(f"expected 5D input (got {x.dim()}D input)")
+
+REFERENCE_BATCHNORMS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)

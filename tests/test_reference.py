@@ -17,10 +17,15 @@ hence TOL below: 1e-5 for float32, 2e-13 for float64 (a 4-6x margin). num_batche
 
 from __future__ import annotations
 
+import collections
+import copy
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+import bnfold
 from bnfold import reference
 from bnfold.reference import _BatchNormTrainFunction
 
@@ -285,3 +290,73 @@ def test_sequential_trains_like_torch_and_round_trips():
         source.eval()
         fresh.eval()
         _assert_close(fresh(x), source(x), torch.float64)
+
+
+# --- a drop-in for torch's classes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ours_cls", "torch_cls", "shape"), SHAPES.values(), ids=SHAPES)
+def test_is_the_torch_class_with_the_reference_forward(ours_cls, torch_cls, shape):
+    ours = ours_cls(shape[1])
+    assert isinstance(ours, torch_cls) and isinstance(ours, nn.modules.batchnorm._BatchNorm)
+    assert type(ours).forward is not torch_cls.forward
+    y = ours(_batch(shape, torch.float32, torch.Generator().manual_seed(0)))
+    assert type(y.grad_fn).__name__ == "_BatchNormTrainFunctionBackward"
+
+
+@pytest.mark.parametrize("with_metadata", [False, True], ids=["plain_dict", "state_dict_metadata_v1"])
+def test_checkpoint_without_num_batches_tracked_loads_as_in_torch(with_metadata):
+    ours, theirs, shape, _ = _make_pair("2d", torch.float64)
+    for module in (ours, theirs):
+        with torch.no_grad():
+            module.num_batches_tracked.fill_(7)
+    source = nn.BatchNorm2d(shape[1], dtype=torch.float64)
+    checkpoint = {k: v for k, v in source.state_dict().items() if k != "num_batches_tracked"}
+    if with_metadata:  # a checkpoint written before torch added the counter (state_dict version 1)
+        checkpoint = collections.OrderedDict(checkpoint)
+        checkpoint._metadata = {"": {"version": 1}}
+    ours_result = ours.load_state_dict(copy.copy(checkpoint), strict=True)
+    theirs_result = theirs.load_state_dict(copy.copy(checkpoint), strict=True)
+    assert ours_result == theirs_result
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 7  # the counter is kept
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+def _fuse_conv_bn(is_qat: bool, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    return fuse_conv_bn_eval(conv, bn)
+
+
+def test_torch_utilities_and_bnfold_see_a_batchnorm():
+    torch.manual_seed(0)
+    model = _convnet(reference.BatchNorm2d)
+    x = torch.randn(2, 3, 6, 6)
+    model(x)  # one training step's statistics
+    model.eval()
+
+    # convert_sync_batchnorm finds it by isinstance and keeps its state.
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert isinstance(synced[1], nn.SyncBatchNorm) and torch.equal(synced[1].running_mean, model[1].running_mean)
+
+    # torch.ao's fuse_modules looks fusers up by exact type, so a subclass is named in the mapping.
+    fused = torch.ao.quantization.fuse_modules(
+        copy.deepcopy(model),
+        [["0", "1"]],
+        fuse_custom_config_dict={
+            "additional_fuser_method_mapping": {(nn.Conv2d, reference.BatchNorm2d): _fuse_conv_bn}
+        },
+    )
+    assert isinstance(fused[1], nn.Identity)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+    result = bnfold.fold(model, (x,))
+    assert type(result.model) is nn.Sequential
+    assert [(f.batchnorm, f.batchnorm_op, f.layer) for f in result.report.folds] == [
+        ("1", "BatchNorm2d", "0"),
+        ("4", "BatchNorm2d", "3"),
+    ]
+    assert "torch.fx" in result.report.notes[0]  # a module call: fx does not trace its forward
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.model.modules())
+
+    codes = {(finding.code, finding.name) for finding in bnfold.check(model.train(), (x,))}
+    assert {("BN001", "1"), ("BN001", "4")} <= codes

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.fold_math import LayoutKind, WeightLayout
-from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel, has_torch_forward
+from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel, computes_torch_forward
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 aten = torch.ops.aten
@@ -252,7 +252,7 @@ def _count_tensor_uses(traced: TracedModel) -> collections.Counter[int]:
 def _layer_call(node: fx.Node, traced: TracedModel) -> LayerCall | None:
     if node.op == "call_module":
         module = traced.root.get_submodule(node.target)
-        if isinstance(module, FOLDABLE_LAYER_TYPES) and has_torch_forward(module):
+        if isinstance(module, FOLDABLE_LAYER_TYPES) and computes_torch_forward(module):
             return _module_layer_call(node, module, node.target)
     elif node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
         return _functional_layer_call(node, _LAYER_FUNCTIONS[node.target], traced)
@@ -545,7 +545,7 @@ def _exported_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> s
     if traced.method != "export":
         return None
     path = _calling_module(node, traced, types)
-    return path if path is not None and has_torch_forward(traced.model.get_submodule(path)) else None
+    return path if path is not None and computes_torch_forward(traced.model.get_submodule(path)) else None
 
 
 def _bind(node: fx.Node, argument_names: tuple[str, ...]) -> dict[str, Any]:
