@@ -23,6 +23,7 @@ from bnfold import onnx_verify
 from bnfold.onnx_fast_path import fold_plain_pairs
 from bnfold.onnx_constants import MalformedTensorError
 from bnfold.onnx_io import InputError, load_model, scratch_directory
+from bnfold.onnx_quantization import measure_onnx_folds
 from bnfold.onnx_rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
@@ -32,6 +33,7 @@ from bnfold.onnx_rules import (
     batchnorm_channel_affine,
     node_label,
 )
+from bnfold.quantization import check_target_dtype
 from bnfold.report import Fold, FoldReport, Skip
 from bnfold.verification import VerificationError
 
@@ -234,6 +236,8 @@ def fold_onnx(
     rtol: float | None = None,
     seed: int = 0,
     freeze_initializer_inputs: bool = False,
+    quantization: bool = False,
+    target_dtype: str | None = None,
 ):
     """Fold every eval-mode BatchNorm that is safe to fold; return ``(folded_model, report)``.
 
@@ -249,11 +253,19 @@ def fold_onnx(
 
     A ``ModelProto`` whose BatchNorms all sit in plain Conv/ConvTranspose/Gemm pairs is folded on the
     protobuf by :mod:`bnfold.onnx_fast_path`, with the same result as :class:`FoldBatchNormPass`.
+
+    With ``quantization`` (implied by ``target_dtype``, "float16" or "bfloat16"), ``report.quantization``
+    measures what each BatchNorm fold did to int8 quantization of the layer and to a cast to the target dtype
+    (:mod:`bnfold.quantization`). It is off by default: on ResNet-50 it costs about ten times the fold.
     """
+    check_target_dtype(target_dtype)
     with _gc_paused():
-        return _fold_onnx(
+        folded, report = _fold_onnx(
             model, verify, freeze_initializer_inputs, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed
         )
+        if quantization or target_dtype is not None:
+            report.quantization = measure_onnx_folds(model, folded, report.folds, target_dtype)
+    return folded, report
 
 
 @contextlib.contextmanager

@@ -25,13 +25,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """Load ``path`` with its external data kept lazy, after checking that onnx's checker accepts it and
     that every external data file lies in the model's folder and is there, whole. Nothing outside the
     model's folder is ever read."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, not an ONNX file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "empty file, not an ONNX model")
+    path = _model_file(path)
     try:
         # An absolute base directory: onnx_ir confines a tensor's data to it only when it is not empty.
         model = ir.load(path.absolute())
@@ -40,12 +34,27 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(path, "not an ONNX model (no graph in the file)")
     _check_external_data(model, path)
+    _check_with_onnx_checker(path)
+    return model
+
+
+def _model_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file, not an ONNX model")
+    return path
+
+
+def _check_with_onnx_checker(path: Path) -> None:
     try:
         # By path, so that models past 2 GiB are checked too (the checker reads no tensor data from files).
         onnx.checker.check_model(str(path))
     except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
         raise InputError(path, f"not a valid ONNX model ({_first_line(error)})") from None
-    return model
 
 
 def data_input_names(path: str | os.PathLike) -> list[str]:
@@ -177,7 +186,7 @@ def _process_exists(pid: int) -> bool:
 
 
 def save_model(
-    model: ir.Model,
+    model: ir.Model | onnx.ModelProto,
     path: str | os.PathLike,
     external_data: bool | None = None,
     *,
@@ -192,10 +201,19 @@ def save_model(
     appear together or not at all, an interrupted or concurrent run can never pair a model with another
     run's data, and no existing file but ``path`` is ever replaced. Once the new model is in place, the data
     files bearing its name that the replaced model read are removed, unless they belong to ``read_from``.
+    A ``ModelProto`` within the protobuf limit is serialized as it is (onnx_ir's writer is about twice as slow).
     """
     path = Path(path)
+    serialized = None
+    if isinstance(model, onnx.ModelProto):
+        serialized = None if external_data else _serialized_within_limit(model)
+        if serialized is None:
+            model = ir.from_proto(model)
+        else:
+            external_data = False
     kept = {file for source in read_from for file in model_files(source)} if path.exists() else set(map(Path, read_from))
-    check_writable(path, [*kept, *external_data_files(model)])
+    own_files = external_data_files(model) if serialized is None else set()
+    check_writable(path, [*kept, *own_files])
     if external_data is None:
         external_data = uses_external_data(model) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{path.name}.{secrets.token_hex(4)}.data" if external_data else None
@@ -203,7 +221,10 @@ def save_model(
     with scratch_directory("staging", path.parent, hidden=True) as staging:
         staged_model = staging / path.name
         try:
-            ir.save(model, staged_model, external_data=data_name)
+            if serialized is not None:
+                staged_model.write_bytes(serialized)
+            else:
+                ir.save(model, staged_model, external_data=data_name)
             if data_name:
                 os.link(staging / data_name, path.parent / data_name)  # fails rather than replace a file
             os.replace(staged_model, path)
@@ -211,6 +232,15 @@ def save_model(
             raise InputError(path, f"cannot write output ({error.strerror or error})") from None
     for file in orphaned:
         file.unlink(missing_ok=True)
+
+
+def _serialized_within_limit(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes when it fits one protobuf file (ByteSize would cost as much as serializing)."""
+    try:
+        serialized = model.SerializeToString()
+    except ValueError:  # past protobuf's 2 GiB
+        return None
+    return serialized if len(serialized) <= EXTERNAL_DATA_THRESHOLD else None
 
 
 def model_files(path: str | os.PathLike) -> set[Path]:
@@ -253,4 +283,4 @@ def _own_data_files(path: Path) -> set[Path]:
 def save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write a model that :func:`bnfold.fold_onnx` returned (either kind) to ``path``, as the CLI does:
     atomically, tensors in a data file of its own when the model has external data or passes 2 GiB."""
-    save_model(ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model, path)
+    save_model(model, path)

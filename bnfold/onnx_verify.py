@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes, uses_external_data
+from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, scratch_directory, tensor_bytes, uses_external_data
 from bnfold.report import printable
 from bnfold.verification import (
     RANDOM_INPUT_BUDGET_BYTES,
@@ -177,7 +176,7 @@ def verify(
             f"onnxruntime cannot run the original model ({printable(first_line)}); use --no-verify to fold without verification"
         ) from None
     _progress("running the folded model in onnxruntime", started)
-    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
+    with scratch_directory("verify") as scratch:
         actual = run_model(folded_source or model_source(folded, scratch), feeds)
     _progress("comparing outputs", started)
     output_types = {value.name: value.dtype for value in folded.graph.outputs}

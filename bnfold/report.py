@@ -7,7 +7,11 @@ import json
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # annotations only: this module stays free of numpy for the check's text output
+    from bnfold.quantization import LayerQuantization
     from bnfold.verification import OutputComparison, Verification
+
+# The JSON report's schema. /2 added "quantization": one entry per measured fold (bnfold.quantization).
+SCHEMA = "bnfold.fold-report/2"
 
 
 def printable(text: str) -> str:
@@ -74,7 +78,8 @@ class Skip:
 
 @dataclasses.dataclass
 class FoldReport:
-    """What a fold did: folds, BatchNorms left with reasons, node counts, verification figures."""
+    """What a fold did: folds, BatchNorms left with reasons, node counts, verification figures, and what
+    each BatchNorm fold did to int8 quantization and half precision (``quantization``)."""
 
     model: str
     frontend: Literal["onnx", "pytorch"]
@@ -85,11 +90,12 @@ class FoldReport:
     verification: Verification | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     output: str | None = None
+    quantization: list[LayerQuantization] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain data for JSON: every field, verification figures included."""
         return {
-            "schema": "bnfold.fold-report/1",
+            "schema": SCHEMA,
             "model": self.model,
             "frontend": self.frontend,
             "output": self.output,
@@ -99,6 +105,7 @@ class FoldReport:
             "nodes_after": self.nodes_after,
             "verification": None if self.verification is None else self.verification.to_dict(),
             "notes": self.notes,
+            "quantization": [layer.to_dict() for layer in self.quantization],
         }
 
     def to_json(self) -> str:
@@ -124,6 +131,10 @@ class FoldReport:
             lines.append(f"  left    {skip.describe()}")
         for note in self.notes:
             lines.append(f"  note    {note}")
+        if self.quantization:
+            from bnfold.quantization import format_table  # (numpy: imported only when there are figures)
+
+            lines += [f"  {line}" for line in format_table(self.quantization)]
         if self.verification is not None:
             lines.append(f"  {self.verification.summary()}")
             lines += [f"    {_describe_output(output)}" for output in self.verification.outputs]

@@ -266,7 +266,7 @@ def test_near_zero_variance_with_large_scale_is_a_warning(trained_cnn):
     trained_cnn.down[1].running_var[5] = 0.0
     trained_cnn.down[1].weight.data[5] = 100.0  # 100 / sqrt(1e-5) ~ 3.2e4
     findings = check_model(trained_cnn, measure_batch=False)
-    assert codes(findings) == ["BN005"]
+    assert codes(findings) == ["BN005", "BN007"]  # the same channel also makes per-tensor int8 lossy once folded
     assert findings[0].severity == "warning" and "channel 5" in findings[0].message and "3.16e+04" in findings[0].message
 
 

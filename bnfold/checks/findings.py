@@ -43,6 +43,8 @@ CODES: dict[str, Rule] = {
              "check those channels: they amplify rounding errors, most of all after folding into the weights"),
         Rule("BN006", "info", "foldable BatchNorm left",
              "run `bnfold MODEL -o OUT` to fold it into its neighbour"),
+        Rule("BN007", "warning", "fold would make int8 or float16 lossy",
+             "quantize that layer per-channel (not per-tensor), keep the BatchNorm, or re-estimate its statistics"),
         Rule("DO001", "error", "Dropout active at inference",
              "call model.eval() before saving or exporting the model"),
         Rule("BD001", "error", "outputs depend on the batch",

@@ -13,7 +13,8 @@ import dataclasses
 import numpy as np
 
 from bnfold.checks.findings import Finding
-from bnfold.fold_math import UnfoldableStatisticsError, batchnorm_affine
+from bnfold.fold_math import ChannelAffine, UnfoldableStatisticsError, batchnorm_affine
+from bnfold.quantization import INT8_LOSS_FLAG_DB, statistics_estimate
 
 # Past this |γ| / sqrt(var + eps), a channel multiplies its input (and, once folded, its weights) by
 # more than float32's relative precision can spare: 1e4 eats 4 of its ~7 significant digits.
@@ -85,7 +86,11 @@ def statistics_findings(name: str, statistics: Statistics) -> list[Finding]:
         )
     except UnfoldableStatisticsError as error:
         return [*findings, Finding("BN004", name, str(error))]
-    return [*findings, *_precision_findings(name, statistics, np.abs(affine.scale))]
+    return [
+        *findings,
+        *_precision_findings(name, statistics, np.abs(affine.scale)),
+        *_quantization_findings(name, statistics, affine),
+    ]
 
 
 def _untrained_findings(name: str, statistics: Statistics) -> list[Finding]:
@@ -114,3 +119,22 @@ def _precision_findings(name: str, statistics: Statistics, scale: np.ndarray) ->
             f"{scale[worst]:.3g} (γ {gamma:.3g}, var {statistics.running_var.reshape(-1)[worst]:.3g}, eps {statistics.eps:g})",
         )
     ]
+
+
+def _quantization_findings(name: str, statistics: Statistics, affine: ChannelAffine) -> list[Finding]:
+    """BN007 from the statistics alone (:func:`bnfold.quantization.statistics_estimate`); the ONNX inspector
+    replaces it with the measured figures for the BatchNorms the fold would remove."""
+    lost, overflow = statistics_estimate(affine.scale, affine.shift)
+    problems = []
+    if lost > INT8_LOSS_FLAG_DB:
+        worst = int(np.argmax(np.abs(affine.scale)))
+        gamma = 1.0 if statistics.weight is None else statistics.weight.reshape(-1)[worst]
+        problems.append(
+            f"per-tensor int8 of the folded layer would lose about {lost:.1f} dB (max/median |γ|/sqrt(var+eps) "
+            f"{10 ** (lost / 20):.3g}, estimated from the statistics, the layer's weights assumed even); channel {worst}: "
+            f"scale {affine.scale[worst]:.3g} (γ {gamma:.3g}, var {statistics.running_var.reshape(-1)[worst]:.3g}, "
+            f"eps {statistics.eps:g})"
+        )
+    if overflow:
+        problems.append(f"{overflow} folded shift(s) β - mean·γ/sqrt(var+eps) overflow float16")
+    return [Finding("BN007", name, "; ".join(problems))] if problems else []

@@ -34,9 +34,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from bnfold.quantization import check_target_dtype
 from bnfold.report import FoldReport
 from bnfold.torch_fold.calls import DataFlow, read_data_flow
 from bnfold.torch_fold.planning import FoldPlan, plan_folds
+from bnfold.torch_fold.quantization import measure_torch_folds
 from bnfold.torch_fold.rewrite import fold_in_graph, fold_in_module_tree
 from bnfold.torch_fold.tracing import ModelNotTraceableError, TracedModel, trace_model
 from bnfold.torch_fold.verify import compare_outputs, run_outputs
@@ -64,6 +66,8 @@ def fold(
     verify: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
+    quantization: bool = False,
+    target_dtype: str | None = None,
 ) -> TorchFoldResult:
     """Fold every foldable eval-mode BatchNorm of ``model`` into a neighbouring Conv/ConvTranspose/Linear.
 
@@ -72,7 +76,11 @@ def fold(
     mode. It is left unchanged unless ``inplace=True`` *and* every fold fits its module tree; a
     ``GraphModule`` result is always built on a copy. ``atol``/``rtol`` override the dtype tolerances.
     Raises :class:`~bnfold.verification.VerificationError` when the outputs differ beyond tolerance.
+    With ``quantization`` (implied by ``target_dtype``, "float16" or "bfloat16"), ``report.quantization``
+    measures what each fold did to int8 quantization of the layer and to a cast to the target dtype
+    (:mod:`bnfold.quantization`).
     """
+    check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _require_eval_mode(model)
     expected = run_outputs(model, example_inputs) if verify else None
@@ -84,6 +92,9 @@ def fold(
         working = copy.deepcopy(model)
         traced, flow, plan = _analyse(working, example_inputs)
     notes.append(traced.note)
+    measured = []
+    if quantization or target_dtype is not None:
+        measured = measure_torch_folds(plan.folds, target_dtype)  # before the rewrite overwrites the weights
     if plan.needs_graph:
         folded = fold_in_graph(plan.folds, traced)
         notes.append(
@@ -94,6 +105,7 @@ def fold(
     else:
         folded = fold_in_module_tree(plan.folds, working, traced)
     report = _report(model, flow, plan, notes)
+    report.quantization = measured
     if verify:
         actual = run_outputs(folded, example_inputs)
         report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)

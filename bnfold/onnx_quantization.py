@@ -1,0 +1,92 @@
+"""The ONNX front-end's quantization figures (:mod:`bnfold.quantization`): each fold of a BatchNormalization
+read back from the models, the layer's weight and bias from the original and from the folded model, the
+statistics from the original's BatchNorm node. Per-channel Mul/Add/Sub/Div folds have no statistics to name
+and are not measured."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bnfold.fold_math import WeightLayout, batchnorm_affine
+from bnfold.onnx_constants import constant_array
+from bnfold.onnx_io import load_model
+from bnfold.onnx_rules import node_label
+from bnfold.quantization import LayerQuantization, measure_fold, named_channels
+from bnfold.report import Fold
+
+
+def measure_onnx_folds(
+    original: str | os.PathLike | ir.Model | onnx.ModelProto,
+    folded: ir.Model | onnx.ModelProto,
+    folds: list[Fold],
+    target_dtype: str | None,
+) -> list[LayerQuantization]:
+    from bnfold.onnx_fold import _graphs  # (onnx_fold imports this module)
+
+    if not any(fold.batchnorm_op == "BatchNormalization" for fold in folds):
+        return []
+    before, after = (_nodes(model, _graphs) for model in (original, folded))
+    measured = []
+    for fold in folds:
+        batchnorm = before.get((fold.graph, fold.batchnorm))
+        layer_before, layer_after = before.get((fold.graph, fold.layer)), after.get((fold.graph, fold.layer))
+        if fold.batchnorm_op != "BatchNormalization" or None in (batchnorm, layer_before, layer_after):
+            continue
+        gamma, beta, mean, variance = (constant_array(batchnorm.inputs[index]) for index in range(1, 5))
+        weight_before, weight_after = constant_array(layer_before.inputs[1]), constant_array(layer_after.inputs[1])
+        # Read from the file again, initializers that a frozen model declared graph inputs are not constants.
+        if any(array is None for array in (gamma, beta, mean, variance, weight_before, weight_after)):
+            continue
+        eps = batchnorm.attributes.get_float("epsilon", 1e-5)
+        scale = batchnorm_affine(gamma, beta, mean, variance, eps).scale
+        measured.append(
+            measure_fold(
+                weight_before,
+                weight_after,
+                _layout(layer_after),
+                named_channels(scale, gamma, mean, variance, eps),
+                bias_before=_bias(layer_before),
+                bias_after=_bias(layer_after),
+                target_dtype=target_dtype,
+                batchnorm=fold.batchnorm,
+                layer=fold.layer,
+                direction=fold.direction,
+                graph=fold.graph,
+            )
+        )
+    return measured
+
+
+def _nodes(model: str | os.PathLike | ir.Model | onnx.ModelProto, graphs) -> dict[tuple[str, str], ir.Node]:
+    """Every node by (graph label, node label), the keys of :class:`bnfold.report.Fold`."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)  # the fold edited its own copy in place: the file holds the original
+    elif isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    return {(label, node_label(node)): node for label, graph in graphs(model) for node in graph}
+
+
+def _layout(node: ir.Node) -> WeightLayout:
+    groups = node.attributes.get_int("group", 1)
+    if node.op_type == "Conv":
+        return WeightLayout("conv", groups)
+    if node.op_type == "ConvTranspose":
+        return WeightLayout("conv_transpose", groups)
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return WeightLayout("matrix_out_in")
+    return WeightLayout("matrix_in_out")  # Gemm with transB=0, MatMul
+
+
+def _bias(node: ir.Node) -> np.ndarray | None:
+    """The layer's bias: its third input (Conv, ConvTranspose, Gemm), or the constant of the Add after a MatMul."""
+    if node.op_type != "MatMul":
+        return constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+    for add, _ in node.outputs[0].uses():
+        if add.op_type == "Add":
+            other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+            return constant_array(other)
+    return None

@@ -1,0 +1,303 @@
+"""What a fold does to the next steps of deployment: int8 quantization and a cast to half precision.
+
+Folding multiplies each output channel's weights by ``s = γ / sqrt(var + eps)`` (:mod:`bnfold.fold_math`).
+One channel with a near-dead variance (``var ≈ 0``, so ``|s| ≈ |γ| / sqrt(eps)``) stretches the layer's
+weight range by orders of magnitude: a per-tensor int8 scale is then set by that channel and every other
+channel keeps a few levels, or none. :func:`measure_fold` measures it on one folded layer; pure numpy.
+
+The figures, all of them on the weight (the bias is kept in wider precision by int8 toolchains):
+
+- ranges: the per-tensor ``(min, max)`` before and after the fold, and the spread of the per-channel ranges,
+  ``max / median`` of each output channel's largest ``|w|`` (``inf`` when more than half the channels are 0).
+- int8 SQNR (signal-to-quantization-noise ratio, dB) of symmetric int8 as common toolchains quantize:
+  ``step = max|w| / 127``, ``q = clip(round(w / step), -127, 127) * step``, with one step for the tensor
+  (*per-tensor*) or one per output channel (*per-channel*). Each output channel's SQNR is
+  ``10 log10(Σ w² / Σ (w - q)²)`` over its own weights, and a layer's is the **median over its channels**
+  (channels whose weights are all 0 are exact and left out; ``inf`` when no noise is left): a whole-tensor
+  ratio would be dominated by the stretched channel itself, which quantizes well, and hide the channels that
+  lost their resolution, which is what the downstream layers see.
+- ``int8_db_lost``: the per-tensor SQNR of the weights before the fold minus that of the folded weights.
+  Past :data:`INT8_LOSS_FLAG_DB` the layer is flagged, with the BatchNorm channels of largest ``|s|`` (the
+  ones stretching the range) and their statistics.
+- for a target dtype (float16, bfloat16), the folded weight and bias values that round to Inf there
+  (overflow) and the non-zero ones below its smallest normal value (flushed or subnormal), against the same
+  count on the layer's values before the fold. More overflow than before, or more than
+  :data:`BELOW_NORMAL_FLAG_SHARE` of the values newly below the normal range, flags the layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_dtypes
+import numpy as np
+
+from bnfold.fold_math import WeightLayout, round_to_dtype
+
+# Flag a layer when per-tensor int8 of its folded weights has a median channel SQNR this many dB below the
+# unfolded weights': 12 dB is two bits, a quarter of the resolution. (Ordinary statistics spread the channel
+# scales about 2x, which costs ~6 dB; a near-dead channel costs 30-40 dB.)
+INT8_LOSS_FLAG_DB = 12.0
+
+# Flag a target dtype when the fold puts more than this share of the layer's values below its normal range
+# (beyond those already there): a few tiny weights turning subnormal are common and harmless.
+BELOW_NORMAL_FLAG_SHARE = 0.01
+
+# Symmetric int8 uses -127..127 (-128 is left out so that the range is symmetric, as toolchains do).
+INT8_LEVELS = 127
+
+# How many of the channels with the largest |scale| a measurement names.
+NAMED_CHANNELS = 3
+
+TARGET_DTYPES = ("float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelStatistics:
+    """One BatchNorm channel: its index, folded scale ``γ / sqrt(var + eps)`` and, when the BatchNorm has
+    them (not a bare ``x * scale + shift``), its γ, running mean and variance and eps."""
+
+    channel: int
+    scale: float
+    gamma: float | None = None
+    mean: float | None = None
+    variance: float | None = None
+    eps: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfPrecision:
+    """The fold's values in a target dtype: how many overflow, how many non-zero ones fall below its
+    normal range, before (the layer's own weight and bias) and after the fold."""
+
+    dtype: str
+    overflow: int
+    overflow_before: int
+    below_normal: int
+    below_normal_before: int
+    values: int  # the folded weight and bias values counted
+    largest: float  # the folded values' largest magnitude
+
+    @property
+    def lossy(self) -> bool:
+        added_below = self.below_normal - self.below_normal_before
+        return self.overflow > self.overflow_before or added_below > BELOW_NORMAL_FLAG_SHARE * self.values
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuantization:
+    """The figures of one fold (see the module docstring); ``direction`` as in :class:`bnfold.report.Fold`."""
+
+    batchnorm: str
+    layer: str
+    direction: str
+    graph: str
+    range_before: tuple[float, float]
+    range_after: tuple[float, float]
+    channel_spread_before: float
+    channel_spread_after: float
+    int8_per_tensor_db_before: float
+    int8_per_tensor_db: float
+    int8_per_channel_db: float
+    channels: tuple[ChannelStatistics, ...]
+    target: HalfPrecision | None = None
+
+    @property
+    def int8_db_lost(self) -> float:
+        before, after = self.int8_per_tensor_db_before, self.int8_per_tensor_db
+        return 0.0 if before == after else before - after  # (inf - inf is no loss, not NaN)
+
+    @property
+    def flags(self) -> list[str]:
+        flags = []
+        if self.int8_db_lost > INT8_LOSS_FLAG_DB:
+            flags.append("int8")
+        if self.target is not None and self.target.lossy:
+            flags.append(self.target.dtype)
+        return flags
+
+    def to_dict(self) -> dict:
+        return {
+            "batchnorm": self.batchnorm,
+            "layer": self.layer,
+            "direction": self.direction,
+            "graph": self.graph,
+            "weight_range_before": list(self.range_before),
+            "weight_range_after": list(self.range_after),
+            "channel_spread_before": self.channel_spread_before,
+            "channel_spread_after": self.channel_spread_after,
+            "int8_per_tensor_sqnr_db_before": self.int8_per_tensor_db_before,
+            "int8_per_tensor_sqnr_db": self.int8_per_tensor_db,
+            "int8_per_channel_sqnr_db": self.int8_per_channel_db,
+            "int8_per_tensor_db_lost": self.int8_db_lost,
+            "flags": self.flags,
+            "channels": [dataclasses.asdict(channel) for channel in self.channels],
+            "target_dtype": None if self.target is None else {**dataclasses.asdict(self.target), "lossy": self.target.lossy},
+        }
+
+
+def check_target_dtype(target_dtype: str | None) -> None:
+    if target_dtype is not None and target_dtype not in TARGET_DTYPES:
+        raise ValueError(f"target dtype {target_dtype!r} is not one of {', '.join(TARGET_DTYPES)}")
+
+
+def output_channel_rows(weight: np.ndarray, layout: WeightLayout) -> np.ndarray:
+    """``weight`` as float64 ``(output channels, weights per channel)``."""
+    view, _, _ = layout.grouped_view(np.asarray(weight, dtype=np.float64))
+    return view.reshape(view.shape[0] * view.shape[1], -1)
+
+
+def quantize_int8(rows: np.ndarray, per_channel: bool) -> np.ndarray:
+    """Symmetric int8 quantize-dequantize of ``rows`` with one step per row or one for all."""
+    largest = np.abs(rows).max(axis=1, keepdims=True) if per_channel else np.abs(rows).max(keepdims=True)
+    step = np.where(largest > 0, largest / INT8_LEVELS, 1.0)  # an all-zero row quantizes exactly with any step
+    return np.clip(np.rint(rows / step), -INT8_LEVELS, INT8_LEVELS) * step
+
+
+def sqnr_db(rows: np.ndarray, quantized: np.ndarray) -> float:
+    """The median over rows with a non-zero signal of ``10 log10(Σ w² / Σ (w - q)²)``; inf without noise."""
+    signal = np.square(rows).sum(axis=1)
+    noise = np.square(rows - quantized).sum(axis=1)
+    kept = signal > 0
+    if not kept.any():
+        return math.inf
+    with np.errstate(divide="ignore"):  # noise 0: an exact channel, inf dB
+        per_row = 10 * np.log10(signal[kept] / noise[kept])
+    return float(np.median(per_row))
+
+
+def channel_spread(rows: np.ndarray) -> float:
+    """``max / median`` of the rows' largest ``|w|`` (inf when the median is 0 and the max is not; 1 when all are 0)."""
+    largest = np.abs(rows).max(axis=1)
+    median, top = float(np.median(largest)), float(largest.max())
+    if median == 0:
+        return 1.0 if top == 0 else math.inf
+    return top / median
+
+
+def half_precision_counts(values: list[np.ndarray], dtype: str) -> tuple[int, int]:
+    """How many of ``values`` (float64) round to Inf in ``dtype``, and how many non-zero ones lie below its
+    smallest normal magnitude."""
+    flat = np.concatenate([np.asarray(array, dtype=np.float64).reshape(-1) for array in values])
+    target = np.dtype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else dtype)
+    with np.errstate(over="ignore"):
+        overflow = int(np.count_nonzero(np.isinf(round_to_dtype(flat, target)) & np.isfinite(flat)))
+    magnitude = np.abs(flat)
+    below = int(np.count_nonzero((magnitude > 0) & (magnitude < float(ml_dtypes.finfo(target).smallest_normal))))
+    return overflow, below
+
+
+def named_channels(
+    scale: np.ndarray,
+    gamma: np.ndarray | None = None,
+    mean: np.ndarray | None = None,
+    variance: np.ndarray | None = None,
+    eps: float | None = None,
+) -> tuple[ChannelStatistics, ...]:
+    """The :data:`NAMED_CHANNELS` channels of largest ``|scale|`` (lowest index first among equals)."""
+    order = np.argsort(-np.abs(scale), kind="stable")[:NAMED_CHANNELS]
+
+    def at(array: np.ndarray | None, channel: int) -> float | None:
+        return None if array is None else float(array.reshape(-1)[channel])
+
+    return tuple(
+        ChannelStatistics(int(c), float(scale[c]), at(gamma, c), at(mean, c), at(variance, c), eps) for c in order
+    )
+
+
+def measure_fold(
+    weight_before: np.ndarray,
+    weight_after: np.ndarray,
+    layout: WeightLayout,
+    channels: tuple[ChannelStatistics, ...],
+    *,
+    bias_before: np.ndarray | None = None,
+    bias_after: np.ndarray | None = None,
+    target_dtype: str | None = None,
+    batchnorm: str = "",
+    layer: str = "",
+    direction: str = "into-preceding",
+    graph: str = "",
+) -> LayerQuantization:
+    """The figures of one fold: the layer's weight before and after (any float dtype, same ``layout``), the
+    BatchNorm channels to name (:func:`named_channels`), the biases for ``target_dtype``."""
+    before, after = output_channel_rows(weight_before, layout), output_channel_rows(weight_after, layout)
+    check_target_dtype(target_dtype)
+    target = None
+    if target_dtype is not None:
+        overflow_before, below_before = half_precision_counts([before, *_present(bias_before)], target_dtype)
+        overflow, below = half_precision_counts([after, *_present(bias_after)], target_dtype)
+        largest = max(float(np.abs(after).max(initial=0)), float(np.abs(_flat(bias_after)).max(initial=0)))
+        values = after.size + _flat(bias_after).size
+        target = HalfPrecision(target_dtype, overflow, overflow_before, below, below_before, values, largest)
+    return LayerQuantization(
+        batchnorm=batchnorm,
+        layer=layer,
+        direction=direction,
+        graph=graph,
+        range_before=_range(before),
+        range_after=_range(after),
+        channel_spread_before=channel_spread(before),
+        channel_spread_after=channel_spread(after),
+        int8_per_tensor_db_before=sqnr_db(before, quantize_int8(before, per_channel=False)),
+        int8_per_tensor_db=sqnr_db(after, quantize_int8(after, per_channel=False)),
+        int8_per_channel_db=sqnr_db(after, quantize_int8(after, per_channel=True)),
+        channels=channels,
+        target=target,
+    )
+
+
+def _range(rows: np.ndarray) -> tuple[float, float]:
+    return (float(rows.min()), float(rows.max())) if rows.size else (0.0, 0.0)
+
+
+def _present(array: np.ndarray | None) -> list[np.ndarray]:
+    return [] if array is None else [array]
+
+
+def _flat(array: np.ndarray | None) -> np.ndarray:
+    return np.zeros(0) if array is None else np.asarray(array, dtype=np.float64).reshape(-1)
+
+
+def format_table(layers: list[LayerQuantization]) -> list[str]:
+    """The text report's lines: one per flagged layer, and how many were measured and not flagged."""
+    flagged = [layer for layer in layers if layer.flags]
+    lines = [
+        f"quantization: {len(flagged)} of {len(layers)} folded layer(s) flagged "
+        f"(per-tensor int8 loses > {INT8_LOSS_FLAG_DB:g} dB through the fold, or the target dtype overflows or "
+        f"gets > {BELOW_NORMAL_FLAG_SHARE:.0%} more values below its normal range)"
+    ]
+    if not flagged:
+        return lines
+    lines.append("  layer | int8 per-tensor dB before -> after | per-channel dB | spread after | largest |scale| channels")
+    for layer in flagged:
+        named = ", ".join(_describe_channel(channel) for channel in layer.channels)
+        half = ""
+        if layer.target is not None and layer.target.lossy:
+            t = layer.target
+            half = f" | {t.dtype}: {t.overflow} overflow, {t.below_normal} below normal (before {t.below_normal_before})"
+        lines.append(
+            f"  {layer.layer} | {layer.int8_per_tensor_db_before:.1f} -> {layer.int8_per_tensor_db:.1f} | "
+            f"{layer.int8_per_channel_db:.1f} | {layer.channel_spread_after:.3g} | {named}{half}"
+        )
+    return lines
+
+
+def _describe_channel(channel: ChannelStatistics) -> str:
+    statistics = "" if channel.gamma is None else f" (γ {channel.gamma:.3g}, var {channel.variance:.3g}, eps {channel.eps:g})"
+    return f"{channel.channel}: {channel.scale:.3g}{statistics}"
+
+
+def statistics_estimate(scale: np.ndarray, shift: np.ndarray) -> tuple[float, int]:
+    """What folding a BatchNorm would do, from its statistics alone (the layer's weights unknown):
+    ``20 log10(max |s| / median |s|)``, the dB per-tensor int8 loses on the median channel when every
+    channel's weights had the same range before the fold (its step grows by that ratio against its range),
+    and how many of its shifts (the folded bias of a layer without one) overflow float16."""
+    magnitude = np.abs(scale)
+    median, top = float(np.median(magnitude)), float(magnitude.max())
+    if top == 0:
+        lost = 0.0
+    else:
+        lost = math.inf if median == 0 else 20 * math.log10(top / median)
+    return lost, half_precision_counts([shift], "float16")[0]

@@ -1,0 +1,39 @@
+"""The PyTorch front-end's quantization figures (:mod:`bnfold.quantization`), from the plan: each fold's
+layer weight as the model holds it before the rewrite, and the folded weight and bias as the rewrite writes
+them (the plan's float64 values, rounded once to the layer's dtype)."""
+
+from __future__ import annotations
+
+from bnfold.fold_math import round_to_dtype
+from bnfold.quantization import LayerQuantization, measure_fold, named_channels
+from bnfold.torch_fold.conversion import to_numpy
+from bnfold.torch_fold.planning import PlannedFold, _numpy_dtype, channel_affine
+
+
+def measure_torch_folds(folds: list[PlannedFold], target_dtype: str | None) -> list[LayerQuantization]:
+    """Call before the rewrite, which writes the folded values into the layers' own tensors."""
+    measured = []
+    for fold in folds:
+        layer, batchnorm = fold.layer, fold.batchnorm
+        weight, bias = fold.layer_values
+        scale = channel_affine(batchnorm).scale
+        if batchnorm.per_channel is None:
+            statistics = (to_numpy(batchnorm.weight), to_numpy(batchnorm.running_mean), to_numpy(batchnorm.running_var))
+            channels = named_channels(scale, *statistics, batchnorm.eps)
+        else:  # x * scale + shift: no statistics behind the scale
+            channels = named_channels(scale)
+        measured.append(
+            measure_fold(
+                to_numpy(layer.weight),
+                round_to_dtype(weight, _numpy_dtype(layer.weight)),
+                layer.layout,
+                channels,
+                bias_before=to_numpy(layer.bias),
+                bias_after=round_to_dtype(bias, _numpy_dtype(layer.weight if layer.bias is None else layer.bias)),
+                target_dtype=target_dtype,
+                batchnorm=batchnorm.name,
+                layer=layer.name,
+                direction=fold.direction,
+            )
+        )
+    return measured
