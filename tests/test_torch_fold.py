@@ -416,6 +416,50 @@ def test_layer_absorbs_a_batchnorm_on_each_side():
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
+def test_eval_dropout_and_identity_between_the_pair_do_not_block_the_fold():
+    model, inputs = trained_eval_model(case_named("dropout_heads"))
+    result = fold(model, inputs)
+
+    assert type(result.model) is type(model)
+    assert [(f.batchnorm, f.layer, f.direction) for f in result.report.folds] == [
+        ("features.1", "features.0", "into-preceding"),
+        ("embed.3", "embed.0", "into-preceding"),
+        ("neck", "classifier.1", "into-following"),
+    ]
+    # The Dropouts and the Identity stay where they were: in train mode they would act again.
+    assert [type(m) for m in result.model.embed] == [nn.Linear, nn.Identity, nn.Dropout, nn.Identity, nn.ReLU]
+    assert isinstance(result.model.classifier[0], nn.Dropout)
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class DropoutOutputShared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.drop, self.bn = nn.Linear(6, 8), nn.Dropout(), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = self.drop(self.linear(x))
+        return self.bn(y) + y
+
+
+class FunctionalDropoutTrainingBetween(nn.Module):
+    """F.dropout(training=True) is active even in eval mode: it is a reader, not a pass-through."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(F.dropout(self.linear(x), 0.5, training=True))
+
+
+def test_a_reader_after_the_dropout_or_an_active_dropout_still_blocks_the_fold():
+    report = fold(randomise_statistics(DropoutOutputShared()), (torch.randn(4, 6),)).report
+    assert skip_codes(report) == {"bn": "layer-output-shared"} and "`add`" in report.skips[0].reason
+    report = fold(randomise_statistics(FunctionalDropoutTrainingBetween()), (torch.randn(4, 6),), verify=False).report
+    assert skip_codes(report) == {"bn": "no-foldable-neighbour"}
+
+
 def test_training_mode_is_refused_with_a_clear_error():
     model, inputs = trained_eval_model(case_named("resnet"))
     with pytest.raises(ValueError, match=r"\.eval\(\)"):

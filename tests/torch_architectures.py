@@ -430,6 +430,25 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class DropoutHeads(nn.Module):
+    """Conv features, then heads with eval-mode Dropout/Identity between BatchNorm1d and Linear (BNNeck/ReID
+    and tabular heads): Linear -> Identity -> Dropout -> BatchNorm1d -> ReLU, BatchNorm1d -> Dropout -> Linear."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.features = conv_bn_act(3, 8, 3, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.embed = nn.Sequential(
+            nn.Linear(8, 16), nn.Identity(), nn.Dropout(0.1), nn.BatchNorm1d(16), nn.ReLU()
+        )
+        self.neck = nn.BatchNorm1d(16)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(16, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(torch.flatten(self.pool(self.features(x)), 1))
+        return self.classifier(self.neck(x))
+
+
 class Conv1dNet(nn.Module):
     """Conv1d with reflect and circular padding and groups."""
 
@@ -496,6 +515,7 @@ CASES = [
     Case("timm_conv", TimmConvNet, _image, 0),
     Case("detection_backbone", DetectionBackbone, _image, 0),
     Case("mlp", MLP, lambda: (torch.randn(8, 10),), 0),
+    Case("dropout_heads", DropoutHeads, _image, 0),
     Case("conv1d", Conv1dNet, lambda: (torch.randn(4, 4, 20),), 0),
     Case("conv3d", Conv3dNet, lambda: (torch.randn(2, 2, 6, 6, 6),), 0),
     Case(

@@ -139,15 +139,30 @@ class DataFlow:
     call_count: int  # call_module, call_function and call_method nodes
 
     def layer_producing(self, value: Any) -> LayerCall | None:
+        """The layer whose output ``value`` is, directly or through eval-mode Dropout/Identity modules."""
+        while value not in self.layers and self.passes_through(value):
+            value = value.args[0]
         return self.layers.get(value) if isinstance(value, fx.Node) else None
 
     def sole_layer_reading(self, node: fx.Node) -> LayerCall | None:
-        """The layer that is the only reader of ``node``'s values, reading it as its data input."""
+        """The layer that is the only reader of ``node``'s values (through eval-mode Dropout/Identity modules,
+        each the only reader before it), reading it as its data input."""
         readers = value_readers(node)
+        while len(readers) == 1 and self.passes_through(readers[0]):
+            node, readers = readers[0], value_readers(readers[0])
         if len(readers) != 1:
             return None
         layer = self.layers.get(readers[0])
         return layer if layer is not None and layer.input is node else None
+
+    def passes_through(self, node: Any) -> bool:
+        """An ``nn.Identity`` or eval-mode Dropout call: its output holds its input's values, so it is no reader
+        that must keep seeing un-normalised values."""
+        if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return False
+        module = self.traced.root.get_submodule(node.target)
+        passes = isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
+        return passes and computes_torch_forward(module)
 
     def uses_of(self, layer: LayerCall) -> int:
         """How many times the graph reads the layer's weight or bias: more than one means a shared layer."""

@@ -198,8 +198,15 @@ def _layer_refusal(
 
 
 def _preceding_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, flow: DataFlow) -> Refusal | None:
-    own_reader = batchnorm.input_reader or batchnorm.node
-    other_readers = [reader for reader in value_readers(layer.node) if reader is not own_reader]
+    # Between the layer and the BatchNorm there may be eval-mode Dropout/Identity calls: each must be the only
+    # reader of the value before it.
+    values = [batchnorm.input]
+    while values[0] is not layer.node:
+        values.insert(0, values[0].args[0])
+    next_readers = [*values[1:], batchnorm.input_reader or batchnorm.node]
+    other_readers = [
+        reader for value, next_node in zip(values, next_readers) for reader in value_readers(value) if reader is not next_node
+    ]
     if other_readers:
         readers = ", ".join(describe_node(reader, flow.traced) for reader in other_readers)
         return "layer-output-shared", (
