@@ -13,9 +13,10 @@
 3. **Fold with the shared algebra** (:mod:`.rewrite`, :mod:`bnfold.fold_math`): float64 numpy at
    the boundary, written back into the existing parameters once.
 4. **Module tree or graph.** When every fold is between module calls, each folded BatchNorm is
-   replaced by ``nn.Identity`` where it is registered: the result is the user's own class, forward
-   and state_dict keys. When a fold involves a function call, only the traced graph has it, so the
-   result is the fx ``GraphModule`` with the BatchNorm calls removed (the report says so).
+   replaced by ``nn.Identity`` where it is registered (a BatchNorm module that applies child modules after
+   normalising, timm's BatchNormAct2d, by an ``nn.Sequential`` of them): the result is the user's own
+   class, forward and state_dict keys. When a fold involves a function call, only the traced graph has it,
+   so the result is the fx ``GraphModule`` (so named) with the BatchNorm calls removed (the report says so).
 5. **Verify**: both models run on ``example_inputs`` and every output tensor is compared with the
    shared dtype tolerances (:mod:`.verify`, :mod:`bnfold.verification`).
 
