@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import runpy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -161,3 +163,11 @@ def test_check_warns_before_folding(onnx_path):
     assert f"channel {DEAD}: scale" in estimated.message
     result = CliRunner().invoke(main, ["check", str(onnx_path), "--select", "BN007"])
     assert result.exit_code == 0 and " BN007 warning " in result.output
+
+
+def test_worked_example_prints_the_warning_and_the_flagged_layer(capsys):
+    example = runpy.run_path(str(Path(__file__).parent.parent / "examples" / "near_dead_channel.py"), run_name="example")
+    example["main"]()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bnfold check: BN007 down.1: per-tensor int8 of the folded layer would lose about 49.1 dB")
+    assert any(line.startswith("    down.0 | 43.7 -> 0.0 | 45.1 | 282 | 5: 241 (γ 0.8, var 1e-06, eps 1e-05)") for line in lines)
