@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from bnfold.check_command import check
+from bnfold.verify_command import verify
 from bnfold.errors import InputError
 from bnfold.input_shapes import named, parse_input_shapes, positional
 
@@ -61,6 +62,7 @@ def main() -> None:
 
 
 main.add_command(check)
+main.add_command(verify)
 
 
 def _fail(message: str, code: int) -> None:

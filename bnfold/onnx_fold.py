@@ -338,9 +338,9 @@ def _freeze_initializer_inputs(model: ir.Model) -> list[str]:
 def _verify(report: FoldReport, verify: bool, original, folded, **options) -> None:
     """Run the verification into ``report`` (raising when it fails), or note why there is none."""
     if verify and report.folds:
-        report.verification = onnx_verify.verify(original, folded, **options)
+        report.verification = onnx_verify.verify(original, folded, folds=report.folds, **options)
         if not report.verification.passed:
-            raise VerificationError(report.verification, report)
+            raise VerificationError(report.verification, report, folded)
     elif verify:
         report.notes.append("nothing folded, so nothing to verify")
 

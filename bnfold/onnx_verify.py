@@ -3,6 +3,8 @@ random inputs, with the runtime's graph optimisations off (so its own fusions ca
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import os
 import sys
@@ -10,17 +12,33 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from bnfold.onnx_constants import constant_array
 from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, scratch_directory, tensor_bytes, uses_external_data
 from bnfold.report import printable
+from bnfold.fold_math import ChannelAffine
+from bnfold.onnx_rules import (
+    FoldIntoFollowing,
+    FoldIntoPreceding,
+    Refusal,
+    batchnorm_channel_affine,
+    elementwise_channel_affine,
+    node_label,
+)
+from bnfold.report import Fold
 from bnfold.verification import (
     RANDOM_INPUT_BUDGET_BYTES,
+    FoldCheck,
+    OutputComparison,
     Verification,
+    check_fold,
     compare_output,
+    fold_not_checked,
     gib,
     not_compared,
     over_random_input_budget,
@@ -112,17 +130,19 @@ def _smallest_shape(value: ir.Value) -> list[int]:
     return [dim if isinstance(dim, int) else 1 for dim in value.shape or []]
 
 
-def _session(source: str | os.PathLike | bytes) -> ort.InferenceSession:
+def _session(source: str | os.PathLike | bytes, optimised: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimised else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     source = str(source) if isinstance(source, Path) else source
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def model_runner(source: str | os.PathLike | bytes) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """One onnxruntime session (optimisations off), as a function from feeds to named outputs."""
-    session = _session(source)
+def model_runner(
+    source: str | os.PathLike | bytes, optimised: bool = False
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """One onnxruntime session (optimisations off unless ``optimised``), as a function from feeds to named outputs."""
+    session = _session(source, optimised)
     names = [output.name for output in session.get_outputs()]
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -156,32 +176,53 @@ def verify(
     original: str | os.PathLike | bytes,
     folded: ir.Model | onnx.ModelProto,
     *,
+    folds: list[Fold] | None = None,
     input_shapes: dict[str, list[int]] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
 ) -> Verification:
-    """Compare every output of ``folded`` with ``original`` (a path or serialized model)."""
+    """Compare every output of ``folded`` with ``original`` (a path or serialized model), and check each of
+    ``folds`` on its own: the folded layer, run on the original's input to it, against the original layer
+    and BatchNorm, channel by channel (see :data:`bnfold.verification.LOCAL_UNITS`)."""
     started = time.perf_counter()
     folded_source = None
     if isinstance(folded, onnx.ModelProto):  # the fast path's result: in memory, no external data
         folded_source, folded = folded.SerializeToString(), ir.from_proto(folded)
     feeds = random_inputs(folded, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
-    _progress("running the original model in onnxruntime", started)
-    try:
-        expected = run_model(original, feeds)
-    except Exception as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise VerificationUnavailableError(  # onnxruntime quotes node names from the model: print them escaped
-            f"onnxruntime cannot run the original model ({printable(first_line)}); use --no-verify to fold without verification"
-        ) from None
-    _progress("running the folded model in onnxruntime", started)
     with scratch_directory("verify") as scratch:
+        local, checks, original_source = [], [], original
+        if folds:
+            # The original runs once, with each checked layer's input and output exposed as extra outputs.
+            original_model = _load(original)
+            local, checks = _local_folds(original_model, folded, folds)
+            outputs = {value.name for value in original_model.graph.outputs}
+            values = {value.name: value for node in original_model.graph for value in node.outputs}
+            values.update((value.name, value) for value in original_model.graph.inputs)
+            for name in dict.fromkeys(name for check in local for name in check.needs):
+                if name not in outputs:
+                    original_model.graph.outputs.append(values[name])
+            original_source = model_source(original_model, scratch)
+            del original_model, values
+        _progress("running the original model in onnxruntime", started)
+        try:
+            expected = run_model(original_source, feeds)
+        except Exception as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise VerificationUnavailableError(  # onnxruntime quotes node names from the model: print them escaped
+                f"onnxruntime cannot run the original model ({printable(first_line)}); use --no-verify to fold without verification"
+            ) from None
+        if local:
+            _progress(f"running {len(local)} folded layer(s) on their own", started)
+            checks += _check_locally(folded, local, expected, rtol)
+        _progress("running the folded model in onnxruntime", started)
         actual = run_model(folded_source or model_source(folded, scratch), feeds)
     _progress("comparing outputs", started)
     output_types = {value.name: value.dtype for value in folded.graph.outputs}
     comparisons = []
     for name, reference in expected.items():
+        if name not in output_types:
+            continue  # a value exposed for the per-fold checks
         if not isinstance(reference, np.ndarray):  # a sequence or map output: onnxruntime returns a list or dict
             kind = type(reference).__name__
             comparisons.append(not_compared(name, kind, f"onnxruntime returned a {kind}, not a tensor"))
@@ -189,4 +230,205 @@ def verify(
         dtype = output_types.get(name)
         dtype_name = str(dtype.numpy()) if dtype is not None else str(reference.dtype)
         comparisons.append(compare_output(name, reference, actual[name], dtype_name, atol, rtol))
-    return Verification(comparisons, {name: list(array.shape) for name, array in feeds.items()})
+    if any(comparison.failed and comparison.magnitude is not None for comparison in comparisons):
+        _measure_noise(original, feeds, comparisons)
+    return Verification(comparisons, {name: list(array.shape) for name, array in feeds.items()}, folds=checks)
+
+
+def _load(original: str | os.PathLike | bytes) -> ir.Model:
+    if isinstance(original, bytes):
+        return ir.from_proto(onnx.load_from_string(original))
+    return ir.load(original)
+
+
+def _check_locally(folded: ir.Model, local: list[_LocalFold], values: dict[str, np.ndarray], rtol: float | None) -> list[FoldCheck]:
+    outputs = run_model(_local_model(folded, local, values), {f"x{i}": values[check.data] for i, check in enumerate(local)})
+    checks = []
+    for index, check in enumerate(local):
+        dtype_name = str(values[check.reference].dtype)
+        # A half-precision fold's reference is recomputed in float32 beside the folded layer (see _local_model).
+        reference = outputs.get(f"r{index}", values[check.reference])
+        checks.append(check_fold(check.label, dtype_name, reference, outputs[f"y{index}"], outputs[f"n{index}"], check.channel_axis, rtol))
+    return checks
+
+
+def _measure_noise(original: str | os.PathLike | bytes, feeds: dict[str, np.ndarray], comparisons: list[OutputComparison]) -> None:
+    """Set each failed output's ``noise``: how far onnxruntime's optimised run of the original (its own
+    fusions and kernel choices) is from the plain one, the float noise a user can compare the error with."""
+    try:
+        optimised = model_runner(original, optimised=True)(feeds)
+        plain = run_model(original, feeds)
+    except Exception:
+        return  # the figure is a help to the reader, never a reason to fail differently
+    for comparison in comparisons:
+        if comparison.failed and comparison.magnitude is not None and comparison.name in optimised:
+            noise = np.abs(np.asarray(optimised[comparison.name], np.float64) - np.asarray(plain[comparison.name], np.float64))
+            comparison.noise = float(np.nanmax(noise)) if noise.size else 0.0
+
+
+@dataclasses.dataclass
+class _LocalFold:
+    """A fold checked on its own: ``nodes`` of the folded model, fed the original's ``data`` value, must
+    reproduce the original's ``reference`` value per channel."""
+
+    label: str
+    data: str
+    reference: str
+    nodes: list[ir.Node]
+    channel_axis: int
+    needs: tuple[str, ...]  # the original's values the check reads
+    # The original layer (its node and its constant inputs after the data) and the map folded into it,
+    # from which a half-precision fold's reference is recomputed in float32.
+    original_layer: ir.Node
+    original_inputs: list[np.ndarray | None]
+    affine: ChannelAffine
+    preceding: bool
+
+
+def _by_label(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+    labelled: dict[str, list[ir.Node]] = {}
+    for node in graph:
+        labelled.setdefault(node_label(node), []).append(node)
+    return labelled
+
+
+def _local_folds(original: ir.Model, folded: ir.Model, folds: list[Fold]) -> tuple[list[_LocalFold], list[FoldCheck]]:
+    """The folds that can be checked on their own, and a not-compared entry (with the reason) for each other."""
+    opset = original.opset_imports.get("", original.opset_imports.get("ai.onnx", 1))
+    in_original, in_folded = _by_label(original.graph), _by_label(folded.graph)
+    per_layer = collections.Counter((fold.graph, fold.layer) for fold in folds)
+    local, unchecked = [], []
+    for fold in folds:
+        label = fold.describe()
+        if fold.graph:
+            unchecked.append(fold_not_checked(label, "in a subgraph: checked through the model's outputs only"))
+        elif per_layer[(fold.graph, fold.layer)] > 1:
+            unchecked.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
+        else:
+            try:
+                local.append(_local_fold(fold, label, opset, in_original, in_folded))
+            except (Refusal, LookupError) as why:
+                reason = why.reason if isinstance(why, Refusal) else why.args[0]
+                unchecked.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
+    return local, unchecked
+
+
+def _only(labelled: dict[str, list[ir.Node]], label: str, what: str) -> ir.Node:
+    nodes = labelled.get(label, [])
+    if len(nodes) != 1:
+        raise LookupError(f"{len(nodes)} nodes are labelled {label!r} in the {what} model")
+    return nodes[0]
+
+
+def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded) -> _LocalFold:
+    anchor = _only(in_original, fold.batchnorm, "original")
+    preceding = fold.direction == "into-preceding"
+    rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
+    match = rule.check(anchor, opset)  # read-only: the original's layer and the map that was folded
+    layer = match.layer
+    if layer.node.op_type == "MatMul":
+        raise LookupError("a MatMul fold")
+    channels = layer.layout.out_channels(layer.weight.shape)
+    if anchor.op_type == "BatchNormalization":
+        affine = batchnorm_channel_affine(anchor, opset)
+    else:
+        affine = elementwise_channel_affine(anchor, layer.output, channels, layer.output_rank)
+    try:
+        folded_layer = _only(in_folded, fold.layer, "folded")
+    except LookupError:
+        if not preceding:
+            raise
+        # An unnamed layer whose output became a graph output took the BatchNorm's output name.
+        folded_layer = _only(in_folded, f"{layer.node.op_type}->{anchor.outputs[0].name}", "folded")
+    if folded_layer.op_type != layer.node.op_type:
+        raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
+    if any(value is not None and value.const_value is None for value in folded_layer.inputs[1:]):
+        raise LookupError(f"the folded {fold.layer!r} reads a weight that is not an initializer")
+    original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
+    if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
+        raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
+    if preceding:
+        data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
+    else:
+        data, reference = anchor.inputs[0].name, layer.output.name
+    return _LocalFold(label, data, reference, [folded_layer], 1, (data, reference), layer.node, original_inputs, affine, preceding)
+
+
+_HALF = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def _local_model(folded: ir.Model, local: list[_LocalFold], values: dict[str, np.ndarray]) -> bytes:
+    """One model holding a copy of each checked folded layer, its data input fed as ``x<i>``, its output ``y<i>``,
+    and beside it ``n<i>``, each element's rounding scale sqrt(sum (w x)^2 + b^2) (see LOCAL_UNITS).
+
+    A float16/bfloat16 layer runs in float32 (its input and folded weights upcast exactly), beside a float32
+    reference ``r<i>``: the original layer, with its own weights upcast, and the folded map. Both then carry
+    float32 rounding only, so what is left between them is the folded weights' rounding to the half dtype
+    (half an ulp each), and a wrong channel stands out from it; the half-precision original's own rounding
+    of the layer's sums would hide a relative error of 1e-2. This also runs bfloat16 layers, which
+    onnxruntime's CPU kernels lack."""
+    graph = ir.Graph([], [], nodes=[], opset_imports=dict(folded.opset_imports), name="bnfold_local_checks")
+    for index, check in enumerate(local):
+        (node,) = check.nodes
+        data = values[check.data]
+        x = ir.Value(name=f"x{index}", type=ir.TensorType(ir.DataType.from_numpy(data.dtype)), shape=ir.Shape(data.shape))
+        graph.inputs.append(x)
+        half = data.dtype in _HALF
+        x32 = _append(graph, ir.node("Cast", [x], attributes={"to": ir.DataType.FLOAT})) if half else x
+        weights = [None if value is None else value.const_value.numpy() for value in node.inputs[1:]]
+        weights = [None if w is None else w.astype(np.float32) if half else w for w in weights]
+        graph.outputs.append(_layer_copy(graph, node, x32, weights, f"{index}", f"y{index}"))
+        # The size of the rounding at each element: sqrt(sum (w x)^2 + b^2), the same layer with every term
+        # squared (a Gemm's alpha and beta too).
+        squares = _layer_copy(
+            graph, node, _append(graph, ir.node("Mul", [x32, x32])), [None if w is None else w * w for w in weights], f"{index}_squared", None,
+            {name: ir.AttrFloat32(name, attribute.as_float() ** 2) if name in ("alpha", "beta") else attribute for name, attribute in node.attributes.items()},
+        )  # fmt: skip
+        graph.outputs.append(_append(graph, ir.node("Sqrt", [squares]), f"n{index}"))
+        if not half:
+            continue
+        original = [None if array is None else _float32(array) for array in check.original_inputs]
+        scale, shift = check.affine.scale, check.affine.shift
+        if check.preceding:
+            # A Conv's or Gemm's output has its input's rank, the channels on axis 1.
+            out = _layer_copy(graph, check.original_layer, x32, original, f"{index}_original", None)
+            graph.outputs.append(_channel_map(graph, out, scale, shift, data.ndim, f"r{index}"))
+        else:
+            mapped = _channel_map(graph, x32, scale, shift, data.ndim, None)
+            graph.outputs.append(_layer_copy(graph, check.original_layer, mapped, original, f"{index}_original", f"r{index}"))
+    model = ir.Model(graph, ir_version=folded.ir_version)
+    return ir.to_proto(model).SerializeToString()
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, dtype=np.float32)
+
+
+def _append(graph: ir.Graph, node: ir.Node, name: str | None = None) -> ir.Value:
+    graph.append(node)
+    if name:
+        node.outputs[0].name = name
+    return node.outputs[0]
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.type, value.shape = ir.TensorType(ir.DataType.from_numpy(value.const_value.dtype.numpy())), ir.Shape(value.const_value.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def _layer_copy(graph: ir.Graph, node: ir.Node, data: ir.Value, weights: list, tag: str, name: str | None, attributes=None) -> ir.Value:
+    """A copy of layer ``node`` reading ``data`` and ``weights`` (its inputs after the data: arrays or None),
+    with ``node``'s attributes or ``attributes``."""
+    inputs = [data] + [None if weight is None else _constant(graph, f"w{tag}_{position}", weight) for position, weight in enumerate(weights, 1)]
+    attributes = list((attributes or node.attributes).values())
+    return _append(graph, ir.Node(node.domain, node.op_type, inputs, attributes=attributes, name=f"layer{tag}"), name)
+
+
+def _channel_map(graph: ir.Graph, value: ir.Value, scale: np.ndarray, shift: np.ndarray, rank: int, name: str | None) -> ir.Value:
+    """``value * scale + shift`` in float32 on channel axis 1 of a ``rank``-D value."""
+    shape = (scale.shape[0],) + (1,) * (rank - 2)
+    tag = f"{len(graph)}"
+    scaled = _append(graph, ir.node("Mul", [value, _constant(graph, f"s{tag}", _float32(scale).reshape(shape))]))
+    return _append(graph, ir.node("Add", [scaled, _constant(graph, f"t{tag}", _float32(shift).reshape(shape))]), name)

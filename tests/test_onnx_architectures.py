@@ -13,6 +13,7 @@ from torch_architectures import CASES, trained_eval_model
 from bnfold import fold_onnx
 from bnfold.architectures import ARCHITECTURES, realistic_model
 from bnfold.testing import export_onnx
+from bnfold.verification import LOCAL_UNITS
 
 # BatchNorms bnfold must leave, with their skip code. DenseNet-121's pre-activation BN→ReLU→Conv layers
 # read a Concat and feed a ReLU: nothing can absorb them (62 of its 121).
@@ -41,6 +42,9 @@ def test_architecture_folds_every_batchnorm_after_a_conv(exported):
     assert [s.code for s in report.skips] == ["no-foldable-neighbour"] * LEFT[name]
     assert all("Concat" in s.reason and "Relu" in s.reason for s in report.skips)
     assert report.verification.passed
+    # Every fold is also checked on its own (bnfold.verification.LOCAL_UNITS), well inside its bound.
+    assert len(report.verification.folds) == len(report.folds)
+    assert all(check.status == "passed" and check.units < LOCAL_UNITS["float32"] / 2 for check in report.verification.folds)
     assert_same_outputs(original, folded, atol=1e-5, rtol=1e-4)
 
 

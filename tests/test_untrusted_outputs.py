@@ -82,8 +82,9 @@ def test_an_output_nan_everywhere_in_the_original_fails_the_fold_with_nothing_wr
     assert verification["max_abs_error"] is None and verification["max_rel_error"] is None
     assert verification["outputs"] == [
         {"name": "y", "dtype": "float32", "status": "not compared", "elements": CONV_OUTPUT_ELEMENTS,
-         "elements_compared": 0, "max_abs_error": None, "max_rel_error": None, "atol": 1e-4, "rtol": 1e-3,
-         "reason": f"the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s)", "passed": False}
+         "elements_compared": 0, "max_abs_error": None, "max_rel_error": None, "atol": 1e-6, "rtol": 1e-3,
+         "reason": f"the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s)", "magnitude": None,
+         "noise": None, "passed": False}
     ]  # fmt: skip
     text = invoke(path, "--dry-run").stdout.splitlines()
     assert text[-2:] == [
@@ -128,7 +129,7 @@ def test_nan_brought_in_by_the_folded_model_fails():
     assert (y.status, y.elements_compared, y.max_abs_error) == ("failed", 144, float("inf"))
     assert y.reason == f"NaN or Inf in {negative} element(s) where the original is finite"
     assert verification.reason == (
-        f"folded model differs from the original: output 'y', max abs error inf, max rel error inf: {y.reason}"
+        f"folded model differs from the original: output 'y': {y.reason}"
     )
 
 

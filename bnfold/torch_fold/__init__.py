@@ -18,7 +18,8 @@
    class, forward and state_dict keys. When a fold involves a function call, only the traced graph has it,
    so the result is the fx ``GraphModule`` (so named) with the BatchNorm calls removed (the report says so).
 5. **Verify**: both models run on ``example_inputs`` and every output tensor is compared with the
-   shared dtype tolerances (:mod:`.verify`, :mod:`bnfold.verification`).
+   shared dtype tolerances; each fold between modules is also checked on its own, its folded layer run on
+   the original's input to it (:mod:`.verify`, :mod:`bnfold.verification`).
 
 ``report.nodes_before`` / ``nodes_after`` count ``"batchnorm"``: the BatchNorms the report covers
 (modules, ``F.batch_norm`` calls with their own statistics, and per-channel ``x * scale + shift`` computed
@@ -42,7 +43,7 @@ from bnfold.torch_fold.planning import FoldPlan, plan_folds
 from bnfold.torch_fold.quantization import measure_torch_folds
 from bnfold.torch_fold.rewrite import fold_in_graph, fold_in_module_tree
 from bnfold.torch_fold.tracing import ModelNotTraceableError, TracedModel, trace_model
-from bnfold.torch_fold.verify import compare_outputs, run_outputs
+from bnfold.torch_fold.verify import FoldCapture, compare_outputs, run_outputs
 from bnfold.verification import VerificationError
 
 __all__ = ["ModelNotTraceableError", "TorchFoldResult", "fold"]
@@ -84,7 +85,6 @@ def fold(
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _require_eval_mode(model)
-    expected = run_outputs(model, example_inputs) if verify else None
     notes = []
     working = model if inplace else copy.deepcopy(model)
     traced, flow, plan = _analyse(working, example_inputs)
@@ -93,6 +93,13 @@ def fold(
         working = copy.deepcopy(model)
         traced, flow, plan = _analyse(working, example_inputs)
     notes.append(traced.note)
+    if verify:
+        # The original runs before anything is folded, with hooks catching each fold's own values.
+        capture = FoldCapture(model, plan.folds)
+        try:
+            expected = run_outputs(model, example_inputs)
+        finally:
+            capture.remove()
     measured = []
     if quantization or target_dtype is not None:
         measured = measure_torch_folds(plan.folds, target_dtype)  # before the rewrite overwrites the weights
@@ -110,8 +117,9 @@ def fold(
     if verify:
         actual = run_outputs(folded, example_inputs)
         report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)
+        report.verification.folds = capture.check(folded, plan.folds, rtol)
         if not report.verification.passed:
-            raise VerificationError(report.verification, report)
+            raise VerificationError(report.verification, report, folded)
     return TorchFoldResult(folded, report)
 
 

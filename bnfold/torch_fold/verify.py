@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import copy
 import math
 from typing import Any
 
@@ -9,8 +11,19 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from bnfold.fold_math import ChannelAffine
 from bnfold.torch_fold.conversion import to_numpy
-from bnfold.verification import OutputComparison, Verification, compare_output, not_compared, tolerances_for
+from bnfold.torch_fold.planning import PlannedFold, channel_affine
+from bnfold.verification import (
+    FoldCheck,
+    OutputComparison,
+    Verification,
+    check_fold,
+    compare_output,
+    fold_not_checked,
+    not_compared,
+    tolerances_for,
+)
 
 
 def run_outputs(model: nn.Module, example_inputs: tuple) -> dict[str, Any]:
@@ -49,3 +62,98 @@ def _compare_leaf(name: str, expected: Any, actual: Any, atol: float | None, rto
 
 def _kind(leaf: Any) -> str:
     return "None" if leaf is None else type(leaf).__name__
+
+
+class FoldCapture:
+    """The original model's own values around each fold both of whose ends are modules called once:
+    the layer's input and output and the BatchNorm's input and output, caught by forward hooks while the
+    original runs for the output comparison."""
+
+    def __init__(self, model: nn.Module, folds: list[PlannedFold]):
+        layers = collections.Counter(fold.layer.module_path for fold in folds)
+        # A BatchNorm module that applies more after normalising (BatchNormAct2d) has no hook on the normalised value.
+        self.checked = [
+            fold
+            for fold in folds
+            if fold.in_module_tree and layers[fold.layer.module_path] == 1 and not fold.batchnorm.kept_children
+        ]
+        self.values: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Half-precision layers are checked in float32 (see LOCAL_UNITS): a float32 copy of each, taken
+        # before folding changes it (an in-place fold folds this very model).
+        self.originals = {
+            fold: copy.deepcopy(model.get_submodule(fold.layer.module_path)).float()
+            for fold in self.checked
+            if fold.layer.weight.dtype in _HALF
+        }
+        self._hooks = []
+        for fold in self.checked:
+            for path in (fold.layer.module_path, fold.batchnorm.module_path):
+                self._hooks.append(model.get_submodule(path).register_forward_hook(self._recorder(path)))
+
+    def _recorder(self, path: str):
+        def record(module, args, output):
+            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                # Copies: a later in-place op (ReLU(inplace=True), ``out += identity``) would change them.
+                self.values.setdefault(path, []).append((args[0].detach().clone(), output.detach().clone()))
+
+        return record
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def check(self, folded: nn.Module, folds: list[PlannedFold], rtol: float | None) -> list[FoldCheck]:
+        checks = []
+        for fold in folds:
+            label = fold.to_report().describe()
+            if fold not in self.checked:
+                if not fold.in_module_tree:
+                    why = "a function call in the traced graph"
+                elif fold.batchnorm.kept_children:
+                    why = f"the BatchNorm module also applies {', '.join(fold.batchnorm.kept_children)}"
+                else:
+                    why = "the layer absorbs more than one fold"
+                checks.append(fold_not_checked(label, f"{why}: checked through the model's outputs only"))
+                continue
+            layer_calls = self.values.get(fold.layer.module_path, [])
+            norm_calls = self.values.get(fold.batchnorm.module_path, [])
+            if len(layer_calls) != 1 or len(norm_calls) != 1:
+                checks.append(fold_not_checked(label, "the layer or BatchNorm runs more than once: checked through the model's outputs only"))
+                continue
+            checks.append(_check_one(fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold)))
+        return checks
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _affine(fold: PlannedFold) -> ChannelAffine:
+    return channel_affine(fold.batchnorm)
+
+
+def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original) -> FoldCheck:
+    """The folded layer on the original's input to it against the original layer and BatchNorm, each
+    element's error in units of its rounding scale sqrt(sum (w x)^2 + b^2) (see LOCAL_UNITS)."""
+    (layer_in, _), (norm_in, norm_out) = layer_call, norm_call
+    axis = -1 if fold.layer.layout.kind == "matrix_out_in" else 1  # Linear keeps features last
+    layer = folded.get_submodule(fold.layer.module_path)
+    preceding = fold.direction == "into-preceding"
+    data = layer_in if preceding else norm_in
+    dtype_name = str(data.dtype).removeprefix("torch.")
+    with torch.no_grad():
+        if original is None:
+            reference = norm_out if preceding else layer_call[1]
+        else:
+            # Half precision: both sides in float32 from the exactly upcast input and weights.
+            affine = _affine(fold)
+            data = data.float()
+            shape = [-1] + [1] * (data.dim() - 2) if axis == 1 else [-1]
+            scale, shift = (torch.from_numpy(array).to(data.device, torch.float32).reshape(shape) for array in (affine.scale, affine.shift))
+            reference = original(data) * scale + shift if preceding else original(data * scale + shift)
+            layer = copy.deepcopy(layer).float()
+        actual = layer(data)
+        squares = copy.deepcopy(layer)
+        for parameter in squares.parameters():
+            parameter.square_()
+        magnitude = to_numpy(squares(data * data).sqrt())
+    return check_fold(label, dtype_name, to_numpy(reference), to_numpy(actual), magnitude, axis, rtol)

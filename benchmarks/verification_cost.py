@@ -1,0 +1,79 @@
+"""What verification costs on ResNet-50 (ONNX, float32, 1x3x224x224), against the fold itself.
+
+Each phase runs in a child process of its own, so its peak resident memory is its own: loading the model
+alone (the baseline), the fold without verification, and the fold with verification (end-to-end outputs
+and the per-fold checks). Prints one markdown table: wall time (median of ``--repeats`` runs in each
+child) and peak RSS, and what verification adds. It also prints the per-fold check's figures: the worst
+correct fold in rounding units, against the allowed units.
+
+Run: .venv/bin/python benchmarks/verification_cost.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PHASES = ("load", "fold", "fold+verify")
+
+
+def child(path: str, phase: str, repeats: int) -> None:
+    import onnx
+
+    from bnfold.onnx_fold import fold_onnx
+
+    times, worst = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model = onnx.load(path)
+        if phase != "load":
+            _, report = fold_onnx(model, verify=phase == "fold+verify")
+            if report.verification is not None:
+                worst = max(check.units for check in report.verification.folds if check.units is not None)
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak, "worst_units": worst}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("PATH", "PHASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child, args.repeats)
+        return
+    import torch
+
+    from bnfold import architectures
+    from bnfold.testing import export_onnx
+    from bnfold.verification import LOCAL_UNITS
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = str(Path(scratch) / "resnet50.onnx")
+        export_onnx(architectures.realistic_model("resnet50"), torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1)), path)
+        results = {}
+        for phase in PHASES:
+            command = [sys.executable, __file__, "--child", path, phase, "--repeats", str(args.repeats)]
+            results[phase] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    print("| ResNet-50 ONNX, 224x224 | time (s) | peak RSS (MiB) |")
+    print("|---|---|---|")
+    for phase in PHASES:
+        print(f"| {phase} | {results[phase]['seconds']:.2f} | {results[phase]['peak_mib']:.0f} |")
+    fold, verified = results["fold"], results["fold+verify"]
+    print(
+        f"| verification adds | {verified['seconds'] - fold['seconds']:.2f} "
+        f"({verified['seconds'] / fold['seconds']:.1f}x the fold) | {verified['peak_mib'] - fold['peak_mib']:.0f} |"
+    )
+    print(f"\nworst correct fold: {verified['worst_units']:.3g} rounding units (float32 allows {LOCAL_UNITS['float32']:g})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The verification criterion (issue 13): correct folds pass, corrupted ones fail with the figures.
+
+Each fold is checked on its own (the folded layer on the original's input to it, per channel, see
+bnfold.verification.LOCAL_UNITS) and the outputs end to end (max |error| within atol + rtol x max |original|).
+A relative 1e-3 error in one channel of a ResNet-50 moves its outputs by less than the float noise, so only
+the per-fold check can catch it; these tests corrupt folds and check that it does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import bnfold
+from bnfold import architectures
+from bnfold.cli import main
+from bnfold.onnx_fold import fold_onnx
+from bnfold.onnx_verify import random_inputs, run_model, verify
+from bnfold.testing import export_onnx
+from bnfold.torch_fold import planning
+from bnfold.verification import LOCAL_UNITS, VerificationError
+
+# ResNet-50 at its full size; a smaller image keeps onnxruntime quick without changing any layer's width.
+RESNET_IMAGE = (1, 3, 96, 96)
+GAIN = 3.0
+
+
+def _resnet50(tmp_path) -> tuple[bytes, onnx.ModelProto, list]:
+    """ResNet-50 with realistic statistics: (original serialized, folded without verification, folds)."""
+    export_onnx(architectures.realistic_model("resnet50"), torch.randn(RESNET_IMAGE, generator=torch.Generator().manual_seed(1)), tmp_path / "r.onnx")
+    original = onnx.load(tmp_path / "r.onnx")
+    folded, report = fold_onnx(original, verify=False)
+    return original.SerializeToString(), folded, report.folds
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(tensor for tensor in model.graph.initializer if tensor.name == name))
+
+
+def _corrupt(model: onnx.ModelProto, name: str, channel: int, scale: float = 1.0, bias_by: float = 0.0) -> onnx.ModelProto:
+    """A copy of ``model`` with output channel ``channel`` of initializer ``name`` times ``scale`` plus ``bias_by``
+    (computed in float64, rounded once to the initializer's dtype)."""
+    corrupted = onnx.ModelProto()
+    corrupted.CopyFrom(model)
+    array = _initializer(model, name).copy()
+    array[channel] = (array[channel].astype(np.float64) * scale + bias_by).astype(array.dtype)
+    tensor = next(tensor for tensor in corrupted.graph.initializer if tensor.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(array, name))
+    return corrupted
+
+
+def _layer(model: onnx.ModelProto, label: str) -> onnx.NodeProto:
+    return next(node for node in model.graph.node if node.name == label)
+
+
+def _channel_range(model: onnx.ModelProto, value: str, channel: int) -> float:
+    """max - min of ``value``'s ``channel`` on the verification's own inputs (seed 0), the value exposed and run."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
+    values = run_model(probe.SerializeToString(), random_inputs(ir.from_proto(model), None, 0))[value][:, channel]
+    return float(values.max() - values.min())
+
+
+def test_resnet50_correct_folds_pass_and_corrupted_ones_fail(tmp_path):
+    """One test, so that the model is built once (xdist gives each worker its own module fixtures)."""
+    original, folded, folds = _resnet50(tmp_path)
+    result = verify(original, folded, folds=folds)
+    assert result.passed, result.reason
+    assert len(result.folds) == 53 and all(check.status == "passed" for check in result.folds)
+    # Measured 24 units at most (any machine's kernels stay well inside the 1024 allowed).
+    assert max(check.units for check in result.folds) < LOCAL_UNITS["float32"] / 2
+
+    # One channel's scale off by a relative 1e-3: 1e-3 / eps(float32) is 8389 units where the output is as
+    # large as its rounding scale, less where it is a remainder of larger terms (measured 1556-6328).
+    for fold in (folds[5], folds[40]):
+        corrupted = _corrupt(folded, _layer(folded, fold.layer).input[1], channel=3, scale=1 + 1e-3)
+        result = verify(original, corrupted, folds=folds)
+        (failed,) = result.failed_folds
+        assert failed.fold == fold.describe() and failed.channel == 3 and failed.units > LOCAL_UNITS["float32"]
+        assert not result.passed and fold.layer in result.reason and "channel 3" in result.reason
+        assert "--rtol" in result.reason and "float noise" in result.reason
+
+    # One channel's bias off by 1e-3 of the range of that channel's output.
+    fold = folds[20]
+    node = _layer(folded, fold.layer)
+    corrupted = _corrupt(folded, node.input[2], channel=7, bias_by=1e-3 * _channel_range(folded, node.output[0], 7))
+    result = verify(original, corrupted, folds=folds)
+    (failed,) = result.failed_folds
+    assert failed.fold == fold.describe() and failed.channel == 7 and failed.units > LOCAL_UNITS["float32"]
+
+
+def _near_dead(model: nn.Module, channels: int = 4) -> nn.Module:
+    """The first ``channels`` channels of every Conv→BatchNorm nearly dead: tiny weights, running_var 1e-4."""
+    modules = list(model.modules())
+    with torch.no_grad():
+        for conv, norm in zip(modules, modules[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                conv.weight[:channels] *= 0.01
+                norm.running_var[:channels] = 1e-4
+                norm.running_mean[:channels] *= 0.01
+    return model
+
+
+def _to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del model.graph.value_info[:]
+    return model
+
+
+def _to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del model.graph.value_info[:]
+    return model
+
+
+class _ConvNet(nn.Sequential):
+    def __init__(self, width: int = 16):
+        super().__init__(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, 2 * width, 3),
+                         nn.BatchNorm2d(2 * width), nn.ReLU(), nn.Conv2d(2 * width, 8 * width, 1), nn.BatchNorm2d(8 * width),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * width * 14 * 14, 10))  # fmt: skip
+
+
+def _trained(model: nn.Module) -> nn.Module:
+    architectures.randomize_batchnorm_statistics(model, torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def test_float16_near_dead_channels_pass_and_a_1e_2_scale_error_fails(tmp_path):
+    """Three layers up to a 1x1 conv over 128 channels, whose outputs are small remainders of their terms."""
+    torch.manual_seed(0)
+    model = _near_dead(_trained(_ConvNet(width=16)))
+    export_onnx(model, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), tmp_path / "m.onnx")
+    original = _to_float16(onnx.load(tmp_path / "m.onnx"))
+    folded, report = fold_onnx(original, verify=False)
+    original = original.SerializeToString()
+    result = verify(original, folded, folds=report.folds)
+    assert result.passed, result.reason
+    assert [check.status for check in result.folds] == ["passed"] * 3
+    assert max(check.units for check in result.folds) < LOCAL_UNITS["float16"] / 2
+    for fold in report.folds:
+        corrupted = _corrupt(folded, _layer(folded, fold.layer).input[1], channel=5, scale=1 + 1e-2)
+        result = verify(original, corrupted, folds=report.folds)
+        (failed,) = result.failed_folds
+        assert failed.fold == fold.describe() and failed.channel == 5 and failed.units > LOCAL_UNITS["float16"]
+        assert "root mean square" in result.reason
+
+
+def _conv_bn(dtype, near_dead: int = 4) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    channels = 16
+    stats = {"scale": rng.uniform(0.5, 1.5, channels), "bias": rng.normal(0, 0.3, channels),
+             "mean": rng.normal(0, 0.5, channels), "var": rng.uniform(0.5, 2.0, channels)}  # fmt: skip
+    weight = rng.normal(0, 0.2, (channels, 8, 3, 3))
+    weight[:near_dead] *= 0.01
+    stats["var"][:near_dead], stats["mean"][:near_dead] = 1e-4, stats["mean"][:near_dead] * 0.01
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(weight.astype(dtype), "w")] + [numpy_helper.from_array(v.astype(dtype), k) for k, v in stats.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], name="bn")],
+        "conv_bn", [helper.make_tensor_value_info("x", elem, [2, 8, 12, 12])],
+        [helper.make_tensor_value_info("y", elem, [2, 16, 12, 12])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_conv_bn_with_near_dead_channels_passes(dtype):
+    _, report = fold_onnx(_conv_bn(dtype))
+    (check,) = report.verification.folds
+    assert report.verification.passed and check.status == "passed" and check.units < LOCAL_UNITS[np.dtype(dtype).name] / 2
+
+
+@pytest.mark.parametrize("name", sorted(architectures.ARCHITECTURES))
+def test_every_architecture_passes_in_pytorch(name):
+    """(The ONNX exports of the same architectures: tests/test_onnx_architectures.py.)"""
+    result = bnfold.fold(architectures.realistic_model(name), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    verification = result.report.verification
+    assert verification.passed, verification.reason
+    checked = [check for check in verification.folds if check.status != "not compared"]
+    assert checked and all(check.status == "passed" for check in checked)
+    assert max(check.units for check in checked) < LOCAL_UNITS["float32"] / 2
+
+
+def test_large_activation_variant_passes_both_front_ends(tmp_path):
+    """BatchNorm gammas times 3: activations grow block by block, logits reach 1e3 to 1e8."""
+    model = architectures.realistic_model("shufflenet_v2")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.mul_(GAIN)
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert 1e3 <= model(image).abs().max().item() <= 1e8
+    assert bnfold.fold(model, image).report.verification.passed
+    export_onnx(model, image, tmp_path / "m.onnx")
+    assert fold_onnx(tmp_path / "m.onnx")[1].verification.passed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_half_precision_near_dead_channels_pass(dtype):
+    model = _near_dead(_trained(_ConvNet())).to(dtype)
+    result = bnfold.fold(model, torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(dtype))
+    checks = result.report.verification.folds
+    assert [check.status for check in checks] == ["passed"] * 3
+    assert max(check.units for check in checks) < LOCAL_UNITS[str(dtype).removeprefix("torch.")] / 2
+
+
+def test_torch_corrupted_fold_fails_naming_it(monkeypatch):
+    """The real fold with one channel of the second layer's folded weight off by a relative 1e-3."""
+    calls = []
+
+    def corrupted(weight, bias, affine, layout, out_dtype=None):
+        weight, bias = fold_into_outputs(weight, bias, affine, layout, out_dtype)
+        calls.append(weight.shape)
+        if len(calls) == 2:
+            weight[3] *= 1 + 1e-3
+        return weight, bias
+
+    fold_into_outputs = planning.fold_into_outputs
+    monkeypatch.setattr(planning, "fold_into_outputs", corrupted)
+    with pytest.raises(VerificationError) as caught:
+        bnfold.fold(_trained(_ConvNet()), torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    verification = caught.value.verification
+    (failed,) = verification.failed_folds
+    assert failed.fold.startswith("4 [BatchNorm2d] into preceding 3 [Conv2d]") and failed.channel == 3
+    assert failed.units > LOCAL_UNITS["float32"] and isinstance(caught.value.model, nn.Module)
+
+
+def test_verification_error_carries_the_folded_model(monkeypatch):
+    from bnfold import onnx_fast_path
+
+    fold_many = onnx_fast_path.fold_many_into_outputs
+
+    def corrupted(layers):
+        (weight, bias), *rest = fold_many(layers)
+        weight[2] *= weight.dtype.type(1 + 1e-2)
+        return [(weight, bias), *rest]
+
+    monkeypatch.setattr(onnx_fast_path, "fold_many_into_outputs", corrupted)
+    with pytest.raises(VerificationError) as caught:
+        fold_onnx(_conv_bn(np.float32))
+    assert isinstance(caught.value.model, onnx.ModelProto) and caught.value.report.folds
+    assert caught.value.verification.failed_folds[0].channel == 2
+
+
+def _save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_bnfold_verify_command(tmp_path):
+    original = _conv_bn(np.float32, near_dead=0)
+    folded, _ = fold_onnx(original, verify=False)
+    runner = CliRunner()
+    paths = [_save(original, tmp_path / "a.onnx"), _save(folded, tmp_path / "b.onnx")]
+    ok = runner.invoke(main, ["verify", *paths, "--format", "json"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.output)
+    assert report["schema"] == "bnfold.verify-report/1" and report["verification"]["passed"]
+    assert report["verification"]["outputs"][0]["status"] == "passed" and report["verification"]["folds"] == []
+    # One channel's folded scale off by 1e-2: on a single layer the outputs see it (past 1e-3 x max |output|).
+    bad = _save(_corrupt(folded, _layer(folded, "conv").input[1], channel=2, scale=1 + 1e-2), tmp_path / "c.onnx")
+    failed = runner.invoke(main, ["verify", paths[0], bad])
+    assert failed.exit_code == 1 and "max abs error" in failed.output and "--rtol" in failed.output
+    assert runner.invoke(main, ["verify", paths[0], bad, "--rtol", "0.1"]).exit_code == 0
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert runner.invoke(main, ["verify", paths[0], str(tmp_path / "junk.onnx")]).exit_code == 2
