@@ -219,10 +219,14 @@ def test_interrupt_exits_130_in_one_line_and_removes_scratch_files(tmp_path):
     process = subprocess.Popen(
         [BNFOLD, EXAMPLE, "--dry-run", "--input-shape", "input=50000,3,16,16"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True,
+        # A test runner (or CI) may have started us with SIGINT ignored, which a child inherits and Python
+        # then respects: give the command the disposition an interactive shell gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not ours(scratch) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)  # verification has started once its scratch directory exists
+    assert process.poll() is None, "the run ended before verification started"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
