@@ -29,8 +29,8 @@ def main() -> None:
         model, inputs = trained_eval_model(case)
         batchnorms = batchnorm_modules(model)
         bnfold_folded = len(fold(model, inputs).report.folds)
-        fuse_ms = _best_ms(lambda: fuse(model))
-        bnfold_ms = _best_ms(lambda: fold(model, inputs, verify=False))
+        fuse_ms = _best_ms(lambda model=model: fuse(model))
+        bnfold_ms = _best_ms(lambda model=model, inputs=inputs: fold(model, inputs, verify=False))
         print(
             f"{case.name:<24} {batchnorms:>4} {fuse_folds(model):>12} {bnfold_folded:>14} "
             f"{fuse_ms:>8.1f} {bnfold_ms:>10.1f}"

@@ -17,8 +17,8 @@ from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, error
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
 from bnfold.errors import InputError
-from bnfold.report import printable
 from bnfold.input_shapes import parse_input_shapes, positional
+from bnfold.report import printable
 
 EXIT_ERROR_FINDINGS = 1
 EXIT_BAD_INPUT = 2

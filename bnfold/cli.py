@@ -16,9 +16,9 @@ from pathlib import Path
 import click
 
 from bnfold.check_command import check
-from bnfold.verify_command import verify
 from bnfold.errors import InputError
 from bnfold.input_shapes import named, parse_input_shapes, positional
+from bnfold.verify_command import verify
 
 EXIT_VERIFICATION_FAILED = 1
 EXIT_BAD_INPUT = 2

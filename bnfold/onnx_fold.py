@@ -20,8 +20,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from bnfold import onnx_verify
-from bnfold.onnx_fast_path import fold_plain_pairs
 from bnfold.onnx_constants import MalformedTensorError
+from bnfold.onnx_fast_path import fold_plain_pairs
 from bnfold.onnx_io import InputError, load_model, scratch_directory
 from bnfold.onnx_quantization import measure_onnx_folds
 from bnfold.onnx_rules import (

@@ -18,10 +18,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from bnfold.fold_math import ChannelAffine
 from bnfold.onnx_constants import constant_array
 from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, scratch_directory, tensor_bytes, uses_external_data
-from bnfold.report import printable
-from bnfold.fold_math import ChannelAffine
 from bnfold.onnx_rules import (
     FoldIntoFollowing,
     FoldIntoPreceding,
@@ -30,7 +29,7 @@ from bnfold.onnx_rules import (
     elementwise_channel_affine,
     node_label,
 )
-from bnfold.report import Fold
+from bnfold.report import Fold, printable
 from bnfold.verification import (
     RANDOM_INPUT_BUDGET_BYTES,
     FoldCheck,
@@ -43,7 +42,6 @@ from bnfold.verification import (
     not_compared,
     over_random_input_budget,
 )
-
 
 # Elements drawn at a time when making a random input (8 MiB of float64).
 _DRAW_CHUNK = 2**20

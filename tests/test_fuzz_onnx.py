@@ -103,13 +103,16 @@ def test_mutated_models_raise_only_bnfold_errors(name, tmp_path):
     for index, data in mutants(name, MUTATIONS_PER_MODEL, stream=1):
         path = tmp_path / f"{name}_{index}.onnx"
         path.write_bytes(data)
-        calls = [("fold_onnx(path)", lambda: bnfold.fold_onnx(path, verify=index % 4 == 0)), ("check", lambda: bnfold.check(path))]
+        calls = [
+            ("fold_onnx(path)", lambda path=path, index=index: bnfold.fold_onnx(path, verify=index % 4 == 0)),
+            ("check", lambda path=path: bnfold.check(path)),
+        ]
         try:
             proto = onnx.ModelProto.FromString(data)
         except Exception:
             proto = None  # not a protobuf any more: only the file-reading paths apply
         if proto is not None:
-            calls.append(("fold_onnx(ModelProto)", lambda: bnfold.fold_onnx(proto, verify=False)))
+            calls.append(("fold_onnx(ModelProto)", lambda proto=proto: bnfold.fold_onnx(proto, verify=False)))
         failures += [f"mutation {index}: {failure}" for failure in _unexpected(calls)]
     assert not failures, f"{len(failures)} unexpected exception(s), first:\n{failures[0]}"
 

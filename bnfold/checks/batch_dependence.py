@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bnfold.checks.error_text import describe_error
-from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
+from bnfold.checks.findings import Finding
 from bnfold.verification import OutputComparison, compare_output
 
 

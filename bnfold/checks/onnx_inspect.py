@@ -16,7 +16,6 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.checks.batch_dependence import (
-    DEFAULT_BATCH_SIZE,
     NotMeasurable,
     Output,
     measure_batch_dependence,
@@ -24,7 +23,7 @@ from bnfold.checks.batch_dependence import (
     not_measured,
 )
 from bnfold.checks.error_text import describe_error
-from bnfold.checks.findings import Finding
+from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
 from bnfold.onnx_constants import MalformedTensorError, constant_array
 from bnfold.onnx_fold import fold_onnx

@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from bnfold.checks.batch_dependence import (
-    DEFAULT_BATCH_SIZE,
     NotMeasurable,
     Output,
     Runner,
@@ -23,7 +22,7 @@ from bnfold.checks.batch_dependence import (
     measurement_sizes,
     not_measured,
 )
-from bnfold.checks.findings import Finding
+from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.checks.layer_rules import layer_findings
 from bnfold.checks.torch_states import exported_layer_states, module_layer_states
 from bnfold.torch_fold.conversion import to_numpy
