@@ -164,6 +164,19 @@ def model_source(model: ir.Model, scratch: str) -> str | bytes:
     return str(path)
 
 
+def _cannot_run_original(error: Exception) -> str:
+    """onnxruntime's whole message on one line (escaped: it quotes names from the model), and the option
+    that fixes it: input shapes for a shape complaint, --no-verify only where a kernel is missing."""
+    message = " / ".join(line.strip() for line in str(error).strip().splitlines() if line.strip()) or type(error).__name__
+    if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message:
+        remedy = "onnxruntime has no kernel for it here: use --no-verify to fold without verification"
+    elif any(word in message for word in ("dimension", "rank", "shape", "Shape")):
+        remedy = "give each input a shape the model accepts with --input-shape NAME=D1,D2,..."
+    else:
+        remedy = "check the input shapes (--input-shape NAME=D1,D2,...), or use --no-verify to fold without verification"
+    return f"onnxruntime cannot run the original model ({printable(message)}); {remedy}"
+
+
 def _progress(message: str, started: float) -> None:
     """Progress on stderr when a person is watching it: verification of a large model takes a while."""
     if sys.stderr.isatty():
@@ -206,10 +219,7 @@ def verify(
         try:
             expected = run_model(original_source, feeds)
         except Exception as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise VerificationUnavailableError(  # onnxruntime quotes node names from the model: print them escaped
-                f"onnxruntime cannot run the original model ({printable(first_line)}); use --no-verify to fold without verification"
-            ) from None
+            raise VerificationUnavailableError(_cannot_run_original(error)) from None
         if local:
             _progress(f"running {len(local)} folded layer(s) on their own", started)
             checks += _check_locally(folded, local, expected, rtol)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -226,3 +227,35 @@ def test_input_shape_rejects_the_same_bad_sizes_in_fold_and_check(model, spec):
 def test_more_shapes_in_order_than_inputs_is_bad_input(model):
     result = CliRunner().invoke(main, [str(model), "--dry-run", "--input-shape", "1,3,16,16", "--input-shape", "1,2"])
     assert result.exit_code == 2 and "2 input shapes given in order, but the model has 1 input(s)" in result.output
+
+
+def test_a_shape_onnxruntime_rejects_gives_its_whole_message_and_the_shape_option(model):
+    result = CliRunner().invoke(main, [str(model), "--dry-run", "--input-shape", "input=1,3,17,16"])
+    assert result.exit_code == 2
+    (line,) = result.output.splitlines()
+    assert "index: 2 Got: 17 Expected: 16" in line  # past onnxruntime's first line
+    assert line.endswith("give each input a shape the model accepts with --input-shape NAME=D1,D2,...")
+    assert "--no-verify" not in line
+
+
+def test_a_kernel_onnxruntime_lacks_points_at_no_verify(tmp_path):
+    """onnxruntime has no float64 Conv on CPU: only skipping verification helps."""
+    from onnx import TensorProto, helper
+    from onnx_models import batchnorm_node, batchnorm_parameters, initializer
+
+    rng = np.random.default_rng(0)
+    statistics = batchnorm_parameters(3, "bn", rng, dtype=np.float64)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), batchnorm_node("y", "z", "bn")],
+        "float64",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("z", TensorProto.DOUBLE, [1, 3, 3, 3])],
+        [initializer("W", rng.normal(size=(3, 2, 3, 3))), *statistics],
+    )
+    path = tmp_path / "float64.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = CliRunner().invoke(main, [str(path), "--dry-run"])
+    assert result.exit_code == 2
+    assert "NOT_IMPLEMENTED : Could not find an implementation for Conv" in result.output
+    assert result.output.rstrip().endswith("onnxruntime has no kernel for it here: use --no-verify to fold without verification")
+    assert CliRunner().invoke(main, [str(path), "--dry-run", "--no-verify"]).exit_code == 0
