@@ -632,3 +632,34 @@ def test_export_fallback_reports_batch_statistics_under_the_module_name():
     batchnorm = nn.BatchNorm2d(4, affine=False, track_running_stats=False)
     result = fold(Branching(batchnorm).eval(), (torch.randn(2, 3, 6, 6),))
     assert skip_codes(result.report) == {"bn": "batch-statistics"}
+
+
+class _TracesAnotherGraph(nn.Module):
+    """Under fx, ``x`` is a proxy, not a tensor: the trace records ``bn(conv(x))``, a pair the model never
+    runs (it normalises ``relu(conv(x))``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if isinstance(x, torch.Tensor):
+            return self.bn(torch.relu(h))
+        return self.bn(h)
+
+
+def test_a_traced_graph_that_is_not_the_models_falls_back_to_export_and_folds_nothing_false():
+    torch.manual_seed(0)
+    model = _TracesAnotherGraph()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)  # before: a conv -> bn fold that verification rejected
+    assert result.report.folds == []
+    assert [skip.code for skip in result.report.skips] == ["no-foldable-neighbour"]
+    assert any("traced graph computes other outputs than the model" in note for note in result.report.notes)
+    torch.testing.assert_close(result.model(*inputs), model(*inputs), rtol=0, atol=0)

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 from bnfold.reference import REFERENCE_BATCHNORMS
 
@@ -111,6 +112,12 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
     graph_module = fx.GraphModule(model, graph)
     # fx stores the constants it made while tracing on the model; the GraphModule has its own copies now.
     _remove_added_attributes(model, attributes_before)
+    if not _computes_like(model, graph_module, example_inputs):
+        # Python that fx evaluates on a proxy (isinstance, torch.jit.isinstance, a branch on a flag) can
+        # record a graph the model never runs; its pairs would be a tracing artefact. torch.export runs
+        # such Python on fake tensors, as the model does.
+        mismatch = RuntimeError("the traced graph computes other outputs than the model on the example inputs")
+        return _export_model(model, example_inputs, mismatch)
     note = "pairs found with torch.fx symbolic tracing"
     if not _record_shapes(graph_module, example_inputs):
         note += " (shape propagation failed, so rank-dependent Linear folds are refused)"
@@ -140,6 +147,31 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
 def _remove_added_attributes(model: nn.Module, attributes_before: set[str]) -> None:
     for name in set(vars(model)) - attributes_before:
         delattr(model, name)
+
+
+def _computes_like(model: nn.Module, graph_module: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Whether the traced graph gives the model's outputs on ``example_inputs`` (the same ops in the same
+    order: equal up to the rounding of a kernel that picks another path)."""
+    try:
+        with torch.no_grad():
+            expected, actual = model(*example_inputs), graph_module(*example_inputs)
+    except Exception:  # noqa: BLE001 - the graph does not even run: it is not the model's
+        return False
+    expected_leaves, expected_structure = pytree.tree_flatten(expected)
+    actual_leaves, actual_structure = pytree.tree_flatten(actual)
+    if expected_structure != actual_structure:
+        return False
+    for want, got in zip(expected_leaves, actual_leaves):
+        if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor):
+            return False
+        if isinstance(want, torch.Tensor):
+            if want.shape != got.shape or want.dtype != got.dtype:
+                return False
+            finite = want[torch.isfinite(want)] if want.is_floating_point() else want.new_zeros(0)
+            scale = finite.abs().max().item() if finite.numel() else 0.0
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-6 + 1e-4 * scale, equal_nan=True):
+                return False
+    return True
 
 
 def _record_shapes(graph_module: fx.GraphModule, example_inputs: tuple) -> bool:
