@@ -120,16 +120,6 @@ def _to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    for tensor in model.graph.initializer:
-        if tensor.data_type == TensorProto.FLOAT:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
-    for value in [*model.graph.input, *model.graph.output]:
-        value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    del model.graph.value_info[:]
-    return model
-
-
 class _ConvNet(nn.Sequential):
     def __init__(self, width: int = 16):
         super().__init__(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, 2 * width, 3),
