@@ -22,7 +22,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from bnfold import onnx_verify
 from bnfold.onnx_constants import MalformedTensorError
 from bnfold.onnx_fast_path import fold_plain_pairs
-from bnfold.onnx_io import InputError, load_model, scratch_directory
+from bnfold.onnx_io import InputError, data_inputs, load_model, scratch_directory
 from bnfold.onnx_quantization import measure_onnx_folds
 from bnfold.onnx_rules import (
     ELEMENTWISE_OPS,
@@ -327,7 +327,7 @@ def _freeze_initializer_inputs(model: ir.Model) -> list[str]:
     frozen = [value.name for value in graph.inputs if value.name in graph.initializers]
     if not frozen:
         return []
-    graph.inputs[:] = [value for value in graph.inputs if value.name not in graph.initializers]
+    graph.inputs[:] = data_inputs(graph)
     notes = [f"froze {len(frozen)} initializer-backed graph input(s), no longer inputs of the model: {', '.join(frozen)}"]
     if model.ir_version < 4:  # before IR version 4 every initializer had to be a graph input
         notes.append(f"IR version {model.ir_version} -> 4, the first that allows initializers that are not inputs")

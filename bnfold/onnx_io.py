@@ -25,7 +25,13 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """Load ``path`` with its external data kept lazy, after checking that onnx's checker accepts it and
     that every external data file lies in the model's folder and is there, whole. Nothing outside the
     model's folder is ever read."""
-    path = _model_file(path)
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file, not an ONNX model")
     try:
         # An absolute base directory: onnx_ir confines a tensor's data to it only when it is not empty.
         model = ir.load(path.absolute())
@@ -34,33 +40,22 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(path, "not an ONNX model (no graph in the file)")
     _check_external_data(model, path)
-    _check_with_onnx_checker(path)
-    return model
-
-
-def _model_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, not an ONNX file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "empty file, not an ONNX model")
-    return path
-
-
-def _check_with_onnx_checker(path: Path) -> None:
     try:
         # By path, so that models past 2 GiB are checked too (the checker reads no tensor data from files).
         onnx.checker.check_model(str(path))
     except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
         raise InputError(path, f"not a valid ONNX model ({_first_line(error)})") from None
+    return model
+
+
+def data_inputs(graph: ir.Graph) -> list[ir.Value]:
+    """The graph's inputs that are not initializers (what verification feeds), in order: an input with an
+    initializer is an overridable default."""
+    return [value for value in graph.inputs if value.name not in graph.initializers]
 
 
 def data_input_names(path: str | os.PathLike) -> list[str]:
-    """The names of the model's inputs that are not initializers (what verification feeds), in order."""
-    graph = load_model(path).graph
-    return [value.name for value in graph.inputs if value.name not in graph.initializers]
+    return [value.name for value in data_inputs(load_model(path).graph)]
 
 
 def _first_line(error: Exception) -> str:

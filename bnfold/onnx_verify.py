@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from bnfold.fold_math import ChannelAffine
 from bnfold.onnx_constants import constant_array
-from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, scratch_directory, tensor_bytes, uses_external_data
+from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, data_inputs, scratch_directory, tensor_bytes, uses_external_data
 from bnfold.onnx_rules import (
     FoldIntoFollowing,
     FoldIntoPreceding,
@@ -60,11 +60,8 @@ def random_inputs(
     anything is allocated; ``fixed_remedy`` is the caller's advice when the model's fixed sizes alone
     are past the budget."""
     input_shapes = dict(input_shapes or {})
-    initializer_names = set(model.graph.initializers)
     planned: dict[str, tuple[list[int], np.dtype]] = {}
-    for value in model.graph.inputs:
-        if value.name in initializer_names:
-            continue  # an overridable default: run with the stored value
+    for value in data_inputs(model.graph):
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         planned[value.name] = (_input_shape(value, input_shapes.pop(value.name, None)), dtype)
     if input_shapes:

@@ -27,7 +27,7 @@ from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
 from bnfold.onnx_constants import MalformedTensorError, constant_array
 from bnfold.onnx_fold import fold_onnx
-from bnfold.onnx_io import InputError, load_model, scratch_directory
+from bnfold.onnx_io import InputError, data_inputs, load_model, scratch_directory
 from bnfold.onnx_rules import batchnorm_training_mode, node_label
 from bnfold.onnx_verify import VerificationUnavailableError, model_runner, model_source, random_inputs
 from bnfold.quantization import LayerQuantization
@@ -54,8 +54,8 @@ def check_onnx(
         model = load_model(model)
     elif isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
-    data_inputs = [value for value in model.graph.inputs if value.name not in model.graph.initializers]
-    unknown = sorted(set(input_shapes or {}) - {value.name for value in data_inputs})
+    fed = data_inputs(model.graph)
+    unknown = sorted(set(input_shapes or {}) - {value.name for value in fed})
     if unknown:
         raise InputError(label, f"--input-shape names unknown input(s): {', '.join(unknown)}")
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
@@ -69,7 +69,7 @@ def check_onnx(
     except InputError as error:  # from the fold, which labels the in-memory model "<model>"
         raise InputError(label, error.problem) from None
     if measure_batch:
-        findings += _batch_dependence(model, data_inputs, input_shapes or {}, batch_size, seed)
+        findings += _batch_dependence(model, fed, input_shapes or {}, batch_size, seed)
     return findings
 
 
@@ -167,16 +167,16 @@ def _describe_lossy(layer: LayerQuantization) -> str:
 
 
 def _batch_dependence(
-    model: ir.Model, data_inputs: list[ir.Value], input_shapes: dict[str, list[int]], batch_size: int, seed: int
+    model: ir.Model, fed: list[ir.Value], input_shapes: dict[str, list[int]], batch_size: int, seed: int
 ) -> list[Finding]:
     try:
-        if not data_inputs:
+        if not fed:
             raise NotMeasurable("the model has no inputs")
-        batch_dims = [_batch_dim(value) for value in data_inputs]
+        batch_dims = [_batch_dim(value) for value in fed]
         batch_size, alone_size = measurement_sizes(batch_dims, batch_size)
         shapes = {
             value.name: [batch_size, *_sample_dims(value, input_shapes.get(value.name))]
-            for value in data_inputs
+            for value in fed
             if value.shape is not None or value.name in input_shapes
         }
         feeds = random_inputs(model, shapes, seed)
