@@ -16,12 +16,10 @@ import click
 from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, errors
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
-from bnfold.errors import InputError
+from bnfold.errors import EXIT_BAD_INPUT, InputError, echo_error
 from bnfold.input_shapes import parse_input_shapes, positional
-from bnfold.report import printable
 
 EXIT_ERROR_FINDINGS = 1
-EXIT_BAD_INPUT = 2
 
 
 def _codes_epilog() -> str:
@@ -84,7 +82,7 @@ def _check_one(results: CheckResults, selection: CodeSelection, label: str, run:
     try:
         findings = run()
     except InputError as error:
-        click.echo(f"bnfold: error: {printable(str(error))}", err=True)
+        echo_error(str(error))
         results.unreadable[label] = error.problem
         return
     results.findings += selection.apply(findings)

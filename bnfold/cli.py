@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import difflib
 import signal
-import sys
 from pathlib import Path
 
 import click
 
 from bnfold.check_command import check
-from bnfold.errors import InputError
+from bnfold.errors import EXIT_BAD_INPUT, InputError, echo_error, fail
 from bnfold.input_shapes import named, parse_input_shapes, positional
-from bnfold.verify_command import verify
+from bnfold.verify_command import verification_options, verify
 
 EXIT_VERIFICATION_FAILED = 1
-EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
@@ -49,7 +47,7 @@ class _BnfoldGroup(click.Group):
             raise
         except Exception as error:  # a bug, not bad input; still one line, and not the code of a verdict
             detail = (str(error).strip().splitlines() or ["no detail"])[0]
-            click.echo(f"bnfold: error: internal error ({type(error).__name__}: {detail}); please report it", err=True)
+            echo_error(f"internal error ({type(error).__name__}: {detail}); please report it")
             ctx.exit(EXIT_BAD_INPUT)
 
 
@@ -65,23 +63,13 @@ main.add_command(check)
 main.add_command(verify)
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"bnfold: error: {message}", err=True)
-    sys.exit(code)
-
-
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the folded model.")
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL with the folded model.")
 @click.option("--dry-run", is_flag=True, help="Fold and verify, report, write nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
-@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
-              help="Shape of an input for verification, by name (NAME= or NAME:) or in input order; symbolic dims default to 1.")
-@click.option("--atol", type=float, help="Absolute tolerance (default by dtype: float32 1e-4).")
-@click.option("--rtol", type=float, help="Relative tolerance (default by dtype: float32 1e-3).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random verification inputs.")
+@verification_options
 @click.option(
     "--freeze-initializer-inputs",
     is_flag=True,
@@ -123,12 +111,12 @@ def fold(
             save_model(folded, target, read_from=read_from)
             report.output = str(target)
     except InputError as error:
-        _fail(str(error), EXIT_BAD_INPUT)
+        fail(str(error))
     except VerificationUnavailableError as error:
-        _fail(f"{model}: {error}", EXIT_BAD_INPUT)
+        fail(f"{model}: {error}")
     except VerificationError as error:
         _emit(error.report, output_format)
-        _fail(f"{model}: verification failed, nothing written: {error}", EXIT_VERIFICATION_FAILED)
+        fail(f"{model}: verification failed, nothing written: {error}", EXIT_VERIFICATION_FAILED)
     _emit(report, output_format)
 
 

@@ -1,8 +1,29 @@
-"""The exceptions bnfold raises for bad input, importable without numpy, onnx or torch (the CLI's start-up)."""
+"""The exceptions bnfold raises for bad input, and how the commands report them, importable without numpy,
+onnx or torch (the CLI's start-up)."""
 
 from __future__ import annotations
 
 import os
+import sys
+from typing import NoReturn
+
+import click
+
+from bnfold.report import printable
+
+# Every command's exit code for bad usage or bad input (an InputError), as linters use it.
+EXIT_BAD_INPUT = 2
+
+
+def echo_error(message: str) -> None:
+    """``bnfold: error: MESSAGE`` on stderr, one line: names quoted from model files are escaped."""
+    click.echo(f"bnfold: error: {printable(message)}", err=True)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """:func:`echo_error`, then exit with ``code``."""
+    echo_error(message)
+    sys.exit(code)
 
 
 class InputError(Exception):

@@ -13,24 +13,34 @@ from pathlib import Path
 
 import click
 
+from bnfold.errors import fail
 from bnfold.input_shapes import named, parse_input_shapes, positional
 
 EXIT_NOT_EQUIVALENT = 1
-EXIT_BAD_INPUT = 2
+
+
+def verification_options(command):
+    """The options of every command that verifies (``fold``, ``verify``): one definition, one help text."""
+    options = [
+        click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
+                     help="Shape of an input, by name (NAME= or NAME:) or in input order; symbolic dims default to 1."),
+        click.option("--atol", type=float, help="Absolute tolerance (default by dtype: float32 1e-6)."),
+        click.option("--rtol", type=float, help="Tolerance relative to each output's max |original| (default by dtype: float32 1e-3)."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random inputs."),
+    ]  # fmt: skip
+    for option in reversed(options):  # decorators apply bottom-up: keep the listed order in --help
+        command = option(command)
+    return command
 
 
 @click.command()
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
-@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
-              help="Shape of an input, by name (NAME= or NAME:) or in input order; symbolic dims default to 1.")
-@click.option("--atol", type=float, help="Absolute tolerance (default by dtype: float32 1e-6).")
-@click.option("--rtol", type=float, help="Tolerance relative to each output's max |original| (default by dtype: float32 1e-3).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random inputs.")
+@verification_options
 def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -> None:
     """Run ORIGINAL and CANDIDATE on the same seeded random inputs and compare every output."""
-    from bnfold.onnx_io import InputError, data_input_names, load_model
+    from bnfold.onnx_io import InputError, load_model
     from bnfold.onnx_verify import VerificationUnavailableError
     from bnfold.onnx_verify import verify as run_verification
     from bnfold.report import printable
@@ -42,12 +52,12 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
             raise InputError(str(candidate), f"its inputs and outputs {interfaces[candidate]} differ from {original}'s {interfaces[original]}")
         shapes = parse_input_shapes(input_shapes)
         if positional(shapes):
-            shapes = named(shapes, data_input_names(original), str(original))
+            shapes = named(shapes, [name for name, _ in interfaces[original][0]], str(original))
         result = run_verification(str(original), models[candidate], input_shapes=shapes, atol=atol, rtol=rtol, seed=seed)
     except InputError as error:
-        _fail(str(error))
+        fail(str(error))
     except VerificationUnavailableError as error:
-        _fail(f"{original}: {error}")
+        fail(f"{original}: {error}")
     if output_format == "json":
         click.echo(json.dumps({"schema": "bnfold.verify-report/1", "original": str(original), "candidate": str(candidate),
                                "verification": result.to_dict()}, indent=2))  # fmt: skip
@@ -60,11 +70,8 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
 
 def _interface(model) -> tuple:
     """The names and element types of the model's data inputs and outputs."""
-    initializers = set(model.graph.initializers)
-    inputs = [(v.name, str(v.dtype)) for v in model.graph.inputs if v.name not in initializers]
+    from bnfold.onnx_io import data_inputs
+
+    inputs = [(v.name, str(v.dtype)) for v in data_inputs(model.graph)]
     return inputs, [(v.name, str(v.dtype)) for v in model.graph.outputs]
 
-
-def _fail(message: str) -> None:
-    click.echo(f"bnfold: error: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
