@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from bnfold.check_command import check
-from bnfold.errors import EXIT_BAD_INPUT, InputError, echo_error, fail
+from bnfold.errors import EXIT_BAD_INPUT, InputError, describe_error, echo_error, fail
 from bnfold.input_shapes import named, parse_input_shapes, positional
 from bnfold.verify_command import verification_options, verify
 
@@ -46,8 +46,7 @@ class _BnfoldGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except Exception as error:  # a bug, not bad input; still one line, and not the code of a verdict
-            detail = (str(error).strip().splitlines() or ["no detail"])[0]
-            echo_error(f"internal error ({type(error).__name__}: {detail}); please report it")
+            echo_error(f"internal error ({describe_error(error)}); please report it")
             ctx.exit(EXIT_BAD_INPUT)
 
 

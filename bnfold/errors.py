@@ -15,6 +15,13 @@ from bnfold.report import printable
 EXIT_BAD_INPUT = 2
 
 
+def describe_error(error: BaseException, text: str | None = None) -> str:
+    """``Type: first line`` of the error's message, or of ``text``: the useful part of a wordy message, for
+    findings and input errors (tracebacks belong to bugs, not to models)."""
+    lines = (str(error) if text is None else text).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def echo_error(message: str) -> None:
     """``bnfold: error: MESSAGE`` on stderr, one line: names quoted from model files are escaped."""
     click.echo(f"bnfold: error: {printable(message)}", err=True)

@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from bnfold import onnx_verify
+from bnfold.errors import describe_error
 from bnfold.onnx_constants import MalformedTensorError
 from bnfold.onnx_fast_path import fold_plain_pairs
 from bnfold.onnx_io import InputError, data_inputs, load_model, scratch_directory
@@ -185,8 +186,7 @@ def _innermost(error: BaseException) -> str:
     """The root cause's type and first line (onnx_ir wraps errors in a SerdeError per level)."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+    return describe_error(error)
 
 
 def _require_text(model: ir.Model, label: str) -> None:

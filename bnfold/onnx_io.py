@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from bnfold.errors import InputError, MissingInputError
+from bnfold.errors import InputError, MissingInputError, describe_error
 
 # Past this many bytes of tensor data a model cannot be one protobuf file (the 2 GiB limit, with margin).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -36,7 +36,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         # An absolute base directory: onnx_ir confines a tensor's data to it only when it is not empty.
         model = ir.load(path.absolute())
     except Exception as error:  # protobuf's DecodeError and friends: truncated or not ONNX at all
-        raise InputError(path, f"not a readable ONNX model ({_first_line(error)})") from None
+        raise InputError(path, f"not a readable ONNX model ({describe_error(error)})") from None
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(path, "not an ONNX model (no graph in the file)")
     _check_external_data(model, path)
@@ -44,7 +44,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         # By path, so that models past 2 GiB are checked too (the checker reads no tensor data from files).
         onnx.checker.check_model(str(path))
     except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
-        raise InputError(path, f"not a valid ONNX model ({_first_line(error)})") from None
+        raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
     return model
 
 
@@ -56,12 +56,6 @@ def data_inputs(graph: ir.Graph) -> list[ir.Value]:
 
 def data_input_names(path: str | os.PathLike) -> list[str]:
     return [value.name for value in data_inputs(load_model(path).graph)]
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    detail = text.splitlines()[0] if text else "no detail"
-    return f"{type(error).__name__}: {detail}"
 
 
 def external_data_files(model: ir.Model) -> set[Path]:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bnfold.checks.error_text import describe_error
 from bnfold.checks.findings import Finding
+from bnfold.errors import describe_error
 from bnfold.verification import OutputComparison, compare_output
 
 

@@ -22,9 +22,9 @@ from bnfold.checks.batch_dependence import (
     measurement_sizes,
     not_measured,
 )
-from bnfold.checks.error_text import describe_error
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
+from bnfold.errors import describe_error
 from bnfold.onnx_constants import MalformedTensorError, constant_array
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_io import InputError, data_inputs, load_model, scratch_directory

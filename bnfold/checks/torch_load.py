@@ -41,9 +41,8 @@ import sympy
 import torch
 from torch import nn
 
-from bnfold.checks.error_text import describe_error
 from bnfold.checks.torch_inspect import Model
-from bnfold.errors import InputError, MissingInputError
+from bnfold.errors import InputError, MissingInputError, describe_error
 
 
 def load_torch_model(

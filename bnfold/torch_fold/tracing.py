@@ -15,6 +15,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
+from bnfold.errors import describe_error
 from bnfold.reference import REFERENCE_BATCHNORMS
 
 FOLDABLE_LAYER_TYPES = (
@@ -138,7 +139,7 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
     graph_module = exported.graph_module
     attribute_paths = {node: lifted[node.name] for node in graph_module.graph.nodes if node.name in lifted}
     note = (
-        f"torch.fx could not trace the model ({type(fx_error).__name__}: {_first_line(fx_error)}); "
+        f"torch.fx could not trace the model ({describe_error(fx_error)}); "
         "pairs found with torch.export.export instead, which folds module calls only"
     )
     return TracedModel(model, graph_module, "export", model, attribute_paths, note)
@@ -182,7 +183,3 @@ def _record_shapes(graph_module: fx.GraphModule, example_inputs: tuple) -> bool:
     except Exception:  # noqa: BLE001 - shapes are an aid; without them rank-dependent folds are refused
         return False
     return True
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else ""
