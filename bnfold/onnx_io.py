@@ -201,10 +201,10 @@ def save_model(
         else:
             external_data = False
     kept = {file for source in read_from for file in model_files(source)} if path.exists() else set(map(Path, read_from))
-    own_files = external_data_files(model) if serialized is None else set()
-    check_writable(path, [*kept, *own_files])
+    tensor_files = external_data_files(model) if serialized is None else set()
+    check_writable(path, [*kept, *tensor_files])
     if external_data is None:
-        external_data = uses_external_data(model) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = bool(tensor_files) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{path.name}.{secrets.token_hex(4)}.data" if external_data else None
     orphaned = _own_data_files(path) - {file.absolute() for file in kept}
     with scratch_directory("staging", path.parent, hidden=True) as staging:
