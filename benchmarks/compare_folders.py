@@ -11,7 +11,7 @@ Prints three markdown tables on stdout (progress goes to stderr):
    per-run timeout; a crash or timeout fills the cell instead of ending the run. A reference row per
    model times ``onnx.load`` + ``onnx.save`` of the model file. bnfold has two rows: the bare
    ``FoldBatchNormPass`` on onnx_ir (conversion included) and the public ``fold_onnx(verify=False)``, which
-   folds a model of plain Conv/Gemm→BN pairs on the protobuf (``bnfold.onnx_fast_path``) and runs the pass
+   folds a model of plain Conv/Gemm→BN pairs on the protobuf (``bnfold.onnx_fold.fast_path``) and runs the pass
    (with shape inference when there is a MatMul) otherwise.
 2. **Inference gain.** onnxruntime latency of the original and the bnfold-folded model with the
    runtime's optimisations off and at ORT_ENABLE_ALL, and PyTorch eager latency of the original module
@@ -417,13 +417,13 @@ def node_count(graph: onnx.GraphProto) -> int:
 def seeded_feeds(path: Path) -> dict[str, np.ndarray]:
     import onnx_ir as ir
 
-    from bnfold.onnx_verify import random_inputs
+    from bnfold.onnx_fold.verify import random_inputs
 
     return random_inputs(ir.load(path), seed=0)
 
 
 def max_abs_error(expected: dict[str, np.ndarray], folded_path: Path, feeds: dict[str, np.ndarray]) -> float:
-    from bnfold.onnx_verify import run_model  # onnxruntime with graph optimisations off
+    from bnfold.onnx_fold.verify import run_model  # onnxruntime with graph optimisations off
 
     actual = run_model(folded_path, feeds)
     return max(float(np.max(np.abs(actual[name].astype(np.float64) - value))) for name, value in expected.items())
@@ -546,7 +546,7 @@ def fold_rows(model: BenchModel, repeats: int, budget_s: float) -> list[FoldRow]
     original = onnx.load(model.path, load_external_data=False).graph
     before = batchnorm_count(original)
     feeds = seeded_feeds(model.path)
-    from bnfold.onnx_verify import run_model
+    from bnfold.onnx_fold.verify import run_model
 
     expected = {name: value.astype(np.float64) for name, value in run_model(model.path, feeds).items()}
     rows = []

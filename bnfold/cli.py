@@ -84,8 +84,8 @@ def fold(
 ) -> None:
     """Fold every BatchNorm of MODEL that is safe to fold, verify, write OUTPUT, report."""
     from bnfold.onnx_fold import fold_onnx
-    from bnfold.onnx_io import check_writable, data_input_names, save_model
-    from bnfold.onnx_verify import VerificationUnavailableError
+    from bnfold.onnx_fold.io import check_writable, data_input_names, save_model
+    from bnfold.onnx_fold.verify import VerificationUnavailableError
     from bnfold.verification import VerificationError
 
     if in_place and output is not None:

@@ -40,9 +40,9 @@ def verification_options(command):
 @verification_options
 def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -> None:
     """Run ORIGINAL and CANDIDATE on the same seeded random inputs and compare every output."""
-    from bnfold.onnx_io import InputError, load_model
-    from bnfold.onnx_verify import VerificationUnavailableError
-    from bnfold.onnx_verify import verify as run_verification
+    from bnfold.onnx_fold.io import InputError, load_model
+    from bnfold.onnx_fold.verify import VerificationUnavailableError
+    from bnfold.onnx_fold.verify import verify as run_verification
     from bnfold.report import printable
 
     try:
@@ -70,7 +70,7 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
 
 def _interface(model) -> tuple:
     """The names and element types of the model's data inputs and outputs."""
-    from bnfold.onnx_io import data_inputs
+    from bnfold.onnx_fold.io import data_inputs
 
     inputs = [(v.name, str(v.dtype)) for v in data_inputs(model.graph)]
     return inputs, [(v.name, str(v.dtype)) for v in model.graph.outputs]

@@ -116,8 +116,8 @@ def fast_path_agrees(model: onnx.ModelProto) -> bool:
     Returns whether the fast path took the model."""
     import onnx_ir as ir
 
-    from bnfold.onnx_fast_path import fold_plain_pairs
     from bnfold.onnx_fold import FoldBatchNormPass
+    from bnfold.onnx_fold.fast_path import fold_plain_pairs
 
     before = model.SerializeToString()
     result = fold_plain_pairs(model)

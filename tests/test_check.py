@@ -313,7 +313,7 @@ def test_named_input_shape_and_batch_size_are_used_for_onnx(onnx_files):
     findings = check_onnx(onnx_files["train"], input_shapes={"input": [1, 3, 8, 8]})
     (not_run,) = [finding for finding in findings if finding.code.startswith("BD")]
     assert not_run.code == "BD002" and "does not run" in not_run.message  # the model is exported for 16x16 images
-    with pytest.raises(bnfold.onnx_io.InputError, match="unknown input"):
+    with pytest.raises(bnfold.onnx_fold.io.InputError, match="unknown input"):
         check_onnx(onnx_files["train"], input_shapes={"image": [1, 3, 8, 8]})
 
 

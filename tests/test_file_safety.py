@@ -21,7 +21,7 @@ from onnx_models import assert_same_outputs
 
 from bnfold.cli import main
 from bnfold.errors import InputError
-from bnfold.onnx_io import load_model
+from bnfold.onnx_fold.io import load_model
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "small_cnn.onnx"
 BNFOLD = Path(sys.executable).with_name("bnfold")

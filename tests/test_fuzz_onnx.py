@@ -21,8 +21,8 @@ from onnx_models import batchnorm_node, batchnorm_parameters, initializer, make_
 
 import bnfold
 from bnfold.cli import main
-from bnfold.onnx_io import InputError
-from bnfold.onnx_verify import VerificationUnavailableError
+from bnfold.onnx_fold.io import InputError
+from bnfold.onnx_fold.verify import VerificationUnavailableError
 from bnfold.verification import VerificationError
 
 OWN_ERRORS = (InputError, VerificationError, VerificationUnavailableError)

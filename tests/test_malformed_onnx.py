@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from onnx_models import batchnorm_node, batchnorm_parameters, fast_path_agrees, initializer
 
 import bnfold
-from bnfold.onnx_io import InputError
+from bnfold.onnx_fold.io import InputError
 
 
 def conv_bn(weight_shape=(3, 2, 3, 3), channels=3, group=None, epsilon=None, name="bn") -> onnx.ModelProto:

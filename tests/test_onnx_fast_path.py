@@ -1,4 +1,4 @@
-"""The protobuf fast path (bnfold.onnx_fast_path): it takes a model only when FoldBatchNormPass would fold
+"""The protobuf fast path (bnfold.onnx_fold.fast_path): it takes a model only when FoldBatchNormPass would fold
 every BatchNorm into the layer before it and nothing else, and then gives the pass's exact result.
 
 ``fast_path_agrees`` (tests/onnx_models.py) runs both and compares nodes, names, attributes, initializer

@@ -488,7 +488,7 @@ def test_weight_behind_a_deep_constant_computation_folds_without_recursion():
 def test_constant_queries_along_a_long_runtime_add_chain_stay_linear(monkeypatch):
     """Every Add of a run-time chain asks whether its operands are constant; without memoising the
     answer each question would walk the whole chain back to the input (quadratic work)."""
-    from bnfold import onnx_constants
+    from bnfold.onnx_fold import constants as onnx_constants
 
     visits = []
     original = onnx_constants._is_constant_op

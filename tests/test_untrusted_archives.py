@@ -18,7 +18,7 @@ from torch import nn
 
 import bnfold
 from bnfold.cli import main
-from bnfold.onnx_io import InputError
+from bnfold.onnx_fold.io import InputError
 
 
 class TouchMarker:

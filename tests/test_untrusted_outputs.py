@@ -19,7 +19,7 @@ from torch import nn
 import bnfold
 from bnfold.checks import check_model, check_onnx
 from bnfold.cli import main
-from bnfold.onnx_verify import VerificationUnavailableError, random_inputs, verify
+from bnfold.onnx_fold.verify import VerificationUnavailableError, random_inputs, verify
 from bnfold.verification import RANDOM_INPUT_BUDGET_BYTES, VerificationError
 
 CONV_OUTPUT_ELEMENTS = 4 * 6 * 6  # a 3x3 Conv with 4 channels on an 8x8 image, one sample

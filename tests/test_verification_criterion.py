@@ -23,7 +23,7 @@ import bnfold
 from bnfold import architectures
 from bnfold.cli import main
 from bnfold.onnx_fold import fold_onnx
-from bnfold.onnx_verify import random_inputs, run_model, verify
+from bnfold.onnx_fold.verify import random_inputs, run_model, verify
 from bnfold.testing import export_onnx
 from bnfold.torch_fold import planning
 from bnfold.verification import LOCAL_UNITS, VerificationError
@@ -236,7 +236,7 @@ def test_torch_corrupted_fold_fails_naming_it(monkeypatch):
 
 
 def test_verification_error_carries_the_folded_model(monkeypatch):
-    from bnfold import onnx_fast_path
+    from bnfold.onnx_fold import fast_path as onnx_fast_path
 
     fold_many = onnx_fast_path.fold_many_into_outputs
 

@@ -25,11 +25,11 @@ from bnfold.checks.batch_dependence import (
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
 from bnfold.errors import describe_error
-from bnfold.onnx_constants import MalformedTensorError, constant_array
 from bnfold.onnx_fold import fold_onnx
-from bnfold.onnx_io import InputError, data_inputs, load_model, scratch_directory
-from bnfold.onnx_rules import batchnorm_training_mode, node_label
-from bnfold.onnx_verify import VerificationUnavailableError, model_runner, model_source, random_inputs
+from bnfold.onnx_fold.constants import MalformedTensorError, constant_array
+from bnfold.onnx_fold.io import InputError, data_inputs, load_model, scratch_directory
+from bnfold.onnx_fold.rules import batchnorm_training_mode, node_label
+from bnfold.onnx_fold.verify import VerificationUnavailableError, model_runner, model_source, random_inputs
 from bnfold.quantization import LayerQuantization
 
 # Dropout's ratio when the input (opset 12+) or attribute (before opset 7) is absent.

@@ -14,7 +14,7 @@ from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.checks.onnx_inspect import check_onnx
 from bnfold.errors import InputError
 from bnfold.input_shapes import InputShapes, named, positional
-from bnfold.onnx_io import data_input_names
+from bnfold.onnx_fold.io import data_input_names
 
 if TYPE_CHECKING:
     import torch

@@ -11,10 +11,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.fold_math import WeightLayout, batchnorm_affine
-from bnfold.onnx_constants import constant_array
-from bnfold.onnx_io import load_model
-from bnfold.onnx_rules import node_label
+from bnfold.fold_math import batchnorm_affine
+from bnfold.onnx_fold.constants import constant_array
+from bnfold.onnx_fold.io import load_model
+from bnfold.onnx_fold.layers import LAYER_OPS
+from bnfold.onnx_fold.rules import labelled_graphs, node_label
 from bnfold.quantization import LayerQuantization, measure_fold, named_channels
 from bnfold.report import Fold
 
@@ -25,11 +26,9 @@ def measure_onnx_folds(
     folds: list[Fold],
     target_dtype: str | None,
 ) -> list[LayerQuantization]:
-    from bnfold.onnx_fold import _graphs  # (onnx_fold imports this module)
-
     if not any(fold.batchnorm_op == "BatchNormalization" for fold in folds):
         return []
-    before, after = (_nodes(model, _graphs) for model in (original, folded))
+    before, after = (_nodes(model) for model in (original, folded))
     measured = []
     for fold in folds:
         batchnorm = before.get((fold.graph, fold.batchnorm))
@@ -47,7 +46,7 @@ def measure_onnx_folds(
             measure_fold(
                 weight_before,
                 weight_after,
-                _layout(layer_after),
+                LAYER_OPS[layer_after.op_type].layout(layer_after.attributes.get_int),
                 named_channels(scale, gamma, mean, variance, eps),
                 bias_before=_bias(layer_before),
                 bias_after=_bias(layer_after),
@@ -61,24 +60,13 @@ def measure_onnx_folds(
     return measured
 
 
-def _nodes(model: str | os.PathLike | ir.Model | onnx.ModelProto, graphs) -> dict[tuple[str, str], ir.Node]:
+def _nodes(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> dict[tuple[str, str], ir.Node]:
     """Every node by (graph label, node label), the keys of :class:`bnfold.report.Fold`."""
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)  # the fold edited its own copy in place: the file holds the original
     elif isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
-    return {(label, node_label(node)): node for label, graph in graphs(model) for node in graph}
-
-
-def _layout(node: ir.Node) -> WeightLayout:
-    groups = node.attributes.get_int("group", 1)
-    if node.op_type == "Conv":
-        return WeightLayout("conv", groups)
-    if node.op_type == "ConvTranspose":
-        return WeightLayout("conv_transpose", groups)
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        return WeightLayout("matrix_out_in")
-    return WeightLayout("matrix_in_out")  # Gemm with transB=0, MatMul
+    return {(label, node_label(node)): node for label, graph in labelled_graphs(model) for node in graph}
 
 
 def _bias(node: ir.Node) -> np.ndarray | None:

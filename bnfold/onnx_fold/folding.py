@@ -2,9 +2,9 @@
 
 :class:`FoldBatchNormPass` is an onnx_ir in-place pass: it walks the main graph and every If/Loop/Scan
 subgraph once, in order, offering each BatchNormalization and each per-channel Mul/Add/Sub/Div to the
-rules in :mod:`bnfold.onnx_rules`, and records a fold or a skip (with its reason) for every BatchNorm.
+rules in :mod:`bnfold.onnx_fold.rules`, and records a fold or a skip (with its reason) for every BatchNorm.
 :func:`fold_onnx` wraps it with loading, node counts and onnxruntime verification, and sends a
-``ModelProto`` made only of plain pairs down the fast path of :mod:`bnfold.onnx_fast_path` instead.
+``ModelProto`` made only of plain pairs down the fast path of :mod:`bnfold.onnx_fold.fast_path` instead.
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from bnfold import onnx_verify
 from bnfold.errors import describe_error
-from bnfold.onnx_constants import MalformedTensorError
-from bnfold.onnx_fast_path import fold_plain_pairs
-from bnfold.onnx_io import InputError, data_inputs, load_model, scratch_directory
-from bnfold.onnx_quantization import measure_onnx_folds
-from bnfold.onnx_rules import (
+from bnfold.onnx_fold import verify as onnx_verify
+from bnfold.onnx_fold.constants import MalformedTensorError
+from bnfold.onnx_fold.fast_path import fold_plain_pairs
+from bnfold.onnx_fold.io import InputError, data_inputs, load_model, scratch_directory
+from bnfold.onnx_fold.quantization import measure_onnx_folds
+from bnfold.onnx_fold.rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
     FoldIntoPreceding,
     GraphEditor,
     Refusal,
     batchnorm_channel_affine,
+    labelled_graphs,
     node_label,
 )
 from bnfold.quantization import check_target_dtype
@@ -39,17 +40,8 @@ from bnfold.report import Fold, FoldReport, Skip
 from bnfold.verification import VerificationError
 
 
-def _graphs(model: ir.Model) -> list[tuple[str, ir.Graph]]:
-    """The main graph (label "") and every subgraph, labelled by the node that owns it."""
-    labelled = [("", model.graph)]
-    for graph in model.graph.subgraphs():
-        owner = graph.parent if hasattr(graph, "parent") else None
-        labelled.append((graph.name or (node_label(owner) if owner is not None else "subgraph"), graph))
-    return labelled
-
-
 def node_counts(model: ir.Model) -> dict[str, int]:
-    ops = collections.Counter(node.op_type for _, graph in _graphs(model) for node in graph)
+    ops = collections.Counter(node.op_type for _, graph in labelled_graphs(model) for node in graph)
     return {"total": sum(ops.values()), "batchnorm": ops.get("BatchNormalization", 0)}
 
 
@@ -68,7 +60,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         editor = GraphEditor(model)
         before = len(self.folds)
-        for label, graph in _graphs(model):
+        for label, graph in labelled_graphs(model):
             for node in list(graph):
                 if node.graph is not graph or node.domain not in ("", "ai.onnx"):
                     continue  # removed by an earlier fold, or a custom op
@@ -193,7 +185,7 @@ def _require_text(model: ir.Model, label: str) -> None:
     """Refuse a model with a name that is not UTF-8: protobuf hands such strings over as bytes, which
     neither the report nor onnx_ir's writer can take."""
     texts = [("model field", text) for text in (model.producer_name, model.producer_version, model.domain, model.doc_string)]
-    for _, graph in _graphs(model):
+    for _, graph in labelled_graphs(model):
         texts += [("graph name", graph.name), ("graph doc string", graph.doc_string)]
         values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
         for node in graph:
@@ -212,7 +204,7 @@ _SHAPES_FAILED = "shape inference failed ({}); 2-D MatMul folds may be refused"
 
 def _needs_shapes(model: ir.Model) -> bool:
     """Only MatMul folds need inferred shapes (the data's rank); inference is superlinear in graph size."""
-    return any(node.op_type == "MatMul" for _, graph in _graphs(model) for node in graph)
+    return any(node.op_type == "MatMul" for _, graph in labelled_graphs(model) for node in graph)
 
 
 def _proto_has_matmul(model: onnx.ModelProto) -> bool:
@@ -252,7 +244,7 @@ def fold_onnx(
     model's interface: those inputs can no longer be fed.
 
     A ``ModelProto`` whose BatchNorms all sit in plain Conv/ConvTranspose/Gemm pairs is folded on the
-    protobuf by :mod:`bnfold.onnx_fast_path`, with the same result as :class:`FoldBatchNormPass`.
+    protobuf by :mod:`bnfold.onnx_fold.fast_path`, with the same result as :class:`FoldBatchNormPass`.
 
     With ``quantization`` (implied by ``target_dtype``, "float16" or "bfloat16"), ``report.quantization``
     measures what each BatchNorm fold did to int8 quantization of the layer and to a cast to the target dtype

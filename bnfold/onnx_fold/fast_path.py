@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import math
 import sys
@@ -38,15 +37,15 @@ from bnfold.fold_math import (
     batchnorm_affine,
     fold_many_into_outputs,
 )
-from bnfold.onnx_constants import MalformedTensorError, evaluable_op
-from bnfold.onnx_rules import ELEMENTWISE_OPS, FreshNames
+from bnfold.onnx_fold.constants import MalformedTensorError, evaluable_op
+from bnfold.onnx_fold.layers import FAST_PATH_LAYER_OPS, LAYER_OPS, PASS_THROUGH_OPS
+from bnfold.onnx_fold.rules import ELEMENTWISE_OPS, FreshNames
 from bnfold.report import Fold
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
 # Producers whose output a per-channel Mul/Add/Sub/Div could be folded into (a BatchNorm's, once folded;
-# Identity and Dropout, which the pass folds through).
-_FOLD_TARGET_OPS = (*_LAYER_OPS, "MatMul", "BatchNormalization", "Identity", "Dropout")
+# the ops the pass folds through).
+_FOLD_TARGET_OPS = (*LAYER_OPS, "BatchNormalization", *PASS_THROUGH_OPS)
 _SUBGRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 _CONTROL_FLOW_OPS = ("If", "Loop", "Scan", "SequenceMap")  # the default domain's ops with subgraphs
 # Read straight from raw_data; other encodings (and bfloat16) go through onnx.numpy_helper.
@@ -163,7 +162,7 @@ def _has_non_text_fields(model: onnx.ModelProto) -> bool:
 
 
 def _label(node: onnx.NodeProto) -> str:
-    """The label :func:`bnfold.onnx_rules.node_label` gives the same node."""
+    """The label :func:`bnfold.onnx_fold.rules.node_label` gives the same node."""
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
 
 
@@ -205,7 +204,7 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
     statistics = [index.initializer(name) for name in statistic_names]
     layer_position = index.producers.get(inputs[0])
     layer = None if layer_position is None else index.nodes[layer_position]
-    if None in statistics or layer is None or layer.op_type not in _LAYER_OPS or layer.domain not in _DEFAULT_DOMAINS:
+    if None in statistics or layer is None or layer.op_type not in FAST_PATH_LAYER_OPS or layer.domain not in _DEFAULT_DOMAINS:
         return None
     layer_inputs = layer.input
     if layer.output[0] != inputs[0] or not index.sole_reader(inputs[0]) or len(layer_inputs) < 2:
@@ -215,26 +214,22 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
     bias = index.initializer(bias_name) if bias_name else None
     if weight is None or not index.sole_reader(layer_inputs[1]) or (bias_name and (bias is None or not index.sole_reader(bias_name))):
         return None
-    groups, transposed, beta = 1, 0, 1.0
+    ints, beta = {}, 1.0
     for attribute in layer.attribute:
         name = attribute.name
         if _LAYER_ATTRIBUTES.get(name, attribute.type) != attribute.type:
             return None
-        if name == "group":
-            groups = attribute.i
-        elif name == "transB":
-            transposed = attribute.i
-        elif name == "beta":
+        if name == "beta":
             beta = attribute.f
+        elif attribute.type == _INT:
+            ints[name] = attribute.i
+    layout = LAYER_OPS[layer.op_type].layout(lambda name, default: ints.get(name, default))
     dims = weight.dims
     if layer.op_type == "Gemm":
         if len(dims) != 2:
             return None
-        layout = _layout("matrix_out_in" if transposed else "matrix_in_out", 1)
-    else:
-        if len(dims) < 3 or groups < 1 or dims[0] % groups:
-            return None
-        layout = _layout("conv" if layer.op_type == "Conv" else "conv_transpose", groups)
+    elif len(dims) < 3 or layout.groups < 1 or dims[0] % layout.groups:
+        return None
     channels = layout.out_channels(dims)
     if 0 in dims or any(math.prod(tensor.dims) != channels for tensor in statistics) or not _bias_fits(bias, layer, channels):
         return None
@@ -246,7 +241,6 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
     )  # fmt: skip
 
 
-_layout = functools.cache(WeightLayout)
 _FLOAT, _INT = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
 # The types of the attributes the pass reads; any other type is a malformed model.
 _BATCHNORM_ATTRIBUTES = {"epsilon": _FLOAT, "training_mode": _INT, "spatial": _INT, "is_test": _INT}

@@ -30,10 +30,10 @@ from bnfold.fold_math import (
     fold_into_inputs,
     fold_into_outputs,
 )
-from bnfold.onnx_constants import constant_array, drop_if_unread, not_constant_reason
+from bnfold.onnx_fold.constants import constant_array, drop_if_unread, not_constant_reason
+from bnfold.onnx_fold.layers import LAYER_OPS
 from bnfold.report import ELEMENTWISE_AFFINE_OPS
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ELEMENTWISE_OPS = ELEMENTWISE_AFFINE_OPS
 
 
@@ -51,6 +51,15 @@ def node_label(node: ir.Node) -> str:
         return node.name
     output = node.outputs[0].name if node.outputs else "?"
     return f"{node.op_type}->{output}"
+
+
+def labelled_graphs(model: ir.Model) -> list[tuple[str, ir.Graph]]:
+    """The main graph (label "") and every subgraph, labelled by the node that owns it."""
+    labelled = [("", model.graph)]
+    for graph in model.graph.subgraphs():
+        owner = graph.parent if hasattr(graph, "parent") else None
+        labelled.append((graph.name or (node_label(owner) if owner is not None else "subgraph"), graph))
+    return labelled
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -161,18 +170,15 @@ def layer_view(node: ir.Node, data_value: ir.Value | None = None) -> Layer:
     weight = _const_input(node, 1, "weight")
     if 0 in weight.shape:
         raise Refusal("channel-mismatch", f"{node_label(node)} has an empty weight, of shape {list(weight.shape)}")
+    layout = LAYER_OPS[op].layout(lambda name, default: _typed_attr(node, name, default, _INT, "channel-mismatch"))
     if op in ("Conv", "ConvTranspose"):
         bias = _const_input(node, 2, "bias", optional=True)
-        kind = "conv" if op == "Conv" else "conv_transpose"
-        layout = WeightLayout(kind, _typed_attr(node, "group", 1, _INT, "channel-mismatch"))
         _check_conv_shapes(node, weight, bias, layout)
         return Layer(node, weight, bias, layout, weight.ndim)
     if op == "Gemm":
         if weight.ndim != 2:
             raise Refusal("channel-mismatch", f"{node_label(node)} has a {weight.ndim}-D weight")
         bias = _const_input(node, 2, "bias", optional=True)
-        kind = "matrix_out_in" if _typed_attr(node, "transB", 0, _INT, "channel-mismatch") else "matrix_in_out"
-        layout = WeightLayout(kind)
         outputs = layout.out_channels(weight.shape)
         # C broadcasts to (M, N): a scalar, [N], [1, N], [M, N], or a size-1 last axis.
         if bias is not None and (bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, outputs))):
@@ -191,7 +197,7 @@ def layer_view(node: ir.Node, data_value: ir.Value | None = None) -> Layer:
         )
     found = None if data_value is not None else _matmul_bias_add(node)
     bias_add, bias = found if found else (None, None)
-    return Layer(node, weight, bias, WeightLayout("matrix_in_out"), 2, bias_add)
+    return Layer(node, weight, bias, layout, 2, bias_add)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from bnfold.fold_math import ChannelAffine
-from bnfold.onnx_constants import constant_array
-from bnfold.onnx_io import EXTERNAL_DATA_THRESHOLD, data_inputs, scratch_directory, tensor_bytes, uses_external_data
-from bnfold.onnx_rules import (
+from bnfold.onnx_fold.constants import constant_array
+from bnfold.onnx_fold.io import EXTERNAL_DATA_THRESHOLD, data_inputs, scratch_directory, tensor_bytes, uses_external_data
+from bnfold.onnx_fold.rules import (
     FoldIntoFollowing,
     FoldIntoPreceding,
     Refusal,

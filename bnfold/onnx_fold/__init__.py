@@ -1,0 +1,25 @@
+"""The ONNX front-end: load -> find foldable pairs -> fold -> verify -> report -> save.
+
+- :mod:`.io`: loading (external data confined to the model's folder) and atomic saving.
+- :mod:`.layers`: the layer ops a BatchNorm folds into and their weight layouts, the one table.
+- :mod:`.constants`: the values a fold may treat as constants (initializers, Constant nodes, constant
+  subgraphs evaluated under a size cap).
+- :mod:`.rules`: the fold rules, each a pattern, a ``check`` that says why not, and a ``rewrite``.
+- :mod:`.folding`: :class:`FoldBatchNormPass` (an onnx_ir pass over the rules) and :func:`fold_onnx`.
+- :mod:`.fast_path`: plain Conv/ConvTranspose/Gemm -> BatchNorm pairs folded on the protobuf, for models
+  that hold nothing else to fold.
+- :mod:`.verify`: onnxruntime verification; :mod:`.quantization`: what each fold did to the weights.
+
+The fold arithmetic itself is :mod:`bnfold.fold_math`, shared with the PyTorch front-end.
+"""
+
+__all__ = ["FoldBatchNormPass", "fold_onnx"]
+
+
+def __getattr__(name: str):
+    # The pass imports onnx_ir and onnxruntime; a caller of .io or .layers alone needs neither.
+    if name in __all__:
+        from bnfold.onnx_fold import folding
+
+        return getattr(folding, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
