@@ -103,6 +103,13 @@ class WeightLayout:
             return weight_shape[1]
         return weight_shape[0]
 
+    def out_channel_axis(self) -> int | None:
+        """The weight axis that holds the output channels alone; None for a grouped transposed convolution,
+        whose axis 1 holds one group's."""
+        if self.kind == "conv_transpose":
+            return 1 if self.groups == 1 else None
+        return 1 if self.kind == "matrix_in_out" else 0
+
     def in_channels(self, weight_shape: tuple[int, ...]) -> int:
         if self.kind == "conv":
             return weight_shape[1] * self.groups
@@ -230,9 +237,92 @@ def fold_into_outputs(
     new_weight = np.array(weight, dtype=np.float64)
     view, out_per_group, _ = layout.grouped_view(new_weight)
     view *= affine.scale.reshape(layout.groups, out_per_group, 1, 1)
-    bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
-    new_bias = affine.scale * bias64 + affine.shift
-    return _rounded(new_weight, out_dtype, "weight"), _rounded(new_bias, out_dtype, "bias")
+    return _rounded(new_weight, out_dtype, "weight"), _folded_output_bias(bias, affine, out_dtype)
+
+
+def _folded_output_bias(bias: np.ndarray | None, affine: ChannelAffine, dtype: np.dtype) -> np.ndarray:
+    """``scale * b + shift`` over the bias's last axis (a Gemm's C may be ``[M, N]``), rounded once to ``dtype``."""
+    bias64 = np.zeros(affine.channels) if bias is None else np.asarray(bias, dtype=np.float64)
+    return _rounded(affine.scale * bias64 + affine.shift, dtype, "bias")
+
+
+class InexactQuantizedFoldError(ValueError):
+    """A fold into a quantized weight that its integers, zero points and scales cannot express exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedOutputFold:
+    """A fold into ``DequantizeLinear(quantized, scale, zero_point)``: per-channel scale (and zero point, when
+    the weight had one), the integer weight (None when unchanged), and the layer's new float bias."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    quantized: np.ndarray | None
+    bias: np.ndarray
+    mirrored: int  # channels whose integers were mirrored (negative BatchNorm scale)
+
+
+def fold_into_quantized_outputs(
+    quantized: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    axis: int,
+    bias: np.ndarray | None,
+    affine: ChannelAffine,
+) -> QuantizedOutputFold:
+    """Backward fold into a weight stored as integers: ``W = (quantized - zero_point) * scale``, per channel
+    along ``axis`` (a one-value ``scale``/``zero_point`` is per-tensor and becomes per-channel).
+
+    Channel ``c`` of ``affine.scale * W`` is ``(q - z) * (scale * s)``: the scale absorbs ``s``, rounded once to
+    its dtype, and the integers stay. The scale stays positive (runtimes require it): where ``s < 0`` the
+    integers are mirrored about the zero point, ``q' = 2 z - q``, which is exact while ``q'`` is in the
+    integer type's range. Raises :class:`InexactQuantizedFoldError`, naming the channel, where it is not, where
+    ``s = 0``, or where the new scale underflows to 0. The bias is ``scale * b + shift`` in the scale's dtype.
+    """
+    channels = quantized.shape[axis]
+    _check_channels(affine, channels, "output channels")
+    per_channel = (channels,)
+    factor = affine.scale
+    dead = np.flatnonzero(factor == 0)
+    if dead.size:
+        raise InexactQuantizedFoldError(
+            f"the BatchNorm's scale is 0 in {dead.size} channel(s), first channel {dead[0]}: the quantization scale would be 0"
+        )
+    scale64 = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), per_channel)
+    new_scale = _rounded(scale64 * np.abs(factor), scale.dtype, "quantization scale")
+    underflow = np.flatnonzero(new_scale == 0)
+    if underflow.size:
+        raise InexactQuantizedFoldError(
+            f"the quantization scale of channel {underflow[0]} rounds to 0 in {np.dtype(scale.dtype).name} "
+            f"(BatchNorm scale {factor[underflow[0]]:.3g})"
+        )
+    zero = None if zero_point is None else np.broadcast_to(zero_point.reshape(-1), per_channel).copy()
+    negative = factor < 0
+    mirrored = _mirrored(quantized, zero, axis, negative)
+    return QuantizedOutputFold(new_scale, zero, mirrored, _folded_output_bias(bias, affine, scale.dtype), int(negative.sum()))
+
+
+def _mirrored(quantized: np.ndarray, zero_point: np.ndarray | None, axis: int, negative: np.ndarray) -> np.ndarray | None:
+    """``quantized`` with the channels where ``negative`` mirrored about their zero point (``2 z - q``), or
+    None when no channel is; raises where a mirrored value leaves the integer type."""
+    if not negative.any():
+        return None
+    moved = np.moveaxis(quantized, axis, 0).astype(np.int64)
+    zero = np.zeros(len(negative), np.int64) if zero_point is None else zero_point.astype(np.int64)
+    centre = (2 * zero).reshape((-1,) + (1,) * (moved.ndim - 1))
+    mirrored = np.where(negative.reshape(centre.shape), centre - moved, moved)
+    limits = ml_dtypes.iinfo(quantized.dtype)
+    outside = (mirrored < limits.min) | (mirrored > limits.max)
+    channels = np.flatnonzero(outside.reshape(len(negative), -1).any(axis=1))
+    if channels.size:
+        channel = channels[0]
+        value = moved[channel][outside[channel]].reshape(-1)[0]
+        raise InexactQuantizedFoldError(
+            f"the BatchNorm's scale is negative in channel {channel}; a positive quantization scale needs its integers "
+            f"mirrored about the zero point ({zero[channel]}), and 2 x {zero[channel]} - ({value}) is outside "
+            f"{np.dtype(quantized.dtype).name}'s range [{limits.min}, {limits.max}] ({channels.size} channel(s) alike)"
+        )
+    return np.moveaxis(mirrored.astype(quantized.dtype), 0, axis)
 
 
 # Past this many weight elements a layer's arithmetic outweighs numpy's per-call overhead.

@@ -35,6 +35,7 @@ SKIP_CODES = {
     "unfoldable-statistics": "the statistics have no finite per-channel scale and shift",
     "fold-overflows": "the folded weight or bias would be NaN/Inf or past the range of its dtype",
     "channel-mismatch": "the BatchNorm's channel axis does not match the layer's channels",
+    "quantized-weight": "the layer's weight is quantized (DequantizeLinear) and cannot absorb the fold exactly",
     "module-reused": "the layer module is called more than once",
     "batch-statistics": "track_running_stats=False: the BatchNorm always uses batch statistics",
 }

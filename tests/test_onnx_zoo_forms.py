@@ -1,5 +1,6 @@
 """ONNX forms that model zoos and converters other than torch's leave behind (issue 15): IR version < 4
-models whose initializers are graph inputs.
+models whose initializers are graph inputs, weights computed by constant subgraphs, Identity/Dropout between
+layer and BatchNorm, a BatchNorm behind a layout op (LeViT's LinearNorm), and QDQ (quantized weight) models.
 
 Outputs are compared with the original in onnxruntime (optimisations off): float32 atol 1e-5 / rtol 1e-4
 on hand-built single-layer models.
@@ -7,14 +8,16 @@ on hand-built single-layer models.
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx_models import (
     assert_same_outputs,
     batchnorm_node,
@@ -23,10 +26,14 @@ from onnx_models import (
     initializer,
     make_model,
     op_count,
+    run,
 )
 
 from bnfold import fold_onnx
+from bnfold.architectures import randomize_batchnorm_statistics
 from bnfold.cli import main
+from bnfold.testing import export_onnx
+from bnfold.zoo_forms import LEVIT_INPUT_SHAPE, LinearNorm, levit_style_model
 
 F32 = dict(atol=1e-5, rtol=1e-4)
 
@@ -246,4 +253,318 @@ def test_batchnorm_folds_forward_through_a_passthrough(op, passthrough):
     assert [(f.batchnorm, f.layer, f.direction) for f in report.folds] == [("bn", "layer", "into-following")]
     assert [n.op_type for n in result.graph.node] == [passthrough, op, *(["Add"] if op == "MatMul" else [])]
     assert report.notes == [f"bn folded through pass [{passthrough}], left in place (the identity at inference)"]
+    assert_same_outputs(model, result, **F32)
+
+
+# Item 3: a BatchNorm whose channel axis a layout op brings from a MatMul's feature axis (LeViT's LinearNorm).
+
+
+class LinearNormWithBias(torch.nn.Module):
+    """timm's LinearNorm (bnfold.zoo_forms.LinearNorm) with a biased Linear: MatMul -> Add -> Flatten -> BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 6)
+        self.bn = torch.nn.BatchNorm1d(6)
+
+    forward = LinearNorm.forward
+
+
+@pytest.mark.parametrize("module", [lambda: LinearNorm(8, 6), LinearNormWithBias], ids=["linear-norm", "linear-norm-bias"])
+def test_levit_linear_norm_export_folds_into_the_matmul(module, tmp_path):
+    torch.manual_seed(0)
+    model = module().eval()
+    randomize_batchnorm_statistics(model, torch.Generator().manual_seed(0))
+    export_onnx(model, torch.randn(2, 5, 8), tmp_path / "linear_norm.onnx")
+    original = onnx.load(tmp_path / "linear_norm.onnx")
+    assert [n.op_type for n in original.graph.node if n.op_type not in ("Identity", "Transpose")] == [
+        "MatMul", *(["Add"] if isinstance(model, LinearNormWithBias) else []), "Flatten", "BatchNormalization", "Shape", "Reshape"
+    ]  # (the export reads the MatMul's shape for reshape_as: a reader of its shape alone)
+    assert not fast_path_agrees(original)
+    result, report = fold_onnx(original)
+    assert [(f.batchnorm, f.layer, f.layer_op, f.direction) for f in report.folds] == [
+        ("/bn/BatchNormalization", "/linear/MatMul", "MatMul", "into-preceding")
+    ]
+    assert report.notes[0] == (
+        "/bn/BatchNormalization folded through /Flatten [Flatten], left in place: Flatten keeps /linear/MatMul's output "
+        "features whole on the BatchNorm's channel axis"
+    )
+    assert [n.op_type for n in result.graph.node] == ["MatMul", "Add", "Flatten", "Shape", "Reshape"]
+    assert report.verification.passed
+    onnx.checker.check_model(result, full_check=True)
+    assert_same_outputs(original, result, **F32)
+    # The same with torch's batch of 1 fed by onnxruntime: symbolic batch, the Flatten still proves the axis.
+    torch.testing.assert_close(torch.from_numpy(run(result, {"input": np.ones([2, 5, 8], np.float32)})[0]), model(torch.ones(2, 5, 8)), atol=1e-5, rtol=1e-4)
+
+
+def test_levit_style_network_folds_every_batchnorm(tmp_path):
+    """Conv stem, LinearNorm attention and MLP blocks on [B, N, C] tokens, BatchNorm1d -> Linear head."""
+    model = levit_style_model()
+    export_onnx(model, torch.randn(1, *LEVIT_INPUT_SHAPE), tmp_path / "levit.onnx")
+    original = onnx.load(tmp_path / "levit.onnx")
+    assert op_count(original, "BatchNormalization") == model.batchnorms == 13
+    assert not fast_path_agrees(original)
+    result, report = fold_onnx(original)
+    assert op_count(result, "BatchNormalization") == 0 and not report.skips
+    layers = collections.Counter((f.layer_op, f.direction) for f in report.folds)
+    assert layers == {("Conv", "into-preceding"): 4, ("MatMul", "into-preceding"): 8, ("Gemm", "into-following"): 1}
+    assert sum("Flatten keeps" in note for note in report.notes) == 8
+    assert report.verification.passed
+    assert_same_outputs(original, result, atol=1e-5, rtol=1e-4)
+
+
+def matmul_layout_bn(layout_nodes, bn_channels: int = 6, bias: bool = False, inits=(), back: bool = False) -> onnx.ModelProto:
+    """x [2, 5, 8] @ W [8, 6] (+ b) -> layout nodes from "m" to "f" -> BatchNorm -> "z" (with ``back``, -> a
+    Reshape back to [2, 5, 6] -> "z")."""
+    r = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm" if bias else "m"], name="matmul")]
+    weights = [initializer("W", r.normal(size=[8, 6]).astype(np.float32)), *batchnorm_parameters(bn_channels, "bn", r), *inits]
+    if bias:
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["m"], name="bias"))
+        weights.append(initializer("b", r.normal(size=[6]).astype(np.float32)))
+    if not back:
+        return make_model([*nodes, *layout_nodes, batchnorm_node("f", "z", "bn")], [("x", [2, 5, 8])], ["z"], weights)
+    restore, restore_shape = reshape("n", "z", [2, 5, 6], "back")
+    nodes += [*layout_nodes, batchnorm_node("f", "n", "bn"), restore]
+    return make_model(nodes, [("x", [2, 5, 8])], ["z"], [*weights, restore_shape])
+
+
+def reshape(x: str, y: str, shape: list[int], name: str = "reshape") -> tuple[onnx.NodeProto, onnx.TensorProto]:
+    return helper.make_node("Reshape", [x, f"{name}_shape"], [y], name=name), initializer(f"{name}_shape", np.array(shape, np.int64))
+
+
+@pytest.mark.parametrize("target,bias", [([-1, 6], False), ([10, 6], True)], ids=["minus-one", "static-with-bias"])
+def test_matmul_reshape_batchnorm_reshape_folds(target, bias):
+    """Hand-built: the BatchNorm between a Reshape to [B*N, C] and one back to [B, N, C]."""
+    into, into_shape = reshape("m", "f", target)
+    model = matmul_layout_bn([into], bias=bias, inits=[into_shape], back=True)
+    assert not fast_path_agrees(model)
+    result, report = fold_onnx(model)
+    assert [(f.layer, f.direction) for f in report.folds] == [("matmul", "into-preceding")]
+    assert [n.op_type for n in result.graph.node] == ["MatMul", "Add", "Reshape", "Reshape"]
+    assert "bn folded through reshape [Reshape], left in place: Reshape keeps matmul's output features whole" in report.notes[0]
+    assert_same_outputs(model, result, **F32)
+
+
+def test_matmul_transpose_batchnorm_folds():
+    """[B, N, C] -> Transpose(0, 2, 1) -> BatchNorm1d on [B, C, N]: axis 1 is the MatMul's feature axis."""
+    model = matmul_layout_bn([helper.make_node("Transpose", ["m"], ["f"], name="transpose", perm=[0, 2, 1])])
+    result, report = fold_onnx(model)
+    assert len(report.folds) == 1 and op_count(result, "Transpose") == 1
+    assert "Transpose keeps matmul's output features whole" in report.notes[0]
+    assert_same_outputs(model, result, **F32)
+
+
+@pytest.mark.parametrize(
+    "layout,bn_channels,expected",
+    [
+        (reshape("m", "f", [2, 30]), 30, "Reshape puts 30 values on the BatchNorm's channel axis, not the 6 output features of matmul alone (it mixes them with other axes); only a reshape to [-1, 6] keeps them whole"),
+        (reshape("m", "f", [20, 3]), 3, "Reshape puts 3 values on the BatchNorm's channel axis, not the 6 output features"),
+        ((helper.make_node("Flatten", ["m"], ["f"], name="flatten", axis=1), None), 30, "Flatten puts 30 values"),
+        (reshape("m", "f", [10, 3, 2]), 3, "Reshape gives matmul's output a 3-D shape; only a reshape to [-1, 6]"),
+        ((helper.make_node("Transpose", ["m"], ["f"], name="transpose", perm=[1, 0, 2]), None), 2, "Transpose moves axis 0 of matmul's output to the BatchNorm's channel axis, not its feature axis 2"),
+    ],
+    ids=["features-times-tokens", "features-split", "flatten-axis-1", "three-d", "transpose-batch"],
+)
+def test_layout_op_that_mixes_the_features_is_refused(layout, bn_channels, expected):
+    node, shape = layout
+    model = matmul_layout_bn([node], bn_channels, inits=[shape] if shape is not None else [])
+    result, report = fold_onnx(model, verify=False)
+    assert not report.folds and [s.code for s in report.skips] == ["channel-mismatch"]
+    assert f"{node.name}: {expected}" in report.skips[0].reason
+    assert op_count(result, "BatchNormalization") == 1
+
+
+# Item 5: QDQ models, DequantizeLinear(W_q, scale, zero point) -> Conv -> BatchNorm.
+
+
+def qdq_conv_bn(
+    integers: np.ndarray | None = None,
+    scale=None,
+    zero_point=None,
+    axis: int | None = 0,
+    bias: str | None = None,
+    negative_channels=(),
+    opset: int = 17,
+    weight_source: str = "initializer",
+) -> onnx.ModelProto:
+    """x -> QuantizeLinear -> DequantizeLinear -> Conv(DequantizeLinear(integers, scale, zero point)) -> BatchNorm,
+    as a quantization toolchain that quantizes before folding leaves it. ``bias``: None, "float" or "int32" (a
+    DequantizeLinear with scale input scale x weight scale); ``negative_channels`` get a negative BN scale."""
+    r = np.random.default_rng(0)
+    integers = r.integers(-127, 128, size=[6, 4, 3, 3]).astype(np.int8) if integers is None else integers
+    scale = r.uniform(0.002, 0.02, 6).astype(np.float32) if scale is None else scale
+    statistics = batchnorm_parameters(6, "bn", r)
+    gamma = numpy_helper.to_array(statistics[0]).copy()
+    gamma[list(negative_channels)] *= -1
+    statistics[0] = initializer("bn_scale", gamma)
+    inits = [initializer("x_scale", np.float32(0.05)), initializer("x_zero", np.uint8(128)), initializer("W_scale", scale), *statistics]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="quantize_x"),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="dequantize_x"),
+    ]
+    if weight_source == "fake-quantized":  # QuantizeLinear -> DequantizeLinear of the float weight
+        inits.append(initializer("W_float", (integers.astype(np.float32) * scale.reshape(-1, 1, 1, 1))))
+        nodes.append(helper.make_node("QuantizeLinear", ["W_float", "W_scale", "W_zero"], ["W_q"], name="quantize_w", axis=0))
+    else:
+        inits.append(initializer("W_q", integers))
+    weight_inputs = ["W_q", "W_scale"]
+    if zero_point is not None or weight_source == "fake-quantized":
+        inits.append(initializer("W_zero", np.zeros(6, np.int8) if zero_point is None else zero_point))
+        weight_inputs.append("W_zero")
+    nodes.append(helper.make_node("DequantizeLinear", weight_inputs, ["W"], name="dequantize_w", **({} if axis is None else {"axis": axis})))
+    conv_inputs = ["xd", "W"]
+    if bias == "float":
+        inits.append(initializer("B", r.normal(size=6).astype(np.float32)))
+        conv_inputs.append("B")
+    elif bias == "int32":
+        bias_scale = (np.float32(0.05) * scale).astype(np.float32)
+        inits += [initializer("B_q", r.integers(-1000, 1000, 6).astype(np.int32)), initializer("B_scale", bias_scale)]
+        nodes.append(helper.make_node("DequantizeLinear", ["B_q", "B_scale"], ["B"], name="dequantize_b", axis=0))
+        conv_inputs.append("B")
+    nodes += [helper.make_node("Conv", conv_inputs, ["y"], name="conv"), batchnorm_node("y", "z", "bn")]
+    return make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits, opset=opset)
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+
+
+def batchnorm_scale(model: onnx.ModelProto) -> np.ndarray:
+    values = initializers(model)
+    return values["bn_scale"].astype(np.float64) / np.sqrt(values["bn_var"].astype(np.float64) + 1e-5)
+
+
+def folded_weight(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """The integers, scale and zero point the folded Conv's DequantizeLinear reads, and its axis."""
+    (dequantize,) = [n for n in model.graph.node if n.name == "dequantize_w"]
+    values = initializers(model)
+    axis = next((a.i for a in dequantize.attribute if a.name == "axis"), 1)
+    zero = values[dequantize.input[2]] if len(dequantize.input) > 2 else None
+    return values[dequantize.input[0]], values[dequantize.input[1]], zero, axis
+
+
+@pytest.mark.parametrize("bias", [None, "float"])
+@pytest.mark.parametrize("zero_point", [None, np.zeros(6, np.int8)], ids=["no-zero-point", "zero-point"])
+def test_qdq_per_channel_scales_absorb_the_batchnorm(bias, zero_point):
+    model = qdq_conv_bn(bias=bias, zero_point=zero_point)
+    assert not fast_path_agrees(model)
+    result, report = fold_onnx(model)
+    assert [(f.batchnorm, f.layer, f.direction) for f in report.folds] == [("bn", "conv", "into-preceding")]
+    assert [n.op_type for n in result.graph.node] == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv"]
+    integers, scale, zero, axis = folded_weight(result)
+    original = initializers(model)
+    # The integers are the original's, bit for bit; each scale is scale x s, rounded once to float32.
+    assert integers.dtype == np.int8 and np.array_equal(integers, original["W_q"]) and axis == 0
+    np.testing.assert_array_equal(scale, (original["W_scale"].astype(np.float64) * batchnorm_scale(model)).astype(np.float32))
+    assert (zero is None) == (zero_point is None)
+    assert report.notes[0] == (
+        "bn folded into the scales of dequantize_w, the quantized weight of conv: its integers unchanged; the bias is "
+        "float: runtimes that run QDQ layers as integer kernels want it quantized (int32, scale = input scale x weight scale)"
+    )
+    assert report.verification.passed
+    onnx.checker.check_model(result, full_check=True)
+    assert_same_outputs(model, result, **F32)
+
+
+def test_qdq_per_tensor_scale_becomes_per_channel():
+    model = qdq_conv_bn(scale=np.float32(0.01), zero_point=np.int8(0), axis=None, opset=13)
+    result, report = fold_onnx(model)
+    integers, scale, zero, axis = folded_weight(result)
+    assert np.array_equal(integers, initializers(model)["W_q"]) and axis == 0
+    assert scale.shape == (6,) and zero.shape == (6,) and zero.dtype == np.int8 and not zero.any()
+    np.testing.assert_array_equal(scale, (np.float64(np.float32(0.01)) * batchnorm_scale(model)).astype(np.float32))
+    assert "its per-tensor scale is now per-channel (axis 0)" in report.notes[0]
+    assert_same_outputs(model, result, **F32)
+
+
+def test_qdq_per_tensor_scale_before_opset_13_is_refused():
+    model = qdq_conv_bn(scale=np.float32(0.01), axis=None, opset=12)
+    result, report = fold_onnx(model, verify=False)
+    assert [s.code for s in report.skips] == ["quantized-weight"] and not report.folds
+    assert "per-channel scales from opset 13, and the model is opset 12 (convert it with onnx.version_converter first)" in report.skips[0].reason
+    assert op_count(result, "BatchNormalization") == 1
+
+
+@pytest.mark.parametrize(
+    "dtype,zero,low,high", [(np.int8, 0, -127, 128), (np.uint8, 100, 0, 201)], ids=["int8-symmetric", "uint8-zero-point-100"]
+)
+def test_qdq_negative_batchnorm_scale_mirrors_the_integers_exactly(dtype, zero, low, high):
+    """A negative BatchNorm scale keeps the quantization scale positive: q' = 2 z - q, exact in range."""
+    integers = np.random.default_rng(1).integers(low, high, size=[6, 4, 3, 3]).astype(dtype)
+    model = qdq_conv_bn(integers, zero_point=np.full(6, zero, dtype), negative_channels=(1, 4))
+    result, report = fold_onnx(model)
+    folded, scale, _, _ = folded_weight(result)
+    expected = integers.copy()
+    expected[[1, 4]] = 2 * zero - integers[[1, 4]].astype(np.int64)
+    assert folded.dtype == dtype and np.array_equal(folded, expected) and (scale > 0).all()
+    assert "but for 2 channel(s) with a negative BatchNorm scale, mirrored about their zero point" in report.notes[0]
+    assert_same_outputs(model, result, **F32)
+
+
+@pytest.mark.parametrize(
+    "dtype,zero,extreme,expected",
+    [
+        (np.int8, 0, -128, "mirrored about the zero point (0), and 2 x 0 - (-128) is outside int8's range [-128, 127]"),
+        (np.uint8, 128, 0, "mirrored about the zero point (128), and 2 x 128 - (0) is outside uint8's range [0, 255]"),
+    ],
+)
+def test_qdq_negative_scale_that_would_leave_the_integer_range_is_refused(dtype, zero, extreme, expected):
+    integers = np.full([6, 4, 3, 3], zero + 1, dtype)
+    integers[4, 0, 0, 0] = extreme
+    model = qdq_conv_bn(integers, zero_point=np.full(6, zero, dtype), negative_channels=(4,))
+    result, report = fold_onnx(model, verify=False)
+    assert [s.code for s in report.skips] == ["quantized-weight"]
+    reason = report.skips[0].reason
+    assert "the BatchNorm's scale is negative in channel 4" in reason and expected in reason
+    assert reason.endswith("fold the float model before quantizing it")
+    assert op_count(result, "BatchNormalization") == 1 and np.array_equal(folded_weight(result)[0], integers)
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        (dict(bias="int32"), "the bias of conv is quantized (DequantizeLinear, int32 with scale input scale x weight scale)"),
+        (dict(weight_source="fake-quantized"), "is fake-quantized (QuantizeLinear -> DequantizeLinear of a float weight)"),
+        (dict(axis=1, scale=np.full(4, 0.01, np.float32)), "is quantized per channel along axis 1, but its output channels are on axis 0"),
+    ],
+    ids=["int32-bias", "fake-quantized", "input-channel-axis"],
+)
+def test_qdq_forms_that_cannot_absorb_the_batchnorm_exactly_are_refused(options, expected):
+    model = qdq_conv_bn(**options)
+    before = initializers(model)
+    result, report = fold_onnx(model, verify=False)
+    assert [s.code for s in report.skips] == ["quantized-weight"] and expected in report.skips[0].reason
+    # Nothing was dequantized into a float weight.
+    assert [n.op_type for n in result.graph.node] == [n.op_type for n in model.graph.node]
+    assert all(np.array_equal(before[name], array) for name, array in initializers(result).items())
+
+
+def test_batchnorm_before_a_qdq_conv_is_refused():
+    """A forward fold scales input channels, which per-output-channel scales cannot express."""
+    r = np.random.default_rng(0)
+    inits = [*batchnorm_parameters(4, "bn", r), initializer("W_q", r.integers(-127, 128, [6, 4, 1, 1]).astype(np.int8)), initializer("W_scale", np.full(6, 0.01, np.float32))]
+    nodes = [
+        batchnorm_node("x", "n", "bn"),
+        helper.make_node("DequantizeLinear", ["W_q", "W_scale"], ["W"], name="dequantize_w", axis=0),
+        helper.make_node("Conv", ["n", "W"], ["z"], name="conv"),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 5, 5])], ["z"], inits)
+    _, report = fold_onnx(model, verify=False)
+    assert [s.code for s in report.skips] == ["quantized-weight"]
+    assert "a BatchNorm before it scales its input channels, which those scales cannot express" in report.skips[0].reason
+
+
+def test_qdq_gemm_with_transposed_weight_folds():
+    r = np.random.default_rng(0)
+    inits = [initializer("W_q", r.integers(-127, 128, [6, 8]).astype(np.int8)), initializer("W_scale", r.uniform(0.01, 0.02, 6).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["W_q", "W_scale"], ["W"], name="dequantize_w", axis=0),
+        helper.make_node("Gemm", ["x", "W"], ["y"], name="gemm", transB=1),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    model = make_model(nodes, [("x", [3, 8])], ["z"], inits)
+    result, report = fold_onnx(model)
+    assert [(f.layer, f.direction) for f in report.folds] == [("gemm", "into-preceding")]
+    assert np.array_equal(folded_weight(result)[0], initializers(model)["W_q"])
     assert_same_outputs(model, result, **F32)

@@ -97,3 +97,11 @@ def test_check_report_json_block_has_the_real_reports_keys(fresh_clone):
     report["unreadable"] = [{"path": "", "message": ""}]  # the example reads
     assert report["schema"] == "bnfold.check-report/1"
     assert key_structure(json.loads(shown)) == key_structure(report)
+
+
+def test_readme_skip_table_names_every_skip_code():
+    from bnfold.report import SKIP_CODES
+
+    table = README[README.index("| code | meaning |") :].split("\n\n")[0]
+    listed = set(re.findall(r"^\| `([a-z-]+)`(?:, `([a-z-]+)`)?", table, flags=re.MULTILINE))
+    assert {code for pair in listed for code in pair if code} == set(SKIP_CODES)

@@ -114,11 +114,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             graph=graph_label,
             batchnorm_op=match.anchor.op_type,
         )
+        notes = match.notes()  # (labels read before the rewrite renames anything)
         rule.rewrite(match, editor)
         self.folds.append(fold)
-        if match.passthroughs:
-            through = ", ".join(f"{node_label(node)} [{node.op_type}]" for node in match.passthroughs)
-            self.notes.append(f"{fold.batchnorm} folded through {through}, left in place (the identity at inference)")
+        self.notes += notes
 
 
 @dataclasses.dataclass

@@ -24,14 +24,26 @@ import onnx_ir as ir
 from bnfold.fold_math import (
     ChannelAffine,
     FoldOverflowError,
+    InexactQuantizedFoldError,
+    QuantizedOutputFold,
     UnfoldableStatisticsError,
     WeightLayout,
     batchnorm_affine,
     fold_into_inputs,
     fold_into_outputs,
+    fold_into_quantized_outputs,
 )
 from bnfold.onnx_fold.constants import constant_array, drop_if_unread, not_constant_reason
 from bnfold.onnx_fold.layers import LAYER_OPS
+from bnfold.onnx_fold.layout import LAYOUT_OPS, features_on_channel_axis
+from bnfold.onnx_fold.qdq import (
+    FOLD_FIRST,
+    QuantizedWeight,
+    QuantizedWeightError,
+    dequantizer,
+    quantized_bias_reason,
+    quantized_weight,
+)
 from bnfold.report import ELEMENTWISE_AFFINE_OPS
 
 ELEMENTWISE_OPS = ELEMENTWISE_AFFINE_OPS
@@ -81,8 +93,13 @@ def _typed_attr(node: ir.Node, name: str, default, types: tuple[ir.AttributeType
     return attribute.value
 
 
+# Readers of a tensor's shape alone (reshape_as, view(x.shape) in exporters): a fold changes no shape.
+_SHAPE_READERS = ("Shape", "Size")
+
+
 def _only_consumer(value: ir.Value) -> ir.Node | None:
-    uses = value.uses()
+    """The one node that reads ``value``'s elements (readers of its shape alone aside), if only one does."""
+    uses = [use for use in value.uses() if use.node.op_type not in _SHAPE_READERS]
     if value.is_graph_output() or len(uses) != 1:
         return None
     return uses[0].node
@@ -116,10 +133,21 @@ class Layer:
     layout: WeightLayout
     output_rank: int
     bias_add: ir.Node | None = None  # MatMul's bias lives in a following Add
+    # A weight stored as DequantizeLinear(integers, scale, zero point); ``weight`` then holds the integers.
+    quantized: QuantizedWeight | None = None
 
     @property
     def output(self) -> ir.Value:
         return (self.bias_add or self.node).outputs[0]
+
+    @property
+    def bias_slot(self) -> tuple[ir.Node, int] | None:
+        """The node and input index that hold the bias: input 2, or the MatMul's bias Add (None without one)."""
+        if self.node.op_type != "MatMul":
+            return self.node, 2
+        if self.bias_add is None:
+            return None
+        return self.bias_add, 1 if self.bias_add.inputs[0] is self.node.outputs[0] else 0
 
     @property
     def gemm_alpha_beta(self) -> tuple[float, float]:
@@ -161,16 +189,55 @@ def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
-def layer_view(node: ir.Node, data_value: ir.Value | None = None) -> Layer:
-    """Read ``node`` as a foldable layer, or refuse. ``data_value`` is the input a forward fold
-    would scale (it must be the layer's data input, not its weight)."""
+def layer_view(node: ir.Node, opset: int, data_value: ir.Value | None = None, features_last: bool = False) -> Layer:
+    """Read ``node`` (in a model of default-domain ``opset``) as a foldable layer, or refuse. ``data_value`` is the input a forward fold
+    would scale (it must be the layer's data input, not its weight). ``features_last``: the BatchNorm reads
+    the layer's output through a layout op proven to put its last axis on the channel axis, so a MatMul's
+    data may have any rank."""
     op = node.op_type
     if data_value is not None and node.inputs[0] is not data_value:
         raise Refusal("no-foldable-neighbour", f"it feeds the weight input of {node_label(node)}, not its data")
-    weight = _const_input(node, 1, "weight")
+    layout = LAYER_OPS[op].layout(lambda name, default: _typed_attr(node, name, default, _INT, "channel-mismatch"))
+    quantized = _quantized_weight(node, layout, opset, forward=data_value is not None)
+    weight = _const_input(node, 1, "weight") if quantized is None else quantized.quantized
     if 0 in weight.shape:
         raise Refusal("channel-mismatch", f"{node_label(node)} has an empty weight, of shape {list(weight.shape)}")
-    layout = LAYER_OPS[op].layout(lambda name, default: _typed_attr(node, name, default, _INT, "channel-mismatch"))
+    if quantized is not None and op != "MatMul":  # (before the bias is read: that would dequantize it)
+        _refuse_quantized_bias(node, node.inputs[2] if len(node.inputs) > 2 else None)
+    layer = _layer_of_op(node, weight, layout, data_value, features_last)
+    if quantized is not None and layer.bias_add is not None:
+        _refuse_quantized_bias(node, layer.bias_add.inputs[layer.bias_slot[1]])
+    layer.quantized = quantized
+    return layer
+
+
+def _refuse_quantized_bias(node: ir.Node, bias: ir.Value | None) -> None:
+    reason = quantized_bias_reason(bias, node_label(node))
+    if reason is not None:
+        raise Refusal("quantized-weight", reason)
+
+
+def _quantized_weight(node: ir.Node, layout: WeightLayout, opset: int, forward: bool) -> QuantizedWeight | None:
+    """The layer's weight as a :class:`QuantizedWeight` when a DequantizeLinear produces it, or a refusal
+    saying why the fold cannot go into it exactly; None for a weight stored in float."""
+    dequantize = dequantizer(node.inputs[1]) if len(node.inputs) > 1 else None
+    if dequantize is None:
+        return None
+    if forward:
+        raise Refusal(
+            "quantized-weight",
+            f"the weight of {node_label(node)} is quantized (DequantizeLinear) per output channel, and a BatchNorm before "
+            f"it scales its input channels, which those scales cannot express; {FOLD_FIRST}",
+        )
+    try:
+        return quantized_weight(dequantize, node_label(node), layout.out_channel_axis(), opset)
+    except QuantizedWeightError as error:
+        raise Refusal("quantized-weight", str(error)) from None
+
+
+def _layer_of_op(node: ir.Node, weight: np.ndarray, layout: WeightLayout, data_value: ir.Value | None, features_last: bool) -> Layer:
+    """:func:`layer_view` past the weight: the op's own shape checks and its bias."""
+    op = node.op_type
     if op in ("Conv", "ConvTranspose"):
         bias = _const_input(node, 2, "bias", optional=True)
         _check_conv_shapes(node, weight, bias, layout)
@@ -188,12 +255,13 @@ def layer_view(node: ir.Node, data_value: ir.Value | None = None) -> Layer:
     if weight.ndim != 2:
         raise Refusal("channel-mismatch", f"{node_label(node)} has a {weight.ndim}-D weight; only 2-D weights fold")
     data_rank = _rank(node.inputs[0])
-    if data_rank != 2:
+    if data_rank != 2 and not features_last:
         known = "unknown" if data_rank is None else f"{data_rank}-D"
         raise Refusal(
             "channel-mismatch",
             f"the data of {node_label(node)} is {known}, so BatchNorm's channel axis 1 is not provably the "
-            "MatMul's feature axis (only 2-D data folds)",
+            "MatMul's feature axis (only 2-D data folds, or data whose features a Flatten/Reshape to [-1, C] "
+            "brings to the channel axis)",
         )
     found = None if data_value is not None else _matmul_bias_add(node)
     bias_add, bias = found if found else (None, None)
@@ -312,10 +380,46 @@ class Match:
     layer: Layer
     direction: str
     # The layer's folded weight and bias, computed by ``check``: a fold its dtype cannot hold is refused
-    # before anything in the graph changes.
-    weight: np.ndarray
+    # before anything in the graph changes. A quantized weight's fold is ``quantized`` instead of ``weight``.
+    weight: np.ndarray | None
     bias: np.ndarray
-    passthroughs: tuple[ir.Node, ...] = ()  # Identity / inference Dropout between the two, in data order
+    # The nodes between the two, in data order, left in place: Identity / inference Dropout, and for a
+    # BatchNorm after a MatMul a layout op (Flatten/Reshape/Transpose) proven to keep the features whole.
+    passthroughs: tuple[ir.Node, ...] = ()
+    quantized: QuantizedOutputFold | None = None
+
+    def notes(self) -> list[str]:
+        """What the report says about the nodes the fold went through, and about a quantized weight."""
+        notes = [self._quantized_note()] if self.quantized is not None else []
+        return self._passthrough_notes() + notes
+
+    def _quantized_note(self) -> str:
+        weight = self.layer.quantized
+        note = (
+            f"{node_label(self.anchor)} folded into the scales of {node_label(weight.dequantize)}, the quantized weight of "
+            f"{node_label(self.layer.node)}: its integers unchanged"
+        )
+        if self.quantized.mirrored:
+            note += f" but for {self.quantized.mirrored} channel(s) with a negative BatchNorm scale, mirrored about their zero point"
+        if weight.per_tensor:
+            note += f"; its per-tensor scale is now per-channel (axis {weight.axis})"
+        return note + (
+            "; the bias is float: runtimes that run QDQ layers as integer kernels want it quantized (int32, scale = input "
+            "scale x weight scale)"
+        )
+
+    def _passthrough_notes(self) -> list[str]:
+        if not self.passthroughs:
+            return []
+        layout = [node for node in self.passthroughs if node.op_type in LAYOUT_OPS]
+        through = ", ".join(f"{node_label(node)} [{node.op_type}]" for node in self.passthroughs)
+        if not layout:
+            return [f"{node_label(self.anchor)} folded through {through}, left in place (the identity at inference)"]
+        return [
+            f"{node_label(self.anchor)} folded through {through}, left in place: "
+            f"{'/'.join(node.op_type for node in layout)} keeps {node_label(self.layer.node)}'s output features whole "
+            "on the BatchNorm's channel axis"
+        ]
 
 
 def _inference_passthrough(node: ir.Node | None, opset: int) -> bool:
@@ -334,6 +438,24 @@ def _inference_passthrough(node: ir.Node | None, opset: int) -> bool:
         return True  # Dropout 7 and 10 are the identity at inference; 12+ without training_mode too
     flag = constant_array(training)
     return flag is not None and flag.size == 1 and not flag.reshape(-1)[0]
+
+
+def _chain_before(value: ir.Value | None, opset: int, through_layout: bool) -> tuple[ir.Value | None, tuple[ir.Node, ...]]:
+    """:func:`_passthroughs_before`, and with ``through_layout`` also past one layout op (with passthroughs
+    before it) that reads a Gemm or MatMul, each node read only by the next."""
+    value, chain = _passthroughs_before(value, opset)
+    layout = value.producer() if through_layout and value is not None else None
+    if layout is None or layout.op_type not in LAYOUT_OPS or layout.domain not in ("", "ai.onnx") or not layout.inputs:
+        return value, chain
+    before, inner = _passthroughs_before(layout.inputs[0], opset)
+    behind = _layer_behind(before)
+    if not _is_layer(behind) or behind.op_type not in _FEATURES_LAST_OPS or _only_consumer(layout.outputs[0]) is None:
+        return value, chain
+    return before, (*inner, layout, *chain)
+
+
+# Layers whose output features are on the last axis, where a layout op can bring them to the channel axis.
+_FEATURES_LAST_OPS = ("Gemm", "MatMul")
 
 
 def _passthroughs_before(value: ir.Value | None, opset: int) -> tuple[ir.Value | None, tuple[ir.Node, ...]]:
@@ -421,19 +543,21 @@ class FoldIntoPreceding:
     def check(self, anchor: ir.Node, opset: int) -> Match:
         if not anchor.outputs:
             raise Refusal("no-foldable-neighbour", "it has no output")
-        if not any(_is_layer(_layer_behind(_passthroughs_before(value, opset)[0])) for value in anchor.inputs):
+        through_layout = anchor.op_type == "BatchNormalization"
+        if not any(_is_layer(_layer_behind(_chain_before(value, opset, through_layout)[0])) for value in anchor.inputs):
             # Checked before _data_input, which may evaluate constants (shape arithmetic is full of Mul/Add).
             source = anchor.inputs[0].producer() if anchor.inputs and anchor.inputs[0] is not None else None
             source_name = "a graph input or constant" if source is None else source.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source_name}, not a Conv/ConvTranspose/Gemm/MatMul")
-        data, passthroughs = _passthroughs_before(_data_input(anchor), opset)
+        data, passthroughs = _chain_before(_data_input(anchor), opset, through_layout)
         producer = _layer_behind(data)
         if not _is_layer(producer):
             source = "a graph input or constant" if producer is None else producer.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source}, not a Conv/ConvTranspose/Gemm/MatMul")
         if producer.graph is not anchor.graph:
             raise Refusal("no-foldable-neighbour", f"its input comes from {node_label(producer)} in an enclosing graph")
-        layer = layer_view(producer)
+        layout = [node for node in passthroughs if node.op_type in LAYOUT_OPS]
+        layer = layer_view(producer, opset, features_last=bool(layout))
         if layer.output is not data:
             raise Refusal("no-foldable-neighbour", f"it is the bias Add of {node_label(producer)}")
         if _only_consumer(layer.output) is not (passthroughs[0] if passthroughs else anchor):
@@ -443,6 +567,10 @@ class FoldIntoPreceding:
                 "must stay unscaled",
             )
         channels = layer.layout.out_channels(layer.weight.shape)
+        for node in layout:
+            reason = features_on_channel_axis(node, channels, node_label(layer.node))
+            if reason is not None:
+                raise Refusal("channel-mismatch", f"{node_label(node)}: {reason}")
         if anchor.op_type == "BatchNormalization":
             affine = batchnorm_channel_affine(anchor, opset)
         else:
@@ -457,7 +585,8 @@ class FoldIntoPreceding:
         bias, _, beta = _bias_alpha_beta(layer)
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = ChannelAffine(affine.scale, affine.shift / beta)
-        return Match(anchor, layer, self.direction, *_folded(fold_into_outputs, anchor, layer, bias, shifted), passthroughs)
+        weight, bias, quantized = _folded(fold_into_outputs, anchor, layer, bias, shifted)
+        return Match(anchor, layer, self.direction, weight, bias, passthroughs, quantized)
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)
@@ -480,10 +609,17 @@ def _bias_alpha_beta(layer: Layer) -> tuple[np.ndarray | None, float, float]:
 
 
 def _folded(fold, anchor: ir.Node, layer: Layer, bias: np.ndarray | None, affine: ChannelAffine):
-    """``fold`` (a :mod:`bnfold.fold_math` fold) of the layer's weight and ``bias``, or a refusal when its
-    dtype cannot hold the result."""
+    """``fold`` (a :mod:`bnfold.fold_math` fold) of the layer's weight and ``bias`` as ``(weight, bias, None)``,
+    or for a quantized weight (backward folds only) ``(None, bias, QuantizedOutputFold)``; a refusal when
+    the dtype cannot hold the result, or the quantized weight cannot take it exactly."""
     try:
-        return fold(layer.weight, bias, affine, layer.layout)
+        if layer.quantized is None:
+            return *fold(layer.weight, bias, affine, layer.layout), None
+        weight = layer.quantized
+        folded = fold_into_quantized_outputs(weight.quantized, weight.scale, weight.zero_point, weight.axis, bias, affine)
+        return None, folded.bias, folded
+    except InexactQuantizedFoldError as error:
+        raise Refusal("quantized-weight", f"folding {node_label(anchor)} into {node_label(layer.node)}: {error}; {FOLD_FIRST}") from None
     except FoldOverflowError as error:
         raise Refusal(
             "fold-overflows",
@@ -498,15 +634,31 @@ def _write_weight_and_bias(match: Match, editor: GraphEditor) -> None:
     if _starts_without_bias(layer):
         layer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     base = layer.node.inputs[1].name or node_label(layer.node)
-    editor.set_input(layer.node, 1, base, weight)
+    if match.quantized is None:
+        editor.set_input(layer.node, 1, base, weight)
+    else:
+        _write_quantized_weight(layer.quantized, match.quantized, editor)
     if layer.node.op_type != "MatMul":
         editor.set_input(layer.node, 2, f"{base}_bias", bias)
     elif layer.bias_add is not None:
-        bias_index = 1 if layer.bias_add.inputs[0] is layer.node.outputs[0] else 0
-        editor.set_input(layer.bias_add, bias_index, f"{base}_bias", bias)
+        editor.set_input(*layer.bias_slot, f"{base}_bias", bias)
     else:
         bias_value = editor.initializer(layer.node.graph, f"{base}_bias", bias)
         layer.bias_add = _insert_bias_add(layer.node, bias_value, editor)
+
+
+def _write_quantized_weight(weight: QuantizedWeight, folded: QuantizedOutputFold, editor: GraphEditor) -> None:
+    """Point the DequantizeLinear at the folded scales (and zero points, when they became per-channel, and
+    integers, when some channels were mirrored)."""
+    dequantize = weight.dequantize
+    base = dequantize.inputs[0].name or node_label(dequantize)
+    editor.set_input(dequantize, 1, f"{base}_scale", folded.scale)
+    if weight.per_tensor:
+        dequantize.attributes["axis"] = ir.AttrInt64("axis", weight.axis)
+        if folded.zero_point is not None:
+            editor.set_input(dequantize, 2, f"{base}_zero_point", folded.zero_point)
+    if folded.quantized is not None:
+        editor.set_input(dequantize, 0, base, folded.quantized)
 
 
 def _data_input(anchor: ir.Node) -> ir.Value | None:
@@ -561,7 +713,7 @@ class FoldIntoFollowing:
             raise Refusal("no-foldable-neighbour", f"its output feeds {consumer.op_type}, which cannot absorb it")
         if consumer.graph is not anchor.graph:
             raise Refusal("no-foldable-neighbour", f"its output feeds {node_label(consumer)} in a subgraph")
-        layer = layer_view(consumer, data_value=output)
+        layer = layer_view(consumer, opset, data_value=output)
         _check_unpadded(consumer)
         if consumer.op_type == "Gemm" and _typed_attr(consumer, "transA", 0, _INT, "channel-mismatch"):
             raise Refusal("channel-mismatch", f"{node_label(consumer)} has transA=1: its features are not on axis 1")
@@ -574,7 +726,8 @@ class FoldIntoFollowing:
         bias, alpha, beta = _bias_alpha_beta(layer)
         # Gemm computes alpha * A B + beta * C: the shift's contribution alpha * t B enters C over beta.
         shifted = ChannelAffine(affine.scale, affine.shift * alpha / beta)
-        return Match(anchor, layer, self.direction, *_folded(fold_into_inputs, anchor, layer, bias, shifted), tuple(passthroughs))
+        weight, bias, _ = _folded(fold_into_inputs, anchor, layer, bias, shifted)
+        return Match(anchor, layer, self.direction, weight, bias, tuple(passthroughs))
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)
