@@ -102,6 +102,41 @@ def _external_weight():
     return model
 
 
+def _shape_of_conv_output():
+    return conv_bn_pair(
+        extra_nodes=[helper.make_node("Shape", ["y"], ["s"]), helper.make_node("Cast", ["s"], ["shape"], to=TensorProto.FLOAT)],
+        extra_outputs=["shape"],
+    )
+
+
+def _quantized_weight():
+    """QDQ: the Conv's weight is DequantizeLinear(int8, per-channel scale)."""
+    r = np.random.default_rng(5)
+    inits = [
+        initializer("W_q", r.integers(-127, 128, [6, 4, 3, 3]).astype(np.int8)),
+        initializer("W_scale", np.full(6, 0.01, np.float32)),
+        *batchnorm_parameters(6, "bn", r),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["W_q", "W_scale"], ["W"], name="dequantize", axis=0),
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    return make_model(nodes, [("x", [1, 4, 8, 8])], ["z"], inits)
+
+
+def _matmul_flatten_batchnorm():
+    """LeViT's LinearNorm: MatMul on [B, N, K] -> Flatten to [B*N, C] -> BatchNorm."""
+    r = np.random.default_rng(5)
+    inits = [initializer("W", r.normal(size=[8, 6]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+        helper.make_node("Flatten", ["m"], ["f"], name="flatten", axis=2),
+        batchnorm_node("f", "z", "bn"),
+    ]
+    return make_model(nodes, [("x", [2, 5, 8])], ["z"], inits)
+
+
 DECLINED = {
     # The pass folds the Mul too; the fast path folds BatchNorms only, so it must leave the model to the pass.
     "per-channel Mul after a Conv": _elementwise_after_conv,
@@ -113,12 +148,22 @@ DECLINED = {
     "NaN statistics (the pass names the channel)": _nan_variance,
     "training-mode BatchNorm": _training_mode,
     "weight in external data": _external_weight,
+    # Forms the pass folds (issue 15) and the fast path leaves to it.
+    "Conv output also read by Shape": _shape_of_conv_output,
+    "QDQ weight": _quantized_weight,
+    "MatMul -> Flatten -> BatchNorm": _matmul_flatten_batchnorm,
 }
 
 
 @pytest.mark.parametrize("case", sorted(DECLINED))
 def test_fast_path_declines_and_leaves_the_model_untouched(case):
     assert not fast_path_agrees(DECLINED[case]())
+
+
+@pytest.mark.parametrize("case", ["Conv output also read by Shape", "QDQ weight", "MatMul -> Flatten -> BatchNorm"])
+def test_the_pass_folds_what_the_fast_path_declines(case):
+    _, report = fold_onnx(DECLINED[case]())
+    assert len(report.folds) == 1 and not report.skips and report.verification.passed
 
 
 def test_fold_onnx_restores_the_garbage_collector_state():

@@ -72,6 +72,8 @@ def quantized_weight(node: ir.Node, layer_label: str, out_axis: int | None, opse
     quantized, scale, zero_point = arrays
     if quantized.dtype.kind not in "iu" and quantized.dtype.name not in ("int4", "uint4"):
         raise QuantizedWeightError(f"{label} is stored as {quantized.dtype.name}; only integer weights fold")
+    if scale.dtype.kind != "f" and scale.dtype.name != "bfloat16":
+        raise QuantizedWeightError(f"the scale of {label} is {scale.dtype.name}, not floating point")
     if any(attribute.value for name, attribute in node.attributes.items() if name in ("block_size", "output_dtype")):
         raise QuantizedWeightError(f"{label} is block-quantized or casts its output (block_size/output_dtype); {FOLD_FIRST}")
     version = node.version or opset
@@ -84,7 +86,10 @@ def quantized_weight(node: ir.Node, layer_label: str, out_axis: int | None, opse
             )
         axis, per_tensor = out_axis, True
     else:
-        axis = node.attributes.get_int("axis", 1)
+        attribute = node.attributes.get("axis")
+        if attribute is not None and attribute.type != ir.AttributeType.INT:
+            raise QuantizedWeightError(f"the axis attribute of {label} is {attribute.type.name}, not INT")
+        axis = 1 if attribute is None else attribute.value  # DequantizeLinear's default
         axis, per_tensor = (axis + quantized.ndim if axis < 0 else axis), False
     if out_axis is None or axis != out_axis or scale.ndim > 1:
         where = "one group's output channels" if out_axis is None else f"axis {out_axis}"
