@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import importlib
 import json
 import os
 import platform
@@ -73,10 +74,12 @@ def fold_bnfold(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def fold_bnfold_api(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The public entry point without verification: adds shape inference (for MatMul folds) and a report."""
+    """The public entry point without verification: adds shape inference (for MatMul folds) and a report.
+    With ``freeze_initializer_inputs``, which changes only models that declare initializers graph inputs
+    (IR version < 4): the other tools all fold those initializers as constants."""
     from bnfold import fold_onnx
 
-    return fold_onnx(model, verify=False)[0]
+    return fold_onnx(model, verify=False, freeze_initializer_inputs=True)[0]
 
 
 def fold_onnxoptimizer(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -212,11 +215,66 @@ def _chain(pairs: int) -> BenchModel:
     return BenchModel(f"chain{pairs}", write_onnx)
 
 
+def _light(name: str) -> BenchModel:
+    """A light model-zoo network from the onnx package's test data: IR version 3 (initializers are graph
+    inputs), weights built by ConstantOfShape subgraphs."""
+
+    def write_onnx(path: Path) -> None:
+        import shutil
+
+        shutil.copyfile(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{name}.onnx", path)
+
+    return BenchModel(name, write_onnx)
+
+
+def _resnet50_form(name: str, transform: str | None, opset: int = 17) -> BenchModel:
+    """ResNet-50 (published size) in a form other toolchains leave: ``transform`` names a function of
+    :mod:`bnfold.zoo_forms` applied to the export; opset 8 exports IR version 3, initializers as inputs."""
+
+    def write_onnx(path: Path) -> None:
+        from bnfold import zoo_forms
+        from bnfold.architectures import example_image, realistic_model
+        from bnfold.testing import export_onnx
+
+        export_onnx(realistic_model("resnet50"), example_image("resnet50"), path, opset=opset)
+        if transform is not None:
+            onnx.save(getattr(zoo_forms, transform)(onnx.load(path)), path)
+
+    return BenchModel(name, write_onnx)
+
+
+def _levit_style() -> BenchModel:
+    def torch_model():
+        import torch
+
+        from bnfold.zoo_forms import LEVIT_INPUT_SHAPE, levit_style_model
+
+        return levit_style_model(), torch.randn(1, *LEVIT_INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
+
+    def write_onnx(path: Path) -> None:
+        from bnfold.testing import export_onnx
+
+        export_onnx(*torch_model(), path)
+
+    return BenchModel("levit_style", write_onnx, torch_model)
+
+
+# Issue 15's forms: IR version < 4 and constant-subgraph weights (the light models), Identity between layer
+# and BN, LeViT's MatMul -> Flatten -> BN, weight-only QDQ.
+ZOO_FORMS = (
+    *(_light(f"light_{name}") for name in ("resnet50", "densenet121", "inception_v2", "shufflenet")),
+    _resnet50_form("resnet50_ir3", None, opset=8),
+    _resnet50_form("resnet50_identity", "with_identities"),
+    _levit_style(),
+    _resnet50_form("resnet50_qdq", "quantize_weights"),
+)
+
+
 def catalogue() -> dict[str, BenchModel]:
     from bnfold.architectures import ARCHITECTURES
     from bnfold.testing import FIXTURES
 
-    models = [*map(_fixture, FIXTURES), *map(_architecture, ARCHITECTURES), *map(_chain, CHAIN_SIZES)]
+    models = [*map(_fixture, FIXTURES), *map(_architecture, ARCHITECTURES), *map(_chain, CHAIN_SIZES), *ZOO_FORMS]
     return {model.name: model for model in models}
 
 
@@ -699,14 +757,16 @@ def bnfold_revision() -> str:
     return f"{commit}{dirty} (source {bnfold_source_hash()})"
 
 
-def environment() -> str:
-    import onnxoptimizer
-    import onnxruntime
-    import onnxscript
-    import onnxslim
+def _version(module: str) -> str:
+    """The module's version; a tool that is not installed gets crash cells in the tables, not an aborted run."""
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return "not installed"
 
-    versions = {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__,
-                "onnxoptimizer": onnxoptimizer.__version__, "onnxslim": onnxslim.__version__}  # fmt: skip
+
+def environment() -> str:
+    versions = {name: _version(name) for name in ("onnx", "onnxruntime", "onnxscript", "onnxoptimizer", "onnxslim")}
     with open("/proc/cpuinfo") as cpuinfo:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
     cores = f"{psutil.cpu_count()} cores ({psutil.cpu_count(logical=False)} physical)"
