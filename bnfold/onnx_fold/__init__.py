@@ -4,6 +4,8 @@
 - :mod:`.layers`: the layer ops a BatchNorm folds into and their weight layouts, the one table.
 - :mod:`.constants`: the values a fold may treat as constants (initializers, Constant nodes, constant
   subgraphs evaluated under a size cap).
+- :mod:`.layout`: whether a Flatten/Reshape/Transpose keeps a layer's features on a BatchNorm's channel axis.
+- :mod:`.qdq`: a ``DequantizeLinear`` weight (QDQ models) read as one the fold can go into exactly.
 - :mod:`.rules`: the fold rules, each a pattern, a ``check`` that says why not, and a ``rewrite``.
 - :mod:`.folding`: :class:`FoldBatchNormPass` (an onnx_ir pass over the rules) and :func:`fold_onnx`.
 - :mod:`.fast_path`: plain Conv/ConvTranspose/Gemm -> BatchNorm pairs folded on the protobuf, for models

@@ -5,8 +5,14 @@ per-channel constant, the form some exporters give a BatchNorm or a Caffe Scale 
 
 - :class:`FoldIntoPreceding` (backward): ``Layer -> affine`` becomes ``Layer'`` with scaled output
   channels. Layer = Conv, ConvTranspose, Gemm, or a 2-D MatMul with an optional Add of a constant bias.
+  A BatchNorm may also read a Gemm/MatMul (of any data rank) through a Flatten/Reshape/Transpose that
+  :mod:`.layout` proves keeps the features on its channel axis (LeViT's ``MatMul -> Flatten -> BN``). A
+  weight stored as ``DequantizeLinear(W_q, scale, zero_point)`` (:mod:`.qdq`) takes the fold in its scales.
 - :class:`FoldIntoFollowing` (forward, BatchNorm only): ``BatchNorm -> Layer`` becomes ``Layer'`` with
   scaled input channels. Layer = Conv that pads nothing, Gemm with transA=0, or a 2-D MatMul.
+
+Both see through Identity and inference-mode Dropout between the two, and ignore readers of a value's
+shape alone (``Shape``, ``Size``).
 
 ``check`` returns a :class:`Match` or raises :class:`Refusal` with a stable code and a sentence the user
 can act on; ``rewrite`` edits the graph. All arithmetic goes through :mod:`bnfold.fold_math`.
