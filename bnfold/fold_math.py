@@ -120,6 +120,22 @@ class WeightLayout:
         return weight_shape[1]
 
 
+def output_channel_rows(weight: np.ndarray, layout: WeightLayout) -> np.ndarray:
+    """``weight`` as float64 ``(output channels, weights per channel)``."""
+    view, _, _ = layout.grouped_view(np.asarray(weight, dtype=np.float64))
+    return view.reshape(view.shape[0] * view.shape[1], -1)
+
+
+def input_channel_rows(per_input_channel: np.ndarray, layout: WeightLayout, rows_shape: tuple[int, int]) -> np.ndarray:
+    """A per-input-channel array laid out like :func:`output_channel_rows` of a weight whose rows have
+    ``rows_shape``: each weight gets the value of the input channel it reads."""
+    groups = layout.groups
+    in_per_group = per_input_channel.size // groups
+    by_group = np.asarray(per_input_channel, dtype=np.float64).reshape(groups, 1, in_per_group, 1)
+    shape = (groups, rows_shape[0] // groups, in_per_group, rows_shape[1] // in_per_group)
+    return np.broadcast_to(by_group, shape).reshape(rows_shape)
+
+
 def round_to_dtype(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     """Round float64 ``array`` to ``dtype`` once, to nearest even.
 

@@ -10,7 +10,7 @@ The figures, all of them on the weight (the bias is kept in wider precision by i
 - ranges: the per-tensor ``(min, max)`` before and after the fold, and the spread of the per-channel ranges,
   ``max / median`` of each output channel's largest ``|w|`` (``inf`` when more than half the channels are 0).
 - int8 SQNR (signal-to-quantization-noise ratio, dB) of symmetric int8 as common toolchains quantize:
-  ``step = max|w| / 127``, ``q = clip(round(w / step), -127, 127) * step``, with one step for the tensor
+  ``step = max|w| / 127``, ``q = round(w / step) * step`` (within -127..127 by the step's choice), with one step for the tensor
   (*per-tensor*) or one per output channel (*per-channel*). Each output channel's SQNR is
   ``10 log10(Σ w² / Σ (w - q)²)`` over its own weights, and a layer's is the **median over its channels**
   (channels whose weights are all 0 are exact and left out; ``inf`` when no noise is left): a whole-tensor
@@ -23,6 +23,10 @@ The figures, all of them on the weight (the bias is kept in wider precision by i
   (overflow) and the non-zero ones below its smallest normal value (flushed or subnormal), against the same
   count on the layer's values before the fold. More overflow than before, or more than
   :data:`BELOW_NORMAL_FLAG_SHARE` of the values newly below the normal range, flags the layer.
+- for a target dtype and a BatchNorm with statistics, the expected error of evaluating the folded layer in
+  that dtype against evaluating the layer and the BatchNorm unfolded in it (:mod:`bnfold.half_precision_error`);
+  a fold worse by more than :data:`~bnfold.half_precision_error.FOLDED_ERROR_FLAG_RATIO` in any output channel
+  is flagged ``<dtype>-error``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import math
 import ml_dtypes
 import numpy as np
 
-from bnfold.fold_math import WeightLayout, round_to_dtype
+from bnfold.fold_math import WeightLayout, output_channel_rows, round_to_dtype
+from bnfold.half_precision_error import FOLDED_ERROR_FLAG_RATIO, BatchNormParameters, HalfPrecisionError, compare_half_precision
 
 # Flag a layer when per-tensor int8 of its folded weights has a median channel SQNR this many dB below the
 # unfolded weights': 12 dB is two bits, a quarter of the resolution. (Ordinary statistics spread the channel
@@ -78,6 +83,11 @@ class HalfPrecision:
     below_normal_before: int
     values: int  # the folded weight and bias values counted
     largest: float  # the folded values' largest magnitude
+    error: HalfPrecisionError | None = None  # evaluated in the dtype, folded against unfolded
+
+    def to_dict(self) -> dict:
+        figures = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {**figures, "error": None if self.error is None else self.error.to_dict(), "lossy": self.lossy}
 
     @property
     def lossy(self) -> bool:
@@ -115,6 +125,8 @@ class LayerQuantization:
             flags.append("int8")
         if self.target is not None and self.target.lossy:
             flags.append(self.target.dtype)
+        if self.target is not None and self.target.error is not None and self.target.error.worse:
+            flags.append(f"{self.target.dtype}-error")
         return flags
 
     def to_dict(self) -> dict:
@@ -133,7 +145,7 @@ class LayerQuantization:
             "int8_per_tensor_db_lost": self.int8_db_lost,
             "flags": self.flags,
             "channels": [dataclasses.asdict(channel) for channel in self.channels],
-            "target_dtype": None if self.target is None else {**dataclasses.asdict(self.target), "lossy": self.target.lossy},
+            "target_dtype": None if self.target is None else self.target.to_dict(),
         }
 
 
@@ -142,38 +154,52 @@ def check_target_dtype(target_dtype: str | None) -> None:
         raise ValueError(f"target dtype {target_dtype!r} is not one of {', '.join(TARGET_DTYPES)}")
 
 
-def output_channel_rows(weight: np.ndarray, layout: WeightLayout) -> np.ndarray:
-    """``weight`` as float64 ``(output channels, weights per channel)``."""
-    view, _, _ = layout.grouped_view(np.asarray(weight, dtype=np.float64))
-    return view.reshape(view.shape[0] * view.shape[1], -1)
+@dataclasses.dataclass(frozen=True)
+class RowFigures:
+    """What one pass over a weight's output-channel rows gives: the tensor's range, each row's largest
+    ``|w|`` and each row's signal ``Σ w²``."""
+
+    range: tuple[float, float]
+    largest: np.ndarray
+    signal: np.ndarray
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> RowFigures:
+        if not rows.size:
+            return cls((0.0, 0.0), np.zeros(rows.shape[0]), np.zeros(rows.shape[0]))
+        low, high = rows.min(axis=1), rows.max(axis=1)
+        signal = np.einsum("ij,ij->i", rows, rows)
+        return cls((float(low.min()), float(high.max())), np.maximum(-low, high), signal)
+
+    @property
+    def spread(self) -> float:
+        """``max / median`` of the rows' largest ``|w|`` (inf when the median is 0 and the max is not; 1 when all are 0)."""
+        median, top = float(np.median(self.largest)), float(self.largest.max(initial=0))
+        if median == 0:
+            return 1.0 if top == 0 else math.inf
+        return top / median
 
 
-def quantize_int8(rows: np.ndarray, per_channel: bool) -> np.ndarray:
-    """Symmetric int8 quantize-dequantize of ``rows`` with one step per row or one for all."""
-    largest = np.abs(rows).max(axis=1, keepdims=True) if per_channel else np.abs(rows).max(keepdims=True)
+def int8_sqnr_db(rows: np.ndarray, figures: RowFigures, per_channel: bool) -> float:
+    """Symmetric int8 of ``rows`` with one step per row or one for all: the median over rows with a non-zero
+    signal of ``10 log10(Σ w² / Σ (w - q)²)``; inf without noise.
+
+    One scratch array, every step in place (the weights can be large). No clip: the step is the largest
+    ``|w|`` over 127, so ``|w| / step`` rounds to at most 127.
+    """
+    largest = figures.largest[:, None] if per_channel else figures.largest.max(initial=0)
     step = np.where(largest > 0, largest / INT8_LEVELS, 1.0)  # an all-zero row quantizes exactly with any step
-    return np.clip(np.rint(rows / step), -INT8_LEVELS, INT8_LEVELS) * step
-
-
-def sqnr_db(rows: np.ndarray, quantized: np.ndarray) -> float:
-    """The median over rows with a non-zero signal of ``10 log10(Σ w² / Σ (w - q)²)``; inf without noise."""
-    signal = np.square(rows).sum(axis=1)
-    noise = np.square(rows - quantized).sum(axis=1)
-    kept = signal > 0
+    error = np.divide(rows, step)
+    np.rint(error, out=error)
+    error *= step
+    error -= rows
+    noise = np.einsum("ij,ij->i", error, error)
+    kept = figures.signal > 0
     if not kept.any():
         return math.inf
     with np.errstate(divide="ignore"):  # noise 0: an exact channel, inf dB
-        per_row = 10 * np.log10(signal[kept] / noise[kept])
+        per_row = 10 * np.log10(figures.signal[kept] / noise[kept])
     return float(np.median(per_row))
-
-
-def channel_spread(rows: np.ndarray) -> float:
-    """``max / median`` of the rows' largest ``|w|`` (inf when the median is 0 and the max is not; 1 when all are 0)."""
-    largest = np.abs(rows).max(axis=1)
-    median, top = float(np.median(largest)), float(largest.max())
-    if median == 0:
-        return 1.0 if top == 0 else math.inf
-    return top / median
 
 
 def half_precision_counts(values: list[np.ndarray], dtype: str) -> tuple[int, int]:
@@ -215,41 +241,45 @@ def measure_fold(
     bias_before: np.ndarray | None = None,
     bias_after: np.ndarray | None = None,
     target_dtype: str | None = None,
+    batchnorm_parameters: BatchNormParameters | None = None,
     batchnorm: str = "",
     layer: str = "",
     direction: str = "into-preceding",
     graph: str = "",
 ) -> LayerQuantization:
     """The figures of one fold: the layer's weight before and after (any float dtype, same ``layout``), the
-    BatchNorm channels to name (:func:`named_channels`), the biases for ``target_dtype``."""
-    before, after = output_channel_rows(weight_before, layout), output_channel_rows(weight_after, layout)
+    BatchNorm channels to name (:func:`named_channels`), the biases for ``target_dtype``, and the BatchNorm's
+    parameters for the half-precision error against the unfolded layer (none for a bare ``x * scale + shift``)."""
     check_target_dtype(target_dtype)
+    before, after = output_channel_rows(weight_before, layout), output_channel_rows(weight_after, layout)
+    figures_before, figures_after = RowFigures.of(before), RowFigures.of(after)
     target = None
     if target_dtype is not None:
         overflow_before, below_before = half_precision_counts([before, *_present(bias_before)], target_dtype)
         overflow, below = half_precision_counts([after, *_present(bias_after)], target_dtype)
-        largest = max(float(np.abs(after).max(initial=0)), float(np.abs(_flat(bias_after)).max(initial=0)))
+        largest = max(float(figures_after.largest.max(initial=0)), float(np.abs(_flat(bias_after)).max(initial=0)))
         values = after.size + _flat(bias_after).size
-        target = HalfPrecision(target_dtype, overflow, overflow_before, below, below_before, values, largest)
+        error = None
+        if batchnorm_parameters is not None:
+            error = compare_half_precision(
+                before, bias_before, after, bias_after, layout, direction, batchnorm_parameters, target_dtype
+            )
+        target = HalfPrecision(target_dtype, overflow, overflow_before, below, below_before, values, largest, error)
     return LayerQuantization(
         batchnorm=batchnorm,
         layer=layer,
         direction=direction,
         graph=graph,
-        range_before=_range(before),
-        range_after=_range(after),
-        channel_spread_before=channel_spread(before),
-        channel_spread_after=channel_spread(after),
-        int8_per_tensor_db_before=sqnr_db(before, quantize_int8(before, per_channel=False)),
-        int8_per_tensor_db=sqnr_db(after, quantize_int8(after, per_channel=False)),
-        int8_per_channel_db=sqnr_db(after, quantize_int8(after, per_channel=True)),
+        range_before=figures_before.range,
+        range_after=figures_after.range,
+        channel_spread_before=figures_before.spread,
+        channel_spread_after=figures_after.spread,
+        int8_per_tensor_db_before=int8_sqnr_db(before, figures_before, per_channel=False),
+        int8_per_tensor_db=int8_sqnr_db(after, figures_after, per_channel=False),
+        int8_per_channel_db=int8_sqnr_db(after, figures_after, per_channel=True),
         channels=channels,
         target=target,
     )
-
-
-def _range(rows: np.ndarray) -> tuple[float, float]:
-    return (float(rows.min()), float(rows.max())) if rows.size else (0.0, 0.0)
 
 
 def _present(array: np.ndarray | None) -> list[np.ndarray]:
@@ -266,7 +296,8 @@ def format_table(layers: list[LayerQuantization]) -> list[str]:
     lines = [
         f"quantization: {len(flagged)} of {len(layers)} folded layer(s) flagged "
         f"(per-tensor int8 loses > {INT8_LOSS_FLAG_DB:g} dB through the fold, or the target dtype overflows or "
-        f"gets > {BELOW_NORMAL_FLAG_SHARE:.0%} more values below its normal range)"
+        f"gets > {BELOW_NORMAL_FLAG_SHARE:.0%} more values below its normal range, or evaluating in it errs "
+        f"> {FOLDED_ERROR_FLAG_RATIO:g}x more than unfolded)"
     ]
     if not flagged:
         return lines
@@ -274,9 +305,16 @@ def format_table(layers: list[LayerQuantization]) -> list[str]:
     for layer in flagged:
         named = ", ".join(_describe_channel(channel) for channel in layer.channels)
         half = ""
-        if layer.target is not None and layer.target.lossy:
-            t = layer.target
+        t = layer.target
+        if t is not None and t.lossy:
             half = f" | {t.dtype}: {t.overflow} overflow, {t.below_normal} below normal (before {t.below_normal_before})"
+        if t is not None and t.error is not None and t.error.worse:
+            e = t.error
+            half += (
+                f" | {e.dtype} error {e.ratio:.3g}x unfolded's in channel {e.channel} ({e.folded_error:.3g} against "
+                f"{e.unfolded_error:.3g}, output rms {e.output_rms:.3g}; {e.channels_worse} of {e.channels} channels > "
+                f"{FOLDED_ERROR_FLAG_RATIO:g}x)"
+            )
         lines.append(
             f"  {layer.layer} | {layer.int8_per_tensor_db_before:.1f} -> {layer.int8_per_tensor_db:.1f} | "
             f"{layer.int8_per_channel_db:.1f} | {layer.channel_spread_after:.3g} | {named}{half}"

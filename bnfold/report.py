@@ -10,8 +10,9 @@ if TYPE_CHECKING:  # annotations only: this module stays free of numpy for the c
     from bnfold.quantization import LayerQuantization
     from bnfold.verification import OutputComparison, Verification
 
-# The JSON report's schema. /2 added "quantization": one entry per measured fold (bnfold.quantization).
-SCHEMA = "bnfold.fold-report/2"
+# The JSON report's schema. /2 added "quantization": one entry per measured fold (bnfold.quantization); /3 its
+# target_dtype's "error" (bnfold.half_precision_error).
+SCHEMA = "bnfold.fold-report/3"
 
 
 def printable(text: str) -> str:

@@ -14,13 +14,13 @@ from bnfold.quantization import (
     INT8_LOSS_FLAG_DB,
     NAMED_CHANNELS,
     ChannelStatistics,
+    RowFigures,
     check_target_dtype,
     format_table,
+    int8_sqnr_db,
     measure_fold,
     named_channels,
     output_channel_rows,
-    quantize_int8,
-    sqnr_db,
     statistics_estimate,
 )
 
@@ -76,18 +76,19 @@ def test_int8_sqnr_by_hand():
     rows = np.array([[1.0, 0.5], [0.01, 0.02]])
     channel0 = 10 * math.log10((1 + 0.25) / (0.5 / 127) ** 2)
     channel1 = 10 * math.log10((0.01**2 + 0.02**2) / ((0.01 - 1 / 127) ** 2 + (0.02 - 3 / 127) ** 2))
-    assert sqnr_db(rows, quantize_int8(rows, per_channel=False)) == pytest.approx((channel0 + channel1) / 2, rel=1e-12)
+    assert int8_sqnr_db(rows, RowFigures.of(rows), per_channel=False) == pytest.approx((channel0 + channel1) / 2, rel=1e-12)
     # Per-channel, channel 1's step is 0.02/127: 0.01 -> 63.5 steps -> 64, 0.02 exact.
     per_channel1 = 10 * math.log10((0.01**2 + 0.02**2) / (0.01 - 64 * 0.02 / 127) ** 2)
-    assert sqnr_db(rows, quantize_int8(rows, per_channel=True)) == pytest.approx((channel0 + per_channel1) / 2, rel=1e-12)
+    assert int8_sqnr_db(rows, RowFigures.of(rows), per_channel=True) == pytest.approx((channel0 + per_channel1) / 2, rel=1e-12)
 
 
 def test_exact_and_all_zero_tensors():
     exact = np.array([[127.0, -1.0], [2.0, 0.0]])  # step 1: every value an integer
-    assert sqnr_db(exact, quantize_int8(exact, per_channel=False)) == math.inf
+    assert int8_sqnr_db(exact, RowFigures.of(exact), per_channel=False) == math.inf
     zeros = np.zeros((3, 4))
-    assert np.array_equal(quantize_int8(zeros, per_channel=True), zeros)
-    assert sqnr_db(zeros, quantize_int8(zeros, per_channel=False)) == math.inf
+    for per_channel in (False, True):
+        assert int8_sqnr_db(zeros, RowFigures.of(zeros), per_channel) == math.inf
+    assert RowFigures.of(zeros).spread == 1.0 and RowFigures.of(zeros).range == (0.0, 0.0)
 
 
 def test_folded_conv_with_degenerate_channels_matches_direct_numpy():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import runpy
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def test_float16_target_flags_the_overflowing_fold():
     model = near_dead_model(variance=0.0, gamma=1000.0)
     report = bnfold.fold(model, example_input("small_cnn"), target_dtype="float16", verify=False).report
     down = report.quantization[3]
-    assert down.flags == ["int8", "float16"]
+    # Evaluated in float16, the overflowing folded weights are infinitely worse than the unfolded layer.
+    assert down.flags == ["int8", "float16", "float16-error"] and down.target.error.folded_error == math.inf
     low, high = down.range_after
     assert down.target.largest >= max(-low, high) > 65504  # the largest of the folded weight and bias
     assert down.target.overflow > 0 and down.target.overflow_before == 0
@@ -125,7 +127,7 @@ def test_cli_json_has_every_fold_and_text_only_the_flagged_one(onnx_path, tmp_pa
     result = runner.invoke(main, [str(onnx_path), "--dry-run", "--format", "json", "--target-dtype", "float16"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["schema"] == "bnfold.fold-report/2"
+    assert report["schema"] == "bnfold.fold-report/3"
     entries = report["quantization"]
     assert [entry["batchnorm"] for entry in entries] == BATCHNORMS
     assert [entry["flags"] for entry in entries] == [[], [], [], ["int8"]]
@@ -136,7 +138,7 @@ def test_cli_json_has_every_fold_and_text_only_the_flagged_one(onnx_path, tmp_pa
     table = [line for line in text.splitlines() if "quantization" in line or " | " in line]
     assert table[0] == (
         "  quantization: 1 of 4 folded layer(s) flagged (per-tensor int8 loses > 12 dB through the fold, or the target "
-        "dtype overflows or gets > 1% more values below its normal range)"
+        "dtype overflows or gets > 1% more values below its normal range, or evaluating in it errs > 2x more than unfolded)"
     )
     assert table[2].startswith("    /down/down.0/Conv | ") and f"| {DEAD}: " in table[2]
     assert len(table) == 3

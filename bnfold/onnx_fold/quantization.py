@@ -12,6 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.fold_math import batchnorm_affine
+from bnfold.half_precision_error import BatchNormParameters
 from bnfold.onnx_fold.constants import constant_array
 from bnfold.onnx_fold.io import load_model
 from bnfold.onnx_fold.layers import LAYER_OPS
@@ -51,6 +52,7 @@ def measure_onnx_folds(
                 bias_before=_bias(layer_before),
                 bias_after=_bias(layer_after),
                 target_dtype=target_dtype,
+                batchnorm_parameters=BatchNormParameters(gamma, beta, mean, variance, eps),
                 batchnorm=fold.batchnorm,
                 layer=fold.layer,
                 direction=fold.direction,

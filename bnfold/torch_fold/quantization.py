@@ -5,6 +5,7 @@ them (the plan's float64 values, rounded once to the layer's dtype)."""
 from __future__ import annotations
 
 from bnfold.fold_math import round_to_dtype
+from bnfold.half_precision_error import BatchNormParameters
 from bnfold.quantization import LayerQuantization, measure_fold, named_channels
 from bnfold.torch_fold.conversion import to_numpy
 from bnfold.torch_fold.planning import PlannedFold, _numpy_dtype, channel_affine
@@ -17,9 +18,13 @@ def measure_torch_folds(folds: list[PlannedFold], target_dtype: str | None) -> l
         layer, batchnorm = fold.layer, fold.batchnorm
         weight, bias = fold.layer_values
         scale = channel_affine(batchnorm).scale
+        parameters = None
         if batchnorm.per_channel is None:
-            statistics = (to_numpy(batchnorm.weight), to_numpy(batchnorm.running_mean), to_numpy(batchnorm.running_var))
-            channels = named_channels(scale, *statistics, batchnorm.eps)
+            gamma, beta, mean, variance = (
+                to_numpy(tensor) for tensor in (batchnorm.weight, batchnorm.bias, batchnorm.running_mean, batchnorm.running_var)
+            )
+            channels = named_channels(scale, gamma, mean, variance, batchnorm.eps)
+            parameters = BatchNormParameters(gamma, beta, mean, variance, batchnorm.eps)
         else:  # x * scale + shift: no statistics behind the scale
             channels = named_channels(scale)
         measured.append(
@@ -31,6 +36,7 @@ def measure_torch_folds(folds: list[PlannedFold], target_dtype: str | None) -> l
                 bias_before=to_numpy(layer.bias),
                 bias_after=round_to_dtype(bias, _numpy_dtype(layer.weight if layer.bias is None else layer.bias)),
                 target_dtype=target_dtype,
+                batchnorm_parameters=parameters,
                 batchnorm=batchnorm.name,
                 layer=layer.name,
                 direction=fold.direction,
