@@ -163,6 +163,16 @@ def test_check_warns_before_folding(onnx_path):
     lost = 20 * np.log10(scale.max() / np.median(scale))
     assert estimated.name == "down.1" and f"lose about {lost:.1f} dB" in estimated.message
     assert f"channel {DEAD}: scale" in estimated.message
+    # With example inputs the pairs are found as bnfold.fold finds them, and the fold measured on the weights,
+    # in training mode too (its statistics fold the same).
+    measured = bnfold.fold(model, example_input("small_cnn"), target_dtype="float16", verify=False).report.quantization[3]
+    for mode in (model.eval(), model.train()):
+        (finding,) = [f for f in check_model(mode, example_input("small_cnn"), measure_batch=False) if f.code == "BN007"]
+        assert finding.name == "down.1" and finding.message.startswith(
+            f"folded into down.0, per-tensor int8 SQNR {measured.int8_per_tensor_db_before:.1f} -> "
+            f"{measured.int8_per_tensor_db:.1f} dB ({measured.int8_db_lost:.1f} dB lost"
+        )
+    assert model.training  # (the check left the model as it was given)
     result = CliRunner().invoke(main, ["check", str(onnx_path), "--select", "BN007"])
     assert result.exit_code == 0 and " BN007 warning " in result.output
 
@@ -171,5 +181,5 @@ def test_worked_example_prints_the_warning_and_the_flagged_layer(capsys):
     example = runpy.run_path(str(Path(__file__).parent.parent / "examples" / "near_dead_channel.py"), run_name="example")
     example["main"]()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("bnfold check: BN007 down.1: per-tensor int8 of the folded layer would lose about 49.1 dB")
+    assert lines[0].startswith("bnfold check: BN007 down.1: folded into down.0, per-tensor int8 SQNR 43.7 -> 0.0 dB")
     assert any(line.startswith("    down.0 | 43.7 -> 0.0 | 45.1 | 282 | 5: 241 (γ 0.8, var 1e-06, eps 1e-05)") for line in lines)

@@ -14,7 +14,7 @@ import numpy as np
 
 from bnfold.checks.findings import Finding
 from bnfold.fold_math import ChannelAffine, UnfoldableStatisticsError, batchnorm_affine
-from bnfold.quantization import INT8_LOSS_FLAG_DB, statistics_estimate
+from bnfold.quantization import INT8_LOSS_FLAG_DB, LayerQuantization, statistics_estimate
 
 # Past this |γ| / sqrt(var + eps), a channel multiplies its input (and, once folded, its weights) by
 # more than float32's relative precision can spare: 1e4 eats 4 of its ~7 significant digits.
@@ -122,8 +122,9 @@ def _precision_findings(name: str, statistics: Statistics, scale: np.ndarray) ->
 
 
 def _quantization_findings(name: str, statistics: Statistics, affine: ChannelAffine) -> list[Finding]:
-    """BN007 from the statistics alone (:func:`bnfold.quantization.statistics_estimate`); the ONNX inspector
-    replaces it with the measured figures for the BatchNorms the fold would remove."""
+    """BN007 from the statistics alone (:func:`bnfold.quantization.statistics_estimate`); the inspectors
+    replace it with the measured figures for the BatchNorms the fold would remove
+    (:func:`with_measured_quantization`)."""
     lost, overflow = statistics_estimate(affine.scale, affine.shift)
     problems = []
     if lost > INT8_LOSS_FLAG_DB:
@@ -138,3 +139,38 @@ def _quantization_findings(name: str, statistics: Statistics, affine: ChannelAff
     if overflow:
         problems.append(f"{overflow} folded shift(s) β - mean·γ/sqrt(var+eps) overflow float16")
     return [Finding("BN007", name, "; ".join(problems))] if problems else []
+
+
+def with_measured_quantization(findings: list[Finding], measured: list[LayerQuantization]) -> list[Finding]:
+    """``findings`` with BN007 measured on the folds (:mod:`bnfold.quantization`, float16 as the target) in
+    place of the estimate, for each BatchNorm measured."""
+    names = {layer.batchnorm for layer in measured}
+    kept = [finding for finding in findings if not (finding.code == "BN007" and finding.name in names)]
+    return kept + [Finding("BN007", layer.batchnorm, _describe_measured(layer)) for layer in measured if layer.flags]
+
+
+def _describe_measured(layer: LayerQuantization) -> str:
+    problems = []
+    if "int8" in layer.flags:
+        channels = ", ".join(
+            f"{c.channel} (scale {c.scale:.3g}, γ {c.gamma:.3g}, var {c.variance:.3g}, eps {c.eps:g})" for c in layer.channels
+        )
+        problems.append(
+            f"folded into {layer.layer}, per-tensor int8 SQNR {layer.int8_per_tensor_db_before:.1f} -> "
+            f"{layer.int8_per_tensor_db:.1f} dB ({layer.int8_db_lost:.1f} dB lost; per-channel int8 keeps "
+            f"{layer.int8_per_channel_db:.1f} dB); largest |γ|/sqrt(var+eps): channels {channels}"
+        )
+    target = layer.target
+    if target is not None and target.lossy:
+        problems.append(
+            f"folded into {layer.layer}, {target.overflow} value(s) overflow {target.dtype} and {target.below_normal} "
+            f"fall below its normal range ({target.below_normal_before} before the fold)"
+        )
+    if target is not None and target.error is not None and target.error.worse:
+        error = target.error
+        problems.append(
+            f"folded into {layer.layer}, evaluated in {error.dtype} it errs {error.ratio:.3g}x more than unfolded in "
+            f"channel {error.channel} ({error.folded_error:.3g} against {error.unfolded_error:.3g}, output rms "
+            f"{error.output_rms:.3g}; {error.channels_worse} of {error.channels} channels worse)"
+        )
+    return "; ".join(problems)

@@ -23,7 +23,14 @@ from bnfold.checks.batch_dependence import (
     not_measured,
 )
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
-from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics, layer_findings
+from bnfold.checks.layer_rules import (
+    BatchNormState,
+    DropoutState,
+    LayerState,
+    Statistics,
+    layer_findings,
+    with_measured_quantization,
+)
 from bnfold.errors import describe_error
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_fold.constants import MalformedTensorError, constant_array
@@ -60,10 +67,8 @@ def check_onnx(
         raise InputError(label, f"--input-shape names unknown input(s): {', '.join(unknown)}")
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
     try:
-        fold_findings, measured = _fold_findings(model)
-        # BN007 from the measured fold replaces the estimate from the statistics alone.
-        estimated = [f for f in layer_findings(_layer_states(model, opset)) if not (f.code == "BN007" and f.name in measured)]
-        findings = [*estimated, *fold_findings]
+        foldable, measured = _fold_findings(model)
+        findings = with_measured_quantization([*layer_findings(_layer_states(model, opset)), *foldable], measured)
     except MalformedTensorError as error:
         raise InputError(label, str(error)) from None
     except InputError as error:  # from the fold, which labels the in-memory model "<model>"
@@ -128,9 +133,8 @@ def _dropout_state(node: ir.Node, version: int) -> DropoutState:
     return DropoutState(label, training, None if ratio is None else float(ratio.reshape(-1)[0]))
 
 
-def _fold_findings(model: ir.Model) -> tuple[list[Finding], set[str]]:
-    """BN006 for each BatchNorm the fold removes, BN007 for each whose measured fold makes per-tensor int8 or
-    float16 lossy, and the names of the BatchNorms measured."""
+def _fold_findings(model: ir.Model) -> tuple[list[Finding], list[LayerQuantization]]:
+    """BN006 for each BatchNorm the fold removes, and the fold's figures for BN007 (float16 as the target)."""
     _, report = fold_onnx(model, verify=False, target_dtype="float16")
     foldable = [
         Finding(
@@ -142,28 +146,7 @@ def _fold_findings(model: ir.Model) -> tuple[list[Finding], set[str]]:
         for fold in report.folds
         if fold.batchnorm_op == "BatchNormalization"
     ]
-    lossy = [Finding("BN007", layer.batchnorm, _describe_lossy(layer)) for layer in report.quantization if layer.flags]
-    return foldable + lossy, {layer.batchnorm for layer in report.quantization}
-
-
-def _describe_lossy(layer: LayerQuantization) -> str:
-    problems = []
-    if "int8" in layer.flags:
-        channels = ", ".join(
-            f"{c.channel} (scale {c.scale:.3g}, γ {c.gamma:.3g}, var {c.variance:.3g}, eps {c.eps:g})" for c in layer.channels
-        )
-        problems.append(
-            f"folded into {layer.layer}, per-tensor int8 SQNR {layer.int8_per_tensor_db_before:.1f} -> "
-            f"{layer.int8_per_tensor_db:.1f} dB ({layer.int8_db_lost:.1f} dB lost; per-channel int8 keeps "
-            f"{layer.int8_per_channel_db:.1f} dB); largest |γ|/sqrt(var+eps): channels {channels}"
-        )
-    if layer.target is not None and layer.target.lossy:
-        t = layer.target
-        problems.append(
-            f"folded into {layer.layer}, {t.overflow} value(s) overflow float16 and {t.below_normal} fall below its "
-            f"normal range ({t.below_normal_before} before the fold)"
-        )
-    return "; ".join(problems)
+    return foldable, report.quantization
 
 
 def _batch_dependence(

@@ -23,8 +23,10 @@ from bnfold.checks.batch_dependence import (
     not_measured,
 )
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
-from bnfold.checks.layer_rules import layer_findings
+from bnfold.checks.layer_rules import layer_findings, with_measured_quantization
 from bnfold.checks.torch_states import exported_layer_states, module_layer_states
+from bnfold.quantization import LayerQuantization
+from bnfold.torch_fold import ModelNotTraceableError, measure_folds
 from bnfold.torch_fold.conversion import to_numpy
 from bnfold.verification import over_random_input_budget
 
@@ -44,10 +46,14 @@ def check_model(
 
     ``example_inputs`` (a tensor or a sequence of tensors, batch axis first) give the shapes and dtypes
     of the random samples of the batch-dependence measurement; a ``torch.export`` program defaults to
-    its own example inputs. ``measure_batch=False`` skips the measurement.
+    its own example inputs. ``measure_batch=False`` skips the measurement. With example inputs, an
+    ``nn.Module``'s BN007 is measured on the layers its BatchNorms would fold into, as ``bnfold.fold``
+    plans them; otherwise (and for TorchScript and exported programs) it is estimated from the statistics.
     """
     exported = isinstance(model, torch.export.ExportedProgram)
     findings = layer_findings(exported_layer_states(model) if exported else module_layer_states(model))
+    if example_inputs is not None and not exported and not isinstance(model, torch.jit.ScriptModule):
+        findings = with_measured_quantization(findings, _measured_folds(model, example_inputs, seed))
     if not measure_batch:
         return findings
     if exported:
@@ -57,6 +63,31 @@ def check_model(
     else:
         module, batch_dims = model, None
     return findings + _batch_dependence(module, example_inputs, batch_dims, batch_size, seed)
+
+
+def _measured_folds(model: nn.Module, example_inputs: ExampleInputs, seed: int) -> list[LayerQuantization]:
+    """The figures of the folds ``bnfold.fold`` would make (float16 as the target), planned on an eval-mode
+    copy (the statistics fold the same in either mode) traced on one random sample shaped like the example
+    inputs (which may be meta templates); none when its pairs cannot be found or a sample would exceed the
+    random-input budget: the estimate from the statistics stays."""
+    templates = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
+    if any(template.dim() == 0 for template in templates) or over_random_input_budget(_input_sizes(templates, 1)):
+        return []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inputs = tuple(_random_like(template, 1) for template in templates)
+    try:
+        return measure_folds(copy.deepcopy(model).eval(), inputs, target_dtype="float16")
+    except ModelNotTraceableError:
+        return []
+
+
+def _input_sizes(templates: list[torch.Tensor], batch_size: int) -> dict[str, tuple[list[int], str, int]]:
+    """Random inputs of ``batch_size`` samples shaped like ``templates``, as over_random_input_budget reads them."""
+    return {
+        f"input{index}": ([batch_size, *template.shape[1:]], str(template.dtype).removeprefix("torch."), template.element_size())
+        for index, template in enumerate(templates)
+    }
 
 
 def _exported_batch_dims(program: torch.export.ExportedProgram) -> list[int | None]:
@@ -94,11 +125,7 @@ def _batch_dependence(
         if batch_dims is None:
             batch_dims = [None] * len(templates)  # an eager module takes any batch size
         batch_size, alone_size = measurement_sizes(batch_dims, batch_size)
-        sizes = {
-            f"input{index}": ([batch_size, *template.shape[1:]], str(template.dtype).removeprefix("torch."), template.element_size())
-            for index, template in enumerate(templates)
-        }
-        too_large = over_random_input_budget(sizes)
+        too_large = over_random_input_budget(_input_sizes(templates, batch_size))
         if too_large:
             raise NotMeasurable(f"{too_large[1]}; give smaller example inputs (--input-shape D1,D2,... in order)")
     except NotMeasurable as reason:

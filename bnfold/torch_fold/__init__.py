@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from bnfold.quantization import check_target_dtype
+from bnfold.quantization import LayerQuantization, check_target_dtype
 from bnfold.report import FoldReport
 from bnfold.torch_fold.calls import DataFlow, read_data_flow
 from bnfold.torch_fold.planning import FoldPlan, plan_folds
@@ -46,7 +46,7 @@ from bnfold.torch_fold.tracing import ModelNotTraceableError, TracedModel, trace
 from bnfold.torch_fold.verify import FoldCapture, compare_outputs, run_outputs
 from bnfold.verification import VerificationError
 
-__all__ = ["ModelNotTraceableError", "TorchFoldResult", "fold"]
+__all__ = ["ModelNotTraceableError", "TorchFoldResult", "fold", "measure_folds"]
 
 # Modules whose train mode changes what an eval-mode fold must reproduce.
 _MODE_SENSITIVE_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -121,6 +121,17 @@ def fold(
         if not report.verification.passed:
             raise VerificationError(report.verification, report, folded)
     return TorchFoldResult(folded, report)
+
+
+def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target_dtype: str | None = None) -> list[LayerQuantization]:
+    """What the folds :func:`fold` would make do to int8 quantization and to ``target_dtype``
+    (:mod:`bnfold.quantization`), without folding: planned and measured on ``model`` (in eval mode, not
+    modified). Raises :class:`ModelNotTraceableError` when its pairs cannot be found."""
+    check_target_dtype(target_dtype)
+    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _require_eval_mode(model)
+    _, _, plan = _analyse(model, example_inputs)
+    return measure_torch_folds(plan.folds, target_dtype)
 
 
 def _require_eval_mode(model: nn.Module) -> None:
