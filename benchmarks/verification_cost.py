@@ -1,10 +1,13 @@
-"""What verification costs on ResNet-50 (ONNX, float32, 1x3x224x224), against the fold itself.
+"""What verification and the quantization measurement cost on ResNet-50 (ONNX, float32, 1x3x224x224),
+against the fold itself.
 
 Each phase runs in a child process of its own, so its peak resident memory is its own: loading the model
-alone (the baseline), the fold without verification, and the fold with verification (end-to-end outputs
-and the per-fold checks). Prints one markdown table: wall time (median of ``--repeats`` runs in each
-child) and peak RSS, and what verification adds. It also prints the per-fold check's figures: the worst
-correct fold in rounding units, against the allowed units.
+alone (the baseline), the fold without verification, the fold with verification (end-to-end outputs and
+the per-fold checks), and the fold without verification measuring each fold (``quantization=True``: int8
+figures; ``target_dtype="float16"``: those and the float16 figures). Prints one markdown table: wall time
+(median of ``--repeats`` runs in each child) and peak RSS, and what verification and each measurement add.
+It also prints the per-fold check's figures: the worst correct fold in rounding units, against the allowed
+units.
 
 Run: .venv/bin/python benchmarks/verification_cost.py [--repeats 3]
 """
@@ -21,7 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-PHASES = ("load", "fold", "fold+verify")
+# Each phase's fold_onnx options; "load" only loads.
+PHASES = {
+    "load": None,
+    "fold": {"verify": False},
+    "fold+verify": {"verify": True},
+    "fold+quantization": {"verify": False, "quantization": True},
+    "fold+float16": {"verify": False, "target_dtype": "float16"},
+}
+# What each phase adds to the fold.
+ADDED = {"fold+verify": "verification", "fold+quantization": "quantization measurement", "fold+float16": "float16 measurement"}
 
 
 def child(path: str, phase: str, repeats: int) -> None:
@@ -33,8 +45,8 @@ def child(path: str, phase: str, repeats: int) -> None:
     for _ in range(repeats):
         started = time.perf_counter()
         model = onnx.load(path)
-        if phase != "load":
-            _, report = fold_onnx(model, verify=phase == "fold+verify")
+        if PHASES[phase] is not None:
+            _, report = fold_onnx(model, **PHASES[phase])
             if report.verification is not None:
                 worst = max(check.units for check in report.verification.folds if check.units is not None)
         times.append(time.perf_counter() - started)
@@ -67,12 +79,14 @@ def main() -> None:
     print("|---|---|---|")
     for phase in PHASES:
         print(f"| {phase} | {results[phase]['seconds']:.2f} | {results[phase]['peak_mib']:.0f} |")
-    fold, verified = results["fold"], results["fold+verify"]
-    print(
-        f"| verification adds | {verified['seconds'] - fold['seconds']:.2f} "
-        f"({verified['seconds'] / fold['seconds']:.1f}x the fold) | {verified['peak_mib'] - fold['peak_mib']:.0f} |"
-    )
-    print(f"\nworst correct fold: {verified['worst_units']:.3g} rounding units (float32 allows {LOCAL_UNITS['float32']:g})")
+    fold = results["fold"]
+    fold_itself = fold["seconds"] - results["load"]["seconds"]
+    for phase, what in ADDED.items():
+        more = results[phase]
+        added = more["seconds"] - fold["seconds"]
+        print(f"| {what} adds | {added:.2f} ({added / fold_itself:.1f}x the fold's own {fold_itself:.2f}) | {more['peak_mib'] - fold['peak_mib']:.0f} |")
+    worst = results["fold+verify"]["worst_units"]
+    print(f"\nworst correct fold: {worst:.3g} rounding units (float32 allows {LOCAL_UNITS['float32']:g})")
 
 
 if __name__ == "__main__":

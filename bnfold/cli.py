@@ -75,7 +75,7 @@ main.add_command(verify)
     help="Treat graph inputs that have an initializer (every weight in IR version < 4 models) as constants and remove them from the inputs.",
 )
 @click.option("--quantization", is_flag=True,
-              help="Measure what each fold does to int8 quantization of its layer (about 10x the fold's time on ResNet-50).")
+              help="Measure what each fold does to int8 quantization of its layer (about 2x the fold's time on ResNet-50).")
 @click.option("--target-dtype", type=click.Choice(["float16", "bfloat16"]),
               help="The dtype the model will be cast to: also report folded values that overflow it or fall below its normal range.")
 def fold(

@@ -120,9 +120,9 @@ class WeightLayout:
         return weight_shape[1]
 
 
-def output_channel_rows(weight: np.ndarray, layout: WeightLayout) -> np.ndarray:
-    """``weight`` as float64 ``(output channels, weights per channel)``."""
-    view, _, _ = layout.grouped_view(np.asarray(weight, dtype=np.float64))
+def output_channel_rows(weight: np.ndarray, layout: WeightLayout, dtype: np.dtype | type = np.float64) -> np.ndarray:
+    """``weight`` as ``(output channels, weights per channel)`` in ``dtype``."""
+    view, _, _ = layout.grouped_view(np.asarray(weight, dtype=dtype))
     return view.reshape(view.shape[0] * view.shape[1], -1)
 
 
@@ -159,7 +159,7 @@ def round_to_dtype(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
 
 
 @functools.cache
-def _overflow_threshold(dtype: np.dtype) -> float:
+def overflow_threshold(dtype: np.dtype) -> float:
     """The magnitude from which float64 values round to Inf in ``dtype``: its largest finite value plus half
     an ulp there (a tie rounds to even, which is Inf). Inf for float64."""
     largest = float(ml_dtypes.finfo(dtype).max)
@@ -174,7 +174,7 @@ def check_fits(array: np.ndarray, dtype: np.dtype | type, what: str) -> None:
     if not array.size:
         return
     largest = max(float(array.max()), -float(array.min()))  # (no temporary |array|: weights can be large)
-    if not largest < _overflow_threshold(dtype):
+    if not largest < overflow_threshold(dtype):
         raise FoldOverflowError(what, dtype, largest)
 
 

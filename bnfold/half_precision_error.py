@@ -91,6 +91,11 @@ def _ratio(folded, unfolded):
     return np.where(np.isnan(ratio), 1.0, ratio)
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a target dtype's name (bfloat16 from ml_dtypes)."""
+    return np.dtype(getattr(ml_dtypes, name) if name == "bfloat16" else name)
+
+
 def rounding_variance(second_moment: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The variance of the error of rounding values of ``E[v²] = second_moment`` to ``dtype``."""
     info = ml_dtypes.finfo(dtype)
@@ -99,9 +104,12 @@ def rounding_variance(second_moment: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def rounding_error(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The exact error of storing float64 ``values`` in ``dtype`` (inf where they overflow)."""
+    """The error of storing ``values`` (float32 or float64) in ``dtype``, in their own dtype (inf where they
+    overflow): exact, since a value and its rounding to a narrower format differ by a multiple of its ulp."""
     with np.errstate(over="ignore"):
-        error = np.asarray(round_to_dtype(values, dtype), dtype=np.float64)
+        # One rounding either way: float32 -> dtype directly, float64 through round_to_dtype (bfloat16).
+        stored = round_to_dtype(values, dtype) if values.dtype == np.float64 else values.astype(dtype)
+        error = stored.astype(values.dtype)
     error -= values
     return error
 
@@ -116,9 +124,9 @@ def compare_half_precision(
     parameters: BatchNormParameters,
     dtype: str,
 ) -> HalfPrecisionError:
-    """The figures of one fold: the layer's weight before and after as float64 output-channel rows
+    """The figures of one fold: the layer's weight before and after as output-channel rows
     (:func:`bnfold.fold_math.output_channel_rows` of ``layout``), its bias before and after."""
-    target = np.dtype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else dtype)
+    target = numpy_dtype(dtype)
     exact = batchnorm_affine(parameters.gamma, parameters.beta, parameters.mean, parameters.variance, parameters.eps)
     try:
         stored = batchnorm_affine(*(_stored(array, target) for array in _statistics(parameters)), parameters.eps)
@@ -158,7 +166,7 @@ def _into_preceding(rows, bias, folded_rows, folded_bias, exact, stored, mean, v
     scale, shift = exact.scale, exact.shift
     output_moment = np.square(scale * mean + shift) + np.square(scale) * variance
     layer_moment = np.square(mean) + variance  # E[y²]
-    weight_energy = np.square(rows).sum(axis=1)
+    weight_energy = _square_sum(rows)
     with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero row has no inputs to calibrate
         input_moment = np.where(weight_energy > 0, (variance + np.square(mean - bias)) / weight_energy, 0.0)
     folded = input_moment * _square_sum(rounding_error(folded_rows, target)) + np.square(rounding_error(folded_bias, target))
@@ -197,7 +205,8 @@ def _linear_form_variance(coefficients, constant, mean, variance):
 
 
 def _square_sum(rows: np.ndarray) -> np.ndarray:
-    return np.square(rows).sum(axis=1)
+    """Each row's ``Σ v²``, float64 (in one pass, no temporary: the rows can be large)."""
+    return np.einsum("ij,ij->i", rows, rows).astype(np.float64)
 
 
 def _vector(values: np.ndarray | None, size: int) -> np.ndarray:

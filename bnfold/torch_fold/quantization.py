@@ -29,7 +29,7 @@ def measure_torch_folds(folds: list[PlannedFold], target_dtype: str | None) -> l
             channels = named_channels(scale)
         measured.append(
             measure_fold(
-                to_numpy(layer.weight),
+                round_to_dtype(to_numpy(layer.weight), _numpy_dtype(layer.weight)),  # (exact: measured in its own dtype)
                 round_to_dtype(weight, _numpy_dtype(layer.weight)),
                 layer.layout,
                 channels,
