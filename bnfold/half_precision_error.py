@@ -145,7 +145,7 @@ def compare_half_precision(
                 rows, bias64, folded_rows, folded_bias64, exact, stored, layout, mean, variance, target
             )
     # A parameter that overflows the dtype makes the layer's output Inf or NaN: no finite error.
-    unfolded, folded = (np.where(np.isnan(variance), math.inf, variance) for variance in (unfolded, folded))
+    unfolded, folded = (np.where(np.isnan(error_variance), math.inf, error_variance) for error_variance in (unfolded, folded))
     output_rounding = rounding_variance(output_moment, target)
     unfolded_error, folded_error = np.sqrt(unfolded + output_rounding), np.sqrt(folded + output_rounding)
     ratio = _ratio(folded_error, unfolded_error)
