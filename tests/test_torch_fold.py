@@ -19,6 +19,7 @@ from torch_architectures import (
     BatchNormAct2d,
     Conv2dSame,
     FrozenBatchNorm2d,
+    TfMobileVit,
     batchnorm_modules,
     fuse_folds,
     trained_eval_model,
@@ -99,9 +100,9 @@ def test_module_tree_result_keeps_class_and_state_dict_keys(case):
         original, replacement = model.get_submodule(name), result.model.get_submodule(name)
         if isinstance(original, BatchNormAct2d):  # what its forward does after normalising stays
             assert isinstance(replacement, nn.Sequential)
-            assert [(n, type(m)) for n, m in replacement.named_children()] == [
-                ("drop", type(original.drop)),
-                ("act", type(original.act)),
+            # An exported graph holds no trace of an nn.Identity child, which has nothing to keep.
+            assert [(n, type(m)) for n, m in replacement.named_children() if not isinstance(m, nn.Identity)] == [
+                (n, type(m)) for n, m in (("drop", original.drop), ("act", original.act)) if not isinstance(m, nn.Identity)
             ]
         else:
             assert isinstance(replacement, nn.Identity)
@@ -618,10 +619,59 @@ def test_untraceable_model_falls_back_to_export():
 
     assert type(result.model) is ShapeBranchNet
     assert any("torch.export" in note for note in result.report.notes)
-    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("stem.1", "stem.0")]
-    # The "same" conv runs its own forward: only an fx graph could fold it.
-    assert skip_codes(result.report) == {"bn": "no-foldable-neighbour"}
+    # The "same" conv runs its own forward, which convolves with self.weight and self.bias: its parameters
+    # carry the fold, and the bias it had not gets registered where its forward reads it.
+    assert [(f.batchnorm, f.layer, f.layer_op) for f in result.report.folds] == [
+        ("stem.1", "stem.0", "Conv2d"),
+        ("bn", "same", "Conv2dSame"),
+    ]
+    assert isinstance(result.model.bn, nn.Identity) and isinstance(result.model.same.bias, nn.Parameter)
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class ConvIgnoringBias(nn.Conv2d):
+    """A conv subclass whose forward never reads ``self.bias``: a bias registered on it would do nothing."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, None, self.stride)
+
+
+class ShapeBranchIgnoringBias(ShapeBranchNet):
+    def __init__(self):
+        super().__init__()
+        self.same = ConvIgnoringBias(4, 4, 3, bias=False)
+
+
+def test_export_fallback_leaves_a_layer_subclass_whose_forward_does_not_read_its_bias():
+    model = randomise_statistics(ShapeBranchIgnoringBias())
+    inputs = (torch.randn(2, 3, 9, 9),)
+    result = fold(model, inputs)
+
+    assert [f.batchnorm for f in result.report.folds] == ["stem.1"]
+    assert skip_codes(result.report) == {"bn": "no-foldable-neighbour"}
+    assert "function call" in result.report.skips[0].reason
+    # The bias probed while exporting is gone again.
+    assert model.same.bias is None and result.model.same.bias is None
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+def test_model_torch_fx_cannot_trace_folds_into_its_own_modules_and_runs_at_other_sizes():
+    model, inputs = trained_eval_model(case_named("tf_mobilevit"))
+    with pytest.raises(fx.proxy.TraceError):  # math.ceil of a traced size
+        fx.symbolic_trace(model)
+    result = fold(model, inputs)
+
+    assert type(result.model) is TfMobileVit and batchnorm_modules(result.model) == 0
+    assert any("torch.export" in note for note in result.report.notes)
+    assert ("bn1", "BatchNormAct2d", "conv_stem", "DynamicConv2dSame") in {
+        (f.batchnorm, f.batchnorm_op, f.layer, f.layer_op) for f in result.report.folds
+    }
+    assert isinstance(result.model.conv_stem.bias, nn.Parameter)
+    # The user's forward, not a graph specialised to the example's shape: another size (no interpolation
+    # in the MobileViT block at 16x16) runs and matches, and the result exports again.
+    other = (torch.randn(1, 3, 16, 16),)
+    assert_same_outputs(outputs(model, other), outputs(result.model, other))
+    assert_same_outputs(outputs(model, inputs), torch.export.export(result.model, inputs).module()(*inputs))
 
 
 def test_export_fallback_reports_batch_statistics_under_the_module_name():

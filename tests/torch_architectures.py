@@ -8,6 +8,7 @@ modules bnfold must leave.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -233,6 +234,35 @@ class EfficientNet(nn.Module):
         return self.classifier(self.head(self.blocks(self.stem(x))).mean((2, 3)))
 
 
+def get_same_padding(x: int, kernel_size: int, stride: int, dilation: int):
+    """timm's ``layers/padding.py`` get_same_padding, verbatim."""
+    if isinstance(x, torch.Tensor):
+        return torch.clamp(((x / stride).ceil() - 1) * stride + (kernel_size - 1) * dilation + 1 - x, min=0)
+    else:
+        return max((math.ceil(x / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - x, 0)
+
+
+def pad_same(x, kernel_size, stride, dilation=(1, 1), value: float = 0):
+    """timm's ``layers/padding.py`` pad_same, verbatim: padding computed from the input's size in forward."""
+    ih, iw = x.size()[-2:]
+    pad_h = get_same_padding(ih, kernel_size[0], stride[0], dilation[0])
+    pad_w = get_same_padding(iw, kernel_size[1], stride[1], dilation[1])
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+    return x
+
+
+class DynamicConv2dSame(nn.Conv2d):
+    """timm's ``layers/conv2d_same.py`` Conv2dSame (what TF-ported EfficientNets, MixNets and MobileNets use):
+    the "SAME" padding comes from ``math.ceil`` of the input size, which torch.fx cannot trace."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False):
+        super().__init__(cin, cout, kernel, stride, 0, 1, groups, bias)
+
+    def forward(self, x):
+        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """timm's ``layers/norm_act.py`` BatchNormAct2d (eval-relevant path verbatim): a BatchNorm2d subclass whose
     forward asserts the input's rank, calls ``F.batch_norm`` and then applies ``drop`` and ``act``."""
@@ -341,6 +371,83 @@ class TimmConvNet(nn.Module):
         x = self.stem(x)
         x = self.act(x + self.conv2(self.conv1(x)))
         return self.classifier(self.head(x).mean((2, 3)))
+
+
+class MobileVitBlock(nn.Module):
+    """timm's ``models/mobilevit.py`` MobileVitBlock (forward verbatim; a one-block transformer): the feature map
+    is cut into patches whose count comes from ``math.ceil`` of its size, interpolated when they do not divide
+    it, which torch.fx cannot trace."""
+
+    def __init__(self, chs: int, transformer_dim: int, patch_size: int = 2):
+        super().__init__()
+        self.conv_kxk = ConvNormAct(chs, chs, 3)
+        self.conv_1x1 = nn.Conv2d(chs, transformer_dim, kernel_size=1, bias=False)
+        self.transformer = nn.Sequential(
+            nn.LayerNorm(transformer_dim), nn.Linear(transformer_dim, transformer_dim), nn.GELU()
+        )
+        self.norm = nn.LayerNorm(transformer_dim)
+        self.conv_proj = ConvNormAct(transformer_dim, chs, 1)
+        self.conv_fusion = ConvNormAct(2 * chs, chs, 3)
+        self.patch_size = (patch_size, patch_size)
+        self.patch_area = patch_size * patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+
+        # Local representation
+        x = self.conv_kxk(x)
+        x = self.conv_1x1(x)
+
+        # Unfold (feature map -> patches)
+        patch_h, patch_w = self.patch_size
+        B, C, H, W = x.shape
+        new_h, new_w = math.ceil(H / patch_h) * patch_h, math.ceil(W / patch_w) * patch_w
+        num_patch_h, num_patch_w = new_h // patch_h, new_w // patch_w  # n_h, n_w
+        num_patches = num_patch_h * num_patch_w  # N
+        interpolate = False
+        if new_h != H or new_w != W:
+            # Note: Padding can be done, but then it needs to be handled in attention function.
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+            interpolate = True
+
+        # [B, C, H, W] --> [B * C * n_h, n_w, p_h, p_w]
+        x = x.reshape(B * C * num_patch_h, patch_h, num_patch_w, patch_w).transpose(1, 2)
+        # [B * C * n_h, n_w, p_h, p_w] --> [BP, N, C] where P = p_h * p_w and N = n_h * n_w
+        x = x.reshape(B, C, num_patches, self.patch_area).transpose(1, 3).reshape(B * self.patch_area, num_patches, -1)
+
+        # Global representations
+        x = self.transformer(x)
+        x = self.norm(x)
+
+        # Fold (patch -> feature map)
+        # [B, P, N, C] --> [B*C*n_h, n_w, p_h, p_w]
+        x = x.contiguous().view(B, self.patch_area, num_patches, -1)
+        x = x.transpose(1, 3).reshape(B * C * num_patch_h, num_patch_w, patch_h, patch_w)
+        # [B*C*n_h, n_w, p_h, p_w] --> [B*C*n_h, p_h, n_w, p_w] --> [B, C, H, W]
+        x = x.transpose(1, 2).reshape(B, C, num_patch_h * patch_h, num_patch_w * patch_w)
+        if interpolate:
+            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+
+        x = self.conv_proj(x)
+        x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
+        return x
+
+
+class TfMobileVit(nn.Module):
+    """A model torch.fx cannot trace: a TF-ported stem (timm's dynamic-padding Conv2dSame into BatchNormAct2d, as
+    tf_efficientnet's ``conv_stem``/``bn1``), a MobileVitBlock on an odd-sized map, a ConvNormAct head."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.conv_stem = DynamicConv2dSame(3, 8, 3, 2)
+        self.bn1 = BatchNormAct2d(8, act_layer=nn.SiLU)
+        self.block = MobileVitBlock(8, 12)
+        self.head = ConvNormAct(8, 16, 1)
+        self.classifier = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.block(self.bn1(self.conv_stem(x))))
+        return self.classifier(x.mean((2, 3)))
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -514,6 +621,7 @@ CASES = [
     Case("timm_style", TimmStyleNet, _image, 0),
     Case("timm_conv", TimmConvNet, _image, 0),
     Case("detection_backbone", DetectionBackbone, _image, 0),
+    Case("tf_mobilevit", TfMobileVit, lambda: _image(size=14), 0),
     Case("mlp", MLP, lambda: (torch.randn(8, 10),), 0),
     Case("dropout_heads", DropoutHeads, _image, 0),
     Case("conv1d", Conv1dNet, lambda: (torch.randn(4, 4, 20),), 0),
@@ -538,9 +646,14 @@ def fuse_folds(model: nn.Module) -> int:
     """How many BatchNorm calls ``torch.fx.experimental.optimization.fuse`` removes from ``model``'s fx graph.
 
     Counted on the graphs, not on modules: fx traces through BatchNorm subclasses with their own forward and
-    FrozenBatchNorm2d, so they vanish from the module tree of fuse's result without having been folded.
+    FrozenBatchNorm2d, so they vanish from the module tree of fuse's result without having been folded. A model
+    torch.fx cannot trace, fuse cannot fuse (it raises): none.
     """
-    return _batchnorm_calls(fx.symbolic_trace(model)) - _batchnorm_calls(fuse(model))
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - fuse traces the same way, so it folds nothing either
+        return 0
+    return _batchnorm_calls(traced) - _batchnorm_calls(fuse(model))
 
 
 def _batchnorm_calls(graph_module: fx.GraphModule) -> int:

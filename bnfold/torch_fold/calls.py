@@ -256,7 +256,9 @@ def _count_tensor_uses(traced: TracedModel) -> collections.Counter[int]:
     uses: collections.Counter[int] = collections.Counter()
     for node in traced.graph_module.graph.nodes:
         if node in traced.attribute_paths:
-            uses[id(traced.tensor_at(traced.attribute_paths[node]))] += len(node.users)
+            tensor = traced.tensor_at(traced.attribute_paths[node])
+            if tensor is not None:
+                uses[id(tensor)] += len(node.users)
         elif node.op == "call_module":
             module = traced.root.get_submodule(node.target)
             for tensor in itertools.chain(module.parameters(), module.buffers()):
@@ -307,7 +309,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
         and weight is not None
         and _pads(arguments.get("padding", 0), tuple(weight.shape[2:]), arguments.get("dilation", 1))
     )
-    module_path = _exported_module_call(node, traced, FOLDABLE_LAYER_TYPES)
+    module_path = _exported_layer_module(node, traced, weight_path, bias_path)
     return LayerCall(
         node=node,
         input=arguments["input"],
@@ -443,18 +445,18 @@ def module_remainder(
     inside = {node for node in order if path in _stack_paths(node)}
     if data in inside:
         return None  # the module computes what it normalises itself
-    chain: list[fx.Node] = []
+    children: list[str] = []
+    applied: set[fx.Node] = set()
     current = normalised
     while any(reader in inside for reader in value_readers(current)):
-        readers = value_readers(current)
-        reader = readers[0]
-        is_child_call = reader.op == "call_module" and reader.target.rpartition(".")[0] == path
-        if len(readers) != 1 or not is_child_call or reader.args != (current,) or reader.kwargs:
+        call = _child_call(traced, path, current, inside)
+        if call is None:
             return None
-        chain.append(reader)
-        current = reader
+        name, nodes, current = call
+        children.append(name)
+        applied |= nodes
     shape_checks: set[fx.Node] = set()
-    for node in sorted(inside - normalisation - set(chain), key=order.__getitem__):
+    for node in sorted(inside - normalisation - applied, key=order.__getitem__):
         reads_metadata = node.op in ("call_function", "call_method") and (
             all(value in shape_checks for value in node.all_input_nodes)
             or (isinstance(node.args[0], fx.Node) and _reads_only_metadata(node, node.args[0]))
@@ -462,7 +464,35 @@ def module_remainder(
         if not reads_metadata or not set(node.users) <= inside:
             return None
         shape_checks.add(node)
-    return tuple(node.target.rpartition(".")[2] for node in chain)
+    return tuple(children)
+
+
+def _child_call(
+    traced: TracedModel, path: str, value: fx.Node, inside: set[fx.Node]
+) -> tuple[str, set[fx.Node], fx.Node] | None:
+    """The call of a child of module ``path`` on ``value`` alone, when it is ``value``'s only reader: the
+    child's name, its nodes and its result. fx records the call as one ``call_module`` node; torch.export as
+    the child's aten ops (``bn.drop``: ``aten.dropout``), which must read nothing but ``value``, each other
+    and the child's own parameters, and give one result."""
+    readers = value_readers(value)
+    if len(readers) != 1:
+        return None
+    (reader,) = readers
+    if reader.op == "call_module":
+        parent, _, name = reader.target.rpartition(".")
+        plain_call = parent == path and reader.args == (value,) and not reader.kwargs
+        return (name, {reader}, reader) if plain_call else None
+    child = next((p for p in _stack_paths(reader) if p.rpartition(".")[0] == path), None)
+    if traced.method != "export" or child is None:
+        return None
+    nodes = {node for node in inside if child in _stack_paths(node)}
+    child_attributes = {n for n, p in traced.attribute_paths.items() if p.startswith(f"{child}.")}
+    if any(not set(node.all_input_nodes) <= nodes | child_attributes | {value} for node in nodes):
+        return None
+    results = [node for node in nodes if not set(node.users) <= nodes]
+    if len(results) != 1:
+        return None
+    return child.rpartition(".")[2], nodes, results[0]
 
 
 def _stack_paths(node: fx.Node) -> set[str]:
@@ -550,6 +580,19 @@ def _calling_module(node: fx.Node, traced: TracedModel, types: tuple) -> str | N
     """
     path = traced.module_stack_top(node)
     return path if path is not None and isinstance(traced.model.get_submodule(path), types) else None
+
+
+def _exported_layer_module(node: fx.Node, traced: TracedModel, weight_path: str | None, bias_path: str | None) -> str | None:
+    """In an exported graph, the path of the layer module whose forward made this aten call on its own weight
+    and bias: an unmodified torch layer, or a subclass whose forward pads and then convolves with
+    ``self.weight`` and ``self.bias`` (timm's Conv2dSame). Its parameters then hold what this call computes
+    with, so the module tree carries the fold (when nothing else reads them, which planning checks)."""
+    if traced.method != "export":
+        return None
+    path = _calling_module(node, traced, FOLDABLE_LAYER_TYPES)
+    if path is None or computes_torch_forward(traced.model.get_submodule(path)):
+        return path
+    return path if (weight_path, bias_path) == (f"{path}.weight", f"{path}.bias") else None
 
 
 def _exported_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> str | None:

@@ -91,7 +91,8 @@ class TracedModel:
         """Only an fx graph runs as a module of its own; an exported graph is read, not returned."""
         return self.method == "fx"
 
-    def tensor_at(self, path: str) -> torch.Tensor:
+    def tensor_at(self, path: str) -> torch.Tensor | None:
+        """The parameter or buffer at ``path``; None for an export's bias probe (see _probe_absent_biases)."""
         owner_path, _, name = path.rpartition(".")
         return getattr(self.root.get_submodule(owner_path), name)
 
@@ -127,6 +128,7 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
 
 
 def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
+    probed = _probe_absent_biases(model)
     try:
         exported = torch.export.export(model, example_inputs)
     except Exception as export_error:  # noqa: BLE001 - reported together with the fx error
@@ -134,15 +136,36 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
             f"torch.fx could not trace {type(model).__name__} ({type(fx_error).__name__}: {fx_error}) "
             f"and torch.export could not export it ({type(export_error).__name__}: {export_error})"
         ) from export_error
+    finally:
+        for module in probed:
+            module.register_parameter("bias", None)
     signature = exported.graph_signature
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     graph_module = exported.graph_module
     attribute_paths = {node: lifted[node.name] for node in graph_module.graph.nodes if node.name in lifted}
     note = (
-        f"torch.fx could not trace the model ({describe_error(fx_error)}); "
-        "pairs found with torch.export.export instead, which folds module calls only"
+        f"torch.fx could not trace the model ({describe_error(fx_error)}); pairs found with torch.export.export "
+        "instead, folded into the model's own modules (function calls outside them are left)"
     )
     return TracedModel(model, graph_module, "export", model, attribute_paths, note)
+
+
+def _probe_absent_biases(model: nn.Module) -> list[nn.Module]:
+    """Give each bias-less layer subclass with its own forward (timm's Conv2dSame) a zero bias while exporting.
+
+    Its forward is free to ignore ``self.bias``; the exported graph shows whether it passes the probe to its
+    conv as the bias, and only then does a bias registered on the module reach the folded layer's output.
+    The probes are removed after the export (their graph nodes then stand for an absent bias); zeros leave
+    the exported values as they are.
+    """
+    probed = []
+    for module in model.modules():
+        if isinstance(module, FOLDABLE_LAYER_TYPES) and module.bias is None and not computes_torch_forward(module):
+            channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            weight = module.weight
+            module.register_parameter("bias", nn.Parameter(weight.new_zeros(channels), requires_grad=False))
+            probed.append(module)
+    return probed
 
 
 def _remove_added_attributes(model: nn.Module, attributes_before: set[str]) -> None:
