@@ -461,6 +461,71 @@ def test_a_reader_after_the_dropout_or_an_active_dropout_still_blocks_the_fold()
     assert skip_codes(report) == {"bn": "no-foldable-neighbour"}
 
 
+class FunctionalDropoutEvalBetween(FunctionalDropoutTrainingBetween):
+    """F.dropout(x, p, self.training) in an eval-mode model returns x: a pass-through, like an nn.Dropout."""
+
+    def forward(self, x):
+        return self.bn(F.dropout(self.linear(x), 0.5, self.training))
+
+
+def test_functional_dropout_with_training_false_is_a_pass_through():
+    model = randomise_statistics(FunctionalDropoutEvalBetween())
+    inputs = (torch.randn(4, 6),)
+    result = fold(model, inputs)
+
+    assert type(result.model) is FunctionalDropoutEvalBetween and isinstance(result.model.bn, nn.Identity)
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "linear")]
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class LinearThenRearranged(nn.Module):
+    """A Linear on (B, N, C) tokens, ``rearrange`` of its output, then ``batchnorm``."""
+
+    def __init__(self, rearrange, batchnorm: nn.Module):
+        super().__init__()
+        self.linear, self.rearrange, self.bn = nn.Linear(4, 6, bias=False), rearrange, batchnorm
+
+    def forward(self, x):
+        return self.bn(self.rearrange(self.linear(x)))
+
+
+@pytest.mark.parametrize(
+    ("rearrange", "batchnorm"),
+    [
+        (lambda h: h.flatten(0, 1), nn.BatchNorm1d(6)),  # LeViT's LinearNorm
+        (lambda h: h.permute(0, 2, 1), nn.BatchNorm1d(6)),
+        (lambda h: h.transpose(1, 2).unsqueeze(-1), nn.BatchNorm2d(6)),
+        (lambda h: torch.reshape(h, (-1, 6)), nn.BatchNorm1d(6)),
+    ],
+    ids=["flatten", "permute", "transpose-unsqueeze", "reshape"],
+)
+def test_batchnorm_on_the_linear_features_folds_through_reshapes_and_permutes(rearrange, batchnorm):
+    model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
+    inputs = (torch.randn(2, 5, 4),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "linear")]
+    assert type(result.model) is LinearThenRearranged and isinstance(result.model.bn, nn.Identity)
+    assert result.report.verification.passed
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+@pytest.mark.parametrize(
+    ("rearrange", "batchnorm", "words"),
+    [
+        (lambda h: h.view(2, 5, 2, 3).transpose(1, 2), nn.BatchNorm2d(2), "split or merge"),
+        (lambda h: h.flatten(1), nn.BatchNorm1d(30), "split or merge"),
+        (lambda h: h.view(2, 30, 1), nn.BatchNorm1d(30), "split or merge"),
+        (lambda h: h.transpose(0, 1), nn.BatchNorm1d(2), "do not line up"),
+    ],
+    ids=["features-split", "tokens-merged", "tokens-merged-3d", "other-axis"],
+)
+def test_batchnorm_on_other_axes_than_the_linear_features_stays(rearrange, batchnorm, words):
+    model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
+    report = fold(model, (torch.randn(2, 5, 4),)).report
+    assert skip_codes(report) == {"bn": "channel-mismatch"} and words in report.skips[0].reason
+
+
 def test_training_mode_is_refused_with_a_clear_error():
     model, inputs = trained_eval_model(case_named("resnet"))
     with pytest.raises(ValueError, match=r"\.eval\(\)"):

@@ -524,6 +524,115 @@ class DetectionBackbone(nn.Module):
         return self.layer_out1(p1), self.layer_out2(p2)
 
 
+class ConvNorm(nn.Module):
+    """timm's ``models/levit.py`` ConvNorm (forward verbatim)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, padding: int = 0):
+        super().__init__()
+        self.linear = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.linear(x))
+
+
+class LinearNorm(nn.Module):
+    """timm's ``models/levit.py`` LinearNorm (forward verbatim): BatchNorm1d over the Linear's output features,
+    on (B * N, C) flattened from the (B, N, C) tokens, then reshaped back."""
+
+    def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.bn = nn.BatchNorm1d(out_features)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class NormLinear(nn.Module):
+    """timm's ``models/levit.py`` NormLinear (forward verbatim): the classifier head BatchNorm1d -> Dropout -> Linear."""
+
+    def __init__(self, in_features: int, out_features: int, drop: float = 0.0):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_features)
+        self.drop = nn.Dropout(drop)
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return self.linear(self.drop(self.bn(x)))
+
+
+class LevitAttention(nn.Module):
+    """timm's ``models/levit.py`` Attention, linear (non-conv) path, forward verbatim but for the attention-bias
+    cache (the biases are indexed on every call, as in training)."""
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, resolution: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = key_dim**-0.5
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.val_attn_dim = self.val_dim * num_heads
+        self.qkv = LinearNorm(dim, self.val_attn_dim + key_dim * num_heads * 2)
+        self.proj = nn.Sequential(nn.Hardswish(), LinearNorm(self.val_attn_dim, dim, bn_weight_init=0))
+        pos = torch.stack(torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")).flatten(1)
+        rel_pos = (pos[..., :, None] - pos[..., None, :]).abs()
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
+        self.register_buffer("attention_bias_idxs", rel_pos[0] * resolution + rel_pos[1], persistent=False)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q = q.permute(0, 2, 1, 3)
+        k = k.permute(0, 2, 3, 1)
+        v = v.permute(0, 2, 1, 3)
+
+        attn = q @ k * self.scale + self.attention_biases[:, self.attention_bias_idxs]
+        attn = attn.softmax(dim=-1)
+
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
+        x = self.proj(x)
+        return x
+
+
+class LevitMlp(nn.Module):
+    """timm's ``models/levit.py`` LevitMlp (linear path, forward verbatim)."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.ln1 = LinearNorm(in_features, hidden_features)
+        self.act = nn.Hardswish()
+        self.drop = nn.Dropout(drop)
+        self.ln2 = LinearNorm(hidden_features, in_features, bn_weight_init=0)
+
+    def forward(self, x):
+        x = self.ln1(x)
+        x = self.act(x)
+        x = self.drop(x)
+        x = self.ln2(x)
+        return x
+
+
+class Levit(nn.Module):
+    """A small LeViT (timm's ``Levit``, linear mode): ConvNorm stem, tokens, residual attention and MLP blocks whose
+    BatchNorms are LinearNorm's, NormLinear head on the mean token."""
+
+    def __init__(self, classes: int = 5, dim: int = 16, resolution: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(ConvNorm(3, dim // 2, 3, 2, 1), nn.Hardswish(), ConvNorm(dim // 2, dim, 3, 2, 1))
+        self.attn = LevitAttention(dim, key_dim=4, num_heads=2, attn_ratio=2, resolution=resolution)
+        self.mlp = LevitMlp(dim, 2 * dim, drop=0.1)
+        self.head = NormLinear(dim, classes, drop=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(x.mean(dim=1))
+
+
 class MLP(nn.Module):
     def __init__(self, features: int = 10, hidden: int = 16, classes: int = 3):
         super().__init__()
@@ -622,6 +731,7 @@ CASES = [
     Case("timm_conv", TimmConvNet, _image, 0),
     Case("detection_backbone", DetectionBackbone, _image, 0),
     Case("tf_mobilevit", TfMobileVit, lambda: _image(size=14), 0),
+    Case("levit", Levit, _image, 0),
     Case("mlp", MLP, lambda: (torch.randn(8, 10),), 0),
     Case("dropout_heads", DropoutHeads, _image, 0),
     Case("conv1d", Conv1dNet, lambda: (torch.randn(4, 4, 20),), 0),

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.fold_math import LayoutKind, WeightLayout
+from bnfold.torch_fold.passthrough import SHAPED_LIKE, passes_values, tensor_shape_and_dtype
 from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel, computes_torch_forward
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -139,14 +140,14 @@ class DataFlow:
     call_count: int  # call_module, call_function and call_method nodes
 
     def layer_producing(self, value: Any) -> LayerCall | None:
-        """The layer whose output ``value`` is, directly or through eval-mode Dropout/Identity modules."""
+        """The layer whose output ``value`` is, directly or through pass-through calls (:mod:`.passthrough`)."""
         while value not in self.layers and self.passes_through(value):
             value = value.args[0]
         return self.layers.get(value) if isinstance(value, fx.Node) else None
 
     def sole_layer_reading(self, node: fx.Node) -> LayerCall | None:
-        """The layer that is the only reader of ``node``'s values (through eval-mode Dropout/Identity modules,
-        each the only reader before it), reading it as its data input."""
+        """The layer that is the only reader of ``node``'s values (through pass-through calls, each the only
+        reader before it), reading it as its data input."""
         readers = value_readers(node)
         while len(readers) == 1 and self.passes_through(readers[0]):
             node, readers = readers[0], value_readers(readers[0])
@@ -156,13 +157,9 @@ class DataFlow:
         return layer if layer is not None and layer.input is node else None
 
     def passes_through(self, node: Any) -> bool:
-        """An ``nn.Identity`` or eval-mode Dropout call: its output holds its input's values, so it is no reader
-        that must keep seeing un-normalised values."""
-        if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            return False
-        module = self.traced.root.get_submodule(node.target)
-        passes = isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
-        return passes and computes_torch_forward(module)
+        """A call whose output holds its input's values (an ``nn.Identity``, an eval-mode dropout, a reshape or
+        permute): no reader that must keep seeing un-normalised values."""
+        return passes_values(node, self.traced.root)
 
     def uses_of(self, layer: LayerCall) -> int:
         """How many times the graph reads the layer's weight or bias: more than one means a shared layer."""
@@ -214,6 +211,8 @@ def value_readers(node: fx.Node) -> list[fx.Node]:
 
 
 def _reads_only_metadata(reader: fx.Node, node: fx.Node) -> bool:
+    if reader.op != "call_module" and reader.target in SHAPED_LIKE and reader.args[1:] == (node,) and reader.args[0] is not node:
+        return True  # LeViT's `.reshape_as(x)` reads the shape of x
     if not reader.args or reader.args[0] is not node or node in reader.args[1:] or node in reader.kwargs.values():
         return False
     if reader.op == "call_function" and reader.target is getattr:
@@ -221,17 +220,6 @@ def _reads_only_metadata(reader: fx.Node, node: fx.Node) -> bool:
     if reader.op == "call_method":
         return reader.target in _METADATA_METHODS
     return reader.op == "call_function" and reader.target in _METADATA_FUNCTIONS
-
-
-def tensor_rank(node: Any) -> int | None:
-    """The rank of a node's value: from ShapeProp's ``tensor_meta`` (fx) or the fake ``val`` (export)."""
-    if not isinstance(node, fx.Node):
-        return None
-    tensor_meta = node.meta.get("tensor_meta")
-    if tensor_meta is not None and hasattr(tensor_meta, "shape"):
-        return len(tensor_meta.shape)
-    value = node.meta.get("val")
-    return value.dim() if isinstance(value, torch.Tensor) else None
 
 
 def describe_node(node: Any, traced: TracedModel) -> str:
@@ -397,8 +385,8 @@ def _affine_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
         return None
     (data,) = variables
     scale = next(value for argument, value in constants if argument is not data)
-    data_meta, output_meta = _shape_and_dtype(data), _shape_and_dtype(node)
-    if data_meta is None or data_meta != output_meta or data_meta != _shape_and_dtype(product):
+    data_meta, output_meta = tensor_shape_and_dtype(data), tensor_shape_and_dtype(node)
+    if data_meta is None or data_meta != output_meta or data_meta != tensor_shape_and_dtype(product):
         return None
     shape = data_meta[0]
     scale, shift = _channel_values(scale, shape), _channel_values(shift, shape)
@@ -547,17 +535,6 @@ def _mutates_or_draws(node: fx.Node) -> bool:
         return node.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return name.endswith("_") or any(random in name for random in _RANDOM_NAMES)
-
-
-def _shape_and_dtype(node: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
-    """A node's shape and dtype: from ShapeProp's ``tensor_meta`` (fx) or the fake ``val`` (export)."""
-    if not isinstance(node, fx.Node):
-        return None
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return tuple(meta.shape), meta.dtype
-    value = node.meta.get("val")
-    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
 
 
 def _channel_values(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:

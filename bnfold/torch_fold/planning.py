@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch.fx as fx
 from torch import nn
 
 from bnfold.fold_math import (
@@ -23,8 +24,9 @@ from bnfold.fold_math import (
     fold_into_outputs,
 )
 from bnfold.report import Direction, Fold, Skip
-from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, tensor_rank, value_readers
+from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, value_readers
 from bnfold.torch_fold.conversion import to_numpy
+from bnfold.torch_fold.passthrough import axis_after, value_shape
 
 # (skip code, reason) for a check that fails.
 Refusal = tuple[str, str]
@@ -40,6 +42,8 @@ class PlannedFold:
     # The layer's weight and bias (float64) after this fold and every earlier one into the same layer:
     # computed while planning, so that a fold the layer's dtype cannot hold is refused.
     layer_values: tuple[np.ndarray, np.ndarray]
+    # The pass-through calls (eval-mode dropout, reshapes, ...) between the two, in data-flow order; they stay.
+    between: tuple[fx.Node, ...] = ()
 
     @property
     def in_module_tree(self) -> bool:
@@ -96,7 +100,8 @@ def _decide(
     for layer, direction in ((preceding, "into-preceding"), (following, "into-following")):
         if layer is None:
             continue
-        refusal = _layer_refusal(batchnorm, layer, direction, flow)
+        between = _calls_between(layer.node, batchnorm.input) if layer is preceding else _calls_between(batchnorm.node, layer.input)
+        refusal = _layer_refusal(batchnorm, layer, direction, between, flow)
         if refusal is None:
             try:
                 values = _fold_values(layer, direction, affine, folded.get(layer))
@@ -107,7 +112,7 @@ def _decide(
                 )
             else:
                 folded[layer] = values
-                return PlannedFold(batchnorm, layer, direction, values)
+                return PlannedFold(batchnorm, layer, direction, values, between)
         first_refusal = first_refusal or refusal
     return Skip(batchnorm.name, *first_refusal)
 
@@ -170,8 +175,17 @@ def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
     return None
 
 
+def _calls_between(source: fx.Node, value: fx.Node) -> tuple[fx.Node, ...]:
+    """The pass-through calls from ``source``'s output to ``value``, in data-flow order (``value`` last)."""
+    calls: list[fx.Node] = []
+    while value is not source:
+        calls.insert(0, value)
+        value = value.args[0]
+    return tuple(calls)
+
+
 def _layer_refusal(
-    batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, flow: DataFlow
+    batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, between: tuple[fx.Node, ...], flow: DataFlow
 ) -> Refusal | None:
     if layer.weight is None or not layer.bias_is_attribute:
         return "weight-not-constant", (
@@ -185,9 +199,9 @@ def _layer_refusal(
             "change every call; give each call its own layer to fold it."
         )
     if direction == "into-preceding":
-        refusal = _preceding_layer_refusal(batchnorm, layer, flow)
+        refusal = _preceding_layer_refusal(batchnorm, layer, between, flow)
     else:
-        refusal = _following_layer_refusal(batchnorm, layer)
+        refusal = _following_layer_refusal(batchnorm, layer, between, flow)
     if refusal is None and not flow.traced.graph_rewritable and not (layer.module_path and batchnorm.module_path):
         function_call = "this BatchNorm (F.batch_norm)" if layer.module_path else f"`{layer.name}` ({layer.op})"
         refusal = "no-foldable-neighbour", (
@@ -197,13 +211,12 @@ def _layer_refusal(
     return refusal
 
 
-def _preceding_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, flow: DataFlow) -> Refusal | None:
-    # Between the layer and the BatchNorm there may be eval-mode Dropout/Identity calls: each must be the only
-    # reader of the value before it.
-    values = [batchnorm.input]
-    while values[0] is not layer.node:
-        values.insert(0, values[0].args[0])
-    next_readers = [*values[1:], batchnorm.input_reader or batchnorm.node]
+def _preceding_layer_refusal(
+    batchnorm: BatchNormCall, layer: LayerCall, between: tuple[fx.Node, ...], flow: DataFlow
+) -> Refusal | None:
+    # Each value from the layer's output to the BatchNorm's input must have the next call as its only reader.
+    values = [layer.node, *between]
+    next_readers = [*between, batchnorm.input_reader or batchnorm.node]
     other_readers = [
         reader for value, next_node in zip(values, next_readers) for reader in value_readers(value) if reader is not next_node
     ]
@@ -213,10 +226,12 @@ def _preceding_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall, flow: D
             f"the output of `{layer.name}` is also read by {readers}, which must keep seeing "
             f"un-normalised values. {_STAYS}"
         )
-    return _channel_refusal(batchnorm, layer, layer.output_channels)
+    return _channel_refusal(batchnorm, layer, "into-preceding", between, flow)
 
 
-def _following_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall) -> Refusal | None:
+def _following_layer_refusal(
+    batchnorm: BatchNormCall, layer: LayerCall, between: tuple[fx.Node, ...], flow: DataFlow
+) -> Refusal | None:
     if layer.layout.kind == "conv_transpose":
         return "no-foldable-neighbour", (
             f"its only reader `{layer.name}` is a transposed convolution, which sums a varying number of kernel "
@@ -227,22 +242,46 @@ def _following_layer_refusal(batchnorm: BatchNormCall, layer: LayerCall) -> Refu
             f"its only reader `{layer.name}` pads its input, and the padding zeros would not be scaled and "
             f"shifted like the normalised values. {_STAYS} (With padding=0 it would fold.)"
         )
-    return _channel_refusal(batchnorm, layer, layer.input_channels)
+    return _channel_refusal(batchnorm, layer, "into-following", between, flow)
 
 
-def _channel_refusal(batchnorm: BatchNormCall, layer: LayerCall, layer_channels: int) -> Refusal | None:
+def _channel_refusal(
+    batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, between: tuple[fx.Node, ...], flow: DataFlow
+) -> Refusal | None:
+    """The BatchNorm's channels (axis 1 of its input and output) must be the layer's features (axis 1 of a
+    convolution's output or input, the last axis of a Linear's), followed through the calls between them."""
+    preceding = direction == "into-preceding"
+    side, layer_value = ("output", layer.node) if preceding else ("input", layer.input)
+    feature_axis = 1
     if layer.layout.kind == "matrix_out_in":
-        rank = tensor_rank(batchnorm.input)
-        if rank != 2:
-            shape = "a tensor of unknown rank" if rank is None else f"a rank-{rank} tensor"
+        shape = value_shape(layer_value)
+        if shape is None:
             return "channel-mismatch", (
-                f"the BatchNorm normalises axis 1 of {shape} while `{layer.name}` works on the last axis; "
-                "only (N, C) tensors line up."
+                f"the shape of `{layer.name}`'s {side} is unknown (shape propagation failed), so whether its "
+                "features (last axis) are the BatchNorm's channels (axis 1) cannot be told."
             )
-    if batchnorm.channels != layer_channels:
+        feature_axis = len(shape) - 1
+    # Followed in data-flow order: from the layer's features to the BatchNorm's input, or from its output.
+    axis, target = (feature_axis, 1) if preceding else (1, feature_axis)
+    for node in between:
+        axis = axis_after(node, axis)
+        if axis is None:
+            calls = ", ".join(describe_node(node, flow.traced) for node in between)
+            return "channel-mismatch", (
+                f"between the BatchNorm and `{layer.name}`, {calls} split or merge the channel axis (or their shapes "
+                "are unknown), so the BatchNorm's channels cannot be the layer's features."
+            )
+    if axis != target:
+        if preceding:
+            where = f"`{layer.name}`'s features (axis {feature_axis} of its output) are axis {axis} of the BatchNorm's input"
+        else:
+            where = f"the BatchNorm's channels are axis {axis} of `{layer.name}`'s input, its features axis {feature_axis}"
         return "channel-mismatch", (
-            f"the BatchNorm has {batchnorm.channels} channels but `{layer.name}` has {layer_channels}."
+            f"{where}, but the BatchNorm normalises axis 1: the channel axes do not line up."
         )
+    layer_channels = layer.output_channels if preceding else layer.input_channels
+    if batchnorm.channels != layer_channels:
+        return "channel-mismatch", f"the BatchNorm has {batchnorm.channels} channels but `{layer.name}` has {layer_channels}."
     return None
 
 

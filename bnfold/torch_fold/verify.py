@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from bnfold.fold_math import ChannelAffine
 from bnfold.torch_fold.conversion import to_numpy
+from bnfold.torch_fold.passthrough import keeps_element_order, keeps_shape
 from bnfold.torch_fold.planning import PlannedFold, channel_affine
 from bnfold.verification import (
     FoldCheck,
@@ -75,7 +76,10 @@ class FoldCapture:
         self.checked = [
             fold
             for fold in folds
-            if fold.in_module_tree and layers[fold.layer.module_path] == 1 and not fold.batchnorm.kept_children
+            if fold.in_module_tree
+            and layers[fold.layer.module_path] == 1
+            and not fold.batchnorm.kept_children
+            and _values_line_up(fold)
         ]
         self.values: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Half-precision layers are checked in float32 (see LOCAL_UNITS): a float32 copy of each, taken
@@ -111,6 +115,8 @@ class FoldCapture:
                     why = "a function call in the traced graph"
                 elif fold.batchnorm.kept_children:
                     why = f"the BatchNorm module also applies {', '.join(fold.batchnorm.kept_children)}"
+                elif not _values_line_up(fold):
+                    why = "the calls between the layer and the BatchNorm rearrange the values"
                 else:
                     why = "the layer absorbs more than one fold"
                 checks.append(fold_not_checked(label, f"{why}: checked through the model's outputs only"))
@@ -125,6 +131,14 @@ class FoldCapture:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _values_line_up(fold: PlannedFold) -> bool:
+    """Whether the values caught around the BatchNorm line up with the layer's: the BatchNorm's output reshaped
+    is the layer's output (into the preceding layer), or the BatchNorm's input is the layer's (following)."""
+    if fold.direction == "into-preceding":
+        return all(keeps_element_order(node) for node in fold.between)
+    return all(keeps_shape(node) for node in fold.between)
 
 
 def _affine(fold: PlannedFold) -> ChannelAffine:
@@ -143,6 +157,7 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
     with torch.no_grad():
         if original is None:
             reference = norm_out if preceding else layer_call[1]
+            reference = reference.reshape(layer_call[1].shape)  # LeViT's LinearNorm: BatchNorm1d on flatten(0, 1)
         else:
             # Half precision: both sides in float32 from the exactly upcast input and weights.
             affine = _affine(fold)

@@ -1,0 +1,122 @@
+"""Calls that may sit between a layer and its BatchNorm because their output holds their input's values:
+which they are, and where they move the channel axis.
+
+Two kinds: calls that keep the values where they are (``nn.Identity``, eval-mode Dropout modules, dropout
+functions called with ``training=False``), and rearrangements (``flatten``/``view``/``reshape``/``squeeze``/
+``unsqueeze``, ``permute``/``transpose``, as fx and torch.export record them). A BatchNorm scales and shifts
+each element by its channel, so it moves across a rearrangement when the channel axis stays one whole axis:
+LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` normalises the Linear's output features.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from bnfold.torch_fold.tracing import computes_torch_forward
+
+aten = torch.ops.aten
+
+# Each takes its data as the first argument; the others only say which shape comes out.
+_RESHAPES = frozenset({
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "contiguous",
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.view_as.default,
+    aten.reshape_as.default, aten.contiguous.default, aten.clone.default,
+})
+# These read only the shape of their second argument.
+SHAPED_LIKE = frozenset({"view_as", "reshape_as", aten.view_as.default, aten.reshape_as.default})
+_PERMUTES = frozenset({"permute", torch.permute, aten.permute.default})
+_TRANSPOSES = frozenset({"transpose", "swapaxes", torch.transpose, torch.swapaxes, aten.transpose.int})
+# Dropout functions: (input, p, training, ...), `train` in aten's.
+_DROPOUTS = frozenset({
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, aten.dropout.default
+})
+
+
+def passes_values(node: Any, root: nn.Module) -> bool:
+    """Whether ``node``'s output holds its data input's values (``node.args[0]``), rearranged at most: it is
+    then no reader that must keep seeing un-normalised values."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        keeps = isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
+        return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target in _DROPOUTS:
+        return _dropout_is_off(node)
+    return node.target in _RESHAPES | _PERMUTES | _TRANSPOSES and _data_only_first(node)
+
+
+def keeps_element_order(node: fx.Node) -> bool:
+    """Whether the output lists the input's elements in the same order (a reshape, or no change at all)."""
+    return node.target not in _PERMUTES | _TRANSPOSES
+
+
+def keeps_shape(node: fx.Node) -> bool:
+    """Whether the output is the input as it was (Identity, an eval-mode dropout), not rearranged."""
+    return node.op == "call_module" or node.target in _DROPOUTS
+
+
+def axis_after(node: fx.Node, axis: int) -> int | None:
+    """Where axis ``axis`` of a pass-through's data input is in its output; None when it does not stay one
+    whole axis there, or the shapes that would prove it are unknown."""
+    if node.op == "call_module" or node.target in _DROPOUTS:
+        return axis
+    input_shape, output_shape = value_shape(node.args[0]), value_shape(node)
+    if input_shape is None or output_shape is None:
+        return None
+    if node.target in _PERMUTES:
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        dims = [dim % len(input_shape) for dim in node.kwargs.get("dims", dims)]
+        return dims.index(axis) if axis in dims else None
+    if node.target in _TRANSPOSES:
+        first, second = (dim % len(input_shape) for dim in node.args[1:3])
+        return {first: second, second: first}.get(axis, axis)
+    return _reshaped_axis(tuple(input_shape), tuple(output_shape), axis)
+
+
+def _reshaped_axis(input_shape: tuple[int, ...], output_shape: tuple[int, ...], axis: int) -> int | None:
+    """A row-major reshape keeps an axis whole when an output axis has its size and the same number of elements
+    after it: an element's index along both is then its flat index // that number, modulo the size."""
+    size, inner = input_shape[axis], math.prod(input_shape[axis + 1:])
+    for output_axis, output_size in enumerate(output_shape):
+        if output_size == size and math.prod(output_shape[output_axis + 1:]) == inner:
+            return output_axis
+    return None
+
+
+def _dropout_is_off(node: fx.Node) -> bool:
+    keyword = "train" if isinstance(node.target, torch._ops.OpOverload) else "training"
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get(keyword, True)
+    return training is False
+
+
+def _data_only_first(node: fx.Node) -> bool:
+    """No argument but the first is a tensor the call reads (sizes may be computed values)."""
+    others = [argument for argument in node.all_input_nodes if argument is not node.args[0]]
+    return node.target in SHAPED_LIKE or all(value_shape(argument) is None for argument in others)
+
+
+def value_shape(node: Any) -> tuple[int, ...] | None:
+    """A node's tensor shape: from ShapeProp's ``tensor_meta`` (fx) or the fake ``val`` (export)."""
+    shape_and_dtype = tensor_shape_and_dtype(node)
+    return None if shape_and_dtype is None else shape_and_dtype[0]
+
+
+def tensor_shape_and_dtype(node: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(meta.shape), meta.dtype
+    value = node.meta.get("val")
+    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
