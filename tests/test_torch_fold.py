@@ -20,6 +20,7 @@ from torch_architectures import (
     Conv2dSame,
     FrozenBatchNorm2d,
     TfMobileVit,
+    ValueBranchNet,
     batchnorm_modules,
     fuse_folds,
     trained_eval_model,
@@ -778,3 +779,28 @@ def test_a_traced_graph_that_is_not_the_models_falls_back_to_export_and_folds_no
     assert [skip.code for skip in result.report.skips] == ["no-foldable-neighbour"]
     assert any("traced graph computes other outputs than the model" in note for note in result.report.notes)
     torch.testing.assert_close(result.model(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_model_neither_fx_nor_export_can_capture_folds_the_pairs_dynamo_captures():
+    model, inputs = trained_eval_model(case_named("value_branch"))
+    with pytest.raises(Exception, match="data-dependent"):
+        torch.export.export(model, inputs)
+    result = fold(model, inputs)
+    report = result.report
+
+    assert type(result.model) is ValueBranchNet
+    assert any("TorchDynamo captured" in note for note in report.notes)
+    taken = "positive" if outputs(model.bn, (outputs(model.conv, (outputs(model.stem, inputs),)),)).sum() > 0 else "negative"
+    untaken = {"positive": "negative", "negative": "positive"}[taken]
+    assert {(f.batchnorm, f.batchnorm_op, f.layer) for f in report.folds} == {
+        ("stem.bn", "BatchNormAct2d", "stem.conv"),
+        ("bn", "BatchNorm2d", "conv"),
+        (f"{taken}.1", "BatchNorm2d", f"{taken}.0"),
+    }
+    # conv2's output crosses the graph break to bn2: another graph's input, so not a pair.
+    assert skip_codes(report) == {"bn2": "no-foldable-neighbour", f"{untaken}.1": "no-foldable-neighbour"}
+    assert "graph break" in next(s.reason for s in report.skips if s.batchnorm == "bn2")
+    assert "example inputs do not take" in next(s.reason for s in report.skips if s.batchnorm == f"{untaken}.1")
+    assert isinstance(result.model.bn, nn.Identity) and isinstance(result.model.get_submodule(f"{untaken}.1"), nn.BatchNorm2d)
+    for x in (*inputs, -inputs[0], torch.randn(2, 3, 12, 12)):
+        assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))

@@ -450,6 +450,30 @@ class TfMobileVit(nn.Module):
         return self.classifier(x.mean((2, 3)))
 
 
+class ValueBranchNet(nn.Module):
+    """A model neither torch.fx nor torch.export can capture: forward branches on the value of a BatchNorm's
+    output (``if y.sum() > 0``), and a graph break (an unsupported call, here explicit) separates ``conv2`` from
+    ``bn2``. TorchDynamo captures it as graphs split at both."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = ConvNormAct(3, 8, 3)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.positive = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.negative = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.classifier = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(self.stem(x)))
+        y = self.positive(y) if y.sum() > 0 else self.negative(y)
+        h = self.conv2(y)
+        torch._dynamo.graph_break()
+        return self.classifier(self.bn2(h).mean((2, 3)))
+
+
 class FrozenBatchNorm2d(nn.Module):
     """torchvision's ``ops/misc.py`` FrozenBatchNorm2d (detectron2's is the same in eval): statistics and affine
     parameters as buffers, forward ``x * scale + shift``; not an ``nn.BatchNorm`` subclass."""
@@ -731,6 +755,8 @@ CASES = [
     Case("timm_conv", TimmConvNet, _image, 0),
     Case("detection_backbone", DetectionBackbone, _image, 0),
     Case("tf_mobilevit", TfMobileVit, lambda: _image(size=14), 0),
+    # `negative` is on the path the example input does not take, `bn2` past a graph break from conv2.
+    Case("value_branch", ValueBranchNet, _image, 2),
     Case("levit", Levit, _image, 0),
     Case("mlp", MLP, lambda: (torch.randn(8, 10),), 0),
     Case("dropout_heads", DropoutHeads, _image, 0),

@@ -2,7 +2,8 @@
 
 A call is either a module call (an unmodified torch layer or BatchNorm, known by its path in the
 model's module tree) or a function call on parameters and buffers (``F.conv2d(x, self.weight)``,
-``F.batch_norm(x, self.running_mean, ...)``, and their aten forms in an exported graph).
+``F.batch_norm(x, self.running_mean, ...)``, their aten forms in an exported graph, and the functions a
+TorchDynamo-captured graph records for module calls).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class DataFlow:
 def read_data_flow(traced: TracedModel) -> DataFlow:
     layers: dict[fx.Node, LayerCall] = {}
     batchnorms: list[BatchNormCall] = []
-    for node in traced.graph_module.graph.nodes:
+    for node in traced.nodes:
         layer = _layer_call(node, traced)
         if layer is not None:
             layers[node] = layer
@@ -183,7 +184,7 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
         batchnorm = _batchnorm_call(node, traced)
         if batchnorm is not None:
             batchnorms.append(batchnorm)
-    calls = sum(node.op in ("call_module", "call_function", "call_method") for node in traced.graph_module.graph.nodes)
+    calls = sum(node.op in ("call_module", "call_function", "call_method") for node in traced.nodes)
     flow = DataFlow(traced, layers, [], _count_tensor_uses(traced), calls)
     # A per-channel multiply-add counts as a BatchNorm when it is a whole module (FrozenBatchNorm2d) or sits
     # next to a layer; elsewhere (input scaling, layer scale) it is just arithmetic.
@@ -233,16 +234,18 @@ def describe_node(node: Any, traced: TracedModel) -> str:
     if node.op == "call_method":
         return f"`.{node.target}()`"
     if node.op == "placeholder":
+        if traced.method == "dynamo":
+            return f"`{node.target}` (a value from before a graph break)"
         return f"the model input `{node.target}`"
     if node.op == "output":
-        return "the model output"
+        return "the value kept past a graph break or returned" if traced.method == "dynamo" else "the model output"
     return f"`{node.target}`"
 
 
 def _count_tensor_uses(traced: TracedModel) -> collections.Counter[int]:
     """Reads per parameter/buffer object, so tied weights count as shared like a module called twice."""
     uses: collections.Counter[int] = collections.Counter()
-    for node in traced.graph_module.graph.nodes:
+    for node in traced.nodes:
         if node in traced.attribute_paths:
             tensor = traced.tensor_at(traced.attribute_paths[node])
             if tensor is not None:
@@ -297,7 +300,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
         and weight is not None
         and _pads(arguments.get("padding", 0), tuple(weight.shape[2:]), arguments.get("dilation", 1))
     )
-    module_path = _exported_layer_module(node, traced, weight_path, bias_path)
+    module_path = _inlined_layer_module(node, traced, weight_path, bias_path)
     return LayerCall(
         node=node,
         input=arguments["input"],
@@ -347,7 +350,7 @@ def _functional_batchnorm_call(
     paths = {name: traced.attribute_paths.get(arguments.get(name)) for name in _BATCHNORM_TENSORS}
     tensors = {name: None if path is None else traced.tensor_at(path) for name, path in paths.items()}
     owner = _calling_module(node, traced, (_BatchNorm,))
-    module_path = _exported_module_call(node, traced, (_BatchNorm,))
+    module_path = _inlined_module_call(node, traced, (_BatchNorm,))
     kept_children: tuple[str, ...] | None = ()
     if owner is not None and module_path is None:  # a BatchNorm subclass with its own forward
         statistics = {value for value in node.all_input_nodes if value in traced.attribute_paths}
@@ -429,8 +432,9 @@ def module_remainder(
     ``_assert(x.ndim == 4)``), or calls one of the module's own children on the previous result alone, one
     after another, the last result leaving the module. Replacing the module by those children is then exact.
     """
-    order = {node: index for index, node in enumerate(traced.graph_module.graph.nodes)}
-    inside = {node for node in order if path in _stack_paths(node)}
+    order = {node: index for index, node in enumerate(normalised.graph.nodes)}
+    # Dynamo records a module on the placeholders it reads too: only its computations are inside it.
+    inside = {node for node in order if node.op != "placeholder" and path in _stack_paths(node)}
     if data in inside:
         return None  # the module computes what it normalises itself
     children: list[str] = []
@@ -471,7 +475,7 @@ def _child_call(
         plain_call = parent == path and reader.args == (value,) and not reader.kwargs
         return (name, {reader}, reader) if plain_call else None
     child = next((p for p in _stack_paths(reader) if p.rpartition(".")[0] == path), None)
-    if traced.method != "export" or child is None:
+    if not traced.modules_inlined or child is None:
         return None
     nodes = {node for node in inside if child in _stack_paths(node)}
     child_attributes = {n for n, p in traced.attribute_paths.items() if p.startswith(f"{child}.")}
@@ -559,12 +563,12 @@ def _calling_module(node: fx.Node, traced: TracedModel, types: tuple) -> str | N
     return path if path is not None and isinstance(traced.model.get_submodule(path), types) else None
 
 
-def _exported_layer_module(node: fx.Node, traced: TracedModel, weight_path: str | None, bias_path: str | None) -> str | None:
-    """In an exported graph, the path of the layer module whose forward made this aten call on its own weight
-    and bias: an unmodified torch layer, or a subclass whose forward pads and then convolves with
-    ``self.weight`` and ``self.bias`` (timm's Conv2dSame). Its parameters then hold what this call computes
+def _inlined_layer_module(node: fx.Node, traced: TracedModel, weight_path: str | None, bias_path: str | None) -> str | None:
+    """In an exported or Dynamo-captured graph, the path of the layer module whose forward made this call on
+    its own weight and bias: an unmodified torch layer, or a subclass whose forward pads and then convolves
+    with ``self.weight`` and ``self.bias`` (timm's Conv2dSame). Its parameters then hold what this call computes
     with, so the module tree carries the fold (when nothing else reads them, which planning checks)."""
-    if traced.method != "export":
+    if not traced.modules_inlined:
         return None
     path = _calling_module(node, traced, FOLDABLE_LAYER_TYPES)
     if path is None or computes_torch_forward(traced.model.get_submodule(path)):
@@ -572,12 +576,13 @@ def _exported_layer_module(node: fx.Node, traced: TracedModel, weight_path: str 
     return path if (weight_path, bias_path) == (f"{path}.weight", f"{path}.bias") else None
 
 
-def _exported_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> str | None:
-    """In an exported graph, the path of the unmodified torch module whose own forward made this aten call.
+def _inlined_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> str | None:
+    """In an exported or Dynamo-captured graph, the path of the unmodified torch module whose own forward made
+    this call.
 
     fx keeps such modules as ``call_module`` nodes, so there every function call is a real function call.
     """
-    if traced.method != "export":
+    if not traced.modules_inlined:
         return None
     path = _calling_module(node, traced, types)
     return path if path is not None and computes_torch_forward(traced.model.get_submodule(path)) else None

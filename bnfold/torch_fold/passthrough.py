@@ -107,7 +107,7 @@ def _data_only_first(node: fx.Node) -> bool:
 
 
 def value_shape(node: Any) -> tuple[int, ...] | None:
-    """A node's tensor shape: from ShapeProp's ``tensor_meta`` (fx) or the fake ``val`` (export)."""
+    """A node's tensor shape: from ShapeProp's ``tensor_meta`` (fx) or the fake value export and Dynamo record."""
     shape_and_dtype = tensor_shape_and_dtype(node)
     return None if shape_and_dtype is None else shape_and_dtype[0]
 
@@ -118,5 +118,5 @@ def tensor_shape_and_dtype(node: Any) -> tuple[tuple[int, ...], torch.dtype] | N
     meta = node.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape"):
         return tuple(meta.shape), meta.dtype
-    value = node.meta.get("val")
+    value = node.meta.get("val", node.meta.get("example_value"))  # export's, Dynamo's
     return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None

@@ -72,9 +72,15 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
         decision = _decide(calls, flow, folded)
         (plan.folds if isinstance(decision, PlannedFold) else plan.skips).append(decision)
     called = {call.name for call in flow.batchnorms}
+    if flow.traced.method == "fx":
+        reason = "forward() never calls it, so there is nothing to fold; delete it if it is unused."
+    else:
+        reason = (
+            "the example inputs do not take the path of forward() that calls it, if any (without torch.fx, only "
+            "that path is seen); fold with inputs that take it to fold it."
+        )
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called:
-            reason = "forward() never calls it, so there is nothing to fold; delete it if it is unused."
             plan.skips.append(Skip(name, "no-foldable-neighbour", reason))
     return plan
 

@@ -71,33 +71,50 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
 
 @dataclasses.dataclass
 class TracedModel:
-    """A graph of one model's forward and how to get from its nodes to the model's tensors.
+    """The graphs of one model's forward and how to get from their nodes to the model's tensors.
 
+    fx and torch.export give one graph; TorchDynamo one per stretch of forward between graph breaks.
     ``attribute_paths`` maps each node that stands for a parameter or buffer (fx ``get_attr`` nodes,
-    export's lifted placeholders) to its dotted path under ``root``: the GraphModule for fx (which
-    shares the model's leaf modules and tensors but has plain ``nn.Module`` s for the modules traced
-    through), the model itself for export.
+    export's lifted placeholders, Dynamo's graph inputs) to its dotted path under ``root``: the GraphModule
+    for fx (which shares the model's leaf modules and tensors but has plain ``nn.Module`` s for the modules
+    traced through), the model itself otherwise.
     """
 
     model: nn.Module
-    graph_module: fx.GraphModule
-    method: Literal["fx", "export"]
+    graph_modules: list[fx.GraphModule]
+    method: Literal["fx", "export", "dynamo"]
     root: nn.Module
     attribute_paths: dict[fx.Node, str]
     note: str
 
     @property
+    def graph_module(self) -> fx.GraphModule:
+        """The one graph of an fx trace, which a graph result is made of."""
+        (graph_module,) = self.graph_modules
+        return graph_module
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [node for graph_module in self.graph_modules for node in graph_module.graph.nodes]
+
+    @property
     def graph_rewritable(self) -> bool:
-        """Only an fx graph runs as a module of its own; an exported graph is read, not returned."""
+        """Only an fx graph runs as a module of its own; exported and captured graphs are read, not returned."""
         return self.method == "fx"
 
+    @property
+    def modules_inlined(self) -> bool:
+        """Whether module calls appear as the function calls their forward made (export, Dynamo), with the module
+        in each node's ``nn_module_stack``; fx keeps unmodified torch modules as ``call_module`` nodes."""
+        return self.method != "fx"
+
     def tensor_at(self, path: str) -> torch.Tensor | None:
-        """The parameter or buffer at ``path``; None for an export's bias probe (see _probe_absent_biases)."""
+        """The parameter or buffer at ``path``; None for a bias probe (see _probe_absent_biases)."""
         owner_path, _, name = path.rpartition(".")
         return getattr(self.root.get_submodule(owner_path), name)
 
     def module_stack_top(self, node: fx.Node) -> str | None:
-        """The path of the innermost module whose forward produced ``node``, as both tracers record it."""
+        """The path of the innermost module whose forward produced ``node``, as the tracers record it."""
         stack = node.meta.get("nn_module_stack")
         return list(stack.values())[-1][0] if stack else None
 
@@ -109,7 +126,7 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
     # fx raises TraceError, TypeError, RuntimeError, ... depending on what forward does with a proxy.
     except Exception as fx_error:  # noqa: BLE001
         _remove_added_attributes(model, attributes_before)
-        return _export_model(model, example_inputs, fx_error)
+        return _capture_without_fx(model, example_inputs, fx_error)
     # Named "GraphModule", as fx names it by default: a graph result must not pass for the user's class.
     graph_module = fx.GraphModule(model, graph)
     # fx stores the constants it made while tracing on the model; the GraphModule has its own copies now.
@@ -119,26 +136,36 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
         # record a graph the model never runs; its pairs would be a tracing artefact. torch.export runs
         # such Python on fake tensors, as the model does.
         mismatch = RuntimeError("the traced graph computes other outputs than the model on the example inputs")
-        return _export_model(model, example_inputs, mismatch)
+        return _capture_without_fx(model, example_inputs, mismatch)
     note = "pairs found with torch.fx symbolic tracing"
     if not _record_shapes(graph_module, example_inputs):
         note += " (shape propagation failed, so rank-dependent Linear folds are refused)"
     attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
-    return TracedModel(model, graph_module, "fx", graph_module, attribute_paths, note)
+    return TracedModel(model, [graph_module], "fx", graph_module, attribute_paths, note)
 
 
-def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
+def _capture_without_fx(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
+    """torch.export's graph, else the graphs TorchDynamo captures; the model's own modules carry the folds."""
     probed = _probe_absent_biases(model)
     try:
-        exported = torch.export.export(model, example_inputs)
-    except Exception as export_error:  # noqa: BLE001 - reported together with the fx error
-        raise ModelNotTraceableError(
-            f"torch.fx could not trace {type(model).__name__} ({type(fx_error).__name__}: {fx_error}) "
-            f"and torch.export could not export it ({type(export_error).__name__}: {export_error})"
-        ) from export_error
+        try:
+            return _export_model(model, example_inputs, fx_error)
+        except Exception as export_error:  # noqa: BLE001 - Dynamo captures what export cannot (data-dependent branches)
+            try:
+                return _capture_with_dynamo(model, example_inputs, fx_error, export_error)
+            except Exception as dynamo_error:  # noqa: BLE001 - reported together with the others
+                raise ModelNotTraceableError(
+                    f"torch.fx could not trace {type(model).__name__} ({describe_error(fx_error)}), torch.export "
+                    f"could not export it ({describe_error(export_error)}) and TorchDynamo could not capture it "
+                    f"({describe_error(dynamo_error)})"
+                ) from dynamo_error
     finally:
         for module in probed:
             module.register_parameter("bias", None)
+
+
+def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
+    exported = torch.export.export(model, example_inputs)
     signature = exported.graph_signature
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     graph_module = exported.graph_module
@@ -147,23 +174,67 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
         f"torch.fx could not trace the model ({describe_error(fx_error)}); pairs found with torch.export.export "
         "instead, folded into the model's own modules (function calls outside them are left)"
     )
-    return TracedModel(model, graph_module, "export", model, attribute_paths, note)
+    return TracedModel(model, [graph_module], "export", model, attribute_paths, note)
+
+
+def _capture_with_dynamo(
+    model: nn.Module, example_inputs: tuple, fx_error: Exception, export_error: Exception
+) -> TracedModel:
+    """The graphs TorchDynamo captures while the model runs on ``example_inputs``, split at graph breaks
+    (a branch on a tensor's value, an unsupported call). A value used across a break is an output of its
+    graph, so a pair whose intermediate leaves its graph has another reader and stays, as under fx."""
+    graphs: list[tuple[fx.GraphModule, list]] = []
+
+    def keep_graph(graph_module: fx.GraphModule, graph_inputs: list):
+        graphs.append((graph_module, graph_inputs))
+        return graph_module.forward  # run as captured
+
+    torch._dynamo.reset()  # a fresh capture, not graphs cached from an earlier call
+    try:
+        # Dynamo inlines module calls: parameters and buffers are graph inputs, each node records its module.
+        with torch.no_grad():
+            torch.compile(model, backend=keep_graph)(*example_inputs)
+    finally:
+        torch._dynamo.reset()
+    paths_by_tensor = {
+        id(tensor): path
+        for path, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    }
+    paths_by_module = {id(module): path for path, module in model.named_modules(remove_duplicate=False)}
+    attribute_paths = {}
+    for graph_module, graph_inputs in graphs:
+        placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+        for node, value in zip(placeholders, graph_inputs):
+            if id(value) in paths_by_tensor:
+                attribute_paths[node] = paths_by_tensor[id(value)]
+        for node in graph_module.graph.nodes:
+            # Dynamo keys each module by id(module); the paths say what the user knows them by.
+            stack = node.meta.get("nn_module_stack") or {}
+            node.meta["nn_module_stack"] = {
+                key: (paths_by_module[int(key)], kind) for key, (_, kind) in stack.items() if int(key) in paths_by_module
+            }
+    note = (
+        f"torch.fx could not trace the model ({describe_error(fx_error)}) nor torch.export export it "
+        f"({describe_error(export_error)}); pairs found in the {len(graphs)} graph(s) TorchDynamo captured running "
+        "the example inputs (split at graph breaks), folded into the model's own modules. Code paths the example "
+        "inputs do not take are not seen: fold with inputs that take the deployed path"
+    )
+    return TracedModel(model, [graph_module for graph_module, _ in graphs], "dynamo", model, attribute_paths, note)
 
 
 def _probe_absent_biases(model: nn.Module) -> list[nn.Module]:
-    """Give each bias-less layer subclass with its own forward (timm's Conv2dSame) a zero bias while exporting.
+    """Give each bias-less layer subclass with its own forward (timm's Conv2dSame) a zero bias while capturing.
 
-    Its forward is free to ignore ``self.bias``; the exported graph shows whether it passes the probe to its
+    Its forward is free to ignore ``self.bias``; the captured graph shows whether it passes the probe to its
     conv as the bias, and only then does a bias registered on the module reach the folded layer's output.
-    The probes are removed after the export (their graph nodes then stand for an absent bias); zeros leave
-    the exported values as they are.
+    The probes are removed after the capture (their graph nodes then stand for an absent bias); zeros leave
+    the captured values as they are.
     """
     probed = []
     for module in model.modules():
         if isinstance(module, FOLDABLE_LAYER_TYPES) and module.bias is None and not computes_torch_forward(module):
             channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            weight = module.weight
-            module.register_parameter("bias", nn.Parameter(weight.new_zeros(channels), requires_grad=False))
+            module.register_parameter("bias", nn.Parameter(module.weight.new_zeros(channels), requires_grad=False))
             probed.append(module)
     return probed
 
