@@ -785,11 +785,18 @@ def fuse_folds(model: nn.Module) -> int:
     FrozenBatchNorm2d, so they vanish from the module tree of fuse's result without having been folded. A model
     torch.fx cannot trace, fuse cannot fuse (it raises): none.
     """
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 - fuse traces the same way, so it folds nothing either
+    if not fx_traceable(model):
         return 0
-    return _batchnorm_calls(traced) - _batchnorm_calls(fuse(model))
+    return _batchnorm_calls(fx.symbolic_trace(model)) - _batchnorm_calls(fuse(model))
+
+
+def fx_traceable(model: nn.Module) -> bool:
+    """Whether torch.fx can trace ``model``, as ``fuse`` does before fusing anything."""
+    try:
+        fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - fx raises TraceError, TypeError, ... depending on the forward
+        return False
+    return True
 
 
 def _batchnorm_calls(graph_module: fx.GraphModule) -> int:

@@ -5,8 +5,15 @@
 1. **Pairs from the real data flow** (:mod:`.tracing`, :mod:`.calls`). The model is traced with
    torch.fx, keeping unmodified torch layers and BatchNorms as module calls and tracing through
    layer subclasses with their own ``forward`` (their ``F.conv2d`` becomes a function call on
-   parameters). When fx cannot trace the model, ``torch.export.export`` gives the graph instead.
-   Module order plays no part: only who reads whose output.
+   parameters). When fx cannot trace the model, ``torch.export.export`` gives the graph instead, and
+   when export cannot either (a branch on a tensor's value), the graphs TorchDynamo captures running the
+   example inputs, split at graph breaks (a value crossing a break is its graph's output, so a pair
+   across one has another reader and stays). Those graphs record module calls as the calls their
+   forward made, each node naming its module: a call on a module's own weight and bias (also in a
+   subclass's forward, timm's Conv2dSame) folds into that module. Module order plays no part: only who
+   reads whose output. Between a pair may sit calls that pass values on (:mod:`.passthrough`: Identity,
+   eval-mode dropout, reshapes and permutes when the shapes prove the channel axis stays the layer's
+   feature axis, as in LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)``); they stay.
 2. **Checks with reasons** (:mod:`.planning`). Each BatchNorm either becomes a planned fold
    (into the layer before it, else into the layer after it) or a :class:`~bnfold.report.Skip`
    with a stable code and a sentence saying what the user can do.
@@ -17,6 +24,8 @@
    normalising, timm's BatchNormAct2d, by an ``nn.Sequential`` of them): the result is the user's own
    class, forward and state_dict keys. When a fold involves a function call, only the traced graph has it,
    so the result is the fx ``GraphModule`` (so named) with the BatchNorm calls removed (the report says so).
+   Exported and Dynamo-captured graphs are specialised to the example inputs and are never returned: their
+   folds are the ones that fit the module tree, and function calls outside modules stay.
 5. **Verify**: both models run on ``example_inputs`` and every output tensor is compared with the
    shared dtype tolerances; each fold between modules is also checked on its own, its folded layer run on
    the original's input to it (:mod:`.verify`, :mod:`bnfold.verification`).

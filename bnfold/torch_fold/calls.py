@@ -463,9 +463,9 @@ def _child_call(
     traced: TracedModel, path: str, value: fx.Node, inside: set[fx.Node]
 ) -> tuple[str, set[fx.Node], fx.Node] | None:
     """The call of a child of module ``path`` on ``value`` alone, when it is ``value``'s only reader: the
-    child's name, its nodes and its result. fx records the call as one ``call_module`` node; torch.export as
-    the child's aten ops (``bn.drop``: ``aten.dropout``), which must read nothing but ``value``, each other
-    and the child's own parameters, and give one result."""
+    child's name, its nodes and its result. fx records the call as one ``call_module`` node; torch.export and
+    Dynamo as the calls the child's forward made (``bn.drop``: ``aten.dropout``), which must read nothing but
+    ``value``, each other and the child's own parameters, and give one result."""
     readers = value_readers(value)
     if len(readers) != 1:
         return None
