@@ -8,6 +8,7 @@ worst figures reached over all architectures are 3e-7 (float32), 3e-16 (float64)
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch_architectures import (
     BatchNormAct2d,
     Conv2dSame,
     FrozenBatchNorm2d,
+    LinearNorm,
     TfMobileVit,
     ValueBranchNet,
     batchnorm_modules,
@@ -525,6 +527,34 @@ def test_batchnorm_on_other_axes_than_the_linear_features_stays(rearrange, batch
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
     report = fold(model, (torch.randn(2, 5, 4),)).report
     assert skip_codes(report) == {"bn": "channel-mismatch"} and words in report.skips[0].reason
+
+
+class TokensWithShapeArithmetic(nn.Module):
+    """LinearNorm, F.dropout(training=False) and a permute between pairs, in a forward torch.fx cannot trace
+    (``math.ceil`` of a size): the exported graph's aten reshapes, dropout and permute pass values the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = LinearNorm(4, 6)
+        self.linear, self.bn = nn.Linear(6, 6, bias=False), nn.BatchNorm1d(6)
+        self.proj, self.proj_bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        if math.ceil(x.shape[1] / 2) > 1:
+            x = x * 2
+        y = self.bn(F.dropout(self.linear(self.qkv(x)).flatten(0, 1), 0.2, self.training))
+        return self.proj_bn(self.proj(y.view(x.shape[0], x.shape[1], 6)).permute(0, 2, 1))
+
+
+def test_pass_through_calls_in_an_exported_graph():
+    model = randomise_statistics(TokensWithShapeArithmetic())
+    inputs = (torch.randn(2, 5, 4),)
+    result = fold(model, inputs)
+
+    assert any("torch.export" in note for note in result.report.notes)
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("qkv.bn", "qkv.linear"), ("bn", "linear"), ("proj_bn", "proj")]
+    assert type(result.model) is TokensWithShapeArithmetic
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
 def test_training_mode_is_refused_with_a_clear_error():

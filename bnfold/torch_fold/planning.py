@@ -263,7 +263,7 @@ def _channel_refusal(
         shape = value_shape(layer_value)
         if shape is None:
             return "channel-mismatch", (
-                f"the shape of `{layer.name}`'s {side} is unknown (shape propagation failed), so whether its "
+                f"the shape of `{layer.name}`'s {side} is unknown, so whether its "
                 "features (last axis) are the BatchNorm's channels (axis 1) cannot be told."
             )
         feature_axis = len(shape) - 1

@@ -138,8 +138,6 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
         mismatch = RuntimeError("the traced graph computes other outputs than the model on the example inputs")
         return _capture_without_fx(model, example_inputs, mismatch)
     note = "pairs found with torch.fx symbolic tracing"
-    if not _record_shapes(graph_module, example_inputs):
-        note += " (shape propagation failed, so rank-dependent Linear folds are refused)"
     attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
     return TracedModel(model, [graph_module], "fx", graph_module, attribute_paths, note)
 
@@ -246,10 +244,12 @@ def _remove_added_attributes(model: nn.Module, attributes_before: set[str]) -> N
 
 def _computes_like(model: nn.Module, graph_module: fx.GraphModule, example_inputs: tuple) -> bool:
     """Whether the traced graph gives the model's outputs on ``example_inputs`` (the same ops in the same
-    order: equal up to the rounding of a kernel that picks another path)."""
+    order: equal up to the rounding of a kernel that picks another path). The graph runs under ShapeProp,
+    which puts each node's shape in its ``tensor_meta`` (which axis a Linear's features are on, where a
+    reshape moves the channels) in the same pass."""
     try:
         with torch.no_grad():
-            expected, actual = model(*example_inputs), graph_module(*example_inputs)
+            expected, actual = model(*example_inputs), ShapeProp(graph_module).propagate(*example_inputs)
     except Exception:  # noqa: BLE001 - the graph does not even run: it is not the model's
         return False
     expected_leaves, expected_structure = pytree.tree_flatten(expected)
@@ -266,14 +266,4 @@ def _computes_like(model: nn.Module, graph_module: fx.GraphModule, example_input
             scale = finite.abs().max().item() if finite.numel() else 0.0
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-6 + 1e-4 * scale, equal_nan=True):
                 return False
-    return True
-
-
-def _record_shapes(graph_module: fx.GraphModule, example_inputs: tuple) -> bool:
-    """Put each node's shape in its ``tensor_meta``; the rank tells which axis a Linear's features are on."""
-    try:
-        with torch.no_grad():
-            ShapeProp(graph_module).propagate(*example_inputs)
-    except Exception:  # noqa: BLE001 - shapes are an aid; without them rank-dependent folds are refused
-        return False
     return True
