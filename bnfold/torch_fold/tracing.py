@@ -206,11 +206,10 @@ def _capture_with_dynamo(
             if id(value) in paths_by_tensor:
                 attribute_paths[node] = paths_by_tensor[id(value)]
         for node in graph_module.graph.nodes:
-            # Dynamo keys each module by id(module); the paths say what the user knows them by.
+            # Dynamo keys each module by str(id(module)); the paths say what the user knows them by.
             stack = node.meta.get("nn_module_stack") or {}
-            node.meta["nn_module_stack"] = {
-                key: (paths_by_module[int(key)], kind) for key, (_, kind) in stack.items() if int(key) in paths_by_module
-            }
+            paths = {key: paths_by_module.get(int(key)) if key.isdigit() else None for key in stack}
+            node.meta["nn_module_stack"] = {key: (paths[key], kind) for key, (_, kind) in stack.items() if paths[key] is not None}
     note = (
         f"torch.fx could not trace the model ({describe_error(fx_error)}) nor torch.export export it "
         f"({describe_error(export_error)}); pairs found in the {len(graphs)} graph(s) TorchDynamo captured running "
