@@ -529,6 +529,12 @@ def test_batchnorm_on_other_axes_than_the_linear_features_stays(rearrange, batch
     assert skip_codes(report) == {"bn": "channel-mismatch"} and words in report.skips[0].reason
 
 
+def test_a_view_that_reinterprets_the_dtype_is_no_pass_through():
+    bit_view = LinearThenRearranged(lambda h: h.view(torch.int32).view(torch.float32).flatten(0, 1), nn.BatchNorm1d(6))
+    report = fold(randomise_statistics(bit_view), (torch.randn(2, 5, 4),)).report
+    assert skip_codes(report) == {"bn": "no-foldable-neighbour"}
+
+
 class TokensWithShapeArithmetic(nn.Module):
     """LinearNorm, F.dropout(training=False) and a permute between pairs, in a forward torch.fx cannot trace
     (``math.ceil`` of a size): the exported graph's aten reshapes, dropout and permute pass values the same way."""

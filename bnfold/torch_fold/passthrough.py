@@ -53,7 +53,11 @@ def passes_values(node: Any, root: nn.Module) -> bool:
         return False
     if node.target in _DROPOUTS:
         return _dropout_is_off(node)
-    return node.target in _RESHAPES | _PERMUTES | _TRANSPOSES and _data_only_first(node)
+    if node.target not in _RESHAPES | _PERMUTES | _TRANSPOSES:
+        return False
+    # `x.view(torch.int32)` reinterprets the bits: a rearrangement keeps the dtype.
+    before, after = tensor_shape_and_dtype(node.args[0]), tensor_shape_and_dtype(node)
+    return before is not None and after is not None and before[1] == after[1] and _data_only_first(node)
 
 
 def keeps_element_order(node: fx.Node) -> bool:
