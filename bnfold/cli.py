@@ -83,10 +83,9 @@ def fold(
     quantization, target_dtype,
 ) -> None:
     """Fold every BatchNorm of MODEL that is safe to fold, verify, write OUTPUT, report."""
-    from bnfold.onnx_fold import fold_onnx
+    from bnfold.onnx_fold.folding import fold_onnx_file
     from bnfold.onnx_fold.io import check_writable, data_input_names, save_model
-    from bnfold.onnx_fold.verify import VerificationUnavailableError
-    from bnfold.verification import VerificationError
+    from bnfold.verification import VerificationError, VerificationUnavailableError
 
     if in_place and output is not None:
         raise click.UsageError("give either -o/--output or --in-place, not both")
@@ -102,7 +101,7 @@ def fold(
             shapes = named(shapes, data_input_names(model), str(model))
         if target is not None and not dry_run:
             check_writable(target, read_from)
-        folded, report = fold_onnx(
+        folded, report = fold_onnx_file(
             model, verify=not no_verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed,
             freeze_initializer_inputs=freeze_initializer_inputs, quantization=quantization, target_dtype=target_dtype,
         )  # fmt: skip

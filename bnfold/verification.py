@@ -368,3 +368,8 @@ class VerificationError(RuntimeError):
         self.verification = verification
         self.report = report
         self.model = model
+
+
+class VerificationUnavailableError(RuntimeError):
+    """Nothing can be proven either way: onnxruntime cannot run the original model, or no random inputs
+    can be made for it (no shape, a size below 1, or past the memory budget)."""

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from onnx_models import batchnorm_node, batchnorm_parameters, fast_path_agrees, initializer
 
 import bnfold
-from bnfold.onnx_fold.io import InputError
+from bnfold.onnx_fold.io import InputError, load_inline_model
 
 
 def conv_bn(weight_shape=(3, 2, 3, 3), channels=3, group=None, epsilon=None, name="bn") -> onnx.ModelProto:
@@ -55,6 +55,26 @@ def test_short_raw_data_is_an_input_error(tmp_path):
         bnfold.fold_onnx(path, verify=False)
     with pytest.raises(InputError):
         bnfold.check(path)
+
+
+# Large weights make the command line's loader give onnx's checker one-element stand-ins for the tensors.
+@pytest.mark.parametrize("weight_shape", [(3, 2, 3, 3), (64, 2, 16, 16)], ids=["small", "large"])
+def test_the_command_lines_loader_refuses_what_onnxs_checker_refuses(tmp_path, weight_shape):
+    path = tmp_path / "model.onnx"
+    model = conv_bn(weight_shape, channels=weight_shape[0])
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"]))
+    path.write_bytes(model.SerializeToString())
+    assert load_inline_model(path) == model
+    weight = tensor(model, "W")
+    weight.raw_data = weight.raw_data[:-4]
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match=r"raw_data size \(\d+ bytes\) is too small"):
+        load_inline_model(path)
+    weight.raw_data += bytes(4)
+    model.graph.node[0].op_type = "Convolution"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match="No Op registered for Convolution"):
+        load_inline_model(path)
 
 
 def test_wrong_typed_data_field_is_an_input_error():

@@ -18,13 +18,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-# Ops never evaluated ahead of time: random results (Dropout is random in training mode), or subgraphs.
-_NEVER_EVALUATED = frozenset(
-    {
-        "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
-        "Dropout", "If", "Loop", "Scan", "SequenceMap",
-    }
-)  # fmt: skip
+from bnfold.onnx_fold.shared import MalformedTensorError, evaluable_op
 
 # A computed tensor may take this much, or as much as the node's inputs together (a Transpose or Reshape
 # of a large stored weight creates nothing new); past it the value is left as not constant.
@@ -34,20 +28,10 @@ EVALUATION_CAP_BYTES = 64 << 20
 _SHAPE_DATA_ELEMENTS = 64
 
 
-def evaluable_op(domain: str, op_type: str) -> bool:
-    """Whether a node of this op is evaluated when all its inputs are constant."""
-    return domain in ("", "ai.onnx") and op_type not in _NEVER_EVALUATED
-
-
 # Marks a value found to be computed at run time, holding the reason. Folding only ever replaces constants
 # with constants, so the mark stays true; it keeps repeated queries along long Add/Mul chains linear
 # instead of quadratic.
 _NOT_CONSTANT = "bnfold.not_constant"
-
-
-class MalformedTensorError(ValueError):
-    """A stored tensor whose data does not fit its type and shape (short raw data, the wrong typed field, an
-    undefined type): the model cannot be used at all."""
 
 
 def _initializer_array(value: ir.Value) -> np.ndarray | None:

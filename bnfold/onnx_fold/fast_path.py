@@ -37,10 +37,10 @@ from bnfold.fold_math import (
     batchnorm_affine,
     fold_many_into_outputs,
 )
-from bnfold.onnx_fold.constants import MalformedTensorError, evaluable_op
+from bnfold.onnx_fold.io import copy_fields
 from bnfold.onnx_fold.layers import FAST_PATH_LAYER_OPS, LAYER_OPS, PASS_THROUGH_OPS
-from bnfold.onnx_fold.rules import ELEMENTWISE_OPS, FreshNames
-from bnfold.report import Fold
+from bnfold.onnx_fold.shared import FreshNames, MalformedTensorError, evaluable_op
+from bnfold.report import ELEMENTWISE_AFFINE_OPS, Fold
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # Producers whose output a per-channel Mul/Add/Sub/Div could be folded into (a BatchNorm's, once folded;
@@ -106,7 +106,7 @@ class _GraphIndex:
                 self.has_subgraphs = self.has_subgraphs or any(a.type in _SUBGRAPH_ATTRIBUTES for a in node.attribute)
             elif op_type == "BatchNormalization":
                 self.batchnorms.append(position)
-            elif op_type in ELEMENTWISE_OPS:
+            elif op_type in ELEMENTWISE_AFFINE_OPS:
                 self.elementwise.append(node)
             elif op_type in _CONTROL_FLOW_OPS:
                 self.has_subgraphs = True
@@ -328,8 +328,8 @@ def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[_Pair]) 
     dropped.update(tensor.name for pair in pairs for tensor in (pair.weight, pair.bias) if tensor is not None)
 
     folded = onnx.ModelProto()
-    _copy_fields(model, folded, skip="graph")
-    _copy_fields(model.graph, folded.graph, skip="initializer")
+    copy_fields(model, folded, skip="graph")
+    copy_fields(model.graph, folded.graph, skip="initializer")
     # The pass's order: the initializers it keeps, then each pair's new weight and bias.
     folded.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name not in dropped)
     for chunk in _chunks(list(zip(pairs, affines, new_names))):
@@ -337,19 +337,6 @@ def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[_Pair]) 
     _bypass_all(pairs, index, folded.graph)
     _delete(folded.graph.node, index.batchnorms)
     return folded, folds
-
-
-def _copy_fields(source, target, skip: str) -> None:
-    """Copy every set field of protobuf message ``source`` but ``skip`` into ``target``."""
-    for field, value in source.ListFields():
-        if field.name == skip:
-            continue
-        if hasattr(value, "extend"):  # repeated
-            getattr(target, field.name).extend(value)
-        elif hasattr(value, "CopyFrom"):  # message
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
 
 
 def _chunks(items: list[tuple[_Pair, ChannelAffine, tuple[str, str]]]):

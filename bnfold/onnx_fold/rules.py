@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 
 import numpy as np
 import onnx_ir as ir
@@ -50,6 +49,7 @@ from bnfold.onnx_fold.qdq import (
     quantized_bias_reason,
     quantized_weight,
 )
+from bnfold.onnx_fold.shared import FreshNames
 from bnfold.report import ELEMENTWISE_AFFINE_OPS
 
 ELEMENTWISE_OPS = ELEMENTWISE_AFFINE_OPS
@@ -473,21 +473,6 @@ def _passthroughs_before(value: ir.Value | None, opset: int) -> tuple[ir.Value |
         value = producer.inputs[0]
         producer = value.producer()
     return value, tuple(reversed(chain))
-
-
-class FreshNames:
-    """Names for the values a fold creates: ``<base>_bnfold``, numbered when that is taken."""
-
-    def __init__(self, taken: set[str]):
-        self._taken = taken
-        self._counter = itertools.count()
-
-    def __call__(self, base: str) -> str:
-        name = f"{base}_bnfold"
-        while name in self._taken:
-            name = f"{base}_bnfold{next(self._counter)}"
-        self._taken.add(name)
-        return name
 
 
 class GraphEditor:

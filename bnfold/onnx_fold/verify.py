@@ -35,6 +35,7 @@ from bnfold.verification import (
     FoldCheck,
     OutputComparison,
     Verification,
+    VerificationUnavailableError,
     check_fold,
     compare_output,
     fold_not_checked,
@@ -45,11 +46,6 @@ from bnfold.verification import (
 
 # Elements drawn at a time when making a random input (8 MiB of float64).
 _DRAW_CHUNK = 2**20
-
-
-class VerificationUnavailableError(RuntimeError):
-    """Nothing can be proven either way: onnxruntime cannot run the original model, or no random inputs
-    can be made for it (no shape, a size below 1, or past the memory budget)."""
 
 
 def random_inputs(

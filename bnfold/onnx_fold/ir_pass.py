@@ -1,0 +1,264 @@
+"""The onnx_ir route: :class:`FoldBatchNormPass` and the working copy it edits.
+
+:class:`FoldBatchNormPass` is an onnx_ir in-place pass: it walks the main graph and every If/Loop/Scan
+subgraph once, in order, offering each BatchNormalization and each per-channel Mul/Add/Sub/Div to the
+rules in :mod:`bnfold.onnx_fold.rules`, and records a fold or a skip (with its reason) for every BatchNorm.
+:func:`fold_with_pass` is what :func:`bnfold.onnx_fold.fold_onnx` runs for a model the protobuf fast path
+declines. Only this route imports onnx_ir (and sympy through it).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from bnfold.errors import describe_error
+from bnfold.onnx_fold.io import InputError, data_inputs, load_model, scratch_directory
+from bnfold.onnx_fold.rules import (
+    ELEMENTWISE_OPS,
+    FoldIntoFollowing,
+    FoldIntoPreceding,
+    GraphEditor,
+    Refusal,
+    batchnorm_channel_affine,
+    labelled_graphs,
+    node_label,
+)
+from bnfold.onnx_fold.shared import MalformedTensorError
+from bnfold.report import Fold, FoldReport, Skip
+
+
+def node_counts(model: ir.Model) -> dict[str, int]:
+    ops = collections.Counter(node.op_type for _, graph in labelled_graphs(model) for node in graph)
+    return {"total": sum(ops.values()), "batchnorm": ops.get("BatchNormalization", 0)}
+
+
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """Fold every BatchNormalization (and per-channel elementwise affine) that is provably safe."""
+
+    rules = (FoldIntoPreceding(), FoldIntoFollowing())
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folds: list[Fold] = []
+        self.skips: list[Skip] = []
+        self.notes: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        editor = GraphEditor(model)
+        before = len(self.folds)
+        for label, graph in labelled_graphs(model):
+            for node in list(graph):
+                if node.graph is not graph or node.domain not in ("", "ai.onnx"):
+                    continue  # removed by an earlier fold, or a custom op
+                if node.op_type == "BatchNormalization":
+                    self._fold_batchnorm(node, opset, editor, label)
+                elif node.op_type in ELEMENTWISE_OPS:
+                    self._fold_elementwise(node, opset, editor, label)
+        if editor.removed_constants:
+            ops = ", ".join(f"{op} x{count}" for op, count in sorted(editor.removed_constants.items()))
+            total = sum(editor.removed_constants.values())
+            self.notes.append(f"evaluated {total} constant node(s) computing folded weights or parameters, and removed them: {ops}")
+        return ir.passes.PassResult(model, modified=len(self.folds) > before)
+
+    def _fold_batchnorm(self, node: ir.Node, opset: int, editor: GraphEditor, graph_label: str) -> None:
+        refusals = []
+        try:
+            batchnorm_channel_affine(node, opset)  # reasons that hold in both directions come first
+            for rule in self.rules:
+                try:
+                    match = rule.check(node, opset)
+                except Refusal as refusal:
+                    refusals.append(refusal)
+                    continue
+                self._apply(rule, match, editor, graph_label)
+                return
+        except Refusal as refusal:
+            refusals = [refusal]
+        specific = [r for r in refusals if r.code != "no-foldable-neighbour"]
+        if specific:
+            code, reason = specific[0].code, specific[0].reason
+        else:
+            code = "no-foldable-neighbour"
+            reason = "; ".join(r.reason for r in refusals)
+            reason += " (only a Conv, ConvTranspose, Gemm or MatMul before it, or an unpadded Conv/Gemm/MatMul after it, can absorb it)"
+        self.skips.append(Skip(node_label(node), code, reason, graph_label))
+
+    def _fold_elementwise(self, node: ir.Node, opset: int, editor: GraphEditor, graph_label: str) -> None:
+        rule = self.rules[0]
+        try:
+            match = rule.check(node, opset)
+        except Refusal:
+            return  # an ordinary elementwise op: nothing to report
+        self._apply(rule, match, editor, graph_label)
+
+    def _apply(self, rule, match, editor: GraphEditor, graph_label: str) -> None:
+        fold = Fold(
+            batchnorm=node_label(match.anchor),
+            layer=node_label(match.layer.node),
+            layer_op=match.layer.node.op_type,
+            direction=rule.direction,
+            graph=graph_label,
+            batchnorm_op=match.anchor.op_type,
+        )
+        notes = match.notes()  # (labels read before the rewrite renames anything)
+        rule.rewrite(match, editor)
+        self.folds.append(fold)
+        self.notes += notes
+
+
+@dataclasses.dataclass
+class _WorkingCopy:
+    model: ir.Model  # what the pass edits
+    original: str | bytes | None  # what onnxruntime runs as the original (only when verifying)
+    label: str
+    notes: list[str]
+
+
+def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, scratch: str | None, label: str | None) -> _WorkingCopy:
+    """A working copy of ``model``, with inferred shapes when it has a MatMul (MatMul folds need the data's
+    rank). The original for onnxruntime is kept only with a ``scratch`` directory, i.e. when verifying:
+    serializing a large model costs time and memory."""
+    if isinstance(model, onnx.ModelProto):
+        # Inferred on the protobuf, before the conversion: onnx_ir's pass would convert back and forth.
+        label, notes = label or _label(model.graph.name), []
+        shaped = model
+        if _proto_has_matmul(model):
+            try:
+                shaped = onnx.shape_inference.infer_shapes(model)
+            except Exception as error:
+                notes.append(_SHAPES_FAILED.format(type(error).__name__))
+        try:
+            working = ir.from_proto(shaped)
+        except Exception as error:  # onnx_ir's SerdeError and friends, on a malformed graph
+            raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
+        _require_text(working, label)
+        return _WorkingCopy(working, model.SerializeToString() if scratch else None, label, notes)
+    if isinstance(model, (str, os.PathLike)):
+        copy = _WorkingCopy(load_model(model), str(model), label or str(model), [])
+        _require_text(copy.model, copy.label)
+    else:
+        label = label or _label(model.graph.name)
+        _require_text(model, label)
+        # An onnx_ir model may hold external tensors: clone it (tensors are shared, never modified) and let
+        # onnxruntime read the original from a file that carries its data.
+        try:
+            clone = model.clone()
+        except Exception as error:  # onnx_ir refuses to copy a graph that reads values nothing defines
+            raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
+        original = None
+        if scratch:
+            from bnfold.onnx_fold.verify import model_source
+
+            original = model_source(model, scratch)
+        copy = _WorkingCopy(clone, original, label, [])
+    if _needs_shapes(copy.model):
+        try:
+            ShapeInferencePass()(copy.model)
+        except Exception as error:
+            copy.notes.append(_SHAPES_FAILED.format(type(error).__name__))
+    return copy
+
+
+def _label(graph_name) -> str:
+    return graph_name if graph_name and isinstance(graph_name, str) else "<model>"
+
+
+def _innermost(error: BaseException) -> str:
+    """The root cause's type and first line (onnx_ir wraps errors in a SerdeError per level)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return describe_error(error)
+
+
+def _require_text(model: ir.Model, label: str) -> None:
+    """Refuse a model with a name that is not UTF-8: protobuf hands such strings over as bytes, which
+    neither the report nor onnx_ir's writer can take."""
+    texts = [("model field", text) for text in (model.producer_name, model.producer_version, model.domain, model.doc_string)]
+    for _, graph in labelled_graphs(model):
+        texts += [("graph name", graph.name), ("graph doc string", graph.doc_string)]
+        values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+        for node in graph:
+            texts += [("node name", node.name), ("op type", node.op_type), ("domain", node.domain), ("doc string", node.doc_string)]
+            texts += [("attribute name", name) for name in node.attributes]
+            values += [value for value in (*node.inputs, *node.outputs) if value is not None]
+        texts += [("value name", value.name) for value in values]
+    for what, text in texts:
+        if isinstance(text, bytes):
+            raise InputError(label, f"{what} {text!r} is not UTF-8 text")
+
+
+# Shapes only make MatMul folds provable; folding goes on without them.
+_SHAPES_FAILED = "shape inference failed ({}); 2-D MatMul folds may be refused"
+
+
+def _needs_shapes(model: ir.Model) -> bool:
+    """Only MatMul folds need inferred shapes (the data's rank); inference is superlinear in graph size."""
+    return any(node.op_type == "MatMul" for _, graph in labelled_graphs(model) for node in graph)
+
+
+def _proto_has_matmul(model: onnx.ModelProto) -> bool:
+    """:func:`_needs_shapes` of a protobuf model (subgraphs included)."""
+    graphs = [model.graph]
+    while graphs:
+        for node in graphs.pop().node:
+            if node.op_type == "MatMul":
+                return True
+            for attribute in node.attribute:
+                graphs.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+    return False
+
+
+def fold_with_pass(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    label: str | None,
+    verify: bool,
+    freeze: bool,
+    verify_into: Callable[[FoldReport, str | bytes | None, ir.Model], None],
+) -> tuple[ir.Model | onnx.ModelProto, FoldReport]:
+    """Fold a working copy of ``model`` with :class:`FoldBatchNormPass`; ``verify_into`` verifies the result
+    into the report (while the original's scratch copy exists). ``label`` names the model in the report
+    and errors (default: its path or graph name)."""
+    # A scratch directory only for verification (creating and removing one costs about a millisecond).
+    with scratch_directory("original") if verify else contextlib.nullcontext() as scratch:
+        copy = _working_copy(model, scratch, label)
+        working, original = copy.model, copy.original
+        if freeze:
+            copy.notes += _freeze_initializer_inputs(working)
+        report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)
+        fold_pass = FoldBatchNormPass()
+        try:
+            fold_pass(working)
+        except MalformedTensorError as error:
+            raise InputError(copy.label, str(error)) from None
+        report.folds, report.skips = fold_pass.folds, fold_pass.skips
+        report.notes += fold_pass.notes
+        report.nodes_after = node_counts(working)
+        verify_into(report, original, working)
+    if isinstance(model, onnx.ModelProto):
+        return ir.to_proto(working), report
+    return working, report
+
+
+def _freeze_initializer_inputs(model: ir.Model) -> list[str]:
+    """Drop the main graph's initializer-backed inputs, so their initializers are constants; the notes
+    that say so. Verification then feeds only the remaining inputs (the original runs on the stored values
+    of the others)."""
+    graph = model.graph
+    frozen = [value.name for value in graph.inputs if value.name in graph.initializers]
+    if not frozen:
+        return []
+    graph.inputs[:] = data_inputs(graph)
+    notes = [f"froze {len(frozen)} initializer-backed graph input(s), no longer inputs of the model: {', '.join(frozen)}"]
+    if model.ir_version < 4:  # before IR version 4 every initializer had to be a graph input
+        notes.append(f"IR version {model.ir_version} -> 4, the first that allows initializers that are not inputs")
+        model.ir_version = 4
+    return notes

@@ -1,0 +1,39 @@
+"""What the onnx_ir pass and the protobuf fast path share, importable without onnx_ir: the fast path's
+models never need it, and its import (which pulls sympy) costs more than folding a ResNet-50."""
+
+from __future__ import annotations
+
+import itertools
+
+# Ops never evaluated ahead of time: random results (Dropout is random in training mode), or subgraphs.
+_NEVER_EVALUATED = frozenset(
+    {
+        "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+        "Dropout", "If", "Loop", "Scan", "SequenceMap",
+    }
+)  # fmt: skip
+
+
+def evaluable_op(domain: str, op_type: str) -> bool:
+    """Whether a node of this op is evaluated when all its inputs are constant."""
+    return domain in ("", "ai.onnx") and op_type not in _NEVER_EVALUATED
+
+
+class MalformedTensorError(ValueError):
+    """A stored tensor whose data does not fit its type and shape (short raw data, the wrong typed field, an
+    undefined type): the model cannot be used at all."""
+
+
+class FreshNames:
+    """Names for the values a fold creates: ``<base>_bnfold``, numbered when that is taken."""
+
+    def __init__(self, taken: set[str]):
+        self._taken = taken
+        self._counter = itertools.count()
+
+    def __call__(self, base: str) -> str:
+        name = f"{base}_bnfold"
+        while name in self._taken:
+            name = f"{base}_bnfold{next(self._counter)}"
+        self._taken.add(name)
+        return name
