@@ -19,6 +19,7 @@ initializer order. Tests compare the two on every model they fold.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -55,9 +56,9 @@ _FLOATING = (*_RAW_DTYPES, onnx.TensorProto.BFLOAT16)
 
 @dataclasses.dataclass
 class _Pair:
-    """A plain pair as read from the input model; ``layer_position`` addresses the layer in the folded copy."""
+    """A plain pair as read from the input model."""
 
-    layer_position: int
+    layer_position: int  # in the input model
     batchnorm: onnx.NodeProto
     layer: onnx.NodeProto
     layout: WeightLayout
@@ -327,15 +328,22 @@ def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[_Pair]) 
     dropped = {name for name, count in unread.items() if count == len(index.readers[name]) and name not in index.graph_outputs}
     dropped.update(tensor.name for pair in pairs for tensor in (pair.weight, pair.bias) if tensor is not None)
 
+    def position_in_folded(position: int) -> int:  # the BatchNorms before it are gone
+        return position - bisect.bisect_left(index.batchnorms, position)
+
     folded = onnx.ModelProto()
-    copy_fields(model, folded, skip="graph")
-    copy_fields(model.graph, folded.graph, skip="initializer")
+    copy_fields(model, folded, skip=("graph",))
+    # Nodes and value info are copied without what the folds remove: deleting from a protobuf list moves
+    # its tail each time, which made folding long chains quadratic.
+    copy_fields(model.graph, folded.graph, skip=("initializer", "node", "value_info"))
+    batchnorms = set(index.batchnorms)
+    folded.graph.node.extend(node for position, node in enumerate(index.nodes) if position not in batchnorms)
     # The pass's order: the initializers it keeps, then each pair's new weight and bias.
     folded.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name not in dropped)
     for chunk in _chunks(list(zip(pairs, affines, new_names))):
-        _rewrite(chunk, folded.graph)
-    _bypass_all(pairs, index, folded.graph)
-    _delete(folded.graph.node, index.batchnorms)
+        _rewrite(chunk, folded.graph, position_in_folded)
+    gone = _bypass_all(pairs, index, folded.graph, position_in_folded)
+    folded.graph.value_info.extend(value for value in model.graph.value_info if value.name not in gone)
     return folded, folds
 
 
@@ -357,7 +365,7 @@ def _chunks(items: list[tuple[_Pair, ChannelAffine, tuple[str, str]]]):
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _rewrite(chunk: list[tuple[_Pair, ChannelAffine, tuple[str, str]]], graph: onnx.GraphProto) -> None:
+def _rewrite(chunk: list[tuple[_Pair, ChannelAffine, tuple[str, str]]], graph: onnx.GraphProto, position_in_folded) -> None:
     """Scale the chunk's layers' output channels into new weight and bias initializers of ``graph`` (the
     folded copy), under the names the pass gives them, and point the layers at them."""
     layers = []
@@ -370,7 +378,7 @@ def _rewrite(chunk: list[tuple[_Pair, ChannelAffine, tuple[str, str]]], graph: o
         data_type = pair.weight.data_type
         _add_initializer(graph, weight_name, weight, data_type)
         _add_initializer(graph, bias_name, bias, data_type)
-        layer = graph.node[pair.layer_position]
+        layer = graph.node[position_in_folded(pair.layer_position)]
         layer.input[1] = weight_name
         if len(layer.input) > 2:
             layer.input[2] = bias_name
@@ -397,27 +405,21 @@ def _set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
-def _bypass_all(pairs: list[_Pair], index: _GraphIndex, graph: onnx.GraphProto) -> None:
+def _bypass_all(pairs: list[_Pair], index: _GraphIndex, graph: onnx.GraphProto, position_in_folded) -> set[str]:
     """Hand each BatchNorm's output to its layer in ``graph`` (the folded copy): readers read the layer's
-    output instead, and a graph output keeps its name (now the layer's output). Value info of the names
-    that go is dropped."""
+    output instead, and a graph output keeps its name (now the layer's output). The names that go."""
     gone = set()
     nodes = graph.node
     for pair in pairs:
         normalized, data = pair.batchnorm.output[0], pair.batchnorm.input[0]
         if normalized in index.graph_outputs:
-            nodes[pair.layer_position].output[0] = normalized
+            nodes[position_in_folded(pair.layer_position)].output[0] = normalized
             gone.add(data)
         else:
             for position in index.readers.get(normalized, ()):
-                reader = nodes[position]
+                reader = nodes[position_in_folded(position)]
                 for slot, name in enumerate(reader.input):
                     if name == normalized:
                         reader.input[slot] = data
             gone.add(normalized)
-    _delete(graph.value_info, [i for i, value in enumerate(graph.value_info) if value.name in gone])
-
-
-def _delete(field, positions: list[int]) -> None:
-    for position in sorted(positions, reverse=True):
-        del field[position]
+    return gone

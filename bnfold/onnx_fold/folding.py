@@ -38,7 +38,7 @@ def fold_onnx(
     freeze_initializer_inputs: bool = False,
     quantization: bool = False,
     target_dtype: str | None = None,
-    label: str | None = None,
+    source: str | os.PathLike | None = None,
 ):
     """Fold every eval-mode BatchNorm that is safe to fold; return ``(folded_model, report)``.
 
@@ -59,12 +59,14 @@ def fold_onnx(
     measures what each BatchNorm fold did to int8 quantization of the layer and to a cast to the target dtype
     (:mod:`bnfold.quantization`). It is off by default: on ResNet-50 it costs about twice the fold (five times with a target dtype).
 
-    ``label`` names the model in the report and in errors (default: its path, or its graph's name).
+    ``source`` is the file a ``ModelProto`` was read from, unchanged: it names the model in the report
+    and in errors (default: the graph's name), and verification reads the original from it rather than
+    from a serialized copy.
     """
     check_target_dtype(target_dtype)
     with _gc_paused():
         folded, report = _fold_onnx(
-            model, label, verify, freeze_initializer_inputs, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed
+            model, source, verify, freeze_initializer_inputs, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed
         )
         if quantization or target_dtype is not None:
             from bnfold.onnx_fold.quantization import measure_onnx_folds
@@ -79,7 +81,9 @@ def fold_onnx_file(path: str | os.PathLike, **options) -> tuple[onnx.ModelProto 
     :func:`bnfold.onnx_fold.io.save_model` writes it as it is); one with external data is loaded with
     onnx_ir, which keeps the data on disk, and folded into an onnx_ir model."""
     proto = load_inline_model(path)
-    return fold_onnx(path if proto is None else proto, label=str(path), **options)
+    if proto is None:
+        return fold_onnx(path, **options)
+    return fold_onnx(proto, source=path, **options)
 
 
 @contextlib.contextmanager
@@ -95,16 +99,18 @@ def _gc_paused():
             gc.enable()
 
 
-def _fold_onnx(model, label: str | None, verify: bool, freeze: bool, **verification):
+def _fold_onnx(model, source: str | os.PathLike | None, verify: bool, freeze: bool, **verification):
     # The fast path reads initializer-backed inputs as not constant: freezing goes through the pass.
     use_fast = isinstance(model, onnx.ModelProto) and not (freeze and _proto_initializer_inputs(model))
     fast = fold_plain_pairs(model) if use_fast else None
     if fast is not None:
         folded, folds = fast
-        label = label or model.graph.name or "<model>"
+        label = str(source) if source is not None else model.graph.name or "<model>"
         report = FoldReport(model=label, frontend="onnx", nodes_before=_proto_node_counts(model), folds=folds)
         report.nodes_after = _proto_node_counts(folded)
-        original = model.SerializeToString() if verify and folds else None
+        original = None
+        if verify and folds:
+            original = str(source) if source is not None else model.SerializeToString()
         _verify(report, verify, original, folded, **verification)
         return folded, report
     from bnfold.onnx_fold.ir_pass import fold_with_pass
@@ -112,7 +118,7 @@ def _fold_onnx(model, label: str | None, verify: bool, freeze: bool, **verificat
     def verify_into(report: FoldReport, original, folded) -> None:
         _verify(report, verify, original, folded, **verification)
 
-    return fold_with_pass(model, label, verify, freeze, verify_into)
+    return fold_with_pass(model, None if source is None else str(source), verify, freeze, verify_into)
 
 
 def _proto_initializer_inputs(model: onnx.ModelProto) -> bool:

@@ -105,8 +105,8 @@ def _checker_view(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     if path.stat().st_size < _VIEW_BYTES_PER_TENSOR * len(initializers):
         return model
     view = onnx.ModelProto()
-    copy_fields(model, view, skip="graph")
-    copy_fields(model.graph, view.graph, skip="initializer")
+    copy_fields(model, view, skip=("graph",))
+    copy_fields(model.graph, view.graph, skip=("initializer",))
     for tensor in initializers:
         itemsize = _RAW_ITEMSIZES.get(tensor.data_type)
         dims = tensor.dims
@@ -132,10 +132,10 @@ def _checker_view(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     return view
 
 
-def copy_fields(source, target, skip: str) -> None:
-    """Copy every set field of protobuf message ``source`` but ``skip`` into ``target``."""
+def copy_fields(source, target, skip: tuple[str, ...]) -> None:
+    """Copy every set field of protobuf message ``source`` but those named in ``skip`` into ``target``."""
     for field, value in source.ListFields():
-        if field.name == skip:
+        if field.name in skip:
             continue
         if hasattr(value, "extend"):  # repeated
             getattr(target, field.name).extend(value)
