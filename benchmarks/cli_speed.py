@@ -8,7 +8,9 @@ and peak resident memory (``ru_maxrss`` of that process), and each as a ratio to
 chain scaling: ``fold_onnx(verify=False)`` CPU time per pair on ``conv_bn_chain(N)``, in this process.
 
 Run: .venv/bin/python benchmarks/cli_speed.py [--models resnet50,mobilenet_v2] [--repeats 5] [--large]
-(``--large`` adds the 2.25 GiB external-data chain of ``large_model.py``: builds it once, minutes.)
+[--baseline ../other-checkout]
+(``--large`` adds the 2.25 GiB external-data chain of ``large_model.py``: builds it once, minutes;
+``--baseline`` adds the bnfold rows of another checkout, e.g. the main branch, measured in the same rounds.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODELS_DIR = HERE / ".cache" / "models-v1"  # shared with compare_folders.py
 PYTHON = sys.executable
@@ -62,14 +64,16 @@ def large_model() -> Path:
     return path
 
 
-def commands(model: Path, scratch: Path, external: bool) -> dict[str, list[str] | None]:
+def commands(model: Path, scratch: Path, external: bool, baseline: Path | None) -> dict[str, list[str] | None]:
     """The commands measured on ``model``, by row label, each writing a file of its own in ``scratch``;
     None for a peer that is not installed."""
-    rows = {
-        "floor: onnx.load + onnx.save": [PYTHON, "-c", FLOOR_EXTERNAL if external else FLOOR, str(model), str(scratch / "floor.onnx")],
-        "bnfold A -o B --no-verify": [*BNFOLD, str(model), "-o", str(scratch / "unverified.onnx"), "--no-verify"],
-        "bnfold A -o B": [*BNFOLD, str(model), "-o", str(scratch / "verified.onnx")],
-    }
+    rows = {"floor: onnx.load + onnx.save": [PYTHON, "-c", FLOOR_EXTERNAL if external else FLOOR, str(model), str(scratch / "floor.onnx")]}
+    for root, tag in ((REPO, ""), (baseline, f" ({baseline.name})" if baseline else "")):
+        if root is None:
+            continue
+        run_from = ["env", f"PYTHONPATH={root}"]
+        rows[f"bnfold A -o B --no-verify{tag}"] = [*run_from, *BNFOLD, str(model), "-o", str(scratch / f"unverified{tag}.onnx"), "--no-verify"]
+        rows[f"bnfold A -o B{tag}"] = [*run_from, *BNFOLD, str(model), "-o", str(scratch / f"verified{tag}.onnx")]
     for tool in ("onnxslim", "onnxsim"):
         executable = shutil.which(tool, path=str(Path(PYTHON).parent)) or shutil.which(tool)
         rows[f"{tool} A B"] = [executable, str(model), str(scratch / f"{tool}.onnx")] if executable else None
@@ -78,9 +82,9 @@ def commands(model: Path, scratch: Path, external: bool) -> dict[str, list[str] 
 
 def run(command: list[str]) -> tuple[float, float, int, int]:
     """Wall time, CPU time (user + system), peak RSS in bytes and exit code of one process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # From a neutral folder: `python -c` puts the working directory first on sys.path, before PYTHONPATH.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -127,7 +131,8 @@ def table(title: str, medians: dict, floor_label: str) -> str:
 
 
 def startup(repeats: int) -> str:
-    rows = {"bnfold --help": [*BNFOLD, "--help"], "bnfold --version": [*BNFOLD, "--version"], "python -c pass": [PYTHON, "-c", "pass"]}
+    run_from = ["env", f"PYTHONPATH={REPO}"]
+    rows = {"bnfold --help": [*run_from, *BNFOLD, "--help"], "bnfold --version": [*run_from, *BNFOLD, "--version"], "python -c pass": [PYTHON, "-c", "pass"]}
     medians = measure(rows, repeats)
     lines = ["Start-up (target: under 0.3 s)", "", "| command | wall s | CPU s | peak MiB |", "|---|---:|---:|---:|"]
     lines += [f"| `{label}` | {wall:.2f} | {cpu:.2f} | {rss / 2**20:.0f} |" for label, (wall, cpu, rss) in medians.items()]
@@ -161,6 +166,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50,mobilenet_v2")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--large", action="store_true", help=f"also the {LARGE_GIB} GiB external-data chain")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose bnfold rows to add, e.g. the main branch")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(HERE))
@@ -173,7 +179,7 @@ def main() -> None:
         for name, (path, external) in models.items():
             print(f"measuring {name}", file=sys.stderr)
             size = sum(file.stat().st_size for file in path.parent.glob(path.name + "*"))
-            rows = commands(path, Path(scratch), external)
+            rows = commands(path, Path(scratch), external, args.baseline and args.baseline.absolute())
             sections.append(table(f"{name} ({size / 2**20:.0f} MiB), medians of {args.repeats}", measure(rows, args.repeats), next(iter(rows))))
     sections.append(chain_scaling(args.repeats))
     print(f"{os.cpu_count()} CPUs; load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
