@@ -10,7 +10,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ml_dtypes
@@ -195,11 +194,7 @@ def verify(
     if isinstance(folded, onnx.ModelProto):  # the fast path's result: in memory, no external data
         folded_source, folded = folded.SerializeToString(), ir.from_proto(folded)
     feeds = random_inputs(folded, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
-    with scratch_directory("verify") as scratch, ThreadPoolExecutor(1) as background:
-        # The folded model's session is built while the original's is prepared, built and run: onnxruntime
-        # releases the GIL while it builds a session, which takes longer than running it (ResNet-50: 0.3 s
-        # of about 1.2 s). Left on exit, it is built to the end (or fails) before the scratch goes.
-        folded_runner = background.submit(model_runner, folded_source or model_source(folded, scratch))
+    with scratch_directory("verify") as scratch:
         local, checks, original_source = [], [], original
         if folds:
             # The original runs once, with each checked layer's input and output exposed as extra outputs.
@@ -222,7 +217,7 @@ def verify(
             _progress(f"running {len(local)} folded layer(s) on their own", started)
             checks += _check_locally(folded, local, expected, rtol)
         _progress("running the folded model in onnxruntime", started)
-        actual = folded_runner.result()(feeds)
+        actual = run_model(folded_source or model_source(folded, scratch), feeds)
     _progress("comparing outputs", started)
     output_types = {value.name: value.dtype for value in folded.graph.outputs}
     comparisons = []
