@@ -6,8 +6,8 @@ alone (the baseline), the fold without verification, the fold with verification 
 the per-fold checks), and the fold without verification measuring each fold (``quantization=True``: int8
 figures; ``target_dtype="float16"``: those and the float16 figures). Prints one markdown table: wall time
 (median of ``--repeats`` runs in each child) and peak RSS, and what verification and each measurement add.
-It also prints the per-fold check's figures: the worst correct fold in rounding units, against the allowed
-units.
+It also prints the per-fold checks' figures: the worst correct fold in rounding units (layer output and
+parameters), against the allowed units.
 
 Run: .venv/bin/python benchmarks/verification_cost.py [--repeats 3]
 """
@@ -41,7 +41,7 @@ def child(path: str, phase: str, repeats: int) -> None:
 
     from bnfold.onnx_fold import fold_onnx
 
-    times, worst = [], None
+    times, worst, parameters = [], None, None
     for _ in range(repeats):
         started = time.perf_counter()
         model = onnx.load(path)
@@ -49,9 +49,10 @@ def child(path: str, phase: str, repeats: int) -> None:
             _, report = fold_onnx(model, **PHASES[phase])
             if report.verification is not None:
                 worst = max(check.units for check in report.verification.folds if check.units is not None)
+                parameters = max(check.parameters.units for check in report.verification.folds if check.parameters)
         times.append(time.perf_counter() - started)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak, "worst_units": worst}))
+    print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak, "worst_units": worst, "worst_parameter_units": parameters}))
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
 
     from bnfold import architectures
     from bnfold.testing import export_onnx
-    from bnfold.verification import LOCAL_UNITS
+    from bnfold.verification import LOCAL_UNITS, PARAMETER_UNITS
 
     with tempfile.TemporaryDirectory() as scratch:
         path = str(Path(scratch) / "resnet50.onnx")
@@ -85,8 +86,11 @@ def main() -> None:
         more = results[phase]
         added = more["seconds"] - fold["seconds"]
         print(f"| {what} adds | {added:.2f} ({added / fold_itself:.1f}x the fold's own {fold_itself:.2f}) | {more['peak_mib'] - fold['peak_mib']:.0f} |")
-    worst = results["fold+verify"]["worst_units"]
-    print(f"\nworst correct fold: {worst:.3g} rounding units (float32 allows {LOCAL_UNITS['float32']:g})")
+    verified = results["fold+verify"]
+    print(
+        f"\nworst correct fold: {verified['worst_units']:.3g} rounding units in the layer's output (float32 allows "
+        f"{LOCAL_UNITS['float32']:g}), {verified['worst_parameter_units']:.3g} in its parameters (allows {PARAMETER_UNITS['float32']:g})"
+    )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def fold(
     """Fold every BatchNorm of MODEL that is safe to fold, verify, write OUTPUT, report."""
     from bnfold.onnx_fold.folding import fold_onnx_file
     from bnfold.onnx_fold.io import check_writable, data_input_names, save_model
-    from bnfold.verification import VerificationError, VerificationUnavailableError
+    from bnfold.verification import CLI_OVERRIDES, VerificationError, VerificationUnavailableError
 
     if in_place and output is not None:
         raise click.UsageError("give either -o/--output or --in-place, not both")
@@ -113,6 +113,7 @@ def fold(
     except VerificationUnavailableError as error:
         fail(f"{model}: {error}")
     except VerificationError as error:
+        error.verification.overrides = CLI_OVERRIDES  # the reason names the flags, not the Python arguments
         _emit(error.report, output_format)
         fail(f"{model}: verification failed, nothing written: {error}", EXIT_VERIFICATION_FAILED)
     _emit(report, output_format)

@@ -49,18 +49,26 @@ class FoldOverflowError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ChannelAffine:
-    """A per-channel map ``y = scale * x + shift``, float64, one entry per channel."""
+    """A per-channel map ``y = scale * x + shift``, float64, one entry per channel. ``shift_terms`` is the
+    size of the terms the shift is a sum of (a BatchNorm's |beta| + |mean * scale|; |shift| when not given):
+    a fold computed in a narrower float rounds the shift in proportion to them, not to its value."""
 
     scale: np.ndarray
     shift: np.ndarray
+    shift_terms: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
         return self.scale.shape[0]
 
+    @property
+    def shift_magnitude(self) -> np.ndarray:
+        return np.abs(self.shift) if self.shift_terms is None else self.shift_terms
+
     def then(self, other: ChannelAffine) -> ChannelAffine:
         """This map followed by ``other``: ``other.scale * (scale * x + shift) + other.shift``."""
-        return ChannelAffine(other.scale * self.scale, other.scale * self.shift + other.shift)
+        terms = np.abs(other.scale) * self.shift_magnitude + other.shift_magnitude
+        return ChannelAffine(other.scale * self.scale, other.scale * self.shift + other.shift, terms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +216,7 @@ def batchnorm_affine(
     # NaN or Inf anywhere but in the variance shows in scale or shift; an infinite variance gives scale 0.
     if not (np.isfinite(scale).all() and np.isfinite(shift).all() and np.isfinite(var64).all() and (var64 >= 0).all()):
         _raise_unfoldable(gamma64, beta64, mean64, var64, denominator)
-    return ChannelAffine(scale, shift)
+    return ChannelAffine(scale, shift, np.abs(beta64) + np.abs(mean64 * scale))
 
 
 def _raise_unfoldable(gamma64, beta64, mean64, var64, denominator) -> None:
@@ -248,18 +256,30 @@ def fold_into_outputs(
     ``out_dtype`` (default: the weight's dtype).
     """
     out_dtype = np.dtype(out_dtype or weight.dtype)
-    out_total = layout.out_channels(weight.shape)
-    _check_channels(affine, out_total, "output channels")
+    new_weight = _scaled_output_channels(weight, affine, layout)
+    return _rounded(new_weight, out_dtype, "weight"), _folded_output_bias(bias, affine, out_dtype)
+
+
+def _scaled_output_channels(weight: np.ndarray, affine: ChannelAffine, layout: WeightLayout) -> np.ndarray:
+    """``weight`` in float64 with each output channel times its ``affine.scale``."""
+    _check_channels(affine, layout.out_channels(weight.shape), "output channels")
     new_weight = np.array(weight, dtype=np.float64)
     view, out_per_group, _ = layout.grouped_view(new_weight)
     view *= affine.scale.reshape(layout.groups, out_per_group, 1, 1)
-    return _rounded(new_weight, out_dtype, "weight"), _folded_output_bias(bias, affine, out_dtype)
+    return new_weight
 
 
 def _folded_output_bias(bias: np.ndarray | None, affine: ChannelAffine, dtype: np.dtype) -> np.ndarray:
     """``scale * b + shift`` over the bias's last axis (a Gemm's C may be ``[M, N]``), rounded once to ``dtype``."""
-    bias64 = np.zeros(affine.channels) if bias is None else np.asarray(bias, dtype=np.float64)
-    return _rounded(affine.scale * bias64 + affine.shift, dtype, "bias")
+    return _rounded(_output_bias64(bias, affine), dtype, "bias")
+
+
+def _output_bias64(bias: np.ndarray | None, affine: ChannelAffine) -> np.ndarray:
+    return affine.scale * _bias64(bias, affine.channels) + affine.shift
+
+
+def _bias64(bias: np.ndarray | None, out_total: int) -> np.ndarray:
+    return np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
 
 
 class InexactQuantizedFoldError(ValueError):
@@ -399,15 +419,45 @@ def fold_into_inputs(
     when every kernel tap reads a real (shifted) input: no padding. The caller checks that.
     """
     out_dtype = np.dtype(out_dtype or weight.dtype)
+    new_weight, new_bias = _fold_into_inputs64(weight, bias, affine, layout)
+    return _rounded(new_weight, out_dtype, "weight"), _rounded(new_bias, out_dtype, "bias")
+
+
+def _fold_into_inputs64(weight, bias, affine: ChannelAffine, layout: WeightLayout) -> tuple[np.ndarray, np.ndarray]:
     _check_channels(affine, layout.in_channels(weight.shape), "input channels")
     new_weight = np.array(weight, dtype=np.float64)
-    view, out_per_group, in_per_group = layout.grouped_view(new_weight)
-    g = layout.groups
-    shift_by_group = affine.shift.reshape(g, 1, in_per_group, 1)
+    view, _, in_per_group = layout.grouped_view(new_weight)
     # W t, per output channel, before scaling the weight in place.
-    bias_delta = (view * shift_by_group).sum(axis=(2, 3)).reshape(-1)
-    view *= affine.scale.reshape(g, 1, in_per_group, 1)
-    out_total = layout.out_channels(weight.shape)
-    bias64 = np.zeros(out_total) if bias is None else np.asarray(bias, dtype=np.float64)
-    new_bias = bias64 + bias_delta
-    return _rounded(new_weight, out_dtype, "weight"), _rounded(new_bias, out_dtype, "bias")
+    bias_delta = _sum_over_inputs(view, affine.shift, layout.groups, in_per_group)
+    view *= affine.scale.reshape(layout.groups, 1, in_per_group, 1)
+    return new_weight, _bias64(bias, layout.out_channels(weight.shape)) + bias_delta
+
+
+def _sum_over_inputs(view: np.ndarray, per_input: np.ndarray, groups: int, in_per_group: int) -> np.ndarray:
+    """``W v`` per output channel of a grouped weight view, for ``v`` one value per input channel."""
+    return (view * per_input.reshape(groups, 1, in_per_group, 1)).sum(axis=(2, 3)).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactFold:
+    """A fold's weight and bias in float64, before any rounding, and for each bias element the size of the
+    terms summed into it (|s b| + |s mean| + |beta| for a backward BatchNorm fold): a fold computed in the
+    model's own dtype rounds the bias in proportion to these terms, however much they cancel."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    bias_terms: np.ndarray
+
+
+def exact_fold(
+    weight: np.ndarray, bias: np.ndarray | None, affine: ChannelAffine, layout: WeightLayout, into_outputs: bool
+) -> ExactFold:
+    """The fold of ``affine`` into the layer's outputs (``into_outputs``) or inputs, unrounded: what a
+    candidate fold's parameters are compared with."""
+    if into_outputs:
+        terms = np.abs(affine.scale * _bias64(bias, affine.channels)) + affine.shift_magnitude
+        return ExactFold(_scaled_output_channels(weight, affine, layout), _output_bias64(bias, affine), terms)
+    new_weight, new_bias = _fold_into_inputs64(weight, bias, affine, layout)
+    view, _, in_per_group = layout.grouped_view(np.abs(np.asarray(weight, dtype=np.float64)))
+    shifted = _sum_over_inputs(view, affine.shift_magnitude, layout.groups, in_per_group)
+    return ExactFold(new_weight, new_bias, np.abs(_bias64(bias, layout.out_channels(weight.shape))) + shifted)

@@ -9,6 +9,8 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 
+from bnfold.fold_math import ExactFold, WeightLayout
+
 # (atol, rtol) per output dtype; an output passes when max |folded - original| <= atol + rtol * max |original|
 # over its finite elements. The rounding error of an element scales with the sums that produced it, not
 # with the element's own value, so the tolerance scales with the output's magnitude, not per element.
@@ -33,10 +35,37 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
 # weights' rounding to the half dtype alone, at most half an ulp each. One channel's error is nearly one draw
 # (its elements share the weights' rounding), so over a model's tens of thousands of channels the largest
 # reaches ~4 sigma of 0.29 units, plus up to 0.5 from the bias: correct folds of ResNet-50 with near-dead
-# channels measure at most 0.8; one channel's scale off by a relative 1e-2 measures 3-10, but only ~1.2 in a
-# channel whose output is a small remainder of its terms (a 2048-wide 1x1 conv), which this bound lets pass
-# rather than reject correct folds.
+# channels measure at most 0.8; one channel's scale off by a relative 1e-2 measures 3-10, but only ~1 in a
+# channel whose output is a small remainder of its terms (a 2048-wide 1x1 conv): this bound lets that pass
+# rather than reject correct folds, and the parameter check below catches it.
 LOCAL_UNITS: dict[str, float] = {"float64": 1024.0, "float32": 1024.0, "float16": 2.0, "bfloat16": 2.0}
+
+# Parameter check, where the fold is known: the folded layer's weight and bias against the exact (float64)
+# fold of the original's, each element's error in units of eps(dtype) x its rounding scale: |exact value| for
+# the weight, the size of the terms summed for the bias (|s b| + |s mean| + |beta| backward; |b| + sum |W t|
+# forward), at least the dtype's smallest subnormal. bnfold rounds once (at most 0.5); a fold computed in the
+# model's dtype or in float32 (onnxruntime's, onnxoptimizer's, torch's fuse_conv_bn_eval) carries the
+# rounding of s = gamma / sqrt(var + eps) and of the product or sum, a few units (measured up to 2.3). One
+# channel's scale off by a relative 1e-3 in float32 is 8389 units, by 1e-2 in float16 10.2 units, and a bias
+# off by 1e-3 of its channel's range tens of thousands: where the layer's output is a small remainder of
+# its terms, the layer-output check above cannot see these, the parameters show them at full size.
+PARAMETER_UNITS: dict[str, float] = {"float64": 16.0, "float32": 16.0, "float16": 4.0, "bfloat16": 4.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """How the user who reads a failure overrides verification: the keyword arguments of bnfold.fold and
+    bnfold.fold_onnx, or the command line's flags."""
+
+    template: str  # an option with its value, from ``name`` and ``value``
+    skip: str
+
+    def option(self, name: str, value: str = "") -> str:
+        return self.template.format(name=name, value=value).strip()
+
+
+PYTHON_OVERRIDES = Overrides("{name}={value}", "verify=False")
+CLI_OVERRIDES = Overrides("--{name} {value}", "--no-verify")
 
 
 def rounding_unit(dtype_name: str) -> float:
@@ -128,12 +157,77 @@ class OutputComparison:
 
 
 @dataclasses.dataclass
+class ParameterComparison:
+    """A folded layer's weight and bias against the exact fold of the original's (see PARAMETER_UNITS):
+    ``units`` at the worst element, in ``parameter`` ("weight" or "bias") of output ``channel``, where the
+    error is ``error`` against a rounding scale ``magnitude``; passes within ``allowed_units``. ``reason``
+    says why nothing could be compared element by element (the shapes differ)."""
+
+    parameter: str
+    dtype: str
+    channel: int | None
+    units: float
+    allowed_units: float
+    error: float | None = None
+    magnitude: float | None = None
+    reason: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.units <= self.allowed_units
+
+
+def compare_parameters(
+    exact: ExactFold, weight: np.ndarray, bias: np.ndarray | None, layout: WeightLayout, rtol: float | None = None
+) -> ParameterComparison:
+    """The worst element of ``weight`` and ``bias`` (None: zero) against ``exact``, in units of each
+    parameter's own dtype. An explicit ``rtol`` allows at least ``rtol`` / eps units."""
+    dtype_name = str(weight.dtype)
+    eps = rounding_unit(dtype_name)
+    allowed = max(PARAMETER_UNITS.get(dtype_name, 0.0), (rtol or 0.0) / eps if eps else 0.0)
+    if weight.shape != exact.weight.shape:
+        found = f"the folded weight has shape {list(weight.shape)} where the fold gives {list(exact.weight.shape)}"
+        return ParameterComparison("weight", dtype_name, None, math.inf, allowed, reason=found)
+    bias = np.zeros((), weight.dtype) if bias is None else bias
+    try:
+        bias, exact_bias, bias_terms = np.broadcast_arrays(bias, exact.bias, exact.bias_terms)
+    except ValueError:
+        found = f"the folded bias has shape {list(bias.shape)} where the fold gives {list(exact.bias.shape)}"
+        return ParameterComparison("bias", str(bias.dtype), None, math.inf, allowed, reason=found)
+    candidates = []
+    for name, actual, expected, scale in (("weight", weight, exact.weight, np.abs(exact.weight)), ("bias", bias, exact_bias, bias_terms)):
+        error, units = _parameter_units(actual, expected, scale)
+        # Each output channel's worst element: weights by the layout, biases on their last axis.
+        if name == "weight":
+            by_channel = layout.grouped_view(units)[0].max(axis=(2, 3)).reshape(-1)
+        else:
+            by_channel = units.reshape(-1, units.shape[-1]).max(axis=0)
+        worst = int(np.argmax(units))  # (in the worst channel)
+        candidates.append(ParameterComparison(
+            name, str(actual.dtype), int(np.argmax(by_channel)), float(units.reshape(-1)[worst]), allowed,
+            float(error.reshape(-1)[worst]), float(scale.reshape(-1)[worst]),
+        ))  # fmt: skip
+    return max(candidates, key=lambda comparison: comparison.units)
+
+
+def _parameter_units(actual: np.ndarray, exact: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each element's |error| and that error in units of eps x ``scale`` (at least the smallest subnormal) of
+    ``actual``'s dtype; NaN or Inf in ``actual`` is infinitely many units."""
+    finfo = ml_dtypes.finfo(actual.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.abs(actual.astype(np.float64) - exact)
+    error[~np.isfinite(error)] = math.inf
+    return error, error / np.maximum(float(finfo.eps) * scale, float(finfo.smallest_subnormal))
+
+
+@dataclasses.dataclass
 class FoldCheck:
     """One fold checked on its own: the folded layer run on the original model's input to it, against the
     original layer and BatchNorm, channel by channel. ``units`` is the worst channel's error in units of
     eps(dtype) x each element's magnitude, root mean square over the channel's elements (see LOCAL_UNITS);
     it passes within ``allowed_units``. ``max_abs_error`` and ``magnitude`` are at that channel's largest error. Not compared (``reason`` says why) when the fold
-    can only be checked through the model's outputs."""
+    can only be checked through the model's outputs. ``parameters`` is the parameter check (see PARAMETER_UNITS),
+    None where the original's parameters were not at hand; the fold fails when either check does."""
 
     fold: str
     dtype: str
@@ -145,9 +239,21 @@ class FoldCheck:
     units: float | None = None
     allowed_units: float = 0.0
     reason: str = ""
+    parameters: ParameterComparison | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def parameters_failed(self) -> bool:
+        return self.parameters is not None and not self.parameters.passed
+
+    @property
+    def excess(self) -> float:
+        """How far past its allowance the fold is: the larger of its checks' units over their allowed units."""
+        layer = math.inf if self.units is None else self.units / self.allowed_units if self.allowed_units else 0.0
+        parameters = 0.0 if self.parameters is None else self.parameters.units / self.parameters.allowed_units
+        return max(layer, parameters)
 
 
 def fold_not_checked(fold: str, reason: str) -> FoldCheck:
@@ -162,10 +268,20 @@ def check_fold(
     magnitude: np.ndarray,
     channel_axis: int,
     rtol: float | None = None,
+    parameters: ParameterComparison | None = None,
 ) -> FoldCheck:
     """Compare a folded layer's output with the original's, per channel on ``channel_axis``, against
     ``magnitude`` (one per element of ``reference``): a channel's units are the root mean square over its
-    elements of |error| / (eps x magnitude). An explicit ``rtol`` allows at least ``rtol`` / eps units."""
+    elements of |error| / (eps x magnitude). An explicit ``rtol`` allows at least ``rtol`` / eps units.
+    ``parameters`` (from :func:`compare_parameters`) is recorded with it, and fails it when it fails."""
+    check = _compare_layer_outputs(fold, dtype_name, reference, folded, magnitude, channel_axis, rtol)
+    check.parameters = parameters
+    if check.parameters_failed:
+        check.status = "failed"
+    return check
+
+
+def _compare_layer_outputs(fold, dtype_name, reference, folded, magnitude, channel_axis, rtol) -> FoldCheck:
     eps = rounding_unit(dtype_name)
     allowed = max(LOCAL_UNITS.get(dtype_name, 0.0), (rtol or 0.0) / eps if eps else 0.0)
     reference = np.moveaxis(np.asarray(reference).astype(np.float64), channel_axis, 0)
@@ -213,6 +329,8 @@ class Verification:
     # outputs' own reasons (a PyTorch forward that returned no tensor at all).
     nothing_compared: str = ""
     folds: list[FoldCheck] = dataclasses.field(default_factory=list)
+    # The options a failure's reason names: the Python API's unless the command line says otherwise.
+    overrides: Overrides = PYTHON_OVERRIDES
 
     @property
     def compared(self) -> list[OutputComparison]:
@@ -233,6 +351,11 @@ class Verification:
         return max((c.units for c in self.folds if c.status == "passed"), default=None)
 
     @property
+    def parameter_noise(self) -> float | None:
+        """The largest parameter error, in rounding units, of the folds that passed: their rounding."""
+        return max((c.parameters.units for c in self.folds if c.status == "passed" and c.parameters), default=None)
+
+    @property
     def max_abs_error(self) -> float | None:
         return max((o.max_abs_error for o in self.compared), default=None)
 
@@ -245,16 +368,17 @@ class Verification:
         """Why the verification failed ("" when it passed): the worst failing output, or why nothing was compared."""
         failed_folds = self.failed_folds
         if failed_folds:
-            worst_fold = max(failed_folds, key=lambda c: c.units if c.units is not None else math.inf)
+            worst_fold = max(failed_folds, key=lambda check: check.excess)
             return f"folded model differs from the original: {self._describe_fold_failure(worst_fold, len(failed_folds))}"
         failed = [output for output in self.outputs if output.failed]
         if failed:
             worst = max(failed, key=lambda o: o.max_abs_error)
             if math.isinf(worst.max_abs_error):  # NaN or Inf the fold brought in: no tolerance admits it
                 return f"folded model differs from the original: output {worst.name!r}: {worst.reason}"
+            options = f"{self.overrides.option('atol')}/{self.overrides.option('rtol')}"
             return (
                 f"folded model differs from the original: {worst.describe_failure()}: {worst.reason}; if the "
-                "difference is acceptable, rerun with a larger --atol/--rtol (or --no-verify)"
+                f"difference is acceptable, rerun with a larger {options} (or {self.overrides.skip})"
             )
         if self.compared:
             return ""
@@ -263,6 +387,8 @@ class Verification:
 
     def _describe_fold_failure(self, check: FoldCheck, count: int) -> str:
         others = f" (and {count - 1} other fold(s))" if count > 1 else ""
+        if check.parameters_failed:
+            return f"fold {check.fold}{others}: {self._describe_parameter_failure(check.parameters)}"
         if check.units is None:
             return f"fold {check.fold}{others}: {check.reason}"
         noise = self.fold_noise
@@ -277,8 +403,28 @@ class Verification:
         return (
             f"fold {check.fold}{others}: output channel {check.channel} of the folded layer, run on the original's "
             f"input to it, differs from the original by up to {check.max_abs_error:.3g}, {units}, over the "
-            f"{check.allowed_units:g} allowed; {measured}; if the difference is acceptable, rerun with --rtol "
-            f"{check.units * eps:.2g} or more (or --no-verify)"
+            f"{check.allowed_units:g} allowed; {measured}; {self._acceptable(check.units * eps)}"
+        )
+
+    def _describe_parameter_failure(self, parameters: ParameterComparison) -> str:
+        if parameters.reason:
+            return parameters.reason
+        noise = self.parameter_noise
+        measured = "no other fold passed" if noise is None else f"the folds that passed are within {noise:.3g} units"
+        eps = rounding_unit(parameters.dtype)
+        scale = "|exact value|" if parameters.parameter == "weight" else "the size of the terms summed into it"
+        return (
+            f"the folded {parameters.parameter} of output channel {parameters.channel} is off the exact (float64) fold "
+            f"of the original's parameters by up to {parameters.error:.3g}, {parameters.units:.3g} rounding units "
+            f"({parameters.dtype} eps {eps:.3g} x {scale}, {parameters.magnitude:.3g} there), over the "
+            f"{parameters.allowed_units:g} allowed (a correct fold rounds to within a few units); {measured}; "
+            f"{self._acceptable(parameters.units * eps)}"
+        )
+
+    def _acceptable(self, rtol: float) -> str:
+        return (
+            f"if the difference is acceptable, rerun with {self.overrides.option('rtol', f'{rtol:.2g}')} or more "
+            f"(or {self.overrides.skip})"
         )
 
     def to_dict(self) -> dict:
@@ -306,6 +452,9 @@ class Verification:
         if checked:
             worst = max(c.units for c in checked if c.units is not None) if any(c.units is not None for c in checked) else math.inf
             text += f"; {len(checked)} of {len(self.folds)} fold(s) checked on their own, worst {worst:.3g} rounding units"
+            compared = [c.parameters.units for c in checked if c.parameters is not None]
+            if compared:
+                text += f", parameters within {max(compared):.3g} of the exact fold"
         return text
 
 
@@ -368,6 +517,10 @@ class VerificationError(RuntimeError):
         self.verification = verification
         self.report = report
         self.model = model
+
+    def __str__(self) -> str:
+        # The reason as of now: the command line names its own flags (Verification.overrides) before printing.
+        return self.verification.reason
 
 
 class VerificationUnavailableError(RuntimeError):

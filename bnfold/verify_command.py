@@ -2,7 +2,9 @@
 the same interface (another tool's output, a hand-edited model, a re-export), with the same report.
 
 Exit codes: 0 equivalent, 1 not, 2 bad input (a file that is not a usable model, or inputs that cannot be
-made or run). Per-fold checks need to know which layers were folded, so only the outputs are compared.
+made or run). The folds are those bnfold finds in ORIGINAL; each is checked on its own in CANDIDATE's layer of
+the same name (else at the same position among the nodes of its op type), unless CANDIDATE keeps the
+BatchNorm.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ def verification_options(command):
 @click.argument("candidate", type=click.Path(path_type=Path))
 @verification_options
 def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -> None:
-    """Run ORIGINAL and CANDIDATE on the same seeded random inputs and compare every output."""
+    """Run ORIGINAL and CANDIDATE on the same seeded random inputs and compare every output; check each fold
+    bnfold finds in ORIGINAL against CANDIDATE's corresponding layer."""
+    from bnfold.onnx_fold import fold_onnx
     from bnfold.onnx_fold.io import InputError, load_model
     from bnfold.onnx_fold.verify import VerificationUnavailableError
     from bnfold.onnx_fold.verify import verify as run_verification
     from bnfold.report import printable
+    from bnfold.verification import CLI_OVERRIDES
 
     try:
         models = {path: load_model(path) for path in (original, candidate)}
@@ -53,11 +58,15 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
         shapes = parse_input_shapes(input_shapes)
         if positional(shapes):
             shapes = named(shapes, [name for name, _ in interfaces[original][0]], str(original))
-        result = run_verification(str(original), models[candidate], input_shapes=shapes, atol=atol, rtol=rtol, seed=seed)
+        _, plan = fold_onnx(models[original], verify=False)  # which layers absorb which BatchNorms
+        result = run_verification(
+            str(original), models[candidate], folds=plan.folds, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed
+        )
     except InputError as error:
         fail(str(error))
     except VerificationUnavailableError as error:
         fail(f"{original}: {error}")
+    result.overrides = CLI_OVERRIDES
     if output_format == "json":
         click.echo(json.dumps({"schema": "bnfold.verify-report/1", "original": str(original), "candidate": str(candidate),
                                "verification": result.to_dict()}, indent=2))  # fmt: skip

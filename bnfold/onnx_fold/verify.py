@@ -18,15 +18,17 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from bnfold.fold_math import ChannelAffine
+from bnfold.fold_math import ChannelAffine, ExactFold, exact_fold
 from bnfold.onnx_fold.constants import constant_array
 from bnfold.onnx_fold.io import EXTERNAL_DATA_THRESHOLD, data_inputs, scratch_directory, tensor_bytes, uses_external_data
 from bnfold.onnx_fold.rules import (
     FoldIntoFollowing,
     FoldIntoPreceding,
+    Layer,
     Refusal,
     batchnorm_channel_affine,
     elementwise_channel_affine,
+    layer_view,
     node_label,
 )
 from bnfold.report import Fold, printable
@@ -34,10 +36,12 @@ from bnfold.verification import (
     RANDOM_INPUT_BUDGET_BYTES,
     FoldCheck,
     OutputComparison,
+    ParameterComparison,
     Verification,
     VerificationUnavailableError,
     check_fold,
     compare_output,
+    compare_parameters,
     fold_not_checked,
     gib,
     not_compared,
@@ -199,7 +203,7 @@ def verify(
         if folds:
             # The original runs once, with each checked layer's input and output exposed as extra outputs.
             original_model = _load(original)
-            local, checks = _local_folds(original_model, folded, folds)
+            local, checks = _local_folds(original_model, folded, folds, rtol)
             outputs = {value.name for value in original_model.graph.outputs}
             values = {value.name: value for node in original_model.graph for value in node.outputs}
             values.update((value.name, value) for value in original_model.graph.inputs)
@@ -215,7 +219,7 @@ def verify(
             raise VerificationUnavailableError(_cannot_run_original(error)) from None
         if local:
             _progress(f"running {len(local)} folded layer(s) on their own", started)
-            checks += _check_locally(folded, local, expected, rtol)
+            checks += _check_locally(folded, local, expected)
         _progress("running the folded model in onnxruntime", started)
         actual = run_model(folded_source or model_source(folded, scratch), feeds)
     _progress("comparing outputs", started)
@@ -242,14 +246,16 @@ def _load(original: str | os.PathLike | bytes) -> ir.Model:
     return ir.load(original)
 
 
-def _check_locally(folded: ir.Model, local: list[_LocalFold], values: dict[str, np.ndarray], rtol: float | None) -> list[FoldCheck]:
+def _check_locally(folded: ir.Model, local: list[_LocalFold], values: dict[str, np.ndarray]) -> list[FoldCheck]:
     outputs = run_model(_local_model(folded, local, values), {f"x{i}": values[check.data] for i, check in enumerate(local)})
     checks = []
     for index, check in enumerate(local):
         dtype_name = str(values[check.reference].dtype)
         # A half-precision fold's reference is recomputed in float32 beside the folded layer (see _local_model).
         reference = outputs.get(f"r{index}", values[check.reference])
-        checks.append(check_fold(check.label, dtype_name, reference, outputs[f"y{index}"], outputs[f"n{index}"], check.channel_axis, rtol))
+        checks.append(check_fold(
+            check.label, dtype_name, reference, outputs[f"y{index}"], outputs[f"n{index}"], check.channel_axis, check.rtol, check.parameters,
+        ))  # fmt: skip
     return checks
 
 
@@ -284,6 +290,8 @@ class _LocalFold:
     original_inputs: list[np.ndarray | None]
     affine: ChannelAffine
     preceding: bool
+    parameters: ParameterComparison
+    rtol: float | None
 
 
 def _by_label(graph: ir.Graph) -> dict[str, list[ir.Node]]:
@@ -293,10 +301,21 @@ def _by_label(graph: ir.Graph) -> dict[str, list[ir.Node]]:
     return labelled
 
 
-def _local_folds(original: ir.Model, folded: ir.Model, folds: list[Fold]) -> tuple[list[_LocalFold], list[FoldCheck]]:
+def _layers_by_position(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+    """The graph's nodes of each op type, in graph order."""
+    by_op: dict[str, list[ir.Node]] = {}
+    for node in graph:
+        by_op.setdefault(node.op_type, []).append(node)
+    return by_op
+
+
+def _local_folds(
+    original: ir.Model, folded: ir.Model, folds: list[Fold], rtol: float | None
+) -> tuple[list[_LocalFold], list[FoldCheck]]:
     """The folds that can be checked on their own, and a not-compared entry (with the reason) for each other."""
     opset = original.opset_imports.get("", original.opset_imports.get("ai.onnx", 1))
     in_original, in_folded = _by_label(original.graph), _by_label(folded.graph)
+    positions = (_layers_by_position(original.graph), _layers_by_position(folded.graph))
     per_layer = collections.Counter((fold.graph, fold.layer) for fold in folds)
     local, unchecked = [], []
     for fold in folds:
@@ -307,7 +326,7 @@ def _local_folds(original: ir.Model, folded: ir.Model, folds: list[Fold]) -> tup
             unchecked.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
         else:
             try:
-                local.append(_local_fold(fold, label, opset, in_original, in_folded))
+                local.append(_local_fold(fold, label, opset, in_original, in_folded, positions, rtol))
             except (Refusal, LookupError) as why:
                 reason = why.reason if isinstance(why, Refusal) else why.args[0]
                 unchecked.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
@@ -321,7 +340,7 @@ def _only(labelled: dict[str, list[ir.Node]], label: str, what: str) -> ir.Node:
     return nodes[0]
 
 
-def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded) -> _LocalFold:
+def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, positions, rtol: float | None) -> _LocalFold:
     anchor = _only(in_original, fold.batchnorm, "original")
     preceding = fold.direction == "into-preceding"
     rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
@@ -334,13 +353,9 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded) -> _
         affine = batchnorm_channel_affine(anchor, opset)
     else:
         affine = elementwise_channel_affine(anchor, layer.output, channels, layer.output_rank)
-    try:
-        folded_layer = _only(in_folded, fold.layer, "folded")
-    except LookupError:
-        if not preceding:
-            raise
-        # An unnamed layer whose output became a graph output took the BatchNorm's output name.
-        folded_layer = _only(in_folded, f"{layer.node.op_type}->{anchor.outputs[0].name}", "folded")
+    if in_folded.get(fold.batchnorm):
+        raise LookupError(f"the folded model keeps {fold.batchnorm!r}")  # another tool left it: nothing folded
+    folded_layer = _corresponding_layer(fold, layer, anchor, in_folded, positions)
     if folded_layer.op_type != layer.node.op_type:
         raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
     if any(value is not None and value.const_value is None for value in folded_layer.inputs[1:]):
@@ -348,11 +363,48 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded) -> _
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
+    parameters = _compare_parameters(layer, layer_view(folded_layer), affine, preceding, rtol)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
     else:
         data, reference = anchor.inputs[0].name, layer.output.name
-    return _LocalFold(label, data, reference, [folded_layer], 1, (data, reference), layer.node, original_inputs, affine, preceding)
+    return _LocalFold(
+        label, data, reference, [folded_layer], 1, (data, reference), layer.node, original_inputs, affine, preceding, parameters, rtol,
+    )  # fmt: skip
+
+
+def _corresponding_layer(fold: Fold, layer: Layer, anchor: ir.Node, in_folded, positions) -> ir.Node:
+    """The folded model's node for the original's ``layer``: by label, else (a model from another tool may
+    rename nodes) by position among the nodes of its op type when both models have as many of them."""
+    labels = [fold.layer]
+    if fold.direction == "into-preceding":
+        # An unnamed layer whose output became a graph output took the BatchNorm's output name.
+        labels.append(f"{layer.node.op_type}->{anchor.outputs[0].name}")
+    for label in labels:
+        if in_folded.get(label):
+            return _only(in_folded, label, "folded")
+    in_original, in_candidate = (by_op.get(layer.node.op_type, []) for by_op in positions)
+    if len(in_original) != len(in_candidate):
+        raise LookupError(f"no node is labelled {fold.layer!r} in the folded model, and it has {len(in_candidate)} "
+                          f"{layer.node.op_type} nodes where the original has {len(in_original)}")  # fmt: skip
+    return in_candidate[in_original.index(layer.node)]
+
+
+def _compare_parameters(original: Layer, folded: Layer, affine: ChannelAffine, into_outputs: bool, rtol: float | None):
+    """The folded layer's weight and bias against the exact fold of the original's, as a Gemm applies them:
+    alpha x weight, beta x C (C ignored at beta 0), then in the folded layer's own terms (over its alpha and
+    beta) so that each is compared in its own dtype."""
+    if folded.layout != original.layout:
+        raise LookupError(f"the folded {node_label(folded.node)} has weight layout {folded.layout}, the original {original.layout}")
+    alpha, beta = original.gemm_alpha_beta
+    bias = None if original.bias is None or beta == 0 else original.bias.astype(np.float64) * beta
+    exact = exact_fold(original.weight.astype(np.float64) * alpha, bias, affine, original.layout, into_outputs)
+    folded_alpha, folded_beta = folded.gemm_alpha_beta
+    folded_bias = None if folded.bias is None or folded_beta == 0 else folded.bias
+    bias_over = 1.0 if folded_bias is None else folded_beta
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero alpha or beta: infinitely far, as it is
+        exact = ExactFold(exact.weight / folded_alpha, exact.bias / bias_over, exact.bias_terms / abs(bias_over))
+    return compare_parameters(exact, folded.weight, folded_bias, folded.layout, rtol)
 
 
 _HALF = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))

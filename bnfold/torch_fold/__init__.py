@@ -104,7 +104,7 @@ def fold(
     notes.append(traced.note)
     if verify:
         # The original runs before anything is folded, with hooks catching each fold's own values.
-        capture = FoldCapture(model, plan.folds)
+        capture = FoldCapture(model, plan.folds, folds_into_model=working is model)
         try:
             expected = run_outputs(model, example_inputs)
         finally:

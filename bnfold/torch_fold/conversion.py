@@ -16,6 +16,12 @@ def to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
 
 
+def to_numpy_as_is(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's values in numpy's (or ml_dtypes') dtype of the same name, exactly (float64 for others)."""
+    name = _NUMPY_DTYPES.get(tensor.dtype, "float64")
+    return to_numpy(tensor).astype(_bfloat16() if name == "bfloat16" else np.dtype(name))
+
+
 def to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """float64 ``array`` back to ``like``'s device and dtype, rounded once by the shared algebra
     (torch's own float64 -> half/bfloat16 conversion rounds twice, through float32)."""

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bnfold.fold_math import ChannelAffine
-from bnfold.torch_fold.conversion import to_numpy
+from bnfold.fold_math import exact_fold
+from bnfold.torch_fold.conversion import to_numpy, to_numpy_as_is
 from bnfold.torch_fold.passthrough import keeps_element_order, keeps_shape
 from bnfold.torch_fold.planning import PlannedFold, channel_affine
 from bnfold.verification import (
@@ -21,6 +21,7 @@ from bnfold.verification import (
     Verification,
     check_fold,
     compare_output,
+    compare_parameters,
     fold_not_checked,
     not_compared,
     tolerances_for,
@@ -70,7 +71,7 @@ class FoldCapture:
     the layer's input and output and the BatchNorm's input and output, caught by forward hooks while the
     original runs for the output comparison."""
 
-    def __init__(self, model: nn.Module, folds: list[PlannedFold]):
+    def __init__(self, model: nn.Module, folds: list[PlannedFold], folds_into_model: bool):
         layers = collections.Counter(fold.layer.module_path for fold in folds)
         # A BatchNorm module that applies more after normalising (BatchNormAct2d) has no hook on the normalised value.
         self.checked = [
@@ -88,6 +89,11 @@ class FoldCapture:
             fold: copy.deepcopy(model.get_submodule(fold.layer.module_path)).float()
             for fold in self.checked
             if fold.layer.weight.dtype in _HALF
+        }
+        # Each checked layer's original weight and bias, for the parameter check: copies when the fold writes
+        # into this very model (inplace=True), else the untouched original's own tensors.
+        self.parameters = {
+            fold: _parameters(model.get_submodule(fold.layer.module_path), folds_into_model) for fold in self.checked
         }
         self._hooks = []
         for fold in self.checked:
@@ -126,7 +132,7 @@ class FoldCapture:
             if len(layer_calls) != 1 or len(norm_calls) != 1:
                 checks.append(fold_not_checked(label, "the layer or BatchNorm runs more than once: checked through the model's outputs only"))
                 continue
-            checks.append(_check_one(fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold)))
+            checks.append(_check_one(fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold), self.parameters[fold]))
         return checks
 
 
@@ -141,26 +147,28 @@ def _values_line_up(fold: PlannedFold) -> bool:
     return all(keeps_shape(node) for node in fold.between)
 
 
-def _affine(fold: PlannedFold) -> ChannelAffine:
-    return channel_affine(fold.batchnorm)
+def _parameters(layer: nn.Module, copy_them: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    return (weight.clone(), None if bias is None else bias.clone()) if copy_them else (weight, bias)
 
 
-def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original) -> FoldCheck:
+def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters) -> FoldCheck:
     """The folded layer on the original's input to it against the original layer and BatchNorm, each
-    element's error in units of its rounding scale sqrt(sum (w x)^2 + b^2) (see LOCAL_UNITS)."""
+    element's error in units of its rounding scale sqrt(sum (w x)^2 + b^2) (see LOCAL_UNITS), and its
+    parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
     (layer_in, _), (norm_in, norm_out) = layer_call, norm_call
     axis = -1 if fold.layer.layout.kind == "matrix_out_in" else 1  # Linear keeps features last
-    layer = folded.get_submodule(fold.layer.module_path)
+    folded_layer = layer = folded.get_submodule(fold.layer.module_path)
     preceding = fold.direction == "into-preceding"
     data = layer_in if preceding else norm_in
     dtype_name = str(data.dtype).removeprefix("torch.")
+    affine = channel_affine(fold.batchnorm)
     with torch.no_grad():
         if original is None:
             reference = norm_out if preceding else layer_call[1]
             reference = reference.reshape(layer_call[1].shape)  # LeViT's LinearNorm: BatchNorm1d on flatten(0, 1)
         else:
             # Half precision: both sides in float32 from the exactly upcast input and weights.
-            affine = _affine(fold)
             data = data.float()
             shape = [-1] + [1] * (data.dim() - 2) if axis == 1 else [-1]
             scale, shift = (torch.from_numpy(array).to(data.device, torch.float32).reshape(shape) for array in (affine.scale, affine.shift))
@@ -171,4 +179,7 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
         for parameter in squares.parameters():
             parameter.square_()
         magnitude = to_numpy(squares(data * data).sqrt())
-    return check_fold(label, dtype_name, to_numpy(reference), to_numpy(actual), magnitude, axis, rtol)
+    exact = exact_fold(*(to_numpy(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
+    bias = None if folded_layer.bias is None else to_numpy_as_is(folded_layer.bias)
+    compared = compare_parameters(exact, to_numpy_as_is(folded_layer.weight), bias, fold.layer.layout, rtol)
+    return check_fold(label, dtype_name, to_numpy(reference), to_numpy(actual), magnitude, axis, rtol, compared)
