@@ -43,12 +43,13 @@ LOCAL_UNITS: dict[str, float] = {"float64": 1024.0, "float32": 1024.0, "float16"
 # Parameter check, where the fold is known: the folded layer's weight and bias against the exact (float64)
 # fold of the original's, each element's error in units of eps(dtype) x its rounding scale: |exact value| for
 # the weight, the size of the terms summed for the bias (|s b| + |s mean| + |beta| backward; |b| + sum |W t|
-# forward), at least the dtype's smallest subnormal. bnfold rounds once (at most 0.5); a fold computed in the
-# model's dtype or in float32 (onnxruntime's, onnxoptimizer's, torch's fuse_conv_bn_eval) carries the
-# rounding of s = gamma / sqrt(var + eps) and of the product or sum, a few units (measured up to 2.3). One
-# channel's scale off by a relative 1e-3 in float32 is 8389 units, by 1e-2 in float16 10.2 units, and a bias
-# off by 1e-3 of its channel's range tens of thousands: where the layer's output is a small remainder of
-# its terms, the layer-output check above cannot see these, the parameters show them at full size.
+# forward), at least the dtype's smallest subnormal. bnfold rounds once (at most 0.5); a fold computed in
+# float32 (onnxruntime's optimiser, torch.fx's fuse, onnxoptimizer's arithmetic) carries the rounding of
+# s = gamma / sqrt(var + eps) and of the product or sum: up to 1.7 units on the test architectures, 0.5 once
+# rounded to float16. One channel's scale off by a relative 1e-3 in float32 is 8389 units, by 1e-2 in float16
+# 10.2 (11 at a channel's worst element), and a bias off by 1e-3 of its channel's range at least 60 over
+# ResNet-50's channels (most are thousands): where the layer's output is a small remainder of its terms, the
+# layer-output check above sees these at ~1 unit (float16) or ~57 (float32); the parameters show them whole.
 PARAMETER_UNITS: dict[str, float] = {"float64": 16.0, "float32": 16.0, "float16": 4.0, "bfloat16": 4.0}
 
 

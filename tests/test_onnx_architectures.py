@@ -45,6 +45,8 @@ def test_architecture_folds_every_batchnorm_after_a_conv(exported):
     # Every fold is also checked on its own (bnfold.verification.LOCAL_UNITS), well inside its bound.
     assert len(report.verification.folds) == len(report.folds)
     assert all(check.status == "passed" and check.units < LOCAL_UNITS["float32"] / 2 for check in report.verification.folds)
+    # ... and its parameters are those of the exact fold, rounded once (bnfold.verification.PARAMETER_UNITS).
+    assert max(check.parameters.units for check in report.verification.folds) <= 0.5
     assert_same_outputs(original, folded, atol=1e-5, rtol=1e-4)
 
 
