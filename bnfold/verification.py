@@ -196,7 +196,7 @@ def compare_parameters(
         found = f"the folded bias has shape {list(bias.shape)} where the fold gives {list(exact.bias.shape)}"
         return ParameterComparison("bias", str(bias.dtype), None, math.inf, allowed, reason=found)
     candidates = []
-    for name, actual, expected, scale in (("weight", weight, exact.weight, np.abs(exact.weight)), ("bias", bias, exact_bias, bias_terms)):
+    for name, actual, expected, scale in (("weight", weight, exact.weight, None), ("bias", bias, exact_bias, bias_terms)):
         error, units = _parameter_units(actual, expected, scale)
         # Each output channel's worst element: weights by the layout, biases on their last axis.
         if name == "weight":
@@ -204,21 +204,28 @@ def compare_parameters(
         else:
             by_channel = units.reshape(-1, units.shape[-1]).max(axis=0)
         worst = int(np.argmax(units))  # (in the worst channel)
+        magnitude = abs(float(expected.reshape(-1)[worst])) if scale is None else float(scale.reshape(-1)[worst])
         candidates.append(ParameterComparison(
             name, str(actual.dtype), int(np.argmax(by_channel)), float(units.reshape(-1)[worst]), allowed,
-            float(error.reshape(-1)[worst]), float(scale.reshape(-1)[worst]),
+            float(error.reshape(-1)[worst]), magnitude,
         ))  # fmt: skip
     return max(candidates, key=lambda comparison: comparison.units)
 
 
-def _parameter_units(actual: np.ndarray, exact: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each element's |error| and that error in units of eps x ``scale`` (at least the smallest subnormal) of
-    ``actual``'s dtype; NaN or Inf in ``actual`` is infinitely many units."""
+def _parameter_units(actual: np.ndarray, exact: np.ndarray, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each element's |error| and that error in units of eps x ``scale`` (None: |exact|), at least the smallest
+    subnormal, of ``actual``'s dtype; NaN or Inf in ``actual`` is infinitely many units. In place where it
+    can be: a weight may be large."""
     finfo = ml_dtypes.finfo(actual.dtype)
+    error = actual.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        error = np.abs(actual.astype(np.float64) - exact)
-    error[~np.isfinite(error)] = math.inf
-    return error, error / np.maximum(float(finfo.eps) * scale, float(finfo.smallest_subnormal))
+        error -= exact
+        np.abs(error, out=error)
+    error[np.isnan(error)] = math.inf
+    unit = np.abs(exact) if scale is None else scale.astype(np.float64)
+    unit *= float(finfo.eps)
+    np.maximum(unit, float(finfo.smallest_subnormal), out=unit)
+    return error, np.divide(error, unit, out=unit)
 
 
 @dataclasses.dataclass

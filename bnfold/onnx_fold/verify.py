@@ -398,12 +398,14 @@ def _compare_parameters(original: Layer, folded: Layer, affine: ChannelAffine, i
         raise LookupError(f"the folded {node_label(folded.node)} has weight layout {folded.layout}, the original {original.layout}")
     alpha, beta = original.gemm_alpha_beta
     bias = None if original.bias is None or beta == 0 else original.bias.astype(np.float64) * beta
-    exact = exact_fold(original.weight.astype(np.float64) * alpha, bias, affine, original.layout, into_outputs)
+    weight = original.weight if alpha == 1.0 else original.weight.astype(np.float64) * alpha  # (a weight may be large)
+    exact = exact_fold(weight, bias, affine, original.layout, into_outputs)
     folded_alpha, folded_beta = folded.gemm_alpha_beta
     folded_bias = None if folded.bias is None or folded_beta == 0 else folded.bias
     bias_over = 1.0 if folded_bias is None else folded_beta
-    with np.errstate(divide="ignore", invalid="ignore"):  # a zero alpha or beta: infinitely far, as it is
-        exact = ExactFold(exact.weight / folded_alpha, exact.bias / bias_over, exact.bias_terms / abs(bias_over))
+    if (folded_alpha, bias_over) != (1.0, 1.0):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero alpha or beta: infinitely far, as it is
+            exact = ExactFold(exact.weight / folded_alpha, exact.bias / bias_over, exact.bias_terms / abs(bias_over))
     return compare_parameters(exact, folded.weight, folded_bias, folded.layout, rtol)
 
 
