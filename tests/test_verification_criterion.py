@@ -365,3 +365,35 @@ def test_other_tools_float32_folds_pass_bnfold_verify(tmp_path):
         checks = json.loads(cli.output)["verification"]["folds"]
         assert checks and all(check["status"] == "passed" for check in checks)
         assert max(check["parameters"]["units"] for check in checks) < PARAMETER_UNITS["float32"] / 4
+
+
+def test_gemm_alpha_beta_and_forward_folds_are_compared_as_applied():
+    """Gemm -> BN (alpha 2, beta 0.5) and BN -> Gemm (alpha 1.5, beta 2): the parameters are compared as the
+    Gemm applies them (alpha x B, beta x C), so bnfold's folds are within half a unit, and a wrong C fails."""
+    rng = np.random.default_rng(0)
+
+    def batchnorm(prefix: str, channels: int) -> list:
+        stats = {"s": rng.uniform(0.5, 1.5, channels), "b": rng.normal(0, 0.3, channels),
+                 "m": rng.normal(0, 0.5, channels), "v": rng.uniform(0.5, 2.0, channels)}  # fmt: skip
+        return [numpy_helper.from_array(value.astype(np.float32), prefix + key) for key, value in stats.items()]
+
+    weights = {"w1": (8, 16), "c1": (16,), "w2": (16, 4), "c2": (4,)}
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, shape).astype(np.float32), name) for name, shape in weights.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "c1"], ["g"], name="g1", alpha=2.0, beta=0.5),
+         helper.make_node("BatchNormalization", ["g", "ps", "pb", "pm", "pv"], ["y"], name="bn1"),
+         helper.make_node("Relu", ["y"], ["r"], name="relu"),
+         helper.make_node("BatchNormalization", ["r", "qs", "qb", "qm", "qv"], ["z"], name="bn2"),
+         helper.make_node("Gemm", ["z", "w2", "c2"], ["out"], name="g2", alpha=1.5, beta=2.0)],
+        "gemms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 4])], inits + batchnorm("p", 16) + batchnorm("q", 16),
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folded, report = fold_onnx(model)
+    checks = report.verification.folds
+    assert [check.status for check in checks] == ["passed"] * 2 and _parameter_units(checks) <= ROUNDED_ONCE
+    for fold in report.folds:
+        corrupted = _corrupt(folded, _layer(folded, fold.layer).input[2], channel=1, scale=1 + 1e-3)
+        (failed,) = verify(model.SerializeToString(), corrupted, folds=report.folds).failed_folds
+        assert failed.fold == fold.describe() and (failed.parameters.parameter, failed.parameters.channel) == ("bias", 1)
