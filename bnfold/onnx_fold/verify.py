@@ -219,7 +219,7 @@ def verify(
             raise VerificationUnavailableError(_cannot_run_original(error)) from None
         if local:
             _progress(f"running {len(local)} folded layer(s) on their own", started)
-            checks += _check_locally(folded, local, expected)
+            checks += _check_locally(folded, local, expected, rtol)
         _progress("running the folded model in onnxruntime", started)
         actual = run_model(folded_source or model_source(folded, scratch), feeds)
     _progress("comparing outputs", started)
@@ -246,7 +246,7 @@ def _load(original: str | os.PathLike | bytes) -> ir.Model:
     return ir.load(original)
 
 
-def _check_locally(folded: ir.Model, local: list[_LocalFold], values: dict[str, np.ndarray]) -> list[FoldCheck]:
+def _check_locally(folded: ir.Model, local: list[_LocalFold], values: dict[str, np.ndarray], rtol: float | None) -> list[FoldCheck]:
     outputs = run_model(_local_model(folded, local, values), {f"x{i}": values[check.data] for i, check in enumerate(local)})
     checks = []
     for index, check in enumerate(local):
@@ -254,7 +254,7 @@ def _check_locally(folded: ir.Model, local: list[_LocalFold], values: dict[str, 
         # A half-precision fold's reference is recomputed in float32 beside the folded layer (see _local_model).
         reference = outputs.get(f"r{index}", values[check.reference])
         checks.append(check_fold(
-            check.label, dtype_name, reference, outputs[f"y{index}"], outputs[f"n{index}"], check.channel_axis, check.rtol, check.parameters,
+            check.label, dtype_name, reference, outputs[f"y{index}"], outputs[f"n{index}"], check.channel_axis, rtol, check.parameters,
         ))  # fmt: skip
     return checks
 
@@ -290,8 +290,7 @@ class _LocalFold:
     original_inputs: list[np.ndarray | None]
     affine: ChannelAffine
     preceding: bool
-    parameters: ParameterComparison
-    rtol: float | None
+    parameters: ParameterComparison  # its weight and bias against the exact fold of the original's
 
 
 def _by_label(graph: ir.Graph) -> dict[str, list[ir.Node]]:
@@ -369,7 +368,7 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     else:
         data, reference = anchor.inputs[0].name, layer.output.name
     return _LocalFold(
-        label, data, reference, [folded_layer], 1, (data, reference), layer.node, original_inputs, affine, preceding, parameters, rtol,
+        label, data, reference, [folded_layer], 1, (data, reference), layer.node, original_inputs, affine, preceding, parameters,
     )  # fmt: skip
 
 
