@@ -362,7 +362,7 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
-    parameters = _compare_parameters(layer, layer_view(folded_layer), affine, preceding, rtol)
+    parameters = _compare_parameters(layer, layer_view(folded_layer, opset), affine, preceding, rtol)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
     else:
