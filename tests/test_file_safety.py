@@ -146,6 +146,27 @@ def test_data_files_of_other_models_are_never_removed(tmp_path):
     assert_same_outputs(onnx.load(EXAMPLE), onnx.load(model), atol=0, rtol=0)
 
 
+def test_replacing_an_output_parses_an_inline_input_once(tmp_path, monkeypatch):
+    """save_model's list of the input's files comes from the load, not a second parse of the input; a file
+    changed since the load is parsed again (its data file then counts)."""
+    from bnfold.onnx_fold import io
+
+    model, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    shutil.copy(EXAMPLE, model)
+    shutil.copy(EXAMPLE, out)
+    loads = []
+    real_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs))
+    code, output = invoke(model, "-o", out, "--no-verify")
+    assert code == 0, output
+    assert loads == [str(model)]
+    assert_same_outputs(onnx.load(EXAMPLE), real_load(out), atol=1e-5, rtol=1e-4)
+
+    assert io.model_files(model) == {model.absolute()}
+    with_external_data(tmp_path)  # rewrites model.onnx: a new identity, so a new parse names its data file
+    assert io.model_files(model) == {model.absolute(), (tmp_path / "model.onnx.data").absolute()}
+
+
 @pytest.mark.parametrize("special", ["fifo", "device"])
 def test_output_onto_a_fifo_or_device_is_refused(tmp_path, special):
     if special == "fifo":

@@ -69,7 +69,19 @@ def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
         onnx.checker.check_model(view)
     except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
         raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
+    _files_named[_file_identity(path)] = frozenset({path.absolute()})
     return model
+
+
+# The files of models this process has read, by file identity (path, inode, size, modification time): when
+# the output exists, save_model asks for the input's files, and parsing a large model again only to list
+# them costs 0.2-0.3 s and its size in memory. A file changed since is a new identity, parsed again.
+_files_named: dict[tuple, frozenset[Path]] = {}
+
+
+def _file_identity(path: Path) -> tuple:
+    status = path.stat()
+    return (str(path.absolute()), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 def _model_file(path: str | os.PathLike) -> Path:
@@ -353,6 +365,10 @@ def _serialized_within_limit(model: onnx.ModelProto) -> bytes | None:
 def model_files(path: str | os.PathLike) -> set[Path]:
     """``path`` and, when it is an ONNX model, the external data files it names (absolute paths)."""
     path = Path(path).absolute()
+    with contextlib.suppress(OSError):
+        known = _files_named.get(_file_identity(path))
+        if known is not None:
+            return set(known)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # not an ONNX model (or not there): only the file itself
