@@ -16,7 +16,7 @@ from bnfold.half_precision_error import BatchNormParameters
 from bnfold.onnx_fold.constants import constant_array
 from bnfold.onnx_fold.io import load_model
 from bnfold.onnx_fold.layers import LAYER_OPS
-from bnfold.onnx_fold.rules import labelled_graphs, node_label
+from bnfold.onnx_fold.rules import labelled_graphs, matmul_bias_add, node_label
 from bnfold.quantization import LayerQuantization, measure_fold, named_channels
 from bnfold.report import Fold
 
@@ -75,8 +75,5 @@ def _bias(node: ir.Node) -> np.ndarray | None:
     """The layer's bias: its third input (Conv, ConvTranspose, Gemm), or the constant of the Add after a MatMul."""
     if node.op_type != "MatMul":
         return constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
-    for add, _ in node.outputs[0].uses():
-        if add.op_type == "Add":
-            other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-            return constant_array(other)
-    return None
+    found = matmul_bias_add(node)
+    return None if found is None else found[1]

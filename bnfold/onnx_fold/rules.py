@@ -163,7 +163,7 @@ class Layer:
         return alpha, beta
 
 
-def _matmul_bias_add(matmul: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
+def matmul_bias_add(matmul: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
     """The ``Add(MatMul(...), constant)`` that serves as the MatMul's bias, if any."""
     add = _only_consumer(matmul.outputs[0])
     if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
@@ -269,7 +269,7 @@ def _layer_of_op(node: ir.Node, weight: np.ndarray, layout: WeightLayout, data_v
             "MatMul's feature axis (only 2-D data folds, or data whose features a Flatten/Reshape to [-1, C] "
             "brings to the channel axis)",
         )
-    found = None if data_value is not None else _matmul_bias_add(node)
+    found = None if data_value is not None else matmul_bias_add(node)
     bias_add, bias = found if found else (None, None)
     return Layer(node, weight, bias, layout, 2, bias_add)
 
@@ -677,7 +677,7 @@ def _matmul_of_bias_add(node: ir.Node | None) -> ir.Node | None:
     for value in node.inputs:
         producer = value.producer() if value is not None else None
         if producer is not None and producer.op_type == "MatMul":
-            bias = _matmul_bias_add(producer)
+            bias = matmul_bias_add(producer)
             if bias is not None and bias[0] is node:
                 return producer
     return None
