@@ -31,7 +31,7 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
 # float32: both sides carry the runtime's own rounding of the sums and the BatchNorm. Correct folds of the
 # realistic architectures measure up to 230 units (ShuffleNetV2), up to 392 with BatchNorm gammas x3.5
 # (logits 1.5e6); one channel's scale off by a relative 1e-3 measures 1556-6328 on ResNet-50.
-# float16/bfloat16: both sides run in float32 (bnfold.onnx_fold.verify._local_model), so they differ by the folded
+# float16/bfloat16: both sides run in float32 (bnfold.onnx_fold.local_checks.append_local_checks), so they differ by the folded
 # weights' rounding to the half dtype alone, at most half an ulp each. One channel's error is nearly one draw
 # (its elements share the weights' rounding), so over a model's tens of thousands of channels the largest
 # reaches ~4 sigma of 0.29 units, plus up to 0.5 from the bias: correct folds of ResNet-50 with near-dead

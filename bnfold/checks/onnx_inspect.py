@@ -34,9 +34,9 @@ from bnfold.checks.layer_rules import (
 from bnfold.errors import describe_error
 from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_fold.constants import MalformedTensorError, constant_array
-from bnfold.onnx_fold.io import InputError, data_inputs, load_model, scratch_directory
+from bnfold.onnx_fold.io import InputError, data_inputs, load_model
 from bnfold.onnx_fold.rules import batchnorm_training_mode, node_label
-from bnfold.onnx_fold.verify import VerificationUnavailableError, model_runner, model_source, random_inputs
+from bnfold.onnx_fold.verify import VerificationUnavailableError, model_runner, random_inputs
 from bnfold.quantization import LayerQuantization
 
 # Dropout's ratio when the input (opset 12+) or attribute (before opset 7) is absent.
@@ -165,17 +165,16 @@ def _batch_dependence(
         feeds = random_inputs(model, shapes, seed)
     except (NotMeasurable, VerificationUnavailableError) as reason:
         return [not_measured(str(reason))]
-    with scratch_directory("check") as scratch:
-        try:
-            run_session = model_runner(model_source(model, scratch))
-        except Exception as error:  # whatever onnxruntime raises on a model it will not load
-            return [not_measured(f"onnxruntime cannot load the model ({describe_error(error)})")]
+    try:
+        run_session = model_runner(model)
+    except Exception as error:  # whatever onnxruntime raises on a model it will not load
+        return [not_measured(f"onnxruntime cannot load the model ({describe_error(error)})")]
 
-        def run(indices: list[int]) -> dict[str, Output]:
-            outputs = run_session({name: array[indices] for name, array in feeds.items()})
-            return {name: Output(values, str(values.dtype)) for name, values in outputs.items()}
+    def run(indices: list[int]) -> dict[str, Output]:
+        outputs = run_session({name: array[indices] for name, array in feeds.items()})
+        return {name: Output(values, str(values.dtype)) for name, values in outputs.items()}
 
-        return measure_batch_dependence(run, batch_size, alone_size)
+    return measure_batch_dependence(run, batch_size, alone_size)
 
 
 def _batch_dim(value: ir.Value) -> int | None:

@@ -167,7 +167,7 @@ def _label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
 
 
-def _array(tensor: onnx.TensorProto) -> np.ndarray:
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     dtype = _RAW_DTYPES.get(tensor.data_type)
     raw = tensor.raw_data if dtype is not None else b""  # (each read of the field copies the bytes)
     try:
@@ -281,7 +281,16 @@ def _concatenated(tensors: list[onnx.TensorProto]) -> np.ndarray:
         if any(len(data) != 4 * math.prod(tensor.dims) for data, tensor in zip(raw, tensors)):
             raise MalformedTensorError("raw data does not fit the shape")
         return np.frombuffer(b"".join(raw), np.float32).astype(np.float64)
-    return np.concatenate([_array(tensor).reshape(-1).astype(np.float64) for tensor in tensors])
+    return np.concatenate([tensor_array(tensor).reshape(-1).astype(np.float64) for tensor in tensors])
+
+
+def plain_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
+    """The main graph's BatchNorms that sit in plain pairs, by their labels (the others are left out):
+    what verification reads to check the folds this path made."""
+    opset = next((entry.version for entry in model.opset_import if entry.domain in _DEFAULT_DOMAINS), 1)
+    index = _GraphIndex(model.graph)
+    pairs = (_plain_pair(position, opset, index) for position in index.batchnorms)
+    return {pair.labels[0]: pair for pair in pairs if pair is not None}
 
 
 def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold]] | None:
@@ -370,10 +379,10 @@ def _rewrite(chunk: list[tuple[_Pair, ChannelAffine, tuple[str, str]]], graph: o
     folded copy), under the names the pass gives them, and point the layers at them."""
     layers = []
     for pair, affine, _ in chunk:
-        bias = _array(pair.bias) if pair.fold_bias else None
+        bias = tensor_array(pair.bias) if pair.fold_bias else None
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = affine if pair.beta == 1.0 else ChannelAffine(affine.scale, affine.shift / pair.beta)
-        layers.append((_array(pair.weight), bias, shifted, pair.layout))
+        layers.append((tensor_array(pair.weight), bias, shifted, pair.layout))
     for (pair, _, (weight_name, bias_name)), (weight, bias) in zip(chunk, fold_many_into_outputs(layers)):
         data_type = pair.weight.data_type
         _add_initializer(graph, weight_name, weight, data_type)

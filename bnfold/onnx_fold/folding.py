@@ -59,9 +59,8 @@ def fold_onnx(
     measures what each BatchNorm fold did to int8 quantization of the layer and to a cast to the target dtype
     (:mod:`bnfold.quantization`). It is off by default: on ResNet-50 it costs about twice the fold (five times with a target dtype).
 
-    ``source`` is the file a ``ModelProto`` was read from, unchanged: it names the model in the report
-    and in errors (default: the graph's name), and verification reads the original from it rather than
-    from a serialized copy.
+    ``source`` is the file a ``ModelProto`` was read from: it names the model in the report and in errors
+    (default: the graph's name).
     """
     check_target_dtype(target_dtype)
     with _gc_paused():
@@ -108,17 +107,14 @@ def _fold_onnx(model, source: str | os.PathLike | None, verify: bool, freeze: bo
         label = str(source) if source is not None else model.graph.name or "<model>"
         report = FoldReport(model=label, frontend="onnx", nodes_before=_proto_node_counts(model), folds=folds)
         report.nodes_after = _proto_node_counts(folded)
-        original = None
-        if verify and folds:
-            original = str(source) if source is not None else model.SerializeToString()
-        _verify(report, verify, original, folded, **verification)
+        _verify(report, verify, model, folded, **verification)
         return folded, report
     from bnfold.onnx_fold.ir_pass import fold_with_pass
 
     def verify_into(report: FoldReport, original, folded) -> None:
         _verify(report, verify, original, folded, **verification)
 
-    return fold_with_pass(model, None if source is None else str(source), verify, freeze, verify_into)
+    return fold_with_pass(model, None if source is None else str(source), freeze, verify_into)
 
 
 def _proto_initializer_inputs(model: onnx.ModelProto) -> bool:

@@ -210,10 +210,6 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 raise InputError(path, f"external data file {location!r} is truncated (tensor {value.name!r})")
 
 
-def uses_external_data(model: ir.Model) -> bool:
-    return bool(external_data_files(model))
-
-
 def tensor_bytes(model: ir.Model) -> int:
     return sum(
         value.const_value.nbytes

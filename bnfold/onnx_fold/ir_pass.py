@@ -10,7 +10,6 @@ declines. Only this route imports onnx_ir (and sympy through it).
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from bnfold.errors import describe_error
-from bnfold.onnx_fold.io import InputError, data_inputs, load_model, scratch_directory
+from bnfold.onnx_fold.io import InputError, data_inputs, load_model
 from bnfold.onnx_fold.rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
@@ -118,15 +117,14 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 @dataclasses.dataclass
 class _WorkingCopy:
     model: ir.Model  # what the pass edits
-    original: str | bytes | None  # what onnxruntime runs as the original (only when verifying)
+    original: str | ir.Model | onnx.ModelProto  # what verification runs as the original: the input, untouched
     label: str
     notes: list[str]
 
 
-def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, scratch: str | None, label: str | None) -> _WorkingCopy:
+def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: str | None) -> _WorkingCopy:
     """A working copy of ``model``, with inferred shapes when it has a MatMul (MatMul folds need the data's
-    rank). The original for onnxruntime is kept only with a ``scratch`` directory, i.e. when verifying:
-    serializing a large model costs time and memory."""
+    rank)."""
     if isinstance(model, onnx.ModelProto):
         # Inferred on the protobuf, before the conversion: onnx_ir's pass would convert back and forth.
         label, notes = label or _label(model.graph.name), []
@@ -141,25 +139,19 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, scratch
         except Exception as error:  # onnx_ir's SerdeError and friends, on a malformed graph
             raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
         _require_text(working, label)
-        return _WorkingCopy(working, model.SerializeToString() if scratch else None, label, notes)
+        return _WorkingCopy(working, model, label, notes)
     if isinstance(model, (str, os.PathLike)):
         copy = _WorkingCopy(load_model(model), str(model), label or str(model), [])
         _require_text(copy.model, copy.label)
     else:
         label = label or _label(model.graph.name)
         _require_text(model, label)
-        # An onnx_ir model may hold external tensors: clone it (tensors are shared, never modified) and let
-        # onnxruntime read the original from a file that carries its data.
+        # Clone it: tensors are shared, never modified.
         try:
             clone = model.clone()
         except Exception as error:  # onnx_ir refuses to copy a graph that reads values nothing defines
             raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
-        original = None
-        if scratch:
-            from bnfold.onnx_fold.verify import model_source
-
-            original = model_source(model, scratch)
-        copy = _WorkingCopy(clone, original, label, [])
+        copy = _WorkingCopy(clone, model, label, [])
     if _needs_shapes(copy.model):
         try:
             ShapeInferencePass()(copy.model)
@@ -220,29 +212,26 @@ def _proto_has_matmul(model: onnx.ModelProto) -> bool:
 def fold_with_pass(
     model: str | os.PathLike | ir.Model | onnx.ModelProto,
     label: str | None,
-    verify: bool,
     freeze: bool,
-    verify_into: Callable[[FoldReport, str | bytes | None, ir.Model], None],
+    verify_into: Callable[[FoldReport, str | ir.Model | onnx.ModelProto, ir.Model], None],
 ) -> tuple[ir.Model | onnx.ModelProto, FoldReport]:
     """Fold a working copy of ``model`` with :class:`FoldBatchNormPass`; ``verify_into`` verifies the result
-    into the report (while the original's scratch copy exists). ``label`` names the model in the report
-    and errors (default: its path or graph name)."""
-    # A scratch directory only for verification (creating and removing one costs about a millisecond).
-    with scratch_directory("original") if verify else contextlib.nullcontext() as scratch:
-        copy = _working_copy(model, scratch, label)
-        working, original = copy.model, copy.original
-        if freeze:
-            copy.notes += _freeze_initializer_inputs(working)
-        report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)
-        fold_pass = FoldBatchNormPass()
-        try:
-            fold_pass(working)
-        except MalformedTensorError as error:
-            raise InputError(copy.label, str(error)) from None
-        report.folds, report.skips = fold_pass.folds, fold_pass.skips
-        report.notes += fold_pass.notes
-        report.nodes_after = node_counts(working)
-        verify_into(report, original, working)
+    into the report against ``model`` itself. ``label`` names the model in the report and errors
+    (default: its path or graph name)."""
+    copy = _working_copy(model, label)
+    working = copy.model
+    if freeze:
+        copy.notes += _freeze_initializer_inputs(working)
+    report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)
+    fold_pass = FoldBatchNormPass()
+    try:
+        fold_pass(working)
+    except MalformedTensorError as error:
+        raise InputError(copy.label, str(error)) from None
+    report.folds, report.skips = fold_pass.folds, fold_pass.skips
+    report.notes += fold_pass.notes
+    report.nodes_after = node_counts(working)
+    verify_into(report, copy.original, working)
     if isinstance(model, onnx.ModelProto):
         return ir.to_proto(working), report
     return working, report

@@ -1,0 +1,126 @@
+"""The local checks of folds in any model onnx_ir reads (see :mod:`bnfold.onnx_fold.local_checks`): each fold's
+BatchNorm and layer found in the original with the pass's rules, its layer in the folded model by label,
+else by position among the nodes of its op type (a model from another tool may rename nodes)."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx_ir as ir
+
+from bnfold.onnx_fold.constants import constant_array
+from bnfold.onnx_fold.local_checks import LayerParameters, LocalFold, compare_layer_parameters
+from bnfold.onnx_fold.rules import (
+    FoldIntoFollowing,
+    FoldIntoPreceding,
+    Layer,
+    Refusal,
+    batchnorm_channel_affine,
+    elementwise_channel_affine,
+    layer_view,
+    node_label,
+)
+from bnfold.report import Fold
+from bnfold.verification import FoldCheck, fold_not_checked
+
+
+def _by_label(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+    labelled: dict[str, list[ir.Node]] = {}
+    for node in graph:
+        labelled.setdefault(node_label(node), []).append(node)
+    return labelled
+
+
+def _layers_by_position(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+    """The graph's nodes of each op type, in graph order."""
+    by_op: dict[str, list[ir.Node]] = {}
+    for node in graph:
+        by_op.setdefault(node.op_type, []).append(node)
+    return by_op
+
+
+def ir_local_folds(
+    original: ir.Model, folded: ir.Model, folds: list[Fold], rtol: float | None
+) -> tuple[list[LocalFold], list[FoldCheck]]:
+    """The folds that can be checked on their own, and a not-compared entry (with the reason) for each other."""
+    opset = original.opset_imports.get("", original.opset_imports.get("ai.onnx", 1))
+    in_original, in_folded = _by_label(original.graph), _by_label(folded.graph)
+    positions = (_layers_by_position(original.graph), _layers_by_position(folded.graph))
+    per_layer = collections.Counter((fold.graph, fold.layer) for fold in folds)
+    local, unchecked = [], []
+    for fold in folds:
+        label = fold.describe()
+        if fold.graph:
+            unchecked.append(fold_not_checked(label, "in a subgraph: checked through the model's outputs only"))
+        elif per_layer[(fold.graph, fold.layer)] > 1:
+            unchecked.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
+        else:
+            try:
+                local.append(_local_fold(fold, label, opset, in_original, in_folded, positions, rtol))
+            except (Refusal, LookupError) as why:
+                reason = why.reason if isinstance(why, Refusal) else why.args[0]
+                unchecked.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
+    return local, unchecked
+
+
+def _only(labelled: dict[str, list[ir.Node]], label: str, what: str) -> ir.Node:
+    nodes = labelled.get(label, [])
+    if len(nodes) != 1:
+        raise LookupError(f"{len(nodes)} nodes are labelled {label!r} in the {what} model")
+    return nodes[0]
+
+
+def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, positions, rtol: float | None) -> LocalFold:
+    anchor = _only(in_original, fold.batchnorm, "original")
+    preceding = fold.direction == "into-preceding"
+    rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
+    match = rule.check(anchor, opset)  # read-only: the original's layer and the map that was folded
+    layer = match.layer
+    if layer.node.op_type == "MatMul":
+        raise LookupError("a MatMul fold")
+    channels = layer.layout.out_channels(layer.weight.shape)
+    if anchor.op_type == "BatchNormalization":
+        affine = batchnorm_channel_affine(anchor, opset)
+    else:
+        affine = elementwise_channel_affine(anchor, layer.output, channels, layer.output_rank)
+    if in_folded.get(fold.batchnorm):
+        raise LookupError(f"the folded model keeps {fold.batchnorm!r}")  # another tool left it: nothing folded
+    folded_layer = _corresponding_layer(fold, layer, anchor, in_folded, positions)
+    if folded_layer.op_type != layer.node.op_type:
+        raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
+    if any(value is not None and value.const_value is None for value in folded_layer.inputs[1:]):
+        raise LookupError(f"the folded {fold.layer!r} reads a weight that is not an initializer")
+    original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
+    if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
+        raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
+    parameters = compare_layer_parameters(_parameters(layer), _parameters(layer_view(folded_layer, opset)), affine, preceding, rtol)
+    if preceding:
+        data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
+    else:
+        data, reference = anchor.inputs[0].name, layer.output.name
+    folded_weights = [None if value is None else value.const_value.numpy() for value in folded_layer.inputs[1:]]
+    return LocalFold(
+        label, data, reference, ir.serde.serialize_node(folded_layer), folded_weights,
+        ir.serde.serialize_node(layer.node), original_inputs, affine, preceding, parameters,
+    )  # fmt: skip
+
+
+def _parameters(layer: Layer) -> LayerParameters:
+    return LayerParameters(layer.weight, layer.bias, layer.layout, *layer.gemm_alpha_beta)
+
+
+def _corresponding_layer(fold: Fold, layer: Layer, anchor: ir.Node, in_folded, positions) -> ir.Node:
+    """The folded model's node for the original's ``layer``: by label, else (a model from another tool may
+    rename nodes) by position among the nodes of its op type when both models have as many of them."""
+    labels = [fold.layer]
+    if fold.direction == "into-preceding":
+        # An unnamed layer whose output became a graph output took the BatchNorm's output name.
+        labels.append(f"{layer.node.op_type}->{anchor.outputs[0].name}")
+    for label in labels:
+        if in_folded.get(label):
+            return _only(in_folded, label, "folded")
+    in_original, in_candidate = (by_op.get(layer.node.op_type, []) for by_op in positions)
+    if len(in_original) != len(in_candidate):
+        raise LookupError(f"no node is labelled {fold.layer!r} in the folded model, and it has {len(in_candidate)} "
+                          f"{layer.node.op_type} nodes where the original has {len(in_original)}")  # fmt: skip
+    return in_candidate[in_original.index(layer.node)]
