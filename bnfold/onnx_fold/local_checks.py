@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from bnfold.fold_math import ChannelAffine, ExactFold, UnfoldableStatisticsError, WeightLayout, batchnorm_affine, exact_fold
-from bnfold.onnx_fold.fast_path import plain_pairs, tensor_array
+from bnfold.onnx_fold.fast_path import plain_pairs
 from bnfold.onnx_fold.layers import LAYER_OPS
 from bnfold.onnx_fold.runtime import RuntimeModel
 from bnfold.onnx_fold.shared import FreshNames, MalformedTensorError
@@ -83,18 +83,19 @@ def node_label(node: onnx.NodeProto) -> str:
 
 
 def plain_local_folds(
-    original: onnx.ModelProto, folded: onnx.ModelProto, folds: list[Fold], rtol: float | None
+    original: RuntimeModel, folded: RuntimeModel, folds: list[Fold], rtol: float | None
 ) -> tuple[list[LocalFold], list[FoldCheck]] | None:
-    """The local checks of ``folds``, each a plain pair of ``original`` (see
+    """The local checks of ``folds``, each a plain pair of the original (see
     :func:`bnfold.onnx_fold.fast_path.plain_pairs`), and a not-compared entry for each that cannot be
-    checked; None when a fold is not a plain pair."""
-    pairs = plain_pairs(original)
+    checked; None when a fold is not a plain pair. Both models are read from the ``ModelProto`` they were
+    made from, their tensors' values from the arrays they hold for onnxruntime."""
+    pairs = plain_pairs(original.source)
     if any(fold.graph or fold.direction != "into-preceding" or fold.batchnorm not in pairs for fold in folds):
         return None
     in_folded: dict[str, list[onnx.NodeProto]] = {}
-    for node in folded.graph.node:
+    for node in folded.source.graph.node:
         in_folded.setdefault(node_label(node), []).append(node)
-    initializers = {tensor.name: tensor for tensor in folded.graph.initializer}
+    initializers = {tensor.name: tensor for tensor in folded.source.graph.initializer}
     local, unchecked = [], []
     for fold in folds:
         pair = pairs[fold.batchnorm]
@@ -110,9 +111,9 @@ def plain_local_folds(
                 raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
             if any(name and name not in initializers for name in folded_layer.input[1:]):
                 raise LookupError(f"the folded {fold.layer!r} reads a weight that is not an initializer")
-            folded_weights = [tensor_array(initializers[name]) if name else None for name in folded_layer.input[1:]]
-            original_inputs = [tensor_array(tensor) for tensor in (pair.weight, pair.bias) if tensor is not None]
-            statistics = [tensor_array(tensor) for tensor in pair.statistics]
+            folded_weights = [folded.array(initializers[name]) if name else None for name in folded_layer.input[1:]]
+            original_inputs = [original.array(tensor) for tensor in (pair.weight, pair.bias) if tensor is not None]
+            statistics = [original.array(tensor) for tensor in pair.statistics]
             affine = batchnorm_affine(*statistics, pair.epsilon)
             parameters = compare_layer_parameters(
                 _parameters(pair.layer, original_inputs), _parameters(folded_layer, folded_weights), affine, True, rtol

@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from bnfold.onnx_fold.fast_path import tensor_array
 from bnfold.onnx_fold.io import copy_fields, scratch_directory
 
 if TYPE_CHECKING:
@@ -47,9 +48,19 @@ class RuntimeModel:
     """A model as onnxruntime gets it: ``proto``, a graph whose large initializers are references, and
     ``tensors``, their values (name -> (array in its storage dtype, ONNX element type))."""
 
-    def __init__(self, proto: onnx.ModelProto, tensors: dict[str, tuple[np.ndarray, int]]):
+    def __init__(self, proto: onnx.ModelProto, tensors: dict[str, tuple[np.ndarray, int]], source: onnx.ModelProto | None = None):
         self.proto = proto
         self.tensors = tensors
+        self.source = source  # the ModelProto it was made from, if it was
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The values of ``tensor``, an initializer of the source model: the array held for onnxruntime
+        when there is one (no second copy of a large tensor), else read from the tensor."""
+        held = self.tensors.get(tensor.name)
+        if held is None:
+            return tensor_array(tensor)
+        array, data_type = held
+        return array.view(onnx.helper.tensor_dtype_to_np_dtype(data_type))
 
     def add_initializer(self, name: str, array: np.ndarray) -> str:
         """Add ``array`` as initializer ``name`` of the main graph; return the name."""
@@ -117,7 +128,7 @@ def _from_proto(model: onnx.ModelProto) -> RuntimeModel:
             continue
         proto.graph.initializer.append(_reference(tensor.name, tensor.data_type, tensor.dims, nbytes))
         tensors[tensor.name] = (np.frombuffer(raw, storage).reshape(tuple(tensor.dims)), tensor.data_type)
-    return RuntimeModel(proto, tensors)
+    return RuntimeModel(proto, tensors, source=model)
 
 
 def _from_ir(model: ir.Model) -> RuntimeModel:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from bnfold.onnx_fold.local_checks import append_local_checks, plain_local_folds, read_local_checks
-from bnfold.onnx_fold.runtime import model_runner, run_model, runtime_model
+from bnfold.onnx_fold.runtime import RuntimeModel, model_runner, run_model, runtime_model
 from bnfold.report import Fold, printable
 from bnfold.verification import (
     RANDOM_INPUT_BUDGET_BYTES,
@@ -186,7 +186,7 @@ def verify(
     feeds = random_inputs(folded_model.proto, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
     checks, run_original = [], None
     if folds:
-        original_model, local, checks = _with_local_checks(original, folded, folds, rtol)
+        original_model, local, checks = _with_local_checks(original, folded, folded_model, folds, rtol)
         names = append_local_checks(original_model, local)
         run_original = original_model.runner
     _progress("running the original model in onnxruntime", started)
@@ -216,15 +216,17 @@ def verify(
     return Verification(comparisons, {name: list(array.shape) for name, array in feeds.items()}, folds=checks)
 
 
-def _with_local_checks(original: ModelSource | ir.Model, folded: ir.Model | onnx.ModelProto, folds: list[Fold], rtol: float | None):
+def _with_local_checks(
+    original: ModelSource | ir.Model, folded: ir.Model | onnx.ModelProto, folded_model: RuntimeModel, folds: list[Fold], rtol: float | None
+):
     """The original as a :class:`RuntimeModel`, the folds it can check on their own, and a not-compared
     entry for each other. The fast path's plain pairs are read from the protobufs; any other fold needs
     onnx_ir and the pass's rules."""
     if isinstance(folded, onnx.ModelProto) and not _is_ir_model(original):
-        original_proto = _proto(original)
-        plain = plain_local_folds(original_proto, folded, folds, rtol)
+        original_model = runtime_model(_proto(original))
+        plain = plain_local_folds(original_model, folded_model, folds, rtol)
         if plain is not None:
-            return runtime_model(original_proto), *plain
+            return original_model, *plain
     import onnx_ir as ir
 
     from bnfold.onnx_fold.ir_local_checks import ir_local_folds
