@@ -145,7 +145,7 @@ def _from_ir(model: ir.Model) -> RuntimeModel:
             if tensor is None:
                 continue
             data_type = tensor.dtype.value
-            shared = graph is main and data_type in _STORAGE and (tensor.nbytes >= _SHARED_MIN_BYTES or isinstance(tensor, ir.ExternalTensor))
+            shared = graph is main and data_type in _STORAGE and tensor.nbytes >= _SHARED_MIN_BYTES
             if not shared and not isinstance(tensor, ir.ExternalTensor):
                 continue
             array = tensor.numpy()
