@@ -15,6 +15,8 @@ Small initializers stay in the graph: onnxruntime's shape inference may read the
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 from collections.abc import Callable
@@ -84,19 +86,26 @@ class RuntimeModel:
         names.update(name for node in graph.node for name in (*node.input, *node.output))
         return names
 
-    def runner(self, optimised: bool = False) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    def runner(self, optimised: bool = False, scratch: Path | None = None) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """An onnxruntime session of this model (graph optimisations off unless ``optimised``), as a
-        function from feeds to named outputs."""
+        function from feeds to named outputs. The graph is written in ``scratch`` (default: a scratch
+        directory of its own), which onnxruntime needs only while the session is built."""
         options = session_options(optimised)
         values = {name: _ort_value(array, data_type) for name, (array, data_type) in self.tensors.items()}
         for name, value in values.items():
             options.add_initializer(name, value)
-        with scratch_directory("session") as scratch:
-            (scratch / _PLACEHOLDER).touch()
-            path = scratch / "model.onnx"
+        with contextlib.nullcontext(scratch) if scratch is not None else scratch_directory("session") as folder:
+            (folder / _PLACEHOLDER).touch()
+            path = folder / f"model-{next(_MODEL_NUMBERS)}.onnx"
             path.write_bytes(self.proto.SerializeToString())
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            try:
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            finally:
+                path.unlink()
         return _Runner(session, provided=(values, self.tensors))
+
+
+_MODEL_NUMBERS = itertools.count()
 
 
 def runtime_model(model: onnx.ModelProto | ir.Model) -> RuntimeModel:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from bnfold.onnx_fold.io import scratch_directory
 from bnfold.onnx_fold.local_checks import append_local_checks, plain_local_folds, read_local_checks
 from bnfold.onnx_fold.runtime import RuntimeModel, model_runner, run_model, runtime_model
 from bnfold.report import Fold, printable
@@ -184,20 +185,20 @@ def verify(
     started = time.perf_counter()
     folded_model = runtime_model(folded)
     feeds = random_inputs(folded_model.proto, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
-    checks, run_original = [], None
+    checks, original_model = [], None
     if folds:
         original_model, local, checks = _with_local_checks(original, folded, folded_model, folds, rtol)
         names = append_local_checks(original_model, local)
-        run_original = original_model.runner
-    _progress("running the original model in onnxruntime", started)
-    try:
-        expected = run_original()(feeds) if run_original else model_runner(original)(feeds)
-    except Exception as error:
-        raise VerificationUnavailableError(_cannot_run_original(error)) from None
-    if folds:
-        checks += read_local_checks(local, names, expected, rtol)
-    _progress("running the folded model in onnxruntime", started)
-    actual = folded_model.runner()(feeds)
+    with scratch_directory("verify") as scratch:
+        _progress("running the original model in onnxruntime", started)
+        try:
+            expected = (original_model.runner(scratch=scratch) if original_model else model_runner(original))(feeds)
+        except Exception as error:
+            raise VerificationUnavailableError(_cannot_run_original(error)) from None
+        if folds:
+            checks += read_local_checks(local, names, expected, rtol)
+        _progress("running the folded model in onnxruntime", started)
+        actual = folded_model.runner(scratch=scratch)(feeds)
     _progress("comparing outputs", started)
     output_types = {value.name: value.type.tensor_type.elem_type for value in folded_model.proto.graph.output}
     comparisons = []
