@@ -278,13 +278,19 @@ def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: Weig
     result_rows = result.reshape(rows.shape)
     per_block = max(1, _BLOCK // max(1, rows.shape[1]))
     extremes = [0.0]
+    buffer = np.empty((min(per_block, rows.shape[0]), rows.shape[1]))
+    # numpy rounds float64 to float32 and float16 once, to nearest even, as it casts into the result.
+    direct = dtype.kind == "f" and dtype.name != "bfloat16"
     for start in range(0, rows.shape[0], per_block):
         block = slice(start, start + per_block)
-        scaled = np.multiply(rows[block], affine.scale[block, None], dtype=np.float64)
+        scaled = np.multiply(rows[block], affine.scale[block, None], out=buffer[: len(rows[block])])
         if scaled.size:
             extremes += [scaled.max(), -scaled.min()]
         with np.errstate(over="ignore", invalid="ignore"):  # (a value that does not fit is refused below)
-            result_rows[block] = round_to_dtype(scaled, dtype)
+            if direct:
+                np.copyto(result_rows[block], scaled, casting="unsafe")
+            else:
+                result_rows[block] = round_to_dtype(scaled, dtype)
     largest = float(np.max(extremes))  # (NaN if any is)
     if not largest < overflow_threshold(dtype):  # (NaN fails the comparison too)
         raise FoldOverflowError("weight", dtype, largest)
