@@ -231,15 +231,14 @@ def _worst_parameter_element(actual: np.ndarray, exact: np.ndarray, scale: np.nd
         with np.errstate(invalid="ignore", over="ignore"):
             error -= exact[block]
             np.abs(error, out=error)
-        error[np.isnan(error)] = math.inf
         unit = np.abs(exact[block]) if scale is None else scale[block].astype(np.float64)
         unit *= eps
         np.maximum(unit, smallest, out=unit)
         units = np.divide(error, unit, out=unit)
-        at = int(np.argmax(units))
+        at = int(np.argmax(units))  # (the first NaN, if there is one)
         value = math.inf if math.isnan(units[at]) else float(units[at])
         if value > worst[1]:
-            worst = (start + at, value, float(error[at]))
+            worst = (start + at, value, math.inf if math.isnan(error[at]) else float(error[at]))
     return worst
 
 
@@ -335,13 +334,21 @@ def _compare_layer_outputs(fold, dtype_name, reference, folded, magnitude, chann
 def _output_errors(reference: np.ndarray, folded: np.ndarray, magnitude: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """Each element's |error| in float64, and that error in units of eps x its magnitude: NaN or Inf that
     the fold brought in is infinitely many; an element of magnitude 0 (all terms zero) must match exactly."""
-    reference, folded = reference.astype(np.float64), folded.astype(np.float64)
-    finite = np.isfinite(reference)
+    diff = folded.astype(np.float64)
     with np.errstate(invalid="ignore"):
-        diff = np.where(finite, np.abs(folded - reference), 0.0)
+        diff -= reference
+        np.abs(diff, out=diff)
+    scale = magnitude.astype(np.float64)
+    scale *= eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        units = np.divide(diff, scale)
+    if np.isfinite(units).all():  # (the usual case: finite values, no zero magnitude)
+        return diff, units
+    finite = np.isfinite(reference)
+    diff[~finite] = 0.0
     diff[finite & ~np.isfinite(folded)] = math.inf
     with np.errstate(divide="ignore", invalid="ignore"):
-        units = np.where(diff == 0, 0.0, diff / (eps * magnitude.astype(np.float64)))
+        units = np.where(diff == 0, 0.0, diff / scale)
     return diff, units
 
 
