@@ -160,7 +160,7 @@ class DataFlow:
     def passes_through(self, node: Any) -> bool:
         """A call whose output holds its input's values (an ``nn.Identity``, an eval-mode dropout, a reshape or
         permute): no reader that must keep seeing un-normalised values."""
-        return passes_values(node, self.traced.root)
+        return passes_values(node, self.traced.model)
 
     def uses_of(self, layer: LayerCall) -> int:
         """How many times the graph reads the layer's weight or bias: more than one means a shared layer."""
@@ -228,7 +228,7 @@ def describe_node(node: Any, traced: TracedModel) -> str:
     if not isinstance(node, fx.Node):
         return "a constant"
     if node.op == "call_module":
-        return f"`{node.target}` ({type(traced.root.get_submodule(node.target)).__name__})"
+        return f"`{node.target}` ({type(traced.model.get_submodule(node.target)).__name__})"
     if node.op == "call_function":
         return f"`{getattr(node.target, '__name__', node.target)}`"
     if node.op == "call_method":
@@ -251,7 +251,7 @@ def _count_tensor_uses(traced: TracedModel) -> collections.Counter[int]:
             if tensor is not None:
                 uses[id(tensor)] += len(node.users)
         elif node.op == "call_module":
-            module = traced.root.get_submodule(node.target)
+            module = traced.model.get_submodule(node.target)
             for tensor in itertools.chain(module.parameters(), module.buffers()):
                 uses[id(tensor)] += 1
     return uses
@@ -259,7 +259,7 @@ def _count_tensor_uses(traced: TracedModel) -> collections.Counter[int]:
 
 def _layer_call(node: fx.Node, traced: TracedModel) -> LayerCall | None:
     if node.op == "call_module":
-        module = traced.root.get_submodule(node.target)
+        module = traced.model.get_submodule(node.target)
         if isinstance(module, FOLDABLE_LAYER_TYPES) and computes_torch_forward(module):
             return _module_layer_call(node, module, node.target)
     elif node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
@@ -305,7 +305,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
         node=node,
         input=arguments["input"],
         name=_calling_module(node, traced, FOLDABLE_LAYER_TYPES) or weight_path or node.name,
-        op=type(traced.root.get_submodule(module_path)).__name__ if module_path else f"F.{function.name}",
+        op=type(traced.model.get_submodule(module_path)).__name__ if module_path else f"F.{function.name}",
         layout=WeightLayout(function.kind, arguments.get("groups", 1)),
         pads_input=pads_input,
         weight=weight,
@@ -318,7 +318,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
 
 def _batchnorm_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
     if node.op == "call_module":
-        module = traced.root.get_submodule(node.target)
+        module = traced.model.get_submodule(node.target)
         if isinstance(module, _BatchNorm):
             return _module_batchnorm_call(node, module, node.target)
     elif node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.torch_fold.tracing import computes_torch_forward
+from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, computes_torch_forward
 
 aten = torch.ops.aten
 
@@ -40,13 +40,13 @@ _DROPOUTS = frozenset({
 })
 
 
-def passes_values(node: Any, root: nn.Module) -> bool:
+def passes_values(node: Any, model: nn.Module) -> bool:
     """Whether ``node``'s output holds its data input's values (``node.args[0]``), rearranged at most: it is
     then no reader that must keep seeing un-normalised values."""
     if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
-        module = root.get_submodule(node.target)
+        module = model.get_submodule(node.target)
         keeps = isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
         return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module)
     if node.op not in ("call_function", "call_method"):
@@ -111,7 +111,8 @@ def _data_only_first(node: fx.Node) -> bool:
 
 
 def value_shape(node: Any) -> tuple[int, ...] | None:
-    """A node's tensor shape: from ShapeProp's ``tensor_meta`` (fx) or the fake value export and Dynamo record."""
+    """A node's tensor shape: recorded running the fx graph (:mod:`.tracing`), or the fake value export and
+    Dynamo record."""
     shape_and_dtype = tensor_shape_and_dtype(node)
     return None if shape_and_dtype is None else shape_and_dtype[0]
 
@@ -119,8 +120,7 @@ def value_shape(node: Any) -> tuple[int, ...] | None:
 def tensor_shape_and_dtype(node: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
     if not isinstance(node, fx.Node):
         return None
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return tuple(meta.shape), meta.dtype
+    if SHAPE_AND_DTYPE in node.meta:
+        return node.meta[SHAPE_AND_DTYPE]
     value = node.meta.get("val", node.meta.get("example_value"))  # export's, Dynamo's
     return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None

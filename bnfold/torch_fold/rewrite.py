@@ -24,7 +24,7 @@ def fold_in_module_tree(folds: list[PlannedFold], model: nn.Module, traced: Trac
     """The user's model, with each folded BatchNorm module replaced where it is registered by ``nn.Identity``,
     or by an ``nn.Sequential`` of the children its forward applied after normalising (timm's BatchNormAct2d:
     ``drop``, ``act``), under their own names so their state_dict keys stay."""
-    _write_folded_weights(folds, traced)
+    _write_folded_weights(folds, traced, model)
     for fold in folds:
         path = fold.batchnorm.module_path
         module = model.get_submodule(path)
@@ -36,8 +36,8 @@ def fold_in_module_tree(folds: list[PlannedFold], model: nn.Module, traced: Trac
 
 def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModule:
     """The traced GraphModule, with each folded BatchNorm call taken out of the graph."""
-    graph_module = traced.graph_module
-    _write_folded_weights(folds, traced)
+    graph_module = traced.to_graph_module()
+    _write_folded_weights(folds, traced, graph_module)
     for fold in folds:
         _bypass(fold.batchnorm.node, fold.batchnorm.input)
     graph_module.delete_all_unused_submodules()
@@ -46,7 +46,8 @@ def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModu
     return graph_module
 
 
-def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel) -> None:
+def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel, root: nn.Module) -> None:
+    """``root`` is the module that runs the graph (the model, or the GraphModule result), which gets any new bias."""
     # A layer's last fold carries the values of all its folds.
     folded = {fold.layer: fold.layer_values for fold in folds}
     for layer, (weight, bias) in folded.items():
@@ -55,18 +56,18 @@ def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel) -> None
             if layer.bias is not None:
                 layer.bias.copy_(to_torch(bias, like=layer.bias))
         if layer.bias is None:
-            _add_bias(layer, to_torch(bias, like=layer.weight), traced)
+            _add_bias(layer, to_torch(bias, like=layer.weight), traced, root)
 
 
-def _add_bias(layer: LayerCall, bias: torch.Tensor, traced: TracedModel) -> None:
+def _add_bias(layer: LayerCall, bias: torch.Tensor, traced: TracedModel, root: nn.Module) -> None:
     """Give a layer without a bias the folded one, as a parameter next to its weight."""
     owner_path, _, weight_name = layer.weight_path.rpartition(".")
-    owner = traced.root.get_submodule(owner_path)
+    owner = root.get_submodule(owner_path)
     name = _free_bias_name(traced.model.get_submodule(owner_path), owner, weight_name)
     owner.register_parameter(name, nn.Parameter(bias, requires_grad=layer.weight.requires_grad))
     if layer.module_path is not None:
         return  # the module's own forward reads self.bias
-    graph = traced.graph_module.graph
+    graph = traced.graph
     with graph.inserting_before(layer.node):
         bias_node = graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
     # conv, conv_transpose and linear all take the bias third.

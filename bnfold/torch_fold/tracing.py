@@ -7,16 +7,18 @@ Pairs come from this graph, never from module order, so a BatchNorm registered a
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from bnfold.errors import describe_error
 from bnfold.reference import REFERENCE_BATCHNORMS
+
+# The node.meta key of a traced value's (shape, dtype), recorded while the fx graph runs on the example inputs.
+SHAPE_AND_DTYPE = "bnfold_shape_and_dtype"
 
 FOLDABLE_LAYER_TYPES = (
     nn.Conv1d,
@@ -63,10 +65,38 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
 
     proxy_buffer_attributes = True
 
+    def trace(self, root: nn.Module, concrete_args: dict | None = None) -> fx.Graph:
+        # fx's own getattr finds an attribute's path by walking every parameter and buffer of the model on
+        # each read (quadratic in the model's size); these are the paths it would find, first name first.
+        self._parameter_paths = _first_paths(root.named_parameters())
+        self._buffer_paths = _first_paths(root.named_buffers())
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict[str, fx.Proxy]):
+        """fx's ``Tracer.getattr`` (a parameter, else with ``proxy_buffer_attributes`` a buffer, becomes one
+        ``get_attr`` proxy per path), with the paths looked up instead of searched."""
+        path = None
+        if isinstance(attr_val, nn.Parameter):
+            path = self._parameter_paths.get(id(attr_val))
+        if path is None and isinstance(attr_val, torch.Tensor):
+            path = self._buffer_paths.get(id(attr_val))
+        if path is None:
+            return attr_val
+        if path not in parameter_proxy_cache:
+            parameter_proxy_cache[path] = self.create_proxy("get_attr", path, (), {})
+        return parameter_proxy_cache[path]
+
     def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(module, (*FOLDABLE_LAYER_TYPES, nn.modules.batchnorm._BatchNorm)):
             return computes_torch_forward(module)
         return super().is_leaf_module(module, module_qualified_name)
+
+
+def _first_paths(named_tensors) -> dict[int, str]:
+    paths: dict[int, str] = {}
+    for path, tensor in named_tensors:
+        paths.setdefault(id(tensor), path)
+    return paths
 
 
 @dataclasses.dataclass
@@ -75,27 +105,28 @@ class TracedModel:
 
     fx and torch.export give one graph; TorchDynamo one per stretch of forward between graph breaks.
     ``attribute_paths`` maps each node that stands for a parameter or buffer (fx ``get_attr`` nodes,
-    export's lifted placeholders, Dynamo's graph inputs) to its dotted path under ``root``: the GraphModule
-    for fx (which shares the model's leaf modules and tensors but has plain ``nn.Module`` s for the modules
-    traced through), the model itself otherwise.
+    export's lifted placeholders, Dynamo's graph inputs) to its dotted path in ``model``; ``constants`` holds
+    the tensors fx made while tracing (``_tensor_constant0``), which its ``get_attr`` nodes name but which are
+    kept off the model. The graphs are read against the model itself: a GraphModule is built only for a graph
+    result (:meth:`to_graph_module`).
     """
 
     model: nn.Module
-    graph_modules: list[fx.GraphModule]
+    graphs: list[fx.Graph]
     method: Literal["fx", "export", "dynamo"]
-    root: nn.Module
     attribute_paths: dict[fx.Node, str]
     note: str
+    constants: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
-    def graph_module(self) -> fx.GraphModule:
+    def graph(self) -> fx.Graph:
         """The one graph of an fx trace, which a graph result is made of."""
-        (graph_module,) = self.graph_modules
-        return graph_module
+        (graph,) = self.graphs
+        return graph
 
     @property
     def nodes(self) -> list[fx.Node]:
-        return [node for graph_module in self.graph_modules for node in graph_module.graph.nodes]
+        return [node for graph in self.graphs for node in graph.nodes]
 
     @property
     def graph_rewritable(self) -> bool:
@@ -109,14 +140,30 @@ class TracedModel:
         return self.method != "fx"
 
     def tensor_at(self, path: str) -> torch.Tensor | None:
-        """The parameter or buffer at ``path``; None for a bias probe (see _probe_absent_biases)."""
+        """The parameter, buffer or fx constant at ``path``; None for a bias probe (see _probe_absent_biases)."""
+        if path in self.constants:
+            return self.constants[path]
         owner_path, _, name = path.rpartition(".")
-        return getattr(self.root.get_submodule(owner_path), name)
+        return getattr(self.model.get_submodule(owner_path), name)
 
     def module_stack_top(self, node: fx.Node) -> str | None:
         """The path of the innermost module whose forward produced ``node``, as the tracers record it."""
         stack = node.meta.get("nn_module_stack")
         return list(stack.values())[-1][0] if stack else None
+
+    def to_graph_module(self) -> fx.GraphModule:
+        """The fx graph as a module of its own, named "GraphModule" as fx names it (a graph result must not pass
+        for the user's class), sharing the model's modules and tensors, with fx's constants as buffers.
+
+        Only for a model bnfold works on a copy of: fx's constants sit on it while the GraphModule copies them.
+        """
+        for name, value in self.constants.items():
+            setattr(self.model, name, value)
+        try:
+            return fx.GraphModule(self.model, self.graph)
+        finally:
+            for name in self.constants:
+                delattr(self.model, name)
 
 
 def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
@@ -125,21 +172,20 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
         graph = _UnmodifiedLayersAsLeavesTracer().trace(model)
     # fx raises TraceError, TypeError, RuntimeError, ... depending on what forward does with a proxy.
     except Exception as fx_error:  # noqa: BLE001
-        _remove_added_attributes(model, attributes_before)
+        _take_added_attributes(model, attributes_before)
         return _capture_without_fx(model, example_inputs, fx_error)
-    # Named "GraphModule", as fx names it by default: a graph result must not pass for the user's class.
-    graph_module = fx.GraphModule(model, graph)
-    # fx stores the constants it made while tracing on the model; the GraphModule has its own copies now.
-    _remove_added_attributes(model, attributes_before)
-    if not _computes_like(model, graph_module, example_inputs):
+    # fx stores the constants it made while tracing on the model; they stay with the graph instead.
+    constants = _take_added_attributes(model, attributes_before)
+    note = "pairs found with torch.fx symbolic tracing"
+    attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
+    traced = TracedModel(model, [graph], "fx", attribute_paths, note, constants)
+    if not _computes_like(traced, example_inputs):
         # Python that fx evaluates on a proxy (isinstance, torch.jit.isinstance, a branch on a flag) can
         # record a graph the model never runs; its pairs would be a tracing artefact. torch.export runs
         # such Python on fake tensors, as the model does.
         mismatch = RuntimeError("the traced graph computes other outputs than the model on the example inputs")
         return _capture_without_fx(model, example_inputs, mismatch)
-    note = "pairs found with torch.fx symbolic tracing"
-    attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
-    return TracedModel(model, [graph_module], "fx", graph_module, attribute_paths, note)
+    return traced
 
 
 def _capture_without_fx(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
@@ -166,13 +212,13 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
     exported = torch.export.export(model, example_inputs)
     signature = exported.graph_signature
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-    graph_module = exported.graph_module
-    attribute_paths = {node: lifted[node.name] for node in graph_module.graph.nodes if node.name in lifted}
+    graph = exported.graph_module.graph
+    attribute_paths = {node: lifted[node.name] for node in graph.nodes if node.name in lifted}
     note = (
         f"torch.fx could not trace the model ({describe_error(fx_error)}); pairs found with torch.export.export "
         "instead, folded into the model's own modules (function calls outside them are left)"
     )
-    return TracedModel(model, [graph_module], "export", model, attribute_paths, note)
+    return TracedModel(model, [graph], "export", attribute_paths, note)
 
 
 def _capture_with_dynamo(
@@ -216,7 +262,7 @@ def _capture_with_dynamo(
         "the example inputs (split at graph breaks), folded into the model's own modules. Code paths the example "
         "inputs do not take are not seen: fold with inputs that take the deployed path"
     )
-    return TracedModel(model, [graph_module for graph_module, _ in graphs], "dynamo", model, attribute_paths, note)
+    return TracedModel(model, [graph_module.graph for graph_module, _ in graphs], "dynamo", attribute_paths, note)
 
 
 def _probe_absent_biases(model: nn.Module) -> list[nn.Module]:
@@ -236,19 +282,40 @@ def _probe_absent_biases(model: nn.Module) -> list[nn.Module]:
     return probed
 
 
-def _remove_added_attributes(model: nn.Module, attributes_before: set[str]) -> None:
-    for name in set(vars(model)) - attributes_before:
+def _take_added_attributes(model: nn.Module, attributes_before: set[str]) -> dict[str, Any]:
+    added = {name: vars(model)[name] for name in set(vars(model)) - attributes_before}
+    for name in added:
         delattr(model, name)
+    return added
 
 
-def _computes_like(model: nn.Module, graph_module: fx.GraphModule, example_inputs: tuple) -> bool:
+class _ShapeRecorder(fx.Interpreter):
+    """Runs an fx graph on the model's own modules and tensors, putting each tensor value's shape and dtype in
+    its node's ``meta[SHAPE_AND_DTYPE]`` (which axis a Linear's features are on, where a reshape moves the
+    channels): the two facts the analysis reads, without ShapeProp's strides and memory formats."""
+
+    def __init__(self, traced: TracedModel):
+        super().__init__(traced.model, graph=traced.graph)
+        self.constants = traced.constants
+
+    def fetch_attr(self, target: str) -> Any:
+        return self.constants[target] if target in self.constants else super().fetch_attr(target)
+
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        if isinstance(value, torch.Tensor):
+            node.meta[SHAPE_AND_DTYPE] = (tuple(value.shape), value.dtype)
+        return value
+
+
+def _computes_like(traced: TracedModel, example_inputs: tuple) -> bool:
     """Whether the traced graph gives the model's outputs on ``example_inputs`` (the same ops in the same
-    order: equal up to the rounding of a kernel that picks another path). The graph runs under ShapeProp,
-    which puts each node's shape in its ``tensor_meta`` (which axis a Linear's features are on, where a
-    reshape moves the channels) in the same pass."""
+    order: equal up to the rounding of a kernel that picks another path). The graph run records the shapes
+    the analysis reads in the same pass."""
     try:
         with torch.no_grad():
-            expected, actual = model(*example_inputs), ShapeProp(graph_module).propagate(*example_inputs)
+            expected = traced.model(*example_inputs)
+            actual = _ShapeRecorder(traced).run(*example_inputs)
     except Exception:  # noqa: BLE001 - the graph does not even run: it is not the model's
         return False
     expected_leaves, expected_structure = pytree.tree_flatten(expected)
