@@ -24,7 +24,7 @@ def fold_in_module_tree(folds: list[PlannedFold], model: nn.Module, traced: Trac
     """The user's model, with each folded BatchNorm module replaced where it is registered by ``nn.Identity``,
     or by an ``nn.Sequential`` of the children its forward applied after normalising (timm's BatchNormAct2d:
     ``drop``, ``act``), under their own names so their state_dict keys stay."""
-    _write_folded_weights(folds, traced, model)
+    _write_folded_weights(folds, traced)
     for fold in folds:
         path = fold.batchnorm.module_path
         module = model.get_submodule(path)
@@ -35,19 +35,17 @@ def fold_in_module_tree(folds: list[PlannedFold], model: nn.Module, traced: Trac
 
 
 def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModule:
-    """The traced GraphModule, with each folded BatchNorm call taken out of the graph."""
-    graph_module = traced.to_graph_module()
-    _write_folded_weights(folds, traced, graph_module)
+    """The traced graph with each folded BatchNorm call taken out, as a GraphModule built once from the edited
+    graph (so it holds no module the graph no longer calls)."""
+    _write_folded_weights(folds, traced)
     for fold in folds:
         _bypass(fold.batchnorm.node, fold.batchnorm.input)
-    graph_module.delete_all_unused_submodules()
+    graph_module = traced.to_graph_module()
     graph_module.graph.lint()
-    graph_module.recompile()
     return graph_module
 
 
-def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel, root: nn.Module) -> None:
-    """``root`` is the module that runs the graph (the model, or the GraphModule result), which gets any new bias."""
+def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel) -> None:
     # A layer's last fold carries the values of all its folds.
     folded = {fold.layer: fold.layer_values for fold in folds}
     for layer, (weight, bias) in folded.items():
@@ -56,14 +54,15 @@ def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel, root: n
             if layer.bias is not None:
                 layer.bias.copy_(to_torch(bias, like=layer.bias))
         if layer.bias is None:
-            _add_bias(layer, to_torch(bias, like=layer.weight), traced, root)
+            _add_bias(layer, to_torch(bias, like=layer.weight), traced)
 
 
-def _add_bias(layer: LayerCall, bias: torch.Tensor, traced: TracedModel, root: nn.Module) -> None:
-    """Give a layer without a bias the folded one, as a parameter next to its weight."""
+def _add_bias(layer: LayerCall, bias: torch.Tensor, traced: TracedModel) -> None:
+    """Give a layer without a bias the folded one, as a parameter next to its weight (in the model, which a
+    graph result's GraphModule copies it from)."""
     owner_path, _, weight_name = layer.weight_path.rpartition(".")
-    owner = root.get_submodule(owner_path)
-    name = _free_bias_name(traced.model.get_submodule(owner_path), owner, weight_name)
+    owner = traced.model.get_submodule(owner_path)
+    name = _free_bias_name(owner, weight_name)
     owner.register_parameter(name, nn.Parameter(bias, requires_grad=layer.weight.requires_grad))
     if layer.module_path is not None:
         return  # the module's own forward reads self.bias
@@ -77,9 +76,9 @@ def _add_bias(layer: LayerCall, bias: torch.Tensor, traced: TracedModel, root: n
         layer.node.update_kwarg("bias", bias_node)
 
 
-def _free_bias_name(model_owner: nn.Module, owner: nn.Module, weight_name: str) -> str:
+def _free_bias_name(owner: nn.Module, weight_name: str) -> str:
     # A layer module (also a subclass with its own forward) keeps the usual state_dict key `<layer>.bias`.
-    if isinstance(model_owner, FOLDABLE_LAYER_TYPES):
+    if isinstance(owner, FOLDABLE_LAYER_TYPES):
         return "bias"
     name = f"{weight_name}_bias"
     while hasattr(owner, name):
@@ -89,11 +88,14 @@ def _free_bias_name(model_owner: nn.Module, owner: nn.Module, weight_name: str) 
 
 def _bypass(node: fx.Node, replacement: fx.Node) -> None:
     """Remove ``node`` from its graph, its readers reading ``replacement``; then what only it read (attributes,
-    the multiply of ``x * scale + shift`` and the scale's computation)."""
+    the multiply of ``x * scale + shift`` and the scale's computation). A module call it read alone stays: the
+    graph has no module yet to tell whether the call is pure, and a normalisation bnfold folds reads none."""
     node.replace_all_uses_with(replacement)
     unused = [node]
     while unused:
         dead = unused.pop()
         inputs = dead.all_input_nodes
         dead.graph.erase_node(dead)
-        unused.extend(n for n in inputs if not n.users and n.op != "placeholder" and not n.is_impure() and n not in unused)
+        unused.extend(
+            n for n in inputs if not n.users and n.op not in ("placeholder", "call_module") and not n.is_impure() and n not in unused
+        )
