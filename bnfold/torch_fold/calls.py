@@ -21,7 +21,7 @@ from torch import nn
 
 from bnfold.fold_math import LayoutKind, WeightLayout
 from bnfold.torch_fold.passthrough import SHAPED_LIKE, passes_values, tensor_shape_and_dtype
-from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel, computes_torch_forward
+from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel, computes_torch_forward, module_stack_paths
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 aten = torch.ops.aten
@@ -432,9 +432,8 @@ def module_remainder(
     ``_assert(x.ndim == 4)``), or calls one of the module's own children on the previous result alone, one
     after another, the last result leaving the module. Replacing the module by those children is then exact.
     """
-    order = {node: index for index, node in enumerate(normalised.graph.nodes)}
-    # Dynamo records a module on the placeholders it reads too: only its computations are inside it.
-    inside = {node for node in order if node.op != "placeholder" and path in _stack_paths(node)}
+    inside_in_order = traced.nodes_inside(normalised.graph, path)
+    inside = set(inside_in_order)
     if data in inside:
         return None  # the module computes what it normalises itself
     children: list[str] = []
@@ -448,7 +447,7 @@ def module_remainder(
         children.append(name)
         applied |= nodes
     shape_checks: set[fx.Node] = set()
-    for node in sorted(inside - normalisation - applied, key=order.__getitem__):
+    for node in (node for node in inside_in_order if node not in normalisation and node not in applied):
         reads_metadata = node.op in ("call_function", "call_method") and (
             all(value in shape_checks for value in node.all_input_nodes)
             or (isinstance(node.args[0], fx.Node) and _reads_only_metadata(node, node.args[0]))
@@ -474,10 +473,10 @@ def _child_call(
         parent, _, name = reader.target.rpartition(".")
         plain_call = parent == path and reader.args == (value,) and not reader.kwargs
         return (name, {reader}, reader) if plain_call else None
-    child = next((p for p in _stack_paths(reader) if p.rpartition(".")[0] == path), None)
+    child = next((p for p in module_stack_paths(reader) if p.rpartition(".")[0] == path), None)
     if not traced.modules_inlined or child is None:
         return None
-    nodes = {node for node in inside if child in _stack_paths(node)}
+    nodes = inside.intersection(traced.nodes_inside(value.graph, child))
     child_attributes = {n for n, p in traced.attribute_paths.items() if p.startswith(f"{child}.")}
     if any(not set(node.all_input_nodes) <= nodes | child_attributes | {value} for node in nodes):
         return None
@@ -485,10 +484,6 @@ def _child_call(
     if len(results) != 1:
         return None
     return child.rpartition(".")[2], nodes, results[0]
-
-
-def _stack_paths(node: fx.Node) -> set[str]:
-    return {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
 
 
 def _is_op(node: Any, ops: frozenset) -> bool:

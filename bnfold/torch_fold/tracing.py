@@ -6,7 +6,9 @@ Pairs come from this graph, never from module order, so a BatchNorm registered a
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from typing import Any, Literal
 
 import torch
@@ -151,6 +153,23 @@ class TracedModel:
         stack = node.meta.get("nn_module_stack")
         return list(stack.values())[-1][0] if stack else None
 
+    def nodes_inside(self, graph: fx.Graph, path: str) -> list[fx.Node]:
+        """The computations module ``path``'s forward made in ``graph`` (its own children's included), in graph
+        order."""
+        return self._nodes_by_module.get((graph, path), [])
+
+    @functools.cached_property
+    def _nodes_by_module(self) -> dict[tuple[fx.Graph, str], list[fx.Node]]:
+        # One pass over the graphs for every module_remainder question; read before any graph is edited.
+        nodes: dict[tuple[fx.Graph, str], list[fx.Node]] = collections.defaultdict(list)
+        for graph in self.graphs:
+            for node in graph.nodes:
+                # Dynamo records a module on the placeholders it reads too: only its computations are inside it.
+                if node.op != "placeholder":
+                    for path in module_stack_paths(node):
+                        nodes[graph, path].append(node)
+        return nodes
+
     def to_graph_module(self) -> fx.GraphModule:
         """The fx graph as a module of its own, named "GraphModule" as fx names it (a graph result must not pass
         for the user's class), sharing the model's modules and tensors, with fx's constants as buffers.
@@ -164,6 +183,11 @@ class TracedModel:
         finally:
             for name in self.constants:
                 delattr(self.model, name)
+
+
+def module_stack_paths(node: fx.Node) -> set[str]:
+    """The paths of every module whose forward was running when ``node`` was recorded."""
+    return {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
 
 
 def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
