@@ -160,7 +160,7 @@ class DataFlow:
     def passes_through(self, node: Any) -> bool:
         """A call whose output holds its input's values (an ``nn.Identity``, an eval-mode dropout, a reshape or
         permute): no reader that must keep seeing un-normalised values."""
-        return passes_values(node, self.traced.model)
+        return passes_values(node, self.traced)
 
     def uses_of(self, layer: LayerCall) -> int:
         """How many times the graph reads the layer's weight or bias: more than one means a shared layer."""
@@ -228,7 +228,7 @@ def describe_node(node: Any, traced: TracedModel) -> str:
     if not isinstance(node, fx.Node):
         return "a constant"
     if node.op == "call_module":
-        return f"`{node.target}` ({type(traced.model.get_submodule(node.target)).__name__})"
+        return f"`{node.target}` ({type(traced.module(node.target)).__name__})"
     if node.op == "call_function":
         return f"`{getattr(node.target, '__name__', node.target)}`"
     if node.op == "call_method":
@@ -247,11 +247,11 @@ def _count_tensor_uses(traced: TracedModel) -> collections.Counter[int]:
     uses: collections.Counter[int] = collections.Counter()
     for node in traced.nodes:
         if node in traced.attribute_paths:
-            tensor = traced.tensor_at(traced.attribute_paths[node])
+            tensor = traced.attribute_at(traced.attribute_paths[node])
             if tensor is not None:
                 uses[id(tensor)] += len(node.users)
         elif node.op == "call_module":
-            module = traced.model.get_submodule(node.target)
+            module = traced.module(node.target)
             for tensor in itertools.chain(module.parameters(), module.buffers()):
                 uses[id(tensor)] += 1
     return uses
@@ -259,7 +259,7 @@ def _count_tensor_uses(traced: TracedModel) -> collections.Counter[int]:
 
 def _layer_call(node: fx.Node, traced: TracedModel) -> LayerCall | None:
     if node.op == "call_module":
-        module = traced.model.get_submodule(node.target)
+        module = traced.module(node.target)
         if isinstance(module, FOLDABLE_LAYER_TYPES) and computes_torch_forward(module):
             return _module_layer_call(node, module, node.target)
     elif node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
@@ -294,7 +294,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
     weight_path = traced.attribute_paths.get(arguments["weight"])
     bias_argument = arguments.get("bias")
     bias_path = traced.attribute_paths.get(bias_argument)
-    weight = None if weight_path is None else traced.tensor_at(weight_path)
+    weight = None if weight_path is None else traced.attribute_at(weight_path)
     pads_input = (
         function.kind == "conv"
         and weight is not None
@@ -305,11 +305,11 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
         node=node,
         input=arguments["input"],
         name=_calling_module(node, traced, FOLDABLE_LAYER_TYPES) or weight_path or node.name,
-        op=type(traced.model.get_submodule(module_path)).__name__ if module_path else f"F.{function.name}",
+        op=type(traced.module(module_path)).__name__ if module_path else f"F.{function.name}",
         layout=WeightLayout(function.kind, arguments.get("groups", 1)),
         pads_input=pads_input,
         weight=weight,
-        bias=None if bias_path is None else traced.tensor_at(bias_path),
+        bias=None if bias_path is None else traced.attribute_at(bias_path),
         bias_is_attribute=bias_argument is None or bias_path is not None,
         weight_path=weight_path,
         module_path=module_path,
@@ -318,7 +318,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
 
 def _batchnorm_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
     if node.op == "call_module":
-        module = traced.model.get_submodule(node.target)
+        module = traced.module(node.target)
         if isinstance(module, _BatchNorm):
             return _module_batchnorm_call(node, module, node.target)
     elif node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
@@ -348,7 +348,7 @@ def _functional_batchnorm_call(
 ) -> BatchNormCall:
     arguments = _bind(node, argument_names)
     paths = {name: traced.attribute_paths.get(arguments.get(name)) for name in _BATCHNORM_TENSORS}
-    tensors = {name: None if path is None else traced.tensor_at(path) for name, path in paths.items()}
+    tensors = {name: None if path is None else traced.attribute_at(path) for name, path in paths.items()}
     owner = _calling_module(node, traced, (_BatchNorm,))
     module_path = _inlined_module_call(node, traced, (_BatchNorm,))
     kept_children: tuple[str, ...] | None = ()
@@ -360,7 +360,7 @@ def _functional_batchnorm_call(
         node=node,
         input=arguments["input"],
         name=owner or node.name,
-        op=type(traced.model.get_submodule(owner)).__name__ if owner else "F.batch_norm",
+        op=type(traced.module(owner)).__name__ if owner else "F.batch_norm",
         key=module_path or paths["running_mean"] or node.name,
         module_path=module_path,
         **tensors,
@@ -405,7 +405,7 @@ def _affine_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
         node=node,
         input=data,
         name=module_path or node.name,
-        op=type(traced.model.get_submodule(module_path)).__name__ if module_path else _AFFINE_OP,
+        op=type(traced.module(module_path)).__name__ if module_path else _AFFINE_OP,
         key=module_path or node.name,
         module_path=module_path,
         weight=None,
@@ -515,7 +515,7 @@ def _constant_value(value: Any, traced: TracedModel, cache: dict[fx.Node, Any]) 
 
 def _evaluate(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> Any:
     if node in traced.attribute_paths:
-        return traced.tensor_at(traced.attribute_paths[node])
+        return traced.attribute_at(traced.attribute_paths[node])
     if node.op not in ("call_function", "call_method") or not node.all_input_nodes or _mutates_or_draws(node):
         return None
     arguments = [_constant_value(argument, traced, cache) for argument in node.args]
@@ -555,7 +555,7 @@ def _calling_module(node: fx.Node, traced: TracedModel, types: tuple) -> str | N
     module's name, which is what the user knows it by.
     """
     path = traced.module_stack_top(node)
-    return path if path is not None and isinstance(traced.model.get_submodule(path), types) else None
+    return path if path is not None and isinstance(traced.module(path), types) else None
 
 
 def _inlined_layer_module(node: fx.Node, traced: TracedModel, weight_path: str | None, bias_path: str | None) -> str | None:
@@ -566,7 +566,7 @@ def _inlined_layer_module(node: fx.Node, traced: TracedModel, weight_path: str |
     if not traced.modules_inlined:
         return None
     path = _calling_module(node, traced, FOLDABLE_LAYER_TYPES)
-    if path is None or computes_torch_forward(traced.model.get_submodule(path)):
+    if path is None or computes_torch_forward(traced.module(path)):
         return path
     return path if (weight_path, bias_path) == (f"{path}.weight", f"{path}.bias") else None
 
@@ -580,7 +580,7 @@ def _inlined_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> st
     if not traced.modules_inlined:
         return None
     path = _calling_module(node, traced, types)
-    return path if path is not None and computes_torch_forward(traced.model.get_submodule(path)) else None
+    return path if path is not None and computes_torch_forward(traced.module(path)) else None
 
 
 def _bind(node: fx.Node, argument_names: tuple[str, ...]) -> dict[str, Any]:

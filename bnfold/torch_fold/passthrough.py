@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, computes_torch_forward
+from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, TracedModel, computes_torch_forward
 
 aten = torch.ops.aten
 
@@ -40,13 +40,13 @@ _DROPOUTS = frozenset({
 })
 
 
-def passes_values(node: Any, model: nn.Module) -> bool:
+def passes_values(node: Any, traced: TracedModel) -> bool:
     """Whether ``node``'s output holds its data input's values (``node.args[0]``), rearranged at most: it is
     then no reader that must keep seeing un-normalised values."""
     if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
-        module = model.get_submodule(node.target)
+        module = traced.module(node.target)
         keeps = isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
         return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module)
     if node.op not in ("call_function", "call_method"):

@@ -141,12 +141,22 @@ class TracedModel:
         in each node's ``nn_module_stack``; fx keeps unmodified torch modules as ``call_module`` nodes."""
         return self.method != "fx"
 
-    def tensor_at(self, path: str) -> torch.Tensor | None:
-        """The parameter, buffer or fx constant at ``path``; None for a bias probe (see _probe_absent_biases)."""
+    def attribute_at(self, path: str) -> Any:
+        """The parameter, buffer or fx constant at ``path`` (None for a bias probe, see _probe_absent_biases), or the
+        module for a module's path."""
         if path in self.constants:
             return self.constants[path]
         owner_path, _, name = path.rpartition(".")
-        return getattr(self.model.get_submodule(owner_path), name)
+        return getattr(self.module(owner_path), name)
+
+    def module(self, path: str) -> nn.Module:
+        """The model's module at ``path``, from one table of them (``get_submodule`` walks the path each call)."""
+        module = self._modules_by_path.get(path)
+        return module if module is not None else self.model.get_submodule(path)
+
+    @functools.cached_property
+    def _modules_by_path(self) -> dict[str, nn.Module]:
+        return dict(self.model.named_modules())
 
     def module_stack_top(self, node: fx.Node) -> str | None:
         """The path of the innermost module whose forward produced ``node``, as the tracers record it."""
@@ -320,13 +330,16 @@ class _ShapeRecorder(fx.Interpreter):
 
     def __init__(self, traced: TracedModel):
         super().__init__(traced.model, graph=traced.graph)
-        self.constants = traced.constants
+        self.traced = traced
 
     def fetch_attr(self, target: str) -> Any:
-        return self.constants[target] if target in self.constants else super().fetch_attr(target)
+        # From the traced model's table of modules (fx walks the path attribute by attribute), or fx's constants.
+        return self.traced.attribute_at(target)
 
     def run_node(self, node: fx.Node) -> Any:
-        value = super().run_node(node)
+        # fx's run_node without marking the node current for fx's traceback tooling: nothing here retraces.
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        value = getattr(self, node.op)(node.target, args, kwargs)
         if isinstance(value, torch.Tensor):
             node.meta[SHAPE_AND_DTYPE] = (tuple(value.shape), value.dtype)
         return value
