@@ -176,12 +176,15 @@ class DataFlow:
 def read_data_flow(traced: TracedModel) -> DataFlow:
     layers: dict[fx.Node, LayerCall] = {}
     batchnorms: list[BatchNormCall] = []
+    # Each node's value when computed from parameters, buffers and literals only, else None: one evaluation
+    # per node for every multiply-add looked at (FrozenBatchNorm2d's scale feeds its shift's and its output's).
+    constants: dict[fx.Node, Any] = {}
     for node in traced.nodes:
         layer = _layer_call(node, traced)
         if layer is not None:
             layers[node] = layer
             continue
-        batchnorm = _batchnorm_call(node, traced)
+        batchnorm = _batchnorm_call(node, traced, constants)
         if batchnorm is not None:
             batchnorms.append(batchnorm)
     calls = sum(node.op in ("call_module", "call_function", "call_method") for node in traced.nodes)
@@ -316,7 +319,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
     )
 
 
-def _batchnorm_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
+def _batchnorm_call(node: fx.Node, traced: TracedModel, constants: dict[fx.Node, Any]) -> BatchNormCall | None:
     if node.op == "call_module":
         module = traced.module(node.target)
         if isinstance(module, _BatchNorm):
@@ -324,7 +327,7 @@ def _batchnorm_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
     elif node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
         return _functional_batchnorm_call(node, _BATCHNORM_FUNCTIONS[node.target], traced)
     elif _is_op(node, _ADD | _SUBTRACT):
-        return _affine_call(node, traced)
+        return _affine_call(node, traced, constants)
     return None
 
 
@@ -371,15 +374,15 @@ def _functional_batchnorm_call(
     )
 
 
-def _affine_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
+def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> BatchNormCall | None:
     """``x * scale + shift`` (or ``- shift``, operands in either order) with a per-channel scale and shift
-    computed from parameters, buffers and literals only, keeping x's shape and dtype."""
+    computed from parameters, buffers and literals only, keeping x's shape and dtype. ``cache`` holds the
+    constant values found so far (see :func:`_constant_value`)."""
     if node.kwargs or len(node.args) != 2:
         return None
     product = next((a for a in node.args if _is_op(a, _MULTIPLY) and not a.kwargs and len(a.args) == 2), None)
     if product is None or len(product.users) != 1 or (_is_op(node, _SUBTRACT) and node.args[0] is not product):
         return None
-    cache: dict[fx.Node, Any] = {}
     shift_argument = node.args[1] if node.args[0] is product else node.args[0]
     shift = _constant_value(shift_argument, traced, cache)
     constants = [(argument, _constant_value(argument, traced, cache)) for argument in product.args]
@@ -387,7 +390,7 @@ def _affine_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
     if shift is None or len(variables) != 1:
         return None
     (data,) = variables
-    scale = next(value for argument, value in constants if argument is not data)
+    scale_argument, scale = next((argument, value) for argument, value in constants if argument is not data)
     data_meta, output_meta = tensor_shape_and_dtype(data), tensor_shape_and_dtype(node)
     if data_meta is None or data_meta != output_meta or data_meta != tensor_shape_and_dtype(product):
         return None
@@ -395,7 +398,7 @@ def _affine_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
     scale, shift = _channel_values(scale, shape), _channel_values(shift, shape)
     if scale is None or shift is None:
         return None
-    normalisation = {node, product, *(n for n in cache if cache[n] is not None)}
+    normalisation = {node, product, *_constant_computation((scale_argument, shift_argument), cache)}
     if not any(n in traced.attribute_paths for n in normalisation):
         return None  # literals only: arithmetic, not a BatchNorm
     owner = traced.module_stack_top(node)
@@ -527,6 +530,18 @@ def _evaluate(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> 
         if node.op == "call_method":
             return getattr(arguments[0], node.target)(*arguments[1:], **keywords)
         return node.target(*arguments, **keywords)
+
+
+def _constant_computation(values: tuple, cache: dict[fx.Node, Any]) -> set[fx.Node]:
+    """The nodes that compute ``values`` from parameters, buffers and literals (constant in ``cache``)."""
+    computation: set[fx.Node] = set()
+    unvisited = [value for value in values if isinstance(value, fx.Node)]
+    while unvisited:
+        node = unvisited.pop()
+        if node not in computation and cache.get(node) is not None:
+            computation.add(node)
+            unvisited.extend(node.all_input_nodes)
+    return computation
 
 
 def _mutates_or_draws(node: fx.Node) -> bool:
