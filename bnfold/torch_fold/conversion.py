@@ -9,11 +9,17 @@ from bnfold.fold_math import round_to_dtype
 
 # torch dtypes numpy has, or (bfloat16) ml_dtypes has, with the same bit layout.
 _NUMPY_DTYPES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# Those numpy itself has.
+_NUMPY_FLOATS = (torch.float64, torch.float32, torch.float16)
 
 
 def to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     """float64 on the CPU, whatever the tensor's dtype (numpy has no bfloat16) and device."""
-    return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
+    if tensor is None:
+        return None
+    if tensor.dtype in _NUMPY_FLOATS:  # widening is exact in numpy too, and cheaper there than torch's .to
+        return tensor.numpy(force=True).astype(np.float64, copy=False)
+    return tensor.detach().to("cpu", torch.float64).numpy()
 
 
 def to_numpy_as_is(tensor: torch.Tensor) -> np.ndarray:

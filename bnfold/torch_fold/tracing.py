@@ -68,20 +68,22 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
     proxy_buffer_attributes = True
 
     def trace(self, root: nn.Module, concrete_args: dict | None = None) -> fx.Graph:
-        # fx's own getattr finds an attribute's path by walking every parameter and buffer of the model on
-        # each read (quadratic in the model's size); these are the paths it would find, first name first.
-        self._parameter_paths = _first_paths(root.named_parameters())
-        self._buffer_paths = _first_paths(root.named_buffers())
+        self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
         return super().trace(root, concrete_args)
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict[str, fx.Proxy]):
         """fx's ``Tracer.getattr`` (a parameter, else with ``proxy_buffer_attributes`` a buffer, becomes one
         ``get_attr`` proxy per path), with the paths looked up instead of searched."""
-        path = None
-        if isinstance(attr_val, nn.Parameter):
-            path = self._parameter_paths.get(id(attr_val))
-        if path is None and isinstance(attr_val, torch.Tensor):
-            path = self._buffer_paths.get(id(attr_val))
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self._tensor_paths is None:
+            # fx's own getattr finds an attribute's path by walking every parameter and buffer of the model on
+            # each read (quadratic in the model's size); these are the paths it would find, first name first.
+            self._tensor_paths = _first_paths(self.root.named_parameters()), _first_paths(self.root.named_buffers())
+        parameter_paths, buffer_paths = self._tensor_paths
+        path = parameter_paths.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if path is None:
+            path = buffer_paths.get(id(attr_val))
         if path is None:
             return attr_val
         if path not in parameter_proxy_cache:
