@@ -367,6 +367,8 @@ def _computes_like(traced: TracedModel, example_inputs: tuple) -> bool:
         if isinstance(want, torch.Tensor):
             if want.shape != got.shape or want.dtype != got.dtype:
                 return False
+            if torch.equal(got, want):
+                continue  # the usual case, the same kernels on the same values: no tolerance to work out
             finite = want[torch.isfinite(want)] if want.is_floating_point() else want.new_zeros(0)
             scale = finite.abs().max().item() if finite.numel() else 0.0
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-6 + 1e-4 * scale, equal_nan=True):
