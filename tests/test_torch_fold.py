@@ -154,6 +154,8 @@ def test_batchnorm_act_after_a_same_padding_conv_folds_in_a_graph_not_named_as_t
     assert {"conv_stem.bn.drop", "conv_stem.bn.act"} <= called and F.batch_norm not in {
         node.target for node in result.model.graph.nodes
     }
+    # Built from the edited graph: the folded statistics the graph no longer reads are not in the result.
+    assert not any(key.startswith("conv_stem.bn.") for key in result.model.state_dict())
 
 
 def test_frozen_batchnorm_folds_in_the_module_tree():
@@ -815,6 +817,32 @@ def test_a_traced_graph_that_is_not_the_models_falls_back_to_export_and_folds_no
     assert [skip.code for skip in result.report.skips] == ["no-foldable-neighbour"]
     assert any("traced graph computes other outputs than the model" in note for note in result.report.notes)
     torch.testing.assert_close(result.model(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_the_trace_check_runs_without_verification_too():
+    # verify=False skips the comparison of the folded model, not the proof that fx's graph is the model's.
+    model = _TracesAnotherGraph().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs, verify=False)
+    assert result.report.folds == []
+    assert any("traced graph computes other outputs than the model" in note for note in result.report.notes)
+
+
+class _RoundsDifferentlyWhenRun(_TracesAnotherGraph):
+    """The graph fx records (``bn(conv(x))``) differs from the model's run by one rounding per value."""
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.bn(h * (1 + 2**-22) if isinstance(x, torch.Tensor) else h)
+
+
+def test_the_trace_check_accepts_outputs_equal_up_to_rounding():
+    # Outputs that are not bitwise equal still go through the tolerance (a kernel may take another path).
+    model = _RoundsDifferentlyWhenRun().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs, verify=False)
+    assert "pairs found with torch.fx symbolic tracing" in result.report.notes
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv")]
 
 
 def test_model_neither_fx_nor_export_can_capture_folds_the_pairs_dynamo_captures():
