@@ -828,6 +828,54 @@ def test_the_trace_check_runs_without_verification_too():
     assert any("traced graph computes other outputs than the model" in note for note in result.report.notes)
 
 
+class _CallsTheConvsTheOtherWayWhenRun(nn.Module):
+    """fx records ``bn(conv1(x)) + conv2(x)``; the model runs ``bn(conv2(x)) + conv1(x)``. Both convs are called
+    on the same input, in the other order: the graph run must not take conv2's result for its conv1 call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            return self.bn(self.conv2(x)) + self.conv1(x)
+        return self.bn(self.conv1(x)) + self.conv2(x)
+
+
+def test_the_trace_check_catches_a_graph_that_calls_its_convs_the_other_way():
+    torch.manual_seed(0)
+    model = _CallsTheConvsTheOtherWayWhenRun()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    result = fold(model.eval(), (torch.randn(2, 3, 8, 8),), verify=False)
+    assert any("traced graph computes other outputs than the model" in note for note in result.report.notes)
+
+
+class _ChangesTheConvOutputInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h.add_(1)
+        return self.bn(h)
+
+
+def test_the_trace_check_graph_run_keeps_its_own_copy_of_a_layer_result_the_model_changes_in_place():
+    # The graph takes the conv's result from the model's run; the model then adds 1 to it in place, and so does
+    # the graph, once, to its own copy: the outputs agree and the fx graph is used.
+    model = _ChangesTheConvOutputInPlace().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+    assert "pairs found with torch.fx symbolic tracing" in result.report.notes
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 class _RoundsDifferentlyWhenRun(_TracesAnotherGraph):
     """The graph fx records (``bn(conv(x))``) differs from the model's run by one rounding per value."""
 

@@ -7,8 +7,10 @@ Pairs come from this graph, never from module order, so a BatchNorm registered a
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -325,14 +327,46 @@ def _take_added_attributes(model: nn.Module, attributes_before: set[str]) -> dic
     return added
 
 
-class _ShapeRecorder(fx.Interpreter):
-    """Runs an fx graph on the model's own modules and tensors, putting each tensor value's shape and dtype in
-    its node's ``meta[SHAPE_AND_DTYPE]`` (which axis a Linear's features are on, where a reshape moves the
-    channels): the two facts the analysis reads, without ShapeProp's strides and memory formats."""
+class _GraphRun(fx.Interpreter):
+    """The fx graph run on the model's own modules and tensors, in step with a run of the model, putting each
+    tensor value's shape and dtype in its node's ``meta[SHAPE_AND_DTYPE]`` (which axis a Linear's features are
+    on, where a reshape moves the channels: the two facts the analysis reads, without ShapeProp's strides and
+    memory formats).
 
-    def __init__(self, traced: TracedModel):
+    In step: each time the model calls a Conv/ConvTranspose/Linear module with torch's own forward, the graph
+    runs up to its own next such call; when that is a call of the same module on bitwise-equal inputs, the graph
+    takes the model's result (a copy: either run may change its values in place later) instead of computing it
+    again. Such a call computes from its input and the module's parameters only, so the graph's values are the
+    ones it would compute. At the first call that does not match, the runs part and the graph computes the rest
+    itself. (fx's ``Interpreter.run`` cannot pause for the model, hence the node loop here.) Values are freed
+    after their last use, as fx's run frees them.
+    """
+
+    def __init__(self, traced: TracedModel, example_inputs: tuple):
         super().__init__(traced.model, graph=traced.graph)
         self.traced = traced
+        self.env = {}
+        self.args_iter = iter(self.graph.process_inputs(*example_inputs))
+        self._unrun = iter(self.graph.nodes)
+        self._in_step = True
+        self._output = None
+
+    @contextlib.contextmanager
+    def in_step_with_the_model(self) -> Iterator[None]:
+        """While the model runs: forward hooks on the layers whose calls the graph can take from the model."""
+        layers = {self.traced.module(node.target) for node in self.graph.nodes if self._takes_result(node)}
+        hooks = [layer.register_forward_hook(self._take_result) for layer in layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def finish(self) -> Any:
+        """The graph's output, after running what it has not run yet."""
+        self._in_step = False
+        self._run_until(lambda node: False)
+        return self._output
 
     def fetch_attr(self, target: str) -> Any:
         # From the traced model's table of modules (fx walks the path attribute by attribute), or fx's constants.
@@ -341,20 +375,68 @@ class _ShapeRecorder(fx.Interpreter):
     def run_node(self, node: fx.Node) -> Any:
         # fx's run_node without marking the node current for fx's traceback tooling: nothing here retraces.
         args, kwargs = self.fetch_args_kwargs_from_env(node)
-        value = getattr(self, node.op)(node.target, args, kwargs)
+        return getattr(self, node.op)(node.target, args, kwargs)
+
+    def _takes_result(self, node: fx.Node) -> bool:
+        if node.op != "call_module":
+            return False
+        module = self.traced.module(node.target)
+        return isinstance(module, FOLDABLE_LAYER_TYPES) and has_torch_forward(module)
+
+    def _take_result(self, layer: nn.Module, inputs: tuple, output: Any) -> None:
+        if not self._in_step:
+            return
+        # Out of step until this call matches: a layer the graph run calls meanwhile is not the model's call.
+        self._in_step = False
+        node = self._run_until(self._takes_result)
+        if node is None:
+            return
+        graph_inputs, graph_keywords = self.fetch_args_kwargs_from_env(node)
+        if self.traced.module(node.target) is layer and not graph_keywords and _equal_tensors(graph_inputs, inputs):
+            self._store(node, output.clone())
+            self._in_step = True
+        else:
+            self._store(node, self.run_node(node))
+
+    def _run_until(self, stop: Callable[[fx.Node], bool]) -> fx.Node | None:
+        """Runs the graph's nodes in order up to the first one ``stop`` holds for, which it returns unrun."""
+        for node in self._unrun:
+            if stop(node):
+                return node
+            self._store(node, self.run_node(node))
+        return None
+
+    def _store(self, node: fx.Node, value: Any) -> None:
         if isinstance(value, torch.Tensor):
             node.meta[SHAPE_AND_DTYPE] = (tuple(value.shape), value.dtype)
-        return value
+        self.env[node] = value
+        for used in self.user_to_last_uses.get(node, []):
+            del self.env[used]
+        if node.op == "output":
+            self._output = self.graph.process_outputs(value)
+
+
+def _equal_tensors(these: tuple, those: tuple) -> bool:
+    return len(these) == len(those) and all(
+        isinstance(this, torch.Tensor)
+        and isinstance(that, torch.Tensor)
+        and this.shape == that.shape
+        and this.dtype == that.dtype
+        and torch.equal(this, that)
+        for this, that in zip(these, those)
+    )
 
 
 def _computes_like(traced: TracedModel, example_inputs: tuple) -> bool:
     """Whether the traced graph gives the model's outputs on ``example_inputs`` (the same ops in the same
     order: equal up to the rounding of a kernel that picks another path). The graph run records the shapes
-    the analysis reads in the same pass."""
+    the analysis reads in the same pass, in step with the model's (see _GraphRun)."""
     try:
+        graph_run = _GraphRun(traced, example_inputs)
         with torch.no_grad():
-            expected = traced.model(*example_inputs)
-            actual = _ShapeRecorder(traced).run(*example_inputs)
+            with graph_run.in_step_with_the_model():
+                expected = traced.model(*example_inputs)
+            actual = graph_run.finish()
     except Exception:  # noqa: BLE001 - the graph does not even run: it is not the model's
         return False
     expected_leaves, expected_structure = pytree.tree_flatten(expected)
