@@ -350,11 +350,19 @@ class _GraphRun(fx.Interpreter):
         self._unrun = iter(self.graph.nodes)
         self._in_step = True
         self._output = None
+        # The calls whose result the graph can take from the model's run.
+        self._layer_calls = {
+            node
+            for node in self.graph.nodes
+            if node.op == "call_module"
+            and isinstance(module := traced.module(node.target), FOLDABLE_LAYER_TYPES)
+            and has_torch_forward(module)
+        }
 
     @contextlib.contextmanager
     def in_step_with_the_model(self) -> Iterator[None]:
         """While the model runs: forward hooks on the layers whose calls the graph can take from the model."""
-        layers = {self.traced.module(node.target) for node in self.graph.nodes if self._takes_result(node)}
+        layers = {self.traced.module(node.target) for node in self._layer_calls}
         hooks = [layer.register_forward_hook(self._take_result) for layer in layers]
         try:
             yield
@@ -377,18 +385,12 @@ class _GraphRun(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         return getattr(self, node.op)(node.target, args, kwargs)
 
-    def _takes_result(self, node: fx.Node) -> bool:
-        if node.op != "call_module":
-            return False
-        module = self.traced.module(node.target)
-        return isinstance(module, FOLDABLE_LAYER_TYPES) and has_torch_forward(module)
-
     def _take_result(self, layer: nn.Module, inputs: tuple, output: Any) -> None:
         if not self._in_step:
             return
         # Out of step until this call matches: a layer the graph run calls meanwhile is not the model's call.
         self._in_step = False
-        node = self._run_until(self._takes_result)
+        node = self._run_until(self._layer_calls.__contains__)
         if node is None:
             return
         graph_inputs, graph_keywords = self.fetch_args_kwargs_from_env(node)
