@@ -1,10 +1,11 @@
 """How many BatchNorms torch.fx.experimental.optimization.fuse folds versus bnfold, per test architecture,
-and how long each takes (bnfold with ``verify=False``; best of 7 runs, and bnfold's time over fuse's).
+and how long each takes (bnfold with ``verify=False``; best of 15 runs, and bnfold's time over fuse's).
 
 Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/torch_fold_counts.py``. The architectures
-are the small ones the PyTorch front-end's tests use (tests/torch_architectures.py). fuse and bnfold take
-turns, one run each per round, so that load from other processes on the machine falls on both alike: the
-ratio is the figure to compare between runs, the milliseconds move with the machine.
+are the small ones the PyTorch front-end's tests use (tests/torch_architectures.py). Times are the process's
+CPU time on one thread, which other processes on a shared machine disturb less than wall time, and fuse and
+bnfold take turns, one run each per round, so that what load remains falls on both alike: the ratio is the
+figure to compare between runs, the milliseconds move with the machine.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch_architectures import CASES, batchnorm_modules, fuse_folds, fx_traceab
 
 from bnfold.torch_fold import fold  # noqa: E402
 
-_ROUNDS = 7
+_ROUNDS = 15
 
 
 def _best_ms(runs: dict[str, object]) -> dict[str, float]:
@@ -29,9 +30,9 @@ def _best_ms(runs: dict[str, object]) -> dict[str, float]:
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(_ROUNDS):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start = time.process_time()
             run()
-            best[name] = min(best[name], (time.perf_counter() - start) * 1000)
+            best[name] = min(best[name], (time.process_time() - start) * 1000)
     return best
 
 
