@@ -5,7 +5,9 @@
 1. **Pairs from the real data flow** (:mod:`.tracing`, :mod:`.calls`). The model is traced with
    torch.fx, keeping unmodified torch layers and BatchNorms as module calls and tracing through
    layer subclasses with their own ``forward`` (their ``F.conv2d`` becomes a function call on
-   parameters). When fx cannot trace the model, ``torch.export.export`` gives the graph instead, and
+   parameters). The fx graph counts only once it has run on the example inputs in step with the model and
+   given the model's outputs (Python that fx evaluates on a proxy can record a graph the model never runs).
+   When fx cannot trace the model (or its graph fails that), ``torch.export.export`` gives the graph instead, and
    when export cannot either (a branch on a tensor's value), the graphs TorchDynamo captures running the
    example inputs, split at graph breaks (a value crossing a break is its graph's output, so a pair
    across one has another reader and stays). Those graphs record module calls as the calls their
