@@ -51,8 +51,19 @@ def child(path: str, phase: str, repeats: int) -> None:
                 worst = max(check.units for check in report.verification.folds if check.units is not None)
                 parameters = max(check.parameters.units for check in report.verification.folds if check.parameters)
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _peak_mib()
     print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak, "worst_units": worst, "worst_parameter_units": parameters}))
+
+
+def _peak_mib() -> float:
+    """This process's peak resident memory. ru_maxrss would do, but a child started by fork and exec keeps
+    its parent's peak at the fork (the parent here has exported the model with torch): VmHWM is the
+    process's own since the exec."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main() -> None:

@@ -170,15 +170,12 @@ def append_local_checks(model: RuntimeModel, local: list[LocalFold]) -> list[_Ch
         if half:
             data = fresh("check_input")
             graph.node.append(onnx.helper.make_node("Cast", [check.data], [data], to=onnx.TensorProto.FLOAT))
-        weights = [None if w is None else w.astype(np.float32) if half else w for w in check.folded_weights]
+        weights = _initializers(model, fresh, [None if w is None else w.astype(np.float32) if half else w for w in check.folded_weights])
         folded = _layer_copy(model, fresh, check.folded_layer, data, weights)
         # The size of the rounding at each element: the same layer with every term squared (a Gemm's alpha
-        # and beta too), then the square root.
-        squared_data = fresh("check_squared_input")
-        graph.node.append(onnx.helper.make_node("Mul", [data, data], [squared_data]))
-        squares = _layer_copy(
-            model, fresh, check.folded_layer, squared_data, [None if w is None else w * w for w in weights], squared_gemm_terms=True
-        )  # fmt: skip
+        # and beta too; the squares computed in the graph), then the square root.
+        squared_data, *squared_weights = (_square(model, fresh, name) for name in (data, *weights))
+        squares = _layer_copy(model, fresh, check.folded_layer, squared_data, squared_weights, squared_gemm_terms=True)
         magnitude = fresh("check_magnitude")
         graph.node.append(onnx.helper.make_node("Sqrt", [squares], [magnitude]))
         reference = _float32_reference(model, fresh, check, data) if half else None
@@ -206,6 +203,7 @@ def _float32_reference(model: RuntimeModel, fresh: FreshNames, check: LocalFold,
     original = [None if array is None else np.asarray(array, np.float32) for array in check.original_inputs]
     # A Conv's or Gemm's output has its input's rank, the channels on axis 1.
     rank = 2 if check.original_layer.op_type == "Gemm" else original[0].ndim
+    original = _initializers(model, fresh, original)
     if check.preceding:
         out = _layer_copy(model, fresh, check.original_layer, data, original)
         return _channel_map(model, fresh, out, check.affine, rank)
@@ -213,12 +211,26 @@ def _float32_reference(model: RuntimeModel, fresh: FreshNames, check: LocalFold,
     return _layer_copy(model, fresh, check.original_layer, mapped, original)
 
 
+def _initializers(model: RuntimeModel, fresh: FreshNames, arrays: list[np.ndarray | None]) -> list[str]:
+    """Each array as a new initializer of ``model``: their names ("" for None, an absent optional input)."""
+    return ["" if array is None else model.add_initializer(fresh("check_weight"), array) for array in arrays]
+
+
+def _square(model: RuntimeModel, fresh: FreshNames, name: str) -> str:
+    """A node computing ``name`` times itself; its output ("" for an absent input)."""
+    if not name:
+        return ""
+    squared = fresh("check_squared")
+    model.proto.graph.node.append(onnx.helper.make_node("Mul", [name, name], [squared]))
+    return squared
+
+
 def _layer_copy(
-    model: RuntimeModel, fresh: FreshNames, node: onnx.NodeProto, data: str, weights: list, squared_gemm_terms: bool = False
+    model: RuntimeModel, fresh: FreshNames, node: onnx.NodeProto, data: str, weights: list[str], squared_gemm_terms: bool = False
 ) -> str:
-    """A copy of layer ``node`` reading ``data`` and ``weights`` (its inputs after the data: arrays or
-    None); with ``squared_gemm_terms``, a Gemm's alpha and beta squared. Returns its output's name."""
-    inputs = [data] + ["" if weight is None else model.add_initializer(fresh("check_weight"), weight) for weight in weights]
+    """A copy of layer ``node`` reading ``data`` and ``weights`` (the names of its inputs after the data; ""
+    for an absent one); with ``squared_gemm_terms``, a Gemm's alpha and beta squared. Returns its output's name."""
+    inputs = [data, *weights]
     output = fresh("check_layer")
     copy = onnx.helper.make_node(node.op_type, inputs, [output], domain=node.domain)
     for attribute in node.attribute:
