@@ -54,6 +54,7 @@ class RuntimeModel:
         self.proto = proto
         self.tensors = tensors
         self.source = source  # the ModelProto it was made from, if it was
+        self._outputs: set[str] | None = None
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The values of ``tensor``, an initializer of the source model: the array held for onnxruntime
@@ -76,7 +77,10 @@ class RuntimeModel:
         return name
 
     def add_output(self, name: str) -> None:
-        if all(output.name != name for output in self.proto.graph.output):
+        if self._outputs is None:  # (a set: a model may gain tens of thousands of outputs, one at a time)
+            self._outputs = {output.name for output in self.proto.graph.output}
+        if name not in self._outputs:
+            self._outputs.add(name)
             self.proto.graph.output.add(name=name)
 
     def names(self) -> set[str]:
