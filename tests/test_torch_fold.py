@@ -788,14 +788,18 @@ def test_export_fallback_reports_batch_statistics_under_the_module_name():
     assert skip_codes(result.report) == {"bn": "batch-statistics"}
 
 
-class _TracesAnotherGraph(nn.Module):
-    """Under fx, ``x`` is a proxy, not a tensor: the trace records ``bn(conv(x))``, a pair the model never
-    runs (it normalises ``relu(conv(x))``)."""
+class _ConvThenBatchNorm(nn.Module):
+    """A conv and a BatchNorm; subclasses say what runs between them."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
+
+
+class _TracesAnotherGraph(_ConvThenBatchNorm):
+    """Under fx, ``x`` is a proxy, not a tensor: the trace records ``bn(conv(x))``, a pair the model never
+    runs (it normalises ``relu(conv(x))``)."""
 
     def forward(self, x):
         h = self.conv(x)
@@ -806,11 +810,7 @@ class _TracesAnotherGraph(nn.Module):
 
 def test_a_traced_graph_that_is_not_the_models_falls_back_to_export_and_folds_nothing_false():
     torch.manual_seed(0)
-    model = _TracesAnotherGraph()
-    with torch.no_grad():
-        model.bn.running_mean.normal_()
-        model.bn.running_var.uniform_(0.5, 2.0)
-    model.eval()
+    model = randomise_statistics(_TracesAnotherGraph())
     inputs = (torch.randn(2, 3, 8, 8),)
     result = fold(model, inputs)  # before: a conv -> bn fold that verification rejected
     assert result.report.folds == []
@@ -846,20 +846,12 @@ class _CallsTheConvsTheOtherWayWhenRun(nn.Module):
 
 def test_the_trace_check_catches_a_graph_that_calls_its_convs_the_other_way():
     torch.manual_seed(0)
-    model = _CallsTheConvsTheOtherWayWhenRun()
-    with torch.no_grad():
-        model.bn.running_mean.normal_()
-        model.bn.running_var.uniform_(0.5, 2.0)
-    result = fold(model.eval(), (torch.randn(2, 3, 8, 8),), verify=False)
+    model = randomise_statistics(_CallsTheConvsTheOtherWayWhenRun())
+    result = fold(model, (torch.randn(2, 3, 8, 8),), verify=False)
     assert any("traced graph computes other outputs than the model" in note for note in result.report.notes)
 
 
-class _ChangesTheConvOutputInPlace(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
+class _ChangesTheConvOutputInPlace(_ConvThenBatchNorm):
     def forward(self, x):
         h = self.conv(x)
         h.add_(1)
