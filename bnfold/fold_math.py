@@ -181,7 +181,12 @@ def check_fits(array: np.ndarray, dtype: np.dtype | type, what: str) -> None:
     dtype = np.dtype(dtype)
     if not array.size:
         return
-    largest = max(float(array.max()), -float(array.min()))  # (no temporary |array|: weights can be large)
+    _require_fits(max(float(array.max()), -float(array.min())), dtype, what)  # (no temporary |array|: weights can be large)
+
+
+def _require_fits(largest: float, dtype: np.dtype, what: str) -> None:
+    """Raise :class:`FoldOverflowError` unless values up to ``largest`` in magnitude round to finite
+    ``dtype`` values (NaN fails the comparison too)."""
     if not largest < overflow_threshold(dtype):
         raise FoldOverflowError(what, dtype, largest)
 
@@ -263,10 +268,11 @@ def fold_into_outputs(
     return new_weight, _folded_output_bias(bias, affine, out_dtype)
 
 
-# Elements of float64 work per numpy call when a large weight is folded a block of output channels at a
-# time: the block stays in a core's cache, where the whole weight in float64 would go through memory at
-# each step (twice as fast on ResNet-50's largest layers).
-_BLOCK = 1 << 15
+# Elements of float64 work per numpy call where a large array is gone through a block at a time (a weight
+# folded a block of output channels at a time; the verification's comparisons): the block stays in a core's
+# cache, where the whole array in float64 would go through memory at each step (twice as fast on ResNet-50's
+# largest layers).
+BLOCK_ELEMENTS = 1 << 15
 
 
 def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: WeightLayout, dtype: np.dtype) -> np.ndarray:
@@ -276,7 +282,7 @@ def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: Weig
     rows = weight.reshape(weight.shape[0], -1)
     result = np.empty(weight.shape, dtype)
     result_rows = result.reshape(rows.shape)
-    per_block = max(1, _BLOCK // max(1, rows.shape[1]))
+    per_block = max(1, BLOCK_ELEMENTS // max(1, rows.shape[1]))
     extremes = [0.0]
     buffer = np.empty((min(per_block, rows.shape[0]), rows.shape[1]))
     # numpy rounds float64 to float32 and float16 once, to nearest even, as it casts into the result.
@@ -291,9 +297,7 @@ def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: Weig
                 np.copyto(result_rows[block], scaled, casting="unsafe")
             else:
                 result_rows[block] = round_to_dtype(scaled, dtype)
-    largest = float(np.max(extremes))  # (NaN if any is)
-    if not largest < overflow_threshold(dtype):  # (NaN fails the comparison too)
-        raise FoldOverflowError("weight", dtype, largest)
+    _require_fits(float(np.max(extremes)), dtype, "weight")  # (NaN if any is)
     return result
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 
-from bnfold.fold_math import ExactFold, WeightLayout
+from bnfold.fold_math import BLOCK_ELEMENTS, ExactFold, WeightLayout
 
 # (atol, rtol) per output dtype; an output passes when max |folded - original| <= atol + rtol * max |original|
 # over its finite elements. The rounding error of an element scales with the sums that produced it, not
@@ -210,12 +210,6 @@ def compare_parameters(
     return max(candidates, key=lambda comparison: comparison.units)
 
 
-# Elements of float64 work per numpy call where an array is gone through a block at a time: the blocks stay
-# in a core's cache, where whole arrays (a ResNet-50's weights: 200 MB in float64) would go through memory
-# at each step.
-_BLOCK = 1 << 15
-
-
 def _worst_parameter_element(actual: np.ndarray, exact: np.ndarray, scale: np.ndarray | None) -> tuple[int, float, float]:
     """The flat index, units and |error| of the element of ``actual`` furthest from ``exact`` in units of
     eps x ``scale`` (None: |exact|), at least the smallest subnormal, of ``actual``'s dtype; NaN or Inf
@@ -225,8 +219,8 @@ def _worst_parameter_element(actual: np.ndarray, exact: np.ndarray, scale: np.nd
     actual, exact = actual.reshape(-1), exact.reshape(-1)
     scale = None if scale is None else scale.reshape(-1)
     worst = (0, -1.0, 0.0)
-    for start in range(0, actual.size, _BLOCK):
-        block = slice(start, start + _BLOCK)
+    for start in range(0, actual.size, BLOCK_ELEMENTS):
+        block = slice(start, start + BLOCK_ELEMENTS)
         error = actual[block].astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
             error -= exact[block]
@@ -315,7 +309,7 @@ def _compare_layer_outputs(fold, dtype_name, reference, folded, magnitude, chann
     if not reference.size:
         return FoldCheck(fold, dtype_name, "passed", channels, 0, 0.0, 0.0, 0.0, allowed)
     by_channel = np.empty(channels)
-    rows = max(1, _BLOCK // reference.shape[1])
+    rows = max(1, BLOCK_ELEMENTS // reference.shape[1])
     for start in range(0, channels, rows):
         block = slice(start, start + rows)
         _, units = _output_errors(reference[block], folded[block], magnitude[block], eps)

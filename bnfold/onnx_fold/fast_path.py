@@ -162,7 +162,7 @@ def _has_non_text_fields(model: onnx.ModelProto) -> bool:
     return any(type(getattr(model, field)) is bytes for field in ("producer_name", "producer_version", "domain", "doc_string"))
 
 
-def _label(node: onnx.NodeProto) -> str:
+def node_label(node: onnx.NodeProto) -> str:
     """The label :func:`bnfold.onnx_fold.rules.node_label` gives the same node."""
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
 
@@ -235,7 +235,7 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
     if 0 in dims or any(math.prod(tensor.dims) != channels for tensor in statistics) or not _bias_fits(bias, layer, channels):
         return None
     fold_bias = bias is not None and beta != 0.0
-    labels = (_label(batchnorm), _label(layer))
+    labels = (node_label(batchnorm), node_label(layer))
     return _Pair(
         layer_position, batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0,
         statistics, statistic_names, epsilon, channels, labels,
@@ -284,11 +284,14 @@ def _concatenated(tensors: list[onnx.TensorProto]) -> np.ndarray:
     return np.concatenate([tensor_array(tensor).reshape(-1).astype(np.float64) for tensor in tensors])
 
 
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in _DEFAULT_DOMAINS), 1)
+
+
 def plain_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
     """The main graph's BatchNorms that sit in plain pairs, by their labels (the others are left out):
     what verification reads to check the folds this path made."""
-    opset = next((entry.version for entry in model.opset_import if entry.domain in _DEFAULT_DOMAINS), 1)
-    index = _GraphIndex(model.graph)
+    opset, index = _default_opset(model), _GraphIndex(model.graph)
     pairs = (_plain_pair(position, opset, index) for position in index.batchnorms)
     return {pair.labels[0]: pair for pair in pairs if pair is not None}
 
@@ -297,8 +300,7 @@ def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold
     """The folded copy of ``model`` and its folds, when every BatchNorm in it is a plain pair and nothing
     else would fold; None otherwise. ``model`` is never modified, and the tensors the fold replaces are
     never copied."""
-    opset = next((entry.version for entry in model.opset_import if entry.domain in _DEFAULT_DOMAINS), 1)
-    index = _GraphIndex(model.graph)
+    opset, index = _default_opset(model), _GraphIndex(model.graph)
     if index.has_subgraphs or index.has_non_text or sys.byteorder != "little" or _has_non_text_fields(model):
         return None
     if _has_unknown_element_types(model.graph):

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 
 from bnfold.errors import InputError, MissingInputError, describe_error
@@ -96,12 +97,15 @@ def _model_file(path: str | os.PathLike) -> Path:
     return path
 
 
-# Element sizes of the raw data :func:`_checker_view` checks itself; tensors of other types go to the
-# checker whole.
-_RAW_ITEMSIZES = {
-    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-    onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8,
-    onnx.TensorProto.BOOL: 1,
+# How each element type's raw data is held in numpy (bfloat16 as its bits): the types whose raw data
+# :func:`_checker_view` checks itself (tensors of other types go to the checker whole) and verification hands
+# to onnxruntime as arrays (bnfold.onnx_fold.runtime).
+RAW_STORAGE = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.BFLOAT16: np.uint16, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.UINT32: np.uint32, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT64: np.uint64,
+    onnx.TensorProto.BOOL: np.bool_,
 }  # fmt: skip
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data", "external_data", "metadata_props")
 # Below this many bytes per initializer on average, the copy below costs more than the checker's own parse.
@@ -121,10 +125,10 @@ def _checker_view(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     copy_fields(model, view, skip=("graph",))
     copy_fields(model.graph, view.graph, skip=("initializer",))
     for tensor in initializers:
-        itemsize = _RAW_ITEMSIZES.get(tensor.data_type)
+        storage = RAW_STORAGE.get(tensor.data_type)
         dims = tensor.dims
         if (
-            itemsize is None
+            storage is None
             or not tensor.HasField("raw_data")
             or tensor.HasField("data_location")
             or tensor.HasField("segment")
@@ -133,6 +137,7 @@ def _checker_view(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         ):
             view.graph.initializer.append(tensor)  # anything unusual: the checker sees it whole
             continue
+        itemsize = np.dtype(storage).itemsize
         size, needed = len(tensor.raw_data), math.prod(dims) * itemsize
         if size < needed:
             raise InputError(

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from bnfold.fold_math import ChannelAffine, ExactFold, UnfoldableStatisticsError, WeightLayout, batchnorm_affine, exact_fold
-from bnfold.onnx_fold.fast_path import plain_pairs
+from bnfold.onnx_fold.fast_path import node_label, plain_pairs
 from bnfold.onnx_fold.layers import LAYER_OPS
 from bnfold.onnx_fold.runtime import RuntimeModel
 from bnfold.onnx_fold.shared import FreshNames, MalformedTensorError
@@ -75,11 +75,6 @@ def compare_layer_parameters(
         with np.errstate(divide="ignore", invalid="ignore"):  # a zero alpha or beta: infinitely far, as it is
             exact = ExactFold(exact.weight / folded.alpha, exact.bias / bias_over, exact.bias_terms / abs(bias_over))
     return compare_parameters(exact, folded.weight, folded_bias, folded.layout, rtol)
-
-
-def node_label(node: onnx.NodeProto) -> str:
-    """The label :func:`bnfold.onnx_fold.rules.node_label` gives the same node."""
-    return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
 
 
 def plain_local_folds(

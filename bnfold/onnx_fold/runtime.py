@@ -29,21 +29,13 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from bnfold.onnx_fold.fast_path import tensor_array
-from bnfold.onnx_fold.io import copy_fields, scratch_directory
+from bnfold.onnx_fold.io import RAW_STORAGE, copy_fields, scratch_directory
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
 _PLACEHOLDER = "bnfold-provided-tensors"
 _SHARED_MIN_BYTES = 128
-# How each element type's raw data is held in numpy (bfloat16 as its bits: onnxruntime takes its type apart).
-_STORAGE = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.BFLOAT16: np.uint16, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.UINT32: np.uint32, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT64: np.uint64,
-    onnx.TensorProto.BOOL: np.bool_,
-}  # fmt: skip
 
 
 class RuntimeModel:
@@ -69,11 +61,11 @@ class RuntimeModel:
         """Add ``array`` as initializer ``name`` of the main graph; return the name."""
         array = np.ascontiguousarray(array)
         data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-        if array.nbytes < _SHARED_MIN_BYTES or data_type not in _STORAGE:
+        if array.nbytes < _SHARED_MIN_BYTES or data_type not in RAW_STORAGE:
             self.proto.graph.initializer.append(numpy_helper.from_array(array, name))
         else:
             self.proto.graph.initializer.append(_reference(name, data_type, array.shape, array.nbytes))
-            self.tensors[name] = (array.view(_STORAGE[data_type]), data_type)
+            self.tensors[name] = (array.view(RAW_STORAGE[data_type]), data_type)
         return name
 
     def add_output(self, name: str) -> None:
@@ -126,7 +118,7 @@ def _from_proto(model: onnx.ModelProto) -> RuntimeModel:
     copy_fields(model.graph, proto.graph, skip=("initializer",))
     tensors = {}
     for tensor in model.graph.initializer:
-        storage = _STORAGE.get(tensor.data_type)
+        storage = RAW_STORAGE.get(tensor.data_type)
         nbytes = math.prod(tensor.dims) * (np.dtype(storage).itemsize if storage else 0)
         if (
             nbytes < _SHARED_MIN_BYTES
@@ -158,13 +150,13 @@ def _from_ir(model: ir.Model) -> RuntimeModel:
             if tensor is None:
                 continue
             data_type = tensor.dtype.value
-            shared = graph is main and data_type in _STORAGE and tensor.nbytes >= _SHARED_MIN_BYTES
+            shared = graph is main and data_type in RAW_STORAGE and tensor.nbytes >= _SHARED_MIN_BYTES
             if not shared and not isinstance(tensor, ir.ExternalTensor):
                 continue
             array = tensor.numpy()
             swapped.append((value, tensor))
             if shared:
-                tensors[value.name] = (array.view(_STORAGE[data_type]), data_type)
+                tensors[value.name] = (array.view(RAW_STORAGE[data_type]), data_type)
                 value.const_value = ir.ExternalTensor(_PLACEHOLDER, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name)
             else:
                 value.const_value = ir.tensor(array, name=value.name)
