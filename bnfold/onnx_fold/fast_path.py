@@ -55,7 +55,7 @@ _FLOATING = (*_RAW_DTYPES, onnx.TensorProto.BFLOAT16)
 
 
 @dataclasses.dataclass
-class _Pair:
+class PlainPair:
     """A plain pair as read from the input model."""
 
     layer_position: int  # in the input model
@@ -185,7 +185,7 @@ def _elementwise_may_fold(node: onnx.NodeProto, index: _GraphIndex) -> bool:
     return reads_layer and any(index.may_be_constant(name) for name in node.input if name)
 
 
-def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
+def _plain_pair(position: int, opset: int, index: _GraphIndex) -> PlainPair | None:
     """The BatchNorm at ``position`` and the layer before it, when FoldBatchNormPass would certainly fold
     the one into the other; None when anything about it needs the pass's full rules."""
     batchnorm = index.nodes[position]
@@ -236,7 +236,7 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> _Pair | None:
         return None
     fold_bias = bias is not None and beta != 0.0
     labels = (node_label(batchnorm), node_label(layer))
-    return _Pair(
+    return PlainPair(
         layer_position, batchnorm, layer, layout, weight, bias, fold_bias, beta if fold_bias else 1.0,
         statistics, statistic_names, epsilon, channels, labels,
     )  # fmt: skip
@@ -259,7 +259,7 @@ def _bias_fits(bias: onnx.TensorProto | None, layer: onnx.NodeProto, channels: i
     return len(dims) <= 2 and (not dims or dims[-1] in (1, channels))
 
 
-def _channel_affines(pairs: list[_Pair]) -> list[ChannelAffine] | None:
+def _channel_affines(pairs: list[PlainPair]) -> list[ChannelAffine] | None:
     """Every pair's BatchNorm as a channel affine map, computed in one call over all their channels."""
     if not pairs:
         return []
@@ -288,7 +288,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((entry.version for entry in model.opset_import if entry.domain in _DEFAULT_DOMAINS), 1)
 
 
-def plain_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
+def plain_pairs(model: onnx.ModelProto) -> dict[str, PlainPair]:
     """The main graph's BatchNorms that sit in plain pairs, by their labels (the others are left out):
     what verification reads to check the folds this path made."""
     opset, index = _default_opset(model), _GraphIndex(model.graph)
@@ -327,7 +327,7 @@ def _has_unknown_element_types(graph: onnx.GraphProto) -> bool:
     )
 
 
-def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[_Pair]) -> tuple[onnx.ModelProto, list[Fold]] | None:
+def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[PlainPair]) -> tuple[onnx.ModelProto, list[Fold]] | None:
     affines = _channel_affines(pairs)
     if affines is None:
         return None
@@ -358,7 +358,7 @@ def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[_Pair]) 
     return folded, folds
 
 
-def _chunks(items: list[tuple[_Pair, ChannelAffine, tuple[str, str]]]):
+def _chunks(items: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]]):
     """Runs of pairs with at most :data:`_CHUNK_ELEMENTS` weight elements (one layer may exceed it), so
     that folding many layers at once never holds float64 copies of all the model's weights."""
     chunk, elements = [], 0
@@ -376,7 +376,7 @@ def _chunks(items: list[tuple[_Pair, ChannelAffine, tuple[str, str]]]):
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _rewrite(chunk: list[tuple[_Pair, ChannelAffine, tuple[str, str]]], graph: onnx.GraphProto, position_in_folded) -> None:
+def _rewrite(chunk: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]], graph: onnx.GraphProto, position_in_folded) -> None:
     """Scale the chunk's layers' output channels into new weight and bias initializers of ``graph`` (the
     folded copy), under the names the pass gives them, and point the layers at them."""
     layers = []
@@ -416,7 +416,7 @@ def _set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
-def _bypass_all(pairs: list[_Pair], index: _GraphIndex, graph: onnx.GraphProto, position_in_folded) -> set[str]:
+def _bypass_all(pairs: list[PlainPair], index: _GraphIndex, graph: onnx.GraphProto, position_in_folded) -> set[str]:
     """Hand each BatchNorm's output to its layer in ``graph`` (the folded copy): readers read the layer's
     output instead, and a graph output keeps its name (now the layer's output). The names that go."""
     gone = set()

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from bnfold.fold_math import ChannelAffine, ExactFold, UnfoldableStatisticsError, WeightLayout, batchnorm_affine, exact_fold
-from bnfold.onnx_fold.fast_path import node_label, plain_pairs
+from bnfold.onnx_fold.fast_path import PlainPair, node_label, plain_pairs
 from bnfold.onnx_fold.layers import LAYER_OPS
 from bnfold.onnx_fold.runtime import RuntimeModel
 from bnfold.onnx_fold.shared import FreshNames, MalformedTensorError
@@ -77,16 +77,21 @@ def compare_layer_parameters(
     return compare_parameters(exact, folded.weight, folded_bias, folded.layout, rtol)
 
 
-def plain_local_folds(
-    original: RuntimeModel, folded: RuntimeModel, folds: list[Fold], rtol: float | None
-) -> tuple[list[LocalFold], list[FoldCheck]] | None:
-    """The local checks of ``folds``, each a plain pair of the original (see
-    :func:`bnfold.onnx_fold.fast_path.plain_pairs`), and a not-compared entry for each that cannot be
-    checked; None when a fold is not a plain pair. Both models are read from the ``ModelProto`` they were
-    made from, their tensors' values from the arrays they hold for onnxruntime."""
-    pairs = plain_pairs(original.source)
+def plain_folds(original: onnx.ModelProto, folds: list[Fold]) -> dict[str, PlainPair] | None:
+    """The plain pairs of ``original`` (see :func:`bnfold.onnx_fold.fast_path.plain_pairs`) by BatchNorm
+    label, when each of ``folds`` folded one; None otherwise."""
+    pairs = plain_pairs(original)
     if any(fold.graph or fold.direction != "into-preceding" or fold.batchnorm not in pairs for fold in folds):
         return None
+    return pairs
+
+
+def plain_local_folds(
+    original: RuntimeModel, folded: RuntimeModel, pairs: dict[str, PlainPair], folds: list[Fold], rtol: float | None
+) -> tuple[list[LocalFold], list[FoldCheck]]:
+    """The local checks of ``folds``, each folding one of the original's ``pairs`` (from :func:`plain_folds`),
+    and a not-compared entry for each that cannot be checked. Both models are read from the ``ModelProto``
+    they were made from, their tensors' values from the arrays they hold for onnxruntime."""
     in_folded: dict[str, list[onnx.NodeProto]] = {}
     for node in folded.source.graph.node:
         in_folded.setdefault(node_label(node), []).append(node)

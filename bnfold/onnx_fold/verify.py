@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from bnfold.onnx_fold.io import scratch_directory
-from bnfold.onnx_fold.local_checks import append_local_checks, plain_local_folds, read_local_checks
+from bnfold.onnx_fold.local_checks import append_local_checks, plain_folds, plain_local_folds, read_local_checks
 from bnfold.onnx_fold.runtime import RuntimeModel, model_runner, run_model, runtime_model
 from bnfold.report import Fold, printable
 from bnfold.verification import (
@@ -224,10 +224,11 @@ def _with_local_checks(
     entry for each other. The fast path's plain pairs are read from the protobufs; any other fold needs
     onnx_ir and the pass's rules."""
     if isinstance(folded, onnx.ModelProto) and not _is_ir_model(original):
-        original_model = runtime_model(_proto(original))
-        plain = plain_local_folds(original_model, folded_model, folds, rtol)
-        if plain is not None:
-            return original_model, *plain
+        original_proto = _proto(original)
+        pairs = plain_folds(original_proto, folds)
+        if pairs is not None:
+            original_model = runtime_model(original_proto)
+            return original_model, *plain_local_folds(original_model, folded_model, pairs, folds, rtol)
     import onnx_ir as ir
 
     from bnfold.onnx_fold.ir_local_checks import ir_local_folds
