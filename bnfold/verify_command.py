@@ -59,8 +59,8 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
         if positional(shapes):
             shapes = named(shapes, [name for name, _ in interfaces[original][0]], str(original))
         _, plan = fold_onnx(models[original], verify=False)  # which layers absorb which BatchNorms
-        result = run_verification(
-            str(original), models[candidate], folds=plan.folds, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed
+        result = run_verification(  # (the original as loaded above: fold_onnx left it as it was)
+            models[original], models[candidate], folds=plan.folds, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed
         )
     except InputError as error:
         fail(str(error))
