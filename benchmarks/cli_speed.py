@@ -16,6 +16,7 @@ Run: .venv/bin/python benchmarks/cli_speed.py [--models resnet50,mobilenet_v2] [
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -176,6 +177,10 @@ def main() -> None:
     models = {name: (exported(name), False) for name in args.models.split(",") if name}
     if args.large:
         models[f"chain_{LARGE_GIB:g}gib (external data)"] = (large_model(), True)
+    for root in filter(None, (REPO, args.baseline)):
+        # An installed wheel has its modules compiled at install; a checkout run with PYTHONDONTWRITEBYTECODE
+        # set (as on the machine these figures come from) would compile bnfold at every run: 0.05-0.1 s.
+        compileall.compile_dir(root / "bnfold", quiet=1)
     load = os.getloadavg()
     sections = [startup(args.repeats)]
     with tempfile.TemporaryDirectory(prefix="bnfold-cli-speed-") as scratch:

@@ -9,13 +9,21 @@ during start-up is handled like any other.
 from __future__ import annotations
 
 import difflib
+import importlib
 import signal
 from pathlib import Path
 
 import click
 
-from bnfold.check_command import check
-from bnfold.errors import EXIT_BAD_INPUT, InputError, describe_error, echo_error, fail
+from bnfold.errors import (
+    EXIT_BAD_INPUT,
+    InputError,
+    VerificationError,
+    VerificationUnavailableError,
+    describe_error,
+    echo_error,
+    fail,
+)
 from bnfold.input_shapes import named, parse_input_shapes, positional
 from bnfold.verify_command import verification_options, verify
 
@@ -23,15 +31,30 @@ EXIT_VERIFICATION_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
+# Commands imported only when run or listed (click's lazy subcommands): `bnfold MODEL -o OUT` does not pay
+# for the check command's modules (15 ms).
+_LAZY_COMMANDS = {"check": ("bnfold.check_command", "check")}
+
+
 class _BnfoldGroup(click.Group):
     """Routes ``bnfold MODEL ...`` to ``bnfold fold MODEL ...``, suggests the command a mistyped word was
     meant to be, and turns interrupts and unexpected exceptions into one line and an exit code."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS and cmd_name not in self.commands:
+            module, name = _LAZY_COMMANDS[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), name))
+        return super().get_command(ctx, cmd_name)
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        commands = self.list_commands(ctx)
         if args and args[0] == "help":
             args = ["--help"]
-        elif args and args[0] not in self.commands and not args[0].startswith("-"):
-            close = difflib.get_close_matches(args[0], self.commands, n=1, cutoff=0.6)
+        elif args and args[0] not in commands and not args[0].startswith("-"):
+            close = difflib.get_close_matches(args[0], commands, n=1, cutoff=0.6)
             if close and not Path(args[0]).exists():
                 ctx.fail(f"no command {args[0]!r}; did you mean {close[0]!r}? (a model path runs `fold`)")
             args = ["fold", *args]
@@ -58,7 +81,6 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-main.add_command(check)
 main.add_command(verify)
 
 
@@ -85,7 +107,6 @@ def fold(
     """Fold every BatchNorm of MODEL that is safe to fold, verify, write OUTPUT, report."""
     from bnfold.onnx_fold.folding import fold_onnx_file
     from bnfold.onnx_fold.io import check_writable, data_input_names, save_model
-    from bnfold.verification import CLI_OVERRIDES, VerificationError, VerificationUnavailableError
 
     if in_place and output is not None:
         raise click.UsageError("give either -o/--output or --in-place, not both")
@@ -113,6 +134,8 @@ def fold(
     except VerificationUnavailableError as error:
         fail(f"{model}: {error}")
     except VerificationError as error:
+        from bnfold.verification import CLI_OVERRIDES
+
         error.verification.overrides = CLI_OVERRIDES  # the reason names the flags, not the Python arguments
         _emit(error.report, output_format)
         fail(f"{model}: verification failed, nothing written: {error}", EXIT_VERIFICATION_FAILED)

@@ -1,15 +1,18 @@
-"""The exceptions bnfold raises for bad input, and how the commands report them, importable without numpy,
-onnx or torch (the CLI's start-up)."""
+"""The exceptions bnfold raises for bad input and failed verification, and how the commands report them,
+importable without numpy, onnx or torch (the CLI's start-up)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from bnfold.report import printable
+
+if TYPE_CHECKING:
+    from bnfold.verification import Verification
 
 # Every command's exit code for bad usage or bad input (an InputError), as linters use it.
 EXIT_BAD_INPUT = 2
@@ -44,3 +47,23 @@ class InputError(Exception):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A named input file does not exist: caught as an :class:`InputError` or a ``FileNotFoundError``."""
+
+
+class VerificationError(RuntimeError):
+    """The folded model does not reproduce the original within tolerance, or nothing could be compared.
+    ``model`` is the folded model, for a pipeline to inspect."""
+
+    def __init__(self, verification: Verification, report=None, model=None):
+        super().__init__(verification.reason)
+        self.verification = verification
+        self.report = report
+        self.model = model
+
+    def __str__(self) -> str:
+        # The reason as of now: the command line names its own flags (Verification.overrides) before printing.
+        return self.verification.reason
+
+
+class VerificationUnavailableError(RuntimeError):
+    """Nothing can be proven either way: onnxruntime cannot run the original model, or no random inputs
+    can be made for it (no shape, a size below 1, or past the memory budget)."""

@@ -9,6 +9,7 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 
+from bnfold.errors import VerificationError, VerificationUnavailableError  # noqa: F401 (their home before bnfold.errors)
 from bnfold.fold_math import BLOCK_ELEMENTS, ExactFold, WeightLayout
 
 # (atol, rtol) per output dtype; an output passes when max |folded - original| <= atol + rtol * max |original|
@@ -542,21 +543,3 @@ def compare_output(
     return comparison
 
 
-class VerificationError(RuntimeError):
-    """The folded model does not reproduce the original within tolerance, or nothing could be compared.
-    ``model`` is the folded model, for a pipeline to inspect."""
-
-    def __init__(self, verification: Verification, report=None, model=None):
-        super().__init__(verification.reason)
-        self.verification = verification
-        self.report = report
-        self.model = model
-
-    def __str__(self) -> str:
-        # The reason as of now: the command line names its own flags (Verification.overrides) before printing.
-        return self.verification.reason
-
-
-class VerificationUnavailableError(RuntimeError):
-    """Nothing can be proven either way: onnxruntime cannot run the original model, or no random inputs
-    can be made for it (no shape, a size below 1, or past the memory budget)."""

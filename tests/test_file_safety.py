@@ -154,17 +154,31 @@ def test_replacing_an_output_parses_an_inline_input_once(tmp_path, monkeypatch):
     model, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
     shutil.copy(EXAMPLE, model)
     shutil.copy(EXAMPLE, out)
-    loads = []
-    real_load = onnx.load
-    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs))
+    parses = []
+    real_read = io.read_model_proto
+    monkeypatch.setattr(io, "read_model_proto", lambda path: parses.append(path) or real_read(path))
     code, output = invoke(model, "-o", out, "--no-verify")
     assert code == 0, output
-    assert loads == [str(model)]
-    assert_same_outputs(onnx.load(EXAMPLE), real_load(out), atol=1e-5, rtol=1e-4)
+    assert parses == [model]
+    assert_same_outputs(onnx.load(EXAMPLE), onnx.load(out), atol=1e-5, rtol=1e-4)
 
     assert io.model_files(model) == {model.absolute()}
     with_external_data(tmp_path)  # rewrites model.onnx: a new identity, so a new parse names its data file
     assert io.model_files(model) == {model.absolute(), (tmp_path / "model.onnx.data").absolute()}
+
+
+def test_a_model_is_read_as_onnx_load_reads_it_binary_or_text(tmp_path):
+    """read_model_proto parses a binary file from a memory map and a text-format one (by its extension, as
+    onnx.load decides) through onnx.load: the same model either way."""
+    from bnfold.onnx_fold.io import read_model_proto
+
+    expected = onnx.load(EXAMPLE)
+    assert read_model_proto(EXAMPLE) == expected
+    text = tmp_path / "model.textproto"
+    onnx.save(expected, text, format="textproto")
+    assert read_model_proto(text) == expected
+    code, output = invoke(text, "-o", tmp_path / "out.onnx", "--no-verify")
+    assert code == 0 and "folded 4 of 4" in output, output
 
 
 @pytest.mark.parametrize("special", ["fifo", "device"])

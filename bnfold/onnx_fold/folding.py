@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from bnfold.errors import VerificationError
 from bnfold.onnx_fold.fast_path import fold_plain_pairs
 from bnfold.onnx_fold.io import load_inline_model
-from bnfold.quantization import check_target_dtype
 from bnfold.report import FoldReport
-from bnfold.verification import VerificationError
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -62,7 +61,10 @@ def fold_onnx(
     ``source`` is the file a ``ModelProto`` was read from: it names the model in the report and in errors
     (default: the graph's name).
     """
-    check_target_dtype(target_dtype)
+    if target_dtype is not None:
+        from bnfold.quantization import check_target_dtype
+
+        check_target_dtype(target_dtype)
     with _gc_paused():
         folded, report = _fold_onnx(
             model, source, verify, freeze_initializer_inputs, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed
