@@ -38,8 +38,8 @@ from bnfold.fold_math import (
     batchnorm_affine,
     fold_many_into_outputs,
 )
-from bnfold.onnx_fold.io import copy_fields
 from bnfold.onnx_fold.layers import FAST_PATH_LAYER_OPS, LAYER_OPS, PASS_THROUGH_OPS
+from bnfold.onnx_fold.protobuf_writer import copy_fields
 from bnfold.onnx_fold.shared import FreshNames, MalformedTensorError, evaluable_op
 from bnfold.report import ELEMENTWISE_AFFINE_OPS, Fold
 
@@ -373,7 +373,7 @@ def _chunks(items: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]]):
         yield chunk
 
 
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def _rewrite(chunk: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]], graph: onnx.GraphProto, position_in_folded) -> None:

@@ -6,7 +6,6 @@ on disk. onnx_ir is imported only where it is used: its import pulls sympy and c
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import mmap
 import os
@@ -23,6 +22,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bnfold.errors import InputError, MissingInputError, describe_error
+from bnfold.onnx_fold.protobuf_writer import SerializedModel, copy_fields
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -172,19 +172,6 @@ def _checker_view(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     return view
 
 
-def copy_fields(source, target, skip: tuple[str, ...]) -> None:
-    """Copy every set field of protobuf message ``source`` but those named in ``skip`` into ``target``."""
-    for field, value in source.ListFields():
-        if field.name in skip:
-            continue
-        if hasattr(value, "extend"):  # repeated
-            getattr(target, field.name).extend(value)
-        elif hasattr(value, "CopyFrom"):  # message
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
-
-
 def data_inputs(graph: ir.Graph) -> list[ir.Value]:
     """The graph's inputs that are not initializers (what verification feeds), in order: an input with an
     initializer is an overridable default."""
@@ -327,12 +314,12 @@ def save_model(
     appear together or not at all, an interrupted or concurrent run can never pair a model with another
     run's data, and no existing file but ``path`` is ever replaced. Once the new model is in place, the data
     files bearing its name that the replaced model read are removed, unless they belong to ``read_from``.
-    A ``ModelProto`` within the protobuf limit is serialized as it is (onnx_ir's writer is about twice as slow).
+    A ``ModelProto`` within the protobuf limit is written by :mod:`bnfold.onnx_fold.protobuf_writer`, a piece at
+    a time (onnx_ir's writer is about twice as slow).
     """
     path = Path(path)
     serialized = None
     if isinstance(model, onnx.ModelProto):
-        _release_freed_memory()
         serialized = None if external_data else _serialized_within_limit(model)
         if serialized is None:
             import onnx_ir as ir
@@ -351,7 +338,8 @@ def save_model(
         staged_model = staging / path.name
         try:
             if serialized is not None:
-                staged_model.write_bytes(serialized)
+                with open(staged_model, "wb") as file:
+                    serialized.write(file)
             else:
                 import onnx_ir as ir
 
@@ -365,24 +353,13 @@ def save_model(
         file.unlink(missing_ok=True)
 
 
-def _release_freed_memory() -> None:
-    """Hand the heap memory freed so far (the input model, once folded) back to the system before the
-    output is serialized. glibc keeps freed heap pages, and serializing (into a buffer, then a copy of it)
-    takes fresh pages on top of them: the command line's peak on ResNet-50 goes from 424 to 366 MiB, where
-    onnx.load + onnx.save peaks at 334. Elsewhere than glibc there is nothing to call."""
+def _serialized_within_limit(model: onnx.ModelProto) -> SerializedModel | None:
+    """The model's serialization, planned, when it fits one protobuf file."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _serialized_within_limit(model: onnx.ModelProto) -> bytes | None:
-    """The model's bytes when it fits one protobuf file (ByteSize would cost as much as serializing)."""
-    try:
-        serialized = model.SerializeToString()
+        serialized = SerializedModel(model)
     except ValueError:  # past protobuf's 2 GiB
         return None
-    return serialized if len(serialized) <= EXTERNAL_DATA_THRESHOLD else None
+    return serialized if serialized.size <= EXTERNAL_DATA_THRESHOLD else None
 
 
 def model_files(path: str | os.PathLike) -> set[Path]:

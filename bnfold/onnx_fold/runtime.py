@@ -29,7 +29,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from bnfold.onnx_fold.fast_path import tensor_array
-from bnfold.onnx_fold.io import RAW_STORAGE, copy_fields, scratch_directory
+from bnfold.onnx_fold.io import RAW_STORAGE, scratch_directory
+from bnfold.onnx_fold.protobuf_writer import copy_fields
 
 if TYPE_CHECKING:
     import onnx_ir as ir
