@@ -480,12 +480,49 @@ def _sum_over_inputs(view: np.ndarray, per_input: np.ndarray, groups: int, in_pe
 
 
 @dataclasses.dataclass(frozen=True)
+class ScaledRows:
+    """A weight whose output channels lead (``conv``, ``matrix_out_in``) with each channel times its scale
+    (then divided by ``divisor``), in float64, computed a block of channels at a time when read: the exact
+    fold of a large weight without a float64 copy of all of it (ResNet-50's parameter check: 0.09 s of its
+    0.25 s went into those copies)."""
+
+    weight: np.ndarray
+    scale: np.ndarray
+    divisor: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight.shape
+
+    def row_blocks(self):
+        """``(first flat index, the float64 values)`` of each block of whole rows, in order."""
+        rows = self.weight.reshape(self.weight.shape[0], -1)
+        per_block = max(1, BLOCK_ELEMENTS // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], per_block):
+            yield start * rows.shape[1], self._values(rows[start : start + per_block], self.scale[start : start + per_block])
+
+    def element(self, index: int) -> float:
+        row, column = divmod(index, max(1, self.weight.size // max(1, self.weight.shape[0])))
+        return float(self._values(self.weight.reshape(self.weight.shape[0], -1)[row : row + 1, column : column + 1], self.scale[row : row + 1])[0])
+
+    def divided(self, divisor: float) -> ScaledRows:
+        return ScaledRows(self.weight, self.scale, self.divisor * divisor)
+
+    def _values(self, rows: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        values = np.multiply(rows, scale[:, None], dtype=np.float64)
+        if self.divisor != 1.0:
+            with np.errstate(divide="ignore", invalid="ignore"):  # a zero alpha: infinitely far, as it is
+                values /= self.divisor
+        return values.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExactFold:
     """A fold's weight and bias in float64, before any rounding, and for each bias element the size of the
     terms summed into it (|s b| + |s mean| + |beta| for a backward BatchNorm fold): a fold computed in the
     model's own dtype rounds the bias in proportion to these terms, however much they cancel."""
 
-    weight: np.ndarray
+    weight: np.ndarray | ScaledRows
     bias: np.ndarray
     bias_terms: np.ndarray
 
@@ -497,7 +534,12 @@ def exact_fold(
     candidate fold's parameters are compared with."""
     if into_outputs:
         terms = np.abs(affine.scale * _bias64(bias, affine.channels)) + affine.shift_magnitude
-        return ExactFold(_scaled_output_channels(weight, affine, layout), _output_bias64(bias, affine), terms)
+        if layout.kind in ("conv", "matrix_out_in") and weight.ndim:
+            _check_channels(affine, layout.out_channels(weight.shape), "output channels")
+            new_weight = ScaledRows(weight, affine.scale)
+        else:
+            new_weight = _scaled_output_channels(weight, affine, layout)
+        return ExactFold(new_weight, _output_bias64(bias, affine), terms)
     new_weight, new_bias = _fold_into_inputs64(weight, bias, affine, layout)
     view, _, in_per_group = layout.grouped_view(np.abs(np.asarray(weight, dtype=np.float64)))
     shifted = _sum_over_inputs(view, affine.shift_magnitude, layout.groups, in_per_group)

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from bnfold.errors import VerificationError, VerificationUnavailableError  # noqa: F401 (their home before bnfold.errors)
-from bnfold.fold_math import BLOCK_ELEMENTS, ExactFold, WeightLayout
+from bnfold.fold_math import BLOCK_ELEMENTS, ExactFold, ScaledRows, WeightLayout
 
 # (atol, rtol) per output dtype; an output passes when max |folded - original| <= atol + rtol * max |original|
 # over its finite elements. The rounding error of an element scales with the sums that produced it, not
@@ -206,27 +206,41 @@ def compare_parameters(
             channel = int(np.argmax(layout.grouped_view(marker)[0].max(axis=(2, 3)).reshape(-1)))
         else:
             channel = index % actual.shape[-1] if actual.ndim else 0
-        magnitude = abs(float(expected.reshape(-1)[index])) if scale is None else float(scale.reshape(-1)[index])
+        magnitude = abs(_element(expected, index)) if scale is None else float(scale.reshape(-1)[index])
         candidates.append(ParameterComparison(name, str(actual.dtype), channel, units, allowed, error, magnitude))
     return max(candidates, key=lambda comparison: comparison.units)
 
 
-def _worst_parameter_element(actual: np.ndarray, exact: np.ndarray, scale: np.ndarray | None) -> tuple[int, float, float]:
+def _element(values: np.ndarray | ScaledRows, index: int) -> float:
+    return values.element(index) if isinstance(values, ScaledRows) else float(values.reshape(-1)[index])
+
+
+def _blocks(values: np.ndarray | ScaledRows):
+    """``(first flat index, values)`` of consecutive blocks of about :data:`BLOCK_ELEMENTS` elements."""
+    if isinstance(values, ScaledRows):
+        yield from values.row_blocks()
+        return
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        yield start, flat[start : start + BLOCK_ELEMENTS]
+
+
+def _worst_parameter_element(actual: np.ndarray, exact: np.ndarray | ScaledRows, scale: np.ndarray | None) -> tuple[int, float, float]:
     """The flat index, units and |error| of the element of ``actual`` furthest from ``exact`` in units of
     eps x ``scale`` (None: |exact|), at least the smallest subnormal, of ``actual``'s dtype; NaN or Inf
     in ``actual`` is infinitely many units."""
     finfo = ml_dtypes.finfo(actual.dtype)
     eps, smallest = float(finfo.eps), float(finfo.smallest_subnormal)
-    actual, exact = actual.reshape(-1), exact.reshape(-1)
+    actual = actual.reshape(-1)
     scale = None if scale is None else scale.reshape(-1)
     worst = (0, -1.0, 0.0)
-    for start in range(0, actual.size, BLOCK_ELEMENTS):
-        block = slice(start, start + BLOCK_ELEMENTS)
+    for start, expected in _blocks(exact):
+        block = slice(start, start + expected.size)
         error = actual[block].astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
-            error -= exact[block]
+            error -= expected
             np.abs(error, out=error)
-        unit = np.abs(exact[block]) if scale is None else scale[block].astype(np.float64)
+        unit = np.abs(expected) if scale is None else scale[block].astype(np.float64)
         unit *= eps
         np.maximum(unit, smallest, out=unit)
         units = np.divide(error, unit, out=unit)

@@ -245,3 +245,32 @@ def test_torch_fold_that_overflows_is_skipped(dtype, verify):
     largest = f"reaches {OVERFLOWING_WEIGHT[str(dtype).removeprefix('torch.')] * 1e6:.4g}"
     assert "`0`" in reason and str(dtype).removeprefix("torch.") in reason and largest in reason
     assert torch.isfinite(result.model[0].weight).all() and isinstance(result.model[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("divisor", [1.0, 0.75, 0.0])
+def test_parameter_check_reads_the_exact_weight_a_block_at_a_time_with_the_same_result(dtype, divisor):
+    """exact_fold gives a weight whose output channels lead as ScaledRows, computed block by block when
+    compared; the comparison is the one a float64 copy of the whole exact weight gives, worst element,
+    channel and magnitude included, after a Gemm's alpha too (0: infinitely far)."""
+    from bnfold.fold_math import ScaledRows, exact_fold
+    from bnfold.verification import compare_parameters
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((300, 40, 3, 3)).astype(dtype)  # several blocks of rows
+    affine = ChannelAffine(rng.uniform(0.5, 2.0, 300), rng.standard_normal(300))
+    layout = WeightLayout("conv")
+    lazy = exact_fold(weight, None, affine, layout, into_outputs=True)
+    assert isinstance(lazy.weight, ScaledRows)
+    whole = weight.astype(np.float64) * affine.scale[:, None, None, None]
+    if divisor != 1.0:
+        lazy = type(lazy)(lazy.weight.divided(divisor), lazy.bias, lazy.bias_terms)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            whole = whole / divisor
+    folded = np.asarray(whole, dtype)
+    folded[217, 5, 1, 2] = folded[217, 5, 1, 2] * 1.01  # one element well off
+    eager = type(lazy)(whole, lazy.bias, lazy.bias_terms)
+    bias = np.asarray(lazy.bias, dtype)
+    assert compare_parameters(lazy, folded, bias, layout) == compare_parameters(eager, folded, bias, layout)
+    if divisor:
+        assert compare_parameters(lazy, folded, bias, layout).channel == 217
