@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import math
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -71,6 +72,15 @@ class PlainPair:
     epsilon: float
     channels: int
     labels: tuple[str, str]  # the BatchNorm's and the layer's, for the report
+
+
+class FastFold(NamedTuple):
+    model: onnx.ModelProto  # the folded copy
+    folds: list[Fold]
+    # With keep_arrays, the new weights' and biases' values by initializer name: verification hands these to
+    # onnxruntime rather than copying them back out of the protobuf. (Else empty: they would double the
+    # fold's memory.)
+    arrays: dict[str, np.ndarray]
 
 
 class _GraphIndex:
@@ -296,9 +306,9 @@ def plain_pairs(model: onnx.ModelProto) -> dict[str, PlainPair]:
     return {pair.labels[0]: pair for pair in pairs if pair is not None}
 
 
-def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold]] | None:
-    """The folded copy of ``model`` and its folds, when every BatchNorm in it is a plain pair and nothing
-    else would fold; None otherwise. ``model`` is never modified, and the tensors the fold replaces are
+def fold_plain_pairs(model: onnx.ModelProto, keep_arrays: bool = False) -> FastFold | None:
+    """The folded copy of ``model``, its folds and (with ``keep_arrays``) its new tensors' values, when every
+    BatchNorm in it is a plain pair and nothing else would fold; None otherwise. ``model`` is never modified, and the tensors the fold replaces are
     never copied."""
     opset, index = _default_opset(model), _GraphIndex(model.graph)
     if index.has_subgraphs or index.has_non_text or sys.byteorder != "little" or _has_non_text_fields(model):
@@ -311,7 +321,7 @@ def fold_plain_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Fold
     if None in pairs:
         return None
     try:
-        return _fold_pairs(model, index, pairs)
+        return _fold_pairs(model, index, pairs, keep_arrays)
     except (FoldOverflowError, MalformedTensorError):
         return None  # the pass refuses that pair, or the model, and says why
 
@@ -327,7 +337,7 @@ def _has_unknown_element_types(graph: onnx.GraphProto) -> bool:
     )
 
 
-def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[PlainPair]) -> tuple[onnx.ModelProto, list[Fold]] | None:
+def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[PlainPair], keep_arrays: bool) -> FastFold | None:
     affines = _channel_affines(pairs)
     if affines is None:
         return None
@@ -351,11 +361,12 @@ def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[PlainPai
     folded.graph.node.extend(node for position, node in enumerate(index.nodes) if position not in batchnorms)
     # The pass's order: the initializers it keeps, then each pair's new weight and bias.
     folded.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name not in dropped)
+    arrays = {}
     for chunk in _chunks(list(zip(pairs, affines, new_names))):
-        _rewrite(chunk, folded.graph, position_in_folded)
+        _rewrite(chunk, folded.graph, position_in_folded, arrays if keep_arrays else None)
     gone = _bypass_all(pairs, index, folded.graph, position_in_folded)
     folded.graph.value_info.extend(value for value in model.graph.value_info if value.name not in gone)
-    return folded, folds
+    return FastFold(folded, folds, arrays)
 
 
 def _chunks(items: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]]):
@@ -376,9 +387,15 @@ def _chunks(items: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]]):
 _CHUNK_ELEMENTS = 1 << 19
 
 
-def _rewrite(chunk: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]], graph: onnx.GraphProto, position_in_folded) -> None:
+def _rewrite(
+    chunk: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]],
+    graph: onnx.GraphProto,
+    position_in_folded,
+    arrays: dict[str, np.ndarray] | None,
+) -> None:
     """Scale the chunk's layers' output channels into new weight and bias initializers of ``graph`` (the
-    folded copy), under the names the pass gives them, and point the layers at them."""
+    folded copy), under the names the pass gives them, and point the layers at them; their values go to
+    ``arrays`` too, if given."""
     layers = []
     for pair, affine, _ in chunk:
         bias = tensor_array(pair.bias) if pair.fold_bias else None
@@ -389,6 +406,8 @@ def _rewrite(chunk: list[tuple[PlainPair, ChannelAffine, tuple[str, str]]], grap
         data_type = pair.weight.data_type
         _add_initializer(graph, weight_name, weight, data_type)
         _add_initializer(graph, bias_name, bias, data_type)
+        if arrays is not None:
+            arrays[weight_name], arrays[bias_name] = weight, bias
         layer = graph.node[position_in_folded(pair.layer_position)]
         layer.input[1] = weight_name
         if len(layer.input) > 2:

@@ -103,13 +103,13 @@ def _gc_paused():
 def _fold_onnx(model, source: str | os.PathLike | None, verify: bool, freeze: bool, **verification):
     # The fast path reads initializer-backed inputs as not constant: freezing goes through the pass.
     use_fast = isinstance(model, onnx.ModelProto) and not (freeze and _proto_initializer_inputs(model))
-    fast = fold_plain_pairs(model) if use_fast else None
+    fast = fold_plain_pairs(model, keep_arrays=verify) if use_fast else None
     if fast is not None:
-        folded, folds = fast
+        folded, folds, arrays = fast
         label = str(source) if source is not None else model.graph.name or "<model>"
         report = FoldReport(model=label, frontend="onnx", nodes_before=_proto_node_counts(model), folds=folds)
         report.nodes_after = _proto_node_counts(folded)
-        _verify(report, verify, model, folded, **verification)
+        _verify(report, verify, model, folded, folded_arrays=arrays, **verification)
         return folded, report
     from bnfold.onnx_fold.ir_pass import fold_with_pass
 

@@ -105,15 +105,16 @@ class RuntimeModel:
 _MODEL_NUMBERS = itertools.count()
 
 
-def runtime_model(model: onnx.ModelProto | ir.Model) -> RuntimeModel:
+def runtime_model(model: onnx.ModelProto | ir.Model, arrays: dict[str, np.ndarray] | None = None) -> RuntimeModel:
     """``model`` as a :class:`RuntimeModel`; ``model`` itself is not changed (an onnx_ir model's tensors are
-    swapped for references while it is converted, then put back)."""
+    swapped for references while it is converted, then put back). ``arrays`` are the values of some of a
+    ``ModelProto``'s initializers, by name, taken instead of copies of their raw data."""
     if isinstance(model, onnx.ModelProto):
-        return _from_proto(model)
+        return _from_proto(model, arrays or {})
     return _from_ir(model)
 
 
-def _from_proto(model: onnx.ModelProto) -> RuntimeModel:
+def _from_proto(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> RuntimeModel:
     proto = onnx.ModelProto()
     copy_fields(model, proto, skip=("graph",))
     copy_fields(model.graph, proto.graph, skip=("initializer",))
@@ -128,12 +129,17 @@ def _from_proto(model: onnx.ModelProto) -> RuntimeModel:
         ):
             proto.graph.initializer.append(tensor)
             continue
-        raw = tensor.raw_data  # (a copy: protobuf hands out bytes)
-        if len(raw) != nbytes:
-            proto.graph.initializer.append(tensor)  # malformed: onnxruntime says so, in its words
-            continue
+        known = arrays.get(tensor.name)
+        if known is not None and known.nbytes == nbytes:
+            array = np.ascontiguousarray(known).view(storage)
+        else:
+            raw = tensor.raw_data  # (a copy: protobuf hands out bytes)
+            if len(raw) != nbytes:
+                proto.graph.initializer.append(tensor)  # malformed: onnxruntime says so, in its words
+                continue
+            array = np.frombuffer(raw, storage)
         proto.graph.initializer.append(_reference(tensor.name, tensor.data_type, tensor.dims, nbytes))
-        tensors[tensor.name] = (np.frombuffer(raw, storage).reshape(tuple(tensor.dims)), tensor.data_type)
+        tensors[tensor.name] = (array.reshape(tuple(tensor.dims)), tensor.data_type)
     return RuntimeModel(proto, tensors, source=model)
 
 

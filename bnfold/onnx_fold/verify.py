@@ -174,6 +174,7 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    folded_arrays: dict[str, np.ndarray] | None = None,
 ) -> Verification:
     """Compare every output of ``folded`` with ``original`` (a path, serialized model, ``ModelProto`` or
     onnx_ir model; never changed), and check each of ``folds`` on its own: the folded layer, run on the
@@ -181,9 +182,11 @@ def verify(
     :data:`bnfold.verification.LOCAL_UNITS`), and its parameters against the exact fold.
 
     The original runs once, with the checked layers added beside it (:mod:`bnfold.onnx_fold.local_checks`),
-    and the folded model once; neither model's tensors are serialized (:mod:`bnfold.onnx_fold.runtime`)."""
+    and the folded model once; neither model's tensors are serialized (:mod:`bnfold.onnx_fold.runtime`).
+    ``folded_arrays`` are values of ``folded``'s initializers already in memory, by name (the fast path's
+    new weights): onnxruntime gets these rather than copies out of the protobuf."""
     started = time.perf_counter()
-    folded_model = runtime_model(folded)
+    folded_model = runtime_model(folded, folded_arrays or {})
     feeds = random_inputs(folded_model.proto, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
     checks, original_model = [], None
     if folds:
