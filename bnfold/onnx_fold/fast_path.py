@@ -77,9 +77,10 @@ class PlainPair:
 class FastFold(NamedTuple):
     model: onnx.ModelProto  # the folded copy
     folds: list[Fold]
-    # With keep_arrays, the new weights' and biases' values by initializer name: verification hands these to
-    # onnxruntime rather than copying them back out of the protobuf. (Else empty: they would double the
-    # fold's memory.)
+    # With keep_arrays, the values of the tensors the fold read and wrote, by initializer name: the input's
+    # weights and biases it folded and the new ones (fresh names, so a name means the same tensor in both
+    # models). Verification hands these to onnxruntime rather than copying them out of the protobufs again.
+    # (Else empty: they would double the fold's memory.)
     arrays: dict[str, np.ndarray]
 
 
@@ -394,14 +395,19 @@ def _rewrite(
     arrays: dict[str, np.ndarray] | None,
 ) -> None:
     """Scale the chunk's layers' output channels into new weight and bias initializers of ``graph`` (the
-    folded copy), under the names the pass gives them, and point the layers at them; their values go to
-    ``arrays`` too, if given."""
+    folded copy), under the names the pass gives them, and point the layers at them; the values read and
+    written go to ``arrays`` too, if given."""
     layers = []
     for pair, affine, _ in chunk:
+        weight = tensor_array(pair.weight)
         bias = tensor_array(pair.bias) if pair.fold_bias else None
+        if arrays is not None:
+            arrays[pair.weight.name] = weight
+            if bias is not None:
+                arrays[pair.bias.name] = bias
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = affine if pair.beta == 1.0 else ChannelAffine(affine.scale, affine.shift / pair.beta)
-        layers.append((tensor_array(pair.weight), bias, shifted, pair.layout))
+        layers.append((weight, bias, shifted, pair.layout))
     for (pair, _, (weight_name, bias_name)), (weight, bias) in zip(chunk, fold_many_into_outputs(layers)):
         data_type = pair.weight.data_type
         _add_initializer(graph, weight_name, weight, data_type)

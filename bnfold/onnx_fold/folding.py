@@ -109,7 +109,7 @@ def _fold_onnx(model, source: str | os.PathLike | None, verify: bool, freeze: bo
         label = str(source) if source is not None else model.graph.name or "<model>"
         report = FoldReport(model=label, frontend="onnx", nodes_before=_proto_node_counts(model), folds=folds)
         report.nodes_after = _proto_node_counts(folded)
-        _verify(report, verify, model, folded, folded_arrays=arrays, **verification)
+        _verify(report, verify, model, folded, known_arrays=arrays, **verification)
         return folded, report
     from bnfold.onnx_fold.ir_pass import fold_with_pass
 

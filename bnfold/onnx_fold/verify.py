@@ -174,7 +174,7 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
-    folded_arrays: dict[str, np.ndarray] | None = None,
+    known_arrays: dict[str, np.ndarray] | None = None,
 ) -> Verification:
     """Compare every output of ``folded`` with ``original`` (a path, serialized model, ``ModelProto`` or
     onnx_ir model; never changed), and check each of ``folds`` on its own: the folded layer, run on the
@@ -183,14 +183,16 @@ def verify(
 
     The original runs once, with the checked layers added beside it (:mod:`bnfold.onnx_fold.local_checks`),
     and the folded model once; neither model's tensors are serialized (:mod:`bnfold.onnx_fold.runtime`).
-    ``folded_arrays`` are values of ``folded``'s initializers already in memory, by name (the fast path's
-    new weights): onnxruntime gets these rather than copies out of the protobuf."""
+    ``known_arrays`` are values of initializers already in memory, by name, each the same tensor in both
+    models where both have it (the fast path's: see :class:`bnfold.onnx_fold.fast_path.FastFold`):
+    onnxruntime gets these rather than copies out of the protobufs."""
     started = time.perf_counter()
-    folded_model = runtime_model(folded, folded_arrays or {})
+    known_arrays = known_arrays or {}
+    folded_model = runtime_model(folded, known_arrays)
     feeds = random_inputs(folded_model.proto, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
     checks, original_model = [], None
     if folds:
-        original_model, local, checks = _with_local_checks(original, folded, folded_model, folds, rtol)
+        original_model, local, checks = _with_local_checks(original, folded, folded_model, folds, rtol, known_arrays)
         names = append_local_checks(original_model, local)
     with scratch_directory("verify") as scratch:
         _progress("running the original model in onnxruntime", started)
@@ -221,7 +223,12 @@ def verify(
 
 
 def _with_local_checks(
-    original: ModelSource | ir.Model, folded: ir.Model | onnx.ModelProto, folded_model: RuntimeModel, folds: list[Fold], rtol: float | None
+    original: ModelSource | ir.Model,
+    folded: ir.Model | onnx.ModelProto,
+    folded_model: RuntimeModel,
+    folds: list[Fold],
+    rtol: float | None,
+    known_arrays: dict[str, np.ndarray],
 ):
     """The original as a :class:`RuntimeModel`, the folds it can check on their own, and a not-compared
     entry for each other. The fast path's plain pairs are read from the protobufs; any other fold needs
@@ -230,7 +237,7 @@ def _with_local_checks(
         original_proto = _proto(original)
         pairs = plain_folds(original_proto, folds)
         if pairs is not None:
-            original_model = runtime_model(original_proto)
+            original_model = runtime_model(original_proto, known_arrays)
             return original_model, *plain_local_folds(original_model, folded_model, pairs, folds, rtol)
     import onnx_ir as ir
 
