@@ -80,7 +80,8 @@ def read_model_proto(path: Path) -> onnx.ModelProto:
     from a copy of its bytes: on ResNet-50 (98 MiB) 0.08 s instead of 0.16 s, and no transient copy of the
     file in memory. The parsed model holds copies of everything (the map is closed before returning); a
     text-format file (known by its extension, as onnx decides), or a file that cannot be mapped, goes
-    through onnx.load."""
+    through onnx.load. (A file that another process truncates during the parse ends this one with SIGBUS,
+    where a read would have seen a short file and said so: a risk taken for a parse that lasts 0.1 s.)"""
     if onnx.serialization.registry.get_format_from_file_extension(path.suffix) not in (None, "protobuf"):
         return onnx.load(str(path), load_external_data=False)
     with open(path, "rb") as file:
