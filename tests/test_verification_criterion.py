@@ -10,6 +10,7 @@ catch it; these tests corrupt folds and check that they do, and that other tools
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,6 +31,8 @@ from bnfold.onnx_fold.verify import random_inputs, run_model, verify
 from bnfold.testing import export_onnx
 from bnfold.torch_fold import planning
 from bnfold.verification import LOCAL_UNITS, PARAMETER_UNITS, VerificationError
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "small_cnn.onnx"
 
 # ResNet-50 at its full size; a smaller image keeps onnxruntime quick without changing any layer's width.
 RESNET_IMAGE = (1, 3, 96, 96)
@@ -397,3 +400,20 @@ def test_gemm_alpha_beta_and_forward_folds_are_compared_as_applied():
         corrupted = _corrupt(folded, _layer(folded, fold.layer).input[2], channel=1, scale=1 + 1e-3)
         (failed,) = verify(model.SerializeToString(), corrupted, folds=report.folds).failed_folds
         assert failed.fold == fold.describe() and (failed.parameters.parameter, failed.parameters.channel) == ("bias", 1)
+
+
+def test_a_failed_output_carries_the_originals_own_float_noise():
+    """A wrong fold fails the output; its noise is how far onnxruntime's optimised run of the original is from
+    the plain one, measured on the verification's own inputs (the plain run being the verification's own)."""
+    example = onnx.load(EXAMPLE)
+    folded, report = fold_onnx(example, verify=False)
+    corrupted = _corrupt(folded, _layer(folded, report.folds[-1].layer).input[1], channel=0, scale=3.0)
+    result = verify(example, corrupted, folds=report.folds)
+    (failed,) = [output for output in result.outputs if output.failed]
+    feeds = random_inputs(example, None, 0)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    optimised = ort.InferenceSession(example.SerializeToString(), options, providers=["CPUExecutionProvider"]).run([failed.name], feeds)[0]
+    plain = run_model(example, feeds)[failed.name]
+    assert failed.noise == pytest.approx(float(np.max(np.abs(optimised.astype(np.float64) - plain))), abs=1e-7)
+    assert failed.noise < failed.max_abs_error / 100

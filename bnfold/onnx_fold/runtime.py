@@ -11,6 +11,8 @@ empty placeholder file, the location of those references: onnxruntime checks tha
 it looks for a provided initializer.
 
 Small initializers stay in the graph: onnxruntime's shape inference may read them (a Reshape's shape).
+An optimised session (the noise measurement, on a failure only) gets its tensors through a real data file:
+onnxruntime's graph optimisers read initializers from the file their reference names, provided or not.
 """
 
 from __future__ import annotations
@@ -88,18 +90,33 @@ class RuntimeModel:
         function from feeds to named outputs. The graph is written in ``scratch`` (default: a scratch
         directory of its own), which onnxruntime needs only while the session is built."""
         options = session_options(optimised)
-        values = {name: _ort_value(array, data_type) for name, (array, data_type) in self.tensors.items()}
+        values = {} if optimised else {name: _ort_value(array, data_type) for name, (array, data_type) in self.tensors.items()}
         for name, value in values.items():
             options.add_initializer(name, value)
         with contextlib.nullcontext(scratch) if scratch is not None else scratch_directory("session") as folder:
             (folder / _PLACEHOLDER).touch()
             path = folder / f"model-{next(_MODEL_NUMBERS)}.onnx"
-            path.write_bytes(self.proto.SerializeToString())
+            path.write_bytes((self._with_data_file(path.with_suffix(".data")) if optimised else self.proto).SerializeToString())
             try:
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             finally:
                 path.unlink()
         return _Runner(session, provided=(values, self.tensors))
+
+
+    def _with_data_file(self, data: Path) -> onnx.ModelProto:
+        """A copy of ``proto`` whose references read the tensors from ``data``, written here."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.proto)
+        with open(data, "wb") as file:
+            for tensor in proto.graph.initializer:
+                if tensor.name in self.tensors:
+                    offset = file.tell()
+                    file.write(np.ascontiguousarray(self.tensors[tensor.name][0]).tobytes())
+                    del tensor.external_data[:]
+                    for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(file.tell() - offset))):
+                        tensor.external_data.add(key=key, value=value)
+        return proto
 
 
 _MODEL_NUMBERS = itertools.count()
