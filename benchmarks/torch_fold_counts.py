@@ -1,6 +1,11 @@
 """How many BatchNorms torch.fx.experimental.optimization.fuse folds versus bnfold, per test architecture,
 and how long each takes (bnfold with ``verify=False``; best of 15 runs, and bnfold's time over fuse's).
 
+With verification, bnfold's time is set against what verification cannot avoid: the fold with
+``verify=False`` plus one forward pass of the original model and one of the folded model on the example
+inputs (each timed on its own under ``torch.no_grad``, best of the same rounds); ``verified/(fold+fwd)`` is
+bnfold's verified time over that sum.
+
 Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/torch_fold_counts.py``. The architectures
 are the small ones the PyTorch front-end's tests use (tests/torch_architectures.py). Times are the process's
 CPU time on one thread, which other processes on a shared machine disturb less than wall time, and fuse and
@@ -40,22 +45,35 @@ def main() -> None:
     torch.set_num_threads(1)
     print(
         f"{'model':<24} {'BNs':>4} {'fuse folded':>12} {'bnfold folded':>14} {'fuse ms':>8} {'bnfold ms':>10} "
-        f"{'bnfold/fuse':>12}"
+        f"{'bnfold/fuse':>12} {'verified ms':>12} {'fold+fwd ms':>12} {'verified/(fold+fwd)':>20}"
     )
     for case in CASES:
         model, inputs = trained_eval_model(case)
         batchnorms = batchnorm_modules(model)
-        bnfold_folded = len(fold(model, inputs).report.folds)
-        runs = {"bnfold": lambda model=model, inputs=inputs: fold(model, inputs, verify=False)}
+        folded, report = fold(model, inputs)
+        bnfold_folded = len(report.folds)
+        runs = {
+            "bnfold": lambda model=model, inputs=inputs: fold(model, inputs, verify=False),
+            "verified": lambda model=model, inputs=inputs: fold(model, inputs),
+            "original forward": lambda model=model, inputs=inputs: _forward(model, inputs),
+            "folded forward": lambda folded=folded, inputs=inputs: _forward(folded, inputs),
+        }
         # fuse traces with torch.fx first: a model fx cannot trace, it cannot fuse (it raises).
         if fx_traceable(model):
             runs["fuse"] = lambda model=model: fuse(model)
         best = _best_ms(runs)
         fuse_ms, ratio = (f"{best['fuse']:.1f}", f"{best['bnfold'] / best['fuse']:.2f}") if "fuse" in best else ("fails", "-")
+        reference = best["bnfold"] + best["original forward"] + best["folded forward"]
         print(
             f"{case.name:<24} {batchnorms:>4} {fuse_folds(model):>12} {bnfold_folded:>14} "
-            f"{fuse_ms:>8} {best['bnfold']:>10.1f} {ratio:>12}"
+            f"{fuse_ms:>8} {best['bnfold']:>10.1f} {ratio:>12} {best['verified']:>12.1f} {reference:>12.1f} "
+            f"{best['verified'] / reference:>20.2f}"
         )
+
+
+def _forward(model: torch.nn.Module, inputs: tuple) -> None:
+    with torch.no_grad():
+        model(*inputs)
 
 
 if __name__ == "__main__":

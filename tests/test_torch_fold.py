@@ -29,7 +29,7 @@ from torch_architectures import (
 )
 
 from bnfold.report import SKIP_CODES
-from bnfold.torch_fold import fold
+from bnfold.torch_fold import fold, rewrite
 from bnfold.verification import VerificationError
 
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}
@@ -361,6 +361,46 @@ def test_verification_failure_raises_with_the_report():
     with pytest.raises(VerificationError) as raised:
         fold(model, inputs, atol=0.0, rtol=0.0)
     assert not raised.value.verification.passed and raised.value.report.folds
+
+
+class _CountsItsRuns(nn.Module):
+    """Two conv -> BatchNorm pairs, counting the runs of its forward (on the class: copies count too)."""
+
+    runs = 0
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        type(self).runs += 1
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_verification_reuses_the_trace_checks_run_and_still_catches_a_wrong_fold(monkeypatch):
+    # The run that proves fx's graph gives the expected outputs and each fold's values: fx's trace, that run and
+    # the folded model's run are all (before: the original ran once more).
+    model, inputs = randomise_statistics(_CountsItsRuns()), (torch.randn(2, 3, 8, 8),)
+    _CountsItsRuns.runs = 0
+    result = fold(model, inputs)
+    assert _CountsItsRuns.runs == 3
+    assert [check.status for check in result.report.verification.folds] == ["passed", "passed"]
+
+    write = rewrite._write_folded_weights
+
+    def write_then_corrupt(folds, traced):
+        write(folds, traced)
+        with torch.no_grad():
+            traced.model.conv2.weight[1] *= 1 + 1e-2
+
+    monkeypatch.setattr(rewrite, "_write_folded_weights", write_then_corrupt)
+    with pytest.raises(VerificationError) as raised:
+        fold(model, inputs)
+    verification = raised.value.verification
+    (failed,) = verification.failed_folds
+    assert failed.fold.startswith("bn2 [BatchNorm2d] into preceding conv2") and failed.channel == 1
+    assert [output.status for output in verification.outputs] == ["failed"]
 
 
 def test_nested_outputs_are_all_compared():

@@ -49,12 +49,12 @@ from torch import nn
 
 from bnfold.quantization import LayerQuantization, check_target_dtype
 from bnfold.report import FoldReport
-from bnfold.torch_fold.calls import DataFlow, read_data_flow
+from bnfold.torch_fold.calls import DataFlow, fold_end_modules, read_data_flow
 from bnfold.torch_fold.planning import FoldPlan, plan_folds
 from bnfold.torch_fold.quantization import measure_torch_folds
 from bnfold.torch_fold.rewrite import fold_in_graph, fold_in_module_tree
 from bnfold.torch_fold.tracing import ModelNotTraceableError, TracedModel, trace_model
-from bnfold.torch_fold.verify import FoldCapture, compare_outputs, run_outputs
+from bnfold.torch_fold.verify import FoldCapture, compare_outputs, output_leaves, run_outputs
 from bnfold.verification import VerificationError
 
 __all__ = ["ModelNotTraceableError", "TorchFoldResult", "fold", "measure_folds"]
@@ -98,19 +98,25 @@ def fold(
     _require_eval_mode(model)
     notes = []
     working = model if inplace else copy.deepcopy(model)
-    traced, flow, plan = _analyse(working, example_inputs)
+    traced, flow, plan = _analyse(working, example_inputs, record=verify)
     if inplace and plan.needs_graph:
         notes.append("inplace=True not honoured: the result is a new GraphModule and the input model is unchanged")
         working = copy.deepcopy(model)
-        traced, flow, plan = _analyse(working, example_inputs)
+        traced, flow, plan = _analyse(working, example_inputs, record=verify)
     notes.append(traced.note)
     if verify:
-        # The original runs before anything is folded, with hooks catching each fold's own values.
-        capture = FoldCapture(model, plan.folds, folds_into_model=working is model)
-        try:
-            expected = run_outputs(model, example_inputs)
-        finally:
-            capture.remove()
+        # The original's values before anything is folded: from the run that proved the fx graph (the model or
+        # its copy, equal to it, running the example inputs), else from a run of the original with hooks catching
+        # each fold's own values.
+        run = traced.model_run
+        capture = FoldCapture(model, plan.folds, folds_into_model=working is model, run=run)
+        if capture.recorded:
+            expected = output_leaves(run.output)
+        else:
+            try:
+                expected = run_outputs(model, example_inputs)
+            finally:
+                capture.remove()
     measured = []
     if quantization or target_dtype is not None:
         measured = measure_torch_folds(plan.folds, target_dtype)  # before the rewrite overwrites the weights
@@ -159,8 +165,10 @@ def _require_eval_mode(model: nn.Module) -> None:
         )
 
 
-def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[TracedModel, DataFlow, FoldPlan]:
-    traced = trace_model(model, example_inputs)
+def _analyse(model: nn.Module, example_inputs: tuple, record: bool = False) -> tuple[TracedModel, DataFlow, FoldPlan]:
+    """The traced model, its data flow and the fold plan; with ``record``, an fx trace keeps the model's run on
+    the example inputs with the values around each module a fold may join (for verification)."""
+    traced = trace_model(model, example_inputs, fold_end_modules if record else None)
     flow = read_data_flow(traced)
     return traced, flow, plan_folds(flow, model)
 

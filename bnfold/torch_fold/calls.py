@@ -202,6 +202,23 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
     return flow
 
 
+def fold_end_modules(traced: TracedModel) -> set[str]:
+    """The paths of the modules that may end up at either end of a fold between modules in this fx graph: layer
+    and BatchNorm modules called as such, and the modules whose forward makes a BatchNorm function call or the
+    add of a multiply-add (FrozenBatchNorm2d). Verification checks each fold on the values around these calls."""
+    paths = set()
+    for node in traced.nodes:
+        if node.op == "call_module":
+            module = traced.module(node.target)
+            if isinstance(module, _BatchNorm) or (isinstance(module, FOLDABLE_LAYER_TYPES) and computes_torch_forward(module)):
+                paths.add(node.target)
+        elif (node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS) or _is_op(node, _ADD | _SUBTRACT):
+            path = traced.module_stack_top(node)
+            if path is not None:
+                paths.add(path)
+    return paths
+
+
 # Reads of a tensor's metadata, which a fold leaves as they were (same shape, dtype and device): timm's
 # BatchNormAct2d asserts `x.ndim == 4` on the conv output, which must not count as a second reader.
 _METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})

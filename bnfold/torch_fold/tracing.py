@@ -106,6 +106,18 @@ def _first_paths(named_tensors) -> dict[int, str]:
 
 
 @dataclasses.dataclass
+class ModelRun:
+    """What the model computed on the example inputs in the run that proved its fx graph (the model before any
+    fold), kept for verification so that it need not run the model again: its output, tensors copied (the
+    folded model's run may change a tensor the forward returned, an input or a buffer, in place), and the input and output of each call of the
+    modules asked for, copies taken as the call returns (a later in-place op would change them), in call
+    order (at most two per module: verification needs one call, and to know whether there was another)."""
+
+    output: Any
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclasses.dataclass
 class TracedModel:
     """The graphs of one model's forward and how to get from their nodes to the model's tensors.
 
@@ -123,6 +135,8 @@ class TracedModel:
     attribute_paths: dict[fx.Node, str]
     note: str
     constants: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The model's own run on the example inputs that proved an fx graph (see _computes_like), when asked to keep it.
+    model_run: ModelRun | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -204,7 +218,11 @@ def module_stack_paths(node: fx.Node) -> set[str]:
     return {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
 
 
-def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
+def trace_model(
+    model: nn.Module, example_inputs: tuple, recorded_modules: Callable[[TracedModel], set[str]] | None = None
+) -> TracedModel:
+    """The model's graph(s). With ``recorded_modules``, an fx graph proven on the model's run keeps that run
+    (``model_run``) with the values around each call of the modules at the paths it gives for the graph."""
     attributes_before = set(vars(model))
     try:
         graph = _UnmodifiedLayersAsLeavesTracer().trace(model)
@@ -217,7 +235,8 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> TracedModel:
     note = "pairs found with torch.fx symbolic tracing"
     attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
     traced = TracedModel(model, [graph], "fx", attribute_paths, note, constants)
-    if not _computes_like(traced, example_inputs):
+    recorded = set() if recorded_modules is None else recorded_modules(traced)
+    if not _computes_like(traced, example_inputs, recorded, keep_run=recorded_modules is not None):
         # Python that fx evaluates on a proxy (isinstance, torch.jit.isinstance, a branch on a flag) can
         # record a graph the model never runs; its pairs would be a tracing artefact. torch.export runs
         # such Python on fake tensors, as the model does.
@@ -350,6 +369,7 @@ class _GraphRun(fx.Interpreter):
         self._unrun = iter(self.graph.nodes)
         self._in_step = True
         self._output = None
+        self.running = False  # while the graph runs nodes inside a call of the model's (see _take_result)
         # The calls whose result the graph can take from the model's run.
         self._layer_calls = {
             node
@@ -388,6 +408,13 @@ class _GraphRun(fx.Interpreter):
     def _take_result(self, layer: nn.Module, inputs: tuple, output: Any) -> None:
         if not self._in_step:
             return
+        self.running = True  # the module calls from here on are the graph's, not the model's
+        try:
+            self._take_from_the_model(layer, inputs, output)
+        finally:
+            self.running = False
+
+    def _take_from_the_model(self, layer: nn.Module, inputs: tuple, output: Any) -> None:
         # Out of step until this call matches: a layer the graph run calls meanwhile is not the model's call.
         self._in_step = False
         node = self._run_until(self._layer_calls.__contains__)
@@ -429,18 +456,55 @@ def _equal_tensors(these: tuple, those: tuple) -> bool:
     )
 
 
-def _computes_like(traced: TracedModel, example_inputs: tuple) -> bool:
+def _computes_like(traced: TracedModel, example_inputs: tuple, recorded: set[str], keep_run: bool) -> bool:
     """Whether the traced graph gives the model's outputs on ``example_inputs`` (the same ops in the same
     order: equal up to the rounding of a kernel that picks another path). The graph run records the shapes
-    the analysis reads in the same pass, in step with the model's (see _GraphRun)."""
+    the analysis reads in the same pass, in step with the model's (see _GraphRun). With ``keep_run``, the
+    model's run is kept in ``traced.model_run`` when the graph passes, with the calls of the modules at
+    ``recorded``."""
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {path: [] for path in recorded}
     try:
         graph_run = _GraphRun(traced, example_inputs)
         with torch.no_grad():
-            with graph_run.in_step_with_the_model():
+            # Registered first, so each records its call before the graph run takes the call's result.
+            with _recording(traced, calls, graph_run), graph_run.in_step_with_the_model():
                 expected = traced.model(*example_inputs)
             actual = graph_run.finish()
     except Exception:  # noqa: BLE001 - the graph does not even run: it is not the model's
         return False
+    if not _same_outputs(expected, actual):
+        return False
+    if keep_run:
+        output = pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, expected)
+        traced.model_run = ModelRun(output, calls)
+    return True
+
+
+@contextlib.contextmanager
+def _recording(
+    traced: TracedModel, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], graph_run: _GraphRun
+) -> Iterator[None]:
+    """Forward hooks putting a copy of each call's tensor input and output in ``calls[path]`` (two calls at most),
+    for the model's calls only: the graph run, in step with the model, calls the same modules."""
+
+    def recorder(path: str):
+        def record(module, args, output):
+            kept = calls[path]
+            if not graph_run.running and len(kept) < 2 and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                kept.append((args[0].detach().clone(), output.detach().clone()))
+
+        return record
+
+    hooks = [traced.module(path).register_forward_hook(recorder(path)) for path in calls]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _same_outputs(expected: Any, actual: Any) -> bool:
+    """The same structure, and tensors equal up to the rounding of a kernel that picks another path."""
     expected_leaves, expected_structure = pytree.tree_flatten(expected)
     actual_leaves, actual_structure = pytree.tree_flatten(actual)
     if expected_structure != actual_structure:

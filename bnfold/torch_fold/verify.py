@@ -8,13 +8,16 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from bnfold.fold_math import exact_fold
 from bnfold.torch_fold.conversion import to_numpy, to_numpy_as_is
 from bnfold.torch_fold.passthrough import keeps_element_order, keeps_shape
 from bnfold.torch_fold.planning import PlannedFold, channel_affine
+from bnfold.torch_fold.tracing import ModelRun, has_torch_forward
 from bnfold.verification import (
     FoldCheck,
     OutputComparison,
@@ -32,7 +35,12 @@ def run_outputs(model: nn.Module, example_inputs: tuple) -> dict[str, Any]:
     """The leaves of the model's (nested) output by their place in it, e.g. ``output[1]['logits']``:
     tensors, and whatever else the forward returned (None, numpy arrays, numbers), which is not compared."""
     with torch.no_grad():
-        leaves, _ = pytree.tree_flatten_with_path(model(*example_inputs))
+        return output_leaves(model(*example_inputs))
+
+
+def output_leaves(output: Any) -> dict[str, Any]:
+    """The leaves of a forward's (nested) output by their place in it (see :func:`run_outputs`)."""
+    leaves, _ = pytree.tree_flatten_with_path(output)
     return {f"output{pytree.keystr(path)}": leaf for path, leaf in leaves}
 
 
@@ -69,9 +77,10 @@ def _kind(leaf: Any) -> str:
 class FoldCapture:
     """The original model's own values around each fold both of whose ends are modules called once:
     the layer's input and output and the BatchNorm's input and output, caught by forward hooks while the
-    original runs for the output comparison."""
+    original runs for the output comparison, or taken from ``run``, the run of the model (before any fold) that
+    proved its fx graph, when it recorded every module checked here (then nothing is hooked)."""
 
-    def __init__(self, model: nn.Module, folds: list[PlannedFold], folds_into_model: bool):
+    def __init__(self, model: nn.Module, folds: list[PlannedFold], folds_into_model: bool, run: ModelRun | None = None):
         layers = collections.Counter(fold.layer.module_path for fold in folds)
         # A BatchNorm module that applies more after normalising (BatchNormAct2d) has no hook on the normalised value.
         self.checked = [
@@ -96,9 +105,13 @@ class FoldCapture:
             fold: _parameters(model.get_submodule(fold.layer.module_path), folds_into_model) for fold in self.checked
         }
         self._hooks = []
-        for fold in self.checked:
-            for path in (fold.layer.module_path, fold.batchnorm.module_path):
-                self._hooks.append(model.get_submodule(path).register_forward_hook(self._recorder(path)))
+        paths = {path for fold in self.checked for path in (fold.layer.module_path, fold.batchnorm.module_path)}
+        self.recorded = run is not None and paths <= run.calls.keys()
+        if self.recorded:
+            self.values = {path: run.calls[path] for path in paths}
+            return
+        for path in paths:
+            self._hooks.append(model.get_submodule(path).register_forward_hook(self._recorder(path)))
 
     def _recorder(self, path: str):
         def record(module, args, output):
@@ -152,6 +165,18 @@ def _parameters(layer: nn.Module, copy_them: bool) -> tuple[torch.Tensor, torch.
     return (weight.clone(), None if bias is None else bias.clone()) if copy_them else (weight, bias)
 
 
+def _squared_call(layer: nn.Module, squared_data: torch.Tensor) -> torch.Tensor:
+    """The layer with each of its parameters squared, on ``squared_data``: sum (w x)^2 + b^2 per output element.
+    A torch Conv's or Linear's own computation on the squared tensors, else its forward through functional_call
+    (the layer's parameters stay as they are)."""
+    squared = {name: parameter.square() for name, parameter in layer.named_parameters()}
+    if isinstance(layer, nn.Linear) and has_torch_forward(layer):
+        return F.linear(squared_data, squared["weight"], squared.get("bias"))
+    if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed and has_torch_forward(layer):
+        return layer._conv_forward(squared_data, squared["weight"], squared.get("bias"))
+    return functional_call(layer, squared, (squared_data,))
+
+
 def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters) -> FoldCheck:
     """The folded layer on the original's input to it against the original layer and BatchNorm, each
     element's error in units of its rounding scale sqrt(sum (w x)^2 + b^2) (see LOCAL_UNITS), and its
@@ -175,10 +200,7 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
             reference = original(data) * scale + shift if preceding else original(data * scale + shift)
             layer = copy.deepcopy(layer).float()
         actual = layer(data)
-        squares = copy.deepcopy(layer)
-        for parameter in squares.parameters():
-            parameter.square_()
-        magnitude = to_numpy(squares(data * data).sqrt())
+        magnitude = to_numpy(_squared_call(layer, data * data).sqrt())
     exact = exact_fold(*(to_numpy(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
     bias = None if folded_layer.bias is None else to_numpy_as_is(folded_layer.bias)
     compared = compare_parameters(exact, to_numpy_as_is(folded_layer.weight), bias, fold.layer.layout, rtol)
