@@ -23,7 +23,10 @@ def to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
 
 
 def to_numpy_as_is(tensor: torch.Tensor) -> np.ndarray:
-    """The tensor's values in numpy's (or ml_dtypes') dtype of the same name, exactly (float64 for others)."""
+    """The tensor's values in numpy's (or ml_dtypes') dtype of the same name, exactly (float64 for others); for
+    a dtype numpy has, on the CPU, the tensor's own memory (read it, do not write it)."""
+    if tensor.dtype in _NUMPY_FLOATS:
+        return tensor.numpy(force=True)
     name = _NUMPY_DTYPES.get(tensor.dtype, "float64")
     return to_numpy(tensor).astype(_bfloat16() if name == "bfloat16" else np.dtype(name))
 

@@ -42,6 +42,8 @@ class PlannedFold:
     # The layer's weight and bias (float64) after this fold and every earlier one into the same layer:
     # computed while planning, so that a fold the layer's dtype cannot hold is refused.
     layer_values: tuple[np.ndarray, np.ndarray]
+    # The BatchNorm's per-channel scale and shift (float64), as planning computed them from its statistics.
+    affine: ChannelAffine
     # The pass-through calls (eval-mode dropout, reshapes, ...) between the two, in data-flow order; they stay.
     between: tuple[fx.Node, ...] = ()
 
@@ -118,7 +120,7 @@ def _decide(
                 )
             else:
                 folded[layer] = values
-                return PlannedFold(batchnorm, layer, direction, values, between)
+                return PlannedFold(batchnorm, layer, direction, values, affine, between)
         first_refusal = first_refusal or refusal
     return Skip(batchnorm.name, *first_refusal)
 

@@ -8,7 +8,7 @@ from bnfold.fold_math import round_to_dtype
 from bnfold.half_precision_error import BatchNormParameters
 from bnfold.quantization import LayerQuantization, measure_fold, named_channels
 from bnfold.torch_fold.conversion import to_numpy
-from bnfold.torch_fold.planning import PlannedFold, _numpy_dtype, channel_affine
+from bnfold.torch_fold.planning import PlannedFold, _numpy_dtype
 
 
 def measure_torch_folds(folds: list[PlannedFold], target_dtype: str | None) -> list[LayerQuantization]:
@@ -17,7 +17,7 @@ def measure_torch_folds(folds: list[PlannedFold], target_dtype: str | None) -> l
     for fold in folds:
         layer, batchnorm = fold.layer, fold.batchnorm
         weight, bias = fold.layer_values
-        scale = channel_affine(batchnorm).scale
+        scale = fold.affine.scale
         parameters = None
         if batchnorm.per_channel is None:
             gamma, beta, mean, variance = (

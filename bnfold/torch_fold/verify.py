@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from bnfold.fold_math import exact_fold
 from bnfold.torch_fold.conversion import to_numpy, to_numpy_as_is
 from bnfold.torch_fold.passthrough import keeps_element_order, keeps_shape
-from bnfold.torch_fold.planning import PlannedFold, channel_affine
+from bnfold.torch_fold.planning import PlannedFold
 from bnfold.torch_fold.tracing import ModelRun, has_torch_forward
 from bnfold.verification import (
     FoldCheck,
@@ -150,6 +150,7 @@ class FoldCapture:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+_NUMPY_NATIVE = (torch.float64, torch.float32, torch.float16)
 
 
 def _values_line_up(fold: PlannedFold) -> bool:
@@ -187,7 +188,7 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
     preceding = fold.direction == "into-preceding"
     data = layer_in if preceding else norm_in
     dtype_name = str(data.dtype).removeprefix("torch.")
-    affine = channel_affine(fold.batchnorm)
+    affine = fold.affine
     with torch.no_grad():
         if original is None:
             reference = norm_out if preceding else layer_call[1]
@@ -200,8 +201,12 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
             reference = original(data) * scale + shift if preceding else original(data * scale + shift)
             layer = copy.deepcopy(layer).float()
         actual = layer(data)
-        magnitude = to_numpy(_squared_call(layer, data * data).sqrt())
+        magnitude = _squared_call(layer, data * data).sqrt()
     exact = exact_fold(*(to_numpy(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
     bias = None if folded_layer.bias is None else to_numpy_as_is(folded_layer.bias)
     compared = compare_parameters(exact, to_numpy_as_is(folded_layer.weight), bias, fold.layer.layout, rtol)
-    return check_fold(label, dtype_name, to_numpy(reference), to_numpy(actual), magnitude, axis, rtol, compared)
+    # The comparison works in float64 from values of any float dtype numpy has (bfloat16 goes through to_numpy).
+    reference, actual, magnitude = (
+        to_numpy_as_is(tensor) if tensor.dtype in _NUMPY_NATIVE else to_numpy(tensor) for tensor in (reference, actual, magnitude)
+    )
+    return check_fold(label, dtype_name, reference, actual, magnitude, axis, rtol, compared)
