@@ -174,6 +174,53 @@ def test_frozen_batchnorm_folds_in_the_module_tree():
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
+class _TwoFrozen(nn.Module):
+    """Two FrozenBatchNorm2d settings (eps) in one model: fx traces the form of each setting once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3), FrozenBatchNorm2d(4, eps=0.5)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), FrozenBatchNorm2d(4, eps=0.5)
+
+    def forward(self, x):
+        return self.bn3(self.conv3(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))))
+
+
+def test_frozen_batchnorms_with_other_settings_fold_with_their_own():
+    model, inputs = _frozen(_TwoFrozen()), (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert [f.batchnorm for f in result.report.folds] == ["bn1", "bn2", "bn3"]
+    assert [check.status for check in result.report.verification.folds] == ["passed"] * 3
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class _AffineOnlyWhenTraced(nn.Module):
+    """Under fx, ``x`` is a proxy: the trace records ``x * scale + shift``, which the module never computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.full((4,), 2.0))
+        self.register_buffer("shift", torch.ones(4))
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            return x * self.scale.reshape(1, -1, 1, 1)
+        return x * self.scale.reshape(1, -1, 1, 1) + self.shift.reshape(1, -1, 1, 1)
+
+
+def test_a_per_channel_affine_module_that_runs_otherwise_is_caught_by_the_graph_run():
+    # Kept as one call for its traced form, it is computed with that form in the graph run: the run shows that
+    # the graph is not the model's (and then torch.export's graph folds what the module does compute).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _AffineOnlyWhenTraced()).eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert any("traced graph computes other outputs than the model" in note for note in result.report.notes)
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 def _frozen(module: nn.Module) -> nn.Module:
     torch.manual_seed(2)
     with torch.no_grad():

@@ -21,7 +21,13 @@ from torch import nn
 
 from bnfold.fold_math import LayoutKind, WeightLayout
 from bnfold.torch_fold.passthrough import SHAPED_LIKE, passes_values, tensor_shape_and_dtype
-from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel, computes_torch_forward, module_stack_paths
+from bnfold.torch_fold.tracing import (
+    FOLDABLE_LAYER_TYPES,
+    TracedModel,
+    computes_torch_forward,
+    module_stack_paths,
+    mutates_or_draws,
+)
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 aten = torch.ops.aten
@@ -188,6 +194,10 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
         if batchnorm is not None:
             batchnorms.append(batchnorm)
     calls = sum(node.op in ("call_module", "call_function", "call_method") for node in traced.nodes)
+    # A module kept as one call for its per-channel affine counts the calls its forward makes, as traced through.
+    calls += sum(
+        traced.affine_forms[node.target].calls - 1 for node in traced.nodes if node.op == "call_module" and node.target in traced.affine_forms
+    )
     flow = DataFlow(traced, layers, [], _count_tensor_uses(traced), calls)
     # A per-channel multiply-add counts as a BatchNorm when it is a whole module (FrozenBatchNorm2d) or sits
     # next to a layer; elsewhere (input scaling, layer scale) it is just arithmetic.
@@ -210,7 +220,11 @@ def fold_end_modules(traced: TracedModel) -> set[str]:
     for node in traced.nodes:
         if node.op == "call_module":
             module = traced.module(node.target)
-            if isinstance(module, _BatchNorm) or (isinstance(module, FOLDABLE_LAYER_TYPES) and computes_torch_forward(module)):
+            if (
+                isinstance(module, _BatchNorm)
+                or (isinstance(module, FOLDABLE_LAYER_TYPES) and computes_torch_forward(module))
+                or node.target in traced.affine_forms
+            ):
                 paths.add(node.target)
         elif (node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS) or _is_op(node, _ADD | _SUBTRACT):
             path = traced.module_stack_top(node)
@@ -341,6 +355,8 @@ def _batchnorm_call(node: fx.Node, traced: TracedModel, constants: dict[fx.Node,
         module = traced.module(node.target)
         if isinstance(module, _BatchNorm):
             return _module_batchnorm_call(node, module, node.target)
+        if node.target in traced.affine_forms:
+            return _affine_module_call(node, traced)
     elif node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
         return _functional_batchnorm_call(node, _BATCHNORM_FUNCTIONS[node.target], traced)
     elif _is_op(node, _ADD | _SUBTRACT):
@@ -441,6 +457,42 @@ def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) 
     )
 
 
+def _affine_module_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
+    """A call of a module kept whole for its per-channel affine forward (see tracing.AffineForm), with the scale
+    and shift the graph run computed with its form: a BatchNorm under the conditions of :func:`_affine_call`."""
+    computed = traced.affine_values.get(node)
+    if computed is None or node.kwargs or len(node.args) != 1:
+        return None
+    scale, shift, product_meta = computed
+    form = traced.affine_forms[node.target]
+    data = node.args[0]
+    data_meta, output_meta = tensor_shape_and_dtype(data), tensor_shape_and_dtype(node)
+    if data_meta is None or data_meta != output_meta or data_meta != product_meta:
+        return None
+    shape = data_meta[0]
+    scale, shift = _channel_values(scale, shape), _channel_values(shift, shape)
+    if scale is None or shift is None:
+        return None
+    path = node.target
+    return BatchNormCall(
+        node=node,
+        input=data,
+        name=path,
+        op=type(traced.module(path)).__name__,
+        key=path,
+        module_path=path,
+        weight=None,
+        bias=None,
+        running_mean=None,
+        running_var=None,
+        eps=0.0,
+        training=False,
+        tensors_are_attributes=True,
+        per_channel=(scale, -shift if form.subtract else shift),
+        call_nodes=form.calls,
+    )
+
+
 def module_remainder(
     traced: TracedModel, path: str, data: Any, normalised: fx.Node, normalisation: set[fx.Node]
 ) -> tuple[str, ...] | None:
@@ -514,10 +566,6 @@ def _is_op(node: Any, ops: frozenset) -> bool:
     return node.op == "call_function" and node.target in ops
 
 
-# Random functions: a value computed with them is not a constant even when every input is.
-_RANDOM_NAMES = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout")
-
-
 def _constant_value(value: Any, traced: TracedModel, cache: dict[fx.Node, Any]) -> Any:
     """The value of ``value`` when it depends only on parameters, buffers and literals (evaluated with the
     model's own ops and dtypes, as its forward computes it), else None. ``cache`` keeps every node looked at:
@@ -536,8 +584,13 @@ def _constant_value(value: Any, traced: TracedModel, cache: dict[fx.Node, Any]) 
 def _evaluate(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> Any:
     if node in traced.attribute_paths:
         return traced.attribute_at(traced.attribute_paths[node])
-    if node.op not in ("call_function", "call_method") or not node.all_input_nodes or _mutates_or_draws(node):
+    if node.op not in ("call_function", "call_method") or not node.all_input_nodes or mutates_or_draws(node):
         return None
+    computed = traced.constant_value(node)
+    if computed is not None:  # the graph run's value; its inputs still go in the cache (_constant_computation reads them)
+        for used in node.all_input_nodes:
+            _constant_value(used, traced, cache)
+        return computed
     arguments = [_constant_value(argument, traced, cache) for argument in node.args]
     keywords = {name: _constant_value(argument, traced, cache) for name, argument in node.kwargs.items()}
     given = [*node.args, *node.kwargs.values()]
@@ -559,13 +612,6 @@ def _constant_computation(values: tuple, cache: dict[fx.Node, Any]) -> set[fx.No
             computation.add(node)
             unvisited.extend(node.all_input_nodes)
     return computation
-
-
-def _mutates_or_draws(node: fx.Node) -> bool:
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name.endswith("_") or any(random in name for random in _RANDOM_NAMES)
 
 
 def _channel_values(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -64,13 +65,15 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
 
     Buffers are traced as graph inputs like parameters, so that a scale computed from them in forward
     (FrozenBatchNorm2d's ``weight * (running_var + eps).rsqrt()``) stays traceable to its source instead of
-    becoming a constant fx computed while tracing.
+    becoming a constant fx computed while tracing. A module whose whole forward is such a per-channel affine
+    (FrozenBatchNorm2d itself) stays one call, its form traced once per class and settings (:class:`AffineForm`).
     """
 
     proxy_buffer_attributes = True
 
     def trace(self, root: nn.Module, concrete_args: dict | None = None) -> fx.Graph:
         self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
+        self.affine_forms: dict[str, AffineForm] = {}
         return super().trace(root, concrete_args)
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict[str, fx.Proxy]):
@@ -95,7 +98,130 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(module, (*FOLDABLE_LAYER_TYPES, nn.modules.batchnorm._BatchNorm)):
             return computes_torch_forward(module)
+        form = affine_form(module)
+        if form is not None:
+            self.affine_forms[module_qualified_name] = form
+            return True
         return super().is_leaf_module(module, module_qualified_name)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AffineForm:
+    """The forward of a module without children that computes ``x * scale + shift`` (or ``- shift``) and nothing
+    else, scale and shift from its own parameters, buffers and literals only (FrozenBatchNorm2d): the graph fx
+    traced of it, read against any module of its class with the same settings (see :func:`affine_form`).
+
+    Such a module stays one ``call_module`` node in the model's graph; the graph run computes its call with this
+    graph (so the proof that the graph computes the model's outputs covers it) and keeps the scale and shift it
+    computed for the analysis (``TracedModel.affine_values``)."""
+
+    graph: fx.Graph
+    product: fx.Node  # x * scale
+    output: fx.Node  # product + shift, or product - shift
+    scale: Any  # a node of the graph, or a literal
+    shift: Any
+    subtract: bool
+    calls: int  # call nodes of the forward, the scale's and shift's computation included
+
+    def run(self, module: nn.Module, data: torch.Tensor) -> dict[fx.Node, Any]:
+        """Each node's value for ``module``'s call on ``data``, as its forward computes them."""
+        values: dict[fx.Node, Any] = {}
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                values[node] = data
+            elif node.op == "get_attr":
+                values[node] = getattr(module, node.target)
+            elif node.op != "output":
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+                if node.op == "call_method":
+                    values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    values[node] = node.target(*args, **kwargs)
+        return values
+
+
+# Forms found so far by (class, forward, settings, tensor names); None for a module whose forward is no such form.
+_AFFINE_FORMS: dict[tuple, AffineForm | None] = {}
+_SETTINGS = (bool, int, float, str, type(None))
+_MULTIPLY_TARGETS = (operator.mul, torch.mul, "mul")
+_ADD_TARGETS = (operator.add, torch.add, "add")
+_SUBTRACT_TARGETS = (operator.sub, torch.sub, "sub")
+
+
+def affine_form(module: nn.Module) -> AffineForm | None:
+    """The :class:`AffineForm` of ``module``'s forward, else None.
+
+    Only for a module of a class outside torch with no children, whose attributes other than its parameters
+    and buffers are plain settings (numbers, strings, None): its forward then computes with its tensors and
+    those settings alone, so fx traces one graph for every module of its class with the same settings and
+    tensor names, and the form found for one is the others' (fx bakes the settings into the graph as
+    literals). What a graph run computes with it is checked against the model's run like any other graph.
+    """
+    if type(module).__module__.startswith("torch.") or module._modules:
+        return None
+    settings = []
+    for name, value in vars(module).items():
+        if name.startswith("_") or name == "training":
+            continue
+        if not isinstance(value, _SETTINGS):
+            return None
+        settings.append((name, type(value), value))
+    key = (type(module), type(module).forward, module.training, tuple(sorted(settings)), tuple(module._parameters), tuple(module._buffers))
+    try:
+        return _AFFINE_FORMS[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable setting
+        return None
+    form = _trace_affine_form(module)
+    if len(_AFFINE_FORMS) > 1024:
+        _AFFINE_FORMS.clear()
+    _AFFINE_FORMS[key] = form
+    return form
+
+
+def _trace_affine_form(module: nn.Module) -> AffineForm | None:
+    attributes_before = set(vars(module))
+    try:
+        graph = _UnmodifiedLayersAsLeavesTracer().trace(module)
+    except Exception:  # noqa: BLE001 - not traceable on its own: traced through with the model instead
+        return None
+    finally:
+        added = _take_added_attributes(module, attributes_before)
+    if added:
+        return None  # a tensor made in forward: a literal, not the module's own
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    (output,) = [node for node in graph.nodes if node.op == "output"]
+    if len(placeholders) != 1 or len(output.args) != 1 or not isinstance(output.args[0], fx.Node):
+        return None
+    (data,) = placeholders
+    result = output.args[0]
+    if not _is_call(result, _ADD_TARGETS + _SUBTRACT_TARGETS) or result.kwargs or len(result.args) != 2:
+        return None
+    subtract = result.target in _SUBTRACT_TARGETS
+    product = next((a for a in result.args if _is_call(a, _MULTIPLY_TARGETS) and not a.kwargs and len(a.args) == 2), None)
+    if product is None or len(product.users) != 1 or (subtract and result.args[0] is not product):
+        return None
+    if list(data.users) != [product] or data not in product.args or product.args[0] is product.args[1]:
+        return None
+    scale = product.args[1] if product.args[0] is data else product.args[0]
+    shift = result.args[1] if result.args[0] is product else result.args[0]
+    constant: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            constant.add(node)
+        elif node.op in ("call_function", "call_method") and node not in (product, result):
+            if not node.all_input_nodes or not set(node.all_input_nodes) <= constant or mutates_or_draws(node):
+                return None
+            constant.add(node)
+    if not any(node.op == "get_attr" for node in constant) or shift is product:
+        return None  # literals only: arithmetic, not a BatchNorm
+    calls = sum(node.op in ("call_function", "call_method") for node in graph.nodes)
+    return AffineForm(graph, product, result, scale, shift, subtract, calls)
+
+
+def _is_call(node: Any, targets: tuple) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets
 
 
 def _first_paths(named_tensors) -> dict[int, str]:
@@ -137,6 +263,13 @@ class TracedModel:
     constants: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The model's own run on the example inputs that proved an fx graph (see _computes_like), when asked to keep it.
     model_run: ModelRun | None = None
+    # The values the graph run computed from parameters, buffers and literals only, with each tensor's version
+    # then (see constant_value).
+    constant_values: dict[fx.Node, tuple[Any, int | None]] = dataclasses.field(default_factory=dict)
+    # Modules kept as one call whose forward is a per-channel affine (see AffineForm), by path; for each of their
+    # calls the graph run made, the scale and shift it computed and the product's (shape, dtype).
+    affine_forms: dict[str, AffineForm] = dataclasses.field(default_factory=dict)
+    affine_values: dict[fx.Node, tuple[Any, Any, tuple | None]] = dataclasses.field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
@@ -166,6 +299,15 @@ class TracedModel:
             return self.constants[path]
         owner_path, _, name = path.rpartition(".")
         return getattr(self.module(owner_path), name)
+
+    def constant_value(self, node: fx.Node) -> Any:
+        """The value the graph run computed for ``node`` from parameters, buffers and literals only (the op run on
+        the same values as any evaluation of it would run), when the run kept it and nothing has changed it in
+        place since; else None."""
+        value, version = self.constant_values.get(node, (None, None))
+        if isinstance(value, torch.Tensor) and value._version != version:
+            return None
+        return value
 
     def module(self, path: str) -> nn.Module:
         """The model's module at ``path``, from one table of them (``get_submodule`` walks the path each call)."""
@@ -225,7 +367,8 @@ def trace_model(
     (``model_run``) with the values around each call of the modules at the paths it gives for the graph."""
     attributes_before = set(vars(model))
     try:
-        graph = _UnmodifiedLayersAsLeavesTracer().trace(model)
+        tracer = _UnmodifiedLayersAsLeavesTracer()
+        graph = tracer.trace(model)
     # fx raises TraceError, TypeError, RuntimeError, ... depending on what forward does with a proxy.
     except Exception as fx_error:  # noqa: BLE001
         _take_added_attributes(model, attributes_before)
@@ -234,7 +377,7 @@ def trace_model(
     constants = _take_added_attributes(model, attributes_before)
     note = "pairs found with torch.fx symbolic tracing"
     attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
-    traced = TracedModel(model, [graph], "fx", attribute_paths, note, constants)
+    traced = TracedModel(model, [graph], "fx", attribute_paths, note, constants, affine_forms=tracer.affine_forms)
     recorded = set() if recorded_modules is None else recorded_modules(traced)
     if not _computes_like(traced, example_inputs, recorded, keep_run=recorded_modules is not None):
         # Python that fx evaluates on a proxy (isinstance, torch.jit.isinstance, a branch on a flag) can
@@ -370,6 +513,10 @@ class _GraphRun(fx.Interpreter):
         self._in_step = True
         self._output = None
         self.running = False  # while the graph runs nodes inside a call of the model's (see _take_result)
+        # Each value computed from parameters, buffers and literals only (no random draw, no in-place op), with
+        # its tensor version: FrozenBatchNorm2d's scale and shift, which the analysis reads.
+        self.constants: dict[fx.Node, tuple[Any, int | None]] = {}
+        self.constants_changed = False  # a call changed one of them in place (a buffer updated in forward)
         # The calls whose result the graph can take from the model's run.
         self._layer_calls = {
             node
@@ -403,6 +550,13 @@ class _GraphRun(fx.Interpreter):
     def run_node(self, node: fx.Node) -> Any:
         # fx's run_node without marking the node current for fx's traceback tooling: nothing here retraces.
         args, kwargs = self.fetch_args_kwargs_from_env(node)
+        form = self.traced.affine_forms.get(node.target) if node.op == "call_module" else None
+        if form is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            values = form.run(self.traced.module(node.target), args[0])
+            product = values[form.product]
+            scale, shift = (values[v] if isinstance(v, fx.Node) else v for v in (form.scale, form.shift))
+            self.traced.affine_values[node] = (scale, shift, (tuple(product.shape), product.dtype))
+            return values[form.output]
         return getattr(self, node.op)(node.target, args, kwargs)
 
     def _take_result(self, layer: nn.Module, inputs: tuple, output: Any) -> None:
@@ -438,11 +592,40 @@ class _GraphRun(fx.Interpreter):
     def _store(self, node: fx.Node, value: Any) -> None:
         if isinstance(value, torch.Tensor):
             node.meta[SHAPE_AND_DTYPE] = (tuple(value.shape), value.dtype)
+        if node.op == "get_attr":
+            self.constants[node] = (value, value._version if isinstance(value, torch.Tensor) else None)
+        elif node.op in ("call_function", "call_method"):
+            used = node.all_input_nodes
+            if used and any(value_used in self.constants for value_used in used):
+                if mutates_or_draws(node):
+                    self.constants_changed = True  # (or a draw from them: either way, left to the analysis)
+                elif all(value_used in self.constants for value_used in used):
+                    self.constants[node] = (value, value._version if isinstance(value, torch.Tensor) else None)
         self.env[node] = value
         for used in self.user_to_last_uses.get(node, []):
             del self.env[used]
         if node.op == "output":
             self._output = self.graph.process_outputs(value)
+
+
+# Random functions: a value computed with them is not a constant even when every input is.
+_RANDOM_NAMES = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout")
+
+
+def mutates_or_draws(node: fx.Node) -> bool:
+    """Whether the call changes a tensor in place or draws random numbers: its value is no constant."""
+    try:
+        return _target_mutates_or_draws(node.target)
+    except TypeError:  # an unhashable target
+        return _target_mutates_or_draws.__wrapped__(node.target)
+
+
+@functools.lru_cache(maxsize=1024)
+def _target_mutates_or_draws(target: Any) -> bool:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.endswith("_") or any(random in name for random in _RANDOM_NAMES)
 
 
 def _equal_tensors(these: tuple, those: tuple) -> bool:
@@ -474,6 +657,8 @@ def _computes_like(traced: TracedModel, example_inputs: tuple, recorded: set[str
         return False
     if not _same_outputs(expected, actual):
         return False
+    if not graph_run.constants_changed:  # else each is evaluated when the analysis reads it
+        traced.constant_values = graph_run.constants
     if keep_run:
         output = pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, expected)
         traced.model_run = ModelRun(output, calls)
