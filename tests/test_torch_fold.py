@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -970,6 +971,29 @@ def test_the_trace_check_accepts_outputs_equal_up_to_rounding():
     result = fold(model, inputs, verify=False)
     assert "pairs found with torch.fx symbolic tracing" in result.report.notes
     assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv")]
+
+
+def test_a_failed_export_before_dynamo_writes_nothing_to_stderr(capfd):
+    # torch.export prints its partial graph and logs warnings before raising; bnfold reports that error itself.
+    model, inputs = trained_eval_model(case_named("value_branch"))
+    capfd.readouterr()
+    result = fold(model, inputs)
+    assert any("TorchDynamo captured" in note for note in result.report.notes)
+    assert capfd.readouterr().err == ""
+
+
+class _PrintsWhileExported(FrozenAfterConv):
+    def forward(self, x):
+        print("forward ran", file=sys.stderr)
+        return super().forward(x)
+
+
+def test_what_a_successful_export_writes_to_stderr_is_kept(capfd):
+    model = _frozen(_PrintsWhileExported())
+    capfd.readouterr()
+    result = fold(model, (torch.randn(2, 3, 9, 9),), verify=False)
+    assert any("torch.export" in note for note in result.report.notes)
+    assert "forward ran" in capfd.readouterr().err
 
 
 def test_model_neither_fx_nor_export_can_capture_folds_the_pairs_dynamo_captures():

@@ -10,7 +10,10 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import io
+import logging
 import operator
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -409,7 +412,8 @@ def _capture_without_fx(model: nn.Module, example_inputs: tuple, fx_error: Excep
 
 
 def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
-    exported = torch.export.export(model, example_inputs)
+    with _output_kept_unless_it_fails():
+        exported = torch.export.export(model, example_inputs)
     signature = exported.graph_signature
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     graph = exported.graph_module.graph
@@ -419,6 +423,39 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
         "instead, folded into the model's own modules (function calls outside them are left)"
     )
     return TracedModel(model, [graph], "export", attribute_paths, note)
+
+
+@contextlib.contextmanager
+def _output_kept_unless_it_fails() -> Iterator[None]:
+    """What the block writes to ``sys.stderr`` and logs through torch's loggers, held back and passed on when the
+    block returns, dropped when it raises: torch.export prints the partial graph and logs warnings about it
+    before raising, and bnfold catches that error, falls back to TorchDynamo and says why in the report (and in
+    ModelNotTraceableError when nothing can capture the model)."""
+    held_records: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held_records.append(record)
+        return False
+
+    # torch's loggers each have their own handler (torch._logging), not propagating to the root's.
+    loggers = [logging.getLogger()] + [
+        logger
+        for name, logger in list(logging.root.manager.loggerDict.items())
+        if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch."))
+    ]
+    handlers = {handler for logger in loggers for handler in logger.handlers}
+    for handler in handlers:
+        handler.addFilter(hold)
+    held_text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held_text):
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+    sys.stderr.write(held_text.getvalue())
+    for record in dict.fromkeys(held_records):  # (each record once, though more than one handler held it)
+        logging.getLogger(record.name).handle(record)
 
 
 def _capture_with_dynamo(
