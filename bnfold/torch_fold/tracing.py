@@ -160,7 +160,7 @@ def affine_form(module: nn.Module) -> AffineForm | None:
     tensor names, and the form found for one is the others' (fx bakes the settings into the graph as
     literals). What a graph run computes with it is checked against the model's run like any other graph.
     """
-    if type(module).__module__.startswith("torch.") or module._modules:
+    if type(module).__module__.startswith("torch.") or module._modules or _has_hooks(module):
         return None
     settings = []
     for name, value in vars(module).items():
@@ -181,6 +181,14 @@ def affine_form(module: nn.Module) -> AffineForm | None:
         _AFFINE_FORMS.clear()
     _AFFINE_FORMS[key] = form
     return form
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Hooks run with a module's call, not with its form: such a module is traced through (its forward's calls)."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    hooks = nn.modules.module
+    shared = (hooks._global_forward_hooks, hooks._global_forward_pre_hooks, hooks._global_backward_hooks, hooks._global_backward_pre_hooks)
+    return any(own) or any(shared)
 
 
 def _trace_affine_form(module: nn.Module) -> AffineForm | None:
