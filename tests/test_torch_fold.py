@@ -30,7 +30,7 @@ from torch_architectures import (
 )
 
 from bnfold.report import SKIP_CODES
-from bnfold.torch_fold import fold, rewrite
+from bnfold.torch_fold import fold, rewrite, tracing
 from bnfold.verification import VerificationError
 
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}
@@ -980,6 +980,17 @@ def test_a_failed_export_before_dynamo_writes_nothing_to_stderr(capfd):
     result = fold(model, inputs)
     assert any("TorchDynamo captured" in note for note in result.report.notes)
     assert capfd.readouterr().err == ""
+
+
+def test_only_exports_partial_graph_is_dropped_from_stderr_when_it_fails(capfd):
+    error = RuntimeError("data-dependent")
+    error.partial_fx_graph = "def forward(self, x):"
+    capfd.readouterr()
+    with pytest.raises(RuntimeError), tracing._output_kept_unless_it_fails():
+        print(error.partial_fx_graph, file=sys.stderr)
+        print("another thread's warning", file=sys.stderr)
+        raise error
+    assert capfd.readouterr().err == "another thread's warning\n"
 
 
 class _PrintsWhileExported(FrozenAfterConv):

@@ -435,35 +435,48 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
 
 @contextlib.contextmanager
 def _output_kept_unless_it_fails() -> Iterator[None]:
-    """What the block writes to ``sys.stderr`` and logs through torch's loggers, held back and passed on when the
-    block returns, dropped when it raises: torch.export prints the partial graph and logs warnings about it
-    before raising, and bnfold catches that error, falls back to TorchDynamo and says why in the report (and in
-    ModelNotTraceableError when nothing can capture the model)."""
+    """torch.export's commentary on a failure bnfold falls back from, dropped: before raising, export prints the
+    partial graph to ``sys.stderr`` and logs warnings about it through torch's loggers, and bnfold catches that
+    error, falls back to TorchDynamo and says why in the report (and in ModelNotTraceableError when nothing can
+    capture the model). Everything else the block writes to ``sys.stderr``, and what torch logs when the block
+    returns, is passed on when it ends."""
     held_records: list[logging.LogRecord] = []
 
     def hold(record: logging.LogRecord) -> bool:
+        if not record.name.startswith("torch"):
+            return True
         held_records.append(record)
         return False
 
     # torch's loggers each have their own handler (torch._logging), not propagating to the root's.
-    loggers = [logging.getLogger()] + [
-        logger
+    handlers = {
+        handler
         for name, logger in list(logging.root.manager.loggerDict.items())
         if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch."))
-    ]
-    handlers = {handler for logger in loggers for handler in logger.handlers}
+        for handler in logger.handlers
+    }
     for handler in handlers:
         handler.addFilter(hold)
     held_text = io.StringIO()
     try:
         with contextlib.redirect_stderr(held_text):
             yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(hold)
+    except BaseException as error:
+        _stop_holding(handlers, hold)
+        partial_graph = getattr(error, "partial_fx_graph", None)
+        text = held_text.getvalue()
+        # (printed once by each of export's nested entry points it passes through)
+        sys.stderr.write(text.replace(f"{partial_graph}\n", "") if partial_graph is not None else text)
+        raise
+    _stop_holding(handlers, hold)
     sys.stderr.write(held_text.getvalue())
     for record in dict.fromkeys(held_records):  # (each record once, though more than one handler held it)
         logging.getLogger(record.name).handle(record)
+
+
+def _stop_holding(handlers: set[logging.Handler], hold: Callable[[logging.LogRecord], bool]) -> None:
+    for handler in handlers:
+        handler.removeFilter(hold)
 
 
 def _capture_with_dynamo(
