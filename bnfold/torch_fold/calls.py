@@ -424,12 +424,8 @@ def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) 
         return None
     (data,) = variables
     scale_argument, scale = next((argument, value) for argument, value in constants if argument is not data)
-    data_meta, output_meta = tensor_shape_and_dtype(data), tensor_shape_and_dtype(node)
-    if data_meta is None or data_meta != output_meta or data_meta != tensor_shape_and_dtype(product):
-        return None
-    shape = data_meta[0]
-    scale, shift = _channel_values(scale, shape), _channel_values(shift, shape)
-    if scale is None or shift is None:
+    per_channel = _per_channel(node, data, tensor_shape_and_dtype(product), scale, shift)
+    if per_channel is None:
         return None
     normalisation = {node, product, *_constant_computation((scale_argument, shift_argument), cache)}
     if not any(n in traced.attribute_paths for n in normalisation):
@@ -437,6 +433,48 @@ def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) 
     owner = traced.module_stack_top(node)
     kept_children = None if owner is None else module_remainder(traced, owner, data, node, normalisation)
     module_path = owner if kept_children == () else None
+    calls = sum(n.op in ("call_function", "call_method") for n in normalisation)
+    return _affine_batchnorm(node, data, module_path, traced, per_channel, _is_op(node, _SUBTRACT), calls, input_reader=product)
+
+
+def _affine_module_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
+    """A call of a module kept whole for its per-channel affine forward (see tracing.AffineForm), with the scale
+    and shift the graph run computed with its form: a BatchNorm under the conditions of :func:`_affine_call`."""
+    computed = traced.affine_values.get(node)
+    if computed is None or node.kwargs or len(node.args) != 1:
+        return None
+    scale, shift, product_meta = computed
+    form = traced.affine_forms[node.target]
+    data = node.args[0]
+    per_channel = _per_channel(node, data, product_meta, scale, shift)
+    if per_channel is None:
+        return None
+    return _affine_batchnorm(node, data, node.target, traced, per_channel, form.subtract, form.calls)
+
+
+def _per_channel(node: fx.Node, data: Any, product_meta, scale: Any, shift: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``scale`` and ``shift`` as one value per channel of ``data``, when ``node`` (and the product before it,
+    ``product_meta``) keeps ``data``'s shape and dtype."""
+    data_meta = tensor_shape_and_dtype(data)
+    if data_meta is None or data_meta != tensor_shape_and_dtype(node) or data_meta != product_meta:
+        return None
+    scale, shift = _channel_values(scale, data_meta[0]), _channel_values(shift, data_meta[0])
+    return None if scale is None or shift is None else (scale, shift)
+
+
+def _affine_batchnorm(
+    node: fx.Node,
+    data: Any,
+    module_path: str | None,
+    traced: TracedModel,
+    per_channel: tuple[torch.Tensor, torch.Tensor],
+    subtracts: bool,
+    calls: int,
+    input_reader: fx.Node | None = None,
+) -> BatchNormCall:
+    """The BatchNorm that ``node`` computes as ``data * scale + shift`` (``- shift`` when it ``subtracts``), under
+    ``module_path`` when that module can be replaced to remove it."""
+    scale, shift = per_channel
     return BatchNormCall(
         node=node,
         input=data,
@@ -451,45 +489,9 @@ def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) 
         eps=0.0,
         training=False,
         tensors_are_attributes=True,
-        per_channel=(scale, -shift if _is_op(node, _SUBTRACT) else shift),
-        call_nodes=sum(n.op in ("call_function", "call_method") for n in normalisation),
-        input_reader=product,
-    )
-
-
-def _affine_module_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
-    """A call of a module kept whole for its per-channel affine forward (see tracing.AffineForm), with the scale
-    and shift the graph run computed with its form: a BatchNorm under the conditions of :func:`_affine_call`."""
-    computed = traced.affine_values.get(node)
-    if computed is None or node.kwargs or len(node.args) != 1:
-        return None
-    scale, shift, product_meta = computed
-    form = traced.affine_forms[node.target]
-    data = node.args[0]
-    data_meta, output_meta = tensor_shape_and_dtype(data), tensor_shape_and_dtype(node)
-    if data_meta is None or data_meta != output_meta or data_meta != product_meta:
-        return None
-    shape = data_meta[0]
-    scale, shift = _channel_values(scale, shape), _channel_values(shift, shape)
-    if scale is None or shift is None:
-        return None
-    path = node.target
-    return BatchNormCall(
-        node=node,
-        input=data,
-        name=path,
-        op=type(traced.module(path)).__name__,
-        key=path,
-        module_path=path,
-        weight=None,
-        bias=None,
-        running_mean=None,
-        running_var=None,
-        eps=0.0,
-        training=False,
-        tensors_are_attributes=True,
-        per_channel=(scale, -shift if form.subtract else shift),
-        call_nodes=form.calls,
+        per_channel=(scale, -shift if subtracts else shift),
+        call_nodes=calls,
+        input_reader=input_reader,
     )
 
 
