@@ -67,7 +67,8 @@ def inline_model(path: str | os.PathLike) -> Iterator[onnx.ModelProto | None]:
     """:func:`load_inline_model` whose last check, onnx's checker, runs in a thread while the body works on
     the model: the checker releases the GIL, and its first call in a process costs 25-30 ms (it builds the
     registry of operator schemas), 5% of the command that folds MobileNetV2. Leaving the body waits for the
-    checker, and a model it refuses raises its InputError, whatever the body did or raised."""
+    checker, and a model it refuses raises its InputError, whatever the body did or raised (an interrupt
+    aside, which goes through at once)."""
     path = _model_file(path)
     try:
         model = read_model_proto(path)
@@ -83,18 +84,24 @@ def inline_model(path: str | os.PathLike) -> Iterator[onnx.ModelProto | None]:
     checker.start()
     try:
         yield model
-    finally:
-        checker.join()
-        if refusal:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
-            raise InputError(path, f"not a valid ONNX model ({describe_error(refusal[0])})") from None
+    except Exception:
+        _raise_refusal(checker, refusal, path)
+        raise
+    _raise_refusal(checker, refusal, path)
     _files_named[_file_identity(path)] = frozenset({path.absolute()})
 
 
 def _check(model: onnx.ModelProto, refusal: list[Exception]) -> None:
     try:
         onnx.checker.check_model(model)
-    except Exception as error:
+    except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
         refusal.append(error)
+
+
+def _raise_refusal(checker: threading.Thread, refusal: list[Exception], path: Path) -> None:
+    checker.join()
+    if refusal:
+        raise InputError(path, f"not a valid ONNX model ({describe_error(refusal[0])})") from None
 
 
 def read_model_proto(path: Path) -> onnx.ModelProto:
