@@ -6,12 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper
 from onnx_models import batchnorm_node, batchnorm_parameters, fast_path_agrees, initializer
 
 import bnfold
-from bnfold.cli import main
 from bnfold.onnx_fold.io import InputError, load_inline_model
 
 
@@ -77,27 +75,6 @@ def test_the_command_lines_loader_refuses_what_onnxs_checker_refuses(tmp_path, w
     path.write_bytes(model.SerializeToString())
     with pytest.raises(InputError, match="No Op registered for Convolution"):
         load_inline_model(path)
-
-
-def test_the_checkers_refusal_wins_over_whatever_the_fold_did_meanwhile(tmp_path):
-    """onnx's checker runs beside the fold (io.inline_model): a model it refuses raises its InputError when
-    the body leaves, whether the body finished or raised something else."""
-    from bnfold.onnx_fold.io import inline_model
-
-    path, valid = tmp_path / "model.onnx", tmp_path / "valid.onnx"
-    model = conv_bn((3, 2, 3, 3), channels=3)
-    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"]))
-    valid.write_bytes(model.SerializeToString())
-    model.graph.node.add(op_type="Convolution", input=["x"], output=["unused"])  # no such op
-    path.write_bytes(model.SerializeToString())
-    with pytest.raises(InputError, match="No Op registered for Convolution"), inline_model(path) as loaded:
-        assert loaded == model
-    with pytest.raises(InputError, match="No Op registered for Convolution"), inline_model(path):
-        raise RuntimeError("the fold failed on the bad model in its own words")
-    with pytest.raises(KeyError), inline_model(valid):  # a valid model: the body's own error goes through
-        raise KeyError("x")
-    code = CliRunner().invoke(main, [str(path), "-o", str(tmp_path / "out.onnx"), "--no-verify"])
-    assert code.exit_code == 2 and "not a valid ONNX model" in code.output and not (tmp_path / "out.onnx").exists()
 
 
 def test_wrong_typed_data_field_is_an_input_error():

@@ -19,7 +19,7 @@ import onnx
 
 from bnfold.errors import VerificationError
 from bnfold.onnx_fold.fast_path import fold_plain_pairs
-from bnfold.onnx_fold.io import inline_model
+from bnfold.onnx_fold.io import load_inline_model
 from bnfold.report import FoldReport
 
 if TYPE_CHECKING:
@@ -81,10 +81,10 @@ def fold_onnx_file(path: str | os.PathLike, **options) -> tuple[onnx.ModelProto 
     all in the file is loaded as a protobuf and folded into one (the fast path's input, and
     :func:`bnfold.onnx_fold.io.save_model` writes it as it is); one with external data is loaded with
     onnx_ir, which keeps the data on disk, and folded into an onnx_ir model."""
-    with inline_model(path) as proto:  # (onnx's checker runs beside the fold)
-        if proto is None:
-            return fold_onnx(path, **options)
-        return fold_onnx(proto, source=path, **options)
+    proto = load_inline_model(path)
+    if proto is None:
+        return fold_onnx(path, **options)
+    return fold_onnx(proto, source=path, **options)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,7 @@ import re
 import shutil
 import stat
 import tempfile
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,17 +57,6 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
     """``path`` as a protobuf, with the checks of :func:`load_model`; None when any of its tensors is in an
     external data file (:func:`load_model` keeps those on disk, a protobuf would hold them in memory)."""
-    with inline_model(path) as model:
-        return model
-
-
-@contextlib.contextmanager
-def inline_model(path: str | os.PathLike) -> Iterator[onnx.ModelProto | None]:
-    """:func:`load_inline_model` whose last check, onnx's checker, runs in a thread while the body works on
-    the model: the checker releases the GIL, and its first call in a process costs 25-30 ms (it builds the
-    registry of operator schemas), 5% of the command that folds MobileNetV2. Leaving the body waits for the
-    checker, and a model it refuses raises its InputError, whatever the body did or raised (an interrupt
-    aside, which goes through at once)."""
     path = _model_file(path)
     try:
         model = read_model_proto(path)
@@ -77,31 +65,14 @@ def inline_model(path: str | os.PathLike) -> Iterator[onnx.ModelProto | None]:
     if not model.graph.node and not model.graph.output:
         raise InputError(path, "not an ONNX model (no graph in the file)")
     if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(model.graph)):
-        yield None
-        return
-    refusal: list[Exception] = []
-    checker = threading.Thread(target=_check, args=(_checker_view(model, path), refusal), daemon=True)
-    checker.start()
+        return None
+    view = _checker_view(model, path)
     try:
-        yield model
-    except Exception:
-        _raise_refusal(checker, refusal, path)
-        raise
-    _raise_refusal(checker, refusal, path)
-    _files_named[_file_identity(path)] = frozenset({path.absolute()})
-
-
-def _check(model: onnx.ModelProto, refusal: list[Exception]) -> None:
-    try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(view)
     except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
-        refusal.append(error)
-
-
-def _raise_refusal(checker: threading.Thread, refusal: list[Exception], path: Path) -> None:
-    checker.join()
-    if refusal:
-        raise InputError(path, f"not a valid ONNX model ({describe_error(refusal[0])})") from None
+        raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
+    _files_named[_file_identity(path)] = frozenset({path.absolute()})
+    return model
 
 
 def read_model_proto(path: Path) -> onnx.ModelProto:
