@@ -9,12 +9,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from bnfold.onnx_fold.io import scratch_directory
+from bnfold.onnx_fold.io import read_model_proto, scratch_directory
 from bnfold.onnx_fold.local_checks import append_local_checks, plain_folds, plain_local_folds, read_local_checks
 from bnfold.onnx_fold.runtime import RuntimeModel, model_runner, run_model, runtime_model
 from bnfold.report import Fold, printable
@@ -258,7 +259,7 @@ def _proto(original: ModelSource) -> onnx.ModelProto:
         return original
     if isinstance(original, bytes):
         return onnx.load_from_string(original)
-    return onnx.load(os.fspath(original), load_external_data=False)
+    return read_model_proto(Path(original))
 
 
 def _ir_model(original: ModelSource) -> ir.Model:
