@@ -555,5 +555,3 @@ def compare_output(
         comparison = result("passed", compared, max_abs, max_rel)
     comparison.magnitude = magnitude
     return comparison
-
-

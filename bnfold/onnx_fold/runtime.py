@@ -103,7 +103,6 @@ class RuntimeModel:
                 path.unlink()
         return _Runner(session, provided=(values, self.tensors))
 
-
     def _with_data_file(self, data: Path) -> onnx.ModelProto:
         """A copy of ``proto`` whose references read the tensors from ``data``, written here."""
         proto = onnx.ModelProto()

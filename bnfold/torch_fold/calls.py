@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import operator
 from typing import Any
 
 import torch
@@ -22,10 +21,14 @@ from torch import nn
 from bnfold.fold_math import LayoutKind, WeightLayout
 from bnfold.torch_fold.passthrough import SHAPED_LIKE, passes_values, tensor_shape_and_dtype
 from bnfold.torch_fold.tracing import (
+    ADD,
     FOLDABLE_LAYER_TYPES,
+    SUBTRACT,
     TracedModel,
     computes_torch_forward,
+    is_op,
     module_stack_paths,
+    multiply_add,
     mutates_or_draws,
 )
 
@@ -44,9 +47,6 @@ _FUNCTIONAL_BATCHNORM_ARGUMENTS = (
 _ATEN_BATCHNORM_ARGUMENTS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
 _BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 # x * scale + shift, as fx records it (operators, torch functions, tensor methods) and as export does.
-_MULTIPLY = frozenset({operator.mul, torch.mul, aten.mul.Tensor, "mul"})
-_ADD = frozenset({operator.add, torch.add, aten.add.Tensor, "add"})
-_SUBTRACT = frozenset({operator.sub, torch.sub, aten.sub.Tensor, "sub"})
 _AFFINE_OP = "x * scale + shift"
 
 
@@ -226,7 +226,7 @@ def fold_end_modules(traced: TracedModel) -> set[str]:
                 or node.target in traced.affine_forms
             ):
                 paths.add(node.target)
-        elif (node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS) or _is_op(node, _ADD | _SUBTRACT):
+        elif (node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS) or is_op(node, ADD | SUBTRACT):
             path = traced.module_stack_top(node)
             if path is not None:
                 paths.add(path)
@@ -359,7 +359,7 @@ def _batchnorm_call(node: fx.Node, traced: TracedModel, constants: dict[fx.Node,
             return _affine_module_call(node, traced)
     elif node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
         return _functional_batchnorm_call(node, _BATCHNORM_FUNCTIONS[node.target], traced)
-    elif _is_op(node, _ADD | _SUBTRACT):
+    elif is_op(node, ADD | SUBTRACT):
         return _affine_call(node, traced, constants)
     return None
 
@@ -411,12 +411,10 @@ def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) 
     """``x * scale + shift`` (or ``- shift``, operands in either order) with a per-channel scale and shift
     computed from parameters, buffers and literals only, keeping x's shape and dtype. ``cache`` holds the
     constant values found so far (see :func:`_constant_value`)."""
-    if node.kwargs or len(node.args) != 2:
+    found = multiply_add(node)
+    if found is None:
         return None
-    product = next((a for a in node.args if _is_op(a, _MULTIPLY) and not a.kwargs and len(a.args) == 2), None)
-    if product is None or len(product.users) != 1 or (_is_op(node, _SUBTRACT) and node.args[0] is not product):
-        return None
-    shift_argument = node.args[1] if node.args[0] is product else node.args[0]
+    product, shift_argument, subtracts = found
     shift = _constant_value(shift_argument, traced, cache)
     constants = [(argument, _constant_value(argument, traced, cache)) for argument in product.args]
     variables = [argument for argument, value in constants if value is None]
@@ -434,7 +432,7 @@ def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) 
     kept_children = None if owner is None else module_remainder(traced, owner, data, node, normalisation)
     module_path = owner if kept_children == () else None
     calls = sum(n.op in ("call_function", "call_method") for n in normalisation)
-    return _affine_batchnorm(node, data, module_path, traced, per_channel, _is_op(node, _SUBTRACT), calls, input_reader=product)
+    return _affine_batchnorm(node, data, module_path, traced, per_channel, subtracts, calls, input_reader=product)
 
 
 def _affine_module_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
@@ -558,14 +556,6 @@ def _child_call(
     if len(results) != 1:
         return None
     return child.rpartition(".")[2], nodes, results[0]
-
-
-def _is_op(node: Any, ops: frozenset) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target in ops
-    return node.op == "call_function" and node.target in ops
 
 
 def _constant_value(value: Any, traced: TracedModel, cache: dict[fx.Node, Any]) -> Any:

@@ -146,9 +146,10 @@ class AffineForm:
 # Forms found so far by (class, forward, settings, tensor names); None for a module whose forward is no such form.
 _AFFINE_FORMS: dict[tuple, AffineForm | None] = {}
 _SETTINGS = (bool, int, float, str, type(None))
-_MULTIPLY_TARGETS = (operator.mul, torch.mul, "mul")
-_ADD_TARGETS = (operator.add, torch.add, "add")
-_SUBTRACT_TARGETS = (operator.sub, torch.sub, "sub")
+# The calls of x * y, x + y and x - y as fx, torch.export and TorchDynamo record them (functions, methods, aten ops).
+MULTIPLY = frozenset({operator.mul, torch.mul, torch.ops.aten.mul.Tensor, "mul"})
+ADD = frozenset({operator.add, torch.add, torch.ops.aten.add.Tensor, "add"})
+SUBTRACT = frozenset({operator.sub, torch.sub, torch.ops.aten.sub.Tensor, "sub"})
 
 
 def affine_form(module: nn.Module) -> AffineForm | None:
@@ -207,16 +208,13 @@ def _trace_affine_form(module: nn.Module) -> AffineForm | None:
         return None
     (data,) = placeholders
     result = output.args[0]
-    if not _is_call(result, _ADD_TARGETS + _SUBTRACT_TARGETS) or result.kwargs or len(result.args) != 2:
+    found = multiply_add(result)
+    if found is None:
         return None
-    subtract = result.target in _SUBTRACT_TARGETS
-    product = next((a for a in result.args if _is_call(a, _MULTIPLY_TARGETS) and not a.kwargs and len(a.args) == 2), None)
-    if product is None or len(product.users) != 1 or (subtract and result.args[0] is not product):
-        return None
+    product, shift, subtract = found
     if list(data.users) != [product] or data not in product.args or product.args[0] is product.args[1]:
         return None
     scale = product.args[1] if product.args[0] is data else product.args[0]
-    shift = result.args[1] if result.args[0] is product else result.args[0]
     constant: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -231,8 +229,21 @@ def _trace_affine_form(module: nn.Module) -> AffineForm | None:
     return AffineForm(graph, product, result, scale, shift, subtract, calls)
 
 
-def _is_call(node: Any, targets: tuple) -> bool:
-    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets
+def is_op(node: Any, ops: frozenset) -> bool:
+    """Whether ``node`` is a function or method call of one of ``ops``."""
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in ops
+
+
+def multiply_add(node: Any) -> tuple[fx.Node, Any, bool] | None:
+    """``node`` as ``product + shift`` (operands in either order) or ``product - shift``, ``product`` a
+    two-operand multiply that only ``node`` reads: ``(product, shift, subtracts)``; else None."""
+    if not is_op(node, ADD | SUBTRACT) or node.kwargs or len(node.args) != 2:
+        return None
+    subtracts = is_op(node, SUBTRACT)
+    product = next((a for a in node.args if is_op(a, MULTIPLY) and not a.kwargs and len(a.args) == 2), None)
+    if product is None or len(product.users) != 1 or (subtracts and node.args[0] is not product):
+        return None
+    return product, node.args[1] if node.args[0] is product else node.args[0], subtracts
 
 
 def _first_paths(named_tensors) -> dict[int, str]:
