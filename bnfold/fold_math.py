@@ -275,6 +275,11 @@ def fold_into_outputs(
 BLOCK_ELEMENTS = 1 << 15
 
 
+def rows_per_block(row_size: int) -> int:
+    """How many rows of ``row_size`` elements make a block of about :data:`BLOCK_ELEMENTS` (one at least)."""
+    return max(1, BLOCK_ELEMENTS // max(1, row_size))
+
+
 def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: WeightLayout, dtype: np.dtype) -> np.ndarray:
     """:func:`_scaled_output_channels` rounded once to ``dtype`` (as :func:`_rounded`), for a weight whose
     output channels lead, a block of channels at a time."""
@@ -282,7 +287,7 @@ def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: Weig
     rows = weight.reshape(weight.shape[0], -1)
     result = np.empty(weight.shape, dtype)
     result_rows = result.reshape(rows.shape)
-    per_block = max(1, BLOCK_ELEMENTS // max(1, rows.shape[1]))
+    per_block = rows_per_block(rows.shape[1])
     extremes = [0.0]
     buffer = np.empty((min(per_block, rows.shape[0]), rows.shape[1]))
     # numpy rounds float64 to float32 and float16 once, to nearest even, as it casts into the result.
@@ -497,7 +502,7 @@ class ScaledRows:
     def row_blocks(self):
         """``(first flat index, the float64 values)`` of each block of whole rows, in order."""
         rows = self.weight.reshape(self.weight.shape[0], -1)
-        per_block = max(1, BLOCK_ELEMENTS // max(1, rows.shape[1]))
+        per_block = rows_per_block(rows.shape[1])
         for start in range(0, rows.shape[0], per_block):
             yield start * rows.shape[1], self._values(rows[start : start + per_block], self.scale[start : start + per_block])
 

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from bnfold.errors import VerificationError, VerificationUnavailableError  # noqa: F401 (their home before bnfold.errors)
-from bnfold.fold_math import BLOCK_ELEMENTS, ExactFold, ScaledRows, WeightLayout
+from bnfold.fold_math import BLOCK_ELEMENTS, ExactFold, ScaledRows, WeightLayout, rows_per_block
 
 # (atol, rtol) per output dtype; an output passes when max |folded - original| <= atol + rtol * max |original|
 # over its finite elements. The rounding error of an element scales with the sums that produced it, not
@@ -324,7 +324,7 @@ def _compare_layer_outputs(fold, dtype_name, reference, folded, magnitude, chann
     if not reference.size:
         return FoldCheck(fold, dtype_name, "passed", channels, 0, 0.0, 0.0, 0.0, allowed)
     by_channel = np.empty(channels)
-    rows = max(1, BLOCK_ELEMENTS // reference.shape[1])
+    rows = rows_per_block(reference.shape[1])
     for start in range(0, channels, rows):
         block = slice(start, start + rows)
         _, units = _output_errors(reference[block], folded[block], magnitude[block], eps)

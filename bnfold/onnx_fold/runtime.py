@@ -111,7 +111,7 @@ class RuntimeModel:
             for tensor in proto.graph.initializer:
                 if tensor.name in self.tensors:
                     offset = file.tell()
-                    file.write(np.ascontiguousarray(self.tensors[tensor.name][0]).tobytes())
+                    file.write(np.ascontiguousarray(self.tensors[tensor.name][0]))
                     del tensor.external_data[:]
                     for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(file.tell() - offset))):
                         tensor.external_data.add(key=key, value=value)
