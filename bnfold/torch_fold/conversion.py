@@ -31,6 +31,12 @@ def to_numpy_as_is(tensor: torch.Tensor) -> np.ndarray:
     return to_numpy(tensor).astype(_bfloat16() if name == "bfloat16" else np.dtype(name))
 
 
+def to_numpy_float(tensor: torch.Tensor) -> np.ndarray:
+    """The values in a float dtype numpy computes with: the tensor's own for float64/32/16 (its memory on the
+    CPU, see :func:`to_numpy_as_is`), float64 for any other (bfloat16)."""
+    return to_numpy_as_is(tensor) if tensor.dtype in _NUMPY_FLOATS else to_numpy(tensor)
+
+
 def to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """float64 ``array`` back to ``like``'s device and dtype, rounded once by the shared algebra
     (torch's own float64 -> half/bfloat16 conversion rounds twice, through float32)."""

@@ -81,7 +81,7 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
             "the example inputs do not take the path of forward() that calls it, if any (without torch.fx, only "
             "that path is seen); fold with inputs that take it to fold it."
         )
-    modules = flow.traced._modules_by_path.items() if flow.traced.model is model else model.named_modules()
+    modules = flow.traced.modules_by_path.items() if flow.traced.model is model else model.named_modules()
     for name, module in modules:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called:
             plan.skips.append(Skip(name, "no-foldable-neighbour", reason))

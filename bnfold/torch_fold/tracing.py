@@ -333,11 +333,12 @@ class TracedModel:
 
     def module(self, path: str) -> nn.Module:
         """The model's module at ``path``, from one table of them (``get_submodule`` walks the path each call)."""
-        module = self._modules_by_path.get(path)
+        module = self.modules_by_path.get(path)
         return module if module is not None else self.model.get_submodule(path)
 
     @functools.cached_property
-    def _modules_by_path(self) -> dict[str, nn.Module]:
+    def modules_by_path(self) -> dict[str, nn.Module]:
+        """The model's modules by path, as ``named_modules`` lists them."""
         return dict(self.model.named_modules())
 
     def module_stack_top(self, node: fx.Node) -> str | None:

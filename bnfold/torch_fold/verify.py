@@ -14,7 +14,7 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from bnfold.fold_math import exact_fold
-from bnfold.torch_fold.conversion import to_numpy, to_numpy_as_is
+from bnfold.torch_fold.conversion import to_numpy, to_numpy_as_is, to_numpy_float
 from bnfold.torch_fold.passthrough import keeps_element_order, keeps_shape
 from bnfold.torch_fold.planning import PlannedFold
 from bnfold.torch_fold.tracing import ModelRun, has_torch_forward
@@ -150,7 +150,6 @@ class FoldCapture:
 
 
 _HALF = (torch.float16, torch.bfloat16)
-_NUMPY_NATIVE = (torch.float64, torch.float32, torch.float16)
 
 
 def _values_line_up(fold: PlannedFold) -> bool:
@@ -205,8 +204,6 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
     exact = exact_fold(*(to_numpy(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
     bias = None if folded_layer.bias is None else to_numpy_as_is(folded_layer.bias)
     compared = compare_parameters(exact, to_numpy_as_is(folded_layer.weight), bias, fold.layer.layout, rtol)
-    # The comparison works in float64 from values of any float dtype numpy has (bfloat16 goes through to_numpy).
-    reference, actual, magnitude = (
-        to_numpy_as_is(tensor) if tensor.dtype in _NUMPY_NATIVE else to_numpy(tensor) for tensor in (reference, actual, magnitude)
-    )
+    # The comparison works in float64 from values of any float dtype numpy has.
+    reference, actual, magnitude = (to_numpy_float(tensor) for tensor in (reference, actual, magnitude))
     return check_fold(label, dtype_name, reference, actual, magnitude, axis, rtol, compared)
