@@ -46,7 +46,7 @@ _FUNCTIONAL_BATCHNORM_ARGUMENTS = (
 )
 _ATEN_BATCHNORM_ARGUMENTS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
 _BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
-# x * scale + shift, as fx records it (operators, torch functions, tensor methods) and as export does.
+# The report's name for a per-channel multiply-add outside any module that could be replaced.
 _AFFINE_OP = "x * scale + shift"
 
 
