@@ -531,6 +531,13 @@ class ExactFold:
     bias: np.ndarray
     bias_terms: np.ndarray
 
+    def divided(self, weight_by: float, bias_by: float) -> ExactFold:
+        """This fold in the terms of a layer that multiplies its weight by ``weight_by`` and its bias by
+        ``bias_by`` (a Gemm's alpha and beta); dividing by zero gives infinities: infinitely far, as it is."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            weight = self.weight.divided(weight_by) if isinstance(self.weight, ScaledRows) else self.weight / weight_by
+            return ExactFold(weight, self.bias / bias_by, self.bias_terms / abs(bias_by))
+
 
 def exact_fold(
     weight: np.ndarray, bias: np.ndarray | None, affine: ChannelAffine, layout: WeightLayout, into_outputs: bool
