@@ -6,7 +6,8 @@ With verification, bnfold's time is set against what verification cannot avoid: 
 inputs (each timed on its own under ``torch.no_grad``, best of the same rounds); ``verified/(fold+fwd)`` is
 bnfold's verified time over that sum.
 
-Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/torch_fold_counts.py``. The architectures
+Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/torch_fold_counts.py [NAME ...]`` (names
+select some of the architectures, by the start of their name). The architectures
 are the small ones the PyTorch front-end's tests use (tests/torch_architectures.py). Times are the process's
 CPU time on one thread, which other processes on a shared machine disturb less than wall time, and fuse and
 bnfold take turns, one run each per round, so that what load remains falls on both alike: the ratio is the
@@ -47,7 +48,10 @@ def main() -> None:
         f"{'model':<24} {'BNs':>4} {'fuse folded':>12} {'bnfold folded':>14} {'fuse ms':>8} {'bnfold ms':>10} "
         f"{'bnfold/fuse':>12} {'verified ms':>12} {'fold+fwd ms':>12} {'verified/(fold+fwd)':>20}"
     )
+    selected = sys.argv[1:]
     for case in CASES:
+        if selected and not any(case.name.startswith(name) for name in selected):
+            continue
         model, inputs = trained_eval_model(case)
         batchnorms = batchnorm_modules(model)
         folded, report = fold(model, inputs)

@@ -376,6 +376,21 @@ def test_parameters_keep_requires_grad_and_new_bias_follows_weight():
     assert result.model.layers[0].conv1.bias.requires_grad
 
 
+def test_the_folded_copy_shares_no_container_with_the_model():
+    model, inputs = trained_eval_model(case_named("resnet"))
+    model.conv1.register_forward_hook(lambda module, args, output: None)
+    shared = {}
+    model.conv1.notes, model.fc.notes = shared, shared  # an empty dict two modules hold: shared in the copy too
+    result = fold(model, inputs)
+
+    folded_conv = result.model.conv1
+    assert len(folded_conv._forward_hooks) == 1  # the hook came along, as with copy.deepcopy
+    folded_conv.register_forward_pre_hook(lambda module, args: None)
+    folded_conv.notes["k"] = 1
+    assert len(model.conv1._forward_pre_hooks) == 0 and shared == {}
+    assert result.model.fc.notes is folded_conv.notes and folded_conv.notes is not shared
+
+
 def test_inplace_folds_the_given_model():
     model, inputs = trained_eval_model(case_named("resnet"))
     expected = outputs(model, inputs)
