@@ -89,7 +89,7 @@ def test_folds_real_architecture(case):
         assert isinstance(parameter, nn.Parameter) and parameter.requires_grad, name
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name not in ("efficientnet", "timm_style")], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_module_tree_result_keeps_class_and_state_dict_keys(case):
     model, inputs = trained_eval_model(case)
     result = fold(model, inputs)
@@ -112,17 +112,38 @@ def test_module_tree_result_keeps_class_and_state_dict_keys(case):
             assert isinstance(replacement, nn.Identity)
 
 
-def test_layer_subclass_with_own_forward_folds_in_the_traced_graph():
-    case = case_named("efficientnet")
-    model, inputs = trained_eval_model(case)
+def test_layer_subclass_with_own_forward_folds_into_its_module():
+    model, inputs = trained_eval_model(case_named("efficientnet"))
     result = fold(model, inputs)
 
-    assert isinstance(result.model, fx.GraphModule)
-    assert type(result.model).__name__ == "GraphModule"  # not EfficientNet: it is not the user's class
-    assert any("GraphModule instead of the EfficientNet module tree" in note for note in result.report.notes)
-    assert {f.layer_op for f in result.report.folds} == {"Conv2d", "F.conv2d"}
-    # The "same" conv had no bias: the folded one sits where a Conv2d keeps it.
-    assert "stem.0.bias" in result.model.state_dict()
+    assert type(result.model) is type(model)
+    assert {f.layer_op for f in result.report.folds} == {"Conv2d", "Conv2dSame"}
+    # The "same" conv had no bias; its forward convolves with self.bias, where the folded one now is.
+    assert isinstance(result.model.stem[0], Conv2dSame) and isinstance(result.model.stem[0].bias, nn.Parameter)
+    assert model.stem[0].bias is None
+    checks = {check.fold: check.status for check in result.report.verification.folds}
+    assert checks["stem.1 [BatchNorm2d] into preceding stem.0 [Conv2dSame]"] == "passed"
+    other = (torch.randn(1, 3, 12, 12),)  # the user's forward, at any size
+    assert_same_outputs(outputs(model, other), outputs(result.model, other))
+
+
+class ConvIgnoringBias(nn.Conv2d):
+    """A conv subclass whose forward never reads ``self.bias``: a bias registered on it would do nothing."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, None, self.stride)
+
+
+def test_layer_subclass_that_does_not_read_its_bias_folds_in_the_traced_graph():
+    model = randomise_statistics(nn.Sequential(ConvIgnoringBias(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert type(result.model).__name__ == "GraphModule"  # not Sequential: it is not the user's class
+    assert any("GraphModule instead of the Sequential module tree" in note for note in result.report.notes)
+    assert [(f.batchnorm, f.layer_op) for f in result.report.folds] == [("1", "F.conv2d")]
+    assert model[0].bias is None  # (its forward was traced alone with a probe bias, removed since)
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
 def test_batchnorm_act_folds_in_the_module_tree_keeping_drop_and_act():
@@ -144,19 +165,46 @@ def test_batchnorm_act_folds_in_the_module_tree_keeping_drop_and_act():
     assert result.report.nodes_after == {"batchnorm": 0, "total": 32}
 
 
-def test_batchnorm_act_after_a_same_padding_conv_folds_in_a_graph_not_named_as_the_model():
+def test_batchnorm_act_after_a_same_padding_conv_folds_in_the_module_tree():
     model, inputs = trained_eval_model(case_named("timm_style"))
     result = fold(model, inputs)
 
+    assert type(result.model) is type(model)
+    assert [(f.batchnorm, f.batchnorm_op, f.layer_op) for f in result.report.folds] == [
+        ("conv_stem.bn", "BatchNormAct2d", "Conv2dSame"),
+        ("block1.bn", "BatchNormAct2d", "Conv2d"),
+        ("block2.bn", "BatchNormAct2d", "Conv2d"),
+        ("conv_head.bn", "BatchNormAct2d", "Conv2dSame"),
+    ]
+    stem_bn = result.model.conv_stem.bn
+    assert isinstance(stem_bn, nn.Sequential) and [type(m) for m in stem_bn] == [nn.Dropout, nn.SiLU]
+    assert isinstance(result.model.conv_stem.conv.bias, nn.Parameter)
+
+
+class FunctionalConvBatchNormAct(nn.Module):
+    """A conv as a function call on the model's own kernel, then timm's BatchNormAct2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)
+        self.bn = BatchNormAct2d(4, drop_layer=nn.Dropout)
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.kernel, padding=1))
+
+
+def test_batchnorm_act_after_a_function_call_folds_in_a_graph_not_named_as_the_model():
+    model = randomise_statistics(FunctionalConvBatchNormAct())
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
     assert isinstance(result.model, fx.GraphModule) and type(result.model).__name__ == "GraphModule"
-    assert {f.batchnorm_op for f in result.report.folds} == {"BatchNormAct2d"}
-    assert {f.batchnorm for f in result.report.folds} == {"conv_stem.bn", "block1.bn", "block2.bn", "conv_head.bn"}
+    assert [(f.batchnorm, f.batchnorm_op, f.layer_op) for f in result.report.folds] == [("bn", "BatchNormAct2d", "F.conv2d")]
     called = {node.target for node in result.model.graph.nodes if node.op == "call_module"}
-    assert {"conv_stem.bn.drop", "conv_stem.bn.act"} <= called and F.batch_norm not in {
-        node.target for node in result.model.graph.nodes
-    }
+    assert {"bn.drop", "bn.act"} <= called and F.batch_norm not in {node.target for node in result.model.graph.nodes}
     # Built from the edited graph: the folded statistics the graph no longer reads are not in the result.
-    assert not any(key.startswith("conv_stem.bn.") for key in result.model.state_dict())
+    assert not any(key.startswith("bn.") for key in result.model.state_dict())
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
 def test_frozen_batchnorm_folds_in_the_module_tree():
@@ -401,7 +449,7 @@ def test_inplace_folds_the_given_model():
 
 
 def test_inplace_is_not_honoured_when_the_result_is_a_graph_module():
-    model, inputs = trained_eval_model(case_named("efficientnet"))
+    model, inputs = randomise_statistics(FunctionalConvBatchNormAct()), (torch.randn(2, 3, 8, 8),)
     state_before = copy.deepcopy(model.state_dict())
     result = fold(model, inputs, inplace=True)
 
@@ -834,13 +882,6 @@ def test_untraceable_model_falls_back_to_export():
     ]
     assert isinstance(result.model.bn, nn.Identity) and isinstance(result.model.same.bias, nn.Parameter)
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
-
-
-class ConvIgnoringBias(nn.Conv2d):
-    """A conv subclass whose forward never reads ``self.bias``: a bias registered on it would do nothing."""
-
-    def forward(self, x):
-        return F.conv2d(x, self.weight, None, self.stride)
 
 
 class ShapeBranchIgnoringBias(ShapeBranchNet):

@@ -11,8 +11,10 @@
    when export cannot either (a branch on a tensor's value), the graphs TorchDynamo captures running the
    example inputs, split at graph breaks (a value crossing a break is its graph's output, so a pair
    across one has another reader and stays). Those graphs record module calls as the calls their
-   forward made, each node naming its module: a call on a module's own weight and bias (also in a
-   subclass's forward, timm's Conv2dSame) folds into that module. Module order plays no part: only who
+   forward made, each node naming its module: a call on a module's own weight and bias folds into that
+   module. So does, in any graph, the call a layer subclass's own forward makes on its weight and bias
+   (timm's Conv2dSame; a bias-less one must be seen to pass ``self.bias`` on, see
+   :func:`.tracing.trace_with_bias_probe`). Module order plays no part: only who
    reads whose output. Between a pair may sit calls that pass values on (:mod:`.passthrough`: Identity,
    eval-mode dropout, reshapes and permutes when the shapes prove the channel axis stays the layer's
    feature axis, as in LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)``); they stay.

@@ -30,6 +30,7 @@ from bnfold.torch_fold.tracing import (
     module_stack_paths,
     multiply_add,
     mutates_or_draws,
+    trace_with_bias_probe,
 )
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -214,8 +215,9 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
 
 def fold_end_modules(traced: TracedModel) -> set[str]:
     """The paths of the modules that may end up at either end of a fold between modules in this fx graph: layer
-    and BatchNorm modules called as such, and the modules whose forward makes a BatchNorm function call or the
-    add of a multiply-add (FrozenBatchNorm2d). Verification checks each fold on the values around these calls."""
+    and BatchNorm modules called as such, layer subclasses whose own forward makes a layer function call (timm's
+    Conv2dSame), and the modules whose forward makes a BatchNorm function call or the add of a multiply-add
+    (FrozenBatchNorm2d). Verification checks each fold on the values around these calls."""
     paths = set()
     for node in traced.nodes:
         if node.op == "call_module":
@@ -228,6 +230,10 @@ def fold_end_modules(traced: TracedModel) -> set[str]:
                 paths.add(node.target)
         elif (node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS) or is_op(node, ADD | SUBTRACT):
             path = traced.module_stack_top(node)
+            if path is not None:
+                paths.add(path)
+        elif node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
+            path = _calling_module(node, traced, FOLDABLE_LAYER_TYPES)  # a layer subclass's own forward
             if path is not None:
                 paths.add(path)
     return paths
@@ -334,7 +340,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
         and weight is not None
         and _pads(arguments.get("padding", 0), tuple(weight.shape[2:]), arguments.get("dilation", 1))
     )
-    module_path = _inlined_layer_module(node, traced, weight_path, bias_path)
+    module_path = _layer_module_of(node, traced, weight_path, bias_argument, bias_path)
     return LayerCall(
         node=node,
         input=arguments["input"],
@@ -628,17 +634,43 @@ def _calling_module(node: fx.Node, traced: TracedModel, types: tuple) -> str | N
     return path if path is not None and isinstance(traced.module(path), types) else None
 
 
-def _inlined_layer_module(node: fx.Node, traced: TracedModel, weight_path: str | None, bias_path: str | None) -> str | None:
-    """In an exported or Dynamo-captured graph, the path of the layer module whose forward made this call on
-    its own weight and bias: an unmodified torch layer, or a subclass whose forward pads and then convolves
-    with ``self.weight`` and ``self.bias`` (timm's Conv2dSame). Its parameters then hold what this call computes
-    with, so the module tree carries the fold (when nothing else reads them, which planning checks)."""
-    if not traced.modules_inlined:
-        return None
+def _layer_module_of(
+    node: fx.Node, traced: TracedModel, weight_path: str | None, bias_argument: Any, bias_path: str | None
+) -> str | None:
+    """The path of the layer module whose forward made this call on its own weight and bias: an unmodified torch
+    layer (in an exported or Dynamo-captured graph; fx keeps those as one ``call_module`` node), or a subclass
+    whose forward pads and then convolves with ``self.weight`` and ``self.bias`` (timm's Conv2dSame), in any
+    graph. Its parameters then hold what this call computes with, so the module tree carries the fold (when
+    nothing else reads them, which planning checks). A subclass without a bias gets the folded one registered,
+    which its forward must be shown to read: export and Dynamo capture with a probe bias in place, and in an fx
+    graph, where the bias is then the literal None, the forward is traced alone with one
+    (:func:`_passes_own_bias`)."""
     path = _calling_module(node, traced, FOLDABLE_LAYER_TYPES)
-    if path is None or computes_torch_forward(traced.module(path)):
+    if path is None:
+        return None
+    layer = traced.module(path)
+    if computes_torch_forward(layer):
         return path
-    return path if (weight_path, bias_path) == (f"{path}.weight", f"{path}.bias") else None
+    if weight_path != f"{path}.weight":
+        return None
+    if bias_path == f"{path}.bias":
+        return path
+    absent_bias_read = not traced.modules_inlined and bias_argument is None and layer.bias is None and _passes_own_bias(layer)
+    return path if absent_bias_read else None
+
+
+def _passes_own_bias(layer: nn.Module) -> bool:
+    """Whether the bias-less layer subclass's forward, traced alone with a probe bias, makes one layer call, on
+    ``self.weight`` and the probe."""
+    graph = trace_with_bias_probe(layer)
+    calls = [] if graph is None else [n for n in graph.nodes if n.op == "call_function" and n.target in _LAYER_FUNCTIONS]
+    if len(calls) != 1:
+        return False
+    arguments = _bind(calls[0], _LAYER_FUNCTIONS[calls[0].target].arguments)
+    return all(
+        isinstance(argument := arguments.get(name), fx.Node) and argument.op == "get_attr" and argument.target == name
+        for name in ("weight", "bias")
+    )
 
 
 def _inlined_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> str | None:
