@@ -9,6 +9,7 @@ TorchDynamo-captured graph records for module calls).
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import itertools
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bnfold.fold_math import LayoutKind, WeightLayout
 from bnfold.torch_fold.passthrough import SHAPED_LIKE, passes_values, tensor_shape_and_dtype
@@ -25,12 +27,12 @@ from bnfold.torch_fold.tracing import (
     FOLDABLE_LAYER_TYPES,
     SUBTRACT,
     TracedModel,
+    absent_biases_probed,
     computes_torch_forward,
     is_op,
     module_stack_paths,
     multiply_add,
     mutates_or_draws,
-    trace_with_bias_probe,
 )
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -643,8 +645,7 @@ def _layer_module_of(
     graph. Its parameters then hold what this call computes with, so the module tree carries the fold (when
     nothing else reads them, which planning checks). A subclass without a bias gets the folded one registered,
     which its forward must be shown to read: export and Dynamo capture with a probe bias in place, and in an fx
-    graph, where the bias is then the literal None, the forward is traced alone with one
-    (:func:`_passes_own_bias`)."""
+    graph, where the bias is then the literal None, :func:`_passes_own_bias` runs the forward with one."""
     path = _calling_module(node, traced, FOLDABLE_LAYER_TYPES)
     if path is None:
         return None
@@ -655,22 +656,47 @@ def _layer_module_of(
         return None
     if bias_path == f"{path}.bias":
         return path
-    absent_bias_read = not traced.modules_inlined and bias_argument is None and layer.bias is None and _passes_own_bias(layer)
+    absent_bias_read = (
+        not traced.modules_inlined and bias_argument is None and layer.bias is None and _passes_own_bias(node, path, traced)
+    )
     return path if absent_bias_read else None
 
 
-def _passes_own_bias(layer: nn.Module) -> bool:
-    """Whether the bias-less layer subclass's forward, traced alone with a probe bias, makes one layer call, on
-    ``self.weight`` and the probe."""
-    graph = trace_with_bias_probe(layer)
-    calls = [] if graph is None else [n for n in graph.nodes if n.op == "call_function" and n.target in _LAYER_FUNCTIONS]
-    if len(calls) != 1:
+def _passes_own_bias(node: fx.Node, path: str, traced: TracedModel) -> bool:
+    """Whether the forward of the bias-less layer subclass at ``path`` (which made the call ``node``) hands
+    ``self.bias`` to its layer call once one is registered: a copy of it runs, on zeros shaped as its input
+    was in the model's run, with a probe bias in place (:func:`.tracing.absent_biases_probed`), and must make
+    one layer call, on ``self.weight`` and the probe. (A copy: the model's own modules see no extra call.)"""
+    inside = set(traced.nodes_inside(node.graph, path))
+    sources = {value for n in inside for value in n.all_input_nodes if value not in inside and value not in traced.attribute_paths}
+    meta = tensor_shape_and_dtype(sources.pop()) if len(sources) == 1 else None
+    if meta is None:
         return False
-    arguments = _bind(calls[0], _LAYER_FUNCTIONS[calls[0].target].arguments)
-    return all(
-        isinstance(argument := arguments.get(name), fx.Node) and argument.op == "get_attr" and argument.target == name
-        for name in ("weight", "bias")
-    )
+    layer = copy.deepcopy(traced.module(path))
+    recorder = _LayerCallRecorder()
+    with absent_biases_probed(layer):
+        probe = layer.bias
+        try:
+            with torch.no_grad(), recorder:
+                layer(torch.zeros(meta[0], dtype=meta[1], device=layer.weight.device))
+        except Exception:  # noqa: BLE001 - a forward that needs more than its input's shape: not shown
+            return False
+    return [(weight is layer.weight, bias is probe) for weight, bias in recorder.calls] == [(True, True)]
+
+
+class _LayerCallRecorder(TorchFunctionMode):
+    """Records the weight and bias of each layer function call made while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[Any, Any]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LAYER_FUNCTIONS:
+            arguments = dict(zip(_LAYER_FUNCTIONS[func].arguments, args), **kwargs)
+            self.calls.append((arguments.get("weight"), arguments.get("bias")))
+        return func(*args, **kwargs)
 
 
 def _inlined_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> str | None:

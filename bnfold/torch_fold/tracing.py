@@ -315,7 +315,7 @@ class TracedModel:
         return self.method != "fx"
 
     def attribute_at(self, path: str) -> Any:
-        """The parameter, buffer or fx constant at ``path`` (None for a bias probe, see _absent_biases_probed), or the
+        """The parameter, buffer or fx constant at ``path`` (None for a bias probe, see absent_biases_probed), or the
         module for a module's path."""
         if path in self.constants:
             return self.constants[path]
@@ -413,7 +413,7 @@ def trace_model(
 
 def _capture_without_fx(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
     """torch.export's graph, else the graphs TorchDynamo captures; the model's own modules carry the folds."""
-    with _absent_biases_probed(model):
+    with absent_biases_probed(model):
         try:
             return _export_model(model, example_inputs, fx_error)
         except Exception as export_error:  # noqa: BLE001 - Dynamo captures what export cannot (data-dependent branches)
@@ -532,7 +532,7 @@ def _capture_with_dynamo(
 
 
 @contextlib.contextmanager
-def _absent_biases_probed(model: nn.Module) -> Iterator[None]:
+def absent_biases_probed(model: nn.Module) -> Iterator[None]:
     """Each bias-less layer subclass with its own forward (timm's Conv2dSame) given a zero bias while capturing.
 
     Its forward is free to ignore ``self.bias``; the captured graph shows whether it passes the probe to its
@@ -551,21 +551,6 @@ def _absent_biases_probed(model: nn.Module) -> Iterator[None]:
     finally:
         for module in probed:
             module.register_parameter("bias", None)
-
-
-def trace_with_bias_probe(layer: nn.Module) -> fx.Graph | None:
-    """The graph of a bias-less layer subclass's own forward traced alone, a zero bias probe in place (see
-    :func:`_absent_biases_probed`); None when it does not trace on its own. In the model's fx graph an absent
-    bias is the literal None, whether the forward passed ``self.bias`` or None itself: this graph tells them
-    apart."""
-    attributes_before = set(vars(layer))
-    with _absent_biases_probed(layer):
-        try:
-            return _UnmodifiedLayersAsLeavesTracer().trace(layer)
-        except Exception:  # noqa: BLE001 - it traced within the model; alone, it may need what the model gives it
-            return None
-        finally:
-            _take_added_attributes(layer, attributes_before)
 
 
 def _take_added_attributes(model: nn.Module, attributes_before: set[str]) -> dict[str, Any]:
