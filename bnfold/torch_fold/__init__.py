@@ -14,7 +14,7 @@
    forward made, each node naming its module: a call on a module's own weight and bias folds into that
    module. So does, in any graph, the call a layer subclass's own forward makes on its weight and bias
    (timm's Conv2dSame; a bias-less one must be seen to pass ``self.bias`` on, see
-   :func:`.tracing.trace_with_bias_probe`). Module order plays no part: only who
+   :func:`.calls._layer_module_of`). Module order plays no part: only who
    reads whose output. Between a pair may sit calls that pass values on (:mod:`.passthrough`: Identity,
    eval-mode dropout, reshapes and permutes when the shapes prove the channel axis stays the layer's
    feature axis, as in LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)``); they stay.
