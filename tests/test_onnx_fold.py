@@ -291,6 +291,20 @@ def test_half_and_double_models_fold_in_their_dtype(dtype, elem, tolerance):
     assert_same_outputs(model, result, **tolerance)
 
 
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])  # the fast path and the pass
+def test_default_epsilon_is_the_float32_attribute_runtimes_use(op):
+    # No epsilon attribute: its default is 1e-5 as a float32 (onnxruntime computes with 9.99999975e-06), which a
+    # float64 model with a small variance tells from 1e-5 well past float64's tolerances.
+    r = rng()
+    inits = [initializer("W", r.normal(size=[5, 4])), *batchnorm_parameters(4, "bn", r, np.float64)]
+    inits[-1] = initializer("bn_var", np.array([1e-4, 3e-4, 0.01, 1.0]))
+    nodes = [helper.make_node(op, ["x", "W"], ["y"], name="layer"), batchnorm_node("y", "z", "bn")]
+    model = make_model(nodes, [("x", [3, 5])], ["z"], inits, elem_type=TensorProto.DOUBLE)
+    result, report = folded(model)
+    assert report.verification.passed and op_count(result, "BatchNormalization") == 0
+    assert_same_outputs(model, result, atol=1e-12, rtol=1e-12)
+
+
 def test_bfloat16_weights_are_rounded_once_from_float64():
     model = conv_bn(2, True, 1, 4, 6, dtype=np.float32)
     import ml_dtypes

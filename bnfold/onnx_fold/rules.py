@@ -49,7 +49,7 @@ from bnfold.onnx_fold.qdq import (
     quantized_bias_reason,
     quantized_weight,
 )
-from bnfold.onnx_fold.shared import FreshNames
+from bnfold.onnx_fold.shared import BATCHNORM_DEFAULT_EPSILON, FreshNames
 from bnfold.report import ELEMENTWISE_AFFINE_OPS
 
 ELEMENTWISE_OPS = ELEMENTWISE_AFFINE_OPS
@@ -345,7 +345,7 @@ def _batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
     sizes = [p.size for p in parameters]
     if len(set(sizes)) != 1 or not sizes[0]:
         raise Refusal("channel-mismatch", f"{label} has {'/'.join(map(str, sizes))} values of scale/bias/mean/variance; one per channel is needed")
-    epsilon = float(_typed_attr(node, "epsilon", 1e-5, _NUMBER, "unfoldable-statistics"))
+    epsilon = float(_typed_attr(node, "epsilon", BATCHNORM_DEFAULT_EPSILON, _NUMBER, "unfoldable-statistics"))
     try:
         return batchnorm_affine(scale, bias, mean, var, epsilon)
     except UnfoldableStatisticsError as error:
