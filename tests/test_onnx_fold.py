@@ -97,7 +97,7 @@ def gemm_bn(trans_a, trans_b, alpha, beta, c_shape, m=3, k=5, n=4, dtype=np.floa
 
 @pytest.mark.parametrize("trans_a", [0, 1])
 @pytest.mark.parametrize("trans_b", [0, 1])
-@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0)])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0), (0.0, 1.0)])  # alpha 0: the weight is ignored
 @pytest.mark.parametrize("c_shape", [None, [], [4], [1, 4], [3, 4]])
 def test_gemm_then_batchnorm_folds(trans_a, trans_b, alpha, beta, c_shape):
     model = gemm_bn(trans_a, trans_b, alpha, beta, c_shape)
@@ -346,7 +346,7 @@ def batchnorm_then(layer: str, **attributes):
 @pytest.mark.parametrize(
     "layer,attributes",
     [("Conv", {}), ("Conv", {"pads": [0, 0, 0, 0], "auto_pad": "NOTSET"}), ("Conv", {"auto_pad": "VALID"}),
-     ("Gemm", {}), ("Gemm", {"transB": 1, "alpha": 0.5}), ("MatMul", {})],
+     ("Gemm", {}), ("Gemm", {"transB": 1, "alpha": 0.5}), ("Gemm", {"alpha": 0.0}), ("MatMul", {})],
 )  # fmt: skip
 def test_batchnorm_before_an_unpadded_layer_folds_forward(layer, attributes):
     model = batchnorm_then(layer, **attributes)
