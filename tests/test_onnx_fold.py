@@ -269,6 +269,25 @@ def test_per_channel_elementwise_after_conv_folds(op, const_shape, data_first):
     assert_same_outputs(model, result, **F32)
 
 
+@pytest.mark.parametrize("op", ["Mul", "Add", "Sub", "Div"])
+@pytest.mark.parametrize("passthrough", ["Identity", "Dropout"])
+def test_per_channel_elementwise_folds_through_a_passthrough(op, passthrough):
+    # The data operand is the passthrough's output, not the layer's: each op with the data first was refused.
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("c", r.uniform(0.5, 1.5, [6, 1, 1]).astype(np.float32))]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        helper.make_node(passthrough, ["y"], ["p"], name="between"),
+        helper.make_node(op, ["p", "c"], ["z"], name="affine"),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+    result, report = folded(model)
+    assert op_count(result, op) == 0 and op_count(result, passthrough) == 1
+    assert [(f.batchnorm, f.layer) for f in report.folds] == [("affine", "conv")]
+    assert [check.status for check in report.verification.folds] == ["passed"]
+    assert_same_outputs(model, result, **F32)
+
+
 def test_mul_that_is_not_per_channel_is_left_alone():
     r = rng()
     inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("c", r.normal(size=[1, 1, 4, 4]).astype(np.float32))]

@@ -385,6 +385,7 @@ class Match:
     anchor: ir.Node  # the BatchNorm (or elementwise node) that disappears
     layer: Layer
     direction: str
+    affine: ChannelAffine  # the anchor's map, folded into the layer
     # The layer's folded weight and bias, computed by ``check``: a fold its dtype cannot hold is refused
     # before anything in the graph changes. A quantized weight's fold is ``quantized`` instead of ``weight``.
     weight: np.ndarray | None
@@ -540,7 +541,8 @@ class FoldIntoPreceding:
             source = anchor.inputs[0].producer() if anchor.inputs and anchor.inputs[0] is not None else None
             source_name = "a graph input or constant" if source is None else source.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source_name}, not a Conv/ConvTranspose/Gemm/MatMul")
-        data, passthroughs = _chain_before(_data_input(anchor), opset, through_layout)
+        anchor_input = _data_input(anchor)
+        data, passthroughs = _chain_before(anchor_input, opset, through_layout)
         producer = _layer_behind(data)
         if not _is_layer(producer):
             source = "a graph input or constant" if producer is None else producer.op_type
@@ -565,7 +567,8 @@ class FoldIntoPreceding:
         if anchor.op_type == "BatchNormalization":
             affine = batchnorm_channel_affine(anchor, opset)
         else:
-            affine = elementwise_channel_affine(anchor, layer.output, channels, layer.output_rank)
+            # (``anchor_input``, not the layer's output: an Identity or Dropout may stand between them)
+            affine = elementwise_channel_affine(anchor, anchor_input, channels, layer.output_rank)
             if affine is None:
                 raise Refusal("no-foldable-neighbour", "the constant is not per-channel")
         if affine.channels != channels:
@@ -577,7 +580,7 @@ class FoldIntoPreceding:
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = ChannelAffine(affine.scale, affine.shift / beta)
         weight, bias, quantized = _folded(fold_into_outputs, anchor, layer, bias, shifted)
-        return Match(anchor, layer, self.direction, weight, bias, passthroughs, quantized)
+        return Match(anchor, layer, self.direction, affine, weight, bias, passthroughs, quantized)
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)
@@ -718,7 +721,7 @@ class FoldIntoFollowing:
         # Gemm computes alpha * A B + beta * C: the shift's contribution alpha * t B enters C over beta.
         shifted = ChannelAffine(affine.scale, affine.shift * alpha / beta)
         weight, bias, _ = _folded(fold_into_inputs, anchor, layer, bias, shifted)
-        return Match(anchor, layer, self.direction, weight, bias, tuple(passthroughs))
+        return Match(anchor, layer, self.direction, affine, weight, bias, tuple(passthroughs))
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)
