@@ -87,6 +87,22 @@ def test_freezing_leaves_a_modern_model_alone():
     assert len(report.folds) == 1 and report.notes == []
 
 
+def test_ir3_model_with_constant_node_parameters_folds_into_a_valid_model():
+    # Constant nodes are constants in any IR version, but the folded parameters are initializers, which
+    # before IR version 4 had to be graph inputs: the folded model failed onnx's checker (and bnfold's load).
+    model = ir3_conv_bn()
+    nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer] + list(model.graph.node)
+    del model.graph.node[:], model.graph.initializer[:], model.graph.input[1:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    result, report = fold_onnx(model)
+    assert len(report.folds) == 1 and report.verification.passed
+    onnx.checker.check_model(result)
+    assert result.ir_version == 4 and [v.name for v in result.graph.input] == ["x"]
+    assert report.notes[-1].startswith("IR version 3 -> 4, the first that allows initializers that are not inputs; ")
+    assert_same_outputs(model, result, **F32)
+
+
 def test_cli_option_freezes(tmp_path):
     path, out = tmp_path / "ir3.onnx", tmp_path / "folded.onnx"
     onnx.save(ir3_conv_bn(), path)
