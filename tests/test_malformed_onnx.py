@@ -11,6 +11,7 @@ from onnx_models import batchnorm_node, batchnorm_parameters, fast_path_agrees, 
 
 import bnfold
 from bnfold.onnx_fold.io import InputError, load_inline_model
+from bnfold.verification import VerificationError
 
 
 def conv_bn(weight_shape=(3, 2, 3, 3), channels=3, group=None, epsilon=None, name="bn") -> onnx.ModelProto:
@@ -151,3 +152,11 @@ def test_an_undefined_element_type_is_an_input_error_with_or_without_verificatio
     model.graph.input[0].type.tensor_type.elem_type = 65  # no ONNX version defines it
     with pytest.raises(InputError, match="65 is not a valid DataType"):
         bnfold.fold_onnx(model, verify=verify)
+
+
+def test_a_model_without_outputs_fails_verification_for_comparing_nothing():
+    # onnxruntime refuses to run a model without outputs, which was an internal error (exit 2, "please report it").
+    model = conv_bn()
+    del model.graph.output[:]
+    with pytest.raises(VerificationError, match="nothing was compared: the model has no outputs"):
+        bnfold.fold_onnx(model)

@@ -224,6 +224,8 @@ class _Runner:
         self._names = [output.name for output in session.get_outputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._names:  # a model without outputs computes nothing, and onnxruntime refuses to run it
+            return {}
         return dict(zip(self._names, self._session.run(self._names, feeds), strict=True))
 
 
