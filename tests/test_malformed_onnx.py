@@ -160,3 +160,25 @@ def test_a_model_without_outputs_fails_verification_for_comparing_nothing():
     del model.graph.output[:]
     with pytest.raises(VerificationError, match="nothing was compared: the model has no outputs"):
         bnfold.fold_onnx(model)
+
+
+@pytest.mark.parametrize(
+    "layout,words",
+    [(helper.make_node("Flatten", ["y"], ["f"], axis=2.5), "axis attribute of Flatten is FLOAT, not INT"),
+     (helper.make_node("Flatten", ["y"], ["f"], axis=-4), "axis -4 is out of range for its 3-D input"),
+     (helper.make_node("Transpose", ["y"], ["f"], perm=[0.0, 2.0, 1.0]), "perm attribute of Transpose is FLOATS, not INTS"),
+     (helper.make_node("Reshape", ["y", "target"], ["f"]), "target shape of Reshape is float32, not int64")],
+    ids=["flatten-float-axis", "flatten-axis-out-of-range", "transpose-float-perm", "reshape-float-target"],
+)  # fmt: skip
+def test_malformed_layout_op_between_matmul_and_batchnorm_is_a_channel_mismatch(layout, words):
+    # Each crashed (a float axis cannot slice, a NaN target cannot be an int) or, for the float perm, folded.
+    r = np.random.default_rng(0)
+    inits = [initializer("W", r.normal(size=[5, 4]).astype(np.float32)), *batchnorm_parameters(4, "bn", r)]
+    inits.append(initializer("target", np.array([np.nan, 4], np.float32)))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"), layout, batchnorm_node("f", "z", "bn")]
+    graph = helper.make_graph(nodes, "test", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    [(code, reason)] = skips(model)
+    assert code == "channel-mismatch" and words in reason
