@@ -444,6 +444,25 @@ def test_input_model_object_is_not_modified():
     assert model.SerializeToString() == before
 
 
+def test_folding_a_batchnorm_nobody_reads_removes_no_run_time_node():
+    # The layer's output is unread once the BatchNorm goes: it and the nodes before it were removed as if they
+    # were constants computing a weight, and the report said so ("evaluated 3 constant node(s) ... Conv x1").
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "W"], ["y"], name="conv"),
+        helper.make_node("Identity", ["y"], ["i"], name="between"),
+        batchnorm_node("i", "unread", "bn"),
+        helper.make_node("Sigmoid", ["x"], ["out"], name="output"),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 7, 7])], ["out"], inits)
+    result, report = folded(model)
+    assert len(report.folds) == 1
+    assert [node.op_type for node in result.graph.node] == ["Relu", "Conv", "Identity", "Sigmoid"]
+    assert not any("constant node(s)" in note for note in report.notes)
+
+
 def test_batchnorm_inside_loop_body_folds():
     r = rng()
     inits = [initializer("W", r.normal(size=[4, 4, 1, 1]).astype(np.float32) * 0.5), *batchnorm_parameters(4, "bn", r)]

@@ -514,7 +514,9 @@ class GraphEditor:
             replacement.type = output.type or replacement.type
             replacement.shape = output.shape or replacement.shape
         output.replace_all_uses_with(replacement, replace_graph_outputs=True)
-        inputs = [value for value in anchor.inputs if value is not None]
+        # Its constant inputs; not the data it reads (``replacement``), which is unread only when its own output
+        # was, and whose producers compute at run time: a dead layer is not a constant computation.
+        inputs = [value for value in anchor.inputs if value is not None and value is not replacement]
         graph.remove(anchor, safe=True)
         for value in inputs:
             self.removed_constants.update(drop_if_unread(value))
