@@ -571,6 +571,26 @@ def test_batchnorm_before_a_qdq_conv_is_refused():
     assert "a BatchNorm before it scales its input channels, which those scales cannot express" in report.skips[0].reason
 
 
+def test_qdq_matmul_with_a_bias_add_folds():
+    # The bias Add was not recognised (its channels were checked against a constant weight, and a quantized one
+    # is not): the Add was "folded" into the MatMul, replaced by a new bias Add, and the BatchNorm left behind it.
+    r = np.random.default_rng(0)
+    inits = [initializer("W_q", r.integers(-127, 128, [8, 6]).astype(np.int8)), initializer("W_scale", np.array(0.01, np.float32)),
+             initializer("b", r.normal(size=6).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]  # fmt: skip
+    nodes = [
+        helper.make_node("DequantizeLinear", ["W_q", "W_scale"], ["W"], name="dequantize_w"),
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+        helper.make_node("Add", ["m", "b"], ["y"], name="bias"),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    model = make_model(nodes, [("x", [3, 8])], ["z"], inits)
+    result, report = fold_onnx(model)
+    assert [(f.batchnorm, f.layer) for f in report.folds] == [("bn", "matmul")] and not report.skips
+    assert [n.op_type for n in result.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    assert np.array_equal(folded_weight(result)[0], initializers(model)["W_q"])
+    assert_same_outputs(model, result, **F32)
+
+
 def test_qdq_gemm_with_transposed_weight_folds():
     r = np.random.default_rng(0)
     inits = [initializer("W_q", r.integers(-127, 128, [6, 8]).astype(np.int8)), initializer("W_scale", r.uniform(0.01, 0.02, 6).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]

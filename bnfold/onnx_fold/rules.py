@@ -172,7 +172,9 @@ def matmul_bias_add(matmul: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
     bias = constant_array(other)
     if bias is None or not _is_floating(bias) or bias.ndim > 2:
         return None
-    weight = constant_array(matmul.inputs[1])
+    # (A quantized weight is not a constant, but its integers have its shape.)
+    dequantize = dequantizer(matmul.inputs[1])
+    weight = constant_array(matmul.inputs[1] if dequantize is None else (dequantize.inputs or [None])[0])
     out_channels = None if weight is None else weight.shape[-1]
     if bias.ndim >= 1 and bias.shape[-1] not in (1, out_channels):
         return None
