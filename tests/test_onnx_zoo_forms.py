@@ -591,6 +591,24 @@ def test_qdq_matmul_with_a_bias_add_folds():
     assert_same_outputs(model, result, **F32)
 
 
+@pytest.mark.parametrize("opset", [12, 17])
+def test_qdq_grouped_conv_transpose_is_refused_saying_why(opset):
+    # Its output channels lie on no one weight axis; the reason said a per-tensor weight was "quantized per channel
+    # along axis None", its output channels "on one group's output channels" (or, before opset 13, to convert the
+    # model to an opset with per-channel scales, after which it would be refused all the same).
+    r = np.random.default_rng(0)
+    inits = [initializer("W_q", r.integers(-127, 128, [4, 3, 2, 2]).astype(np.int8)), initializer("W_scale", np.array(0.01, np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["W_q", "W_scale"], ["W"], name="dequantize_w"),
+        helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="deconv", group=2),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    _, report = fold_onnx(make_model(nodes, [("x", [1, 4, 3, 3])], ["z"], inits, opset=opset), verify=False)
+    assert [s.code for s in report.skips] == ["quantized-weight"]
+    assert "is a grouped ConvTranspose's, whose output channels lie on no one weight axis" in report.skips[0].reason
+    assert "axis None" not in report.skips[0].reason
+
+
 def test_qdq_gemm_with_transposed_weight_folds():
     r = np.random.default_rng(0)
     inits = [initializer("W_q", r.integers(-127, 128, [6, 8]).astype(np.int8)), initializer("W_scale", r.uniform(0.01, 0.02, 6).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
