@@ -556,6 +556,19 @@ def test_qdq_forms_that_cannot_absorb_the_batchnorm_exactly_are_refused(options,
     assert all(np.array_equal(before[name], array) for name, array in initializers(result).items())
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(scale=np.full(3, 0.01, np.float32)), dict(zero_point=np.zeros(2, np.int8)), dict(scale=np.full([1, 6], 0.01, np.float32))],
+    ids=["scale-too-short", "zero-point-too-short", "scale-2d"],
+)
+def test_qdq_scales_that_do_not_fit_the_weight_are_refused_as_malformed(options):
+    # The first two crashed (numpy broadcasting, an internal error on the command line); the third was refused as
+    # "quantized per channel along axis 0, but its output channels are on axis 0".
+    _, report = fold_onnx(qdq_conv_bn(**options), verify=False)
+    assert [s.code for s in report.skips] == ["quantized-weight"]
+    assert "for its 6 channels on axis 0 (not a valid DequantizeLinear)" in report.skips[0].reason
+
+
 def test_batchnorm_before_a_qdq_conv_is_refused():
     """A forward fold scales input channels, which per-output-channel scales cannot express."""
     r = np.random.default_rng(0)

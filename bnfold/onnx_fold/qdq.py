@@ -96,10 +96,16 @@ def quantized_weight(node: ir.Node, layer_label: str, out_axis: int | None, opse
             raise QuantizedWeightError(f"the axis attribute of {label} is {attribute.type.name}, not INT")
         axis = 1 if attribute is None else attribute.value  # DequantizeLinear's default
         axis, per_tensor = (axis + quantized.ndim if axis < 0 else axis), False
-    if axis != out_axis or scale.ndim > 1:
+    if axis != out_axis:
         raise QuantizedWeightError(
             f"{label} is quantized per channel along axis {axis}, but its output channels are on axis {out_axis}: the "
             f"BatchNorm's scale cannot go into those scales; {FOLD_FIRST}"
+        )
+    if not (per_tensor or scale.shape == (quantized.shape[axis],)) or (zero_point is not None and zero_point.size != scale.size):
+        zero = "" if zero_point is None else f" and a zero point of shape {list(zero_point.shape)}"
+        raise QuantizedWeightError(
+            f"{label} has a scale of shape {list(scale.shape)}{zero} for its {quantized.shape[axis]} channels on axis {axis} "
+            "(not a valid DequantizeLinear)"
         )
     return QuantizedWeight(node, quantized, scale, zero_point, axis, per_tensor)
 
