@@ -11,6 +11,7 @@ from onnx_models import batchnorm_node, batchnorm_parameters, fast_path_agrees, 
 
 import bnfold
 from bnfold.onnx_fold.io import InputError, load_inline_model
+from bnfold.verification import VerificationError
 
 
 def conv_bn(weight_shape=(3, 2, 3, 3), channels=3, group=None, epsilon=None, name="bn") -> onnx.ModelProto:
@@ -151,3 +152,38 @@ def test_an_undefined_element_type_is_an_input_error_with_or_without_verificatio
     model.graph.input[0].type.tensor_type.elem_type = 65  # no ONNX version defines it
     with pytest.raises(InputError, match="65 is not a valid DataType"):
         bnfold.fold_onnx(model, verify=verify)
+
+
+@pytest.mark.parametrize("between", [None, "Identity"], ids=["fast-path", "pass"])
+def test_a_model_without_outputs_fails_verification_for_comparing_nothing(between):
+    # onnxruntime refuses to run a model without outputs, or to build a session of the pass's result (a graph
+    # left empty): an internal error (exit 2, "please report it").
+    model = conv_bn()
+    if between:
+        model.graph.node.insert(1, helper.make_node(between, ["y"], ["between"]))
+        model.graph.node[2].input[0] = "between"
+    del model.graph.output[:]
+    with pytest.raises(VerificationError, match="nothing was compared: the model has no outputs"):
+        bnfold.fold_onnx(model)
+
+
+@pytest.mark.parametrize(
+    "layout,words",
+    [(helper.make_node("Flatten", ["y"], ["f"], axis=2.5), "axis attribute of Flatten is FLOAT, not INT"),
+     (helper.make_node("Flatten", ["y"], ["f"], axis=-4), "axis -4 is out of range for its 3-D input"),
+     (helper.make_node("Transpose", ["y"], ["f"], perm=[0.0, 2.0, 1.0]), "perm attribute of Transpose is FLOATS, not INTS"),
+     (helper.make_node("Reshape", ["y", "target"], ["f"]), "target shape of Reshape is float32, not int64")],
+    ids=["flatten-float-axis", "flatten-axis-out-of-range", "transpose-float-perm", "reshape-float-target"],
+)  # fmt: skip
+def test_malformed_layout_op_between_matmul_and_batchnorm_is_a_channel_mismatch(layout, words):
+    # Each crashed (a float axis cannot slice, a NaN target cannot be an int) or, for the float perm, folded.
+    r = np.random.default_rng(0)
+    inits = [initializer("W", r.normal(size=[5, 4]).astype(np.float32)), *batchnorm_parameters(4, "bn", r)]
+    inits.append(initializer("target", np.array([np.nan, 4], np.float32)))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"), layout, batchnorm_node("f", "z", "bn")]
+    graph = helper.make_graph(nodes, "test", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    [(code, reason)] = skips(model)
+    assert code == "channel-mismatch" and words in reason

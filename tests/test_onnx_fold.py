@@ -97,7 +97,7 @@ def gemm_bn(trans_a, trans_b, alpha, beta, c_shape, m=3, k=5, n=4, dtype=np.floa
 
 @pytest.mark.parametrize("trans_a", [0, 1])
 @pytest.mark.parametrize("trans_b", [0, 1])
-@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0)])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0), (0.0, 1.0)])  # alpha 0: the weight is ignored
 @pytest.mark.parametrize("c_shape", [None, [], [4], [1, 4], [3, 4]])
 def test_gemm_then_batchnorm_folds(trans_a, trans_b, alpha, beta, c_shape):
     model = gemm_bn(trans_a, trans_b, alpha, beta, c_shape)
@@ -269,6 +269,25 @@ def test_per_channel_elementwise_after_conv_folds(op, const_shape, data_first):
     assert_same_outputs(model, result, **F32)
 
 
+@pytest.mark.parametrize("op", ["Mul", "Add", "Sub", "Div"])
+@pytest.mark.parametrize("passthrough", ["Identity", "Dropout"])
+def test_per_channel_elementwise_folds_through_a_passthrough(op, passthrough):
+    # The data operand is the passthrough's output, not the layer's: each op with the data first was refused.
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("c", r.uniform(0.5, 1.5, [6, 1, 1]).astype(np.float32))]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        helper.make_node(passthrough, ["y"], ["p"], name="between"),
+        helper.make_node(op, ["p", "c"], ["z"], name="affine"),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+    result, report = folded(model)
+    assert op_count(result, op) == 0 and op_count(result, passthrough) == 1
+    assert [(f.batchnorm, f.layer) for f in report.folds] == [("affine", "conv")]
+    assert [check.status for check in report.verification.folds] == ["passed"]
+    assert_same_outputs(model, result, **F32)
+
+
 def test_mul_that_is_not_per_channel_is_left_alone():
     r = rng()
     inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("c", r.normal(size=[1, 1, 4, 4]).astype(np.float32))]
@@ -289,6 +308,20 @@ def test_half_and_double_models_fold_in_their_dtype(dtype, elem, tolerance):
     assert op_count(result, "BatchNormalization") == 0
     assert {init.data_type for init in result.graph.initializer} == {elem}
     assert_same_outputs(model, result, **tolerance)
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])  # the fast path and the pass
+def test_default_epsilon_is_the_float32_attribute_runtimes_use(op):
+    # No epsilon attribute: its default is 1e-5 as a float32 (onnxruntime computes with 9.99999975e-06), which a
+    # float64 model with a small variance tells from 1e-5 well past float64's tolerances.
+    r = rng()
+    inits = [initializer("W", r.normal(size=[5, 4])), *batchnorm_parameters(4, "bn", r, np.float64)]
+    inits[-1] = initializer("bn_var", np.array([1e-4, 3e-4, 0.01, 1.0]))
+    nodes = [helper.make_node(op, ["x", "W"], ["y"], name="layer"), batchnorm_node("y", "z", "bn")]
+    model = make_model(nodes, [("x", [3, 5])], ["z"], inits, elem_type=TensorProto.DOUBLE)
+    result, report = folded(model)
+    assert report.verification.passed and op_count(result, "BatchNormalization") == 0
+    assert_same_outputs(model, result, atol=1e-12, rtol=1e-12)
 
 
 def test_bfloat16_weights_are_rounded_once_from_float64():
@@ -332,7 +365,7 @@ def batchnorm_then(layer: str, **attributes):
 @pytest.mark.parametrize(
     "layer,attributes",
     [("Conv", {}), ("Conv", {"pads": [0, 0, 0, 0], "auto_pad": "NOTSET"}), ("Conv", {"auto_pad": "VALID"}),
-     ("Gemm", {}), ("Gemm", {"transB": 1, "alpha": 0.5}), ("MatMul", {})],
+     ("Gemm", {}), ("Gemm", {"transB": 1, "alpha": 0.5}), ("Gemm", {"alpha": 0.0}), ("MatMul", {})],
 )  # fmt: skip
 def test_batchnorm_before_an_unpadded_layer_folds_forward(layer, attributes):
     model = batchnorm_then(layer, **attributes)
@@ -409,6 +442,25 @@ def test_input_model_object_is_not_modified():
     before = model.SerializeToString()
     folded(model)
     assert model.SerializeToString() == before
+
+
+def test_folding_a_batchnorm_nobody_reads_removes_no_run_time_node():
+    # The layer's output is unread once the BatchNorm goes: it and the nodes before it were removed as if they
+    # were constants computing a weight, and the report said so ("evaluated 3 constant node(s) ... Conv x1").
+    r = rng()
+    inits = [initializer("W", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "W"], ["y"], name="conv"),
+        helper.make_node("Identity", ["y"], ["i"], name="between"),
+        batchnorm_node("i", "unread", "bn"),
+        helper.make_node("Sigmoid", ["x"], ["out"], name="output"),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 7, 7])], ["out"], inits)
+    result, report = folded(model)
+    assert len(report.folds) == 1
+    assert [node.op_type for node in result.graph.node] == ["Relu", "Conv", "Identity", "Sigmoid"]
+    assert not any("constant node(s)" in note for note in report.notes)
 
 
 def test_batchnorm_inside_loop_body_folds():

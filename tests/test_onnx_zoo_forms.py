@@ -87,6 +87,22 @@ def test_freezing_leaves_a_modern_model_alone():
     assert len(report.folds) == 1 and report.notes == []
 
 
+def test_ir3_model_with_constant_node_parameters_folds_into_a_valid_model():
+    # Constant nodes are constants in any IR version, but the folded parameters are initializers, which
+    # before IR version 4 had to be graph inputs: the folded model failed onnx's checker (and bnfold's load).
+    model = ir3_conv_bn()
+    nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer] + list(model.graph.node)
+    del model.graph.node[:], model.graph.initializer[:], model.graph.input[1:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    result, report = fold_onnx(model)
+    assert len(report.folds) == 1 and report.verification.passed
+    onnx.checker.check_model(result)
+    assert result.ir_version == 4 and [v.name for v in result.graph.input] == ["x"]
+    assert report.notes[-1].startswith("IR version 3 -> 4, the first that allows initializers that are not inputs; ")
+    assert_same_outputs(model, result, **F32)
+
+
 def test_cli_option_freezes(tmp_path):
     path, out = tmp_path / "ir3.onnx", tmp_path / "folded.onnx"
     onnx.save(ir3_conv_bn(), path)
@@ -540,6 +556,19 @@ def test_qdq_forms_that_cannot_absorb_the_batchnorm_exactly_are_refused(options,
     assert all(np.array_equal(before[name], array) for name, array in initializers(result).items())
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(scale=np.full(3, 0.01, np.float32)), dict(zero_point=np.zeros(2, np.int8)), dict(scale=np.full([1, 6], 0.01, np.float32))],
+    ids=["scale-too-short", "zero-point-too-short", "scale-2d"],
+)
+def test_qdq_scales_that_do_not_fit_the_weight_are_refused_as_malformed(options):
+    # The first two crashed (numpy broadcasting, an internal error on the command line); the third was refused as
+    # "quantized per channel along axis 0, but its output channels are on axis 0".
+    _, report = fold_onnx(qdq_conv_bn(**options), verify=False)
+    assert [s.code for s in report.skips] == ["quantized-weight"]
+    assert "for its 6 channels on axis 0 (not a valid DequantizeLinear)" in report.skips[0].reason
+
+
 def test_batchnorm_before_a_qdq_conv_is_refused():
     """A forward fold scales input channels, which per-output-channel scales cannot express."""
     r = np.random.default_rng(0)
@@ -553,6 +582,44 @@ def test_batchnorm_before_a_qdq_conv_is_refused():
     _, report = fold_onnx(model, verify=False)
     assert [s.code for s in report.skips] == ["quantized-weight"]
     assert "a BatchNorm before it scales its input channels, which those scales cannot express" in report.skips[0].reason
+
+
+def test_qdq_matmul_with_a_bias_add_folds():
+    # The bias Add was not recognised (its channels were checked against a constant weight, and a quantized one
+    # is not): the Add was "folded" into the MatMul, replaced by a new bias Add, and the BatchNorm left behind it.
+    r = np.random.default_rng(0)
+    inits = [initializer("W_q", r.integers(-127, 128, [8, 6]).astype(np.int8)), initializer("W_scale", np.array(0.01, np.float32)),
+             initializer("b", r.normal(size=6).astype(np.float32)), *batchnorm_parameters(6, "bn", r)]  # fmt: skip
+    nodes = [
+        helper.make_node("DequantizeLinear", ["W_q", "W_scale"], ["W"], name="dequantize_w"),
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+        helper.make_node("Add", ["m", "b"], ["y"], name="bias"),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    model = make_model(nodes, [("x", [3, 8])], ["z"], inits)
+    result, report = fold_onnx(model)
+    assert [(f.batchnorm, f.layer) for f in report.folds] == [("bn", "matmul")] and not report.skips
+    assert [n.op_type for n in result.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    assert np.array_equal(folded_weight(result)[0], initializers(model)["W_q"])
+    assert_same_outputs(model, result, **F32)
+
+
+@pytest.mark.parametrize("opset", [12, 17])
+def test_qdq_grouped_conv_transpose_is_refused_saying_why(opset):
+    # Its output channels lie on no one weight axis; the reason said a per-tensor weight was "quantized per channel
+    # along axis None", its output channels "on one group's output channels" (or, before opset 13, to convert the
+    # model to an opset with per-channel scales, after which it would be refused all the same).
+    r = np.random.default_rng(0)
+    inits = [initializer("W_q", r.integers(-127, 128, [4, 3, 2, 2]).astype(np.int8)), initializer("W_scale", np.array(0.01, np.float32)), *batchnorm_parameters(6, "bn", r)]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["W_q", "W_scale"], ["W"], name="dequantize_w"),
+        helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="deconv", group=2),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    _, report = fold_onnx(make_model(nodes, [("x", [1, 4, 3, 3])], ["z"], inits, opset=opset), verify=False)
+    assert [s.code for s in report.skips] == ["quantized-weight"]
+    assert "is a grouped ConvTranspose's, whose output channels lie on no one weight axis" in report.skips[0].reason
+    assert "axis None" not in report.skips[0].reason
 
 
 def test_qdq_gemm_with_transposed_weight_folds():

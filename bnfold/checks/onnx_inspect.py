@@ -36,6 +36,7 @@ from bnfold.onnx_fold import fold_onnx
 from bnfold.onnx_fold.constants import MalformedTensorError, constant_array
 from bnfold.onnx_fold.io import InputError, data_inputs, load_model
 from bnfold.onnx_fold.rules import batchnorm_training_mode, node_label
+from bnfold.onnx_fold.shared import BATCHNORM_DEFAULT_EPSILON
 from bnfold.onnx_fold.verify import VerificationUnavailableError, model_runner, random_inputs
 from bnfold.quantization import LayerQuantization
 
@@ -115,7 +116,7 @@ def _statistics(node: ir.Node) -> Statistics | None:
     if any(array is None for array in arrays):
         return None
     weight, bias, mean, var = (np.asarray(array, dtype=np.float64) for array in arrays)
-    return Statistics(weight, bias, mean, var, node.attributes.get_float("epsilon", 1e-5))
+    return Statistics(weight, bias, mean, var, node.attributes.get_float("epsilon", BATCHNORM_DEFAULT_EPSILON))
 
 
 def _dropout_state(node: ir.Node, version: int) -> DropoutState:

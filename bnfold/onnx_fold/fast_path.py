@@ -41,7 +41,7 @@ from bnfold.fold_math import (
 )
 from bnfold.onnx_fold.layers import FAST_PATH_LAYER_OPS, LAYER_OPS, PASS_THROUGH_OPS
 from bnfold.onnx_fold.protobuf_writer import copy_fields
-from bnfold.onnx_fold.shared import FreshNames, MalformedTensorError, evaluable_op
+from bnfold.onnx_fold.shared import BATCHNORM_DEFAULT_EPSILON, FreshNames, MalformedTensorError, evaluable_op
 from bnfold.report import ELEMENTWISE_AFFINE_OPS, Fold
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -203,7 +203,7 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> PlainPair | No
     inputs = batchnorm.input
     if opset < 7 or len(inputs) != 5 or not batchnorm.output or any(batchnorm.output[1:]):
         return None
-    epsilon = 1e-5
+    epsilon = BATCHNORM_DEFAULT_EPSILON
     for attribute in batchnorm.attribute:  # (read once: protobuf field access is the cost here)
         name = attribute.name
         if _BATCHNORM_ATTRIBUTES.get(name, attribute.type) != attribute.type:

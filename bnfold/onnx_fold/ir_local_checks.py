@@ -15,8 +15,6 @@ from bnfold.onnx_fold.rules import (
     FoldIntoPreceding,
     Layer,
     Refusal,
-    batchnorm_channel_affine,
-    elementwise_channel_affine,
     layer_view,
     node_label,
 )
@@ -78,11 +76,6 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     layer = match.layer
     if layer.node.op_type == "MatMul":
         raise LookupError("a MatMul fold")
-    channels = layer.layout.out_channels(layer.weight.shape)
-    if anchor.op_type == "BatchNormalization":
-        affine = batchnorm_channel_affine(anchor, opset)
-    else:
-        affine = elementwise_channel_affine(anchor, layer.output, channels, layer.output_rank)
     if in_folded.get(fold.batchnorm):
         raise LookupError(f"the folded model keeps {fold.batchnorm!r}")  # another tool left it: nothing folded
     folded_layer = _corresponding_layer(fold, layer, anchor, in_folded, positions)
@@ -93,7 +86,7 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
-    parameters = compare_layer_parameters(_parameters(layer), _parameters(layer_view(folded_layer, opset)), affine, preceding, rtol)
+    parameters = compare_layer_parameters(_parameters(layer), _parameters(layer_view(folded_layer, opset)), match.affine, preceding, rtol)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
     else:
@@ -101,7 +94,7 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     folded_weights = [None if value is None else value.const_value.numpy() for value in folded_layer.inputs[1:]]
     return LocalFold(
         label, data, reference, ir.serde.serialize_node(folded_layer), folded_weights,
-        ir.serde.serialize_node(layer.node), original_inputs, affine, preceding, parameters,
+        ir.serde.serialize_node(layer.node), original_inputs, match.affine, preceding, parameters,
     )  # fmt: skip
 
 

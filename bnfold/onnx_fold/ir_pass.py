@@ -229,7 +229,9 @@ def fold_with_pass(
     except MalformedTensorError as error:
         raise InputError(copy.label, str(error)) from None
     report.folds, report.skips = fold_pass.folds, fold_pass.skips
-    report.notes += fold_pass.notes
+    report.notes += fold_pass.notes + _allow_initializers_without_inputs(
+        working, "the folded parameters are initializers, not inputs, constants as the values they replace were"
+    )
     report.nodes_after = node_counts(working)
     verify_into(report, copy.original, working)
     if isinstance(model, onnx.ModelProto):
@@ -247,7 +249,15 @@ def _freeze_initializer_inputs(model: ir.Model) -> list[str]:
         return []
     graph.inputs[:] = data_inputs(graph)
     notes = [f"froze {len(frozen)} initializer-backed graph input(s), no longer inputs of the model: {', '.join(frozen)}"]
-    if model.ir_version < 4:  # before IR version 4 every initializer had to be a graph input
-        notes.append(f"IR version {model.ir_version} -> 4, the first that allows initializers that are not inputs")
-        model.ir_version = 4
-    return notes
+    return notes + _allow_initializers_without_inputs(model, "")
+
+
+def _allow_initializers_without_inputs(model: ir.Model, why: str) -> list[str]:
+    """Raise the IR version to 4 when the main graph has an initializer that is not a graph input, which
+    earlier versions forbid (onnx's checker refuses such a model); the note that says so, ending with ``why``."""
+    graph = model.graph
+    if model.ir_version >= 4 or set(graph.initializers.values()) <= set(graph.inputs):
+        return []
+    note = f"IR version {model.ir_version} -> 4, the first that allows initializers that are not inputs"
+    model.ir_version = 4
+    return [f"{note}; {why}" if why else note]

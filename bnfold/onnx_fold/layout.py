@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx_ir as ir
 
 from bnfold.onnx_fold.constants import constant_array
@@ -29,21 +30,36 @@ def _static_dims(value: ir.Value) -> list[int | None] | None:
     return [dim if isinstance(dim, int) else None for dim in value.shape]
 
 
-def _attribute(node: ir.Node, name: str, default):
+class _Malformed(Exception):
+    """An attribute or target shape of a type the op does not take (a malformed model): why."""
+
+
+def _attribute(node: ir.Node, name: str, default, kind: ir.AttributeType):
     attribute = node.attributes.get(name)
-    return default if attribute is None else attribute.value
+    if attribute is None:
+        return default
+    if attribute.type != kind:
+        raise _Malformed(f"the {name} attribute of {node.op_type} is {attribute.type.name}, not {kind.name}")
+    return attribute.value
 
 
 def features_on_channel_axis(node: ir.Node, features: int, layer_label: str) -> str | None:
     """None when layout op ``node`` puts the ``features`` entries of its input's last axis (the output
     features of ``layer_label``), and only them, on axis 1 of its output; otherwise why it does not, or why
     that cannot be proven."""
+    try:
+        return _features_on_channel_axis(node, features, layer_label)
+    except _Malformed as why:
+        return str(why)
+
+
+def _features_on_channel_axis(node: ir.Node, features: int, layer_label: str) -> str | None:
     dims = _static_dims(node.inputs[0])
     if dims is None:
         return f"the rank of {layer_label}'s output, which {node.op_type} reshapes, is unknown (shape inference found none)"
     rank = len(dims)
     if node.op_type == "Transpose":
-        perm = _attribute(node, "perm", None)
+        perm = _attribute(node, "perm", None, ir.AttributeType.INTS)
         source = list(perm)[1] if perm is not None and len(perm) > 1 else rank - 2  # default: reversed axes
         if source == rank - 1:
             return None
@@ -67,13 +83,17 @@ def _output_dims(node: ir.Node, dims: list[int | None]) -> list[int | None] | No
     else from shape inference; None when not even the rank is known."""
     rank = len(dims)
     if node.op_type == "Flatten":
-        axis = _attribute(node, "axis", 1)
+        axis = _attribute(node, "axis", 1, ir.AttributeType.INT)
+        if not -rank <= axis <= rank:
+            raise _Malformed(f"Flatten's axis {axis} is out of range for its {rank}-D input")
         axis = axis + rank if axis < 0 else axis
         inner = dims[axis:]
         return [_product(dims[:axis]), _product(inner)]
     target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is not None and target.dtype != np.int64:
+        raise _Malformed(f"the target shape of {node.op_type} is {target.dtype}, not int64")
     if target is not None and target.ndim == 1:
-        allow_zero = _attribute(node, "allowzero", 0)
+        allow_zero = _attribute(node, "allowzero", 0, ir.AttributeType.INT)
         result = []
         for position, size in enumerate(int(v) for v in target):
             if size == 0 and not allow_zero:

@@ -62,8 +62,8 @@ def compare_layer_parameters(
     original: LayerParameters, folded: LayerParameters, affine: ChannelAffine, into_outputs: bool, rtol: float | None
 ) -> ParameterComparison:
     """The folded layer's weight and bias against the exact fold of the original's, as a Gemm applies them:
-    alpha x weight, beta x C (C ignored at beta 0), then in the folded layer's own terms (over its alpha and
-    beta) so that each is compared in its own dtype."""
+    alpha x weight, beta x C (C ignored at beta 0, the weight at alpha 0), then in the folded layer's own terms
+    (over its alpha and beta) so that each is compared in its own dtype."""
     if folded.layout != original.layout:
         raise LookupError(f"the folded layer has weight layout {folded.layout}, the original {original.layout}")
     bias = None if original.bias is None or original.beta == 0 else original.bias.astype(np.float64) * original.beta
@@ -71,9 +71,11 @@ def compare_layer_parameters(
     exact = exact_fold(weight, bias, affine, original.layout, into_outputs)
     folded_bias = None if folded.bias is None or folded.beta == 0 else folded.bias
     bias_over = 1.0 if folded_bias is None else folded.beta
-    if (folded.alpha, bias_over) != (1.0, 1.0):
-        exact = exact.divided(folded.alpha, bias_over)
-    return compare_parameters(exact, folded.weight, folded_bias, folded.layout, rtol)
+    # At alpha 0 the layer applies a zero weight, whatever its weight holds (in its own terms: 0 / 0).
+    folded_weight, weight_over = (np.zeros_like(folded.weight), 1.0) if folded.alpha == 0 else (folded.weight, folded.alpha)
+    if (weight_over, bias_over) != (1.0, 1.0):
+        exact = exact.divided(weight_over, bias_over)
+    return compare_parameters(exact, folded_weight, folded_bias, folded.layout, rtol)
 
 
 def plain_folds(original: onnx.ModelProto, folds: list[Fold]) -> dict[str, PlainPair] | None:

@@ -76,6 +76,11 @@ def quantized_weight(node: ir.Node, layer_label: str, out_axis: int | None, opse
         raise QuantizedWeightError(f"the scale of {label} is {scale.dtype.name}, not floating point")
     if any(attribute.value for name, attribute in node.attributes.items() if name in ("block_size", "output_dtype")):
         raise QuantizedWeightError(f"{label} is block-quantized or casts its output (block_size/output_dtype); {FOLD_FIRST}")
+    if out_axis is None:  # (whatever its scales: a per-tensor one would have to become per output channel)
+        raise QuantizedWeightError(
+            f"{label} is a grouped ConvTranspose's, whose output channels lie on no one weight axis (axis 1 holds one "
+            f"group's): no per-channel scale can take the BatchNorm's; {FOLD_FIRST}"
+        )
     version = node.version or opset
     if scale.size == 1:
         if version < PER_CHANNEL_OPSET:
@@ -91,11 +96,16 @@ def quantized_weight(node: ir.Node, layer_label: str, out_axis: int | None, opse
             raise QuantizedWeightError(f"the axis attribute of {label} is {attribute.type.name}, not INT")
         axis = 1 if attribute is None else attribute.value  # DequantizeLinear's default
         axis, per_tensor = (axis + quantized.ndim if axis < 0 else axis), False
-    if out_axis is None or axis != out_axis or scale.ndim > 1:
-        where = "one group's output channels" if out_axis is None else f"axis {out_axis}"
+    if axis != out_axis:
         raise QuantizedWeightError(
-            f"{label} is quantized per channel along axis {axis}, but its output channels are on {where}: the BatchNorm's "
-            f"scale cannot go into those scales; {FOLD_FIRST}"
+            f"{label} is quantized per channel along axis {axis}, but its output channels are on axis {out_axis}: the "
+            f"BatchNorm's scale cannot go into those scales; {FOLD_FIRST}"
+        )
+    if not (per_tensor or scale.shape == (quantized.shape[axis],)) or (zero_point is not None and zero_point.size != scale.size):
+        zero = "" if zero_point is None else f" and a zero point of shape {list(zero_point.shape)}"
+        raise QuantizedWeightError(
+            f"{label} has a scale of shape {list(scale.shape)}{zero} for its {quantized.shape[axis]} channels on axis {axis} "
+            "(not a valid DequantizeLinear)"
         )
     return QuantizedWeight(node, quantized, scale, zero_point, axis, per_tensor)
 

@@ -17,6 +17,7 @@ from bnfold.onnx_fold.constants import constant_array
 from bnfold.onnx_fold.io import load_model
 from bnfold.onnx_fold.layers import LAYER_OPS
 from bnfold.onnx_fold.rules import labelled_graphs, matmul_bias_add, node_label
+from bnfold.onnx_fold.shared import BATCHNORM_DEFAULT_EPSILON
 from bnfold.quantization import LayerQuantization, measure_fold, named_channels
 from bnfold.report import Fold
 
@@ -41,7 +42,7 @@ def measure_onnx_folds(
         # Read from the file again, initializers that a frozen model declared graph inputs are not constants.
         if any(array is None for array in (gamma, beta, mean, variance, weight_before, weight_after)):
             continue
-        eps = batchnorm.attributes.get_float("epsilon", 1e-5)
+        eps = batchnorm.attributes.get_float("epsilon", BATCHNORM_DEFAULT_EPSILON)
         scale = batchnorm_affine(gamma, beta, mean, variance, eps).scale
         measured.append(
             measure_fold(

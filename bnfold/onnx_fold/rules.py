@@ -49,7 +49,7 @@ from bnfold.onnx_fold.qdq import (
     quantized_bias_reason,
     quantized_weight,
 )
-from bnfold.onnx_fold.shared import FreshNames
+from bnfold.onnx_fold.shared import BATCHNORM_DEFAULT_EPSILON, FreshNames
 from bnfold.report import ELEMENTWISE_AFFINE_OPS
 
 ELEMENTWISE_OPS = ELEMENTWISE_AFFINE_OPS
@@ -172,7 +172,9 @@ def matmul_bias_add(matmul: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
     bias = constant_array(other)
     if bias is None or not _is_floating(bias) or bias.ndim > 2:
         return None
-    weight = constant_array(matmul.inputs[1])
+    # (A quantized weight is not a constant, but its integers have its shape.)
+    dequantize = dequantizer(matmul.inputs[1])
+    weight = constant_array(matmul.inputs[1] if dequantize is None else (dequantize.inputs or [None])[0])
     out_channels = None if weight is None else weight.shape[-1]
     if bias.ndim >= 1 and bias.shape[-1] not in (1, out_channels):
         return None
@@ -345,7 +347,7 @@ def _batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
     sizes = [p.size for p in parameters]
     if len(set(sizes)) != 1 or not sizes[0]:
         raise Refusal("channel-mismatch", f"{label} has {'/'.join(map(str, sizes))} values of scale/bias/mean/variance; one per channel is needed")
-    epsilon = float(_typed_attr(node, "epsilon", 1e-5, _NUMBER, "unfoldable-statistics"))
+    epsilon = float(_typed_attr(node, "epsilon", BATCHNORM_DEFAULT_EPSILON, _NUMBER, "unfoldable-statistics"))
     try:
         return batchnorm_affine(scale, bias, mean, var, epsilon)
     except UnfoldableStatisticsError as error:
@@ -385,6 +387,7 @@ class Match:
     anchor: ir.Node  # the BatchNorm (or elementwise node) that disappears
     layer: Layer
     direction: str
+    affine: ChannelAffine  # the anchor's map, folded into the layer
     # The layer's folded weight and bias, computed by ``check``: a fold its dtype cannot hold is refused
     # before anything in the graph changes. A quantized weight's fold is ``quantized`` instead of ``weight``.
     weight: np.ndarray | None
@@ -513,7 +516,9 @@ class GraphEditor:
             replacement.type = output.type or replacement.type
             replacement.shape = output.shape or replacement.shape
         output.replace_all_uses_with(replacement, replace_graph_outputs=True)
-        inputs = [value for value in anchor.inputs if value is not None]
+        # Its constant inputs; not the data it reads (``replacement``), which is unread only when its own output
+        # was, and whose producers compute at run time: a dead layer is not a constant computation.
+        inputs = [value for value in anchor.inputs if value is not None and value is not replacement]
         graph.remove(anchor, safe=True)
         for value in inputs:
             self.removed_constants.update(drop_if_unread(value))
@@ -540,7 +545,8 @@ class FoldIntoPreceding:
             source = anchor.inputs[0].producer() if anchor.inputs and anchor.inputs[0] is not None else None
             source_name = "a graph input or constant" if source is None else source.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source_name}, not a Conv/ConvTranspose/Gemm/MatMul")
-        data, passthroughs = _chain_before(_data_input(anchor), opset, through_layout)
+        anchor_input = _data_input(anchor)
+        data, passthroughs = _chain_before(anchor_input, opset, through_layout)
         producer = _layer_behind(data)
         if not _is_layer(producer):
             source = "a graph input or constant" if producer is None else producer.op_type
@@ -565,7 +571,8 @@ class FoldIntoPreceding:
         if anchor.op_type == "BatchNormalization":
             affine = batchnorm_channel_affine(anchor, opset)
         else:
-            affine = elementwise_channel_affine(anchor, layer.output, channels, layer.output_rank)
+            # (``anchor_input``, not the layer's output: an Identity or Dropout may stand between them)
+            affine = elementwise_channel_affine(anchor, anchor_input, channels, layer.output_rank)
             if affine is None:
                 raise Refusal("no-foldable-neighbour", "the constant is not per-channel")
         if affine.channels != channels:
@@ -577,7 +584,7 @@ class FoldIntoPreceding:
         # Gemm adds beta * C: the shift enters C divided by beta.
         shifted = ChannelAffine(affine.scale, affine.shift / beta)
         weight, bias, quantized = _folded(fold_into_outputs, anchor, layer, bias, shifted)
-        return Match(anchor, layer, self.direction, weight, bias, passthroughs, quantized)
+        return Match(anchor, layer, self.direction, affine, weight, bias, passthroughs, quantized)
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)
@@ -718,7 +725,7 @@ class FoldIntoFollowing:
         # Gemm computes alpha * A B + beta * C: the shift's contribution alpha * t B enters C over beta.
         shifted = ChannelAffine(affine.scale, affine.shift * alpha / beta)
         weight, bias, _ = _folded(fold_into_inputs, anchor, layer, bias, shifted)
-        return Match(anchor, layer, self.direction, weight, bias, tuple(passthroughs))
+        return Match(anchor, layer, self.direction, affine, weight, bias, tuple(passthroughs))
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)

@@ -89,6 +89,8 @@ class RuntimeModel:
         """An onnxruntime session of this model (graph optimisations off unless ``optimised``), as a
         function from feeds to named outputs. The graph is written in ``scratch`` (default: a scratch
         directory of its own), which onnxruntime needs only while the session is built."""
+        if not self.proto.graph.output:  # nothing to compute, and onnxruntime may refuse to build the session
+            return _Runner(None)
         options = session_options(optimised)
         values = {} if optimised else {name: _ort_value(array, data_type) for name, (array, data_type) in self.tensors.items()}
         for name, value in values.items():
@@ -218,12 +220,14 @@ class _Runner:
     """A session as a function from feeds to named outputs; it holds the arrays the session was given in
     place of initializers, which must outlive it."""
 
-    def __init__(self, session: ort.InferenceSession, provided=None):
-        self._session = session
+    def __init__(self, session: ort.InferenceSession | None, provided=None):
+        self._session = session  # None for a model without outputs
         self._provided = provided
-        self._names = [output.name for output in session.get_outputs()]
+        self._names = [] if session is None else [output.name for output in session.get_outputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._names:  # a model without outputs computes nothing, and onnxruntime refuses to run it
+            return {}
         return dict(zip(self._names, self._session.run(self._names, feeds), strict=True))
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import itertools
 
+# BatchNormalization's default epsilon: 1e-5 as the float32 attribute it is, which runtimes compute with
+# (1e-5 itself is not a float32; the difference shows in float64 models with small variances).
+BATCHNORM_DEFAULT_EPSILON = 9.999999747378752e-06
+
 # Ops never evaluated ahead of time: random results (Dropout is random in training mode), or subgraphs.
 _NEVER_EVALUATED = frozenset(
     {
