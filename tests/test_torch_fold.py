@@ -604,8 +604,10 @@ class LinearThenRearranged(nn.Module):
         (lambda h: h.permute(0, 2, 1), nn.BatchNorm1d(6)),
         (lambda h: h.transpose(1, 2).unsqueeze(-1), nn.BatchNorm2d(6)),
         (lambda h: torch.reshape(h, (-1, 6)), nn.BatchNorm1d(6)),
+        (lambda h: torch.transpose(h, dim0=1, dim1=2), nn.BatchNorm1d(6)),
+        (lambda h: h.swapaxes(1, axis1=-1), nn.BatchNorm1d(6)),
     ],
-    ids=["flatten", "permute", "transpose-unsqueeze", "reshape"],
+    ids=["flatten", "permute", "transpose-unsqueeze", "reshape", "transpose-keywords", "swapaxes-keyword"],
 )
 def test_batchnorm_on_the_linear_features_folds_through_reshapes_and_permutes(rearrange, batchnorm):
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
