@@ -769,6 +769,29 @@ def test_refusal_reasons_name_the_neighbours():
     assert "`conv`" in skip.reason and "`add`" in skip.reason
 
 
+class CalledWithKeywords(nn.Module):
+    """Layer and BatchNorm modules called as ``module(input=x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.bn_in, self.linear = nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.bn(input=self.conv(input=x)).mean((2, 3))
+        return self.linear(input=self.bn_in(input=y))
+
+
+def test_modules_called_with_keyword_input_fold_and_are_checked_on_their_own():
+    model = randomise_statistics(CalledWithKeywords())
+    inputs = (torch.randn(2, 3, 6, 6),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv"), ("bn_in", "linear")]
+    assert [check.status for check in result.report.verification.folds] == ["passed", "passed"]
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 # --- functional calls and the export fallback --------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from bnfold.torch_fold.tracing import (
     TracedModel,
     computes_torch_forward,
     is_op,
+    module_input,
     module_stack_paths,
     multiply_add,
     mutates_or_draws,
@@ -310,7 +311,7 @@ def _module_layer_call(node: fx.Node, module: nn.Module, path: str) -> LayerCall
         pads_input = _pads(module.padding, module.kernel_size, module.dilation)
     return LayerCall(
         node=node,
-        input=node.args[0],
+        input=module_input(node.args, node.kwargs),
         name=path,
         op=type(module).__name__,
         layout=layout,
@@ -367,7 +368,7 @@ def _batchnorm_call(node: fx.Node, traced: TracedModel, constants: dict[fx.Node,
 def _module_batchnorm_call(node: fx.Node, module: nn.Module, path: str) -> BatchNormCall:
     return BatchNormCall(
         node=node,
-        input=node.args[0],
+        input=module_input(node.args, node.kwargs),
         name=path,
         op=type(module).__name__,
         key=path,

@@ -59,6 +59,12 @@ def computes_torch_forward(module: nn.Module) -> bool:
     return has_torch_forward(module) or isinstance(module, REFERENCE_BATCHNORMS)
 
 
+def module_input(args: tuple, kwargs: dict) -> Any:
+    """The data a torch layer or BatchNorm module is called on, ``module(x)`` or ``module(input=x)``, from the
+    call's arguments (a graph node's, or a forward hook's)."""
+    return args[0] if args else kwargs.get("input")
+
+
 class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
     """Keeps unmodified torch layers and BatchNorms as single calls and traces through everything else.
 
@@ -743,14 +749,14 @@ def _recording(
     for the model's calls only: the graph run, in step with the model, calls the same modules."""
 
     def recorder(path: str):
-        def record(module, args, output):
-            kept = calls[path]
-            if not graph_run.running and len(kept) < 2 and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                kept.append((args[0].detach().clone(), output.detach().clone()))
+        def record(module, args, kwargs, output):
+            kept, data = calls[path], module_input(args, kwargs)
+            if not graph_run.running and len(kept) < 2 and isinstance(data, torch.Tensor) and isinstance(output, torch.Tensor):
+                kept.append((data.detach().clone(), output.detach().clone()))
 
         return record
 
-    hooks = [traced.module(path).register_forward_hook(recorder(path)) for path in calls]
+    hooks = [traced.module(path).register_forward_hook(recorder(path), with_kwargs=True) for path in calls]
     try:
         yield
     finally:
