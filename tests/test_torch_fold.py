@@ -823,6 +823,25 @@ def test_functional_batch_norm_folds_in_the_traced_graph():
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
+class FunctionalBatchNormHeads(FunctionalBatchNorm):
+    def forward(self, x):
+        y = super().forward(x)
+        return {"features": y, "pooled": [y.mean((2, 3))]}
+
+
+def test_a_forward_returning_a_dict_and_list_is_read_from_its_fx_graph():
+    # The fx graph keeps them as immutable_dict/immutable_list: the same outputs all the same.
+    model = FunctionalBatchNormHeads().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert "pairs found with torch.fx symbolic tracing" in result.report.notes
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("batch_norm", "conv")]
+    folded = outputs(result.model, inputs)
+    assert type(folded) is dict and type(folded["pooled"]) is list
+    assert_same_outputs(outputs(model, inputs)["features"], folded["features"])
+
+
 def test_functional_batch_norm_in_training_mode_stays():
     model = FunctionalBatchNorm(training_flag=True).eval()
     result = fold(model, (torch.randn(2, 3, 8, 8),))

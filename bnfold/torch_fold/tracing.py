@@ -765,12 +765,14 @@ def _recording(
 
 
 def _same_outputs(expected: Any, actual: Any) -> bool:
-    """The same structure, and tensors equal up to the rounding of a kernel that picks another path."""
-    expected_leaves, expected_structure = pytree.tree_flatten(expected)
-    actual_leaves, actual_structure = pytree.tree_flatten(actual)
-    if expected_structure != actual_structure:
+    """The same leaves at the same places (keys and indices: the graph run returns a dict or list the forward
+    returned in fx's immutable containers, in which a graph keeps a node's arguments), and tensors equal up to
+    the rounding of a kernel that picks another path."""
+    expected_leaves, _ = pytree.tree_flatten_with_path(expected)
+    actual_leaves, _ = pytree.tree_flatten_with_path(actual)
+    if [path for path, _ in expected_leaves] != [path for path, _ in actual_leaves]:
         return False
-    for want, got in zip(expected_leaves, actual_leaves):
+    for (_, want), (_, got) in zip(expected_leaves, actual_leaves):
         if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor):
             return False
         if isinstance(want, torch.Tensor):
