@@ -823,6 +823,31 @@ def test_functional_batch_norm_folds_in_the_traced_graph():
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
+class TwoBatchNormsBetweenLayers(nn.Module):
+    """conv -> bn -> bn2 -> F.conv2d: bn folds into the conv before it, bn2 into the function call after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.kernel = nn.Parameter(torch.randn(5, 4, 1, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.bn2(self.bn(self.conv(x))), self.kernel)
+
+
+def test_two_batchnorms_in_a_row_fold_into_the_layers_on_either_side_in_the_graph():
+    model = randomise_statistics(TwoBatchNormsBetweenLayers())
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.layer, f.direction) for f in result.report.folds] == [
+        ("bn", "conv", "into-preceding"),
+        ("bn2", "kernel", "into-following"),
+    ]
+    assert isinstance(result.model, fx.GraphModule) and batchnorm_modules(result.model) == 0
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 class FunctionalBatchNormHeads(FunctionalBatchNorm):
     def forward(self, x):
         y = super().forward(x)
