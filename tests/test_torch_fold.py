@@ -763,6 +763,21 @@ def test_refusals_have_codes_and_reasons(model, inputs, expected):
     assert all(torch.equal(t, result.model.state_dict()[k]) for k, t in state_before.items())
 
 
+@pytest.mark.parametrize(
+    "parametrization", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm], ids=["weight_norm", "spectral_norm"]
+)
+def test_a_parametrized_layer_computes_its_weight_at_each_call_and_absorbs_nothing(parametrization):
+    model = ConvThenBatchNorm()
+    model.conv = parametrization(model.conv)
+    model = randomise_statistics(model)
+    inputs = (torch.randn(2, 3, 6, 6),)
+    result = fold(model, inputs, verify=False)  # (verification checks the outputs below)
+
+    assert skip_codes(result.report) == {"bn": "weight-not-constant"}
+    assert "remove_parametrizations" in result.report.skips[0].reason
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 def test_refusal_reasons_name_the_neighbours():
     model = randomise_statistics(SharedConvOutput())
     (skip,) = fold(model, (torch.randn(2, 3, 6, 6),)).report.skips

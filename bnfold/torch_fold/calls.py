@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bnfold.fold_math import LayoutKind, WeightLayout
 from bnfold.torch_fold.passthrough import SHAPED_LIKE, passes_values, tensor_shape_and_dtype
@@ -309,6 +310,9 @@ def _module_layer_call(node: fx.Node, module: nn.Module, path: str) -> LayerCall
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
         layout = WeightLayout("conv_transpose" if transposed else "conv", module.groups)
         pads_input = _pads(module.padding, module.kernel_size, module.dilation)
+    # A parametrized weight or bias (weight_norm, spectral_norm) is computed anew at each call: a fold written
+    # into it would be lost.
+    weight_computed, bias_computed = (parametrize.is_parametrized(module, name) for name in ("weight", "bias"))
     return LayerCall(
         node=node,
         input=module_input(node.args, node.kwargs),
@@ -316,9 +320,9 @@ def _module_layer_call(node: fx.Node, module: nn.Module, path: str) -> LayerCall
         op=type(module).__name__,
         layout=layout,
         pads_input=pads_input,
-        weight=module.weight,
-        bias=module.bias,
-        bias_is_attribute=True,
+        weight=None if weight_computed else module.weight,
+        bias=None if bias_computed else module.bias,
+        bias_is_attribute=not bias_computed,
         weight_path=f"{path}.weight",
         module_path=path,
     )

@@ -198,8 +198,9 @@ def _layer_refusal(
 ) -> Refusal | None:
     if layer.weight is None or not layer.bias_is_attribute:
         return "weight-not-constant", (
-            f"`{layer.name}` computes its weight or bias in forward(); only a parameter or buffer can absorb "
-            "the BatchNorm."
+            f"`{layer.name}` computes its weight or bias in forward() or through a parametrization (weight_norm, "
+            "spectral_norm: torch.nn.utils.parametrize.remove_parametrizations makes it a parameter again); only "
+            "a parameter or buffer can absorb the BatchNorm."
         )
     uses = flow.uses_of(layer)
     if uses > 1:
