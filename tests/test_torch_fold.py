@@ -778,6 +778,29 @@ def test_a_parametrized_layer_computes_its_weight_at_each_call_and_absorbs_nothi
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
+@pytest.mark.parametrize("hooked", ["conv", "bn"])
+def test_a_layer_or_batchnorm_with_hooks_stays_and_its_hooks_see_what_they_saw(hooked):
+    model = randomise_statistics(ConvThenBatchNorm())
+    seen = []
+    getattr(model, hooked).register_forward_hook(lambda module, args, output: seen.append(output) or output + 1)
+    inputs = (torch.randn(2, 3, 6, 6),)
+    expected = outputs(model, inputs)
+    result = fold(model, inputs)
+
+    assert skip_codes(result.report) == {"bn": "hooked-module"}
+    assert f"`{hooked}` has hooks" in result.report.skips[0].reason
+    seen.clear()
+    assert_same_outputs(expected, outputs(result.model, inputs))
+    assert len(seen) == 1
+
+
+def test_an_identity_with_hooks_between_the_pair_is_no_pass_through():
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.BatchNorm2d(4)))
+    model[1].register_forward_hook(lambda module, args, output: output * 2)
+    result = fold(model, (torch.randn(2, 3, 6, 6),))
+    assert skip_codes(result.report) == {"2": "no-foldable-neighbour"}
+
+
 def test_refusal_reasons_name_the_neighbours():
     model = randomise_statistics(SharedConvOutput())
     (skip,) = fold(model, (torch.randn(2, 3, 6, 6),)).report.skips

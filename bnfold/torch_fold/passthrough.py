@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, TracedModel, computes_torch_forward
+from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, TracedModel, computes_torch_forward, has_hooks
 
 aten = torch.ops.aten
 
@@ -50,7 +50,7 @@ def passes_values(node: Any, traced: TracedModel) -> bool:
     if node.op == "call_module":
         module = traced.module(node.target)
         keeps = isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
-        return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module)
+        return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module) and not has_hooks(module)
     if node.op not in ("call_function", "call_method"):
         return False
     if node.target in _DROPOUTS:

@@ -27,6 +27,7 @@ from bnfold.report import Direction, Fold, Skip
 from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, value_readers
 from bnfold.torch_fold.conversion import to_numpy
 from bnfold.torch_fold.passthrough import axis_after, value_shape
+from bnfold.torch_fold.tracing import has_hooks
 
 # (skip code, reason) for a check that fails.
 Refusal = tuple[str, str]
@@ -100,6 +101,9 @@ def _decide(
     following = flow.sole_layer_reading(batchnorm.node)
     if preceding is None and following is None:
         return Skip(batchnorm.name, "no-foldable-neighbour", _no_neighbour_reason(batchnorm, flow))
+    refusal = _hooks_refusal(batchnorm.module_path, flow, "would be dropped with it")
+    if refusal is not None:
+        return Skip(batchnorm.name, *refusal)
     try:
         affine = channel_affine(batchnorm)
     except UnfoldableStatisticsError as error:
@@ -184,6 +188,16 @@ def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
     return None
 
 
+def _hooks_refusal(path: str | None, flow: DataFlow, consequence: str) -> Refusal | None:
+    """A module whose call runs hooks is more than its forward: folding would change what they see, or drop them."""
+    if path is None or not has_hooks(flow.traced.module(path)):
+        return None
+    return "hooked-module", (
+        f"`{path}` has hooks (forward, forward pre- or backward hooks, its own or every module's), which {consequence}; "
+        "remove them before folding to fold it."
+    )
+
+
 def _calls_between(source: fx.Node, value: fx.Node) -> tuple[fx.Node, ...]:
     """The pass-through calls from ``source``'s output to ``value``, in data-flow order (``value`` last)."""
     calls: list[fx.Node] = []
@@ -208,6 +222,9 @@ def _layer_refusal(
             f"`{layer.name}` is called {uses} times (or shares its weight with another layer), and folding would "
             "change every call; give each call its own layer to fold it."
         )
+    refusal = _hooks_refusal(layer.module_path, flow, "would see the folded layer's values instead of its own")
+    if refusal is not None:
+        return refusal
     if direction == "into-preceding":
         refusal = _preceding_layer_refusal(batchnorm, layer, between, flow)
     else:

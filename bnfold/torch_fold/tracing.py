@@ -167,7 +167,7 @@ def affine_form(module: nn.Module) -> AffineForm | None:
     tensor names, and the form found for one is the others' (fx bakes the settings into the graph as
     literals). What a graph run computes with it is checked against the model's run like any other graph.
     """
-    if type(module).__module__.startswith("torch.") or module._modules or _has_hooks(module):
+    if type(module).__module__.startswith("torch.") or module._modules or has_hooks(module):
         return None
     settings = []
     for name, value in vars(module).items():
@@ -190,8 +190,9 @@ def affine_form(module: nn.Module) -> AffineForm | None:
     return form
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Hooks run with a module's call, not with its form: such a module is traced through (its forward's calls)."""
+def has_hooks(module: nn.Module) -> bool:
+    """Whether hooks run with a call of ``module`` (its own, or every module's): they may change or read what goes
+    in and out, so the call is more than its forward (its form, its fold)."""
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
     hooks = nn.modules.module
     shared = (hooks._global_forward_hooks, hooks._global_forward_pre_hooks, hooks._global_backward_hooks, hooks._global_backward_pre_hooks)
