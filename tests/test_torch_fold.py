@@ -502,8 +502,12 @@ class BatchNormThenLayer(nn.Module):
         (nn.Conv2d(4, 6, 3, padding="valid", bias=False), nn.BatchNorm2d(4, affine=False), (2, 4, 7, 7)),
         (nn.Conv1d(4, 4, 1, padding="same", padding_mode="reflect"), nn.BatchNorm1d(4), (2, 4, 7)),
         (nn.Linear(5, 3), nn.BatchNorm1d(5), (6, 5)),
+        # Padding that copies the input's values pads with normalised values: nothing to leave unshifted.
+        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2), nn.BatchNorm2d(4), (2, 4, 7, 7)),
+        (nn.Conv1d(4, 4, 3, padding="same", padding_mode="replicate"), nn.BatchNorm1d(4), (2, 4, 7)),
+        (nn.Conv3d(4, 2, 3, padding=2, padding_mode="circular", bias=False), nn.BatchNorm3d(4), (2, 4, 5, 5, 5)),
     ],
-    ids=["conv-grouped", "conv-valid-affine-false", "conv-same-1x1", "linear"],
+    ids=["conv-grouped", "conv-valid-affine-false", "conv-same-1x1", "linear", "reflect", "replicate", "circular"],
 )
 def test_batchnorm_folds_into_following_layer(layer, batchnorm, shape):
     model = randomise_statistics(BatchNormThenLayer(layer, batchnorm))

@@ -264,10 +264,11 @@ def _following_layer_refusal(
             f"its only reader `{layer.name}` is a transposed convolution, which sums a varying number of kernel "
             f"taps near the borders, so the BatchNorm's shift cannot move into its bias. {_STAYS}"
         )
-    if layer.pads_input:
+    if layer.pads_zeros:
         return "padded-conv", (
-            f"its only reader `{layer.name}` pads its input, and the padding zeros would not be scaled and "
-            f"shifted like the normalised values. {_STAYS} (With padding=0 it would fold.)"
+            f"its only reader `{layer.name}` pads its input with zeros, which would not be scaled and shifted like "
+            f"the normalised values. {_STAYS} (With padding=0, or padding_mode 'reflect', 'replicate' or 'circular', "
+            "it would fold.)"
         )
     return _channel_refusal(batchnorm, layer, "into-following", between, flow)
 
