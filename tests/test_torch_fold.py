@@ -231,6 +231,25 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+class BatchNormThenReLU(nn.BatchNorm2d):
+    """Calls torch's forward, which checks the input's rank first: a branch on a proxy to fx."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def test_a_batchnorm_subclass_calling_super_forward_is_traced_by_fx_and_folds_in_the_graph():
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormThenReLU(4)))
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert "pairs found with torch.fx symbolic tracing" in result.report.notes
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("1", "0")]
+    assert isinstance(result.model, fx.GraphModule)
+    assert "_check_input_dim" not in vars(model[1])  # the rank check is the class's again
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 class FrozenAfterConv(nn.Module):
     """fx cannot trace the shape branch: torch.export's aten multiply-add folds in the module tree too."""
 

@@ -5,7 +5,7 @@
 1. **Pairs from the real data flow** (:mod:`.tracing`, :mod:`.calls`). The model is traced with
    torch.fx, keeping unmodified torch layers and BatchNorms as module calls and tracing through
    layer subclasses with their own ``forward`` (their ``F.conv2d`` becomes a function call on
-   parameters). The fx graph counts only once it has run on the example inputs in step with the model and
+   parameters; a BatchNorm subclass calling ``super().forward(x)`` is traced with torch's rank check off). The fx graph counts only once it has run on the example inputs in step with the model and
    given the model's outputs (Python that fx evaluates on a proxy can record a graph the model never runs).
    When fx cannot trace the model (or its graph fails that), ``torch.export.export`` gives the graph instead, and
    when export cannot either (a branch on a tensor's value), the graphs TorchDynamo captures running the

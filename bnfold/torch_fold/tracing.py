@@ -398,7 +398,8 @@ def trace_model(
     attributes_before = set(vars(model))
     try:
         tracer = _UnmodifiedLayersAsLeavesTracer()
-        graph = tracer.trace(model)
+        with _batchnorm_rank_checks_off(model):
+            graph = tracer.trace(model)
     # fx raises TraceError, TypeError, RuntimeError, ... depending on what forward does with a proxy.
     except Exception as fx_error:  # noqa: BLE001
         _take_added_attributes(model, attributes_before)
@@ -416,6 +417,28 @@ def trace_model(
         mismatch = RuntimeError("the traced graph computes other outputs than the model on the example inputs")
         return _capture_without_fx(model, example_inputs, mismatch)
     return traced
+
+
+@contextlib.contextmanager
+def _batchnorm_rank_checks_off(model: nn.Module) -> Iterator[None]:
+    """torch's BatchNorm forward first checks its input's rank (``if input.dim() != 4: raise``), a branch fx cannot
+    take on a proxy, so a BatchNorm subclass whose forward calls ``super().forward(x)`` (traced through, unlike a
+    torch BatchNorm) made the whole model untraceable. While fx traces, each such module's check is an instance
+    attribute that accepts any rank; the trace check then runs the model itself, checks included."""
+    traced_through = [
+        module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm) and not computes_torch_forward(module)
+    ]
+    for module in traced_through:
+        module._check_input_dim = _accept_any_rank
+    try:
+        yield
+    finally:
+        for module in traced_through:
+            del module._check_input_dim
+
+
+def _accept_any_rank(data: Any) -> None:
+    pass
 
 
 def _capture_without_fx(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
