@@ -410,6 +410,17 @@ def test_the_folded_copy_shares_no_container_with_the_model():
     assert result.model.fc.notes is folded_conv.notes and folded_conv.notes is not shared
 
 
+def test_folding_under_inference_mode_gives_a_model_usable_outside_it():
+    # (F.batch_norm on buffers: fx's graph reads them, whose version counters the trace check keeps)
+    model = FunctionalBatchNorm().eval()
+    with torch.inference_mode():
+        result = fold(model, (torch.randn(2, 3, 8, 8),))
+
+    assert "pairs found with torch.fx symbolic tracing" in result.report.notes and len(result.report.folds) == 1
+    assert not any(parameter.is_inference() for parameter in result.model.parameters())
+    result.model(torch.randn(2, 3, 8, 8)).sum().backward()  # records gradients through the folded conv
+
+
 def test_inplace_folds_the_given_model():
     model, inputs = trained_eval_model(case_named("resnet"))
     expected = outputs(model, inputs)

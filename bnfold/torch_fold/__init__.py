@@ -72,6 +72,10 @@ class TorchFoldResult(NamedTuple):
     report: FoldReport
 
 
+# Under torch.inference_mode every tensor made is an inference tensor: the folded copy's parameters would be, and
+# fail in any forward that records gradients (and in torch.export) once out of it; they have no version counter
+# either, which the trace check reads.
+@torch.inference_mode(False)
 def fold(
     model: nn.Module,
     example_inputs: tuple | torch.Tensor,
@@ -141,6 +145,7 @@ def fold(
     return TorchFoldResult(folded, report)
 
 
+@torch.inference_mode(False)
 def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target_dtype: str | None = None) -> list[LayerQuantization]:
     """What the folds :func:`fold` would make do to int8 quantization and to ``target_dtype``
     (:mod:`bnfold.quantization`), without folding: planned and measured on ``model`` (in eval mode, not
