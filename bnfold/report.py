@@ -39,6 +39,7 @@ SKIP_CODES = {
     "quantized-weight": "the layer's weight is quantized (DequantizeLinear) and cannot absorb the fold exactly",
     "module-reused": "the layer module is called more than once",
     "batch-statistics": "track_running_stats=False: the BatchNorm always uses batch statistics",
+    "hooked-module": "the layer or BatchNorm module has hooks, which would see other values or be dropped",
 }
 
 Direction = Literal["into-preceding", "into-following"]

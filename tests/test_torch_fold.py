@@ -279,6 +279,25 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+class BatchNormThenReLU(nn.BatchNorm2d):
+    """Calls torch's forward, which checks the input's rank first: a branch on a proxy to fx."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def test_a_batchnorm_subclass_calling_super_forward_is_traced_by_fx_and_folds_in_the_graph():
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormThenReLU(4)))
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert "pairs found with torch.fx symbolic tracing" in result.report.notes
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("1", "0")]
+    assert isinstance(result.model, fx.GraphModule)
+    assert "_check_input_dim" not in vars(model[1])  # the rank check is the class's again
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 class FrozenAfterConv(nn.Module):
     """fx cannot trace the shape branch: torch.export's aten multiply-add folds in the module tree too."""
 
@@ -439,6 +458,17 @@ def test_the_folded_copy_shares_no_container_with_the_model():
     assert result.model.fc.notes is folded_conv.notes and folded_conv.notes is not shared
 
 
+def test_folding_under_inference_mode_gives_a_model_usable_outside_it():
+    # (F.batch_norm on buffers: fx's graph reads them, whose version counters the trace check keeps)
+    model = FunctionalBatchNorm().eval()
+    with torch.inference_mode():
+        result = fold(model, (torch.randn(2, 3, 8, 8),))
+
+    assert "pairs found with torch.fx symbolic tracing" in result.report.notes and len(result.report.folds) == 1
+    assert not any(parameter.is_inference() for parameter in result.model.parameters())
+    result.model(torch.randn(2, 3, 8, 8)).sum().backward()  # records gradients through the folded conv
+
+
 def test_inplace_folds_the_given_model():
     model, inputs = trained_eval_model(case_named("resnet"))
     expected = outputs(model, inputs)
@@ -550,8 +580,12 @@ class BatchNormThenLayer(nn.Module):
         (nn.Conv2d(4, 6, 3, padding="valid", bias=False), nn.BatchNorm2d(4, affine=False), (2, 4, 7, 7)),
         (nn.Conv1d(4, 4, 1, padding="same", padding_mode="reflect"), nn.BatchNorm1d(4), (2, 4, 7)),
         (nn.Linear(5, 3), nn.BatchNorm1d(5), (6, 5)),
+        # Padding that copies the input's values pads with normalised values: nothing to leave unshifted.
+        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2), nn.BatchNorm2d(4), (2, 4, 7, 7)),
+        (nn.Conv1d(4, 4, 3, padding="same", padding_mode="replicate"), nn.BatchNorm1d(4), (2, 4, 7)),
+        (nn.Conv3d(4, 2, 3, padding=2, padding_mode="circular", bias=False), nn.BatchNorm3d(4), (2, 4, 5, 5, 5)),
     ],
-    ids=["conv-grouped", "conv-valid-affine-false", "conv-same-1x1", "linear"],
+    ids=["conv-grouped", "conv-valid-affine-false", "conv-same-1x1", "linear", "reflect", "replicate", "circular"],
 )
 def test_batchnorm_folds_into_following_layer(layer, batchnorm, shape):
     model = randomise_statistics(BatchNormThenLayer(layer, batchnorm))
@@ -652,8 +686,10 @@ class LinearThenRearranged(nn.Module):
         (lambda h: h.permute(0, 2, 1), nn.BatchNorm1d(6)),
         (lambda h: h.transpose(1, 2).unsqueeze(-1), nn.BatchNorm2d(6)),
         (lambda h: torch.reshape(h, (-1, 6)), nn.BatchNorm1d(6)),
+        (lambda h: torch.transpose(h, dim0=1, dim1=2), nn.BatchNorm1d(6)),
+        (lambda h: h.swapaxes(1, axis1=-1), nn.BatchNorm1d(6)),
     ],
-    ids=["flatten", "permute", "transpose-unsqueeze", "reshape"],
+    ids=["flatten", "permute", "transpose-unsqueeze", "reshape", "transpose-keywords", "swapaxes-keyword"],
 )
 def test_batchnorm_on_the_linear_features_folds_through_reshapes_and_permutes(rearrange, batchnorm):
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
@@ -809,10 +845,71 @@ def test_refusals_have_codes_and_reasons(model, inputs, expected):
     assert all(torch.equal(t, result.model.state_dict()[k]) for k, t in state_before.items())
 
 
+@pytest.mark.parametrize(
+    "parametrization", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm], ids=["weight_norm", "spectral_norm"]
+)
+def test_a_parametrized_layer_computes_its_weight_at_each_call_and_absorbs_nothing(parametrization):
+    model = ConvThenBatchNorm()
+    model.conv = parametrization(model.conv)
+    model = randomise_statistics(model)
+    inputs = (torch.randn(2, 3, 6, 6),)
+    result = fold(model, inputs, verify=False)  # (verification checks the outputs below)
+
+    assert skip_codes(result.report) == {"bn": "weight-not-constant"}
+    assert "remove_parametrizations" in result.report.skips[0].reason
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+@pytest.mark.parametrize("hooked", ["conv", "bn"])
+def test_a_layer_or_batchnorm_with_hooks_stays_and_its_hooks_see_what_they_saw(hooked):
+    model = randomise_statistics(ConvThenBatchNorm())
+    seen = []
+    getattr(model, hooked).register_forward_hook(lambda module, args, output: seen.append(output) or output + 1)
+    inputs = (torch.randn(2, 3, 6, 6),)
+    expected = outputs(model, inputs)
+    result = fold(model, inputs)
+
+    assert skip_codes(result.report) == {"bn": "hooked-module"}
+    assert f"`{hooked}` has hooks" in result.report.skips[0].reason
+    seen.clear()
+    assert_same_outputs(expected, outputs(result.model, inputs))
+    assert len(seen) == 1
+
+
+def test_an_identity_with_hooks_between_the_pair_is_no_pass_through():
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.BatchNorm2d(4)))
+    model[1].register_forward_hook(lambda module, args, output: output * 2)
+    result = fold(model, (torch.randn(2, 3, 6, 6),))
+    assert skip_codes(result.report) == {"2": "no-foldable-neighbour"}
+
+
 def test_refusal_reasons_name_the_neighbours():
     model = randomise_statistics(SharedConvOutput())
     (skip,) = fold(model, (torch.randn(2, 3, 6, 6),)).report.skips
     assert "`conv`" in skip.reason and "`add`" in skip.reason
+
+
+class CalledWithKeywords(nn.Module):
+    """Layer and BatchNorm modules called as ``module(input=x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.bn_in, self.linear = nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.bn(input=self.conv(input=x)).mean((2, 3))
+        return self.linear(input=self.bn_in(input=y))
+
+
+def test_modules_called_with_keyword_input_fold_and_are_checked_on_their_own():
+    model = randomise_statistics(CalledWithKeywords())
+    inputs = (torch.randn(2, 3, 6, 6),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv"), ("bn_in", "linear")]
+    assert [check.status for check in result.report.verification.folds] == ["passed", "passed"]
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
 # --- functional calls and the export fallback --------------------------------------------------
@@ -844,6 +941,50 @@ def test_functional_batch_norm_folds_in_the_traced_graph():
     assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("batch_norm", "conv")]
     assert F.batch_norm not in {n.target for n in result.model.graph.nodes}
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class TwoBatchNormsBetweenLayers(nn.Module):
+    """conv -> bn -> bn2 -> F.conv2d: bn folds into the conv before it, bn2 into the function call after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.kernel = nn.Parameter(torch.randn(5, 4, 1, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.bn2(self.bn(self.conv(x))), self.kernel)
+
+
+def test_two_batchnorms_in_a_row_fold_into_the_layers_on_either_side_in_the_graph():
+    model = randomise_statistics(TwoBatchNormsBetweenLayers())
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.layer, f.direction) for f in result.report.folds] == [
+        ("bn", "conv", "into-preceding"),
+        ("bn2", "kernel", "into-following"),
+    ]
+    assert isinstance(result.model, fx.GraphModule) and batchnorm_modules(result.model) == 0
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class FunctionalBatchNormHeads(FunctionalBatchNorm):
+    def forward(self, x):
+        y = super().forward(x)
+        return {"features": y, "pooled": [y.mean((2, 3))]}
+
+
+def test_a_forward_returning_a_dict_and_list_is_read_from_its_fx_graph():
+    # The fx graph keeps them as immutable_dict/immutable_list: the same outputs all the same.
+    model = FunctionalBatchNormHeads().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert "pairs found with torch.fx symbolic tracing" in result.report.notes
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("batch_norm", "conv")]
+    folded = outputs(result.model, inputs)
+    assert type(folded) is dict and type(folded["pooled"]) is list
+    assert_same_outputs(outputs(model, inputs)["features"], folded["features"])
 
 
 def test_functional_batch_norm_in_training_mode_stays():

@@ -5,7 +5,7 @@
 1. **Pairs from the real data flow** (:mod:`.tracing`, :mod:`.calls`). The model is traced with
    torch.fx, keeping unmodified torch layers and BatchNorms as module calls and tracing through
    layer subclasses with their own ``forward`` (their ``F.conv2d`` becomes a function call on
-   parameters). The fx graph counts only once it has run on the example inputs in step with the model and
+   parameters; a BatchNorm subclass calling ``super().forward(x)`` is traced with torch's rank check off). The fx graph counts only once it has run on the example inputs in step with the model and
    given the model's outputs (Python that fx evaluates on a proxy can record a graph the model never runs).
    When fx cannot trace the model (or its graph fails that), ``torch.export.export`` gives the graph instead, and
    when export cannot either (a branch on a tensor's value), the graphs TorchDynamo captures running the
@@ -74,6 +74,10 @@ class TorchFoldResult(NamedTuple):
     report: FoldReport
 
 
+# Under torch.inference_mode every tensor made is an inference tensor: the folded copy's parameters would be, and
+# fail in any forward that records gradients (and in torch.export) once out of it; they have no version counter
+# either, which the trace check reads.
+@torch.inference_mode(False)
 def fold(
     model: nn.Module,
     example_inputs: tuple | torch.Tensor,
@@ -143,6 +147,7 @@ def fold(
     return TorchFoldResult(folded, report)
 
 
+@torch.inference_mode(False)
 def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target_dtype: str | None = None) -> list[LayerQuantization]:
     """What the folds :func:`fold` would make do to int8 quantization and to ``target_dtype``
     (:mod:`bnfold.quantization`), without folding: planned and measured on ``model`` (in eval mode, not

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from bnfold.fold_math import LayoutKind, WeightLayout
@@ -30,6 +31,7 @@ from bnfold.torch_fold.tracing import (
     absent_biases_probed,
     computes_torch_forward,
     is_op,
+    module_input,
     module_stack_paths,
     multiply_add,
     mutates_or_draws,
@@ -92,7 +94,7 @@ class LayerCall:
     name: str  # the module's path, or the weight's path for a function call
     op: str  # "Conv2d" for a module call, "F.conv2d" for a function call
     layout: WeightLayout
-    pads_input: bool
+    pads_zeros: bool  # reads zeros padded around its input, which a BatchNorm before it would not shift
     weight: torch.Tensor | None  # None: computed in forward, not a parameter or buffer
     bias: torch.Tensor | None
     bias_is_attribute: bool  # the bias is absent or a parameter/buffer
@@ -311,21 +313,25 @@ def _layer_call(node: fx.Node, traced: TracedModel) -> LayerCall | None:
 
 def _module_layer_call(node: fx.Node, module: nn.Module, path: str) -> LayerCall:
     if isinstance(module, nn.Linear):
-        layout, pads_input = WeightLayout("matrix_out_in"), False
+        layout, pads_zeros = WeightLayout("matrix_out_in"), False
     else:
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
         layout = WeightLayout("conv_transpose" if transposed else "conv", module.groups)
-        pads_input = _pads(module.padding, module.kernel_size, module.dilation)
+        # Reflect, replicate and circular padding copy the input's own values, which the BatchNorm has shifted.
+        pads_zeros = module.padding_mode == "zeros" and _pads(module.padding, module.kernel_size, module.dilation)
+    # A parametrized weight or bias (weight_norm, spectral_norm) is computed anew at each call: a fold written
+    # into it would be lost.
+    weight_computed, bias_computed = (parametrize.is_parametrized(module, name) for name in ("weight", "bias"))
     return LayerCall(
         node=node,
-        input=node.args[0],
+        input=module_input(node.args, node.kwargs),
         name=path,
         op=type(module).__name__,
         layout=layout,
-        pads_input=pads_input,
-        weight=module.weight,
-        bias=module.bias,
-        bias_is_attribute=True,
+        pads_zeros=pads_zeros,
+        weight=None if weight_computed else module.weight,
+        bias=None if bias_computed else module.bias,
+        bias_is_attribute=not bias_computed,
         weight_path=f"{path}.weight",
         module_path=path,
     )
@@ -337,7 +343,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
     bias_argument = arguments.get("bias")
     bias_path = traced.attribute_paths.get(bias_argument)
     weight = None if weight_path is None else traced.attribute_at(weight_path)
-    pads_input = (
+    pads_zeros = (
         function.kind == "conv"
         and weight is not None
         and _pads(arguments.get("padding", 0), tuple(weight.shape[2:]), arguments.get("dilation", 1))
@@ -349,7 +355,7 @@ def _functional_layer_call(node: fx.Node, function: _LayerFunction, traced: Trac
         name=_calling_module(node, traced, FOLDABLE_LAYER_TYPES) or weight_path or node.name,
         op=type(traced.module(module_path)).__name__ if module_path else f"F.{function.name}",
         layout=WeightLayout(function.kind, arguments.get("groups", 1)),
-        pads_input=pads_input,
+        pads_zeros=pads_zeros,
         weight=weight,
         bias=None if bias_path is None else traced.attribute_at(bias_path),
         bias_is_attribute=bias_argument is None or bias_path is not None,
@@ -375,7 +381,7 @@ def _batchnorm_call(node: fx.Node, traced: TracedModel, constants: dict[fx.Node,
 def _module_batchnorm_call(node: fx.Node, module: nn.Module, path: str) -> BatchNormCall:
     return BatchNormCall(
         node=node,
-        input=node.args[0],
+        input=module_input(node.args, node.kwargs),
         name=path,
         op=type(module).__name__,
         key=path,

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, TracedModel, computes_torch_forward
+from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, TracedModel, computes_torch_forward, has_hooks
 
 aten = torch.ops.aten
 
@@ -34,6 +34,8 @@ _RESHAPES = frozenset({
 SHAPED_LIKE = frozenset({"view_as", "reshape_as", aten.view_as.default, aten.reshape_as.default})
 _PERMUTES = frozenset({"permute", torch.permute, aten.permute.default})
 _TRANSPOSES = frozenset({"transpose", "swapaxes", torch.transpose, torch.swapaxes, aten.transpose.int})
+# Their axes' keywords: transpose's, swapaxes'.
+_SWAPPED_AXES_KEYWORDS = ("dim0", "dim1", "axis0", "axis1")
 # Dropout functions: (input, p, training, ...), `train` in aten's.
 _DROPOUTS = frozenset({
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, aten.dropout.default
@@ -48,7 +50,7 @@ def passes_values(node: Any, traced: TracedModel) -> bool:
     if node.op == "call_module":
         module = traced.module(node.target)
         keeps = isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
-        return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module)
+        return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module) and not has_hooks(module)
     if node.op not in ("call_function", "call_method"):
         return False
     if node.target in _DROPOUTS:
@@ -83,9 +85,14 @@ def axis_after(node: fx.Node, axis: int) -> int | None:
         dims = [dim % len(input_shape) for dim in node.kwargs.get("dims", dims)]
         return dims.index(axis) if axis in dims else None
     if node.target in _TRANSPOSES:
-        first, second = (dim % len(input_shape) for dim in node.args[1:3])
+        first, second = (dim % len(input_shape) for dim in _swapped_axes(node))
         return {first: second, second: first}.get(axis, axis)
     return _reshaped_axis(tuple(input_shape), tuple(output_shape), axis)
+
+
+def _swapped_axes(node: fx.Node) -> list[int]:
+    """The two axes a transpose swaps, given by position or by keyword (``torch.transpose(x, dim0=1, dim1=2)``)."""
+    return [*node.args[1:3], *(node.kwargs[name] for name in _SWAPPED_AXES_KEYWORDS if name in node.kwargs)]
 
 
 def _reshaped_axis(input_shape: tuple[int, ...], output_shape: tuple[int, ...], axis: int) -> int | None:

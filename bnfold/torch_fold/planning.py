@@ -27,6 +27,7 @@ from bnfold.report import Direction, Fold, Skip
 from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, value_readers
 from bnfold.torch_fold.conversion import to_numpy
 from bnfold.torch_fold.passthrough import axis_after, value_shape
+from bnfold.torch_fold.tracing import has_hooks
 
 # (skip code, reason) for a check that fails.
 Refusal = tuple[str, str]
@@ -100,6 +101,9 @@ def _decide(
     following = flow.sole_layer_reading(batchnorm.node)
     if preceding is None and following is None:
         return Skip(batchnorm.name, "no-foldable-neighbour", _no_neighbour_reason(batchnorm, flow))
+    refusal = _hooks_refusal(batchnorm.module_path, flow, "would be dropped with it")
+    if refusal is not None:
+        return Skip(batchnorm.name, *refusal)
     try:
         affine = channel_affine(batchnorm)
     except UnfoldableStatisticsError as error:
@@ -184,6 +188,16 @@ def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
     return None
 
 
+def _hooks_refusal(path: str | None, flow: DataFlow, consequence: str) -> Refusal | None:
+    """A module whose call runs hooks is more than its forward: folding would change what they see, or drop them."""
+    if path is None or not has_hooks(flow.traced.module(path)):
+        return None
+    return "hooked-module", (
+        f"`{path}` has hooks (forward, forward pre- or backward hooks, its own or every module's), which {consequence}; "
+        "remove them before folding to fold it."
+    )
+
+
 def _calls_between(source: fx.Node, value: fx.Node) -> tuple[fx.Node, ...]:
     """The pass-through calls from ``source``'s output to ``value``, in data-flow order (``value`` last)."""
     calls: list[fx.Node] = []
@@ -198,8 +212,9 @@ def _layer_refusal(
 ) -> Refusal | None:
     if layer.weight is None or not layer.bias_is_attribute:
         return "weight-not-constant", (
-            f"`{layer.name}` computes its weight or bias in forward(); only a parameter or buffer can absorb "
-            "the BatchNorm."
+            f"`{layer.name}` computes its weight or bias in forward() or through a parametrization (weight_norm, "
+            "spectral_norm: torch.nn.utils.parametrize.remove_parametrizations makes it a parameter again); only "
+            "a parameter or buffer can absorb the BatchNorm."
         )
     uses = flow.uses_of(layer)
     if uses > 1:
@@ -207,6 +222,9 @@ def _layer_refusal(
             f"`{layer.name}` is called {uses} times (or shares its weight with another layer), and folding would "
             "change every call; give each call its own layer to fold it."
         )
+    refusal = _hooks_refusal(layer.module_path, flow, "would see the folded layer's values instead of its own")
+    if refusal is not None:
+        return refusal
     if direction == "into-preceding":
         refusal = _preceding_layer_refusal(batchnorm, layer, between, flow)
     else:
@@ -246,10 +264,11 @@ def _following_layer_refusal(
             f"its only reader `{layer.name}` is a transposed convolution, which sums a varying number of kernel "
             f"taps near the borders, so the BatchNorm's shift cannot move into its bias. {_STAYS}"
         )
-    if layer.pads_input:
+    if layer.pads_zeros:
         return "padded-conv", (
-            f"its only reader `{layer.name}` pads its input, and the padding zeros would not be scaled and "
-            f"shifted like the normalised values. {_STAYS} (With padding=0 it would fold.)"
+            f"its only reader `{layer.name}` pads its input with zeros, which would not be scaled and shifted like "
+            f"the normalised values. {_STAYS} (With padding=0, or padding_mode 'reflect', 'replicate' or 'circular', "
+            "it would fold.)"
         )
     return _channel_refusal(batchnorm, layer, "into-following", between, flow)
 

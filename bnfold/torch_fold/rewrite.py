@@ -38,8 +38,15 @@ def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModu
     """The traced graph with each folded BatchNorm call taken out, as a GraphModule built once from the edited
     graph (so it holds no module the graph no longer calls)."""
     _write_folded_weights(folds, traced)
+    # Each bypassed BatchNorm's replacement: the next one's input may be its output (BN -> BN, the first folded
+    # into the layer before it, the second into the layer after).
+    replacements: dict[fx.Node, fx.Node] = {}
     for fold in folds:
-        _bypass(fold.batchnorm.node, fold.batchnorm.input)
+        data = fold.batchnorm.input
+        while data in replacements:
+            data = replacements[data]
+        _bypass(fold.batchnorm.node, data)
+        replacements[fold.batchnorm.node] = data
     graph_module = traced.to_graph_module()
     graph_module.graph.lint()
     return graph_module

@@ -59,6 +59,12 @@ def computes_torch_forward(module: nn.Module) -> bool:
     return has_torch_forward(module) or isinstance(module, REFERENCE_BATCHNORMS)
 
 
+def module_input(args: tuple, kwargs: dict) -> Any:
+    """The data a torch layer or BatchNorm module is called on, ``module(x)`` or ``module(input=x)``, from the
+    call's arguments (a graph node's, or a forward hook's)."""
+    return args[0] if args else kwargs.get("input")
+
+
 class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
     """Keeps unmodified torch layers and BatchNorms as single calls and traces through everything else.
 
@@ -161,7 +167,7 @@ def affine_form(module: nn.Module) -> AffineForm | None:
     tensor names, and the form found for one is the others' (fx bakes the settings into the graph as
     literals). What a graph run computes with it is checked against the model's run like any other graph.
     """
-    if type(module).__module__.startswith("torch.") or module._modules or _has_hooks(module):
+    if type(module).__module__.startswith("torch.") or module._modules or has_hooks(module):
         return None
     settings = []
     for name, value in vars(module).items():
@@ -184,8 +190,9 @@ def affine_form(module: nn.Module) -> AffineForm | None:
     return form
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Hooks run with a module's call, not with its form: such a module is traced through (its forward's calls)."""
+def has_hooks(module: nn.Module) -> bool:
+    """Whether hooks run with a call of ``module`` (its own, or every module's): they may change or read what goes
+    in and out, so the call is more than its forward (its form, its fold)."""
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
     hooks = nn.modules.module
     shared = (hooks._global_forward_hooks, hooks._global_forward_pre_hooks, hooks._global_backward_hooks, hooks._global_backward_pre_hooks)
@@ -391,7 +398,8 @@ def trace_model(
     attributes_before = set(vars(model))
     try:
         tracer = _UnmodifiedLayersAsLeavesTracer()
-        graph = tracer.trace(model)
+        with _batchnorm_rank_checks_off(model):
+            graph = tracer.trace(model)
     # fx raises TraceError, TypeError, RuntimeError, ... depending on what forward does with a proxy.
     except Exception as fx_error:  # noqa: BLE001
         _take_added_attributes(model, attributes_before)
@@ -409,6 +417,28 @@ def trace_model(
         mismatch = RuntimeError("the traced graph computes other outputs than the model on the example inputs")
         return _capture_without_fx(model, example_inputs, mismatch)
     return traced
+
+
+@contextlib.contextmanager
+def _batchnorm_rank_checks_off(model: nn.Module) -> Iterator[None]:
+    """torch's BatchNorm forward first checks its input's rank (``if input.dim() != 4: raise``), a branch fx cannot
+    take on a proxy, so a BatchNorm subclass whose forward calls ``super().forward(x)`` (traced through, unlike a
+    torch BatchNorm) made the whole model untraceable. While fx traces, each such module's check is an instance
+    attribute that accepts any rank; the trace check then runs the model itself, checks included."""
+    traced_through = [
+        module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm) and not computes_torch_forward(module)
+    ]
+    for module in traced_through:
+        module._check_input_dim = _accept_any_rank
+    try:
+        yield
+    finally:
+        for module in traced_through:
+            del module._check_input_dim
+
+
+def _accept_any_rank(data: Any) -> None:
+    pass
 
 
 def _capture_without_fx(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> TracedModel:
@@ -744,14 +774,14 @@ def _recording(
     for the model's calls only: the graph run, in step with the model, calls the same modules."""
 
     def recorder(path: str):
-        def record(module, args, output):
-            kept = calls[path]
-            if not graph_run.running and len(kept) < 2 and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                kept.append((args[0].detach().clone(), output.detach().clone()))
+        def record(module, args, kwargs, output):
+            kept, data = calls[path], module_input(args, kwargs)
+            if not graph_run.running and len(kept) < 2 and isinstance(data, torch.Tensor) and isinstance(output, torch.Tensor):
+                kept.append((data.detach().clone(), output.detach().clone()))
 
         return record
 
-    hooks = [traced.module(path).register_forward_hook(recorder(path)) for path in calls]
+    hooks = [traced.module(path).register_forward_hook(recorder(path), with_kwargs=True) for path in calls]
     try:
         yield
     finally:
@@ -760,12 +790,14 @@ def _recording(
 
 
 def _same_outputs(expected: Any, actual: Any) -> bool:
-    """The same structure, and tensors equal up to the rounding of a kernel that picks another path."""
-    expected_leaves, expected_structure = pytree.tree_flatten(expected)
-    actual_leaves, actual_structure = pytree.tree_flatten(actual)
-    if expected_structure != actual_structure:
+    """The same leaves at the same places (keys and indices: the graph run returns a dict or list the forward
+    returned in fx's immutable containers, in which a graph keeps a node's arguments), and tensors equal up to
+    the rounding of a kernel that picks another path."""
+    expected_leaves, _ = pytree.tree_flatten_with_path(expected)
+    actual_leaves, _ = pytree.tree_flatten_with_path(actual)
+    if [path for path, _ in expected_leaves] != [path for path, _ in actual_leaves]:
         return False
-    for want, got in zip(expected_leaves, actual_leaves):
+    for (_, want), (_, got) in zip(expected_leaves, actual_leaves):
         if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor):
             return False
         if isinstance(want, torch.Tensor):

@@ -17,7 +17,7 @@ from bnfold.fold_math import exact_fold
 from bnfold.torch_fold.conversion import to_numpy, to_numpy_as_is, to_numpy_float
 from bnfold.torch_fold.passthrough import keeps_element_order, keeps_shape
 from bnfold.torch_fold.planning import PlannedFold
-from bnfold.torch_fold.tracing import ModelRun, has_torch_forward
+from bnfold.torch_fold.tracing import ModelRun, has_torch_forward, module_input
 from bnfold.verification import (
     FoldCheck,
     OutputComparison,
@@ -111,13 +111,14 @@ class FoldCapture:
             self.values = {path: run.calls[path] for path in paths}
             return
         for path in paths:
-            self._hooks.append(model.get_submodule(path).register_forward_hook(self._recorder(path)))
+            self._hooks.append(model.get_submodule(path).register_forward_hook(self._recorder(path), with_kwargs=True))
 
     def _recorder(self, path: str):
-        def record(module, args, output):
-            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        def record(module, args, kwargs, output):
+            data = module_input(args, kwargs)
+            if isinstance(data, torch.Tensor) and isinstance(output, torch.Tensor):
                 # Copies: a later in-place op (ReLU(inplace=True), ``out += identity``) would change them.
-                self.values.setdefault(path, []).append((args[0].detach().clone(), output.detach().clone()))
+                self.values.setdefault(path, []).append((data.detach().clone(), output.detach().clone()))
 
         return record
 
