@@ -672,7 +672,8 @@ def _passes_own_bias(node: fx.Node, path: str, traced: TracedModel) -> bool:
     """Whether the forward of the bias-less layer subclass at ``path`` (which made the call ``node``) hands
     ``self.bias`` to its layer call once one is registered: a copy of it runs, on zeros shaped as its input
     was in the model's run, with a probe bias in place (:func:`.tracing.absent_biases_probed`), and must make
-    one layer call, on ``self.weight`` and the probe. (A copy: the model's own modules see no extra call.)"""
+    one layer call, on ``self.weight`` and the probe. (A copy, its forward alone: the model's own modules and
+    hooks see no extra call.)"""
     inside = set(traced.nodes_inside(node.graph, path))
     sources = {value for n in inside for value in n.all_input_nodes if value not in inside and value not in traced.attribute_paths}
     meta = tensor_shape_and_dtype(sources.pop()) if len(sources) == 1 else None
@@ -684,7 +685,7 @@ def _passes_own_bias(node: fx.Node, path: str, traced: TracedModel) -> bool:
         probe = layer.bias
         try:
             with torch.no_grad(), recorder:
-                layer(torch.zeros(meta[0], dtype=meta[1], device=layer.weight.device))
+                layer.forward(torch.zeros(meta[0], dtype=meta[1], device=layer.weight.device))  # (no hooks)
         except Exception:  # noqa: BLE001 - a forward that needs more than its input's shape: not shown
             return False
     return [(weight is layer.weight, bias is probe) for weight, bias in recorder.calls] == [(True, True)]
