@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import signal
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def main() -> None:
     """Fold eval-mode BatchNorm into neighbouring layers; `bnfold MODEL -o OUT` runs `fold`."""
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so scratch files are removed on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # onnx_ir logs what it finds wrong in a malformed model as it reads it; with no handler configured, Python
+    # would print those records on stderr, ahead of bnfold's own one-line error about that model.
+    logging.getLogger("onnx_ir").addHandler(logging.NullHandler())
 
 
 main.add_command(verify)

@@ -157,6 +157,18 @@ def test_external_data_round_trip(model, tmp_path):
     assert result.exit_code == 2 and "weights.bin" in result.output and "missing" in result.output
 
 
+def test_a_malformed_model_with_external_data_gets_one_line_of_error(model, tmp_path):
+    source = tmp_path / "model.onnx"
+    proto = onnx.load(model)
+    proto.graph.node[0].input[0] = "missing"  # onnx_ir logs a warning reading it; the checker refuses it
+    onnx.save(proto, source, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    script = Path(sys.executable).with_name("bnfold")
+    completed = subprocess.run([script, source, "-o", tmp_path / "f.onnx"], capture_output=True, text=True, env=os.environ)
+    assert completed.returncode == 2
+    assert completed.stderr.splitlines() == [completed.stderr.strip()], completed.stderr
+    assert completed.stderr.startswith(f"bnfold: error: {source}: not a valid ONNX model") and "missing" in completed.stderr
+
+
 def test_external_data_in_place_keeps_the_data_readable(model, tmp_path):
     source = tmp_path / "model.onnx"
     onnx.save(onnx.load(model), source, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
