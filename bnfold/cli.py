@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import logging
 import signal
 from pathlib import Path
 
@@ -81,7 +80,10 @@ def main() -> None:
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so scratch files are removed on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     # onnx_ir logs what it finds wrong in a malformed model as it reads it; with no handler configured, Python
-    # would print those records on stderr, ahead of bnfold's own one-line error about that model.
+    # would print those records on stderr, ahead of bnfold's own one-line error about that model. (Imported
+    # here: --help and --version, which never get here, need no logging.)
+    import logging
+
     logging.getLogger("onnx_ir").addHandler(logging.NullHandler())
 
 
