@@ -309,7 +309,8 @@ def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: Weig
 def _scaled_output_channels(weight: np.ndarray, affine: ChannelAffine, layout: WeightLayout) -> np.ndarray:
     """``weight`` in float64 with each output channel times its ``affine.scale``."""
     _check_channels(affine, layout.out_channels(weight.shape), "output channels")
-    new_weight = np.array(weight, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # (a signalling NaN in the weight raises the flag; NaN is refused later)
+        new_weight = np.array(weight, dtype=np.float64)
     view, out_per_group, _ = layout.grouped_view(new_weight)
     view *= affine.scale.reshape(layout.groups, out_per_group, 1, 1)
     return new_weight

@@ -204,7 +204,7 @@ def int8_sqnr_db(rows: np.ndarray, figures: RowFigures, per_channel: bool) -> fl
     kept = figures.signal > 0
     if not kept.any():
         return math.inf
-    with np.errstate(divide="ignore"):  # noise 0: an exact channel, inf dB
+    with np.errstate(divide="ignore", invalid="ignore"):  # noise 0: an exact channel, inf dB (NaN for NaN/Inf weights)
         per_row = 10 * np.log10(figures.signal[kept] / noise[kept])
     return float(np.median(per_row))
 

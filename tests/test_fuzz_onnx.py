@@ -26,6 +26,9 @@ from bnfold.onnx_fold.verify import VerificationUnavailableError
 from bnfold.verification import VerificationError
 
 OWN_ERRORS = (InputError, VerificationError, VerificationUnavailableError)
+# numpy's floating-point warnings count as failures too: on the command line each would be two more lines on
+# stderr (a signalling NaN in a mutated weight raised one when cast to float64).
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 MUTATIONS_PER_MODEL = 250
 CLI_RUNS_PER_MODEL = 10
 
