@@ -131,3 +131,4 @@ def test_mutated_models_on_the_command_line_exit_cleanly(name, tmp_path):
             crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
             assert result.exit_code in (0, 1, 2) and not crashed, (index, args, result.output, result.exc_info)
             assert "Traceback" not in result.output, (index, args, result.output)
+            assert len(result.stderr.splitlines()) <= 1, (index, args, result.stderr)  # one line of error at most
