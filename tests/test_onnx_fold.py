@@ -106,6 +106,24 @@ def test_gemm_then_batchnorm_folds(trans_a, trans_b, alpha, beta, c_shape):
     assert_same_outputs(model, result, **F32)
 
 
+@pytest.mark.parametrize("c_shape", [[3, 4], [3, 1], [4, 4]])
+def test_gemm_bias_varying_along_rows_is_measured_in_half_precision(c_shape):
+    # The half-precision error took a Gemm's C for one value per output channel: [M, N] and [M, 1] broke numpy's
+    # broadcasting (an internal error in `bnfold --target-dtype float16` and `bnfold check`), [N, N] read rows as channels.
+    rows = c_shape[0]
+    model = gemm_bn(0, 0, 1.0, 1.0, c_shape, m=rows)
+    _, report = folded(model, verify=False, target_dtype="float16")
+    # Each channel's C stands for its rows by their mean: about the figures of the Gemm with that mean as its C.
+    c = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "C"))
+    per_channel = gemm_bn(0, 0, 1.0, 1.0, [4], m=rows)
+    mean = np.broadcast_to(c, (rows, 4)).mean(axis=0, dtype=np.float64).astype(np.float32)
+    next(t for t in per_channel.graph.initializer if t.name == "C").CopyFrom(initializer("C", mean))
+    _, expected = folded(per_channel, verify=False, target_dtype="float16")
+    error, expected_error = (r.quantization[0].target.error for r in (report, expected))
+    assert error.unfolded_error == pytest.approx(expected_error.unfolded_error, rel=1e-3)
+    assert error.folded_error == pytest.approx(expected_error.folded_error, rel=1e-3)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul_then_batchnorm_folds_and_gets_a_bias(with_bias):
     r = rng()
