@@ -455,6 +455,27 @@ def test_graph_output_name_and_type_are_kept_when_the_batchnorm_produced_it():
     onnx.checker.check_model(result, full_check=True)
 
 
+def test_folds_of_layers_sharing_a_name_are_not_measured_as_each_other():
+    # Node names need not be unique; the quantization figures looked each fold's nodes up by name and took the last
+    # node of it: a fold measured with another's layer and statistics, or a numpy error when their sizes differ.
+    r = rng()
+    inits = [initializer("W1", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("W2", r.normal(size=[3, 6, 1, 1]).astype(np.float32))]
+    inits += [*batchnorm_parameters(6, "bn1", r), *batchnorm_parameters(3, "bn2", r)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["y1"], name="layer"),
+        batchnorm_node("y1", "z1", "bn1"),
+        helper.make_node("Conv", ["z1", "W2"], ["y2"], name="layer"),
+        batchnorm_node("y2", "z2", "bn2"),
+        helper.make_node("Conv", ["z2", "W3"], ["y3"], name="last"),
+        batchnorm_node("y3", "z3", "bn3"),
+    ]
+    inits += [initializer("W3", r.normal(size=[2, 3, 1, 1]).astype(np.float32)), *batchnorm_parameters(2, "bn3", r)]
+    model = make_model(nodes, [("x", [1, 4, 7, 7])], ["z3"], inits)
+    _, report = folded(model, verify=False, target_dtype="float16")
+    assert len(report.folds) == 3
+    assert [(m.batchnorm, m.layer) for m in report.quantization] == [("bn3", "last")]
+
+
 def test_input_model_object_is_not_modified():
     model = conv_bn()
     before = model.SerializeToString()
