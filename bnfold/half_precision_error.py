@@ -210,7 +210,13 @@ def _square_sum(rows: np.ndarray) -> np.ndarray:
 
 
 def _vector(values: np.ndarray | None, size: int) -> np.ndarray:
-    return np.zeros(size) if values is None else np.asarray(values, dtype=np.float64).reshape(-1)
+    """A bias as one value per output channel. A Gemm's C may vary along its rows too ([M, N], [M, 1]): then
+    each channel's mean over them stands for its rows."""
+    if values is None:
+        return np.zeros(size)
+    values = np.asarray(values, dtype=np.float64)
+    rows = values.reshape(-1, values.shape[-1]) if values.ndim == 2 else values.reshape(1, -1)
+    return np.broadcast_to(rows, (rows.shape[0], size)).mean(axis=0)
 
 
 def _statistics(parameters: BatchNormParameters) -> tuple:

@@ -187,3 +187,14 @@ def test_malformed_layout_op_between_matmul_and_batchnorm_is_a_channel_mismatch(
     model.ir_version = 8
     [(code, reason)] = skips(model)
     assert code == "channel-mismatch" and words in reason
+
+
+def test_an_undefined_element_type_is_float32_to_the_batch_dependence_check(tmp_path):
+    # UNDEFINED (0) makes float32 random inputs for a protobuf model, but crashed those of an onnx_ir model: bnfold
+    # check's batch-dependence measurement (an internal error, exit 2).
+    model = onnx.shape_inference.infer_shapes(conv_bn())  # (onnx's checker wants the output's shape)
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.UNDEFINED
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"  # (a fixed batch of 1 is not measured)
+    path = tmp_path / "undefined.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert "BD002" in {finding.code for finding in bnfold.check(path)}

@@ -106,6 +106,24 @@ def test_gemm_then_batchnorm_folds(trans_a, trans_b, alpha, beta, c_shape):
     assert_same_outputs(model, result, **F32)
 
 
+@pytest.mark.parametrize("c_shape", [[3, 4], [3, 1], [4, 4]])
+def test_gemm_bias_varying_along_rows_is_measured_in_half_precision(c_shape):
+    # The half-precision error took a Gemm's C for one value per output channel: [M, N] and [M, 1] broke numpy's
+    # broadcasting (an internal error in `bnfold --target-dtype float16` and `bnfold check`), [N, N] read rows as channels.
+    rows = c_shape[0]
+    model = gemm_bn(0, 0, 1.0, 1.0, c_shape, m=rows)
+    _, report = folded(model, verify=False, target_dtype="float16")
+    # Each channel's C stands for its rows by their mean: about the figures of the Gemm with that mean as its C.
+    c = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "C"))
+    per_channel = gemm_bn(0, 0, 1.0, 1.0, [4], m=rows)
+    mean = np.broadcast_to(c, (rows, 4)).mean(axis=0, dtype=np.float64).astype(np.float32)
+    next(t for t in per_channel.graph.initializer if t.name == "C").CopyFrom(initializer("C", mean))
+    _, expected = folded(per_channel, verify=False, target_dtype="float16")
+    error, expected_error = (r.quantization[0].target.error for r in (report, expected))
+    assert error.unfolded_error == pytest.approx(expected_error.unfolded_error, rel=1e-3)
+    assert error.folded_error == pytest.approx(expected_error.folded_error, rel=1e-3)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul_then_batchnorm_folds_and_gets_a_bias(with_bias):
     r = rng()
@@ -435,6 +453,27 @@ def test_graph_output_name_and_type_are_kept_when_the_batchnorm_produced_it():
     assert [o.name for o in result.graph.output] == ["output"]
     assert result.graph.output[0].type == model.graph.output[0].type
     onnx.checker.check_model(result, full_check=True)
+
+
+def test_folds_of_layers_sharing_a_name_are_not_measured_as_each_other():
+    # Node names need not be unique; the quantization figures looked each fold's nodes up by name and took the last
+    # node of it: a fold measured with another's layer and statistics, or a numpy error when their sizes differ.
+    r = rng()
+    inits = [initializer("W1", r.normal(size=[6, 4, 3, 3]).astype(np.float32)), initializer("W2", r.normal(size=[3, 6, 1, 1]).astype(np.float32))]
+    inits += [*batchnorm_parameters(6, "bn1", r), *batchnorm_parameters(3, "bn2", r)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["y1"], name="layer"),
+        batchnorm_node("y1", "z1", "bn1"),
+        helper.make_node("Conv", ["z1", "W2"], ["y2"], name="layer"),
+        batchnorm_node("y2", "z2", "bn2"),
+        helper.make_node("Conv", ["z2", "W3"], ["y3"], name="last"),
+        batchnorm_node("y3", "z3", "bn3"),
+    ]
+    inits += [initializer("W3", r.normal(size=[2, 3, 1, 1]).astype(np.float32)), *batchnorm_parameters(2, "bn3", r)]
+    model = make_model(nodes, [("x", [1, 4, 7, 7])], ["z3"], inits)
+    _, report = folded(model, verify=False, target_dtype="float16")
+    assert len(report.folds) == 3
+    assert [(m.batchnorm, m.layer) for m in report.quantization] == [("bn3", "last")]
 
 
 def test_input_model_object_is_not_modified():

@@ -5,6 +5,7 @@ and are not measured."""
 
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
@@ -64,12 +65,15 @@ def measure_onnx_folds(
 
 
 def _nodes(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> dict[tuple[str, str], ir.Node]:
-    """Every node by (graph label, node label), the keys of :class:`bnfold.report.Fold`."""
+    """Every node by (graph label, node label), the keys of :class:`bnfold.report.Fold`; a label that several
+    nodes share (node names need not be unique) names none of them, and its folds are not measured."""
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)  # the fold edited its own copy in place: the file holds the original
     elif isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
-    return {(label, node_label(node)): node for label, graph in labelled_graphs(model) for node in graph}
+    keys = [((label, node_label(node)), node) for label, graph in labelled_graphs(model) for node in graph]
+    shared = {key for key, count in collections.Counter(key for key, _ in keys).items() if count > 1}
+    return {key: node for key, node in keys if key not in shared}
 
 
 def _bias(node: ir.Node) -> np.ndarray | None:

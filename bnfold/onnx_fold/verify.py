@@ -51,10 +51,13 @@ class _DeclaredInput:
 
 def _declared_inputs(model: onnx.ModelProto | ir.Model) -> list[_DeclaredInput]:
     if not isinstance(model, onnx.ModelProto):
+        import onnx_ir as ir
+
         from bnfold.onnx_fold.io import data_inputs
 
         return [
-            _DeclaredInput(value.name, value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32),
+            # (An undefined element type is float32, as in a protobuf's inputs below.)
+            _DeclaredInput(value.name, value.dtype.numpy() if value.dtype not in (None, ir.DataType.UNDEFINED) else np.dtype(np.float32),
                            None if value.shape is None else [dim if isinstance(dim, int) else None for dim in value.shape])
             for value in data_inputs(model.graph)
         ]  # fmt: skip
