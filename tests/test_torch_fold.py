@@ -670,6 +670,31 @@ def test_batchnorm_on_other_axes_than_the_linear_features_stays(rearrange, batch
     assert skip_codes(report) == {"bn": "channel-mismatch"} and words in report.skips[0].reason
 
 
+class UnbatchedConv(nn.Module):
+    """A Conv1d on an unbatched (C, L) input: its features are axis 0 of its output."""
+
+    def __init__(self, rearrange):
+        super().__init__()
+        self.conv, self.bn, self.rearrange = nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), rearrange
+
+    def forward(self, x):
+        return self.bn(self.rearrange(self.conv(x)))
+
+
+def test_a_conv_on_an_unbatched_input_has_its_features_on_axis_0():
+    # (4, 4): BatchNorm1d normalises axis 1, the length, which has as many elements as the conv has channels.
+    length_normalised = randomise_statistics(UnbatchedConv(nn.Identity()))
+    report = fold(length_normalised, (torch.randn(3, 6),)).report
+    assert skip_codes(report) == {"bn": "channel-mismatch"} and "axis 0 of its output" in report.skips[0].reason
+
+    channels_normalised = randomise_statistics(UnbatchedConv(lambda h: h.unsqueeze(0)))
+    inputs = (torch.randn(3, 6),)
+    result = fold(channels_normalised, inputs)
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv")]
+    assert [check.status for check in result.report.verification.folds] == ["passed"]
+    assert_same_outputs(outputs(channels_normalised, inputs), outputs(result.model, inputs))
+
+
 def test_a_view_that_reinterprets_the_dtype_is_no_pass_through():
     bit_view = LinearThenRearranged(lambda h: h.view(torch.int32).view(torch.float32).flatten(0, 1), nn.BatchNorm1d(6))
     report = fold(randomise_statistics(bit_view), (torch.randn(2, 5, 4),)).report
