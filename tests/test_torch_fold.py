@@ -1188,6 +1188,29 @@ def test_what_a_successful_export_writes_to_stderr_is_kept(capfd):
     assert "forward ran" in capfd.readouterr().err
 
 
+class ValueBranchReusedBatchNorm(nn.Module):
+    """One BatchNorm module called twice, after a branch on a value (neither fx nor torch.export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.bn = nn.Conv1d(4, 4, 1), nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x + 1
+        return self.bn(self.conv(x)) * self.bn(self.conv2(x))
+
+
+def test_a_batchnorm_module_called_twice_in_a_dynamo_graph_is_reused():
+    model = randomise_statistics(ValueBranchReusedBatchNorm())
+    inputs = (torch.randn(2, 4, 5),)
+    result = fold(model, inputs)
+
+    assert "TorchDynamo" in result.report.notes[0]
+    assert not result.report.folds and skip_codes(result.report) == {"bn": "module-reused"}
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 def test_model_neither_fx_nor_export_can_capture_folds_the_pairs_dynamo_captures():
     model, inputs = trained_eval_model(case_named("value_branch"))
     with pytest.raises(Exception, match="data-dependent"):
