@@ -640,8 +640,10 @@ class LinearThenRearranged(nn.Module):
         (lambda h: torch.reshape(h, (-1, 6)), nn.BatchNorm1d(6)),
         (lambda h: torch.transpose(h, dim0=1, dim1=2), nn.BatchNorm1d(6)),
         (lambda h: h.swapaxes(1, axis1=-1), nn.BatchNorm1d(6)),
+        (lambda h: h.clone().swapdims(1, 2), nn.BatchNorm1d(6)),
+        (lambda h: torch.movedim(h.unsqueeze(1), (3, 1), destination=(1, 3)), nn.BatchNorm2d(6)),
     ],
-    ids=["flatten", "permute", "transpose-unsqueeze", "reshape", "transpose-keywords", "swapaxes-keyword"],
+    ids=["flatten", "permute", "transpose-unsqueeze", "reshape", "transpose-keywords", "swapaxes-keyword", "clone-swapdims", "movedim"],
 )
 def test_batchnorm_on_the_linear_features_folds_through_reshapes_and_permutes(rearrange, batchnorm):
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
@@ -661,8 +663,9 @@ def test_batchnorm_on_the_linear_features_folds_through_reshapes_and_permutes(re
         (lambda h: h.flatten(1), nn.BatchNorm1d(30), "split or merge"),
         (lambda h: h.view(2, 30, 1), nn.BatchNorm1d(30), "split or merge"),
         (lambda h: h.transpose(0, 1), nn.BatchNorm1d(2), "do not line up"),
+        (lambda h: h.movedim(-1, 0), nn.BatchNorm1d(2), "do not line up"),
     ],
-    ids=["features-split", "tokens-merged", "tokens-merged-3d", "other-axis"],
+    ids=["features-split", "tokens-merged", "tokens-merged-3d", "other-axis", "movedim-other-axis"],
 )
 def test_batchnorm_on_other_axes_than_the_linear_features_stays(rearrange, batchnorm, words):
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
