@@ -732,6 +732,31 @@ def test_pass_through_calls_in_an_exported_graph():
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
+class DropoutBetweenWithShapeArithmetic(nn.Module):
+    """A dropout module between conv and BatchNorm in a forward torch.fx cannot trace (``math.ceil`` of a size)."""
+
+    def __init__(self, dropout: nn.Module):
+        super().__init__()
+        self.conv, self.drop, self.bn = nn.Conv2d(3, 4, 3), dropout, nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if math.ceil(x.shape[-1] / 2) > 1:
+            x = x * 2
+        return self.bn(self.drop(self.conv(x)))
+
+
+@pytest.mark.parametrize("dropout", [nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()], ids=lambda d: type(d).__name__)
+def test_every_eval_mode_dropout_in_an_exported_graph_is_a_pass_through(dropout):
+    # torch.export records each as its own aten op (feature_dropout, alpha_dropout, ...) with train=False.
+    model = randomise_statistics(DropoutBetweenWithShapeArithmetic(dropout))
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert any("torch.export" in note for note in result.report.notes)
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv")]
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 def test_training_mode_is_refused_with_a_clear_error():
     model, inputs = trained_eval_model(case_named("resnet"))
     with pytest.raises(ValueError, match=r"\.eval\(\)"):

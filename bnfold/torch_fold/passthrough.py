@@ -43,7 +43,8 @@ _SWAPPED_AXES_KEYWORDS = ("dim0", "dim1", "axis0", "axis1")
 _MOVEDIMS = frozenset({"movedim", "moveaxis", torch.movedim, torch.moveaxis})
 # Dropout functions: (input, p, training, ...), `train` in aten's.
 _DROPOUTS = frozenset({
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, aten.dropout.default
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default,
 })
 
 
