@@ -688,8 +688,10 @@ class LinearThenRearranged(nn.Module):
         (lambda h: torch.reshape(h, (-1, 6)), nn.BatchNorm1d(6)),
         (lambda h: torch.transpose(h, dim0=1, dim1=2), nn.BatchNorm1d(6)),
         (lambda h: h.swapaxes(1, axis1=-1), nn.BatchNorm1d(6)),
+        (lambda h: h.clone().swapdims(1, 2), nn.BatchNorm1d(6)),
+        (lambda h: torch.movedim(h.unsqueeze(1), (3, 1), destination=(1, 3)), nn.BatchNorm2d(6)),
     ],
-    ids=["flatten", "permute", "transpose-unsqueeze", "reshape", "transpose-keywords", "swapaxes-keyword"],
+    ids=["flatten", "permute", "transpose-unsqueeze", "reshape", "transpose-keywords", "swapaxes-keyword", "clone-swapdims", "movedim"],
 )
 def test_batchnorm_on_the_linear_features_folds_through_reshapes_and_permutes(rearrange, batchnorm):
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
@@ -709,13 +711,39 @@ def test_batchnorm_on_the_linear_features_folds_through_reshapes_and_permutes(re
         (lambda h: h.flatten(1), nn.BatchNorm1d(30), "split or merge"),
         (lambda h: h.view(2, 30, 1), nn.BatchNorm1d(30), "split or merge"),
         (lambda h: h.transpose(0, 1), nn.BatchNorm1d(2), "do not line up"),
+        (lambda h: h.movedim(-1, 0), nn.BatchNorm1d(2), "do not line up"),
     ],
-    ids=["features-split", "tokens-merged", "tokens-merged-3d", "other-axis"],
+    ids=["features-split", "tokens-merged", "tokens-merged-3d", "other-axis", "movedim-other-axis"],
 )
 def test_batchnorm_on_other_axes_than_the_linear_features_stays(rearrange, batchnorm, words):
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
     report = fold(model, (torch.randn(2, 5, 4),)).report
     assert skip_codes(report) == {"bn": "channel-mismatch"} and words in report.skips[0].reason
+
+
+class UnbatchedConv(nn.Module):
+    """A Conv1d on an unbatched (C, L) input: its features are axis 0 of its output."""
+
+    def __init__(self, rearrange):
+        super().__init__()
+        self.conv, self.bn, self.rearrange = nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), rearrange
+
+    def forward(self, x):
+        return self.bn(self.rearrange(self.conv(x)))
+
+
+def test_a_conv_on_an_unbatched_input_has_its_features_on_axis_0():
+    # (4, 4): BatchNorm1d normalises axis 1, the length, which has as many elements as the conv has channels.
+    length_normalised = randomise_statistics(UnbatchedConv(nn.Identity()))
+    report = fold(length_normalised, (torch.randn(3, 6),)).report
+    assert skip_codes(report) == {"bn": "channel-mismatch"} and "axis 0 of its output" in report.skips[0].reason
+
+    channels_normalised = randomise_statistics(UnbatchedConv(lambda h: h.unsqueeze(0)))
+    inputs = (torch.randn(3, 6),)
+    result = fold(channels_normalised, inputs)
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv")]
+    assert [check.status for check in result.report.verification.folds] == ["passed"]
+    assert_same_outputs(outputs(channels_normalised, inputs), outputs(result.model, inputs))
 
 
 def test_a_view_that_reinterprets_the_dtype_is_no_pass_through():
@@ -749,6 +777,31 @@ def test_pass_through_calls_in_an_exported_graph():
     assert any("torch.export" in note for note in result.report.notes)
     assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("qkv.bn", "qkv.linear"), ("bn", "linear"), ("proj_bn", "proj")]
     assert type(result.model) is TokensWithShapeArithmetic
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class DropoutBetweenWithShapeArithmetic(nn.Module):
+    """A dropout module between conv and BatchNorm in a forward torch.fx cannot trace (``math.ceil`` of a size)."""
+
+    def __init__(self, dropout: nn.Module):
+        super().__init__()
+        self.conv, self.drop, self.bn = nn.Conv2d(3, 4, 3), dropout, nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if math.ceil(x.shape[-1] / 2) > 1:
+            x = x * 2
+        return self.bn(self.drop(self.conv(x)))
+
+
+@pytest.mark.parametrize("dropout", [nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()], ids=lambda d: type(d).__name__)
+def test_every_eval_mode_dropout_in_an_exported_graph_is_a_pass_through(dropout):
+    # torch.export records each as its own aten op (feature_dropout, alpha_dropout, ...) with train=False.
+    model = randomise_statistics(DropoutBetweenWithShapeArithmetic(dropout))
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert any("torch.export" in note for note in result.report.notes)
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv")]
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
@@ -1202,6 +1255,29 @@ def test_what_a_successful_export_writes_to_stderr_is_kept(capfd):
     result = fold(model, (torch.randn(2, 3, 9, 9),), verify=False)
     assert any("torch.export" in note for note in result.report.notes)
     assert "forward ran" in capfd.readouterr().err
+
+
+class ValueBranchReusedBatchNorm(nn.Module):
+    """One BatchNorm module called twice, after a branch on a value (neither fx nor torch.export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.bn = nn.Conv1d(4, 4, 1), nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x + 1
+        return self.bn(self.conv(x)) * self.bn(self.conv2(x))
+
+
+def test_a_batchnorm_module_called_twice_in_a_dynamo_graph_is_reused():
+    model = randomise_statistics(ValueBranchReusedBatchNorm())
+    inputs = (torch.randn(2, 4, 5),)
+    result = fold(model, inputs)
+
+    assert "TorchDynamo" in result.report.notes[0]
+    assert not result.report.folds and skip_codes(result.report) == {"bn": "module-reused"}
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
 def test_model_neither_fx_nor_export_can_capture_folds_the_pairs_dynamo_captures():

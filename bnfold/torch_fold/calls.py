@@ -105,6 +105,13 @@ class LayerCall:
     def output_channels(self) -> int:
         return self.layout.out_channels(tuple(self.weight.shape))
 
+    def feature_axis(self, rank: int) -> int:
+        """The axis of the layer's features in its input or output of rank ``rank``: the last for a Linear; for a
+        convolution 1, or 0 on an unbatched input (torch's convolutions also take ``(C, *spatial)``)."""
+        if self.layout.kind == "matrix_out_in":
+            return rank - 1
+        return 1 if rank == self.weight.dim() else 0
+
     @property
     def input_channels(self) -> int:
         return self.layout.in_channels(tuple(self.weight.shape))

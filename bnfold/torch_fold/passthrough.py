@@ -3,8 +3,9 @@ which they are, and where they move the channel axis.
 
 Two kinds: calls that keep the values where they are (``nn.Identity``, eval-mode Dropout modules, dropout
 functions called with ``training=False``), and rearrangements (``flatten``/``view``/``reshape``/``squeeze``/
-``unsqueeze``, ``permute``/``transpose``, as fx and torch.export record them). A BatchNorm scales and shifts
-each element by its channel, so it moves across a rearrangement when the channel axis stays one whole axis:
+``unsqueeze``/``clone``, ``permute``/``transpose``/``swapdims``/``movedim``, as fx and torch.export record them). A
+BatchNorm scales and shifts each element by its channel, so it moves across a rearrangement when the channel axis
+stays one whole axis:
 LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` normalises the Linear's output features.
 """
 
@@ -24,8 +25,8 @@ aten = torch.ops.aten
 
 # Each takes its data as the first argument; the others only say which shape comes out.
 _RESHAPES = frozenset({
-    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "contiguous",
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "contiguous", "clone",
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten, torch.clone,
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
     aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.view_as.default,
     aten.reshape_as.default, aten.contiguous.default, aten.clone.default,
@@ -33,12 +34,17 @@ _RESHAPES = frozenset({
 # These read only the shape of their second argument.
 SHAPED_LIKE = frozenset({"view_as", "reshape_as", aten.view_as.default, aten.reshape_as.default})
 _PERMUTES = frozenset({"permute", torch.permute, aten.permute.default})
-_TRANSPOSES = frozenset({"transpose", "swapaxes", torch.transpose, torch.swapaxes, aten.transpose.int})
-# Their axes' keywords: transpose's, swapaxes'.
+_TRANSPOSES = frozenset({
+    "transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims, aten.transpose.int
+})
+# Their axes' keywords: transpose's and swapdims', swapaxes'.
 _SWAPPED_AXES_KEYWORDS = ("dim0", "dim1", "axis0", "axis1")
+# (input, source, destination), each an axis or a sequence of axes.
+_MOVEDIMS = frozenset({"movedim", "moveaxis", torch.movedim, torch.moveaxis})
 # Dropout functions: (input, p, training, ...), `train` in aten's.
 _DROPOUTS = frozenset({
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, aten.dropout.default
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default,
 })
 
 
@@ -55,7 +61,7 @@ def passes_values(node: Any, traced: TracedModel) -> bool:
         return False
     if node.target in _DROPOUTS:
         return _dropout_is_off(node)
-    if node.target not in _RESHAPES | _PERMUTES | _TRANSPOSES:
+    if node.target not in _RESHAPES | _PERMUTES | _TRANSPOSES | _MOVEDIMS:
         return False
     # `x.view(torch.int32)` reinterprets the bits: a rearrangement keeps the dtype.
     before, after = tensor_shape_and_dtype(node.args[0]), tensor_shape_and_dtype(node)
@@ -64,7 +70,7 @@ def passes_values(node: Any, traced: TracedModel) -> bool:
 
 def keeps_element_order(node: fx.Node) -> bool:
     """Whether the output lists the input's elements in the same order (a reshape, or no change at all)."""
-    return node.target not in _PERMUTES | _TRANSPOSES
+    return node.target not in _PERMUTES | _TRANSPOSES | _MOVEDIMS
 
 
 def keeps_shape(node: fx.Node) -> bool:
@@ -87,12 +93,24 @@ def axis_after(node: fx.Node, axis: int) -> int | None:
     if node.target in _TRANSPOSES:
         first, second = (dim % len(input_shape) for dim in _swapped_axes(node))
         return {first: second, second: first}.get(axis, axis)
+    if node.target in _MOVEDIMS:
+        return _moved_axes(node, len(input_shape)).index(axis)
     return _reshaped_axis(tuple(input_shape), tuple(output_shape), axis)
 
 
 def _swapped_axes(node: fx.Node) -> list[int]:
     """The two axes a transpose swaps, given by position or by keyword (``torch.transpose(x, dim0=1, dim1=2)``)."""
     return [*node.args[1:3], *(node.kwargs[name] for name in _SWAPPED_AXES_KEYWORDS if name in node.kwargs)]
+
+
+def _moved_axes(node: fx.Node, rank: int) -> list[int]:
+    """The input axis at each axis of a movedim's output: each source axis at its destination, the others in
+    their order in the free places."""
+    source, destination = [*node.args[1:3], *(node.kwargs[name] for name in ("source", "destination") if name in node.kwargs)]
+    sources, destinations = ([axes] if isinstance(axes, int) else list(axes) for axes in (source, destination))
+    moved = {to % rank: from_ % rank for from_, to in zip(sources, destinations)}
+    others = iter(axis for axis in range(rank) if axis not in moved.values())
+    return [moved[axis] if axis in moved else next(others) for axis in range(rank)]
 
 
 def _reshaped_axis(input_shape: tuple[int, ...], output_shape: tuple[int, ...], axis: int) -> int | None:

@@ -276,19 +276,17 @@ def _following_layer_refusal(
 def _channel_refusal(
     batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, between: tuple[fx.Node, ...], flow: DataFlow
 ) -> Refusal | None:
-    """The BatchNorm's channels (axis 1 of its input and output) must be the layer's features (axis 1 of a
-    convolution's output or input, the last axis of a Linear's), followed through the calls between them."""
+    """The BatchNorm's channels (axis 1 of its input and output) must be the layer's features (see
+    :meth:`LayerCall.feature_axis`), followed through the calls between them."""
     preceding = direction == "into-preceding"
     side, layer_value = ("output", layer.node) if preceding else ("input", layer.input)
-    feature_axis = 1
-    if layer.layout.kind == "matrix_out_in":
-        shape = value_shape(layer_value)
-        if shape is None:
-            return "channel-mismatch", (
-                f"the shape of `{layer.name}`'s {side} is unknown, so whether its "
-                "features (last axis) are the BatchNorm's channels (axis 1) cannot be told."
-            )
-        feature_axis = len(shape) - 1
+    shape = value_shape(layer_value)
+    if shape is None:
+        return "channel-mismatch", (
+            f"the shape of `{layer.name}`'s {side} is unknown, so whether its "
+            "features are the BatchNorm's channels (axis 1) cannot be told."
+        )
+    feature_axis = layer.feature_axis(len(shape))
     # Followed in data-flow order: from the layer's features to the BatchNorm's input, or from its output.
     axis, target = (feature_axis, 1) if preceding else (1, feature_axis)
     for node in between:

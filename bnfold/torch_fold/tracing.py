@@ -548,9 +548,11 @@ def _capture_with_dynamo(
             if id(value) in paths_by_tensor:
                 attribute_paths[node] = paths_by_tensor[id(value)]
         for node in graph_module.graph.nodes:
-            # Dynamo keys each module by str(id(module)); the paths say what the user knows them by.
+            # Dynamo keys each module by str(id(module)), "@1", "@2", ... appended for its second, third, ... call;
+            # the paths say what the user knows them by.
             stack = node.meta.get("nn_module_stack") or {}
-            paths = {key: paths_by_module.get(int(key)) if key.isdigit() else None for key in stack}
+            ids = {key: key.partition("@")[0] for key in stack}
+            paths = {key: paths_by_module.get(int(ids[key])) if ids[key].isdigit() else None for key in stack}
             node.meta["nn_module_stack"] = {key: (paths[key], kind) for key, (_, kind) in stack.items() if paths[key] is not None}
     note = (
         f"torch.fx could not trace the model ({describe_error(fx_error)}) nor torch.export export it "

@@ -183,7 +183,7 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
     element's error in units of its rounding scale sqrt(sum (w x)^2 + b^2) (see LOCAL_UNITS), and its
     parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
     (layer_in, _), (norm_in, norm_out) = layer_call, norm_call
-    axis = -1 if fold.layer.layout.kind == "matrix_out_in" else 1  # Linear keeps features last
+    axis = fold.layer.feature_axis(layer_call[1].dim())
     folded_layer = layer = folded.get_submodule(fold.layer.module_path)
     preceding = fold.direction == "into-preceding"
     data = layer_in if preceding else norm_in
@@ -196,7 +196,7 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
         else:
             # Half precision: both sides in float32 from the exactly upcast input and weights.
             data = data.float()
-            shape = [-1] + [1] * (data.dim() - 2) if axis == 1 else [-1]
+            shape = [-1] + [1] * (data.dim() - 1 - axis)
             scale, shift = (torch.from_numpy(array).to(data.device, torch.float32).reshape(shape) for array in (affine.scale, affine.shift))
             reference = original(data) * scale + shift if preceding else original(data * scale + shift)
             layer = copy.deepcopy(layer).float()
