@@ -698,6 +698,21 @@ def test_a_conv_on_an_unbatched_input_has_its_features_on_axis_0():
     assert_same_outputs(outputs(channels_normalised, inputs), outputs(result.model, inputs))
 
 
+class BatchNormViewedThenLayer(BatchNormThenLayer):
+    def forward(self, x):
+        return self.layer(self.bn(x).view(x.shape[0], 1, -1).view(x.shape))
+
+
+def test_a_one_channel_batchnorm_on_a_batch_of_one_is_followed_through_a_reshape():
+    # (1, 1, 4, 4) viewed as (1, 1, 16): either size-1 axis could be the channel; it stays where it was.
+    model = randomise_statistics(BatchNormViewedThenLayer(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(1)))
+    inputs = (torch.randn(1, 1, 4, 4),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.layer, f.direction) for f in result.report.folds] == [("bn", "layer", "into-following")]
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 def test_a_view_that_reinterprets_the_dtype_is_no_pass_through():
     bit_view = LinearThenRearranged(lambda h: h.view(torch.int32).view(torch.float32).flatten(0, 1), nn.BatchNorm1d(6))
     report = fold(randomise_statistics(bit_view), (torch.randn(2, 5, 4),)).report
