@@ -760,9 +760,17 @@ class DropoutBetweenWithShapeArithmetic(nn.Module):
         return self.bn(self.drop(self.conv(x)))
 
 
-@pytest.mark.parametrize("dropout", [nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()], ids=lambda d: type(d).__name__)
-def test_every_eval_mode_dropout_in_an_exported_graph_is_a_pass_through(dropout):
-    # torch.export records each as its own aten op (feature_dropout, alpha_dropout, ...) with train=False.
+class SwapsAndMovesAxes(nn.Module):
+    def forward(self, x):
+        return x.swapdims(1, 3).movedim(3, 1).moveaxis(1, -1).swapaxes(1, -1)
+
+
+@pytest.mark.parametrize(
+    "dropout", [nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout(), SwapsAndMovesAxes()], ids=lambda d: type(d).__name__
+)
+def test_eval_mode_dropouts_and_axis_moves_in_an_exported_graph_are_pass_throughs(dropout):
+    # torch.export records each as its own aten op: feature_dropout, alpha_dropout, ... (with train=False),
+    # swapdims, movedim, ...
     model = randomise_statistics(DropoutBetweenWithShapeArithmetic(dropout))
     inputs = (torch.randn(2, 3, 8, 8),)
     result = fold(model, inputs)

@@ -35,12 +35,16 @@ _RESHAPES = frozenset({
 SHAPED_LIKE = frozenset({"view_as", "reshape_as", aten.view_as.default, aten.reshape_as.default})
 _PERMUTES = frozenset({"permute", torch.permute, aten.permute.default})
 _TRANSPOSES = frozenset({
-    "transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims, aten.transpose.int
+    "transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims,
+    aten.transpose.int, aten.swapaxes.default, aten.swapdims.default,
 })
 # Their axes' keywords: transpose's and swapdims', swapaxes'.
 _SWAPPED_AXES_KEYWORDS = ("dim0", "dim1", "axis0", "axis1")
 # (input, source, destination), each an axis or a sequence of axes.
-_MOVEDIMS = frozenset({"movedim", "moveaxis", torch.movedim, torch.moveaxis})
+_MOVEDIMS = frozenset({
+    "movedim", "moveaxis", torch.movedim, torch.moveaxis,
+    aten.movedim.int, aten.movedim.intlist, aten.moveaxis.int, aten.moveaxis.intlist,
+})
 # Dropout functions: (input, p, training, ...), `train` in aten's.
 _DROPOUTS = frozenset({
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
