@@ -746,6 +746,21 @@ def test_a_conv_on_an_unbatched_input_has_its_features_on_axis_0():
     assert_same_outputs(outputs(channels_normalised, inputs), outputs(result.model, inputs))
 
 
+class BatchNormViewedThenLayer(BatchNormThenLayer):
+    def forward(self, x):
+        return self.layer(self.bn(x).view(x.shape[0], 1, -1).view(x.shape))
+
+
+def test_a_one_channel_batchnorm_on_a_batch_of_one_is_followed_through_a_reshape():
+    # (1, 1, 4, 4) viewed as (1, 1, 16): either size-1 axis could be the channel; it stays where it was.
+    model = randomise_statistics(BatchNormViewedThenLayer(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(1)))
+    inputs = (torch.randn(1, 1, 4, 4),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.layer, f.direction) for f in result.report.folds] == [("bn", "layer", "into-following")]
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 def test_a_view_that_reinterprets_the_dtype_is_no_pass_through():
     bit_view = LinearThenRearranged(lambda h: h.view(torch.int32).view(torch.float32).flatten(0, 1), nn.BatchNorm1d(6))
     report = fold(randomise_statistics(bit_view), (torch.randn(2, 5, 4),)).report
@@ -793,9 +808,17 @@ class DropoutBetweenWithShapeArithmetic(nn.Module):
         return self.bn(self.drop(self.conv(x)))
 
 
-@pytest.mark.parametrize("dropout", [nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()], ids=lambda d: type(d).__name__)
-def test_every_eval_mode_dropout_in_an_exported_graph_is_a_pass_through(dropout):
-    # torch.export records each as its own aten op (feature_dropout, alpha_dropout, ...) with train=False.
+class SwapsAndMovesAxes(nn.Module):
+    def forward(self, x):
+        return x.swapdims(1, 3).movedim(3, 1).moveaxis(1, -1).swapaxes(1, -1)
+
+
+@pytest.mark.parametrize(
+    "dropout", [nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout(), SwapsAndMovesAxes()], ids=lambda d: type(d).__name__
+)
+def test_eval_mode_dropouts_and_axis_moves_in_an_exported_graph_are_pass_throughs(dropout):
+    # torch.export records each as its own aten op: feature_dropout, alpha_dropout, ... (with train=False),
+    # swapdims, movedim, ...
     model = randomise_statistics(DropoutBetweenWithShapeArithmetic(dropout))
     inputs = (torch.randn(2, 3, 8, 8),)
     result = fold(model, inputs)

@@ -35,12 +35,16 @@ _RESHAPES = frozenset({
 SHAPED_LIKE = frozenset({"view_as", "reshape_as", aten.view_as.default, aten.reshape_as.default})
 _PERMUTES = frozenset({"permute", torch.permute, aten.permute.default})
 _TRANSPOSES = frozenset({
-    "transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims, aten.transpose.int
+    "transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims,
+    aten.transpose.int, aten.swapaxes.default, aten.swapdims.default,
 })
 # Their axes' keywords: transpose's and swapdims', swapaxes'.
 _SWAPPED_AXES_KEYWORDS = ("dim0", "dim1", "axis0", "axis1")
 # (input, source, destination), each an axis or a sequence of axes.
-_MOVEDIMS = frozenset({"movedim", "moveaxis", torch.movedim, torch.moveaxis})
+_MOVEDIMS = frozenset({
+    "movedim", "moveaxis", torch.movedim, torch.moveaxis,
+    aten.movedim.int, aten.movedim.intlist, aten.moveaxis.int, aten.moveaxis.intlist,
+})
 # Dropout functions: (input, p, training, ...), `train` in aten's.
 _DROPOUTS = frozenset({
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -115,12 +119,16 @@ def _moved_axes(node: fx.Node, rank: int) -> list[int]:
 
 def _reshaped_axis(input_shape: tuple[int, ...], output_shape: tuple[int, ...], axis: int) -> int | None:
     """A row-major reshape keeps an axis whole when an output axis has its size and the same number of elements
-    after it: an element's index along both is then its flat index // that number, modulo the size."""
+    after it: an element's index along both is then its flat index // that number, modulo the size. Only an axis
+    of size 1 can have more than one such axis (next to other axes of size 1, as a batch of one), each as good as
+    the other: the one at the same place, when it is one of them."""
     size, inner = input_shape[axis], math.prod(input_shape[axis + 1:])
-    for output_axis, output_size in enumerate(output_shape):
-        if output_size == size and math.prod(output_shape[output_axis + 1:]) == inner:
-            return output_axis
-    return None
+    kept = [
+        output_axis
+        for output_axis, output_size in enumerate(output_shape)
+        if output_size == size and math.prod(output_shape[output_axis + 1:]) == inner
+    ]
+    return axis if axis in kept else next(iter(kept), None)
 
 
 def _dropout_is_off(node: fx.Node) -> bool:
