@@ -79,12 +79,6 @@ def main() -> None:
     """Fold eval-mode BatchNorm into neighbouring layers; `bnfold MODEL -o OUT` runs `fold`."""
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so scratch files are removed on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    # onnx_ir logs what it finds wrong in a malformed model as it reads it; with no handler configured, Python
-    # would print those records on stderr, ahead of bnfold's own one-line error about that model. (Imported
-    # here: --help and --version, which never get here, need no logging.)
-    import logging
-
-    logging.getLogger("onnx_ir").addHandler(logging.NullHandler())
 
 
 main.add_command(verify)

@@ -40,7 +40,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     path = _model_file(path)
     try:
         # An absolute base directory: onnx_ir confines a tensor's data to it only when it is not empty.
-        model = ir.load(path.absolute())
+        with _onnx_ir_logging_off():
+            model = ir.load(path.absolute())
     except Exception as error:  # protobuf's DecodeError and friends: truncated or not ONNX at all
         raise InputError(path, f"not a readable ONNX model ({describe_error(error)})") from None
     if len(model.graph) == 0 and not model.graph.outputs:
@@ -52,6 +53,22 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
         raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
     return model
+
+
+@contextlib.contextmanager
+def _onnx_ir_logging_off():
+    """onnx_ir logs each problem it meets reading a malformed model (an input no node makes, an unnamed
+    initializer), which Python prints on stderr when nothing is configured; the checks after the read refuse
+    such a model with one error of bnfold's, which the records would only precede."""
+    import logging
+
+    logger = logging.getLogger("onnx_ir")  # (its modules' loggers take their level from it)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
