@@ -25,10 +25,12 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
 }
 
 # Per-fold check: the folded layer runs on the original model's own input to it, beside the original layer
-# and BatchNorm. Each element's difference is taken in units of eps(dtype) x sqrt(sum (w x)^2 + b^2) over the
+# and BatchNorm. Each element's difference is taken in units of eps(dtype) x sqrt(sum (w x)^2 + c^2) over the
 # terms the folded layer sums (the size of their rounding, summed at random signs: an output that is a small
-# remainder of large terms carries their rounding), and channel c passes when the root mean square of those
-# over its elements is within UNITS.
+# remainder of large terms carries their rounding), c the size of the terms summed into its bias element
+# (ExactFold.bias_terms: the original's BatchNorm rounds at the size of |s mean| and |beta| however much they
+# cancel, and so the candidate's own bias cannot widen its tolerance), and channel c passes when the root mean
+# square of those over its elements is within UNITS.
 # float32: both sides carry the runtime's own rounding of the sums and the BatchNorm. Correct folds of the
 # realistic architectures measure up to 230 units (ShuffleNetV2), up to 392 with BatchNorm gammas x3.5
 # (logits 1.5e6); one channel's scale off by a relative 1e-3 measures 1556-6328 on ResNet-50.
@@ -447,7 +449,7 @@ class Verification:
         eps = rounding_unit(check.dtype)
         units = (
             f"{check.units:.3g} rounding units root mean square over the channel ({check.dtype} eps {eps:.3g} x each "
-            f"element's sqrt(sum (w x)^2 + b^2) over the terms summed, {check.magnitude:.3g} at the largest error)"
+            f"element's sqrt(sum (w x)^2 + c^2) over the terms summed, {check.magnitude:.3g} at the largest error)"
         )
         return (
             f"fold {check.fold}{others}: output channel {check.channel} of the folded layer, run on the original's "

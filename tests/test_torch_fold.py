@@ -1326,3 +1326,20 @@ def test_model_neither_fx_nor_export_can_capture_folds_the_pairs_dynamo_captures
     assert isinstance(result.model.bn, nn.Identity) and isinstance(result.model.get_submodule(f"{untaken}.1"), nn.BatchNorm2d)
     for x in (*inputs, -inputs[0], torch.randn(2, 3, 12, 12)):
         assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+def test_statistics_that_cancel_in_the_original_do_not_fail_the_fold_check():
+    # beta cancels mean * scale: the original's BatchNorm sums terms near 8500 to give values near 1.7 * conv,
+    # and rounds at that size; the fold's rounding scale counts those terms (they were left out: 2128 units).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        mean = torch.tensor([5000.3, -4000.7, 3000.1, 7000.9])
+        model[1].running_mean.copy_(mean)
+        model[1].running_var.fill_(1.0)
+        model[1].weight.fill_(1.7)
+        model[1].bias.copy_(mean * 1.7 / math.sqrt(1 + 1e-5))
+    inputs = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+    result = fold(model, inputs)
+
+    (check,) = result.report.verification.folds
+    assert check.status == "passed" and check.units < 16

@@ -86,7 +86,9 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
-    parameters = compare_layer_parameters(_parameters(layer), _parameters(layer_view(folded_layer, opset)), match.affine, preceding, rtol)
+    parameters, bias_terms = compare_layer_parameters(
+        _parameters(layer), _parameters(layer_view(folded_layer, opset)), match.affine, preceding, rtol
+    )
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
     else:
@@ -94,7 +96,7 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     folded_weights = [None if value is None else value.const_value.numpy() for value in folded_layer.inputs[1:]]
     return LocalFold(
         label, data, reference, ir.serde.serialize_node(folded_layer), folded_weights,
-        ir.serde.serialize_node(layer.node), original_inputs, match.affine, preceding, parameters,
+        ir.serde.serialize_node(layer.node), original_inputs, match.affine, preceding, parameters, bias_terms,
     )  # fmt: skip
 
 

@@ -56,14 +56,18 @@ class LocalFold:
     affine: ChannelAffine
     preceding: bool
     parameters: ParameterComparison  # its weight and bias against the exact fold of the original's
+    # The size of the terms summed into each element of the exact fold's bias, in the folded layer's terms
+    # (ExactFold.bias_terms): the bias in its rounding scale (see append_local_checks).
+    bias_terms: np.ndarray
 
 
 def compare_layer_parameters(
     original: LayerParameters, folded: LayerParameters, affine: ChannelAffine, into_outputs: bool, rtol: float | None
-) -> ParameterComparison:
+) -> tuple[ParameterComparison, np.ndarray]:
     """The folded layer's weight and bias against the exact fold of the original's, as a Gemm applies them:
     alpha x weight, beta x C (C ignored at beta 0, the weight at alpha 0), then in the folded layer's own terms
-    (over its alpha and beta) so that each is compared in its own dtype."""
+    (over its alpha and beta) so that each is compared in its own dtype; and the exact fold's bias terms in those
+    terms (see :attr:`LocalFold.bias_terms`)."""
     if folded.layout != original.layout:
         raise LookupError(f"the folded layer has weight layout {folded.layout}, the original {original.layout}")
     bias = None if original.bias is None or original.beta == 0 else original.bias.astype(np.float64) * original.beta
@@ -75,7 +79,7 @@ def compare_layer_parameters(
     folded_weight, weight_over = (np.zeros_like(folded.weight), 1.0) if folded.alpha == 0 else (folded.weight, folded.alpha)
     if (weight_over, bias_over) != (1.0, 1.0):
         exact = exact.divided(weight_over, bias_over)
-    return compare_parameters(exact, folded_weight, folded_bias, folded.layout, rtol)
+    return compare_parameters(exact, folded_weight, folded_bias, folded.layout, rtol), exact.bias_terms
 
 
 def plain_folds(original: onnx.ModelProto, folds: list[Fold]) -> dict[str, PlainPair] | None:
@@ -116,7 +120,7 @@ def plain_local_folds(
             original_inputs = [original.array(tensor) for tensor in (pair.weight, pair.bias) if tensor is not None]
             statistics = [original.array(tensor) for tensor in pair.statistics]
             affine = batchnorm_affine(*statistics, pair.epsilon)
-            parameters = compare_layer_parameters(
+            parameters, bias_terms = compare_layer_parameters(
                 _parameters(pair.layer, original_inputs), _parameters(folded_layer, folded_weights), affine, True, rtol
             )  # fmt: skip
         except (LookupError, MalformedTensorError, UnfoldableStatisticsError) as why:
@@ -124,7 +128,7 @@ def plain_local_folds(
             continue
         local.append(LocalFold(
             label, pair.layer.input[0], pair.batchnorm.output[0], folded_layer, folded_weights,
-            pair.layer, original_inputs, affine, True, parameters,
+            pair.layer, original_inputs, affine, True, parameters, bias_terms,
         ))  # fmt: skip
     return local, unchecked
 
@@ -151,8 +155,10 @@ class _CheckOutputs:
 
 def append_local_checks(model: RuntimeModel, local: list[LocalFold]) -> list[_CheckOutputs]:
     """Add to ``model`` (the original) a copy of each checked folded layer reading the original's input to
-    it, its output ``y``, and beside it ``n``, each element's rounding scale sqrt(sum (w x)^2 + b^2) (see
-    LOCAL_UNITS); expose them and the original's reference values as outputs.
+    it, its output ``y``, and beside it ``n``, each element's rounding scale sqrt(sum (w x)^2 + c^2), c the size
+    of the terms summed into its bias element (see LOCAL_UNITS): where the original's BatchNorm sums large terms
+    that cancel, it rounds at their size, whatever the folded bias; expose them and the original's reference
+    values as outputs.
 
     A float16/bfloat16 layer runs in float32 (its input and folded weights upcast exactly), beside a float32
     reference ``r``: the original layer, with its own weights upcast, and the folded map. Both then carry
@@ -174,8 +180,9 @@ def append_local_checks(model: RuntimeModel, local: list[LocalFold]) -> list[_Ch
         weights = _initializers(model, fresh, [None if w is None else w.astype(np.float32) if half else w for w in check.folded_weights])
         folded = _layer_copy(model, fresh, check.folded_layer, data, weights)
         # The size of the rounding at each element: the same layer with every term squared (a Gemm's alpha
-        # and beta too; the squares computed in the graph), then the square root.
-        squared_data, *squared_weights = (_square(model, fresh, name) for name in (data, *weights))
+        # and beta too; the squares computed in the graph, the bias's terms' here), then the square root.
+        squared_data, squared_weight = (_square(model, fresh, name) for name in (data, weights[0]))
+        squared_weights = [squared_weight, *_initializers(model, fresh, [_squared_bias_terms(check, half)] if weights[1:] else [])]
         squares = _layer_copy(model, fresh, check.folded_layer, squared_data, squared_weights, squared_gemm_terms=True)
         magnitude = fresh("check_magnitude")
         graph.node.append(onnx.helper.make_node("Sqrt", [squares], [magnitude]))
@@ -197,6 +204,16 @@ def read_local_checks(local: list[LocalFold], names: list[_CheckOutputs], values
             check.label, dtype_name, reference, values[outputs.folded], values[outputs.magnitude], 1, rtol, check.parameters,
         ))  # fmt: skip
     return checks
+
+
+def _squared_bias_terms(check: LocalFold, half: bool) -> np.ndarray | None:
+    """The square of the check's bias terms, shaped and typed as the folded bias (None: the folded layer has
+    none, as a Gemm at beta 0 ignores its C)."""
+    bias = check.folded_weights[1]
+    if bias is None:
+        return None
+    squares = np.broadcast_to(np.square(check.bias_terms), np.broadcast_shapes(check.bias_terms.shape, bias.shape))
+    return squares.astype(np.float32 if half else bias.dtype)
 
 
 def _float32_reference(model: RuntimeModel, fresh: FreshNames, check: LocalFold, data: str) -> str:

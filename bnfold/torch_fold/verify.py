@@ -7,6 +7,7 @@ import copy
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,11 +167,13 @@ def _parameters(layer: nn.Module, copy_them: bool) -> tuple[torch.Tensor, torch.
     return (weight.clone(), None if bias is None else bias.clone()) if copy_them else (weight, bias)
 
 
-def _squared_call(layer: nn.Module, squared_data: torch.Tensor) -> torch.Tensor:
-    """The layer with each of its parameters squared, on ``squared_data``: sum (w x)^2 + b^2 per output element.
-    A torch Conv's or Linear's own computation on the squared tensors, else its forward through functional_call
-    (the layer's parameters stay as they are)."""
+def _squared_call(layer: nn.Module, squared_data: torch.Tensor, bias_terms: np.ndarray) -> torch.Tensor:
+    """The layer with its weight squared and, for its bias, the square of the terms summed into it
+    (``bias_terms``, see ExactFold), on ``squared_data``: sum (w x)^2 + c^2 per output element. A torch Conv's or
+    Linear's own computation on the squared tensors, else its forward through functional_call (the layer's
+    parameters stay as they are)."""
     squared = {name: parameter.square() for name, parameter in layer.named_parameters()}
+    squared["bias"] = torch.from_numpy(np.square(bias_terms)).to(layer.weight.device, layer.weight.dtype)
     if isinstance(layer, nn.Linear) and has_torch_forward(layer):
         return F.linear(squared_data, squared["weight"], squared.get("bias"))
     if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed and has_torch_forward(layer):
@@ -180,8 +183,8 @@ def _squared_call(layer: nn.Module, squared_data: torch.Tensor) -> torch.Tensor:
 
 def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters) -> FoldCheck:
     """The folded layer on the original's input to it against the original layer and BatchNorm, each
-    element's error in units of its rounding scale sqrt(sum (w x)^2 + b^2) (see LOCAL_UNITS), and its
-    parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
+    element's error in units of its rounding scale sqrt(sum (w x)^2 + c^2), c the terms summed into the bias (see
+    LOCAL_UNITS), and its parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
     (layer_in, _), (norm_in, norm_out) = layer_call, norm_call
     axis = fold.layer.feature_axis(layer_call[1].dim())
     folded_layer = layer = folded.get_submodule(fold.layer.module_path)
@@ -200,9 +203,10 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
             scale, shift = (torch.from_numpy(array).to(data.device, torch.float32).reshape(shape) for array in (affine.scale, affine.shift))
             reference = original(data) * scale + shift if preceding else original(data * scale + shift)
             layer = copy.deepcopy(layer).float()
-        actual = layer(data)
-        magnitude = _squared_call(layer, data * data).sqrt()
     exact = exact_fold(*(to_numpy(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
+    with torch.no_grad():
+        actual = layer(data)
+        magnitude = _squared_call(layer, data * data, exact.bias_terms).sqrt()
     bias = None if folded_layer.bias is None else to_numpy_as_is(folded_layer.bias)
     compared = compare_parameters(exact, to_numpy_as_is(folded_layer.weight), bias, fold.layer.layout, rtol)
     # The comparison works in float64 from values of any float dtype numpy has.
