@@ -795,11 +795,15 @@ def _same_outputs(expected: Any, actual: Any) -> bool:
     """The same leaves at the same places (keys and indices: the graph run returns a dict or list the forward
     returned in fx's immutable containers, in which a graph keeps a node's arguments), and tensors equal up to
     the rounding of a kernel that picks another path."""
-    expected_leaves, _ = pytree.tree_flatten_with_path(expected)
-    actual_leaves, _ = pytree.tree_flatten_with_path(actual)
-    if [path for path, _ in expected_leaves] != [path for path, _ in actual_leaves]:
-        return False
-    for (_, want), (_, got) in zip(expected_leaves, actual_leaves):
+    if isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor):
+        pairs = [(expected, actual)]  # (the usual output: no container to walk, 0.1 ms a call)
+    else:
+        expected_leaves, _ = pytree.tree_flatten_with_path(expected)
+        actual_leaves, _ = pytree.tree_flatten_with_path(actual)
+        if [path for path, _ in expected_leaves] != [path for path, _ in actual_leaves]:
+            return False
+        pairs = [(want, got) for (_, want), (_, got) in zip(expected_leaves, actual_leaves)]
+    for want, got in pairs:
         if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor):
             return False
         if isinstance(want, torch.Tensor):
