@@ -1020,7 +1020,7 @@ def test_functional_batch_norm_folds_in_the_traced_graph():
 
 
 class TwoBatchNormsBetweenLayers(nn.Module):
-    """conv -> bn -> bn2 -> F.conv2d: bn folds into the conv before it, bn2 into the function call after it."""
+    """conv -> bn -> bn2 -> F.conv2d: both fold into the conv before them."""
 
     def __init__(self):
         super().__init__()
@@ -1031,16 +1031,16 @@ class TwoBatchNormsBetweenLayers(nn.Module):
         return F.conv2d(self.bn2(self.bn(self.conv(x))), self.kernel)
 
 
-def test_two_batchnorms_in_a_row_fold_into_the_layers_on_either_side_in_the_graph():
+def test_two_batchnorms_in_a_row_before_a_function_call_fold_into_the_module_before_them():
     model = randomise_statistics(TwoBatchNormsBetweenLayers())
     inputs = (torch.randn(2, 3, 8, 8),)
     result = fold(model, inputs)
 
     assert [(f.batchnorm, f.layer, f.direction) for f in result.report.folds] == [
         ("bn", "conv", "into-preceding"),
-        ("bn2", "kernel", "into-following"),
+        ("bn2", "conv", "into-preceding"),
     ]
-    assert isinstance(result.model, fx.GraphModule) and batchnorm_modules(result.model) == 0
+    assert type(result.model) is TwoBatchNormsBetweenLayers and batchnorm_modules(result.model) == 0
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
@@ -1343,3 +1343,50 @@ def test_statistics_that_cancel_in_the_original_do_not_fail_the_fold_check():
 
     (check,) = result.report.verification.folds
     assert check.status == "passed" and check.units < 16
+
+
+class BatchNormTwiceThenShared(nn.Module):
+    """conv -> bn1 -> bn2 -> relu, and conv2 -> bn3 -> bn4 whose input bn3's output is also added."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv2, self.bn3, self.bn4 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn3(self.conv2(F.relu(self.bn2(self.bn1(self.conv(x))))))
+        return self.bn4(y) + y
+
+
+def test_a_batchnorm_after_a_folded_batchnorm_folds_into_the_same_layer():
+    model = randomise_statistics(BatchNormTwiceThenShared())
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert type(result.model) is BatchNormTwiceThenShared
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn1", "conv"), ("bn2", "conv"), ("bn3", "conv2")]
+    assert skip_codes(result.report) == {"bn4": "layer-output-shared"}  # bn3's output is read by the add too
+    assert isinstance(result.model.bn1, nn.Identity) and isinstance(result.model.bn2, nn.Identity)
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class BatchNormThenFunctionalBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("mean", torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        self.register_buffer("var", torch.tensor([0.7, 1.3, 0.9, 1.6]))
+
+    def forward(self, x):
+        return F.batch_norm(self.bn(self.conv(x)), self.mean, self.var)
+
+
+def test_a_functional_batchnorm_after_a_folded_batchnorm_folds_into_the_same_layer_in_the_graph():
+    model = randomise_statistics(BatchNormThenFunctionalBatchNorm())
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("bn", "conv"), ("batch_norm", "conv")]
+    # The graph's second BatchNorm read the first, which is bypassed before it: it now reads the conv.
+    assert isinstance(result.model, fx.GraphModule) and F.batch_norm not in {n.target for n in result.model.graph.nodes}
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))

@@ -12,6 +12,7 @@ import collections
 import copy
 import dataclasses
 import itertools
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -158,9 +159,10 @@ class DataFlow:
     tensor_uses: collections.Counter[int]  # id(parameter or buffer) -> number of reads in the graph
     call_count: int  # call_module, call_function and call_method nodes
 
-    def layer_producing(self, value: Any) -> LayerCall | None:
-        """The layer whose output ``value`` is, directly or through pass-through calls (:mod:`.passthrough`)."""
-        while value not in self.layers and self.passes_through(value):
+    def layer_producing(self, value: Any, folded_away: Collection[fx.Node] = ()) -> LayerCall | None:
+        """The layer whose output ``value`` is, directly or through pass-through calls (:mod:`.passthrough`) and
+        ``folded_away``, the BatchNorms already folded into the layer before them."""
+        while value not in self.layers and (self.passes_through(value) or value in folded_away):
             value = value.args[0]
         return self.layers.get(value) if isinstance(value, fx.Node) else None
 

@@ -71,9 +71,14 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     """One decision per BatchNorm: per group of calls sharing statistics, and per module never called."""
     plan = FoldPlan([], [])
     folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]] = {}
+    # A BatchNorm folded into the layer before it leaves that layer's output, normalised, where it was: a second
+    # BatchNorm reading it folds into the same layer (layer -> BN -> BN, as the ONNX pass folds it).
+    folded_away: set[fx.Node] = set()
     for calls in flow.batchnorms_by_statistics():
-        decision = _decide(calls, flow, folded)
+        decision = _decide(calls, flow, folded, folded_away)
         (plan.folds if isinstance(decision, PlannedFold) else plan.skips).append(decision)
+        if isinstance(decision, PlannedFold) and decision.direction == "into-preceding" and _leaves_its_input(decision.batchnorm):
+            folded_away.add(decision.batchnorm.node)
     called = {call.name for call in flow.batchnorms}
     if flow.traced.method == "fx":
         reason = "forward() never calls it, so there is nothing to fold; delete it if it is unused."
@@ -89,15 +94,25 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     return plan
 
 
+def _leaves_its_input(batchnorm: BatchNormCall) -> bool:
+    """Whether removing the folded BatchNorm leaves its input's values in its place: a call on its input alone,
+    with nothing applied after normalising (not a BatchNormAct2d's activation, not a multiply-add's two calls)."""
+    return not batchnorm.kept_children and batchnorm.input_reader is None and batchnorm.node.args[:1] == (batchnorm.input,)
+
+
 def _decide(
-    calls: list[BatchNormCall], flow: DataFlow, folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]]
+    calls: list[BatchNormCall],
+    flow: DataFlow,
+    folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]],
+    folded_away: set[fx.Node],
 ) -> PlannedFold | Skip:
-    """The fold or skip for one BatchNorm; ``folded`` holds the values of layers folded so far (updated)."""
+    """The fold or skip for one BatchNorm; ``folded`` holds the values of layers folded so far (updated), and
+    ``folded_away`` the BatchNorms folded into the layer before them (see :func:`plan_folds`)."""
     batchnorm = calls[0]
     refusal = _batchnorm_refusal(calls)
     if refusal is not None:
         return Skip(batchnorm.name, *refusal)
-    preceding = flow.layer_producing(batchnorm.input)
+    preceding = flow.layer_producing(batchnorm.input, folded_away)
     following = flow.sole_layer_reading(batchnorm.node)
     if preceding is None and following is None:
         return Skip(batchnorm.name, "no-foldable-neighbour", _no_neighbour_reason(batchnorm, flow))
