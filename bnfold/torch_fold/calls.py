@@ -710,7 +710,7 @@ class _LayerCallRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _LAYER_FUNCTIONS:
-            arguments = dict(zip(_LAYER_FUNCTIONS[func].arguments, args), **kwargs)
+            arguments = _bound(args, kwargs, _LAYER_FUNCTIONS[func].arguments)
             self.calls.append((arguments.get("weight"), arguments.get("bias")))
         return func(*args, **kwargs)
 
@@ -728,9 +728,12 @@ def _inlined_module_call(node: fx.Node, traced: TracedModel, types: tuple) -> st
 
 
 def _bind(node: fx.Node, argument_names: tuple[str, ...]) -> dict[str, Any]:
-    arguments = dict(zip(argument_names, node.args))
-    arguments.update(node.kwargs)
-    return arguments
+    return _bound(node.args, node.kwargs, argument_names)
+
+
+def _bound(args: tuple, kwargs: dict[str, Any], argument_names: tuple[str, ...]) -> dict[str, Any]:
+    """A call's arguments by name: the positional ones named in order, then the keywords."""
+    return {**dict(zip(argument_names, args)), **kwargs}
 
 
 def _pads(padding: Any, kernel_size: tuple[int, ...], dilation: Any) -> bool:

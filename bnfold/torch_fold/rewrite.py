@@ -38,8 +38,8 @@ def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModu
     """The traced graph with each folded BatchNorm call taken out, as a GraphModule built once from the edited
     graph (so it holds no module the graph no longer calls)."""
     _write_folded_weights(folds, traced)
-    # Each bypassed BatchNorm's replacement: the next one's input may be its output (BN -> BN, the first folded
-    # into the layer before it, the second into the layer after).
+    # Each bypassed BatchNorm's replacement: the next one's input may be its output (BN -> BN, both folded into
+    # the layer before them, or the second into the layer after).
     replacements: dict[fx.Node, fx.Node] = {}
     for fold in folds:
         data = fold.batchnorm.input

@@ -172,12 +172,12 @@ def _squared_call(layer: nn.Module, squared_data: torch.Tensor, bias_terms: np.n
     (``bias_terms``, see ExactFold), on ``squared_data``: sum (w x)^2 + c^2 per output element. A torch Conv's or
     Linear's own computation on the squared tensors, else its forward through functional_call (the layer's
     parameters stay as they are)."""
-    squared = {name: parameter.square() for name, parameter in layer.named_parameters()}
+    squared = {name: parameter.square() for name, parameter in layer.named_parameters() if name != "bias"}
     squared["bias"] = torch.from_numpy(np.square(bias_terms)).to(layer.weight.device, layer.weight.dtype)
     if isinstance(layer, nn.Linear) and has_torch_forward(layer):
-        return F.linear(squared_data, squared["weight"], squared.get("bias"))
+        return F.linear(squared_data, squared["weight"], squared["bias"])
     if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed and has_torch_forward(layer):
-        return layer._conv_forward(squared_data, squared["weight"], squared.get("bias"))
+        return layer._conv_forward(squared_data, squared["weight"], squared["bias"])
     return functional_call(layer, squared, (squared_data,))
 
 
@@ -192,6 +192,7 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
     data = layer_in if preceding else norm_in
     dtype_name = str(data.dtype).removeprefix("torch.")
     affine = fold.affine
+    exact = exact_fold(*(to_numpy(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
     with torch.no_grad():
         if original is None:
             reference = norm_out if preceding else layer_call[1]
@@ -203,8 +204,6 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
             scale, shift = (torch.from_numpy(array).to(data.device, torch.float32).reshape(shape) for array in (affine.scale, affine.shift))
             reference = original(data) * scale + shift if preceding else original(data * scale + shift)
             layer = copy.deepcopy(layer).float()
-    exact = exact_fold(*(to_numpy(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
-    with torch.no_grad():
         actual = layer(data)
         magnitude = _squared_call(layer, data * data, exact.bias_terms).sqrt()
     bias = None if folded_layer.bias is None else to_numpy_as_is(folded_layer.bias)
