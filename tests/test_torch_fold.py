@@ -458,6 +458,24 @@ def test_the_folded_copy_shares_no_container_with_the_model():
     assert result.model.fc.notes is folded_conv.notes and folded_conv.notes is not shared
 
 
+def test_the_folded_copy_copies_buffers_and_keeps_their_shared_storages():
+    model, inputs = trained_eval_model(case_named("resnet"))
+    model.fc.register_buffer("table", torch.arange(6.0))
+    model.fc.register_buffer("tail", model.fc.table[2:])  # a view: deepcopy keeps it one, so must the copy
+    result = fold(model, inputs)
+
+    table, tail = result.model.fc.table, result.model.fc.tail
+    assert tail.untyped_storage().data_ptr() == table.untyped_storage().data_ptr() and tail.storage_offset() == 2
+    assert table.untyped_storage().data_ptr() != model.fc.table.untyped_storage().data_ptr()
+    buffers = dict(result.model.named_buffers())
+    for name, original in model.named_buffers():
+        if name in buffers:
+            assert torch.equal(buffers[name], original)
+            assert buffers[name].untyped_storage().data_ptr() != original.untyped_storage().data_ptr(), name
+    table[3] = -1.0
+    assert tail[1] == -1.0 and model.fc.table[3] == 3.0
+
+
 def test_folding_under_inference_mode_gives_a_model_usable_outside_it():
     # (F.batch_norm on buffers: fx's graph reads them, whose version counters the trace check keeps)
     model = FunctionalBatchNorm().eval()

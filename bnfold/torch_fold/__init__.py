@@ -160,17 +160,47 @@ def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, in about half the time on the test architectures (mobilenet_v2: 4.6 ms against
-    10.1). Each module's ``__dict__`` holds a dozen hook and bookkeeping containers, nearly always empty, and
-    deepcopy rebuilds each through ``__reduce_ex__``; here every empty ``dict``, ``OrderedDict`` and ``set`` among
-    them gets its copy up front, in the memo deepcopy consults first: the same result (a container shared
-    between modules stays shared), without the reconstruction."""
+    """``copy.deepcopy(model)``, in about a third of the time on the test architectures (mobilenet_v2: 2.1 ms
+    against 10.1), with copies made up front in the memo deepcopy consults first:
+
+    - Each module's ``__dict__`` holds a dozen hook and bookkeeping containers, nearly always empty, which
+      deepcopy rebuilds through ``__reduce_ex__``: every empty ``dict``, ``OrderedDict`` and ``set`` among them
+      gets its copy (a container shared between modules stays shared).
+    - A buffer's deepcopy copies its storage through ``TypedStorage`` (30 µs, however small) so that tensors
+      sharing a storage keep sharing it: a plain buffer whose storage no other tensor of the modules holds is
+      cloned instead (2 µs). Parameters deepcopy through a clone already.
+    """
     memo: dict[int, object] = {}
-    for module in model.modules():
+    modules = list(model.modules())
+    holders = collections.Counter(
+        value.untyped_storage().data_ptr()
+        for module in modules
+        for values in (vars(module).values(), module._parameters.values(), module._buffers.values())
+        for value in values
+        if isinstance(value, torch.Tensor) and value.layout is torch.strided
+    )
+    for module in modules:
         for value in vars(module).values():
             if type(value) in _PLAIN_CONTAINERS and not value:
                 memo[id(value)] = type(value)()
+        for buffer in module._buffers.values():
+            if _plain_tensor(buffer) and holders[buffer.untyped_storage().data_ptr()] == 1:
+                memo[id(buffer)] = buffer.clone()
     return copy.deepcopy(model, memo)
+
+
+def _plain_tensor(value: object) -> bool:
+    """A dense torch.Tensor (no subclass) that ``Tensor.__deepcopy__`` would copy to a clone of the same values."""
+    return (
+        type(value) is torch.Tensor
+        and value.layout is torch.strided
+        and not value.requires_grad
+        and value.grad is None
+        and not value.is_quantized
+        and not value.is_conj()
+        and not value.is_neg()
+        and not vars(value)
+    )
 
 
 _PLAIN_CONTAINERS = (dict, collections.OrderedDict, set)
