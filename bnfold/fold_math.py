@@ -145,13 +145,15 @@ def input_channel_rows(per_input_channel: np.ndarray, layout: WeightLayout, rows
 
 
 def round_to_dtype(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
-    """Round float64 ``array`` to ``dtype`` once, to nearest even.
+    """Round float64 ``array`` to ``dtype`` once, to nearest even (an array of that dtype already is returned as is).
 
     numpy rounds float64 to float32 and float16 directly. bfloat16 (ml_dtypes, and torch alike) goes
     through float32, which rounds twice; going through float32 rounded *to odd* instead keeps the
     single correct rounding (float32 has more than two extra bits over bfloat16's 8).
     """
     dtype = np.dtype(dtype)
+    if isinstance(array, np.ndarray) and array.dtype == dtype:
+        return array  # rounded already
     array = np.asarray(array, dtype=np.float64)
     if dtype.kind == "f" or dtype.name != "bfloat16":  # (dtype.name is slow: ask only for exotic kinds)
         return array.astype(dtype)
@@ -191,7 +193,8 @@ def _require_fits(largest: float, dtype: np.dtype, what: str) -> None:
         raise FoldOverflowError(what, dtype, largest)
 
 
-def _rounded(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+def rounded_to_fit(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """float64 ``array`` rounded once to ``dtype``; FoldOverflowError (naming it ``what``) where it does not fit."""
     check_fits(array, dtype, what)
     return round_to_dtype(array, dtype)
 
@@ -264,7 +267,7 @@ def fold_into_outputs(
     if layout.kind in ("conv", "matrix_out_in") and weight.ndim:
         new_weight = _scaled_rows_rounded(weight, affine, layout, out_dtype)
     else:
-        new_weight = _rounded(_scaled_output_channels(weight, affine, layout), out_dtype, "weight")
+        new_weight = rounded_to_fit(_scaled_output_channels(weight, affine, layout), out_dtype, "weight")
     return new_weight, _folded_output_bias(bias, affine, out_dtype)
 
 
@@ -281,28 +284,28 @@ def rows_per_block(row_size: int) -> int:
 
 
 def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: WeightLayout, dtype: np.dtype) -> np.ndarray:
-    """:func:`_scaled_output_channels` rounded once to ``dtype`` (as :func:`_rounded`), for a weight whose
+    """:func:`_scaled_output_channels` rounded once to ``dtype`` (as :func:`rounded_to_fit`), for a weight whose
     output channels lead, a block of channels at a time."""
     _check_channels(affine, layout.out_channels(weight.shape), "output channels")
     rows = weight.reshape(weight.shape[0], -1)
     result = np.empty(weight.shape, dtype)
     result_rows = result.reshape(rows.shape)
     per_block = rows_per_block(rows.shape[1])
-    extremes = [0.0]
     buffer = np.empty((min(per_block, rows.shape[0]), rows.shape[1]))
     # numpy rounds float64 to float32 and float16 once, to nearest even, as it casts into the result.
     direct = dtype.kind == "f" and dtype.name != "bfloat16"
-    for start in range(0, rows.shape[0], per_block):
-        block = slice(start, start + per_block)
-        scaled = np.multiply(rows[block], affine.scale[block, None], out=buffer[: len(rows[block])])
-        if scaled.size:
-            extremes += [scaled.max(), -scaled.min()]
-        with np.errstate(over="ignore", invalid="ignore"):  # (a value that does not fit is refused below)
+    with np.errstate(over="ignore", invalid="ignore"):  # (a value that does not fit is refused below)
+        for start in range(0, rows.shape[0], per_block):
+            block = slice(start, start + per_block)
+            scaled = np.multiply(rows[block], affine.scale[block, None], out=buffer[: len(rows[block])])
             if direct:
                 np.copyto(result_rows[block], scaled, casting="unsafe")
             else:
                 result_rows[block] = round_to_dtype(scaled, dtype)
-    _require_fits(float(np.max(extremes)), dtype, "weight")  # (NaN if any is)
+            # Rounding gives Inf or NaN exactly where a value does not fit (or is NaN already): the error
+            # then names the largest magnitude of the whole weight.
+            if not np.isfinite(result_rows[block]).all():
+                _require_fits(float(np.max(np.abs(rows * affine.scale[:, None]))), dtype, "weight")
     return result
 
 
@@ -318,7 +321,7 @@ def _scaled_output_channels(weight: np.ndarray, affine: ChannelAffine, layout: W
 
 def _folded_output_bias(bias: np.ndarray | None, affine: ChannelAffine, dtype: np.dtype) -> np.ndarray:
     """``scale * b + shift`` over the bias's last axis (a Gemm's C may be ``[M, N]``), rounded once to ``dtype``."""
-    return _rounded(_output_bias64(bias, affine), dtype, "bias")
+    return rounded_to_fit(_output_bias64(bias, affine), dtype, "bias")
 
 
 def _output_bias64(bias: np.ndarray | None, affine: ChannelAffine) -> np.ndarray:
@@ -372,7 +375,7 @@ def fold_into_quantized_outputs(
             f"the BatchNorm's scale is 0 in {dead.size} channel(s), first channel {dead[0]}: the quantization scale would be 0"
         )
     scale64 = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), per_channel)
-    new_scale = _rounded(scale64 * np.abs(factor), scale.dtype, "quantization scale")
+    new_scale = rounded_to_fit(scale64 * np.abs(factor), scale.dtype, "quantization scale")
     underflow = np.flatnonzero(new_scale == 0)
     if underflow.size:
         raise InexactQuantizedFoldError(
@@ -446,7 +449,7 @@ def fold_many_into_outputs(
         new_weight = np.concatenate([weight.reshape(-1) for weight in weights]).astype(np.float64)
         new_weight *= np.repeat(scale, np.repeat(per_channel, channels))
         new_bias = scale * bias.astype(np.float64) + shift
-        rounded_weight, rounded_bias = _rounded(new_weight, dtype, "weight"), _rounded(new_bias, dtype, "bias")
+        rounded_weight, rounded_bias = rounded_to_fit(new_weight, dtype, "weight"), rounded_to_fit(new_bias, dtype, "bias")
         weight_end, bias_end = itertools.accumulate(w.size for w in weights), itertools.accumulate(channels)
         for p, weight, w_end, c, b_end in zip(positions, weights, weight_end, channels, bias_end):
             results[p] = rounded_weight[w_end - weight.size : w_end].reshape(weight.shape), rounded_bias[b_end - c : b_end]
@@ -467,7 +470,7 @@ def fold_into_inputs(
     """
     out_dtype = np.dtype(out_dtype or weight.dtype)
     new_weight, new_bias = _fold_into_inputs64(weight, bias, affine, layout)
-    return _rounded(new_weight, out_dtype, "weight"), _rounded(new_bias, out_dtype, "bias")
+    return rounded_to_fit(new_weight, out_dtype, "weight"), rounded_to_fit(new_bias, out_dtype, "bias")
 
 
 def _fold_into_inputs64(weight, bias, affine: ChannelAffine, layout: WeightLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ import copy
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -29,6 +30,7 @@ from torch_architectures import (
     trained_eval_model,
 )
 
+from bnfold import fold_math
 from bnfold.report import SKIP_CODES
 from bnfold.torch_fold import fold, rewrite, tracing
 from bnfold.verification import VerificationError
@@ -623,6 +625,14 @@ def test_layer_absorbs_a_batchnorm_on_each_side():
     assert sorted(f.direction for f in result.report.folds) == ["into-following", "into-preceding"]
     assert batchnorm_modules(result.model) == 0
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+    # Both folds in float64, in plan order, each value rounded once to float32 at the end.
+    before, conv, after = model
+    affines = [fold_math.batchnorm_affine(*(t.detach().double().numpy() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)), bn.eps) for bn in (before, after)]
+    layout = fold_math.WeightLayout("conv", 1)
+    weight, bias = fold_math.fold_into_inputs(conv.weight.detach().numpy(), None, affines[0], layout, out_dtype=np.float64)
+    weight, bias = fold_math.fold_into_outputs(weight, bias, affines[1], layout, out_dtype=np.float64)
+    assert np.array_equal(result.model[1].weight.detach().numpy(), weight.astype(np.float32))
+    assert np.array_equal(result.model[1].bias.detach().numpy(), bias.astype(np.float32))
 
 
 def test_eval_dropout_and_identity_between_the_pair_do_not_block_the_fold():

@@ -38,8 +38,9 @@ def to_numpy_float(tensor: torch.Tensor) -> np.ndarray:
 
 
 def to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """float64 ``array`` back to ``like``'s device and dtype, rounded once by the shared algebra
-    (torch's own float64 -> half/bfloat16 conversion rounds twice, through float32)."""
+    """float64 ``array`` back to ``like``'s device and dtype, rounded once by the shared algebra (torch's own
+    float64 -> half/bfloat16 conversion rounds twice, through float32); an array in that dtype already (numpy's,
+    or ml_dtypes' bfloat16) keeps its values, and on the CPU its memory."""
     name = _NUMPY_DTYPES.get(like.dtype)
     if name is None:
         return torch.from_numpy(array).to(device=like.device, dtype=like.dtype)

@@ -8,6 +8,7 @@ a stable code and a sentence saying what the user can do.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -19,13 +20,13 @@ from bnfold.fold_math import (
     FoldOverflowError,
     UnfoldableStatisticsError,
     batchnorm_affine,
-    check_fits,
     fold_into_inputs,
     fold_into_outputs,
+    rounded_to_fit,
 )
 from bnfold.report import Direction, Fold, Skip
 from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, value_readers
-from bnfold.torch_fold.conversion import to_numpy
+from bnfold.torch_fold.conversion import to_numpy, to_numpy_float
 from bnfold.torch_fold.passthrough import axis_after, value_shape
 from bnfold.torch_fold.tracing import has_hooks
 
@@ -40,8 +41,9 @@ class PlannedFold:
     batchnorm: BatchNormCall
     layer: LayerCall
     direction: Direction
-    # The layer's weight and bias (float64) after this fold and every earlier one into the same layer:
-    # computed while planning, so that a fold the layer's dtype cannot hold is refused.
+    # The layer's weight and bias after this fold and every earlier one into the same layer, each rounded once to
+    # its tensor's dtype (numpy's, or ml_dtypes' bfloat16): computed while planning, so that a fold the layer's
+    # dtype cannot hold is refused.
     layer_values: tuple[np.ndarray, np.ndarray]
     # The BatchNorm's per-channel scale and shift (float64), as planning computed them from its statistics.
     affine: ChannelAffine
@@ -70,7 +72,7 @@ class FoldPlan:
 def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     """One decision per BatchNorm: per group of calls sharing statistics, and per module never called."""
     plan = FoldPlan([], [])
-    folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]] = {}
+    folded: dict[LayerCall, list[tuple[Direction, ChannelAffine]]] = collections.defaultdict(list)
     # A BatchNorm folded into the layer before it leaves that layer's output, normalised, where it was: a second
     # BatchNorm reading it folds into the same layer (layer -> BN -> BN, as the ONNX pass folds it).
     folded_away: set[fx.Node] = set()
@@ -103,10 +105,10 @@ def _leaves_its_input(batchnorm: BatchNormCall) -> bool:
 def _decide(
     calls: list[BatchNormCall],
     flow: DataFlow,
-    folded: dict[LayerCall, tuple[np.ndarray, np.ndarray]],
+    folded: dict[LayerCall, list[tuple[Direction, ChannelAffine]]],
     folded_away: set[fx.Node],
 ) -> PlannedFold | Skip:
-    """The fold or skip for one BatchNorm; ``folded`` holds the values of layers folded so far (updated), and
+    """The fold or skip for one BatchNorm; ``folded`` holds the folds into each layer so far (updated), and
     ``folded_away`` the BatchNorms folded into the layer before them (see :func:`plan_folds`)."""
     batchnorm = calls[0]
     refusal = _batchnorm_refusal(calls)
@@ -132,14 +134,14 @@ def _decide(
         refusal = _layer_refusal(batchnorm, layer, direction, between, flow)
         if refusal is None:
             try:
-                values = _fold_values(layer, direction, affine, folded.get(layer))
+                values = _fold_values(layer, direction, affine, folded[layer])
             except FoldOverflowError as error:
                 refusal = "fold-overflows", (
                     f"folding it into `{layer.name}`: {error}; keep the BatchNorm, or convert the model to a wider "
                     "dtype (model.float()) before folding (a near-zero running variance is the usual cause)."
                 )
             else:
-                folded[layer] = values
+                folded[layer].append((direction, affine))
                 return PlannedFold(batchnorm, layer, direction, values, affine, between)
         first_refusal = first_refusal or refusal
     return Skip(batchnorm.name, *first_refusal)
@@ -159,16 +161,26 @@ def channel_affine(batchnorm: BatchNormCall) -> ChannelAffine:
 
 
 def _fold_values(
-    layer: LayerCall, direction: Direction, affine: ChannelAffine, previous: tuple[np.ndarray, np.ndarray] | None
+    layer: LayerCall, direction: Direction, affine: ChannelAffine, earlier: list[tuple[Direction, ChannelAffine]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's float64 weight and bias after folding ``affine`` into them (after ``previous`` folds),
-    checked against the dtypes they will be written back in."""
-    weight, bias = previous or (to_numpy(layer.weight), to_numpy(layer.bias))
-    fold_function = fold_into_outputs if direction == "into-preceding" else fold_into_inputs
+    """The layer's weight and bias after folding ``affine`` into them, after the ``earlier`` folds into the same
+    layer: from its own values, in float64 throughout, each rounded once to its tensor's dtype (raises
+    FoldOverflowError when that dtype cannot hold it). One fold, the usual case, is computed a block of output
+    channels at a time straight into the dtype, never holding the whole weight in float64."""
+    weight, bias = to_numpy_float(layer.weight), None if layer.bias is None else to_numpy_float(layer.bias)
+    for earlier_direction, earlier_affine in earlier:
+        weight, bias = _fold_function(earlier_direction)(weight, bias, earlier_affine, layer.layout, out_dtype=np.float64)
+    weight_dtype = _numpy_dtype(layer.weight)
+    bias_dtype = weight_dtype if layer.bias is None else _numpy_dtype(layer.bias)
+    fold_function = _fold_function(direction)
+    if bias_dtype == weight_dtype:
+        return fold_function(weight, bias, affine, layer.layout, out_dtype=weight_dtype)
     weight, bias = fold_function(weight, bias, affine, layer.layout, out_dtype=np.float64)
-    check_fits(weight, _numpy_dtype(layer.weight), "weight")
-    check_fits(bias, _numpy_dtype(layer.weight if layer.bias is None else layer.bias), "bias")
-    return weight, bias
+    return rounded_to_fit(weight, weight_dtype, "weight"), rounded_to_fit(bias, bias_dtype, "bias")
+
+
+def _fold_function(direction: Direction):
+    return fold_into_outputs if direction == "into-preceding" else fold_into_inputs
 
 
 def _numpy_dtype(tensor) -> np.dtype:

@@ -1,14 +1,13 @@
 """The PyTorch front-end's quantization figures (:mod:`bnfold.quantization`), from the plan: each fold's
 layer weight as the model holds it before the rewrite, and the folded weight and bias as the rewrite writes
-them (the plan's float64 values, rounded once to the layer's dtype)."""
+them (the plan's values, rounded once to the layer's dtype)."""
 
 from __future__ import annotations
 
-from bnfold.fold_math import round_to_dtype
 from bnfold.half_precision_error import BatchNormParameters
 from bnfold.quantization import LayerQuantization, measure_fold, named_channels
-from bnfold.torch_fold.conversion import to_numpy
-from bnfold.torch_fold.planning import PlannedFold, _numpy_dtype
+from bnfold.torch_fold.conversion import to_numpy, to_numpy_as_is
+from bnfold.torch_fold.planning import PlannedFold
 
 
 def measure_torch_folds(folds: list[PlannedFold], target_dtype: str | None) -> list[LayerQuantization]:
@@ -29,12 +28,12 @@ def measure_torch_folds(folds: list[PlannedFold], target_dtype: str | None) -> l
             channels = named_channels(scale)
         measured.append(
             measure_fold(
-                round_to_dtype(to_numpy(layer.weight), _numpy_dtype(layer.weight)),  # (exact: measured in its own dtype)
-                round_to_dtype(weight, _numpy_dtype(layer.weight)),
+                to_numpy_as_is(layer.weight),  # (measured in its own dtype)
+                weight,
                 layer.layout,
                 channels,
                 bias_before=to_numpy(layer.bias),
-                bias_after=round_to_dtype(bias, _numpy_dtype(layer.weight if layer.bias is None else layer.bias)),
+                bias_after=bias,
                 target_dtype=target_dtype,
                 batchnorm_parameters=parameters,
                 batchnorm=batchnorm.name,
