@@ -31,9 +31,11 @@ def to_numpy_as_is(tensor: torch.Tensor) -> np.ndarray:
     return to_numpy(tensor).astype(_bfloat16() if name == "bfloat16" else np.dtype(name))
 
 
-def to_numpy_float(tensor: torch.Tensor) -> np.ndarray:
+def to_numpy_float(tensor: torch.Tensor | None) -> np.ndarray | None:
     """The values in a float dtype numpy computes with: the tensor's own for float64/32/16 (its memory on the
     CPU, see :func:`to_numpy_as_is`), float64 for any other (bfloat16)."""
+    if tensor is None:
+        return None
     return to_numpy_as_is(tensor) if tensor.dtype in _NUMPY_FLOATS else to_numpy(tensor)
 
 

@@ -167,7 +167,7 @@ def _fold_values(
     layer: from its own values, in float64 throughout, each rounded once to its tensor's dtype (raises
     FoldOverflowError when that dtype cannot hold it). One fold, the usual case, is computed a block of output
     channels at a time straight into the dtype, never holding the whole weight in float64."""
-    weight, bias = to_numpy_float(layer.weight), None if layer.bias is None else to_numpy_float(layer.bias)
+    weight, bias = to_numpy_float(layer.weight), to_numpy_float(layer.bias)
     for earlier_direction, earlier_affine in earlier:
         weight, bias = _fold_function(earlier_direction)(weight, bias, earlier_affine, layer.layout, out_dtype=np.float64)
     weight_dtype = _numpy_dtype(layer.weight)

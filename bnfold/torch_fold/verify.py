@@ -192,7 +192,7 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
     data = layer_in if preceding else norm_in
     dtype_name = str(data.dtype).removeprefix("torch.")
     affine = fold.affine
-    exact = exact_fold(*(to_numpy(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
+    exact = exact_fold(*(to_numpy_float(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
     with torch.no_grad():
         if original is None:
             reference = norm_out if preceding else layer_call[1]
