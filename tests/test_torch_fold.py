@@ -32,7 +32,7 @@ from torch_architectures import (
 
 from bnfold import fold_math
 from bnfold.report import SKIP_CODES
-from bnfold.torch_fold import fold, rewrite, tracing
+from bnfold.torch_fold import calls, fold, rewrite, tracing
 from bnfold.verification import VerificationError
 
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}
@@ -476,6 +476,19 @@ def test_the_folded_copy_copies_buffers_and_keeps_their_shared_storages():
             assert buffers[name].untyped_storage().data_ptr() != original.untyped_storage().data_ptr(), name
     table[3] = -1.0
     assert tail[1] == -1.0 and model.fc.table[3] == 3.0
+
+
+def test_the_proving_run_records_a_value_once_unless_changed_in_place_between_calls():
+    model = randomise_statistics(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.ReLU(inplace=True), nn.BatchNorm2d(4))
+    ).eval()
+    traced = tracing.trace_model(model, (torch.randn(2, 3, 6, 6),), calls.fold_end_modules)
+
+    recorded = {path: values for path, (values,) in traced.model_run.calls.items()}
+    assert recorded["0"][1] is recorded["1"][0]  # the conv's output is the BatchNorm's input: one copy
+    # The ReLU changed the second conv's output in place before the BatchNorm read it: each has its own values.
+    assert recorded["2"][1] is not recorded["4"][0] and recorded["2"][1].min() < 0
+    assert torch.equal(recorded["4"][0], recorded["2"][1].relu())
 
 
 def test_folding_under_inference_mode_gives_a_model_usable_outside_it():

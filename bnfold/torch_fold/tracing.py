@@ -14,6 +14,7 @@ import io
 import logging
 import operator
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -773,13 +774,26 @@ def _recording(
     traced: TracedModel, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], graph_run: _GraphRun
 ) -> Iterator[None]:
     """Forward hooks putting a copy of each call's tensor input and output in ``calls[path]`` (two calls at most),
-    for the model's calls only: the graph run, in step with the model, calls the same modules."""
+    for the model's calls only: the graph run, in step with the model, calls the same modules. A tensor recorded
+    again unchanged (the same object, its version counter where it was: a conv's output is the next BatchNorm's
+    input) shares the first copy, which verification only reads."""
+    copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def copy_of(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_inference():  # (made under torch.inference_mode, e.g. the example inputs: no version counter)
+            return tensor.detach().clone()
+        known = copies.get(id(tensor))
+        if known is not None and known[0]() is tensor and known[1] == tensor._version:
+            return known[2]
+        copied = tensor.detach().clone()
+        copies[id(tensor)] = (weakref.ref(tensor), tensor._version, copied)
+        return copied
 
     def recorder(path: str):
         def record(module, args, kwargs, output):
             kept, data = calls[path], module_input(args, kwargs)
             if not graph_run.running and len(kept) < 2 and isinstance(data, torch.Tensor) and isinstance(output, torch.Tensor):
-                kept.append((data.detach().clone(), output.detach().clone()))
+                kept.append((copy_of(data), copy_of(output)))
 
         return record
 
