@@ -8,7 +8,6 @@ during start-up is handled like any other.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import signal
 from pathlib import Path
@@ -54,9 +53,12 @@ class _BnfoldGroup(click.Group):
         if args and args[0] == "help":
             args = ["--help"]
         elif args and args[0] not in commands and not args[0].startswith("-"):
-            close = difflib.get_close_matches(args[0], commands, n=1, cutoff=0.6)
-            if close and not Path(args[0]).exists():
-                ctx.fail(f"no command {args[0]!r}; did you mean {close[0]!r}? (a model path runs `fold`)")
+            if not Path(args[0]).exists():
+                import difflib  # (only for what may be a mistyped command: 2 ms of start-up otherwise)
+
+                close = difflib.get_close_matches(args[0], commands, n=1, cutoff=0.6)
+                if close:
+                    ctx.fail(f"no command {args[0]!r}; did you mean {close[0]!r}? (a model path runs `fold`)")
             args = ["fold", *args]
         return super().parse_args(ctx, args)
 
