@@ -1,8 +1,8 @@
 """Applying planned folds: new layer weights, then the BatchNorms removed from the module tree or graph.
 
 Each layer's weight and bias were folded in float64 through every fold that touches them while planning (a
-layer can absorb one BatchNorm before it and one after it); they are written back once, so each value is
-rounded once.
+layer can absorb one BatchNorm before it and one after it), and rounded once to their dtypes there; they are
+written back as they are.
 Writes are in place: parameters keep their identity, class and ``requires_grad``.
 """
 
@@ -53,7 +53,7 @@ def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModu
 
 
 def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel) -> None:
-    # A layer's last fold carries the values of all its folds.
+    # A layer's last fold carries the values of all its folds, rounded to the layer's dtypes already.
     folded = {fold.layer: fold.layer_values for fold in folds}
     for layer, (weight, bias) in folded.items():
         with torch.no_grad():
