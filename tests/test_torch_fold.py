@@ -731,8 +731,13 @@ class LinearThenRearranged(nn.Module):
         (lambda h: h.swapaxes(1, axis1=-1), nn.BatchNorm1d(6)),
         (lambda h: h.clone().swapdims(1, 2), nn.BatchNorm1d(6)),
         (lambda h: torch.movedim(h.unsqueeze(1), (3, 1), destination=(1, 3)), nn.BatchNorm2d(6)),
+        (nn.Sequential(nn.Flatten(0, 1), nn.Unflatten(1, (6, 1))), nn.BatchNorm1d(6)),  # modules: call_module nodes
+        (lambda h: h.to(torch.float32).float().flatten(0, 1), nn.BatchNorm1d(6)),  # conversions to the same dtype
     ],
-    ids=["flatten", "permute", "transpose-unsqueeze", "reshape", "transpose-keywords", "swapaxes-keyword", "clone-swapdims", "movedim"],
+    ids=[
+        "flatten", "permute", "transpose-unsqueeze", "reshape", "transpose-keywords", "swapaxes-keyword", "clone-swapdims",
+        "movedim", "flatten-unflatten-modules", "same-dtype",
+    ],
 )
 def test_batchnorm_on_the_linear_features_folds_through_reshapes_and_permutes(rearrange, batchnorm):
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
@@ -760,6 +765,17 @@ def test_batchnorm_on_other_axes_than_the_linear_features_stays(rearrange, batch
     model = randomise_statistics(LinearThenRearranged(rearrange, batchnorm))
     report = fold(model, (torch.randn(2, 5, 4),)).report
     assert skip_codes(report) == {"bn": "channel-mismatch"} and words in report.skips[0].reason
+
+
+def test_a_conversion_to_another_dtype_between_the_pair_blocks_the_fold():
+    # float64 -> float32 rounds the layer's output: the BatchNorm sees other values than the layer made.
+    model = randomise_statistics(LinearThenRearranged(lambda h: h.float().flatten(0, 1), nn.BatchNorm1d(6))).double()
+    model.bn.float()
+    inputs = (torch.randn(2, 5, 4, dtype=torch.float64),)
+    result = fold(model, inputs)
+
+    assert not result.report.folds and skip_codes(result.report) == {"bn": "no-foldable-neighbour"}
+    assert "its input comes from `.float()` (through `.flatten()`)" in result.report.skips[0].reason
 
 
 class UnbatchedConv(nn.Module):

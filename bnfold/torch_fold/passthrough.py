@@ -3,7 +3,8 @@ which they are, and where they move the channel axis.
 
 Two kinds: calls that keep the values where they are (``nn.Identity``, eval-mode Dropout modules, dropout
 functions called with ``training=False``), and rearrangements (``flatten``/``view``/``reshape``/``squeeze``/
-``unsqueeze``/``clone``, ``permute``/``transpose``/``swapdims``/``movedim``, as fx and torch.export record them). A
+``unsqueeze``/``clone``, ``nn.Flatten``/``nn.Unflatten`` modules, ``.to()``/``.float()`` and the like where the
+dtype stays, ``permute``/``transpose``/``swapdims``/``movedim``, as fx and torch.export record them). A
 BatchNorm scales and shifts each element by its channel, so it moves across a rearrangement when the channel axis
 stays one whole axis:
 LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` normalises the Linear's output features.
@@ -23,14 +24,18 @@ from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, TracedModel, computes_tor
 
 aten = torch.ops.aten
 
-# Each takes its data as the first argument; the others only say which shape comes out.
+# Each takes its data as the first argument; the others only say which shape comes out (or, for the
+# conversions, which dtype, device or memory format: only those that keep the dtype pass, see passes_values).
 _RESHAPES = frozenset({
     "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "contiguous", "clone",
+    "to", "float", "double", "half", "bfloat16",
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten, torch.clone,
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
     aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.view_as.default,
-    aten.reshape_as.default, aten.contiguous.default, aten.clone.default,
+    aten.reshape_as.default, aten.contiguous.default, aten.clone.default, aten._to_copy.default,
 })
+# Modules whose forward is a reshape of their input.
+_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 # These read only the shape of their second argument.
 SHAPED_LIKE = frozenset({"view_as", "reshape_as", aten.view_as.default, aten.reshape_as.default})
 _PERMUTES = frozenset({"permute", torch.permute, aten.permute.default})
@@ -59,7 +64,10 @@ def passes_values(node: Any, traced: TracedModel) -> bool:
         return False
     if node.op == "call_module":
         module = traced.module(node.target)
-        keeps = isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
+        keeps = (
+            isinstance(module, (nn.Identity, *_RESHAPE_MODULES))
+            or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
+        )
         return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module) and not has_hooks(module)
     if node.op not in ("call_function", "call_method"):
         return False
@@ -67,29 +75,33 @@ def passes_values(node: Any, traced: TracedModel) -> bool:
         return _dropout_is_off(node)
     if node.target not in _RESHAPES | _PERMUTES | _TRANSPOSES | _MOVEDIMS:
         return False
-    # `x.view(torch.int32)` reinterprets the bits: a rearrangement keeps the dtype.
+    # `x.view(torch.int32)` reinterprets the bits and `x.to(torch.float16)` rounds them: a rearrangement keeps the dtype.
     before, after = tensor_shape_and_dtype(node.args[0]), tensor_shape_and_dtype(node)
     return before is not None and after is not None and before[1] == after[1] and _data_only_first(node)
 
 
 def keeps_element_order(node: fx.Node) -> bool:
     """Whether the output lists the input's elements in the same order (a reshape, or no change at all)."""
-    return node.target not in _PERMUTES | _TRANSPOSES | _MOVEDIMS
+    return node.op == "call_module" or node.target not in _PERMUTES | _TRANSPOSES | _MOVEDIMS
 
 
 def keeps_shape(node: fx.Node) -> bool:
     """Whether the output is the input as it was (Identity, an eval-mode dropout), not rearranged."""
-    return node.op == "call_module" or node.target in _DROPOUTS
+    if node.op == "call_module":  # (nn.Flatten and nn.Unflatten reshape: known by the shapes the graph run saw)
+        return value_shape(node) == value_shape(node.args[0])
+    return node.target in _DROPOUTS
 
 
 def axis_after(node: fx.Node, axis: int) -> int | None:
     """Where axis ``axis`` of a pass-through's data input is in its output; None when it does not stay one
     whole axis there, or the shapes that would prove it are unknown."""
-    if node.op == "call_module" or node.target in _DROPOUTS:
+    if node.target in _DROPOUTS:
         return axis
     input_shape, output_shape = value_shape(node.args[0]), value_shape(node)
     if input_shape is None or output_shape is None:
         return None
+    if node.op == "call_module":  # (its target is the module's path, whatever its name)
+        return _reshaped_axis(tuple(input_shape), tuple(output_shape), axis)
     if node.target in _PERMUTES:
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         dims = [dim % len(input_shape) for dim in node.kwargs.get("dims", dims)]

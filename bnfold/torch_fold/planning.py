@@ -340,7 +340,13 @@ def _channel_refusal(
 
 def _no_neighbour_reason(batchnorm: BatchNormCall, flow: DataFlow) -> str:
     readers = value_readers(batchnorm.node)
-    source = describe_node(batchnorm.input, flow.traced)
+    # The call that made the values, not the reshapes or dropouts they went through since.
+    value, passed = batchnorm.input, []
+    while flow.passes_through(value):
+        value, passed = value.args[0], [value, *passed]
+    source = describe_node(value, flow.traced)
+    if passed:
+        source += f" (through {', '.join(describe_node(node, flow.traced) for node in passed)})"
     described = ", ".join(describe_node(reader, flow.traced) for reader in readers) or "nothing"
     if any(reader in flow.layers for reader in readers):
         return (
