@@ -464,7 +464,10 @@ def test_the_folded_copy_copies_buffers_and_keeps_their_shared_storages():
     model, inputs = trained_eval_model(case_named("resnet"))
     model.fc.register_buffer("table", torch.arange(6.0))
     model.fc.register_buffer("tail", model.fc.table[2:])  # a view: deepcopy keeps it one, so must the copy
+    model.fc.register_buffer("repeated", torch.ones(1).expand(4))  # one element, strides 0: so in the copy too
     result = fold(model, inputs)
+
+    assert result.model.fc.repeated.stride() == (0,) and result.model.fc.repeated.untyped_storage().nbytes() == 4
 
     table, tail = result.model.fc.table, result.model.fc.tail
     assert tail.untyped_storage().data_ptr() == table.untyped_storage().data_ptr() and tail.storage_offset() == 2

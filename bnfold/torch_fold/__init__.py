@@ -190,10 +190,12 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 
 def _plain_tensor(value: object) -> bool:
-    """A dense torch.Tensor (no subclass) that ``Tensor.__deepcopy__`` would copy to a clone of the same values."""
+    """A contiguous torch.Tensor (no subclass) that ``Tensor.__deepcopy__`` would copy to a clone of the same values
+    and strides (an expanded tensor's clone would hold every element its strides repeat)."""
     return (
         type(value) is torch.Tensor
         and value.layout is torch.strided
+        and value.is_contiguous()
         and not value.requires_grad
         and value.grad is None
         and not value.is_quantized
