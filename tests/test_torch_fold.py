@@ -778,7 +778,7 @@ def test_a_conversion_to_another_dtype_between_the_pair_blocks_the_fold():
     result = fold(model, inputs)
 
     assert not result.report.folds and skip_codes(result.report) == {"bn": "no-foldable-neighbour"}
-    assert "its input comes from `.float()` (through `.flatten()`)" in result.report.skips[0].reason
+    assert "comes from `.float()` (through `.flatten()`), which converts `linear`'s output from float64 to float32" in result.report.skips[0].reason
 
 
 class UnbatchedConv(nn.Module):

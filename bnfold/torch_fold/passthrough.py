@@ -24,15 +24,15 @@ from bnfold.torch_fold.tracing import SHAPE_AND_DTYPE, TracedModel, computes_tor
 
 aten = torch.ops.aten
 
-# Each takes its data as the first argument; the others only say which shape comes out (or, for the
-# conversions, which dtype, device or memory format: only those that keep the dtype pass, see passes_values).
-_RESHAPES = frozenset({
+# Conversions: which dtype, device or memory format comes out. Only those that keep the dtype pass values.
+_CONVERSIONS = frozenset({"to", "float", "double", "half", "bfloat16", aten._to_copy.default})
+# Each takes its data as the first argument; the others only say which shape comes out.
+_RESHAPES = _CONVERSIONS | frozenset({
     "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "contiguous", "clone",
-    "to", "float", "double", "half", "bfloat16",
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten, torch.clone,
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
     aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.view_as.default,
-    aten.reshape_as.default, aten.contiguous.default, aten.clone.default, aten._to_copy.default,
+    aten.reshape_as.default, aten.contiguous.default, aten.clone.default,
 })
 # Modules whose forward is a reshape of their input.
 _RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
@@ -78,6 +78,14 @@ def passes_values(node: Any, traced: TracedModel) -> bool:
     # `x.view(torch.int32)` reinterprets the bits and `x.to(torch.float16)` rounds them: a rearrangement keeps the dtype.
     before, after = tensor_shape_and_dtype(node.args[0]), tensor_shape_and_dtype(node)
     return before is not None and after is not None and before[1] == after[1] and _data_only_first(node)
+
+
+def converted_dtypes(node: Any) -> tuple[torch.dtype, torch.dtype] | None:
+    """``(from, to)`` when ``node`` is a conversion that changes its data's dtype (``x.to(torch.float16)``)."""
+    if not isinstance(node, fx.Node) or node.op == "call_module" or node.target not in _CONVERSIONS or not node.args:
+        return None
+    before, after = tensor_shape_and_dtype(node.args[0]), tensor_shape_and_dtype(node)
+    return (before[1], after[1]) if before is not None and after is not None and before[1] != after[1] else None
 
 
 def keeps_element_order(node: fx.Node) -> bool:

@@ -27,7 +27,7 @@ from bnfold.fold_math import (
 from bnfold.report import Direction, Fold, Skip
 from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, value_readers
 from bnfold.torch_fold.conversion import to_numpy, to_numpy_float
-from bnfold.torch_fold.passthrough import axis_after, value_shape
+from bnfold.torch_fold.passthrough import axis_after, converted_dtypes, value_shape
 from bnfold.torch_fold.tracing import has_hooks
 
 # (skip code, reason) for a check that fails.
@@ -352,6 +352,15 @@ def _no_neighbour_reason(batchnorm: BatchNormCall, flow: DataFlow) -> str:
         return (
             f"its input comes from {source} and its output is read by {described}: a layer can absorb it only "
             f"as the output's only reader. {_STAYS}"
+        )
+    conversion = converted_dtypes(value)
+    layer = None if conversion is None else flow.layer_producing(value.args[0])
+    if layer is not None:  # (a layer's output converted on its way to the BatchNorm: say what to change)
+        before, after = (str(dtype).removeprefix("torch.") for dtype in conversion)
+        return (
+            f"its input comes from {source}, which converts `{layer.name}`'s output from {before} to {after}: the "
+            f"BatchNorm computes in {after}, the layer in {before}, so the layer cannot absorb it exactly; convert "
+            f"the model, or convert before the layer, to fold it. {_STAYS}"
         )
     return (
         f"its input comes from {source} and its output is read by {described}; none of them is a Conv, "
