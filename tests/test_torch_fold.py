@@ -481,6 +481,19 @@ def test_the_folded_copy_copies_buffers_and_keeps_their_shared_storages():
     assert tail[1] == -1.0 and model.fc.table[3] == 3.0
 
 
+def test_a_model_holding_sparse_or_wrapper_subclass_buffers_is_copied_as_deepcopy_copies_it():
+    from torch.testing._internal.two_tensor import TwoTensor  # a wrapper subclass: no storage of its own to read
+
+    model, inputs = trained_eval_model(case_named("resnet"))
+    model.fc.register_buffer("mask", torch.eye(3).to_sparse())
+    model.fc.register_buffer("pair", TwoTensor(torch.zeros(3), torch.ones(3)))
+    result = fold(model, inputs)
+
+    assert result.model.fc.mask.is_sparse and torch.equal(result.model.fc.mask.to_dense(), torch.eye(3))
+    assert type(result.model.fc.pair) is TwoTensor and result.model.fc.pair is not model.fc.pair
+    assert result.report.verification.passed
+
+
 def test_the_proving_run_records_a_value_once_unless_changed_in_place_between_calls():
     model = randomise_statistics(
         nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.ReLU(inplace=True), nn.BatchNorm2d(4))

@@ -168,24 +168,29 @@ def _copy_model(model: nn.Module) -> nn.Module:
       gets its copy (a container shared between modules stays shared).
     - A buffer's deepcopy copies its storage through ``TypedStorage`` (30 µs, however small) so that tensors
       sharing a storage keep sharing it: a plain buffer whose storage no other tensor of the modules holds is
-      cloned instead (2 µs). Parameters deepcopy through a clone already.
+      cloned instead (2 µs). Parameters deepcopy through a clone already. Where a module holds a tensor of
+      another kind (sparse, a subclass such as a quantized wrapper) whose storage cannot be told, every buffer
+      goes through deepcopy.
     """
     memo: dict[int, object] = {}
     modules = list(model.modules())
-    holders = collections.Counter(
-        value.untyped_storage().data_ptr()
-        for module in modules
-        for values in (vars(module).values(), module._parameters.values(), module._buffers.values())
-        for value in values
-        if isinstance(value, torch.Tensor) and value.layout is torch.strided
-    )
     for module in modules:
         for value in vars(module).values():
             if type(value) in _PLAIN_CONTAINERS and not value:
                 memo[id(value)] = type(value)()
-        for buffer in module._buffers.values():
-            if _plain_tensor(buffer) and holders[buffer.untyped_storage().data_ptr()] == 1:
-                memo[id(buffer)] = buffer.clone()
+    tensors = [
+        value
+        for module in modules
+        for values in (vars(module).values(), module._parameters.values(), module._buffers.values())
+        for value in values
+        if isinstance(value, torch.Tensor)
+    ]
+    if all(type(tensor) in (torch.Tensor, nn.Parameter) and tensor.layout is torch.strided for tensor in tensors):
+        holders = collections.Counter(tensor.untyped_storage().data_ptr() for tensor in tensors)
+        for module in modules:
+            for buffer in module._buffers.values():
+                if _plain_tensor(buffer) and holders[buffer.untyped_storage().data_ptr()] == 1:
+                    memo[id(buffer)] = buffer.clone()
     return copy.deepcopy(model, memo)
 
 
@@ -194,7 +199,6 @@ def _plain_tensor(value: object) -> bool:
     and strides (an expanded tensor's clone would hold every element its strides repeat)."""
     return (
         type(value) is torch.Tensor
-        and value.layout is torch.strided
         and value.is_contiguous()
         and not value.requires_grad
         and value.grad is None
