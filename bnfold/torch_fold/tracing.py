@@ -780,7 +780,8 @@ def _recording(
     copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
     def copy_of(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_inference():  # (made under torch.inference_mode, e.g. the example inputs: no version counter)
+        # (a tensor made under torch.inference_mode, e.g. an example input, has no version counter; a subclass may not)
+        if type(tensor) is not torch.Tensor or tensor.is_inference():
             return tensor.detach().clone()
         known = copies.get(id(tensor))
         if known is not None and known[0]() is tensor and known[1] == tensor._version:
