@@ -305,7 +305,7 @@ def _scaled_rows_rounded(weight: np.ndarray, affine: ChannelAffine, layout: Weig
             # Rounding gives Inf or NaN exactly where a value does not fit (or is NaN already): the error
             # then names the largest magnitude of the whole weight.
             if not np.isfinite(result_rows[block]).all():
-                _require_fits(float(np.max(np.abs(rows * affine.scale[:, None]))), dtype, "weight")
+                check_fits(rows * affine.scale[:, None], dtype, "weight")
     return result
 
 
