@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from bnfold.errors import describe_error
 from bnfold.reference import REFERENCE_BATCHNORMS
+from bnfold.torch_fold.stand_ins import can_stand_in, layers_stood_in
 
 # The node.meta key of a traced value's (shape, dtype), recorded while the fx graph runs on the example inputs.
 SHAPE_AND_DTYPE = "bnfold_shape_and_dtype"
@@ -641,6 +642,14 @@ class _GraphRun(fx.Interpreter):
             for hook in hooks:
                 hook.remove()
 
+    def layers_stood_in(self) -> contextlib.AbstractContextManager[None]:
+        """While inside: the layers whose calls the graph can take from the model compute stand-ins (see
+        :mod:`.stand_ins`), unless a module has hooks (they would see the stand-ins' values)."""
+        if any(has_hooks(module) for module in self.traced.model.modules()):
+            return contextlib.nullcontext()
+        layers = {self.traced.module(node.target): None for node in self.graph.nodes if node in self._layer_calls}
+        return layers_stood_in(layer for layer in layers if can_stand_in(layer))
+
     def finish(self) -> Any:
         """The graph's output, after running what it has not run yet."""
         self._in_step = False
@@ -748,25 +757,39 @@ def _computes_like(traced: TracedModel, example_inputs: tuple, recorded: set[str
     order: equal up to the rounding of a kernel that picks another path). The graph run records the shapes
     the analysis reads in the same pass, in step with the model's (see _GraphRun). With ``keep_run``, the
     model's run is kept in ``traced.model_run`` when the graph passes, with the calls of the modules at
-    ``recorded``."""
+    ``recorded``; without, the layers it can take from the model compute stand-ins (:mod:`.stand_ins`) first,
+    and their own forward only when that run does not pass."""
+    if not keep_run and _runs_alike(traced, example_inputs, {}, stand_ins=True) is not None:
+        return True
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {path: [] for path in recorded}
+    expected = _runs_alike(traced, example_inputs, calls, stand_ins=False)
+    if expected is None:
+        return False
+    if keep_run:
+        output = pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, expected)
+        traced.model_run = ModelRun(output, calls)
+    return True
+
+
+def _runs_alike(
+    traced: TracedModel, example_inputs: tuple, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], stand_ins: bool
+) -> Any:
+    """The model's output when the graph, run in step with it (recording ``calls``), gives the same; else None."""
     try:
         graph_run = _GraphRun(traced, example_inputs)
-        with torch.no_grad():
+        layers = graph_run.layers_stood_in() if stand_ins else contextlib.nullcontext()
+        with torch.no_grad(), layers:
             # Registered first, so each records its call before the graph run takes the call's result.
             with _recording(traced, calls, graph_run), graph_run.in_step_with_the_model():
                 expected = traced.model(*example_inputs)
             actual = graph_run.finish()
     except Exception:  # noqa: BLE001 - the graph does not even run: it is not the model's
-        return False
+        return None
     if not _same_outputs(expected, actual):
-        return False
+        return None
     if not graph_run.constants_changed:  # else each is evaluated when the analysis reads it
         traced.constant_values = graph_run.constants
-    if keep_run:
-        output = pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, expected)
-        traced.model_run = ModelRun(output, calls)
-    return True
+    return expected
 
 
 @contextlib.contextmanager
