@@ -527,6 +527,28 @@ def test_inplace_folds_the_given_model():
     assert_same_outputs(expected, outputs(model, inputs))
 
 
+def test_folded_values_go_into_the_users_parameters_memory_and_take_their_own_in_a_copy():
+    model, inputs = trained_eval_model(case_named("resnet"))
+    conv = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    others = [module.weight for module in model.modules() if isinstance(module, nn.Conv2d) and module is not conv]
+    before = {id(weight): (weight.detach().clone(), weight.data_ptr()) for weight in [conv.weight, *others]}
+
+    copied = fold(model, inputs).model
+    copied_conv = dict(copied.named_modules())[next(name for name, module in model.named_modules() if module is conv)]
+    assert all(torch.equal(weight, before[id(weight)][0]) for weight in [conv.weight, *others])  # the original as it was
+    # In the copy, each contiguous weight now holds the folded values' memory, a channels-last one its own layout.
+    assert copied_conv.weight.is_contiguous(memory_format=torch.channels_last) and not copied_conv.weight.is_contiguous()
+    assert not torch.equal(copied_conv.weight, conv.weight)
+
+    views = {id(weight): weight.detach().view(-1)[:3] for weight in others}
+    folded = fold(model, inputs, inplace=True).model
+    assert folded is model and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for weight in others:  # written into the memory the user's views of them share
+        assert weight.data_ptr() == before[id(weight)][1] and torch.equal(views[id(weight)], weight.detach().view(-1)[:3])
+        assert not torch.equal(weight, before[id(weight)][0])
+
+
 def test_inplace_is_not_honoured_when_the_result_is_a_graph_module():
     model, inputs = randomise_statistics(FunctionalConvBatchNormAct()), (torch.randn(2, 3, 8, 8),)
     state_before = copy.deepcopy(model.state_dict())
@@ -579,8 +601,8 @@ def test_verification_reuses_the_trace_checks_run_and_still_catches_a_wrong_fold
 
     write = rewrite._write_folded_weights
 
-    def write_then_corrupt(folds, traced):
-        write(folds, traced)
+    def write_then_corrupt(folds, traced, copied):
+        write(folds, traced, copied)
         with torch.no_grad():
             traced.model.conv2.weight[1] *= 1 + 1e-2
 

@@ -135,7 +135,7 @@ def fold(
             "only in the traced graph"
         )
     else:
-        folded = fold_in_module_tree(plan.folds, working, traced)
+        folded = fold_in_module_tree(plan.folds, working, traced, copied=working is not model)
     report = _report(model, flow, plan, notes)
     report.quantization = measured
     if verify:
