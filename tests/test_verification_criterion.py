@@ -10,6 +10,7 @@ catch it; these tests corrupt folds and check that they do, and that other tools
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,43 @@ def test_statistics_that_cancel_in_the_original_do_not_fail_the_fold_check(fast_
 
     (check,) = report.verification.folds
     assert check.status == "passed" and check.units < 16
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_parameter_checks_relative_error_pass_finds_what_units_of_each_element_find(dtype):
+    # A weight's worst element in units of eps |exact| (at least the smallest subnormal) found in fewer passes
+    # over the weight where no 0/0, NaN or tiny exact value decides it: bit for bit the same index, units and error.
+    from bnfold import verification
+
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal(3 * verification.BLOCK_ELEMENTS + 17)
+    folded = exact.astype(dtype)
+    variants = {"rounded once": folded.copy()}
+    tie = exact.copy()
+    tie[[5, 9]] = [-1.0, 1.0]
+    tie_folded = tie.astype(dtype)
+    tie_folded[[5, 9]] = [-1 + 2**-9, 1 + 2**-9]  # relative errors -2**-9 and 2**-9: the first is the worst
+    exact_with_zeros = exact.copy()
+    exact_with_zeros[::7] = 0.0
+    zeros = {"zeros in both": (exact_with_zeros, exact_with_zeros.astype(dtype))}
+    wrong_zero = exact_with_zeros.astype(dtype)
+    wrong_zero[70] = np.finfo(dtype).smallest_subnormal
+    zeros["a nonzero where the fold gives zero"] = (exact_with_zeros, wrong_zero)
+    tiny = exact.copy()
+    tiny[3] = 1e-45 if dtype == np.float32 else 1e-9
+    zeros["a tiny exact value"] = (tiny, tiny.astype(dtype))
+    nan = folded.copy()
+    nan[40000] = np.nan
+    variants["a NaN"] = nan
+    cases = {name: (exact, actual) for name, actual in variants.items()} | zeros | {"a tie of magnitudes": (tie, tie_folded)}
+    for name, (expected, actual) in cases.items():
+        finfo = np.finfo(dtype)
+        eps, smallest = float(finfo.eps), float(finfo.smallest_subnormal)
+        slow = verification._worst_in_units(actual, expected, None, eps, smallest)
+        found = verification._worst_parameter_element(actual, expected, None)
+        assert found == slow or (math.isinf(slow[1]) and found[:2] == slow[:2]), name
+        if name == "a tie of magnitudes":
+            assert found[0] == 5 and found[1] == 2**-9 / eps
+    # The fast pass decides the plain blocks itself, and gives way where it cannot tell.
+    assert verification._worst_relative_error(folded[:1000], exact[:1000], eps, smallest) is not None
+    assert verification._worst_relative_error(nan[40000 - 10 : 40000 + 10], exact[40000 - 10 : 40000 + 10], eps, smallest) is None
