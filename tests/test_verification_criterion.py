@@ -479,3 +479,39 @@ def test_the_parameter_checks_relative_error_pass_finds_what_units_of_each_eleme
     # The fast pass decides the plain blocks itself, and gives way where it cannot tell.
     assert verification._worst_relative_error(folded[:1000], exact[:1000], eps, smallest) is not None
     assert verification._worst_relative_error(nan[40000 - 10 : 40000 + 10], exact[40000 - 10 : 40000 + 10], eps, smallest) is None
+
+
+def test_a_fold_checks_units_per_channel_with_zero_magnitudes_and_values_the_fold_brought_in():
+    from bnfold.verification import check_fold
+
+    rng = np.random.default_rng(0)
+    eps = float(np.finfo(np.float32).eps)
+    reference = rng.standard_normal((2, 3, 40, 40)).astype(np.float32)
+    magnitude = (np.abs(reference) + 1).astype(np.float32)
+    folded = (reference + magnitude * eps * rng.choice([-1.0, 0.0, 1.0], reference.shape)).astype(np.float32)
+    check = check_fold("bn into conv", "float32", reference, folded, magnitude, 1)
+    units = (folded.astype(np.float64) - reference) / (eps * magnitude.astype(np.float64))
+    by_channel = np.sqrt(np.mean(np.moveaxis(units, 1, 0).reshape(3, -1) ** 2, axis=1))
+    assert check.status == "passed" and check.channel == int(np.argmax(by_channel))
+    assert check.units == pytest.approx(float(by_channel.max()), rel=1e-12)
+
+    # A magnitude of 0 (every term zero): an exact match is no error, anything else infinitely many units.
+    zero_terms = magnitude.copy()
+    zero_terms[0, 2, 5, 5] = 0.0
+    matched = folded.copy()
+    matched[0, 2, 5, 5] = reference[0, 2, 5, 5]
+    units[0, 2, 5, 5] = 0.0
+    by_channel = np.sqrt(np.mean(np.moveaxis(units, 1, 0).reshape(3, -1) ** 2, axis=1))
+    assert check_fold("bn into conv", "float32", reference, matched, zero_terms, 1).units == pytest.approx(float(by_channel.max()), rel=1e-12)
+    unmatched = matched.copy()
+    unmatched[0, 2, 5, 5] = np.nextafter(unmatched[0, 2, 5, 5], np.float32(np.inf))
+    failed = check_fold("bn into conv", "float32", reference, unmatched, zero_terms, 1)
+    assert failed.status == "failed" and failed.channel == 2 and math.isinf(failed.units)
+    # NaN the fold brought in fails its channel; NaN the original had already is no error of the fold.
+    brought_in = folded.copy()
+    brought_in[1, 1, 0, 0] = np.nan
+    failed = check_fold("bn into conv", "float32", reference, brought_in, magnitude, 1)
+    assert failed.status == "failed" and failed.channel == 1 and math.isinf(failed.units)
+    had_it = reference.copy()
+    had_it[1, 1, 0, 0] = np.nan
+    assert check_fold("bn into conv", "float32", had_it, brought_in, magnitude, 1).status == "passed"
