@@ -74,6 +74,15 @@ def test_a_channels_last_weight_gives_a_channels_last_stand_in():
     assert stood_in.stride() == real.stride() != torch.empty(real.shape).stride()
 
 
+def test_under_autocast_a_layer_runs_its_own_forward():
+    conv = nn.Conv2d(3, 4, 3)
+    data = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        real = conv(data)
+        with layers_stood_in([conv]):
+            assert torch.equal(conv(data), real) and real.dtype == torch.bfloat16
+
+
 def _relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return float((after - before).abs().max() / before.abs().max())
 

@@ -61,22 +61,22 @@ _ROTATION_STEP = 4099
 
 
 @functools.cache
-def _pattern_twice() -> torch.Tensor:
-    """The pattern's period twice over, so that each rotation is a slice."""
+def _pattern_twice(device: torch.device) -> torch.Tensor:
+    """The pattern's period twice over, so that each rotation is a slice, on ``device``."""
     pattern = torch.randn(_PERIOD, generator=torch.Generator().manual_seed(0))
-    return torch.cat((pattern, pattern))
+    return torch.cat((pattern, pattern)).to(device)
 
 
 def _stand_in(layer: nn.Module, rotation: int, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
     shape = _output_shape(layer, input)
     if shape is None or math.prod(shape) * layer.weight[0].numel() < _FEWEST_MULTIPLY_ADDS:
         return type(layer).forward(layer, input)
-    pattern = _pattern_twice()[rotation : rotation + _PERIOD]
+    pattern = _pattern_twice(input.device)[rotation : rotation + _PERIOD]
     flat = input.reshape(-1).to(torch.float32)
     whole, rest = divmod(flat.numel(), _PERIOD)
     z = (flat[: whole * _PERIOD].view(whole, _PERIOD) @ pattern).sum() + flat[whole * _PERIOD :] @ pattern[:rest]
     factor = 1 + z / math.sqrt(max(flat.numel(), 1))
-    values = torch.empty(math.prod(shape))
+    values = torch.empty(math.prod(shape), device=input.device)
     whole, rest = divmod(values.numel(), _PERIOD)
     torch.mul(pattern.expand(whole, _PERIOD), factor, out=values[: whole * _PERIOD].view(whole, _PERIOD))
     torch.mul(pattern[:rest], factor, out=values[whole * _PERIOD :])
@@ -102,7 +102,7 @@ def _output_shape(layer: nn.Module, input: torch.Tensor) -> tuple[int, ...] | No
         or not input.is_floating_point()
         or input.device != weight.device
         or input.layout is not torch.strided
-        or torch.is_autocast_enabled()
+        or torch.is_autocast_enabled(input.device.type)  # (a layer's output dtype is autocast's there)
     ):
         return None
     if isinstance(layer, nn.Linear):
