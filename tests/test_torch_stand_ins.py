@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnfold.torch_fold import fold, stand_ins
+from bnfold.torch_fold import fold, measure_folds, stand_ins
 from bnfold.torch_fold.stand_ins import can_stand_in, layers_stood_in
 
 
@@ -215,3 +215,23 @@ def test_the_check_with_stand_ins_still_catches_a_graph_the_model_does_not_run()
     assert any("traced graph computes other outputs than the model" in note for note in report.notes)
     with torch.no_grad():
         torch.testing.assert_close(folded(data), expected, rtol=1e-5, atol=1e-5)
+
+
+class _NotesStandIns(_ConvBatchNorm):
+    """Notes whether its conv was called while a stand-in replaced its forward."""
+
+    saw_a_stand_in = False
+
+    def forward(self, x):
+        type(self).saw_a_stand_in |= "forward" in vars(self.conv)
+        return super().forward(x)
+
+
+def test_measure_folds_never_replaces_a_layers_forward_in_the_users_model():
+    model = _eval_with_statistics(_NotesStandIns())
+    data = torch.randn(2, 3, 8, 8)
+    _NotesStandIns.saw_a_stand_in = False
+    assert len(measure_folds(model, (data,))) == 1
+    assert not _NotesStandIns.saw_a_stand_in
+    fold(model, (data,), verify=False, inplace=True)  # the model it folds: stand-ins while it proves the graph
+    assert _NotesStandIns.saw_a_stand_in and "forward" not in vars(model.conv)

@@ -105,11 +105,11 @@ def fold(
     _require_eval_mode(model)
     notes = []
     working = model if inplace else _copy_model(model)
-    traced, flow, plan = _analyse(working, example_inputs, record=verify)
+    traced, flow, plan = _analyse(working, example_inputs, record=verify, stand_ins=True)
     if inplace and plan.needs_graph:
         notes.append("inplace=True not honoured: the result is a new GraphModule and the input model is unchanged")
         working = _copy_model(model)
-        traced, flow, plan = _analyse(working, example_inputs, record=verify)
+        traced, flow, plan = _analyse(working, example_inputs, record=verify, stand_ins=True)
     notes.append(traced.note)
     if verify:
         # The original's values before anything is folded: from the run that proved the fx graph (the model or
@@ -155,7 +155,7 @@ def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _require_eval_mode(model)
-    _, _, plan = _analyse(model, example_inputs)
+    _, _, plan = _analyse(model, example_inputs, record=False, stand_ins=False)  # (stand-ins would patch the model)
     return measure_torch_folds(plan.folds, target_dtype)
 
 
@@ -226,10 +226,11 @@ def _require_eval_mode(model: nn.Module) -> None:
         )
 
 
-def _analyse(model: nn.Module, example_inputs: tuple, record: bool = False) -> tuple[TracedModel, DataFlow, FoldPlan]:
+def _analyse(model: nn.Module, example_inputs: tuple, record: bool, stand_ins: bool) -> tuple[TracedModel, DataFlow, FoldPlan]:
     """The traced model, its data flow and the fold plan; with ``record``, an fx trace keeps the model's run on
-    the example inputs with the values around each module a fold may join (for verification)."""
-    traced = trace_model(model, example_inputs, fold_end_modules if record else None)
+    the example inputs with the values around each module a fold may join (for verification); else, with
+    ``stand_ins``, the run that proves it may replace the layers' forward for its duration (see trace_model)."""
+    traced = trace_model(model, example_inputs, fold_end_modules if record else None, stand_ins=stand_ins)
     flow = read_data_flow(traced)
     return traced, flow, plan_folds(flow, model)
 

@@ -393,10 +393,15 @@ def module_stack_paths(node: fx.Node) -> set[str]:
 
 
 def trace_model(
-    model: nn.Module, example_inputs: tuple, recorded_modules: Callable[[TracedModel], set[str]] | None = None
+    model: nn.Module,
+    example_inputs: tuple,
+    recorded_modules: Callable[[TracedModel], set[str]] | None = None,
+    stand_ins: bool = False,
 ) -> TracedModel:
     """The model's graph(s). With ``recorded_modules``, an fx graph proven on the model's run keeps that run
-    (``model_run``) with the values around each call of the modules at the paths it gives for the graph."""
+    (``model_run``) with the values around each call of the modules at the paths it gives for the graph; else,
+    with ``stand_ins``, the run that proves it tries the layers' stand-ins first (:mod:`.stand_ins`: they replace
+    the layers' forward for its duration, so only on a model nothing else runs meanwhile)."""
     attributes_before = set(vars(model))
     try:
         tracer = _UnmodifiedLayersAsLeavesTracer()
@@ -411,8 +416,9 @@ def trace_model(
     note = "pairs found with torch.fx symbolic tracing"
     attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
     traced = TracedModel(model, [graph], "fx", attribute_paths, note, constants, affine_forms=tracer.affine_forms)
-    recorded = set() if recorded_modules is None else recorded_modules(traced)
-    if not _computes_like(traced, example_inputs, recorded, keep_run=recorded_modules is not None):
+    keep_run = recorded_modules is not None
+    recorded = recorded_modules(traced) if keep_run else set()
+    if not _computes_like(traced, example_inputs, recorded, keep_run, stand_ins and not keep_run):
         # Python that fx evaluates on a proxy (isinstance, torch.jit.isinstance, a branch on a flag) can
         # record a graph the model never runs; its pairs would be a tracing artefact. torch.export runs
         # such Python on fake tensors, as the model does.
@@ -752,18 +758,18 @@ def _equal_tensors(these: tuple, those: tuple) -> bool:
     )
 
 
-def _computes_like(traced: TracedModel, example_inputs: tuple, recorded: set[str], keep_run: bool) -> bool:
+def _computes_like(traced: TracedModel, example_inputs: tuple, recorded: set[str], keep_run: bool, stand_ins: bool) -> bool:
     """Whether the traced graph gives the model's outputs on ``example_inputs`` (the same ops in the same
     order: equal up to the rounding of a kernel that picks another path). The graph run records the shapes
     the analysis reads in the same pass, in step with the model's (see _GraphRun). With ``keep_run``, the
     model's run is kept in ``traced.model_run`` when the graph passes, with the calls of the modules at
-    ``recorded``; without, the layers it can take from the model compute stand-ins (:mod:`.stand_ins`) first,
-    and their own forward only when that run does not pass."""
-    if not keep_run and _runs_alike(traced, example_inputs, {}, stand_ins=True) is not None:
+    ``recorded``. With ``stand_ins``, the layers it can take from the model compute stand-ins (:mod:`.stand_ins`)
+    first, and their own forward only when that run does not pass."""
+    if stand_ins and _runs_alike(traced, example_inputs, {}, stand_ins=True)[0]:
         return True
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {path: [] for path in recorded}
-    expected = _runs_alike(traced, example_inputs, calls, stand_ins=False)
-    if expected is None:
+    passed, expected = _runs_alike(traced, example_inputs, calls, stand_ins=False)
+    if not passed:
         return False
     if keep_run:
         output = pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, expected)
@@ -773,8 +779,8 @@ def _computes_like(traced: TracedModel, example_inputs: tuple, recorded: set[str
 
 def _runs_alike(
     traced: TracedModel, example_inputs: tuple, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], stand_ins: bool
-) -> Any:
-    """The model's output when the graph, run in step with it (recording ``calls``), gives the same; else None."""
+) -> tuple[bool, Any]:
+    """Whether the graph, run in step with the model (recording ``calls``), gives the model's output; and that output."""
     try:
         graph_run = _GraphRun(traced, example_inputs)
         layers = graph_run.layers_stood_in() if stand_ins else contextlib.nullcontext()
@@ -784,12 +790,12 @@ def _runs_alike(
                 expected = traced.model(*example_inputs)
             actual = graph_run.finish()
     except Exception:  # noqa: BLE001 - the graph does not even run: it is not the model's
-        return None
+        return False, None
     if not _same_outputs(expected, actual):
-        return None
+        return False, None
     if not graph_run.constants_changed:  # else each is evaluated when the analysis reads it
         traced.constant_values = graph_run.constants
-    return expected
+    return True, expected
 
 
 @contextlib.contextmanager
