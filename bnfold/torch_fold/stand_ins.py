@@ -53,11 +53,11 @@ def layers_stood_in(layers: Iterable[nn.Module]) -> Iterator[None]:
             vars(layer).pop("forward", None)
 
 
+# A stand-in costs about 0.1 ms however small its layer; a layer with fewer multiply-adds than this runs no slower.
+_FEWEST_MULTIPLY_ADDS = 4_000_000
 # The pattern p: normal random values repeating with a prime period (drawing them costs 6 ns each), so that a
 # rearrangement of a tensor's elements meets other values of p unless it shifts them by a multiple of the period.
 _PERIOD = 65521
-# A stand-in costs about 0.1 ms however small its layer; a layer with fewer multiply-adds than this runs no slower.
-_FEWEST_MULTIPLY_ADDS = 4_000_000
 _ROTATION_STEP = 4099
 
 
