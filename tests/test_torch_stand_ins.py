@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch_architectures import CASES, trained_eval_model
 
-from bnfold.torch_fold import fold, measure_folds, stand_ins
+from bnfold.torch_fold import fold, measure_folds, stand_ins, tracing
 from bnfold.torch_fold.stand_ins import can_stand_in, layers_stood_in
 
 
@@ -235,3 +236,27 @@ def test_measure_folds_never_replaces_a_layers_forward_in_the_users_model():
     assert not _NotesStandIns.saw_a_stand_in
     fold(model, (data,), verify=False, inplace=True)  # the model it folds: stand-ins while it proves the graph
     assert _NotesStandIns.saw_a_stand_in and "forward" not in vars(model.conv)
+
+
+def _outcome(model: nn.Module, inputs: tuple) -> tuple:
+    report = fold(model, inputs, verify=False).report
+    return report.folds, [(skip.batchnorm, skip.code) for skip in report.skips], report.notes
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_every_architecture_folds_alike_with_stand_ins_for_every_layer_and_without(case, monkeypatch):
+    model, inputs = trained_eval_model(case)
+    runs = []
+    runs_alike = tracing._runs_alike
+
+    def noting_runs(traced, example_inputs, calls, stand_ins):
+        passed, output = runs_alike(traced, example_inputs, calls, stand_ins)
+        runs.append((stand_ins, passed))
+        return passed, output
+
+    monkeypatch.setattr(tracing, "_runs_alike", noting_runs)
+    stood_in = _outcome(model, inputs)
+    # The run with stand-ins proves every graph fx traces here on its own (export and Dynamo need no such run).
+    assert runs in ([(True, True)], []) and (runs == []) == (case.name in ("tf_mobilevit", "value_branch"))
+    monkeypatch.setattr(tracing, "can_stand_in", lambda layer: False)
+    assert stood_in == _outcome(model, inputs)
