@@ -170,20 +170,26 @@ class _ChecksItsOutput(_ConvBatchNorm):
         return y
 
 
-def test_a_model_that_rejects_a_stand_ins_values_is_proven_on_its_real_layers():
-    torch.manual_seed(0)
-    model = _eval_with_statistics(_ChecksItsOutput())
+def _fold_unverified(model: nn.Module, **options):
+    """``fold(..., verify=False)`` of ``model`` on a batch, the folded model checked to compute what it did."""
     data = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = model(data)
-        with layers_stood_in([model.conv, model.head]), pytest.raises(AssertionError, match="must be positive"):
-            model(data)
-    folded, report = fold(model, (data,), verify=False, inplace=True)
+    folded, report = fold(model, (data,), verify=False, **options)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(data), expected, rtol=1e-5, atol=1e-5)
+    return folded, report
+
+
+def test_a_model_that_rejects_a_stand_ins_values_is_proven_on_its_real_layers():
+    torch.manual_seed(0)
+    model = _eval_with_statistics(_ChecksItsOutput())
+    with torch.no_grad(), layers_stood_in([model.conv, model.head]), pytest.raises(AssertionError, match="must be positive"):
+        model(torch.randn(2, 3, 8, 8))
+    folded, report = _fold_unverified(model, inplace=True)
     assert report.skips == [] and len(report.folds) == 1
     assert report.notes[0] == "pairs found with torch.fx symbolic tracing"
     assert isinstance(folded.bn, nn.Identity) and "forward" not in vars(folded.conv)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(data), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_small_layers_run_their_own_forward_large_ones_a_stand_in():
@@ -208,14 +214,8 @@ class _FlipsWhenRun(_ConvBatchNorm):
 
 def test_the_check_with_stand_ins_still_catches_a_graph_the_model_does_not_run():
     torch.manual_seed(0)
-    model = _eval_with_statistics(_FlipsWhenRun())
-    data = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        expected = model(data)
-    folded, report = fold(model, (data,), verify=False)
+    _, report = _fold_unverified(_eval_with_statistics(_FlipsWhenRun()))
     assert any("traced graph computes other outputs than the model" in note for note in report.notes)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(data), expected, rtol=1e-5, atol=1e-5)
 
 
 class _NotesStandIns(_ConvBatchNorm):
