@@ -12,7 +12,8 @@ adds those layer runs (timed alone, on the inputs the original's layers received
 ``--realistic`` measures the ImageNet-size architectures of ``bnfold.architectures`` instead (ResNet-50,
 MobileNetV2, one 224x224 image), the ones the command line's benchmarks export, 3 rounds each: where a forward
 pass costs more than tracing, bnfold's proof that the fx graph computes what the model computes (one run of the
-model, which fuse does not make) shows.
+model and the graph, with stand-ins for the large layers when nothing of it is kept: fuse makes no such run)
+shows.
 
 Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/torch_fold_counts.py [NAME ...] [--runs N] [--realistic]``
 (names select some of the architectures, by the start of their name; ``--runs 3`` measures everything three
