@@ -6,7 +6,8 @@
    torch.fx, keeping unmodified torch layers and BatchNorms as module calls and tracing through
    layer subclasses with their own ``forward`` (their ``F.conv2d`` becomes a function call on
    parameters; a BatchNorm subclass calling ``super().forward(x)`` is traced with torch's rank check off). The fx graph counts only once it has run on the example inputs in step with the model and
-   given the model's outputs (Python that fx evaluates on a proxy can record a graph the model never runs).
+   given the model's outputs (Python that fx evaluates on a proxy can record a graph the model never runs; when
+   nothing of that run is kept, ``verify=False``, large Conv/Linear layers compute stand-ins in it, :mod:`.stand_ins`).
    When fx cannot trace the model (or its graph fails that), ``torch.export.export`` gives the graph instead, and
    when export cannot either (a branch on a tensor's value), the graphs TorchDynamo captures running the
    example inputs, split at graph breaks (a value crossing a break is its graph's output, so a pair
