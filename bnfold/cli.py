@@ -124,12 +124,12 @@ def fold(
             shapes = named(shapes, data_input_names(model), str(model))
         if target is not None and not dry_run:
             check_writable(target, read_from)
-        folded, report = fold_onnx_file(
+        folded, report, pending = fold_onnx_file(
             model, verify=not no_verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed,
             freeze_initializer_inputs=freeze_initializer_inputs, quantization=quantization, target_dtype=target_dtype,
         )  # fmt: skip
         if target is not None and not dry_run:
-            save_model(folded, target, read_from=read_from)
+            save_model(folded, target, read_from=read_from, pending=pending)
             report.output = str(target)
     except InputError as error:
         fail(str(error))

@@ -7,6 +7,7 @@ bytes and graph inputs/outputs; every model test_onnx_fold.py folds goes through
 from __future__ import annotations
 
 import gc
+import io
 
 import numpy as np
 import onnx
@@ -175,3 +176,31 @@ def test_fold_onnx_restores_the_garbage_collector_state():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_large_new_tensors_go_to_the_file_from_the_folds_arrays(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bnfold.cli import main
+    from bnfold.onnx_fold import protobuf_writer
+    from bnfold.onnx_fold.fast_path import fold_plain_pairs
+
+    model = conv_bn_chain(3, channels=160)  # 100 KiB weights: their data stays out of the folded protobuf
+    assert fast_path_agrees(model)  # (which also compares the bytes written from the arrays with protobuf's)
+    deferred = fold_plain_pairs(model, leave_data_pending=True)
+    assert len(deferred.pending) == 3
+    assert not any(tensor.HasField("raw_data") for tensor in deferred.model.graph.initializer if tensor.name in deferred.pending)
+    expected = fold_onnx(model, verify=False)[0].SerializeToString()
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, path)
+    for flags in ([], ["--no-verify"]):  # verification runs the folded model from the arrays too
+        output = tmp_path / f"folded{len(flags)}.onnx"
+        result = CliRunner().invoke(main, [str(path), "-o", str(output), *flags])
+        assert result.exit_code == 0, result.output
+        assert output.read_bytes() == expected
+    # A model serialized whole (past the writer's count of pieces) gets the data into its protobuf first.
+    monkeypatch.setattr(protobuf_writer, "_MAX_PIECES", 0)
+    deferred = fold_plain_pairs(model, leave_data_pending=True)
+    file = io.BytesIO()
+    protobuf_writer.SerializedModel(deferred.model, deferred.pending).write(file)
+    assert file.getvalue() == expected and deferred.pending == {}

@@ -20,9 +20,11 @@ import onnx
 from bnfold.errors import VerificationError
 from bnfold.onnx_fold.fast_path import fold_plain_pairs
 from bnfold.onnx_fold.io import load_inline_model
+from bnfold.onnx_fold.protobuf_writer import fill_pending_data
 from bnfold.report import FoldReport
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx_ir as ir
 
 
@@ -61,30 +63,44 @@ def fold_onnx(
     ``source`` is the file a ``ModelProto`` was read from: it names the model in the report and in errors
     (default: the graph's name).
     """
+    folded, report, _ = _fold_measured(
+        model, source, False, verify=verify, freeze_initializer_inputs=freeze_initializer_inputs, quantization=quantization,
+        target_dtype=target_dtype, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed,
+    )  # fmt: skip
+    return folded, report
+
+
+def fold_onnx_file(path: str | os.PathLike, **options) -> tuple[onnx.ModelProto | ir.Model, FoldReport, dict[str, np.ndarray]]:
+    """:func:`fold_onnx` of the model file ``path`` (``options`` are its keywords), as the command line folds it,
+    to be written with :func:`bnfold.onnx_fold.io.save_model` and the third value it returns. A model whose
+    tensors are all in the file is loaded as a protobuf and folded into one (the fast path's input), whose large
+    new tensors come without their data, held by name in that third value (``pending``, see
+    :func:`bnfold.onnx_fold.fast_path.fold_plain_pairs`); one with external data is loaded with onnx_ir, which
+    keeps the data on disk, and folded into an onnx_ir model."""
+    proto = load_inline_model(path)
+    model, source = (path, None) if proto is None else (proto, path)
+    return _fold_measured(model, source, True, **options)
+
+
+def _fold_measured(
+    model, source, leave_data_pending: bool, *, verify: bool = True, freeze_initializer_inputs: bool = False,
+    quantization: bool = False, target_dtype: str | None = None, **verification,
+):  # fmt: skip
+    """:func:`_fold_onnx`, then the quantization measure if asked (on the folded model's data: none pending)."""
     if target_dtype is not None:
         from bnfold.quantization import check_target_dtype
 
         check_target_dtype(target_dtype)
+    measure = quantization or target_dtype is not None
     with _gc_paused():
-        folded, report = _fold_onnx(
-            model, source, verify, freeze_initializer_inputs, input_shapes=input_shapes, atol=atol, rtol=rtol, seed=seed
+        folded, report, pending = _fold_onnx(
+            model, source, verify, freeze_initializer_inputs, leave_data_pending and not measure, **verification
         )
-        if quantization or target_dtype is not None:
+        if measure:
             from bnfold.onnx_fold.quantization import measure_onnx_folds
 
             report.quantization = measure_onnx_folds(model, folded, report.folds, target_dtype)
-    return folded, report
-
-
-def fold_onnx_file(path: str | os.PathLike, **options) -> tuple[onnx.ModelProto | ir.Model, FoldReport]:
-    """:func:`fold_onnx` of the model file ``path``, as the command line folds it: a model whose tensors are
-    all in the file is loaded as a protobuf and folded into one (the fast path's input, and
-    :func:`bnfold.onnx_fold.io.save_model` writes it as it is); one with external data is loaded with
-    onnx_ir, which keeps the data on disk, and folded into an onnx_ir model."""
-    proto = load_inline_model(path)
-    if proto is None:
-        return fold_onnx(path, **options)
-    return fold_onnx(proto, source=path, **options)
+    return folded, report, pending
 
 
 @contextlib.contextmanager
@@ -100,23 +116,28 @@ def _gc_paused():
             gc.enable()
 
 
-def _fold_onnx(model, source: str | os.PathLike | None, verify: bool, freeze: bool, **verification):
+def _fold_onnx(model, source: str | os.PathLike | None, verify: bool, freeze: bool, leave_data_pending: bool, **verification):
+    """The folded model, its report and the data the fast path left pending (see fold_onnx_file)."""
     # The fast path reads initializer-backed inputs as not constant: freezing goes through the pass.
     use_fast = isinstance(model, onnx.ModelProto) and not (freeze and _proto_initializer_inputs(model))
-    fast = fold_plain_pairs(model, keep_arrays=verify) if use_fast else None
+    fast = fold_plain_pairs(model, keep_arrays=verify, leave_data_pending=leave_data_pending) if use_fast else None
     if fast is not None:
-        folded, folds, arrays = fast
+        folded, folds, arrays, pending = fast
         label = str(source) if source is not None else model.graph.name or "<model>"
         report = FoldReport(model=label, frontend="onnx", nodes_before=_proto_node_counts(model), folds=folds)
         report.nodes_after = _proto_node_counts(folded)
-        _verify(report, verify, model, folded, known_arrays=arrays, **verification)
-        return folded, report
+        try:
+            _verify(report, verify, model, folded, known_arrays=arrays, **verification)
+        except VerificationError:
+            fill_pending_data(folded, pending)  # the error carries the folded model, whole
+            raise
+        return folded, report, pending
     from bnfold.onnx_fold.ir_pass import fold_with_pass
 
     def verify_into(report: FoldReport, original, folded) -> None:
         _verify(report, verify, original, folded, **verification)
 
-    return fold_with_pass(model, None if source is None else str(source), freeze, verify_into)
+    return *fold_with_pass(model, None if source is None else str(source), freeze, verify_into), {}
 
 
 def _proto_initializer_inputs(model: onnx.ModelProto) -> bool:

@@ -22,7 +22,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bnfold.errors import InputError, MissingInputError, describe_error
-from bnfold.onnx_fold.protobuf_writer import SerializedModel, copy_fields
+from bnfold.onnx_fold.protobuf_writer import SerializedModel, copy_fields, fill_pending_data
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -318,6 +318,7 @@ def save_model(
     external_data: bool | None = None,
     *,
     read_from: Iterable[str | os.PathLike] = (),
+    pending: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write ``model`` to ``path`` atomically: staged in a directory beside it, then renamed.
 
@@ -329,15 +330,17 @@ def save_model(
     run's data, and no existing file but ``path`` is ever replaced. Once the new model is in place, the data
     files bearing its name that the replaced model read are removed, unless they belong to ``read_from``.
     A ``ModelProto`` within the protobuf limit is written by :mod:`bnfold.onnx_fold.protobuf_writer`, a piece at
-    a time (onnx_ir's writer is about twice as slow).
+    a time (onnx_ir's writer is about twice as slow), with the data of its initializers named in ``pending``
+    (:func:`bnfold.onnx_fold.folding.fold_onnx_file`) from those arrays.
     """
     path = Path(path)
     serialized = None
     if isinstance(model, onnx.ModelProto):
-        serialized = None if external_data else _serialized_within_limit(model)
+        serialized = None if external_data else _serialized_within_limit(model, pending)
         if serialized is None:
             import onnx_ir as ir
 
+            fill_pending_data(model, pending or {})
             model = ir.from_proto(model)
         else:
             external_data = False
@@ -367,10 +370,10 @@ def save_model(
         file.unlink(missing_ok=True)
 
 
-def _serialized_within_limit(model: onnx.ModelProto) -> SerializedModel | None:
+def _serialized_within_limit(model: onnx.ModelProto, pending: dict[str, np.ndarray] | None) -> SerializedModel | None:
     """The model's serialization, planned, when it fits one protobuf file."""
     try:
-        serialized = SerializedModel(model)
+        serialized = SerializedModel(model, pending)
     except ValueError:  # past protobuf's 2 GiB
         return None
     return serialized if serialized.size <= EXTERNAL_DATA_THRESHOLD else None

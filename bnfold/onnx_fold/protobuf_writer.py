@@ -8,25 +8,34 @@ written at once; everything around them (the model's other fields, the graph's n
 is serialized by protobuf too, and only the framing that joins the pieces, each field's key and length, is
 written here: a protobuf message is its fields in field-number order, a nested message a key, its length
 as a varint, then its bytes. Tests check that the file holds exactly ``SerializeToString``'s bytes.
+
+The fast path's large new tensors may come without their data (``pending``, see
+:func:`bnfold.onnx_fold.fast_path.fold_plain_pairs`): each is written as its other fields (``dims``, ``data_type``,
+``name``, all numbered below ``raw_data``) then ``raw_data`` framed around the array's own memory, the bytes the
+tensor would serialize to with its data, which it never holds.
 """
 
 from __future__ import annotations
 
 from typing import BinaryIO
 
+import numpy as np
 import onnx
 from google.protobuf import unknown_fields
 
 _LENGTH_DELIMITED = 2  # the wire type of nested messages
 _GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
 class SerializedModel:
-    """``model``'s serialization, planned: :attr:`size` is the file's size, :meth:`write` writes it."""
+    """``model``'s serialization, planned: :attr:`size` is the file's size, :meth:`write` writes it. ``pending``
+    holds the data of the initializers that lack it, by name (see the module's docstring)."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, pending: dict[str, np.ndarray] | None = None):
         self._model = model
+        self._pending = pending or {}
         self._whole = (
             not model.HasField("graph")
             or len(model.graph.initializer) > _MAX_PIECES
@@ -34,13 +43,14 @@ class SerializedModel:
             or _has_unknown_fields(model.graph)  # (protobuf puts those last: no framing of ours to get wrong)
         )
         if self._whole:
+            fill_pending_data(model, self._pending)
             self._bytes = model.SerializeToString()
             self.size = len(self._bytes)
             return
         self._before, self._after = _split(model, _GRAPH)
         self._graph_before, self._graph_after = _split(model.graph, _INITIALIZER)
         # ByteSize serializes too, into a buffer it drops: still cheaper than one serialization of the whole.
-        self._tensor_sizes = [tensor.ByteSize() for tensor in model.graph.initializer]
+        self._tensor_sizes = [tensor.ByteSize() + _pending_data_size(self._pending.get(tensor.name)) for tensor in model.graph.initializer]
         tensor_key = _key(_INITIALIZER)
         self._graph_size = (
             len(self._graph_before)
@@ -58,7 +68,27 @@ class SerializedModel:
         for tensor, size in zip(self._model.graph.initializer, self._tensor_sizes):
             file.write(tensor_key + _varint(size))
             file.write(tensor.SerializeToString())
+            data = self._pending.get(tensor.name)
+            if data is not None:
+                file.write(_key(_RAW_DATA) + _varint(data.nbytes))
+                file.write(data.reshape(-1).view(np.uint8))
         file.write(self._graph_after + self._after)
+
+
+def _pending_data_size(data: np.ndarray | None) -> int:
+    """The bytes ``raw_data`` holding ``data`` adds to a tensor's serialization."""
+    return 0 if data is None else len(_key(_RAW_DATA)) + len(_varint(data.nbytes)) + data.nbytes
+
+
+def fill_pending_data(model: onnx.ModelProto, pending: dict[str, np.ndarray]) -> None:
+    """Give the initializers of ``model`` named in ``pending`` (the fast path's tensors without their data)
+    their raw data, and empty ``pending``."""
+    if pending:
+        for tensor in model.graph.initializer:
+            array = pending.get(tensor.name)
+            if array is not None:
+                tensor.raw_data = array.tobytes()
+        pending.clear()
 
 
 def copy_fields(source, target, skip: tuple[str, ...]) -> None:

@@ -140,15 +140,16 @@ def _from_proto(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> Runtim
     for tensor in model.graph.initializer:
         storage = RAW_STORAGE.get(tensor.data_type)
         nbytes = math.prod(tensor.dims) * (np.dtype(storage).itemsize if storage else 0)
+        known = arrays.get(tensor.name)
+        known = known if known is not None and known.nbytes == nbytes else None
         if (
             nbytes < _SHARED_MIN_BYTES
             or tensor.data_location == onnx.TensorProto.EXTERNAL
-            or not tensor.HasField("raw_data")
+            or not (tensor.HasField("raw_data") or known is not None)  # (the fast path's pending data is known)
         ):
             proto.graph.initializer.append(tensor)
             continue
-        known = arrays.get(tensor.name)
-        if known is not None and known.nbytes == nbytes:
+        if known is not None:
             array = np.ascontiguousarray(known).view(storage)
         else:
             raw = tensor.raw_data  # (a copy: protobuf hands out bytes)
