@@ -70,15 +70,16 @@ def _pattern_twice(device: torch.device) -> torch.Tensor:
 
 def _stand_in(layer: nn.Module, rotation: int, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
     shape = _output_shape(layer, input)
-    if shape is None or math.prod(shape) * layer.weight[0].numel() < _FEWEST_MULTIPLY_ADDS:
+    outputs = None if shape is None else math.prod(shape)
+    if outputs is None or outputs * layer.weight[0].numel() < _FEWEST_MULTIPLY_ADDS:
         return type(layer).forward(layer, input)
     pattern = _pattern_twice(input.device)[rotation : rotation + _PERIOD]
     flat = input.reshape(-1).to(torch.float32)
     whole, rest = divmod(flat.numel(), _PERIOD)
     z = (flat[: whole * _PERIOD].view(whole, _PERIOD) @ pattern).sum() + flat[whole * _PERIOD :] @ pattern[:rest]
     factor = 1 + z / math.sqrt(max(flat.numel(), 1))
-    values = torch.empty(math.prod(shape), device=input.device)
-    whole, rest = divmod(values.numel(), _PERIOD)
+    values = torch.empty(outputs, device=input.device)
+    whole, rest = divmod(outputs, _PERIOD)
     torch.mul(pattern.expand(whole, _PERIOD), factor, out=values[: whole * _PERIOD].view(whole, _PERIOD))
     torch.mul(pattern[:rest], factor, out=values[whole * _PERIOD :])
     if len(shape) == layer.weight.dim() and (_channels_last(input) or _channels_last(layer.weight)):
@@ -97,8 +98,7 @@ def _output_shape(layer: nn.Module, input: torch.Tensor) -> tuple[int, ...] | No
     """The shape of ``layer``'s output for ``input``, or None where its own forward must answer (it may raise)."""
     weight = layer.weight
     if (
-        not isinstance(input, torch.Tensor)
-        or type(input) is not torch.Tensor
+        type(input) is not torch.Tensor
         or input.dtype != weight.dtype
         or not input.is_floating_point()
         or input.device != weight.device
