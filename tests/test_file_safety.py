@@ -134,11 +134,20 @@ def test_in_place_with_external_data_removes_the_replaced_data_file(tmp_path):
     assert_same_outputs(onnx.load(EXAMPLE), onnx.load(model), atol=1e-5, rtol=1e-4)
 
 
-def test_data_files_of_other_models_are_never_removed(tmp_path):
-    """An existing output whose data file is also an input's: replacing the output must not delete it."""
+@pytest.mark.parametrize("location", ["out.onnx.data", "sub/../out.onnx.data"])
+def test_data_files_of_other_models_are_never_removed(tmp_path, location):
+    """An existing output whose data file is also an input's, whatever the input calls it (a path through a
+    folder and back): replacing the output must not delete it."""
     shared = with_external_data(tmp_path, name="out.onnx", location="out.onnx.data")
+    (tmp_path / "sub").mkdir()
     model = tmp_path / "model.onnx"
     shutil.copy(shared, model)  # reads out.onnx.data as well
+    if location != "out.onnx.data":
+        proto = onnx.load(model, load_external_data=False)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                entry.value = location if entry.key == "location" else entry.value
+        onnx.save(proto, model)
     before = digest(tmp_path / "out.onnx.data")
     code, output = invoke(model, "-o", shared)
     assert code == 0, output
@@ -193,22 +202,44 @@ def test_output_onto_a_fifo_or_device_is_refused(tmp_path, special):
     assert not target.is_file() and target.exists()
 
 
+def scratch_of(folder: Path, name: str) -> Path:
+    """A scratch directory as a bnfold run leaves it when killed: its marker file and a half-written file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).mkdir()
+    (folder / name / ".bnfold-scratch").touch()
+    (folder / name / "model.onnx").write_bytes(b"half")
+    return folder / name
+
+
 def test_stale_staging_and_scratch_directories_of_dead_runs_are_removed(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale_staging = tmp_path / f".bnfold-staging-{dead.pid}-abc123"
-    stale_staging.mkdir()
-    (stale_staging / "model.onnx").write_bytes(b"half")
-    live_staging = tmp_path / f".bnfold-staging-{os.getpid()}-def456"  # a run still going: left alone
-    live_staging.mkdir()
+    stale_staging = scratch_of(tmp_path, f".bnfold-staging-{dead.pid}-abc123")
+    live_staging = scratch_of(tmp_path, f".bnfold-staging-{os.getpid()}-def456")  # a run still going: left alone
     temporary = tmp_path / "tmp"
-    stale_verify = temporary / f"bnfold-verify-{dead.pid}-ghi789"
-    stale_verify.mkdir(parents=True)
+    scratch_of(temporary, f"bnfold-verify-{dead.pid}-ghi789")
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))  # where verification keeps its scratch files
     code, output = invoke(EXAMPLE, "-o", tmp_path / "folded.onnx")
     assert code == 0, output
     assert not stale_staging.exists() and live_staging.exists()
     assert list(temporary.iterdir()) == []
+
+
+def test_folders_named_like_scratch_directories_are_never_removed(tmp_path, monkeypatch):
+    """Only a directory holding bnfold's marker file is scratch: not a user's folder named alike, nor a symlink to one."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    kept = [tmp_path / "bnfold-runs-20240101-final", tmp_path / f"bnfold-verify-{dead.pid}-results"]
+    for folder in kept:
+        folder.mkdir()
+        (folder / "results.txt").write_text("precious")
+    elsewhere = scratch_of(tmp_path / "elsewhere", "target")
+    (tmp_path / f".bnfold-staging-{dead.pid}-abcd1234").symlink_to(elsewhere, target_is_directory=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code, output = invoke(EXAMPLE, "-o", tmp_path / "folded.onnx")
+    assert code == 0, output
+    assert all((folder / "results.txt").read_text() == "precious" for folder in kept)
+    assert (elsewhere / "model.onnx").exists()
 
 
 def model_failing_the_checker(problem: str) -> onnx.ModelProto:
@@ -267,3 +298,10 @@ def test_interrupt_exits_130_in_one_line_and_removes_scratch_files(tmp_path):
     assert process.returncode == 130, stderr
     assert stderr.strip() == "bnfold: interrupted"
     assert ours(scratch) == []
+
+
+def test_an_output_folder_that_refuses_new_files_is_bad_input():
+    """/proc refuses new files even to root, for whom the up-front access check passes."""
+    code, output = invoke(EXAMPLE, "-o", "/proc/folded.onnx", "--no-verify")
+    assert code == 2 and output.count("\n") == 1
+    assert output.startswith("bnfold: error: /proc/folded.onnx: ") and "internal error" not in output

@@ -273,8 +273,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 # Scratch directories are named kind-PID-random so that a later run can tell those of dead runs (killed
-# before they could clean up) and remove them.
-_SCRATCH_NAME = re.compile(r"(?:\.)?bnfold-[a-z]+-(\d+)-\w+")
+# before they could clean up) and remove them; a marker file inside proves bnfold made one: a folder of the user's
+# named alike (``bnfold-runs-20240101-final``) is never touched.
+_SCRATCH_KINDS = ("staging", "verify", "session")
+_SCRATCH_NAME = re.compile(rf"\.?bnfold-(?:{'|'.join(_SCRATCH_KINDS)})-(\d+)-\w+")
+_SCRATCH_MARKER = ".bnfold-scratch"
 
 
 @contextlib.contextmanager
@@ -286,6 +289,7 @@ def scratch_directory(kind: str, parent: str | os.PathLike | None = None, *, hid
     prefix = f"{'.' if hidden else ''}bnfold-{kind}-{os.getpid()}-"
     directory = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
+        (Path(directory) / _SCRATCH_MARKER).touch()
         yield Path(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -298,8 +302,21 @@ def _remove_stale_scratch(parent: Path) -> None:
         return
     for entry in entries:
         match = _SCRATCH_NAME.fullmatch(entry.name)
-        if match and entry.is_dir(follow_symlinks=False) and not _process_exists(int(match.group(1))):
+        if match and _made_by_bnfold(entry) and not _process_exists(int(match.group(1))):
             shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _made_by_bnfold(entry: os.DirEntry) -> bool:
+    """A directory of this user's (not a symlink) holding bnfold's marker file."""
+    try:
+        return (
+            entry.is_dir(follow_symlinks=False)
+            and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+            and os.path.isfile(os.path.join(entry.path, _SCRATCH_MARKER))
+            and not os.path.islink(os.path.join(entry.path, _SCRATCH_MARKER))
+        )
+    except OSError:
+        return False
 
 
 def _process_exists(pid: int) -> bool:
@@ -350,10 +367,12 @@ def save_model(
     if external_data is None:
         external_data = bool(tensor_files) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{path.name}.{os.urandom(4).hex()}.data" if external_data else None
-    orphaned = _own_data_files(path) - {file.absolute() for file in kept}
-    with scratch_directory("staging", path.parent, hidden=True) as staging:
-        staged_model = staging / path.name
-        try:
+    # (by file identity: a location such as ``sub/../out.onnx.data`` or a symlink names a kept file too)
+    kept_identities = {_identity(file) for file in kept} - {None}
+    orphaned = {file for file in _own_data_files(path) if _identity(file) not in kept_identities}
+    try:
+        with scratch_directory("staging", path.parent, hidden=True) as staging:
+            staged_model = staging / path.name
             if serialized is not None:
                 with open(staged_model, "wb") as file:
                     serialized.write(file)
@@ -364,10 +383,19 @@ def save_model(
             if data_name:
                 os.link(staging / data_name, path.parent / data_name)  # fails rather than replace a file
             os.replace(staged_model, path)
-        except OSError as error:
-            raise InputError(path, f"cannot write output ({error.strerror or error})") from None
+    except OSError as error:
+        raise InputError(path, f"cannot write output ({error.strerror or error})") from None
     for file in orphaned:
         file.unlink(missing_ok=True)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file ``path`` names (device and inode, after symlinks), or None when there is none."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _serialized_within_limit(model: onnx.ModelProto, pending: dict[str, np.ndarray] | None) -> SerializedModel | None:
