@@ -95,6 +95,36 @@ def test_batchnorm_scale_of_the_wrong_length_is_a_channel_mismatch():
     assert code == "channel-mismatch" and "2/3/3/3 values" in reason
 
 
+def test_batchnorm_scale_of_rank_two_is_a_channel_mismatch():
+    """[2, 2] holds four values for the conv's four channels, but BatchNormalization takes [C]: onnxruntime
+    refuses the model, and a fold would turn it into one it runs."""
+    model = conv_bn(weight_shape=(4, 2, 3, 3), channels=4)
+    tensor(model, "bn_scale").CopyFrom(initializer("bn_scale", np.ones((2, 2), np.float32)))
+    [(code, reason)] = skips(model)
+    assert code == "channel-mismatch" and "scale of bn has shape [2, 2]" in reason
+
+
+def test_check_reports_statistics_that_do_not_fit_and_refuses_ones_that_are_not_numbers(tmp_path):
+    """Models onnx's checker accepts: the check gives BN004 for statistics of mismatched shapes, nothing about
+    a BatchNorm of no channels, and names the file of a string scale as unusable."""
+    mismatched = conv_bn()
+    tensor(mismatched, "bn_scale").CopyFrom(initializer("bn_scale", np.ones(2, np.float32)))
+    [finding] = [f for f in bnfold.check(mismatched) if f.code.startswith("BN")]
+    assert finding.code == "BN004" and "weight of shape [2], bias of shape [3]" in finding.message
+    empty = conv_bn(weight_shape=(0, 2, 3, 3), channels=0)
+    assert not [f for f in bnfold.check(empty) if f.code.startswith("BN")]
+    strings = conv_bn()
+    scale = tensor(strings, "bn_scale")
+    scale.ClearField("raw_data")
+    scale.data_type = TensorProto.STRING
+    scale.string_data.extend([b"a", b"b", b"c"])
+    strings.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"]))
+    path = tmp_path / "strings.onnx"
+    path.write_bytes(strings.SerializeToString())
+    with pytest.raises(InputError, match=f"{path}: BatchNorm bn: input 'bn_scale' holds string values, not numbers"):
+        bnfold.check(path)
+
+
 @pytest.mark.parametrize("group", [0, -1, 2])
 def test_conv_group_that_does_not_divide_the_channels_is_a_channel_mismatch(group):
     [(code, reason)] = skips(conv_bn(group=group))

@@ -79,6 +79,16 @@ def dropout_findings(state: DropoutState) -> list[Finding]:
 
 
 def statistics_findings(name: str, statistics: Statistics) -> list[Finding]:
+    sizes = {
+        label: array.shape
+        for label, array in zip(_STATISTIC_NAMES, (statistics.weight, statistics.bias, statistics.running_mean, statistics.running_var))
+        if array is not None
+    }
+    if len(set(sizes.values())) > 1 or any(len(shape) != 1 for shape in sizes.values()):
+        described = ", ".join(f"{label} of shape {list(shape)}" for label, shape in sizes.items())
+        return [Finding("BN004", name, f"its statistics do not give one value per channel: {described}")]
+    if not statistics.running_mean.size:
+        return []  # no channels: nothing to normalise
     findings = _untrained_findings(name, statistics)
     try:
         affine = batchnorm_affine(
@@ -91,6 +101,9 @@ def statistics_findings(name: str, statistics: Statistics) -> list[Finding]:
         *_precision_findings(name, statistics, np.abs(affine.scale)),
         *_quantization_findings(name, statistics, affine),
     ]
+
+
+_STATISTIC_NAMES = ("weight", "bias", "running mean", "running variance")
 
 
 def _untrained_findings(name: str, statistics: Statistics) -> list[Finding]:

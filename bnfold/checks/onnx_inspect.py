@@ -115,6 +115,10 @@ def _statistics(node: ir.Node) -> Statistics | None:
     arrays = [_constant_input(node, index) for index in range(1, 5)]
     if any(array is None for array in arrays):
         return None
+    for index, array in enumerate(arrays, start=1):
+        if array.dtype.kind not in "biuf":  # (the checker lets a string or complex tensor through)
+            kind = "complex" if array.dtype.kind == "c" else "string"
+            raise MalformedTensorError(f"BatchNorm {node_label(node)}: input {node.inputs[index].name!r} holds {kind} values, not numbers")
     weight, bias, mean, var = (np.asarray(array, dtype=np.float64) for array in arrays)
     return Statistics(weight, bias, mean, var, node.attributes.get_float("epsilon", BATCHNORM_DEFAULT_EPSILON))
 

@@ -246,7 +246,7 @@ def _plain_pair(position: int, opset: int, index: _GraphIndex) -> PlainPair | No
     elif len(dims) < 3 or layout.groups < 1 or dims[0] % layout.groups:
         return None
     channels = layout.out_channels(dims)
-    if 0 in dims or any(math.prod(tensor.dims) != channels for tensor in statistics) or not _bias_fits(bias, layer, channels):
+    if 0 in dims or any(list(tensor.dims) != [channels] for tensor in statistics) or not _bias_fits(bias, layer, channels):
         return None
     fold_bias = bias is not None and beta != 0.0
     labels = (node_label(batchnorm), node_label(layer))

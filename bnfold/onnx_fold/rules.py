@@ -344,6 +344,10 @@ def _batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
     scale, bias, mean, var = parameters
     if version < 9 and not _typed_attr(node, "spatial", 1, _INT, "channel-mismatch") and any(p.ndim > 1 and p.size != p.shape[0] for p in parameters):
         raise Refusal("channel-mismatch", f"{label} has spatial=0 with per-position statistics; only per-channel folds")
+    for what, parameter in zip(("scale", "bias", "mean", "variance"), parameters):
+        # One value per channel: shape [C] (before opset 9, [C, 1, ...] also: the spatial attribute's era).
+        if parameter.ndim != 1 and not (version < 9 and parameter.ndim and parameter.size == parameter.shape[0]):
+            raise Refusal("channel-mismatch", f"the {what} of {label} has shape {list(parameter.shape)}; BatchNormalization takes one value per channel, shape [C]")
     sizes = [p.size for p in parameters]
     if len(set(sizes)) != 1 or not sizes[0]:
         raise Refusal("channel-mismatch", f"{label} has {'/'.join(map(str, sizes))} values of scale/bias/mean/variance; one per channel is needed")
