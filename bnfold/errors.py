@@ -66,4 +66,9 @@ class VerificationError(RuntimeError):
 
 class VerificationUnavailableError(RuntimeError):
     """Nothing can be proven either way: onnxruntime cannot run the original model, or no random inputs
-    can be made for it (no shape, a size below 1, or past the memory budget)."""
+    can be made for it (no shape, a size below 1, or past the memory budget); or (``model`` "folded") the
+    folded model, the candidate of ``bnfold verify``, has a tensor that cannot be read or onnxruntime cannot run it."""
+
+    def __init__(self, message: str, model: str = "original"):
+        super().__init__(message)
+        self.model = model

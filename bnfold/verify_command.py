@@ -58,14 +58,17 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
         shapes = parse_input_shapes(input_shapes)
         if positional(shapes):
             shapes = named(shapes, [name for name, _ in interfaces[original][0]], str(original))
-        _, plan = fold_onnx(models[original], verify=False)  # which layers absorb which BatchNorms
+        try:
+            _, plan = fold_onnx(models[original], verify=False)  # which layers absorb which BatchNorms
+        except InputError as error:  # (labelled with the graph's name: the model is in memory)
+            raise InputError(str(original), error.problem) from None
         result = run_verification(  # (the original as loaded above: fold_onnx left it as it was)
             models[original], models[candidate], folds=plan.folds, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed
         )
     except InputError as error:
         fail(str(error))
     except VerificationUnavailableError as error:
-        fail(f"{original}: {error}")
+        fail(f"{candidate if error.model == 'folded' else original}: {error}")
     result.overrides = CLI_OVERRIDES
     if output_format == "json":
         click.echo(json.dumps({"schema": "bnfold.verify-report/1", "original": str(original), "candidate": str(candidate),

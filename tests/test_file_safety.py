@@ -305,3 +305,18 @@ def test_an_output_folder_that_refuses_new_files_is_bad_input():
     code, output = invoke(EXAMPLE, "-o", "/proc/folded.onnx", "--no-verify")
     assert code == 2 and output.count("\n") == 1
     assert output.startswith("bnfold: error: /proc/folded.onnx: ") and "internal error" not in output
+
+
+def test_onnxruntimes_own_error_log_never_reaches_stderr(tmp_path):
+    """A conv of group 0 passes onnx's checker and loads in onnxruntime, which then fails running it and logs
+    the failure itself (in colour, at error level): only bnfold's one line is printed."""
+    model = onnx.load(EXAMPLE)
+    first_conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    for attribute in [a for a in first_conv.attribute if a.name == "group"]:
+        first_conv.attribute.remove(attribute)
+    first_conv.attribute.append(helper.make_attribute("group", 0))
+    path = tmp_path / "group0.onnx"
+    onnx.save(model, path)
+    run = subprocess.run([BNFOLD, path, "-o", tmp_path / "out.onnx"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"bnfold: error: {path}: onnxruntime cannot run the original model")

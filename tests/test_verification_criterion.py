@@ -351,6 +351,37 @@ def test_bnfold_verify_command(tmp_path):
     assert runner.invoke(main, ["verify", paths[0], str(tmp_path / "junk.onnx")]).exit_code == 2
 
 
+def test_bnfold_verify_names_the_file_at_fault(tmp_path):
+    """A candidate that keeps the BatchNorm under another name is the original; a model with a tensor that cannot
+    be read, or that onnxruntime refuses, is bad input named by its path, on one line, whichever side it is on."""
+    original = _conv_bn(np.float32, near_dead=0)
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(original)
+    _layer(renamed, "bn").name = "bn_renamed"
+    wrong_type = onnx.ModelProto()
+    wrong_type.CopyFrom(original)
+    next(t for t in wrong_type.graph.initializer if t.name == "scale").data_type = TensorProto.UINT8  # 4x the bytes it needs
+    refused = onnx.ModelProto()
+    refused.CopyFrom(original)
+    refused.graph.initializer.remove(next(t for t in refused.graph.initializer if t.name == "scale"))
+    refused.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "scale"))  # 3 values, 16 channels
+    paths = {name: _save(model, tmp_path / f"{name}.onnx") for name, model in
+             (("original", original), ("renamed", renamed), ("wrong_type", wrong_type), ("refused", refused))}  # fmt: skip
+    runner = CliRunner()
+    kept = runner.invoke(main, ["verify", paths["original"], paths["renamed"], "--format", "json"])
+    assert kept.exit_code == 0, kept.output
+    (check,) = json.loads(kept.output)["verification"]["folds"]
+    assert check["status"] == "not compared" and "keeps a BatchNorm after 'conv'" in check["reason"]
+    for pair, at_fault, words in (
+        (("wrong_type", "original"), "wrong_type", "tensor 'scale' is unreadable"),
+        (("original", "wrong_type"), "wrong_type", "onnxruntime cannot run the folded model"),
+        (("original", "refused"), "refused", "onnxruntime cannot run the folded model"),
+    ):
+        result = runner.invoke(main, ["verify", *(paths[name] for name in pair)])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith(f"bnfold: error: {paths[at_fault]}: {words}"), result.output
+
+
 def test_other_tools_float32_folds_pass_bnfold_verify(tmp_path):
     """Folds computed in float32 by other tools round s = gamma / sqrt(var + eps) and the products in
     float32: a few units (measured up to 1.7 on the test architectures), inside the 16 allowed. onnxruntime's

@@ -41,7 +41,7 @@ def _initializer_array(value: ir.Value) -> np.ndarray | None:
     try:
         array = tensor.numpy()
     except Exception as error:  # onnx_ir raises ValueError, TypeError, ... depending on how the data is wrong
-        raise MalformedTensorError(f"tensor {value.name!r} is unreadable ({type(error).__name__}: {error})") from None
+        raise MalformedTensorError.unreadable(value.name, error) from None
     if isinstance(tensor, ir.ExternalTensor):
         # Copy out and unmap, so a large model's weights are not all held mapped at once.
         array = array.copy()

@@ -81,6 +81,8 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     folded_layer = _corresponding_layer(fold, layer, anchor, in_folded, positions)
     if folded_layer.op_type != layer.node.op_type:
         raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
+    if _beside_a_batchnorm(folded_layer, preceding):
+        raise LookupError(f"the folded model keeps a BatchNorm {'after' if preceding else 'before'} {fold.layer!r}")
     if any(value is not None and value.const_value is None for value in folded_layer.inputs[1:]):
         raise LookupError(f"the folded {fold.layer!r} reads a weight that is not an initializer")
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
@@ -98,6 +100,14 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
         label, data, reference, ir.serde.serialize_node(folded_layer), folded_weights,
         ir.serde.serialize_node(layer.node), original_inputs, match.affine, preceding, parameters, bias_terms,
     )  # fmt: skip
+
+
+def _beside_a_batchnorm(layer: ir.Node, preceding: bool) -> bool:
+    """Whether a BatchNorm, under whatever name, reads the layer's output (``preceding``) or makes its input."""
+    if preceding:
+        return any(use.node.op_type == "BatchNormalization" for output in layer.outputs[:1] for use in output.uses())
+    producer = layer.inputs[0].producer() if layer.inputs and layer.inputs[0] is not None else None
+    return producer is not None and producer.op_type == "BatchNormalization"
 
 
 def _parameters(layer: Layer) -> LayerParameters:

@@ -101,6 +101,7 @@ def plain_local_folds(
     for node in folded.source.graph.node:
         in_folded.setdefault(node_label(node), []).append(node)
     initializers = {tensor.name: tensor for tensor in folded.source.graph.initializer}
+    normalized = {node.input[0] for node in folded.source.graph.node if node.op_type == "BatchNormalization" and node.input}
     local, unchecked = [], []
     for fold in folds:
         pair = pairs[fold.batchnorm]
@@ -114,6 +115,8 @@ def plain_local_folds(
             folded_layer = nodes[0]
             if folded_layer.op_type != pair.layer.op_type:
                 raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
+            if folded_layer.output and folded_layer.output[0] in normalized:
+                raise LookupError(f"the folded model keeps a BatchNorm after {fold.layer!r}")  # (renamed, maybe)
             if any(name and name not in initializers for name in folded_layer.input[1:]):
                 raise LookupError(f"the folded {fold.layer!r} reads a weight that is not an initializer")
             folded_weights = [folded.array(initializers[name]) if name else None for name in folded_layer.input[1:]]

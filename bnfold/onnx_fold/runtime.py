@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from bnfold.onnx_fold.fast_path import tensor_array
 from bnfold.onnx_fold.io import RAW_STORAGE, scratch_directory
 from bnfold.onnx_fold.protobuf_writer import copy_fields
+from bnfold.onnx_fold.shared import MalformedTensorError
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -179,7 +180,10 @@ def _from_ir(model: ir.Model) -> RuntimeModel:
             shared = graph is main and data_type in RAW_STORAGE and tensor.nbytes >= _SHARED_MIN_BYTES
             if not shared and not isinstance(tensor, ir.ExternalTensor):
                 continue
-            array = tensor.numpy()
+            try:
+                array = tensor.numpy()
+            except Exception as error:  # onnx_ir raises ValueError, TypeError, ... depending on how the data is wrong
+                raise MalformedTensorError.unreadable(value.name, error) from None
             swapped.append((value, tensor))
             if shared:
                 tensors[value.name] = (array.view(RAW_STORAGE[data_type]), data_type)
@@ -213,7 +217,7 @@ def _ort_value(array: np.ndarray, data_type: int) -> ort.OrtValue:
 def session_options(optimised: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimised else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # (fatal only: bnfold reports onnxruntime's errors itself, on one line)
     return options
 
 

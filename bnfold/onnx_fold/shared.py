@@ -27,6 +27,10 @@ class MalformedTensorError(ValueError):
     """A stored tensor whose data does not fit its type and shape (short raw data, the wrong typed field, an
     undefined type): the model cannot be used at all."""
 
+    @classmethod
+    def unreadable(cls, name: str, error: Exception) -> MalformedTensorError:
+        return cls(f"tensor {name!r} is unreadable ({type(error).__name__}: {error})")
+
 
 class FreshNames:
     """Names for the values a fold creates: ``<base>_bnfold``, numbered when that is taken."""

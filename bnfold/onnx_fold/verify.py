@@ -18,6 +18,7 @@ import onnx
 from bnfold.onnx_fold.io import read_model_proto, scratch_directory
 from bnfold.onnx_fold.local_checks import append_local_checks, plain_folds, plain_local_folds, read_local_checks
 from bnfold.onnx_fold.runtime import RuntimeModel, model_runner, run_model, runtime_model
+from bnfold.onnx_fold.shared import MalformedTensorError
 from bnfold.report import Fold, printable
 from bnfold.verification import (
     RANDOM_INPUT_BUDGET_BYTES,
@@ -150,14 +151,19 @@ def _smallest_shape(value: _DeclaredInput) -> list[int]:
 def _cannot_run_original(error: Exception) -> str:
     """onnxruntime's whole message on one line (escaped: it quotes names from the model), and the option
     that fixes it: input shapes for a shape complaint, --no-verify only where a kernel is missing."""
-    message = " / ".join(line.strip() for line in str(error).strip().splitlines() if line.strip()) or type(error).__name__
+    message = _one_line(error)
     if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message:
         remedy = "onnxruntime has no kernel for it here: use --no-verify to fold without verification"
     elif any(word in message for word in ("dimension", "rank", "shape", "Shape")):
         remedy = "give each input a shape the model accepts with --input-shape NAME=D1,D2,..."
     else:
         remedy = "check the input shapes (--input-shape NAME=D1,D2,...), or use --no-verify to fold without verification"
-    return f"onnxruntime cannot run the original model ({printable(message)}); {remedy}"
+    return f"onnxruntime cannot run the original model ({message}); {remedy}"
+
+
+def _one_line(error: Exception) -> str:
+    """onnxruntime's whole message on one line, escaped (it quotes names from the model)."""
+    return printable(" / ".join(line.strip() for line in str(error).strip().splitlines() if line.strip()) or type(error).__name__)
 
 
 def _progress(message: str, started: float) -> None:
@@ -192,11 +198,17 @@ def verify(
     onnxruntime gets these rather than copies out of the protobufs."""
     started = time.perf_counter()
     known_arrays = known_arrays or {}
-    folded_model = runtime_model(folded, known_arrays)
+    try:
+        folded_model = runtime_model(folded, known_arrays)
+    except MalformedTensorError as error:
+        raise VerificationUnavailableError(str(error), model="folded") from None
     feeds = random_inputs(folded_model.proto, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
     checks, original_model = [], None
     if folds:
-        original_model, local, checks = _with_local_checks(original, folded, folded_model, folds, rtol, known_arrays)
+        try:
+            original_model, local, checks = _with_local_checks(original, folded, folded_model, folds, rtol, known_arrays)
+        except MalformedTensorError as error:
+            raise VerificationUnavailableError(str(error)) from None
         names = append_local_checks(original_model, local)
     with scratch_directory("verify") as scratch:
         _progress("running the original model in onnxruntime", started)
@@ -207,7 +219,10 @@ def verify(
         if folds:
             checks += read_local_checks(local, names, expected, rtol)
         _progress("running the folded model in onnxruntime", started)
-        actual = folded_model.runner(scratch=scratch)(feeds)
+        try:
+            actual = folded_model.runner(scratch=scratch)(feeds)
+        except Exception as error:  # (a fold bnfold made, or the candidate of `bnfold verify`)
+            raise VerificationUnavailableError(f"onnxruntime cannot run the folded model ({_one_line(error)})", model="folded") from None
     _progress("comparing outputs", started)
     output_types = {value.name: value.type.tensor_type.elem_type for value in folded_model.proto.graph.output}
     comparisons = []
