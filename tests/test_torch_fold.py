@@ -1485,3 +1485,64 @@ def test_a_functional_batchnorm_after_a_folded_batchnorm_folds_into_the_same_lay
     # The graph's second BatchNorm read the first, which is bypassed before it: it now reads the conv.
     assert isinstance(result.model, fx.GraphModule) and F.batch_norm not in {n.target for n in result.model.graph.nodes}
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
+class _CountsItsCalls(nn.Module):
+    """A forward that changes the model's own state: a buffer reassigned (``self.calls = self.calls + 1``) and an
+    attribute set. fx's tracer let the buffer hold its proxy, and each later use of it in the graph run added a
+    node to the graph being run: the fold never returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        self.last_input = x
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attribute self.last_input was assigned during export")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_forward_that_reassigns_its_buffers_is_folded_without_fx(inplace):
+    model = randomise_statistics(_CountsItsCalls())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+    calls_before = model.calls.item()
+    folded, report = fold(model, x, inplace=inplace)
+    assert [f.batchnorm for f in report.folds] == ["bn"] and "forward assigns a traced value to calls" in report.notes[0]
+    assert all(type(value) is torch.Tensor for value in (*model._buffers.values(), *vars(model).values()) if isinstance(value, torch.Tensor))
+    assert isinstance(model.calls, torch.Tensor) and model.calls.item() >= calls_before
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_uninitialised_lazy_modules_are_refused_before_anything_runs():
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for verify in (False, True):
+        with pytest.raises(ValueError, match=r"lazy modules not yet initialised \(0\).*Run the model once"):
+            fold(model, x, verify=verify)
+    assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)
+    model(x)
+    assert [f.layer for f in fold(model, x).report.folds] == ["0"]
+
+
+def test_a_batchnorm_module_whose_tensors_a_function_call_reads_is_that_call():
+    """F.batch_norm on the module's own statistics: one BatchNorm, folded, and no advice to delete the module."""
+
+    class FunctionalBatchNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bn = nn.Parameter(torch.randn(4, 3, 3, 3)), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            bn = self.bn
+            return F.batch_norm(F.conv2d(x, self.weight), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+
+    model = randomise_statistics(FunctionalBatchNorm())
+    _, report = fold(model, torch.randn(2, 3, 8, 8))
+    assert len(report.folds) == 1 and not report.skips
+    assert report.nodes_before["batchnorm"] == 1 and report.nodes_after["batchnorm"] == 0

@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from bnfold.quantization import LayerQuantization, check_target_dtype
 from bnfold.report import FoldReport
@@ -104,6 +105,7 @@ def fold(
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _require_eval_mode(model)
+    _require_initialised(model)
     notes = []
     working = model if inplace else _copy_model(model)
     traced, flow, plan = _analyse(working, example_inputs, record=verify, stand_ins=True)
@@ -156,6 +158,7 @@ def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _require_eval_mode(model)
+    _require_initialised(model)
     _, _, plan = _analyse(model, example_inputs, record=False, stand_ins=False)  # (stand-ins would patch the model)
     return measure_torch_folds(plan.folds, target_dtype)
 
@@ -224,6 +227,21 @@ def _require_eval_mode(model: nn.Module) -> None:
         raise ValueError(
             f"{type(model).__name__} is in training mode ({listed}): BatchNorm uses batch statistics there and "
             "only eval-mode BatchNorm can be folded. Call model.eval() before bnfold.fold."
+        )
+
+
+def _require_initialised(model: nn.Module) -> None:
+    """A lazy module (LazyConv2d, LazyLinear) has no weights until its first forward: a copy would draw its own."""
+    lazy = [
+        name or "<model>"
+        for name, module in model.named_modules()
+        if any(is_lazy(tensor) for tensor in (*module._parameters.values(), *module._buffers.values()) if tensor is not None)
+    ]
+    if lazy:
+        listed = ", ".join(lazy[:3]) + (", ..." if len(lazy) > 3 else "")
+        raise ValueError(
+            f"{type(model).__name__} has lazy modules not yet initialised ({listed}): their weights do not exist until "
+            "the model first runs. Run the model once on an input before bnfold.fold."
         )
 
 

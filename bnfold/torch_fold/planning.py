@@ -89,9 +89,11 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
             "the example inputs do not take the path of forward() that calls it, if any (without torch.fx, only "
             "that path is seen); fold with inputs that take it to fold it."
         )
+    # A module whose tensors a function call reads (``F.batch_norm(x, bn.running_mean, ...)``) is that call's.
+    read = {path.rpartition(".")[0] for path in flow.traced.attribute_paths.values()}
     modules = flow.traced.modules_by_path.items() if flow.traced.model is model else model.named_modules()
     for name, module in modules:
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called and name not in read:
             plan.skips.append(Skip(name, "no-foldable-neighbour", reason))
     return plan
 

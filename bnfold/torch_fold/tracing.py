@@ -85,7 +85,15 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
     def trace(self, root: nn.Module, concrete_args: dict | None = None) -> fx.Graph:
         self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
         self.affine_forms: dict[str, AffineForm] = {}
-        return super().trace(root, concrete_args)
+        state_before = _ModuleState(root)
+        try:
+            graph = super().trace(root, concrete_args)
+        finally:
+            assigned = state_before.restore_proxies()
+        if assigned:
+            # (left there, a proxy in a buffer makes each later use of it add nodes to the graph that runs it)
+            raise RuntimeError(f"forward assigns a traced value to {assigned[0]}, which fx cannot follow")
+        return graph
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict[str, fx.Proxy]):
         """fx's ``Tracer.getattr`` (a parameter, else with ``proxy_buffer_attributes`` a buffer, becomes one
@@ -190,6 +198,31 @@ def affine_form(module: nn.Module) -> AffineForm | None:
         _AFFINE_FORMS.clear()
     _AFFINE_FORMS[key] = form
     return form
+
+
+class _ModuleState:
+    """Each module's parameters, buffers and attributes, to take back the fx proxies a forward assigns to them
+    while traced (``self.steps = self.steps + 1``, ``self.cache = x``)."""
+
+    def __init__(self, root: nn.Module):
+        self._stores = [
+            (path, store, dict(store))
+            for path, module in root.named_modules(remove_duplicate=False)
+            for store in (module._parameters, module._buffers, vars(module))
+        ]
+
+    def restore_proxies(self) -> list[str]:
+        """Put back what each proxy replaced (or remove it); the paths of the attributes that held one."""
+        assigned = []
+        for path, store, before in self._stores:
+            for name, value in list(store.items()):
+                if isinstance(value, fx.Proxy):
+                    assigned.append(f"{path}.{name}" if path else name)
+                    if name in before:
+                        store[name] = before[name]
+                    else:
+                        del store[name]
+        return assigned
 
 
 def has_hooks(module: nn.Module) -> bool:
