@@ -16,7 +16,7 @@ import click
 from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, errors
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
-from bnfold.errors import EXIT_BAD_INPUT, InputError, echo_error
+from bnfold.errors import EXIT_BAD_INPUT, InputError, describe_error, echo_error
 from bnfold.input_shapes import parse_input_shapes, positional
 
 EXIT_ERROR_FINDINGS = 1
@@ -84,6 +84,11 @@ def _check_one(results: CheckResults, selection: CodeSelection, label: str, run:
     except InputError as error:
         echo_error(str(error))
         results.unreadable[label] = error.problem
+        return
+    except Exception as error:  # noqa: BLE001 - a bug, not bad input: reported for this model, the others still checked
+        problem = f"internal error ({describe_error(error)}); please report it"
+        echo_error(f"{label}: {problem}")
+        results.unreadable[label] = problem
         return
     results.findings += selection.apply(findings)
     results.checked += 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import signal
+import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -37,7 +39,13 @@ _LAZY_COMMANDS = {"check": ("bnfold.check_command", "check")}
 
 class _BnfoldGroup(click.Group):
     """Routes ``bnfold MODEL ...`` to ``bnfold fold MODEL ...``, suggests the command a mistyped word was
-    meant to be, and turns interrupts and unexpected exceptions into one line and an exit code."""
+    meant to be, and turns usage errors, interrupts and unexpected exceptions into one line and an exit code."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as error:  # (the group's own options and arguments)
+            raise _usage_error_line(error) from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*self.commands, *_LAZY_COMMANDS})
@@ -68,11 +76,20 @@ class _BnfoldGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("bnfold: interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except click.UsageError as error:  # (a command's options and arguments)
+            raise _usage_error_line(error) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except Exception as error:  # a bug, not bad input; still one line, and not the code of a verdict
             echo_error(f"internal error ({describe_error(error)}); please report it")
             ctx.exit(EXIT_BAD_INPUT)
+
+
+def _usage_error_line(error: click.UsageError) -> click.exceptions.Exit:
+    """Click's usage error as bnfold's one line (click prints three, with the usage), and the exit to raise."""
+    command = error.ctx.command_path if error.ctx is not None else "bnfold"
+    echo_error(f"{error.format_message()} (see '{command} --help')")
+    return click.exceptions.Exit(EXIT_BAD_INPUT)
 
 
 @click.group(cls=_BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,6 +98,11 @@ def main() -> None:
     """Fold eval-mode BatchNorm into neighbouring layers; `bnfold MODEL -o OUT` runs `fold`."""
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so scratch files are removed on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # The libraries' warnings about a file (onnx's "experimental format", torch's pickle protocol, numpy's empty
+    # means) say nothing a user can act on, and would make an error more than one line; -W or PYTHONWARNINGS
+    # still turn them on.
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore")
 
 
 main.add_command(verify)
@@ -132,9 +154,9 @@ def fold(
             save_model(folded, target, read_from=read_from, pending=pending)
             report.output = str(target)
     except InputError as error:
-        fail(str(error))
+        fail(str(error), output_format=output_format)
     except VerificationUnavailableError as error:
-        fail(f"{model}: {error}")
+        fail(f"{model}: {error}", output_format=output_format)
     except VerificationError as error:
         from bnfold.verification import CLI_OVERRIDES
 

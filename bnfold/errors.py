@@ -30,9 +30,17 @@ def echo_error(message: str) -> None:
     click.echo(f"bnfold: error: {printable(message)}", err=True)
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """:func:`echo_error`, then exit with ``code``."""
+# What ``--format json`` prints on stdout when a command fails with bad input, so that stdout is always JSON.
+ERROR_SCHEMA = "bnfold.error/1"
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT, output_format: str = "text") -> NoReturn:
+    """:func:`echo_error`, then exit with ``code``; with ``output_format`` "json", the error as JSON on stdout too."""
     echo_error(message)
+    if output_format == "json":
+        import json
+
+        click.echo(json.dumps({"schema": ERROR_SCHEMA, "error": printable(message), "exit_code": code}))
     sys.exit(code)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+_LARGEST_SIZE = 2**63 - 1
 # Names first, in the order given; positional shapes after, as {0: dims, 1: dims, ...}.
 InputShapes = dict[str | int, list[int]]
 
@@ -28,6 +29,8 @@ def parse_input_shapes(specs: tuple[str, ...]) -> InputShapes:
         if not shape or any(dim < 1 for dim in shape):
             message = f"{spec!r} is not [NAME=]D1,D2,... (or NAME:D1,D2,...) with positive sizes"
             raise click.BadParameter(message, param_hint="--input-shape")
+        if any(dim > _LARGEST_SIZE for dim in shape):  # (numpy and torch take sizes as 64-bit integers)
+            raise click.BadParameter(f"{spec!r} has a size past {_LARGEST_SIZE}", param_hint="--input-shape")
         if name:
             shapes[name] = shape
         else:

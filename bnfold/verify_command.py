@@ -66,9 +66,9 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
             models[original], models[candidate], folds=plan.folds, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed
         )
     except InputError as error:
-        fail(str(error))
+        fail(str(error), output_format=output_format)
     except VerificationUnavailableError as error:
-        fail(f"{candidate if error.model == 'folded' else original}: {error}")
+        fail(f"{candidate if error.model == 'folded' else original}: {error}", output_format=output_format)
     result.overrides = CLI_OVERRIDES
     if output_format == "json":
         click.echo(json.dumps({"schema": "bnfold.verify-report/1", "original": str(original), "candidate": str(candidate),

@@ -271,3 +271,58 @@ def test_a_kernel_onnxruntime_lacks_points_at_no_verify(tmp_path):
     assert "NOT_IMPLEMENTED : Could not find an implementation for Conv" in result.output
     assert result.output.rstrip().endswith("onnxruntime has no kernel for it here: use --no-verify to fold without verification")
     assert CliRunner().invoke(main, [str(path), "--dry-run", "--no-verify"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["{model}", "-o", "{model}"], "is the input model; pass --in-place to overwrite it (see 'bnfold fold --help')"),
+        (["{model}", "--dry-run", "--input-shape", "input=0,3,16,16"], "with positive sizes (see 'bnfold fold --help')"),
+        (["check", "{model}", "--input-shape", "99999999999999999999"], "has a size past 9223372036854775807"),
+        (["verify", "{model}"], "Missing argument 'CANDIDATE'. (see 'bnfold verify --help')"),
+        (["--bogus"], "No such option '--bogus'. (see 'bnfold --help')"),
+    ],
+)
+def test_usage_errors_are_one_line(model, args, words):
+    """Click prints three lines with the usage; bnfold one, as for any other error, with the help to read."""
+    completed = subprocess.run(
+        [Path(sys.executable).with_name("bnfold"), *(arg.format(model=model) for arg in args)], capture_output=True, text=True
+    )
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.count("\n") == 1 and completed.stderr.startswith("bnfold: error: ") and words in completed.stderr
+
+
+def test_the_libraries_warnings_about_a_file_stay_off_stderr(tmp_path):
+    """onnx warns that its text formats are experimental: not the user's problem, and it made the error three lines."""
+    text_model = tmp_path / "model.onnxtxt"
+    text_model.write_bytes(b"\x94 not text")
+    script = Path(sys.executable).with_name("bnfold")
+    completed = subprocess.run([script, text_model, "--dry-run"], capture_output=True, text=True)
+    assert completed.returncode == 2 and completed.stderr.count("\n") == 1, completed.stderr
+    loud = subprocess.run([script, text_model, "--dry-run"], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert "experimental" in loud.stderr  # -W and PYTHONWARNINGS still show them
+
+
+@pytest.mark.parametrize("command", [["{bad}", "--dry-run"], ["verify", "{model}", "{bad}"]])
+def test_json_format_prints_json_on_bad_input_too(model, tmp_path, command):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    result = invoke(*(arg.format(model=model, bad=bad) for arg in command), "--format", "json")
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert error == {"schema": "bnfold.error/1", "error": error["error"], "exit_code": 2}
+    assert error["error"].startswith(f"{bad}: not a readable ONNX model")
+
+
+def test_check_reports_an_internal_error_for_its_model_and_checks_the_others(model, tmp_path, monkeypatch):
+    from bnfold.checks import sources
+
+    other = tmp_path / "other.onnx"
+    shutil.copy(model, other)
+    real = sources.check_onnx
+    monkeypatch.setattr(sources, "check_onnx", lambda path, **options: 1 / 0 if path == model else real(path, **options))
+    result = invoke("check", model, other, "--format", "json")
+    assert result.exit_code == 2
+    report = json.loads(result.stdout)
+    assert report["unreadable"] == [{"path": str(model), "message": "internal error (ZeroDivisionError: division by zero); please report it"}]
+    assert report["summary"]["checked"] == 1 and any(finding["code"] == "BN006" for finding in report["findings"])
