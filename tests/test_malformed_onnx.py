@@ -228,3 +228,25 @@ def test_an_undefined_element_type_is_float32_to_the_batch_dependence_check(tmp_
     path = tmp_path / "undefined.onnx"
     path.write_bytes(model.SerializeToString())
     assert "BD002" in {finding.code for finding in bnfold.check(path)}
+
+
+def test_a_declared_shape_between_nodes_is_not_taken_on_trust(tmp_path):
+    """The file says the MatMul's data is [6, 4]; it is [2, 3, 4], so BatchNorm's channel axis 1 is not the MatMul's
+    features: onnx's checker lets the annotation through, and trusting it folded across the wrong axis."""
+    import onnx_ir as ir
+
+    r = np.random.default_rng(0)
+    inits = [initializer("W", r.normal(size=(4, 3)).astype(np.float32)), *batchnorm_parameters(3, "bn", r)]
+    nodes = [helper.make_node("Identity", ["x"], ["t"], name="id"), helper.make_node("MatMul", ["t", "W"], ["h"], name="mm"),
+             batchnorm_node("h", "y", "bn")]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 3])], inits,
+                              value_info=[helper.make_tensor_value_info("t", TensorProto.FLOAT, [6, 4])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path / "declared.onnx"
+    onnx.save(model, path)
+    for source in (model, path, ir.from_proto(model)):
+        _, report = bnfold.fold_onnx(source, verify=False)
+        assert not report.folds and [skip.code for skip in report.skips] == ["channel-mismatch"]

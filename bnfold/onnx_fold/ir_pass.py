@@ -124,14 +124,19 @@ class _WorkingCopy:
 
 def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: str | None) -> _WorkingCopy:
     """A working copy of ``model``, with inferred shapes when it has a MatMul (MatMul folds need the data's
-    rank)."""
+    rank). The shapes the file declares for the values between nodes are not taken on trust: a value declared
+    2-D that is 3-D would fold a BatchNorm across the wrong axis; inference computes them from the graph's inputs."""
     if isinstance(model, onnx.ModelProto):
         # Inferred on the protobuf, before the conversion: onnx_ir's pass would convert back and forth.
         label, notes = label or _label(model.graph.name), []
         shaped = model
         if _proto_has_matmul(model):
+            undeclared = onnx.ModelProto()
+            undeclared.CopyFrom(model)  # (byte for byte: a name that is not UTF-8 is refused later, with the file named)
+            del undeclared.graph.value_info[:]
+            shaped = undeclared
             try:
-                shaped = onnx.shape_inference.infer_shapes(model)
+                shaped = onnx.shape_inference.infer_shapes(undeclared)
             except Exception as error:
                 notes.append(_SHAPES_FAILED.format(type(error).__name__))
         try:
@@ -153,6 +158,7 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
             raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
         copy = _WorkingCopy(clone, model, label, [])
     if _needs_shapes(copy.model):
+        _forget_declared_shapes(copy.model)
         try:
             ShapeInferencePass()(copy.model)
         except Exception as error:
@@ -190,6 +196,16 @@ def _require_text(model: ir.Model, label: str) -> None:
 
 # Shapes only make MatMul folds provable; folding goes on without them.
 _SHAPES_FAILED = "shape inference failed ({}); 2-D MatMul folds may be refused"
+
+
+def _forget_declared_shapes(model: ir.Model) -> None:
+    """Clear the shapes declared for the values between nodes (a graph's outputs keep theirs: the interface)."""
+    for _, graph in labelled_graphs(model):
+        outputs = set(graph.outputs)
+        for node in graph:
+            for value in node.outputs:
+                if value not in outputs:
+                    value.shape = None
 
 
 def _needs_shapes(model: ir.Model) -> bool:
