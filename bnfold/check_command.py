@@ -18,6 +18,7 @@ from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
 from bnfold.errors import EXIT_BAD_INPUT, InputError, describe_error, echo_error
 from bnfold.input_shapes import parse_input_shapes, positional
+from bnfold.report import printable
 
 EXIT_ERROR_FINDINGS = 1
 
@@ -63,7 +64,13 @@ def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, s
     example_inputs = sources.example_inputs(positional(shapes))
     measurement = {"batch_size": batch_size, "seed": seed, "measure_batch": selection.reports_any("BD")}
     results = CheckResults()
-    for path in (file for given in paths for file in sources.files_to_check(given)):
+    files = []
+    for given in paths:
+        found = sources.files_to_check(given)
+        if not found:  # (a directory: a CI gate pointed at the wrong folder would otherwise pass in silence)
+            click.echo(f"bnfold: warning: {printable(str(given))}: no model files ({', '.join(sources.MODEL_SUFFIXES)}) to check", err=True)
+        files += found
+    for path in files:
         check_path = functools.partial(
             sources.check_file, path, factory=factory, trust_pickle=trust_pickle, input_shapes=shapes,
             example_inputs=example_inputs, **measurement,

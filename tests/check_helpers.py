@@ -25,3 +25,24 @@ def trained_small_cnn_in_train_mode() -> nn.Module:
 
 def not_a_model() -> int:
     return 42
+
+
+def exits() -> None:
+    """A callable that ends the process, as a script's main() may: bnfold must report it, not exit with it."""
+    import sys
+
+    sys.exit(0)
+
+
+def holds_a_lock() -> nn.Module:
+    """A trained model that deepcopy cannot copy (a lock among its attributes)."""
+    import threading
+
+    model = trained_fixture("small_cnn")
+    model.lock = threading.Lock()
+    return model
+
+
+def lazy_batchnorm() -> nn.Module:
+    """A LazyBatchNorm2d never run: its statistics do not exist yet."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()).eval()

@@ -620,3 +620,87 @@ def test_python_api_takes_a_factory_and_reports_a_missing_file_as_file_not_found
             bnfold.check(missing)
         with pytest.raises(bnfold.InputError):
             bnfold.check(missing)
+
+
+def test_user_code_that_exits_or_fails_to_import_is_reported_and_the_other_inputs_still_checked(tmp_path, monkeypatch):
+    """sys.exit in a --model callable ended the whole check with exit 0 and no output; an import that raised
+    something other than ImportError was an internal error."""
+    (tmp_path / "broken_on_import.py").write_text("raise RuntimeError('needs a GPU')\n")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("--model", "check_helpers:exits", "--model", "broken_on_import:build",
+                    "--model", "check_helpers:trained_small_cnn_in_train_mode", "--ignore", "BD")  # fmt: skip
+    assert result.exit_code == 2
+    assert "check_helpers:exits: --model: calling it raised SystemExit: 0" in result.stderr
+    assert "broken_on_import:build: --model: cannot import (importing it raised RuntimeError: needs a GPU)" in result.stderr
+    assert "BN001" in result.stdout and "internal error" not in result.stderr
+
+
+def test_models_deepcopy_cannot_copy_or_lazy_ones_get_findings_not_errors():
+    result = invoke("--model", "check_helpers:holds_a_lock", "--input-shape", "2,3,16,16")
+    assert result.exit_code == 0, result.output
+    assert "BD002 info <model>: batch dependence not measured: the model cannot be copied to run it (TypeError:" in result.stdout
+    lazy = invoke("--model", "check_helpers:lazy_batchnorm", "--input-shape", "2,3,16,16")
+    assert lazy.exit_code in (0, 1) and "internal error" not in lazy.stderr, lazy.output
+
+
+def test_a_checkpoint_without_batch_counts_is_not_untrained(trained_cnn, tmp_path):
+    """Checkpoints from before num_batches_tracked, and weights converted from other frameworks, have no count:
+    torch's loader fills in 0, which is not the file's word that the statistics were never trained."""
+    state = {key: value for key, value in trained_cnn.state_dict().items() if not key.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    result = invoke(path, "--factory", "check_helpers:small_cnn_architecture", "--ignore", "BD")
+    assert result.exit_code == 0 and "BN003" not in result.stdout, result.output
+    untrained = {key: value for key, value in SmallCNN(nn).state_dict().items() if not key.endswith("num_batches_tracked")}
+    torch.save(untrained, path)
+    result = invoke(path, "--factory", "check_helpers:small_cnn_architecture", "--ignore", "BD")
+    assert result.exit_code == 1 and "running mean is exactly 0 and variance exactly 1" in result.stdout
+
+
+def test_batchnorm_in_a_model_local_function_is_inspected(tmp_path):
+    """torch.onnx.export's export_modules_as_functions puts each BatchNorm in a function the graph calls."""
+    channels = 4
+    statistics = {"scale": np.ones(channels), "bias": np.zeros(channels), "mean": np.zeros(channels), "var": np.ones(channels)}
+    inits = [numpy_helper.from_array(value.astype(np.float32), name) for name, value in statistics.items()]
+    body = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"], name="bn", training_mode=1)
+    function = helper.make_function("local", "TrainingBatchNorm", ["x", "scale", "bias", "mean", "var"], ["y"], [body],
+                                    [helper.make_opsetid("", 15)])  # fmt: skip
+    call = helper.make_node("TrainingBatchNorm", ["input", "scale", "bias", "mean", "var"], ["output"], domain="local", name="call")
+    graph = helper.make_graph([call], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, channels, 2, 2])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels, 2, 2])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)], functions=[function])
+    model.ir_version = 8
+    path = tmp_path / "functions.onnx"
+    onnx.save(model, path)
+    result = invoke(path, "--ignore", "BD")
+    assert result.exit_code == 1
+    assert " BN001 error " in result.stdout and " BN003 error " in result.stdout
+
+
+def test_a_scripted_batchnorm_subclass_is_a_batchnorm(tmp_path):
+    class BatchNormAct(nn.BatchNorm2d):  # a subclass (timm's BatchNormAct2d): TorchScript keeps only its own name
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.InstanceNorm2d(4, track_running_stats=True))
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(model.train()), path)
+    result = invoke(path, "--ignore", "BD")
+    assert result.exit_code == 1
+    assert named_lines(result.stdout, "BN001") == ["1"]  # the subclass; not the InstanceNorm, whose state is alike
+
+
+def named_lines(stdout: str, code: str) -> list[str]:
+    return [line.split(f" {code} error ")[1].split(":")[0] for line in stdout.splitlines() if f" {code} error " in line]
+
+
+def test_a_directory_walk_stays_inside_the_directory(tmp_path, onnx_files):
+    """A file symlink out of the tree is not followed (nothing outside what was named is read); a directory with
+    nothing to check says so, where a CI gate pointed at the wrong folder would pass in silence."""
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    tree.mkdir()
+    outside.mkdir()
+    shutil.copy(onnx_files["train"], outside / "secret.onnx")
+    (tree / "link.onnx").symlink_to(outside / "secret.onnx")
+    result = invoke(tree)
+    assert result.exit_code == 0 and "link.onnx" not in result.output
+    assert f"bnfold: warning: {tree}: no model files (.onnx, .pt2) to check" in result.stderr

@@ -170,3 +170,20 @@ def test_torchscript_unpickler_resolves_no_python_global(pickle_entry, tmp_path)
     assert result.exit_code == 2
     assert "not a readable torchscript archive" in result.stderr
     assert not marker.exists()
+
+
+class _RunsAShellCommand:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("true",)
+
+
+def test_a_state_dict_carrying_a_payload_names_what_it_needs(tmp_path):
+    """torch blocks a global of a dangerous module (os, subprocess) in other words than an unknown class: the
+    refusal still names it and the option."""
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2), "extra": _RunsAShellCommand()}, path)
+    result = invoke(path)
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert "(it needs posix.system)" in result.stderr and "pass --trust-pickle if you trust the file" in result.stderr

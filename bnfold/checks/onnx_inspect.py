@@ -14,6 +14,7 @@ import os
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import InlinePass
 
 from bnfold.checks.batch_dependence import (
     NotMeasurable,
@@ -62,6 +63,12 @@ def check_onnx(
         model = load_model(model)
     elif isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
+    elif model.functions:
+        model = model.clone()  # (the caller's, inlined below)
+    if model.functions:
+        # A BatchNorm or Dropout in a model-local function (torch.onnx.export's export_modules_as_functions) is one
+        # in each graph that calls it: inlined, the inspection and the fold see it there.
+        InlinePass()(model)
     fed = data_inputs(model.graph)
     unknown = sorted(set(input_shapes or {}) - {value.name for value in fed})
     if unknown:

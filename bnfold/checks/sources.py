@@ -32,7 +32,8 @@ MODEL_SUFFIXES = (ONNX_SUFFIX, ".pt2")
 
 def files_to_check(path: str | os.PathLike) -> list[Path]:
     """``path`` itself, or for a directory the model files under it (sorted), as linters recurse: inside a
-    git work tree only the files git does not ignore, elsewhere all but hidden files and folders."""
+    git work tree only the files git does not ignore, elsewhere all but hidden files and folders; never a file
+    that a symlink places outside the directory (what is checked is what the user named)."""
     path = Path(path)
     if not path.is_dir():
         return [path]
@@ -42,7 +43,10 @@ def files_to_check(path: str | os.PathLike) -> list[Path]:
         for folder, folders, names in os.walk(path):
             folders[:] = sorted(name for name in folders if not name.startswith("."))  # prunes the walk
             listed += [Path(folder, name).relative_to(path) for name in names if not name.startswith(".")]
-    return sorted(path / name for name in listed if name.suffix.lower() in MODEL_SUFFIXES)
+    inside = path.resolve()
+    return sorted(
+        path / name for name in listed if name.suffix.lower() in MODEL_SUFFIXES and (path / name).resolve().is_relative_to(inside)
+    )
 
 
 def _git_files(directory: Path) -> list[Path] | None:

@@ -25,6 +25,7 @@ from bnfold.checks.batch_dependence import (
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE, Finding
 from bnfold.checks.layer_rules import layer_findings, with_measured_quantization
 from bnfold.checks.torch_states import exported_layer_states, module_layer_states
+from bnfold.errors import describe_error
 from bnfold.quantization import LayerQuantization
 from bnfold.torch_fold import measure_folds
 from bnfold.torch_fold.conversion import to_numpy
@@ -132,10 +133,14 @@ def _batch_dependence(
             raise NotMeasurable(f"{too_large[1]}; give smaller example inputs (--input-shape D1,D2,... in order)")
     except NotMeasurable as reason:
         return [not_measured(str(reason))]
+    try:
+        copied = copy.deepcopy(module)
+    except Exception as error:  # noqa: BLE001 - a lock, a tensor made in a forward (old-style weight_norm)
+        return [not_measured(f"the model cannot be copied to run it ({describe_error(error)})")]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inputs = [_random_like(template, batch_size) for template in templates]
-        return measure_batch_dependence(_runner(copy.deepcopy(module), inputs), batch_size, alone_size)
+        return measure_batch_dependence(_runner(copied, inputs), batch_size, alone_size)
 
 
 def _random_like(template: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -208,7 +208,8 @@ def _is_sympy_name(name: str, local_names: Mapping[str, object]) -> bool:
 
 def _refused_global(error: Exception) -> str | None:
     """The first class the safe unpickler would have had to import, which it names in its error."""
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    # (torch's words: "Unsupported global: GLOBAL x.y", or for a blocked module "unsupported GLOBAL x.y whose module ...")
+    refused = re.search(r"[Uu]nsupported(?: global:)? GLOBAL ([\w.]+)", str(error))
     return refused.group(1) if refused else None
 
 
@@ -246,6 +247,12 @@ def _load_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor], factory
         # torch's message is a header line, then one line per kind of mismatch: the first is the news.
         mismatch = str(error).splitlines()[1:2]
         raise InputError(path, f"does not fit the factory's architecture ({describe_error(error, *mismatch)})") from None
+    # A checkpoint from before BatchNorm counted its batches (or converted from another framework) has no count:
+    # torch's loader fills in 0, which would read as statistics never trained (BN003). The count is unknown.
+    for name, module in model.named_modules():
+        counted = f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_batches_tracked is not None and counted not in state_dict:
+            module.num_batches_tracked = None
     # A state-dict stores no train/eval mode, and factories build modules in training mode: check the
     # model as it will be deployed, or every BatchNorm would be a false BN001.
     return model.eval()
@@ -263,11 +270,14 @@ def call_entry_point(spec: str, option: str):
             target = getattr(target, attribute)
     except (ImportError, AttributeError) as error:
         raise InputError(spec, f"{option}: cannot import ({error})") from None
+    except (Exception, SystemExit) as error:  # the module's own code failed (a SyntaxError, an argparse exit)
+        raise InputError(spec, f"{option}: cannot import (importing it raised {describe_error(error)})") from None
     if not callable(target):
         raise InputError(spec, f"{option}: {attribute_path} is not callable")
     try:
         return target()
-    except Exception as error:  # the user's code: report it as a bad input, in one line
+    # The user's code: report it as a bad input, in one line (sys.exit too: it would end the whole check, exit 0).
+    except (Exception, SystemExit) as error:
         raise InputError(spec, f"{option}: calling it raised {describe_error(error)}") from None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from bnfold.checks.layer_rules import BatchNormState, DropoutState, LayerState, Statistics
 from bnfold.torch_fold.conversion import to_numpy
@@ -35,8 +36,20 @@ _EXPORTED_DROPOUTS = frozenset({
 
 def _is_a(module: nn.Module, base: type) -> bool:
     if isinstance(module, torch.jit.ScriptModule):
-        return module.original_name in _SCRIPTED_NAMES[base]
+        # A scripted subclass (timm's BatchNormAct2d) keeps only its own name: a BatchNorm by its state and code.
+        return module.original_name in _SCRIPTED_NAMES[base] or (base is _BatchNorm and _scripted_batchnorm(module))
     return isinstance(module, base)
+
+
+def _scripted_batchnorm(module: torch.jit.ScriptModule) -> bool:
+    """A TorchScript module with a BatchNorm's state whose forward calls batch_norm (InstanceNorm's, with the same
+    state, calls instance_norm)."""
+    if not all(hasattr(module, name) for name in ("running_mean", "running_var", "eps", "momentum")):
+        return False
+    try:
+        return "batch_norm" in module.code
+    except RuntimeError:  # (a module without a forward of its own has no code)
+        return False
 
 
 def module_layer_states(model: nn.Module) -> list[LayerState]:
@@ -51,7 +64,7 @@ def module_layer_states(model: nn.Module) -> list[LayerState]:
 
 
 def _module_statistics(module: nn.Module) -> Statistics | None:
-    if module.running_mean is None:
+    if module.running_mean is None or is_lazy(module.running_mean):  # (a lazy module's are made by its first forward)
         return None
     return Statistics(
         to_numpy(module.weight),
