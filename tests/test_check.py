@@ -704,3 +704,20 @@ def test_a_directory_walk_stays_inside_the_directory(tmp_path, onnx_files):
     result = invoke(tree)
     assert result.exit_code == 0 and "link.onnx" not in result.output
     assert f"bnfold: warning: {tree}: no model files (.onnx, .pt2) to check" in result.stderr
+
+
+def test_dropout_whose_training_mode_defaults_to_true_is_in_training_mode(tmp_path):
+    """training_mode as a graph input with an initializer: an overridable default, true unless the caller feeds false."""
+    mode = numpy_helper.from_array(np.array(True), "training")
+    graph = helper.make_graph(
+        [helper.make_node("Dropout", ["x", "", "training"], ["y"], name="drop")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]), helper.make_tensor_value_info("training", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [mode],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    [finding] = [f for f in check_onnx(model, measure_batch=False) if f.code == "DO001"]
+    assert "its training_mode input 'training' defaults to true" in finding.message
+    mode.CopyFrom(numpy_helper.from_array(np.array(False), "training"))
+    model.graph.initializer[0].CopyFrom(mode)
+    assert not [f for f in check_onnx(model, measure_batch=False) if f.code == "DO001"]

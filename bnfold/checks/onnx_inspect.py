@@ -139,6 +139,11 @@ def _dropout_state(node: ir.Node, version: int) -> DropoutState:
         return DropoutState(label, None, None)
     mode = _constant_input(node, 2)
     training = "its training_mode input is true" if mode is not None and bool(np.any(mode)) else None
+    default = _input(node, 2)
+    if training is None and default is not None and default.is_graph_input() and default.const_value is not None:
+        # An initializer that is also a graph input: true unless the caller feeds false, as a deployment will not.
+        if bool(np.any(default.const_value.numpy())):
+            training = f"its training_mode input {default.name!r} defaults to true"
     if _input(node, 1) is None:
         return DropoutState(label, training, DEFAULT_DROPOUT_RATIO)
     ratio = _constant_input(node, 1)
