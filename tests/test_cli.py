@@ -107,8 +107,9 @@ def test_no_verify_skips_verification(model, tmp_path):
         (lambda p: p.write_bytes(b"definitely not a protobuf \xff\xfe"), "not a readable ONNX model"),
         (lambda p: p.write_bytes(EXAMPLE.read_bytes()[:5000]), "not a readable ONNX model"),
         (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: os.mkfifo(p), "not a regular file (a FIFO, a device or a socket)"),
     ],
-    ids=["missing", "garbage", "truncated", "empty"],
+    ids=["missing", "garbage", "truncated", "empty", "fifo"],
 )
 def test_bad_input_is_one_line_naming_the_file(tmp_path, make_bad, problem):
     path = tmp_path / "bad.onnx"

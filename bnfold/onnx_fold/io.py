@@ -126,12 +126,14 @@ def _file_identity(path: Path) -> tuple:
 
 
 def _model_file(path: str | os.PathLike) -> Path:
-    """``path``, refused unless it is a non-empty file (a FIFO or a device has size 0)."""
+    """``path``, refused unless it is a non-empty regular file (reading a FIFO could wait forever, a device never end)."""
     path = Path(path)
     if not path.exists():
         raise MissingInputError(path, "no such file")
     if path.is_dir():
         raise InputError(path, "is a directory, not an ONNX file")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise InputError(path, "not a regular file (a FIFO, a device or a socket), not an ONNX model")
     if path.stat().st_size == 0:
         raise InputError(path, "empty file, not an ONNX model")
     return path
