@@ -590,3 +590,34 @@ def test_constant_queries_along_a_long_runtime_add_chain_stay_linear(monkeypatch
     result, report = folded(model, verify=False)
     assert report.folds == [] and len(result.graph.node) == length
     assert len(visits) < 5 * length
+
+
+def test_batchnorms_in_model_local_functions_are_folded_where_the_graph_calls_them():
+    """torch.onnx.export's export_modules_as_functions: each Conv+BatchNorm a function the graph calls. That
+    function is inlined and folded; a function without a BatchNorm stays a function."""
+    channels = 4
+    r = np.random.default_rng(0)
+    stats = {"scale": r.uniform(0.5, 1.5, channels), "bias": r.normal(size=channels), "mean": r.normal(size=channels),
+             "var": r.uniform(0.5, 2.0, channels)}  # fmt: skip
+    inits = [initializer(name, value.astype(np.float32)) for name, value in stats.items()]
+    inits.append(initializer("W", r.normal(size=(channels, 3, 3, 3)).astype(np.float32)))
+    conv_bn = helper.make_function(
+        "local", "ConvBN", ["x", "W", "scale", "bias", "mean", "var"], ["y"],
+        [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], name="bn")],
+        [helper.make_opsetid("", 15)],
+    )  # fmt: skip
+    activation = helper.make_function("local", "Act", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])], [helper.make_opsetid("", 15)])
+    graph = helper.make_graph(
+        [helper.make_node("ConvBN", ["input", "W", "scale", "bias", "mean", "var"], ["h"], domain="local", name="block"),
+         helper.make_node("Act", ["h"], ["output"], domain="local", name="act")],
+        "functions", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels, 8, 8])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)], functions=[conv_bn, activation])
+    model.ir_version = 8
+    folded, report = fold_onnx(model)
+    assert [fold.batchnorm for fold in report.folds] == ["bn"] and report.verification.passed
+    assert "inlined the model-local function(s) local.ConvBN" in " ".join(report.notes)
+    assert [function.name for function in folded.functions] == ["Act"] and op_count(folded, "BatchNormalization") == 0
+    assert_same_outputs(model, folded, atol=1e-5, rtol=1e-4)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
 from bnfold.errors import describe_error
 from bnfold.onnx_fold.io import InputError, data_inputs, load_model
@@ -236,6 +236,7 @@ def fold_with_pass(
     (default: its path or graph name)."""
     copy = _working_copy(model, label)
     working = copy.model
+    copy.notes += _inline_functions_with_batchnorms(working)
     if freeze:
         copy.notes += _freeze_initializer_inputs(working)
     report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)
@@ -253,6 +254,17 @@ def fold_with_pass(
     if isinstance(model, onnx.ModelProto):
         return ir.to_proto(working), report
     return working, report
+
+
+def _inline_functions_with_batchnorms(model: ir.Model) -> list[str]:
+    """Inline the calls of each model-local function that holds a BatchNormalization (torch.onnx.export's
+    ``export_modules_as_functions``): the fold sees graphs, not function bodies. The note that says which."""
+    holding = {key for key, function in model.functions.items() if any(node.op_type == "BatchNormalization" for node in function)}
+    if not holding:
+        return []
+    InlinePass(criteria=lambda function: function.identifier() in holding)(model)
+    names = ", ".join(f"{domain}.{name}" for domain, name, _ in sorted(holding))
+    return [f"inlined the model-local function(s) {names}, which hold BatchNorms, into the graphs that call them"]
 
 
 def _freeze_initializer_inputs(model: ir.Model) -> list[str]:
