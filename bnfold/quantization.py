@@ -16,8 +16,8 @@ The figures, all of them on the weight (the bias is kept in wider precision by i
   (channels whose weights are all 0 are exact and left out; ``inf`` when no noise is left): a whole-tensor
   ratio would be dominated by the stretched channel itself, which quantizes well, and hide the channels that
   lost their resolution, which is what the downstream layers see.
-- ``int8_db_lost``: the per-tensor SQNR of the weights before the fold minus that of the folded weights.
-  Past :data:`INT8_LOSS_FLAG_DB` the layer is flagged, with the BatchNorm channels of largest ``|s|`` (the
+- ``int8_db_lost``: the per-tensor SQNR of the weights before the fold (at most :data:`INT8_UNIFORM_DB`) minus that
+  of the folded weights. Past :data:`INT8_LOSS_FLAG_DB` the layer is flagged, with the BatchNorm channels of largest ``|s|`` (the
   ones stretching the range) and their statistics.
 - for a target dtype (float16, bfloat16), the folded weight and bias values that round to Inf there
   (overflow) and the non-zero ones below its smallest normal value (flushed or subnormal), against the same
@@ -57,6 +57,10 @@ BELOW_NORMAL_FLAG_SHARE = 0.01
 
 # Symmetric int8 uses -127..127 (-128 is left out so that the range is symmetric, as toolchains do).
 INT8_LEVELS = 127
+# What per-tensor int8 gives a full-scale uniform signal, 20 log10(254) = 48.1 dB. Weights that do better are
+# special (integer or ternary weights int8 holds exactly: inf dB); a fold is measured against this, not against
+# them, or folded weights at 55 dB would count as an infinite loss.
+INT8_UNIFORM_DB = 20 * math.log10(2 * INT8_LEVELS)
 
 # How many of the channels with the largest |scale| a measurement names.
 NAMED_CHANNELS = 3
@@ -122,7 +126,7 @@ class LayerQuantization:
     @property
     def int8_db_lost(self) -> float:
         before, after = self.int8_per_tensor_db_before, self.int8_per_tensor_db
-        return 0.0 if before == after else before - after  # (inf - inf is no loss, not NaN)
+        return 0.0 if before == after else min(before, INT8_UNIFORM_DB) - after  # (inf - inf is no loss, not NaN)
 
     @property
     def flags(self) -> list[str]:

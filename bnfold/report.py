@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # annotations only: this module stays free of numpy for the check's text output
@@ -11,8 +12,24 @@ if TYPE_CHECKING:  # annotations only: this module stays free of numpy for the c
     from bnfold.verification import OutputComparison, Verification
 
 # The JSON report's schema. /2 added "quantization": one entry per measured fold (bnfold.quantization); /3 its
-# target_dtype's "error" (bnfold.half_precision_error).
-SCHEMA = "bnfold.fold-report/3"
+# target_dtype's "error" (bnfold.half_precision_error); /4 writes a figure that is not finite as the string "inf",
+# "-inf" or "nan" (JSON has no such numbers: /3's Infinity failed strict parsers).
+SCHEMA = "bnfold.fold-report/4"
+
+
+def json_text(document) -> str:
+    """``document`` as strict JSON, each float that is not finite as the string "inf", "-inf" or "nan"."""
+    return json.dumps(_finite(document), indent=2, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def printable(text: str) -> str:
@@ -113,7 +130,7 @@ class FoldReport:
 
     def to_json(self) -> str:
         """The report as ``--format json`` prints it (schema in the README)."""
-        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+        return json_text(self.to_dict())
 
     def __str__(self) -> str:
         return self.format_text()

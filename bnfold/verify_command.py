@@ -9,7 +9,6 @@ BatchNorm.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
     from bnfold.onnx_fold.io import InputError, load_model
     from bnfold.onnx_fold.verify import VerificationUnavailableError
     from bnfold.onnx_fold.verify import verify as run_verification
-    from bnfold.report import printable
+    from bnfold.report import json_text, printable
     from bnfold.verification import CLI_OVERRIDES
 
     try:
@@ -71,8 +70,9 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
         fail(f"{candidate if error.model == 'folded' else original}: {error}", output_format=output_format)
     result.overrides = CLI_OVERRIDES
     if output_format == "json":
-        click.echo(json.dumps({"schema": "bnfold.verify-report/1", "original": str(original), "candidate": str(candidate),
-                               "verification": result.to_dict()}, indent=2))  # fmt: skip
+        # (/2: a figure that is not finite is the string "inf", "-inf" or "nan", as in the fold report)
+        click.echo(json_text({"schema": "bnfold.verify-report/2", "original": str(original), "candidate": str(candidate),
+                              "verification": result.to_dict()}))  # fmt: skip
     else:
         click.echo(printable(result.summary()))  # names from the models, escaped
         if result.reason:

@@ -127,7 +127,7 @@ def test_cli_json_has_every_fold_and_text_only_the_flagged_one(onnx_path, tmp_pa
     result = runner.invoke(main, [str(onnx_path), "--dry-run", "--format", "json", "--target-dtype", "float16"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["schema"] == "bnfold.fold-report/3"
+    assert report["schema"] == "bnfold.fold-report/4"
     entries = report["quantization"]
     assert [entry["batchnorm"] for entry in entries] == BATCHNORMS
     assert [entry["flags"] for entry in entries] == [[], [], [], ["int8"]]
@@ -183,3 +183,30 @@ def test_worked_example_prints_the_warning_and_the_flagged_layer(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("bnfold check: BN007 down.1: folded into down.0, per-tensor int8 SQNR 43.7 -> 0.0 dB")
     assert any(line.startswith("    down.0 | 43.7 -> 0.0 | 45.1 | 282 | 5: 241 (γ 0.8, var 1e-06, eps 1e-05)") for line in lines)
+
+
+def test_weights_int8_holds_exactly_lose_nothing_and_the_json_stays_strict(tmp_path):
+    """Ternary weights quantize exactly (inf dB before the fold): the folded ones' 50-odd dB are no loss to flag,
+    and the report's inf is the string "inf", JSON having no infinity (strict parsers refused /3's Infinity)."""
+    from onnx import TensorProto, helper
+
+    channels, rng = 8, np.random.default_rng(1)
+    weight = rng.integers(-1, 2, (channels, 3, 3, 3)).astype(np.float32)
+    statistics = {"g": rng.uniform(0.8, 1.2, channels), "b": rng.normal(0, 0.1, channels),
+                  "m": rng.normal(0, 0.1, channels), "v": rng.uniform(0.8, 1.2, channels)}  # fmt: skip
+    inits = [numpy_helper.from_array(weight, "W")] + [numpy_helper.from_array(v.astype(np.float32), k) for k, v in statistics.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], name="layer", pads=[1] * 4),
+         helper.make_node("BatchNormalization", ["y", "g", "b", "m", "v"], ["z"], name="bn")],
+        "ternary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, channels, 6, 6])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "ternary.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(main, [str(path), "--dry-run", "--quantization", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads(result.output, parse_constant=lambda constant: pytest.fail(f"non-standard JSON {constant}"))["quantization"]
+    assert entry["int8_per_tensor_sqnr_db_before"] == "inf" and entry["flags"] == []
+    assert 40 < entry["int8_per_tensor_sqnr_db"] < 60 and entry["int8_per_tensor_db_lost"] < 0

@@ -338,7 +338,7 @@ def test_bnfold_verify_command(tmp_path):
     ok = runner.invoke(main, ["verify", *paths, "--format", "json"])
     assert ok.exit_code == 0, ok.output
     report = json.loads(ok.output)
-    assert report["schema"] == "bnfold.verify-report/1" and report["verification"]["passed"]
+    assert report["schema"] == "bnfold.verify-report/2" and report["verification"]["passed"]
     assert report["verification"]["outputs"][0]["status"] == "passed"
     (check,) = report["verification"]["folds"]
     assert check["status"] == "passed" and check["parameters"]["units"] <= ROUNDED_ONCE
