@@ -15,7 +15,8 @@ Semantics (channels on axis 1, statistics over every other axis, ``n`` values pe
   (``var * n / (n - 1)``), with ``f = momentum``, or ``f = 1 / num_batches_tracked`` (a cumulative
   moving average) when ``momentum`` is None.
 - Eval mode with running buffers normalises with them.
-- A channel with a single value cannot be normalised in training: ``ValueError`` as in torch.
+- A channel with a single value cannot be normalised in training: ``ValueError`` as in torch. An empty batch
+  gives an empty output and leaves the running statistics as they were.
 
 The training-mode gradients are the closed-form ones (:class:`_BatchNormTrainFunction`), not autograd
 through the forward. Statistics and gradients are accumulated in float64 and rounded to the input
@@ -69,7 +70,9 @@ class _BatchNormTrainFunction(torch.autograd.Function):
         ctx.save_for_backward(xhat, invstd, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
-        return y.to(x.dtype), mean, var
+        # (never xhat itself, as float64 without weight and bias would return it: an in-place op on the output,
+        # ReLU(inplace=True), would change what backward reads)
+        return y.to(x.dtype, copy=y is xhat), mean, var
 
     @staticmethod
     @once_differentiable
@@ -125,6 +128,8 @@ class _ReferenceBatchNorm(nn.modules.batchnorm._BatchNorm):
                 y = y + _channel_view(self.bias.to(_ACC), x)
             return y.to(x.dtype)
 
+        if not x.numel():
+            return x.clone()  # an empty batch: nothing to normalise, and no statistics to blend in (torch's too)
         if x.numel() // x.size(1) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
         y, mean, var = _BatchNormTrainFunction.apply(x, self.weight, self.bias, self.eps)

@@ -360,3 +360,28 @@ def test_torch_utilities_and_bnfold_see_a_batchnorm():
 
     codes = {(finding.code, finding.name) for finding in bnfold.check(model.train(), (x,))}
     assert {("BN001", "1"), ("BN001", "4")} <= codes
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=["no-samples", "no-positions"])
+def test_an_empty_batch_leaves_the_running_statistics_as_torch_does(shape):
+    ours, theirs = reference.BatchNorm2d(3), nn.BatchNorm2d(3)
+    for module in (ours, theirs):
+        output = module(torch.randn(shape))
+        assert output.shape == shape
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_in_place_op_on_the_output_leaves_backward_as_torch_does(dtype):
+    """float64 without weight and bias returned the very tensor backward reads: ReLU(inplace=True) after it
+    made backward fail, where torch's works."""
+    x = torch.randn(4, 2, 3, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    gradients = []
+    for module in (reference.BatchNorm2d(2, affine=False), nn.BatchNorm2d(2, affine=False)):
+        leaf = x.clone().requires_grad_()
+        output = module.to(dtype)(leaf)
+        output.relu_()
+        output.square().sum().backward()
+        gradients.append(leaf.grad)
+    torch.testing.assert_close(*gradients, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-4 if dtype == torch.float32 else 1e-10)
