@@ -351,6 +351,20 @@ def test_bnfold_verify_command(tmp_path):
     assert runner.invoke(main, ["verify", paths[0], str(tmp_path / "junk.onnx")]).exit_code == 2
 
 
+def test_bnfold_verify_of_models_with_external_data(tmp_path):
+    """The candidate's weights stay memory-mapped for onnxruntime while the fold checks read them: unmapping them
+    then failed (BufferError) on every external-data candidate."""
+    original = _conv_bn(np.float32, near_dead=0)
+    paths = {}
+    for name, model in (("original", original), ("folded", fold_onnx(original, verify=False)[0])):
+        paths[name] = str(tmp_path / f"{name}.onnx")
+        onnx.save(model, paths[name], save_as_external_data=True, location=f"{name}.data", size_threshold=0)
+    result = CliRunner().invoke(main, ["verify", paths["original"], paths["folded"], "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["verification"]
+    assert report["passed"] and [check["status"] for check in report["folds"]] == ["passed"]
+
+
 def test_bnfold_verify_names_the_file_at_fault(tmp_path):
     """A candidate that keeps the BatchNorm under another name is the original; a model with a tensor that cannot
     be read, or that onnxruntime refuses, is bad input named by its path, on one line, whichever side it is on."""

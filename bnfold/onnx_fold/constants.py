@@ -10,6 +10,7 @@ recursion (graphs can be thousands of nodes deep), and refuses a result past :da
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -43,9 +44,11 @@ def _initializer_array(value: ir.Value) -> np.ndarray | None:
     except Exception as error:  # onnx_ir raises ValueError, TypeError, ... depending on how the data is wrong
         raise MalformedTensorError.unreadable(value.name, error) from None
     if isinstance(tensor, ir.ExternalTensor):
-        # Copy out and unmap, so a large model's weights are not all held mapped at once.
+        # Copy out and unmap, so a large model's weights are not all held mapped at once; unless another reader
+        # holds a view of the map (verification's arrays for onnxruntime): it goes when they let go of it.
         array = array.copy()
-        tensor.release()
+        with contextlib.suppress(BufferError):
+            tensor.release()
     return array
 
 
