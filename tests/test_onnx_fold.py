@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 from onnx_models import (
@@ -621,3 +622,28 @@ def test_batchnorms_in_model_local_functions_are_folded_where_the_graph_calls_th
     assert "inlined the model-local function(s) local.ConvBN" in " ".join(report.notes)
     assert [function.name for function in folded.functions] == ["Act"] and op_count(folded, "BatchNormalization") == 0
     assert_same_outputs(model, folded, atol=1e-5, rtol=1e-4)
+
+
+def test_shapes_inferred_for_the_analysis_stay_out_of_the_folded_model(tmp_path):
+    """A MatMul fold needs the data's rank, so the model's shapes are inferred; what the folded model declares
+    stays what the original declared: onnx's inference gives a SplitToSequence's parts one symbolic size
+    (LeViT exported by dynamo), which onnxruntime then held them to and failed."""
+    r = np.random.default_rng(0)
+    inits = [initializer("W", r.normal(size=(12, 12)).astype(np.float32)), *batchnorm_parameters(12, "bn", r),
+             initializer("sizes", np.array([4, 8], np.int64)), initializer("first", np.array(0, np.int64))]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), batchnorm_node("h", "y", "bn"),
+             helper.make_node("SplitToSequence", ["y", "sizes"], ["parts"], axis=1, name="split"),
+             helper.make_node("SequenceAt", ["parts", "first"], ["z"], name="at")]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4])], inits,
+                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 12])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "sequence.onnx"
+    onnx.save(model, path)
+    for source in (model, path):
+        folded, report = fold_onnx(source)
+        folded = folded if isinstance(folded, onnx.ModelProto) else ir.to_proto(folded)
+        assert [fold.batchnorm for fold in report.folds] == ["bn"] and report.verification.passed
+        declared = {info.name for info in folded.graph.value_info}
+        assert "h" in declared and "parts" not in declared  # (the fold's own new values aside)

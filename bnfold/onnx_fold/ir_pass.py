@@ -10,7 +10,9 @@ declines. Only this route imports onnx_ir (and sympy through it).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 
@@ -120,6 +122,9 @@ class _WorkingCopy:
     original: str | ir.Model | onnx.ModelProto  # what verification runs as the original: the input, untouched
     label: str
     notes: list[str]
+    # Puts back the shapes the model declared where inference set its own: those serve the analysis only (onnx's
+    # and onnx_ir's give a SplitToSequence's parts one symbolic size, which onnxruntime then holds them to).
+    restore_declared_shapes: Callable[[], None] = lambda: None
 
 
 def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: str | None) -> _WorkingCopy:
@@ -136,7 +141,7 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
             del undeclared.graph.value_info[:]
             shaped = undeclared
             try:
-                shaped = onnx.shape_inference.infer_shapes(undeclared)
+                shaped = onnx.shape_inference.infer_shapes(undeclared, data_prop=True)
             except Exception as error:
                 notes.append(_SHAPES_FAILED.format(type(error).__name__))
         try:
@@ -144,7 +149,11 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
         except Exception as error:  # onnx_ir's SerdeError and friends, on a malformed graph
             raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
         _require_text(working, label)
-        return _WorkingCopy(working, model, label, notes)
+        copy = _WorkingCopy(working, model, label, notes)
+        if shaped is not model:
+            declared = {info.name: info for info in model.graph.value_info}
+            copy.restore_declared_shapes = functools.partial(_declare_main_graph_values, working, declared)
+        return copy
     if isinstance(model, (str, os.PathLike)):
         copy = _WorkingCopy(load_model(model), str(model), label or str(model), [])
         _require_text(copy.model, copy.label)
@@ -158,7 +167,8 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
             raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
         copy = _WorkingCopy(clone, model, label, [])
     if _needs_shapes(copy.model):
-        _forget_declared_shapes(copy.model)
+        declared = _forget_declared_shapes(copy.model)
+        copy.restore_declared_shapes = functools.partial(_set_types_and_shapes, declared)
         try:
             ShapeInferencePass()(copy.model)
         except Exception as error:
@@ -198,14 +208,37 @@ def _require_text(model: ir.Model, label: str) -> None:
 _SHAPES_FAILED = "shape inference failed ({}); 2-D MatMul folds may be refused"
 
 
-def _forget_declared_shapes(model: ir.Model) -> None:
-    """Clear the shapes declared for the values between nodes (a graph's outputs keep theirs: the interface)."""
+def _forget_declared_shapes(model: ir.Model) -> dict[ir.Value, tuple]:
+    """Clear the shapes declared for the values between nodes (a graph's outputs keep theirs: the interface);
+    each value's type and shape as declared."""
+    declared = {}
     for _, graph in labelled_graphs(model):
         outputs = set(graph.outputs)
         for node in graph:
             for value in node.outputs:
                 if value not in outputs:
+                    declared[value] = (value.type, value.shape)
                     value.shape = None
+    return declared
+
+
+def _set_types_and_shapes(types_and_shapes: dict[ir.Value, tuple]) -> None:
+    for value, (kind, shape) in types_and_shapes.items():
+        value.type, value.shape = kind, shape
+
+
+def _declare_main_graph_values(model: ir.Model, declared: dict[str, onnx.ValueInfoProto]) -> None:
+    """The main graph's values between nodes as ``declared`` says, by name (neither type nor shape where it says nothing)."""
+    graph = model.graph
+    outputs = set(graph.outputs)
+    for node in graph:
+        for value in node.outputs:
+            if value in outputs:
+                continue
+            value.type, value.shape = None, None
+            if value.name in declared:
+                with contextlib.suppress(Exception):  # (a type no ONNX version defines: declared as nothing)
+                    ir.serde.deserialize_value_info_proto(declared[value.name], value)
 
 
 def _needs_shapes(model: ir.Model) -> bool:
@@ -250,6 +283,7 @@ def fold_with_pass(
         working, "the folded parameters are initializers, not inputs, constants as the values they replace were"
     )
     report.nodes_after = node_counts(working)
+    copy.restore_declared_shapes()
     verify_into(report, copy.original, working)
     if isinstance(model, onnx.ModelProto):
         return ir.to_proto(working), report
