@@ -647,3 +647,23 @@ def test_shapes_inferred_for_the_analysis_stay_out_of_the_folded_model(tmp_path)
         assert [fold.batchnorm for fold in report.folds] == ["bn"] and report.verification.passed
         declared = {info.name for info in folded.graph.value_info}
         assert "h" in declared and "parts" not in declared  # (the fold's own new values aside)
+
+
+def test_a_reader_of_the_batchnorms_type_alone_does_not_keep_it():
+    """torch.onnx's dynamo exporter makes a bias-less Conv's zero bias as Expand(CastLike(0, x)), x the Conv's
+    input: CastLike reads x's type, not its values, so BatchNorm -> Conv still folds into the Conv."""
+    r = np.random.default_rng(0)
+    inits = [*batchnorm_parameters(8, "bn", r), initializer("W", r.normal(size=(4, 8, 1, 1)).astype(np.float32)),
+             initializer("zero", np.array(0, np.int64)), initializer("channels", np.array([4], np.int64))]  # fmt: skip
+    nodes = [batchnorm_node("x", "y", "bn"), helper.make_node("CastLike", ["zero", "y"], ["zero_like"], name="cast"),
+             helper.make_node("Expand", ["zero_like", "channels"], ["bias"], name="expand"),
+             helper.make_node("Conv", ["y", "W", "bias"], ["z"], name="conv")]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 6, 6])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4, 6, 6])], inits,
+                              value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 6, 6])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    folded, report = fold_onnx(model)
+    assert [(fold.layer, fold.direction) for fold in report.folds] == [("conv", "into-following")] and report.verification.passed
+    assert op_count(folded, "BatchNormalization") == 0
+    assert_same_outputs(model, folded, **F32)

@@ -104,11 +104,17 @@ _SHAPE_READERS = ("Shape", "Size")
 
 
 def _only_consumer(value: ir.Value) -> ir.Node | None:
-    """The one node that reads ``value``'s elements (readers of its shape alone aside), if only one does."""
-    uses = [use for use in value.uses() if use.node.op_type not in _SHAPE_READERS]
+    """The one node that reads ``value``'s elements (readers of its shape or type alone aside), if only one does."""
+    uses = [use for use in value.uses() if _reads_elements(use)]
     if value.is_graph_output() or len(uses) != 1:
         return None
     return uses[0].node
+
+
+def _reads_elements(use) -> bool:
+    """Not a reader of the shape alone, nor CastLike's second input, whose type alone it reads (the torch.onnx
+    dynamo exporter makes a Conv's zero bias as CastLike(0, x) of the Conv's input)."""
+    return use.node.op_type not in _SHAPE_READERS and not (use.node.op_type == "CastLike" and use.idx == 1)
 
 
 def _is_floating(array: np.ndarray) -> bool:
