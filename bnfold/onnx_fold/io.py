@@ -370,8 +370,7 @@ def save_model(
         external_data = bool(tensor_files) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{path.name}.{os.urandom(4).hex()}.data" if external_data else None
     # (by file identity: a location such as ``sub/../out.onnx.data`` or a symlink names a kept file too)
-    kept_identities = {_identity(file) for file in kept} - {None}
-    orphaned = {file for file in _own_data_files(path) if _identity(file) not in kept_identities}
+    orphaned = {file for file in _own_data_files(path) if not any(_same_file(file, Path(source)) for source in kept)}
     try:
         with scratch_directory("staging", path.parent, hidden=True) as staging:
             staged_model = staging / path.name
@@ -389,15 +388,6 @@ def save_model(
         raise InputError(path, f"cannot write output ({error.strerror or error})") from None
     for file in orphaned:
         file.unlink(missing_ok=True)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """The file ``path`` names (device and inode, after symlinks), or None when there is none."""
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return status.st_dev, status.st_ino
 
 
 def _serialized_within_limit(model: onnx.ModelProto, pending: dict[str, np.ndarray] | None) -> SerializedModel | None:
