@@ -21,9 +21,10 @@ from bnfold.errors import (
     InputError,
     VerificationError,
     VerificationUnavailableError,
-    describe_error,
     echo_error,
+    echo_error_json,
     fail,
+    internal_error,
 )
 from bnfold.input_shapes import named, parse_input_shapes, positional
 from bnfold.verify_command import verification_options, verify
@@ -42,10 +43,13 @@ class _BnfoldGroup(click.Group):
     meant to be, and turns usage errors, interrupts and unexpected exceptions into one line and an exit code."""
 
     def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        json_errors = _asks_for_json(args)
         try:
-            return super().make_context(info_name, args, parent, **extra)
+            ctx = super().make_context(info_name, args, parent, **extra)
         except click.UsageError as error:  # (the group's own options and arguments)
-            raise _usage_error_line(error) from None
+            raise _usage_error_line(error, json_errors) from None
+        ctx.meta[_JSON_ERRORS] = json_errors
+        return ctx
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*self.commands, *_LAZY_COMMANDS})
@@ -60,8 +64,8 @@ class _BnfoldGroup(click.Group):
         commands = self.list_commands(ctx)
         if args and args[0] == "help":
             args = ["--help"]
-        elif args and args[0] not in commands and not args[0].startswith("-"):
-            if not Path(args[0]).exists():
+        elif args and args[0] not in commands and args[0] not in _GROUP_OPTIONS:
+            if not args[0].startswith("-") and not Path(args[0]).exists():
                 import difflib  # (only for what may be a mistyped command: 2 ms of start-up otherwise)
 
                 close = difflib.get_close_matches(args[0], commands, n=1, cutoff=0.6)
@@ -77,18 +81,38 @@ class _BnfoldGroup(click.Group):
             click.echo("bnfold: interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except click.UsageError as error:  # (a command's options and arguments)
-            raise _usage_error_line(error) from None
+            raise _usage_error_line(error, ctx.meta[_JSON_ERRORS]) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except Exception as error:  # a bug, not bad input; still one line, and not the code of a verdict
-            echo_error(f"internal error ({describe_error(error)}); please report it")
-            ctx.exit(EXIT_BAD_INPUT)
+            fail(internal_error(error), output_format="json" if ctx.meta[_JSON_ERRORS] else "text")
 
 
-def _usage_error_line(error: click.UsageError) -> click.exceptions.Exit:
-    """Click's usage error as bnfold's one line (click prints three, with the usage), and the exit to raise."""
+# The group's own options: any other option first (`bnfold --no-verify MODEL -o OUT`) is the fold command's.
+_GROUP_OPTIONS = ("-h", "--help", "--version")
+
+# ctx.meta key: whether the command line asks for JSON (`--format json`), so that even a usage error's output is.
+_JSON_ERRORS = "bnfold.json_errors"
+
+
+def _asks_for_json(args: list[str]) -> bool:
+    """Whether ``args`` hold ``--format json`` (or ``--format=json``) before a ``--``: click has not parsed them yet."""
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return False
+        if arg == "--format=json" or (arg == "--format" and args[index + 1 : index + 2] == ["json"]):
+            return True
+    return False
+
+
+def _usage_error_line(error: click.UsageError, json_errors: bool) -> click.exceptions.Exit:
+    """Click's usage error as bnfold's one line (click prints three, with the usage), and the exit to raise;
+    under ``--format json``, the error's JSON object on stdout too."""
     command = error.ctx.command_path if error.ctx is not None else "bnfold"
-    echo_error(f"{error.format_message()} (see '{command} --help')")
+    message = f"{error.format_message()} (see '{command} --help')"
+    echo_error(message)
+    if json_errors:
+        echo_error_json(message, EXIT_BAD_INPUT)
     return click.exceptions.Exit(EXIT_BAD_INPUT)
 
 

@@ -25,6 +25,11 @@ def describe_error(error: BaseException, text: str | None = None) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def internal_error(error: BaseException) -> str:
+    """The message for an exception that is a bug in bnfold, not bad input."""
+    return f"internal error ({describe_error(error)}); please report it"
+
+
 def echo_error(message: str) -> None:
     """``bnfold: error: MESSAGE`` on stderr, one line: names quoted from model files are escaped."""
     click.echo(f"bnfold: error: {printable(message)}", err=True)
@@ -38,10 +43,15 @@ def fail(message: str, code: int = EXIT_BAD_INPUT, output_format: str = "text") 
     """:func:`echo_error`, then exit with ``code``; with ``output_format`` "json", the error as JSON on stdout too."""
     echo_error(message)
     if output_format == "json":
-        import json
-
-        click.echo(json.dumps({"schema": ERROR_SCHEMA, "error": printable(message), "exit_code": code}))
+        echo_error_json(message, code)
     sys.exit(code)
+
+
+def echo_error_json(message: str, code: int) -> None:
+    """The ``bnfold.error/1`` object on stdout, for a failure under ``--format json``."""
+    import json
+
+    click.echo(json.dumps({"schema": ERROR_SCHEMA, "error": printable(message), "exit_code": code}))
 
 
 class InputError(Exception):

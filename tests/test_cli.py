@@ -281,7 +281,7 @@ def test_a_kernel_onnxruntime_lacks_points_at_no_verify(tmp_path):
         (["{model}", "--dry-run", "--input-shape", "input=0,3,16,16"], "with positive sizes (see 'bnfold fold --help')"),
         (["check", "{model}", "--input-shape", "99999999999999999999"], "has a size past 9223372036854775807"),
         (["verify", "{model}"], "Missing argument 'CANDIDATE'. (see 'bnfold verify --help')"),
-        (["--bogus"], "No such option '--bogus'. (see 'bnfold --help')"),
+        (["--bogus"], "No such option '--bogus'. (see 'bnfold fold --help')"),
     ],
 )
 def test_usage_errors_are_one_line(model, args, words):
@@ -313,6 +313,29 @@ def test_json_format_prints_json_on_bad_input_too(model, tmp_path, command):
     error = json.loads(result.stdout)
     assert error == {"schema": "bnfold.error/1", "error": error["error"], "exit_code": 2}
     assert error["error"].startswith(f"{bad}: not a readable ONNX model")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["{model}", "--format", "json", "-o"],
+        ["check", "{model}", "--format=json", "--bogus"],
+        ["--format", "json", "verify", "{model}"],
+    ],
+)
+def test_json_format_prints_json_on_usage_errors_too(model, args):
+    """A CI step parsing stdout gets the error as JSON whatever went wrong, even before click parsed --format."""
+    result = invoke(*(arg.format(model=model) for arg in args))
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert error["schema"] == "bnfold.error/1" and error["exit_code"] == 2 and "--help" in error["error"]
+
+
+def test_options_before_the_model_go_to_fold(model, tmp_path):
+    out = tmp_path / "f.onnx"
+    result = invoke("--no-verify", "--format", "json", model, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["nodes_after"]["batchnorm"] == 0 and out.exists()
 
 
 def test_check_reports_an_internal_error_for_its_model_and_checks_the_others(model, tmp_path, monkeypatch):
