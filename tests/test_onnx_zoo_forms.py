@@ -313,10 +313,13 @@ def test_levit_linear_norm_export_folds_into_the_matmul(module, tmp_path):
     torch.testing.assert_close(torch.from_numpy(run(result, {"input": np.ones([2, 5, 8], np.float32)})[0]), model(torch.ones(2, 5, 8)), atol=1e-5, rtol=1e-4)
 
 
-def test_levit_style_network_folds_every_batchnorm(tmp_path):
-    """Conv stem, LinearNorm attention and MLP blocks on [B, N, C] tokens, BatchNorm1d -> Linear head."""
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_levit_style_network_folds_every_batchnorm(tmp_path, opset):
+    """Conv stem, LinearNorm attention and MLP blocks on [B, N, C] tokens, BatchNorm1d -> Linear head. Before
+    opset 14 the exporter computes the Reshape targets (Concat of Shape slices), for which onnx infers no shape:
+    the ranks are derived (see bnfold.onnx_fold.derived_shapes)."""
     model = levit_style_model()
-    export_onnx(model, torch.randn(1, *LEVIT_INPUT_SHAPE), tmp_path / "levit.onnx")
+    export_onnx(model, torch.randn(1, *LEVIT_INPUT_SHAPE), tmp_path / "levit.onnx", opset=opset)
     original = onnx.load(tmp_path / "levit.onnx")
     assert op_count(original, "BatchNormalization") == model.batchnorms == 13
     assert not fast_path_agrees(original)
@@ -327,6 +330,36 @@ def test_levit_style_network_folds_every_batchnorm(tmp_path):
     assert sum("Flatten keeps" in note for note in report.notes) == 8
     assert report.verification.passed
     assert_same_outputs(original, result, atol=1e-5, rtol=1e-4)
+    assert len(result.graph.value_info) == len(original.graph.value_info)  # the derived shapes served the analysis only
+
+
+def test_derived_shapes_follow_the_ops_semantics():
+    """Reshape to a computed target of 3 entries, an elementwise op broadcasting it, a Transpose, a MatMul, a
+    Reshape to Shape(y): the dimensions each op fixes, None where they depend on values."""
+    import onnx_ir as ir
+
+    from bnfold.onnx_fold.derived_shapes import derive_missing_shapes
+
+    nodes = [
+        helper.make_node("Reshape", ["x", "target"], ["r"]),
+        helper.make_node("Mul", ["r", "scale"], ["m"]),
+        helper.make_node("Transpose", ["m"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "W"], ["mm"]),
+        helper.make_node("Shape", ["mm"], ["s"], start=1),
+        helper.make_node("Reshape", ["y", "s"], ["y2"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]), helper.make_tensor_value_info("target", TensorProto.INT64, [3]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k"])],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones([1, 7, 1], np.float32), "scale"), numpy_helper.from_array(np.ones([7, 4], np.float32), "W")],
+    )  # fmt: skip
+    model = ir.from_proto(helper.make_model(graph))
+    derive_missing_shapes(model.graph)
+    values = {node.outputs[0].name: node.outputs[0] for node in model.graph}
+    dims = {name: [d if isinstance(d, int) else None for d in value.shape] for name, value in values.items() if value.shape is not None}
+    assert dims == {"r": [None, None, None], "m": [None, 7, None], "t": [None, None, 7], "mm": [None, None, 4], "y2": [None, 4]}
 
 
 def matmul_layout_bn(layout_nodes, bn_channels: int = 6, bias: bool = False, inits=(), back: bool = False) -> onnx.ModelProto:

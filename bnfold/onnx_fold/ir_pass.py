@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
 from bnfold.errors import describe_error
+from bnfold.onnx_fold.derived_shapes import derive_missing_shapes
 from bnfold.onnx_fold.io import InputError, data_inputs, load_model
 from bnfold.onnx_fold.rules import (
     ELEMENTWISE_OPS,
@@ -151,6 +152,7 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
         _require_text(working, label)
         copy = _WorkingCopy(working, model, label, notes)
         if shaped is not model:
+            derive_missing_shapes(working.graph)
             declared = {info.name: info for info in model.graph.value_info}
             copy.restore_declared_shapes = functools.partial(_declare_main_graph_values, working, declared)
         return copy
@@ -173,6 +175,7 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
             ShapeInferencePass()(copy.model)
         except Exception as error:
             copy.notes.append(_SHAPES_FAILED.format(type(error).__name__))
+        derive_missing_shapes(copy.model.graph)
     return copy
 
 
