@@ -54,6 +54,9 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
         interfaces = {path: _interface(model) for path, model in models.items()}
         if interfaces[original] != interfaces[candidate]:
             raise InputError(str(candidate), f"its inputs and outputs {interfaces[candidate]} differ from {original}'s {interfaces[original]}")
+        narrower = _narrower_input(models[original], models[candidate])
+        if narrower:
+            raise InputError(str(candidate), f"{narrower}, so it cannot stand in for {original}")
         shapes = parse_input_shapes(input_shapes)
         if positional(shapes):
             shapes = named(shapes, [name for name, _ in interfaces[original][0]], str(original))
@@ -78,6 +81,24 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
         if result.reason:
             click.echo(f"  {printable(result.reason)}")
     sys.exit(0 if result.passed else EXIT_NOT_EQUIVALENT)
+
+
+def _narrower_input(original, candidate) -> str | None:
+    """Which of the candidate's data inputs takes fewer shapes than the original's (a size fixed where the
+    original's is symbolic, or another size), said as a user reads it; None when each takes all the original's."""
+    from bnfold.onnx_fold.io import data_inputs
+
+    def dims(value) -> list | None:
+        return None if value.shape is None else [dim if isinstance(dim, int) else None for dim in value.shape]
+
+    for mine, theirs in zip(data_inputs(original.graph), data_inputs(candidate.graph), strict=True):
+        wanted, offered = dims(mine), dims(theirs)
+        if offered is None:
+            continue
+        if wanted is None or len(wanted) != len(offered) or any(size is not None and size != want for want, size in zip(wanted, offered)):
+            shown = ["?" if size is None else size for size in wanted] if wanted is not None else "no shape"
+            return f"its input {theirs.name!r} has shape {['?' if size is None else size for size in offered]} where the original's has {shown}"
+    return None
 
 
 def _interface(model) -> tuple:

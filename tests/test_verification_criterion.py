@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import batchnorm_node, make_model
+from onnx_models import batchnorm_node, batchnorm_parameters, make_model
 from torch import nn
 from torch.fx.experimental import optimization
 
@@ -560,3 +560,100 @@ def test_a_fold_checks_units_per_channel_with_zero_magnitudes_and_values_the_fol
     had_it = reference.copy()
     had_it[1, 1, 0, 0] = np.nan
     assert check_fold("bn into conv", "float32", had_it, brought_in, magnitude, 1).status == "passed"
+
+
+def _verify(original: onnx.ModelProto, candidate: onnx.ModelProto, tmp_path, *options: str):
+    """`bnfold verify` of the two models as files: (exit code, its JSON report or error, its text output)."""
+    paths = [_save(original, tmp_path / "original.onnx"), _save(candidate, tmp_path / "candidate.onnx")]
+    as_json = CliRunner().invoke(main, ["verify", *paths, *options, "--format", "json"])
+    as_text = CliRunner().invoke(main, ["verify", *paths, *options])
+    assert as_json.exit_code == as_text.exit_code
+    return as_json.exit_code, json.loads(as_json.stdout), as_text.output
+
+
+def _weight_as_constant_node(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializer ``name`` is a Constant node's output instead (as some tools write)."""
+    moved = onnx.ModelProto()
+    moved.CopyFrom(model)
+    tensor = next(t for t in moved.graph.initializer if t.name == name)
+    moved.graph.initializer.remove(tensor)
+    moved.graph.node.insert(0, helper.make_node("Constant", [], [name], value=tensor))
+    return moved
+
+
+def test_a_candidate_weight_from_a_constant_node_is_checked_as_a_fold(tmp_path):
+    """Before, such a fold was left to the outputs' check, which passes a 1e-3 error in one channel."""
+    original = _conv_bn(np.float32, near_dead=0)
+    folded, _ = fold_onnx(original, verify=False)
+    weight = _layer(folded, "conv").input[1]
+    code, report, text = _verify(original, _weight_as_constant_node(folded, weight), tmp_path)
+    assert code == 0 and [check["status"] for check in report["verification"]["folds"]] == ["passed"]
+    assert "1 of 1 fold(s) checked on their own" in text
+    wrong = _weight_as_constant_node(_corrupt(folded, weight, channel=3, scale=1 + 1e-3), weight)
+    code, report, _ = _verify(original, wrong, tmp_path)
+    assert code == 1 and "the folded weight of output channel 3" in report["verification"]["reason"]
+
+
+def test_a_candidate_layer_with_other_attributes_fails(tmp_path):
+    """Dilations 2 and pads 2 give the same output shape as pads 1, and the same values on a 1x1 image: the
+    attributes themselves are compared (a fold never changes them)."""
+    original = _conv_bn(np.float32, near_dead=0)
+    folded, _ = fold_onnx(original, verify=False)
+    conv = _layer(folded, "conv")
+    del conv.attribute[:]
+    conv.attribute.extend([helper.make_attribute("pads", [2, 2, 2, 2]), helper.make_attribute("dilations", [2, 2])])
+    code, report, _ = _verify(original, folded, tmp_path)
+    assert code == 1
+    assert report["verification"]["reason"].endswith("the folded layer has another dilations ([2, 2], the original's [1, 1]), which a fold never changes")
+
+
+def test_a_candidate_may_take_more_input_shapes_than_the_original_and_not_fewer(tmp_path):
+    original = _conv_bn(np.float32, near_dead=0)
+    folded, _ = fold_onnx(original, verify=False)
+    general = onnx.ModelProto()
+    general.CopyFrom(folded)
+    for dim, name in zip(general.graph.input[0].type.tensor_type.shape.dim, ["n", None, "h", "w"]):
+        if name:
+            dim.dim_param = name  # (its value is unset)
+    code, report, _ = _verify(original, general, tmp_path)
+    assert code == 0 and report["verification"]["inputs"] == {"x": [2, 8, 12, 12]}  # the original's shape
+    code, error, _ = _verify(general, folded, tmp_path)  # (the roles swapped: the candidate fixes what may vary)
+    assert code == 2 and error["error"] == (
+        f"{tmp_path / 'candidate.onnx'}: its input 'x' has shape [2, 8, 12, 12] where the original's has ['?', 8, '?', '?'], "
+        f"so it cannot stand in for {tmp_path / 'original.onnx'}"
+    )
+
+
+def _two_branches(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Conv -> BatchNorm -> Relu -> out<i>, for two branches of equal shapes."""
+    nodes, inits = [], []
+    for i in (1, 2):
+        nodes += [
+            helper.make_node("Conv", ["x", f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+            batchnorm_node(f"c{i}", f"b{i}", f"bn{i}"),
+            helper.make_node("Relu", [f"b{i}"], [f"out{i}"], name=f"relu{i}"),
+        ]
+        inits += [numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), f"w{i}"), *batchnorm_parameters(8, f"bn{i}", rng)]
+    return make_model(nodes, [("x", [1, 4, 6, 6])], ["out1", "out2"], inits)
+
+
+def test_renamed_layers_listed_in_another_order_do_not_fail_a_correct_fold(tmp_path):
+    """Two branches' layers renamed, values and all, and listed the other way round (both orders are valid):
+    by position each would be checked against the other's fold (8e10 units). A check of a layer matched by
+    position alone that fails leaves the fold to the outputs' check; a wrong candidate still fails there."""
+    original = _two_branches(np.random.default_rng(0))
+    folded, _ = fold_onnx(original, verify=False)
+    renames = {"b1": "t1", "b2": "t2"}
+    for node in folded.graph.node:
+        node.name = f"node_{node.name}"
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    convs = [node for node in folded.graph.node if node.op_type == "Conv"]
+    folded.graph.node.sort(key=lambda node: (node.op_type != "Conv", -convs.index(node) if node in convs else 0))
+    code, report, text = _verify(original, folded, tmp_path)
+    assert code == 0, report
+    assert [check["status"] for check in report["verification"]["folds"]] == ["not compared"] * 2
+    assert "0 of 2 fold(s) checked on their own (not bn1 [BatchNormalization] into preceding conv1 [Conv]: the folded model renames" in text
+    wrong = _corrupt(folded, _layer(folded, "node_conv1").input[1], channel=0, scale=1.5)
+    code, report, _ = _verify(original, wrong, tmp_path)
+    assert code == 1 and "output 'out1'" in report["verification"]["reason"]

@@ -1,6 +1,8 @@
 """The local checks of folds in any model onnx_ir reads (see :mod:`bnfold.onnx_fold.local_checks`): each fold's
-BatchNorm and layer found in the original with the pass's rules, its layer in the folded model by label,
-else by position among the nodes of its op type (a model from another tool may rename nodes)."""
+BatchNorm and layer found in the original with the pass's rules, its layer in the folded model by label, else
+(a model from another tool may rename nodes) by the names of the values around it, else by position among the
+nodes of its op type. A layer matched by position alone may be another one (two parallel branches listed in
+another order): when its check fails, the fold is left to the outputs' check rather than failed."""
 
 from __future__ import annotations
 
@@ -55,10 +57,17 @@ def ir_local_folds(
         else:
             try:
                 local.append(_local_fold(fold, label, opset, in_original, in_folded, positions, rtol))
+            except _OtherFunction as why:
+                unchecked.append(FoldCheck(label, "", "failed", reason=str(why)))
             except (Refusal, LookupError) as why:
                 reason = why.reason if isinstance(why, Refusal) else why.args[0]
                 unchecked.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
     return local, unchecked
+
+
+class _OtherFunction(Exception):
+    """The folded model's layer computes another function of its input than the original's, whatever its
+    weights (an attribute that a fold never changes differs): the fold fails, saying which."""
 
 
 def _only(labelled: dict[str, list[ir.Node]], label: str, what: str) -> ir.Node:
@@ -78,27 +87,31 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
         raise LookupError("a MatMul fold")
     if in_folded.get(fold.batchnorm):
         raise LookupError(f"the folded model keeps {fold.batchnorm!r}")  # another tool left it: nothing folded
-    folded_layer = _corresponding_layer(fold, layer, anchor, in_folded, positions)
+    folded_layer, by_position = _corresponding_layer(fold, layer, anchor, in_folded, positions)
     if folded_layer.op_type != layer.node.op_type:
         raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
     if _beside_a_batchnorm(folded_layer, preceding):
         raise LookupError(f"the folded model keeps a BatchNorm {'after' if preceding else 'before'} {fold.layer!r}")
-    if any(value is not None and value.const_value is None for value in folded_layer.inputs[1:]):
-        raise LookupError(f"the folded {fold.layer!r} reads a weight that is not an initializer")
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
-    parameters, bias_terms = compare_layer_parameters(
-        _parameters(layer), _parameters(layer_view(folded_layer, opset)), match.affine, preceding, rtol
-    )
+    # (its weights may be initializers, Constant nodes or constant computations, as in the original)
+    folded_view = layer_view(folded_layer, opset)
+    different = _different_attribute(layer.node, folded_layer, layer.weight.ndim)
+    if different:
+        if by_position:
+            raise LookupError(f"the folded model's {folded_layer.op_type} at its position has another {different}")
+        raise _OtherFunction(f"the folded layer has another {different}, which a fold never changes")
+    parameters, bias_terms = compare_layer_parameters(_parameters(layer), _parameters(folded_view), match.affine, preceding, rtol)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
     else:
         data, reference = anchor.inputs[0].name, layer.output.name
-    folded_weights = [None if value is None else value.const_value.numpy() for value in folded_layer.inputs[1:]]
+    folded_weights = [None if value is None else constant_array(value) for value in folded_layer.inputs[1:]]
     return LocalFold(
         label, data, reference, ir.serde.serialize_node(folded_layer), folded_weights,
         ir.serde.serialize_node(layer.node), original_inputs, match.affine, preceding, parameters, bias_terms,
+        matched_by_position=by_position,
     )  # fmt: skip
 
 
@@ -114,18 +127,50 @@ def _parameters(layer: Layer) -> LayerParameters:
     return LayerParameters(layer.weight, layer.bias, layer.layout, *layer.gemm_alpha_beta)
 
 
-def _corresponding_layer(fold: Fold, layer: Layer, anchor: ir.Node, in_folded, positions) -> ir.Node:
-    """The folded model's node for the original's ``layer``: by label, else (a model from another tool may
-    rename nodes) by position among the nodes of its op type when both models have as many of them."""
+# The attributes that make a layer's function of its input and weights, and their defaults (k: spatial axes).
+_FUNCTION_ATTRIBUTES = {
+    "Conv": {"auto_pad": lambda k: "NOTSET", "dilations": lambda k: [1] * k, "group": lambda k: 1,
+             "pads": lambda k: [0] * 2 * k, "strides": lambda k: [1] * k},
+    "Gemm": {"transA": lambda k: 0},
+}  # fmt: skip
+_FUNCTION_ATTRIBUTES["ConvTranspose"] = {**_FUNCTION_ATTRIBUTES["Conv"], "output_padding": lambda k: [0] * k, "output_shape": lambda k: None}
+
+
+def _different_attribute(original: ir.Node, folded: ir.Node, weight_rank: int) -> str:
+    """The first attribute (of :data:`_FUNCTION_ATTRIBUTES`) on which the two layers differ, said with both
+    values; "" when none does."""
+    spatial = weight_rank - 2
+    for name, default in _FUNCTION_ATTRIBUTES.get(original.op_type, {}).items():
+        values = []
+        for node in (original, folded):
+            attribute = node.attributes.get(name)
+            value = default(spatial) if attribute is None else attribute.value
+            values.append(list(value) if isinstance(value, (list, tuple)) else value)
+        if values[0] != values[1]:
+            return f"{name} ({values[1]}, the original's {values[0]})"
+    return ""
+
+
+def _corresponding_layer(fold: Fold, layer: Layer, anchor: ir.Node, in_folded, positions) -> tuple[ir.Node, bool]:
+    """The folded model's node for the original's ``layer``, and whether it was matched by position alone:
+    by label, else (a model from another tool may rename nodes) the one node of its op type that writes the
+    BatchNorm's output (a fold into the layer before) or reads its input (into the layer after), else by
+    position among the nodes of its op type when both models have as many of them."""
     labels = [fold.layer]
     if fold.direction == "into-preceding":
         # An unnamed layer whose output became a graph output took the BatchNorm's output name.
         labels.append(f"{layer.node.op_type}->{anchor.outputs[0].name}")
     for label in labels:
         if in_folded.get(label):
-            return _only(in_folded, label, "folded")
+            return _only(in_folded, label, "folded"), False
     in_original, in_candidate = (by_op.get(layer.node.op_type, []) for by_op in positions)
+    if fold.direction == "into-preceding":
+        around = [node for node in in_candidate if node.outputs and node.outputs[0].name == anchor.outputs[0].name]
+    else:
+        around = [node for node in in_candidate if node.inputs and node.inputs[0] is not None and node.inputs[0].name == anchor.inputs[0].name]
+    if len(around) == 1:
+        return around[0], False
     if len(in_original) != len(in_candidate):
         raise LookupError(f"no node is labelled {fold.layer!r} in the folded model, and it has {len(in_candidate)} "
                           f"{layer.node.op_type} nodes where the original has {len(in_original)}")  # fmt: skip
-    return in_candidate[in_original.index(layer.node)]
+    return in_candidate[in_original.index(layer.node)], True

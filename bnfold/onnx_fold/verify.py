@@ -202,7 +202,9 @@ def verify(
         folded_model = runtime_model(folded, known_arrays)
     except MalformedTensorError as error:
         raise VerificationUnavailableError(str(error), model="folded") from None
-    feeds = random_inputs(folded_model.proto, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
+    # Shaped as the original's inputs, the reference (a candidate of `bnfold verify` may declare others).
+    shaped_as = original if isinstance(original, onnx.ModelProto) or _is_ir_model(original) else folded_model.proto
+    feeds = random_inputs(shaped_as, input_shapes, seed, fixed_remedy="use --no-verify to fold without verification")
     checks, original_model = [], None
     if folds:
         try:
@@ -257,7 +259,9 @@ def _with_local_checks(
         pairs = plain_folds(original_proto, folds)
         if pairs is not None:
             original_model = runtime_model(original_proto, known_arrays)
-            return original_model, *plain_local_folds(original_model, folded_model, pairs, folds, rtol)
+            local, checks = plain_local_folds(original_model, folded_model, pairs, folds, rtol)
+            if not checks:  # (else a model from another tool: the rules below find more of its layers)
+                return original_model, local, checks
     import onnx_ir as ir
 
     from bnfold.onnx_fold.ir_local_checks import ir_local_folds
