@@ -240,6 +240,8 @@ def verify(
         comparisons.append(compare_output(name, reference, actual[name], dtype_name, atol, rtol))
     if any(comparison.failed and comparison.magnitude is not None for comparison in comparisons):
         _measure_noise(original, feeds, expected, comparisons)
+        for comparison in comparisons:
+            comparison.pass_integer_rounding_flips()
     return Verification(comparisons, {name: list(array.shape) for name, array in feeds.items()}, folds=checks)
 
 
