@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -152,7 +153,7 @@ def _cannot_run_original(error: Exception) -> str:
     """onnxruntime's whole message on one line (escaped: it quotes names from the model), and the option
     that fixes it: input shapes for a shape complaint, --no-verify only where a kernel is missing."""
     message = _one_line(error)
-    if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message:
+    if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message or _TYPE_NOT_TAKEN in message:
         remedy = "onnxruntime has no kernel for it here: use --no-verify to fold without verification"
     elif any(word in message for word in ("dimension", "rank", "shape", "Shape")):
         remedy = "give each input a shape the model accepts with --input-shape NAME=D1,D2,..."
@@ -161,9 +162,15 @@ def _cannot_run_original(error: Exception) -> str:
     return f"onnxruntime cannot run the original model ({message}); {remedy}"
 
 
+# How onnxruntime refuses an element type none of an op's kernels takes (bfloat16 Conv on CPU).
+_TYPE_NOT_TAKEN = "Type Error: Type 'tensor("
+
+
 def _one_line(error: Exception) -> str:
-    """onnxruntime's whole message on one line, escaped (it quotes names from the model)."""
-    return printable(" / ".join(line.strip() for line in str(error).strip().splitlines() if line.strip()) or type(error).__name__)
+    """onnxruntime's whole message on one line, escaped (it quotes names from the model), without the path of
+    the scratch file the model was handed over in (gone when the user reads it)."""
+    text = " / ".join(line.strip() for line in str(error).strip().splitlines() if line.strip()) or type(error).__name__
+    return printable(re.sub(r"Load model from \S+ failed: ?", "", text))
 
 
 def _progress(message: str, started: float) -> None:
