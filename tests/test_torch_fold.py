@@ -163,8 +163,31 @@ def test_batchnorm_act_folds_in_the_module_tree_keeping_drop_and_act():
     assert_same_outputs(outputs(model.stem, (x,)), outputs(result.model.stem, (x,)))
     # The activation is applied exactly as before: SiLU of the folded conv's output.
     assert torch.equal(outputs(result.model.stem, (x,)), F.silu(outputs(result.model.stem.conv, (x,))))
+    # Each fold checked on its own, through the drop and act the module applies after normalising.
+    assert [check.status for check in result.report.verification.folds] == ["passed"] * 4
     assert result.report.nodes_before == {"batchnorm": 4, "total": 36}
     assert result.report.nodes_after == {"batchnorm": 0, "total": 32}
+
+
+def test_a_wrong_batchnorm_act_fold_fails_its_own_check(monkeypatch):
+    """One channel of a BatchNormAct2d fold off by a relative 1e-3: before, such a fold was left to the
+    outputs' check, which passes it (one channel's error is below rtol)."""
+    from bnfold.torch_fold import planning
+
+    fold_into_outputs = planning.fold_into_outputs
+
+    def corrupted(weight, bias, affine, layout, out_dtype=None):
+        weight, bias = fold_into_outputs(weight, bias, affine, layout, out_dtype)
+        weight[1] *= 1 + 1e-3
+        return weight, bias
+
+    monkeypatch.setattr(planning, "fold_into_outputs", corrupted)
+    model, inputs = trained_eval_model(case_named("timm_conv"))
+    with pytest.raises(VerificationError) as caught:
+        fold(model, inputs)
+    failed = caught.value.verification.failed_folds
+    assert len(failed) == 4 and all(check.parameters.channel == 1 for check in failed)
+    assert all(check.channel == 1 or check.units <= check.allowed_units for check in failed)
 
 
 def test_batchnorm_act_after_a_same_padding_conv_folds_in_the_module_tree():

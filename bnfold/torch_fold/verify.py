@@ -83,13 +83,20 @@ class FoldCapture:
 
     def __init__(self, model: nn.Module, folds: list[PlannedFold], folds_into_model: bool, run: ModelRun | None = None):
         layers = collections.Counter(fold.layer.module_path for fold in folds)
-        # A BatchNorm module that applies more after normalising (BatchNormAct2d) has no hook on the normalised value.
+        # A BatchNorm module that applies more after normalising (timm's BatchNormAct2d: drop, act) has no hook
+        # on the normalised value: its output is compared with those children applied to the folded layer's
+        # output when they are elementwise and change an error no more than in proportion (see _KEPT_ELEMENTWISE).
+        self.after = {
+            fold: [model.get_submodule(f"{fold.batchnorm.module_path}.{name}") for name in fold.batchnorm.kept_children]
+            for fold in folds
+            if fold.in_module_tree
+        }
         self.checked = [
             fold
             for fold in folds
             if fold.in_module_tree
             and layers[fold.layer.module_path] == 1
-            and not fold.batchnorm.kept_children
+            and all(type(child) in _KEPT_ELEMENTWISE and not child._forward_hooks for child in self.after[fold])
             and _values_line_up(fold)
         ]
         self.values: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -135,7 +142,7 @@ class FoldCapture:
                 if not fold.in_module_tree:
                     why = "a function call in the traced graph"
                 elif fold.batchnorm.kept_children:
-                    why = f"the BatchNorm module also applies {', '.join(fold.batchnorm.kept_children)}"
+                    why = f"the BatchNorm module also applies {', '.join(fold.batchnorm.kept_children)}, not only an elementwise activation"
                 elif not _values_line_up(fold):
                     why = "the calls between the layer and the BatchNorm rearrange the values"
                 else:
@@ -147,11 +154,21 @@ class FoldCapture:
             if len(layer_calls) != 1 or len(norm_calls) != 1:
                 checks.append(fold_not_checked(label, "the layer or BatchNorm runs more than once: checked through the model's outputs only"))
                 continue
-            checks.append(_check_one(fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold), self.parameters[fold]))
+            checks.append(_check_one(
+                fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold), self.parameters[fold], self.after[fold],
+            ))  # fmt: skip
         return checks
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+# Modules a BatchNorm module may apply after normalising, for its fold to be checked through them: eval-mode
+# dropout, and activations whose slope is at most 1.2 in magnitude (Hardswish 1.5), so that an error past the
+# allowance before them stays of that order after (a dead ReLU hides it, as in the model).
+_KEPT_ELEMENTWISE = frozenset({
+    nn.Identity, nn.Dropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.Mish,
+    nn.Tanh, nn.Sigmoid,
+})  # fmt: skip
 
 
 def _values_line_up(fold: PlannedFold) -> bool:
@@ -181,10 +198,13 @@ def _squared_call(layer: nn.Module, squared_data: torch.Tensor, bias_terms: np.n
     return functional_call(layer, squared, (squared_data,))
 
 
-def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters) -> FoldCheck:
-    """The folded layer on the original's input to it against the original layer and BatchNorm, each
-    element's error in units of its rounding scale sqrt(sum (w x)^2 + c^2), c the terms summed into the bias (see
-    LOCAL_UNITS), and its parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
+def _check_one(
+    fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters, after: list[nn.Module]
+) -> FoldCheck:
+    """The folded layer on the original's input to it (then the modules ``after`` it that the BatchNorm module
+    applies, when a fold into the layer before) against the original layer and BatchNorm, each element's error
+    in units of its rounding scale sqrt(sum (w x)^2 + c^2), c the terms summed into the bias (see LOCAL_UNITS),
+    and its parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
     (layer_in, _), (norm_in, norm_out) = layer_call, norm_call
     axis = fold.layer.feature_axis(layer_call[1].dim())
     folded_layer = layer = folded.get_submodule(fold.layer.module_path)
@@ -206,6 +226,10 @@ def _check_one(fold: PlannedFold, folded: nn.Module, layer_call, norm_call, labe
             layer = copy.deepcopy(layer).float()
         actual = layer(data)
         magnitude = _squared_call(layer, data * data, exact.bias_terms).sqrt()
+        for child in after:
+            actual = child(actual)
+            if original is not None:
+                reference = child(reference)
     bias = None if folded_layer.bias is None else to_numpy_as_is(folded_layer.bias)
     compared = compare_parameters(exact, to_numpy_as_is(folded_layer.weight), bias, fold.layer.layout, rtol)
     # The comparison works in float64 from values of any float dtype numpy has.
