@@ -1569,3 +1569,48 @@ def test_a_batchnorm_module_whose_tensors_a_function_call_reads_is_that_call():
     _, report = fold(model, torch.randn(2, 3, 8, 8))
     assert len(report.folds) == 1 and not report.skips
     assert report.nodes_before["batchnorm"] == 1 and report.nodes_after["batchnorm"] == 0
+
+
+class _UltralyticsConv(nn.Module):
+    """ultralytics' Conv: conv, bn, SiLU (one module shared by every Conv, a class attribute); its fuse() deletes
+    bn and sets ``forward = forward_fuse`` on the instance."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = self.default_act
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def forward_fuse(self, x):
+        return self.act(self.conv(x))
+
+
+class _PartlyFusedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _UltralyticsConv(3, 8), _UltralyticsConv(8, 8)
+        del self.a.bn
+        self.a.forward = self.a.forward_fuse
+
+    def forward(self, x):
+        y = torch.cat(list(self.a(x).chunk(2, 1)), 1)  # (a proxy iterated: fx fails, torch.export runs)
+        return self.b(y)
+
+
+def test_a_module_whose_forward_is_set_on_the_instance_does_not_break_the_export_route():
+    """torch.export records the calls inside ``a`` under "conv", not "a.conv": bnfold looked "conv" up and
+    raised AttributeError. Paths that do not name a module of the recorded class are dropped."""
+    model = _PartlyFusedNet()
+    model.b.bn.running_mean.uniform_(-1, 1)
+    model.b.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = fold(model, (x,))
+    assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("b.bn", "b.conv")]
+    assert "torch.export.export" in result.report.notes[0] and result.report.verification.passed
+    assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))

@@ -505,11 +505,30 @@ def _export_model(model: nn.Module, example_inputs: tuple, fx_error: Exception) 
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     graph = exported.graph_module.graph
     attribute_paths = {node: lifted[node.name] for node in graph.nodes if node.name in lifted}
+    _drop_unresolved_module_paths(model, graph)
     note = (
         f"torch.fx could not trace the model ({describe_error(fx_error)}); pairs found with torch.export.export "
         "instead, folded into the model's own modules (function calls outside them are left)"
     )
     return TracedModel(model, [graph], "export", attribute_paths, note)
+
+
+def _drop_unresolved_module_paths(model: nn.Module, graph: fx.Graph) -> None:
+    """Take out of each node's ``nn_module_stack`` the modules whose recorded path is not a module of the
+    recorded class in ``model``: export records a call inside a module whose ``forward`` was set on the instance
+    and whose activation is shared with other modules (ultralytics' fused Conv: ``m.forward = m.forward_fuse``)
+    under the child's own name ("conv" for "a.conv").
+    Such a call then has no known caller, as in a graph that records none."""
+    kinds = {path: f"{type(module).__module__}.{type(module).__qualname__}" for path, module in model.named_modules()}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {key: (path, kind) for key, (path, kind) in stack.items() if kinds.get(path) == _class_name(kind)}
+
+
+def _class_name(kind: Any) -> str:
+    """A module class as ``nn_module_stack`` records it (the class, or its qualified name), as a qualified name."""
+    return kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
 
 
 @contextlib.contextmanager
