@@ -1614,3 +1614,39 @@ def test_a_module_whose_forward_is_set_on_the_instance_does_not_break_the_export
     assert [(f.batchnorm, f.layer) for f in result.report.folds] == [("b.bn", "b.conv")]
     assert "torch.export.export" in result.report.notes[0] and result.report.verification.passed
     assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+class _SplitBatchNorm2d(nn.BatchNorm2d):
+    """timm's SplitBatchNorm2d (AdvProp, AugMix): auxiliary BatchNorms for parts of the training batch."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, num_splits=2):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        assert num_splits > 1, "Should have at least one aux BN layer (num_splits at least 2)"
+        self.num_splits = num_splits
+        self.aux_bn = nn.ModuleList([nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats) for _ in range(num_splits - 1)])
+
+    def forward(self, input: torch.Tensor):  # noqa: A002 - timm's name
+        if self.training:  # aux BN only relevant while training
+            split_size = input.shape[0] // self.num_splits
+            assert input.shape[0] == split_size * self.num_splits, "batch size must be evenly divisible by num_splits"
+            split_input = input.split(split_size)
+            x = [super().forward(split_input[0])]
+            for i, a in enumerate(self.aux_bn):
+                x.append(a(split_input[i + 1]))
+            return torch.cat(x, dim=0)
+        else:
+            return super().forward(input)
+
+
+def test_the_training_only_children_of_a_folded_batchnorm_go_with_it_and_the_report_says_so():
+    """The folded SplitBatchNorm2d becomes nn.Identity, its aux_bn with it: the report listed aux_bn as a
+    BatchNorm left in the model ("folded 1 of 2"), with advice to delete it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _SplitBatchNorm2d(8), nn.ReLU())
+    for _ in range(3):
+        model(torch.randn(4, 3, 8, 8))
+    model.eval()
+    result = fold(model, (torch.randn(4, 3, 8, 8),))
+    assert (len(result.report.folds), result.report.skips) == (1, [])
+    assert result.report.nodes_after["batchnorm"] == 0 and not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    assert "1.aux_bn.0 (never called) is removed with 1, the folded BatchNorm it belongs to" in result.report.notes

@@ -267,5 +267,5 @@ def _report(model: nn.Module, flow: DataFlow, plan: FoldPlan, notes: list[str]) 
             "batchnorm": batchnorms - folds,
             "total": flow.call_count - sum(fold.batchnorm.call_nodes for fold in plan.folds),
         },
-        notes=notes,
+        notes=[*notes, *plan.notes],
     )

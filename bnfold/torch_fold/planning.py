@@ -63,6 +63,7 @@ class PlannedFold:
 class FoldPlan:
     folds: list[PlannedFold]
     skips: list[Skip]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def needs_graph(self) -> bool:
@@ -91,10 +92,16 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
         )
     # A module whose tensors a function call reads (``F.batch_norm(x, bn.running_mean, ...)``) is that call's.
     read = {path.rpartition(".")[0] for path in flow.traced.attribute_paths.values()}
+    # A folded BatchNorm module is replaced, its children with it (timm's SplitBatchNorm2d: aux_bn, for training).
+    replaced = tuple(f"{fold.batchnorm.module_path}." for fold in plan.folds if fold.in_module_tree)
     modules = flow.traced.modules_by_path.items() if flow.traced.model is model else model.named_modules()
     for name, module in modules:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called and name not in read:
-            plan.skips.append(Skip(name, "no-foldable-neighbour", reason))
+            if name.startswith(replaced):
+                owner = next(prefix for prefix in replaced if name.startswith(prefix))[:-1]
+                plan.notes.append(f"{name} (never called) is removed with {owner}, the folded BatchNorm it belongs to")
+            else:
+                plan.skips.append(Skip(name, "no-foldable-neighbour", reason))
     return plan
 
 
