@@ -1650,3 +1650,32 @@ def test_the_training_only_children_of_a_folded_batchnorm_go_with_it_and_the_rep
     assert (len(result.report.folds), result.report.skips) == (1, [])
     assert result.report.nodes_after["batchnorm"] == 0 and not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
     assert "1.aux_bn.0 (never called) is removed with 1, the folded BatchNorm it belongs to" in result.report.notes
+
+
+class _PreActivation(nn.Module):
+    """DPN-style pre-activation: a BatchNormAct2d (ReLU) on a sum, then a conv; or beside a conv on the sum."""
+
+    def __init__(self, beside: bool):
+        super().__init__()
+        self.beside = beside
+        self.bn, self.conv = BatchNormAct2d(8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = x + 1
+        return self.conv(x) + self.bn(x) if self.beside else self.conv(self.bn(x))
+
+
+@pytest.mark.parametrize(
+    "beside,words",
+    [(False, "its input comes from `add`, and the module applies `bn.drop`, `bn.act` to its output before `conv` (Conv2d) reads it"),
+     (True, "its output is read by the module's own `bn.drop`, `bn.act`, then `add`; none of them is a Conv")],
+)  # fmt: skip
+def test_a_batchnorm_act_left_names_what_reads_the_module_output(beside, words):
+    """The reason named the module's own ``drop`` (an Identity) as the reader, never the act or what follows."""
+    torch.manual_seed(0)
+    model = _PreActivation(beside)
+    for _ in range(3):
+        model(torch.randn(2, 8, 8, 8))
+    result = fold(model.eval(), (torch.randn(2, 8, 8, 8),))
+    (skip,) = result.report.skips
+    assert words in skip.reason

@@ -357,6 +357,17 @@ def _no_neighbour_reason(batchnorm: BatchNormCall, flow: DataFlow) -> str:
     if passed:
         source += f" (through {', '.join(describe_node(node, flow.traced) for node in passed)})"
     described = ", ".join(describe_node(reader, flow.traced) for reader in readers) or "nothing"
+    if batchnorm.kept_children:  # (timm's BatchNormAct2d: its own drop and act read the normalised values)
+        applied = ", ".join(f"`{batchnorm.module_path}.{child}`" for child in batchnorm.kept_children)
+        inside = flow.traced.nodes_inside(batchnorm.node.graph, batchnorm.module_path)
+        readers = value_readers(inside[-1]) if inside else []
+        described = ", ".join(describe_node(reader, flow.traced) for reader in readers) or "nothing"
+        if any(reader in flow.layers for reader in readers):
+            return (
+                f"its input comes from {source}, and the module applies {applied} to its output before {described} "
+                f"reads it: a layer can absorb only what reaches it unchanged. {_STAYS}"
+            )
+        described = f"the module's own {applied}, then {described}"
     if any(reader in flow.layers for reader in readers):
         return (
             f"its input comes from {source} and its output is read by {described}: a layer can absorb it only "
