@@ -32,7 +32,7 @@ from torch_architectures import (
 
 from bnfold import fold_math
 from bnfold.report import SKIP_CODES
-from bnfold.torch_fold import calls, fold, rewrite, tracing
+from bnfold.torch_fold import ModelNotTraceableError, calls, fold, rewrite, tracing
 from bnfold.verification import VerificationError
 
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}
@@ -1679,3 +1679,10 @@ def test_a_batchnorm_act_left_names_what_reads_the_module_output(beside, words):
     result = fold(model.eval(), (torch.randn(2, 8, 8, 8),))
     (skip,) = result.report.skips
     assert words in skip.reason
+
+
+@pytest.mark.parametrize("make", [torch.jit.script, lambda model: torch.jit.trace(model, torch.randn(1, 3, 8, 8))], ids=["script", "trace"])
+def test_a_torchscript_module_is_refused_saying_what_to_fold(make):
+    model = make(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+    with pytest.raises(ModelNotTraceableError, match="is a TorchScript module .* fold the eager nn.Module it was made from"):
+        fold(model, torch.randn(1, 3, 8, 8))

@@ -104,6 +104,7 @@ def fold(
     """
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _require_eager(model)
     _require_eval_mode(model)
     _require_initialised(model)
     notes = []
@@ -157,6 +158,7 @@ def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target
     modified). Raises :class:`ModelNotTraceableError` when its pairs cannot be found."""
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _require_eager(model)
     _require_eval_mode(model)
     _require_initialised(model)
     _, _, plan = _analyse(model, example_inputs, record=False, stand_ins=False)  # (stand-ins would patch the model)
@@ -227,6 +229,16 @@ def _require_eval_mode(model: nn.Module) -> None:
         raise ValueError(
             f"{type(model).__name__} is in training mode ({listed}): BatchNorm uses batch statistics there and "
             "only eval-mode BatchNorm can be folded. Call model.eval() before bnfold.fold."
+        )
+
+
+def _require_eager(model: nn.Module) -> None:
+    """A TorchScript module runs compiled code that neither fx nor torch.export can read: say what to fold instead
+    (each tracer's own failure said nothing of it)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelNotTraceableError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script or torch.jit.trace), which bnfold cannot "
+            "read: fold the eager nn.Module it was made from, then script or trace the folded model."
         )
 
 
