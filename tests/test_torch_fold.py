@@ -1686,3 +1686,46 @@ def test_a_torchscript_module_is_refused_saying_what_to_fold(make):
     model = make(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
     with pytest.raises(ModelNotTraceableError, match="is a TorchScript module .* fold the eager nn.Module it was made from"):
         fold(model, torch.randn(1, 3, 8, 8))
+
+
+class _FrozenBatchNormAct2d(nn.Module):
+    """timm's FrozenBatchNormAct2d (what ``freeze_batch_norm_2d`` makes of a BatchNormAct2d), ReLU act."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.drop = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # move reshapes to the beginning
+        # to make it fuser-friendly
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        x = x * scale + bias
+        x = self.act(self.drop(x))
+        return x
+
+
+def test_a_frozen_batchnorm_act_folds_in_the_module_tree_under_its_name():
+    """Its multiply-add was folded in the graph, under fx's node name ("add_1"), and the result was a GraphModule."""
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _FrozenBatchNormAct2d(8), nn.Conv2d(8, 8, 3), _FrozenBatchNormAct2d(8)).eval()
+    for bn in (model[1], model[3]):
+        for name, low, high in (("weight", 0.5, 1.5), ("bias", -0.5, 0.5), ("running_mean", -1, 1), ("running_var", 0.5, 2)):
+            getattr(bn, name).uniform_(low, high, generator=generator)
+    x = torch.randn(2, 3, 12, 12, generator=generator)
+    result = fold(model, (x,))
+    assert type(result.model) is nn.Sequential
+    assert [(f.batchnorm, f.batchnorm_op, f.layer) for f in result.report.folds] == [("1", "_FrozenBatchNormAct2d", "0"), ("3", "_FrozenBatchNormAct2d", "2")]
+    assert isinstance(result.model[1], nn.Sequential) and isinstance(result.model[1].act, nn.ReLU)
+    assert [check.status for check in result.report.verification.folds] == ["passed", "passed"]
+    assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))

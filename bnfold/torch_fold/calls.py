@@ -452,10 +452,11 @@ def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) 
     if not any(n in traced.attribute_paths for n in normalisation):
         return None  # literals only: arithmetic, not a BatchNorm
     owner = traced.module_stack_top(node)
+    # (a module that normalises, then calls its own children: timm's FrozenBatchNormAct2d, drop then act)
     kept_children = None if owner is None else module_remainder(traced, owner, data, node, normalisation)
-    module_path = owner if kept_children == () else None
+    module_path = owner if kept_children is not None else None
     calls = sum(n.op in ("call_function", "call_method") for n in normalisation)
-    return _affine_batchnorm(node, data, module_path, traced, per_channel, subtracts, calls, input_reader=product)
+    return _affine_batchnorm(node, data, module_path, traced, per_channel, subtracts, calls, product, kept_children or ())
 
 
 def _affine_module_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | None:
@@ -492,9 +493,10 @@ def _affine_batchnorm(
     subtracts: bool,
     calls: int,
     input_reader: fx.Node | None = None,
+    kept_children: tuple[str, ...] = (),
 ) -> BatchNormCall:
     """The BatchNorm that ``node`` computes as ``data * scale + shift`` (``- shift`` when it ``subtracts``), under
-    ``module_path`` when that module can be replaced to remove it."""
+    ``module_path`` when that module can be replaced (by its ``kept_children``) to remove it."""
     scale, shift = per_channel
     return BatchNormCall(
         node=node,
@@ -513,6 +515,7 @@ def _affine_batchnorm(
         per_channel=(scale, -shift if subtracts else shift),
         call_nodes=calls,
         input_reader=input_reader,
+        kept_children=kept_children,
     )
 
 
