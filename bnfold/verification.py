@@ -453,7 +453,7 @@ class Verification:
     @property
     def fold_noise(self) -> float | None:
         """The largest error, in rounding units, of the folds that passed: the float noise of this model's folds."""
-        return max((c.units for c in self.folds if c.status == "passed"), default=None)
+        return max((c.units for c in self.folds if c.status == "passed" and c.units is not None), default=None)
 
     @property
     def parameter_noise(self) -> float | None:
@@ -557,6 +557,9 @@ class Verification:
         if self.folds:
             # (said even when none is: a fold left to the outputs' check passes a one-channel error below rtol)
             text += f"; {len(checked)} of {len(self.folds)} fold(s) checked on their own"
+            by_parameters = sum(c.units is None and c.parameters is not None for c in checked)
+            if by_parameters:
+                text += f" ({by_parameters} by their parameters alone)"
         measured = [c.units for c in checked if c.units is not None]
         if measured:
             text += f", worst {max(measured):.3g} rounding units"

@@ -681,3 +681,26 @@ def test_an_integer_output_passes_the_rounding_flips_the_original_shows_itself(t
     assert "no more than the original's own optimised run differs from its plain run" in flips.reason
     wrong = _corrupt(folded, _layer(folded, "conv").input[1], channel=3, scale=1 + 1e-3)
     assert not verify(original, wrong).passed
+
+
+def test_a_matmul_fold_has_its_parameters_checked(tmp_path):
+    """A LinearNorm export (MatMul -> Flatten -> BatchNorm): its folds went to the outputs' check alone, which
+    passed one small channel scaled by 1.5."""
+    from bnfold.zoo_forms import LinearNorm
+
+    torch.manual_seed(0)
+    model = LinearNorm(8, 6).eval()
+    architectures.randomize_batchnorm_statistics(model, torch.Generator().manual_seed(0))
+    export_onnx(model, torch.randn(2, 5, 8), tmp_path / "m.onnx")
+    original = onnx.load(tmp_path / "m.onnx")
+    folded, report = fold_onnx(original)
+    (check,) = report.verification.folds
+    assert check.status == "passed" and check.units is None and check.parameters.units <= ROUNDED_ONCE
+    assert "(1 by their parameters alone)" in report.verification.summary()
+    weight = next(node for node in folded.graph.node if node.op_type == "MatMul").input[1]
+    wrong = _corrupt(folded, weight, channel=0, scale=1.0)  # (a copy)
+    array = _initializer(wrong, weight).copy()
+    array[:, 4] *= 1 + 1e-3  # output feature 4: the MatMul's weight is [in, out]
+    next(t for t in wrong.graph.initializer if t.name == weight).CopyFrom(numpy_helper.from_array(array, weight))
+    code, result, _ = _verify(original, wrong, tmp_path)
+    assert code == 1 and "the folded weight of output channel 4" in result["verification"]["reason"]

@@ -56,13 +56,17 @@ def ir_local_folds(
             unchecked.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
         else:
             try:
-                local.append(_local_fold(fold, label, opset, in_original, in_folded, positions, rtol))
+                check = _local_fold(fold, label, opset, in_original, in_folded, positions, rtol)
+                (local if isinstance(check, LocalFold) else unchecked).append(check)
             except _OtherFunction as why:
                 unchecked.append(FoldCheck(label, "", "failed", reason=str(why)))
             except (Refusal, LookupError) as why:
                 reason = why.reason if isinstance(why, Refusal) else why.args[0]
                 unchecked.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
     return local, unchecked
+
+
+_MATMUL = "a MatMul fold: its parameters checked against the exact fold, its output through the model's outputs"
 
 
 class _OtherFunction(Exception):
@@ -77,14 +81,15 @@ def _only(labelled: dict[str, list[ir.Node]], label: str, what: str) -> ir.Node:
     return nodes[0]
 
 
-def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, positions, rtol: float | None) -> LocalFold:
+def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, positions, rtol: float | None) -> LocalFold | FoldCheck:
+    """The fold's check to run, or for a MatMul fold its parameter check alone (its output goes through layout ops
+    to the BatchNorm's channel axis: compared through the model's outputs)."""
     anchor = _only(in_original, fold.batchnorm, "original")
     preceding = fold.direction == "into-preceding"
     rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
     match = rule.check(anchor, opset)  # read-only: the original's layer and the map that was folded
     layer = match.layer
-    if layer.node.op_type == "MatMul":
-        raise LookupError("a MatMul fold")
+    matmul = layer.node.op_type == "MatMul"
     if in_folded.get(fold.batchnorm):
         raise LookupError(f"the folded model keeps {fold.batchnorm!r}")  # another tool left it: nothing folded
     folded_layer, by_position = _corresponding_layer(fold, layer, anchor, in_folded, positions)
@@ -96,13 +101,16 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
     # (its weights may be initializers, Constant nodes or constant computations, as in the original)
-    folded_view = layer_view(folded_layer, opset)
+    folded_view = layer_view(folded_layer, opset, features_last=matmul)  # (a MatMul's data rank: its weights suffice)
     different = _different_attribute(layer.node, folded_layer, layer.weight.ndim)
     if different:
         if by_position:
             raise LookupError(f"the folded model's {folded_layer.op_type} at its position has another {different}")
         raise _OtherFunction(f"the folded layer has another {different}, which a fold never changes")
     parameters, bias_terms = compare_layer_parameters(_parameters(layer), _parameters(folded_view), match.affine, preceding, rtol)
+    if matmul:
+        status = "passed" if parameters.passed else "failed"
+        return FoldCheck(label, parameters.dtype, status, layer.layout.out_channels(layer.weight.shape), parameters=parameters, reason=_MATMUL)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
     else:

@@ -179,6 +179,11 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
     return copy
 
 
+def analysis_copy(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` with the shapes the rules need inferred (as the pass sees it), for reading only."""
+    return _working_copy(model, None).model
+
+
 def _label(graph_name) -> str:
     return graph_name if graph_name and isinstance(graph_name, str) else "<model>"
 
