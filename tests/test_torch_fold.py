@@ -1688,31 +1688,17 @@ def test_a_torchscript_module_is_refused_saying_what_to_fold(make):
         fold(model, torch.randn(1, 3, 8, 8))
 
 
-class _FrozenBatchNormAct2d(nn.Module):
-    """timm's FrozenBatchNormAct2d (what ``freeze_batch_norm_2d`` makes of a BatchNormAct2d), ReLU act."""
+class _FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """timm's FrozenBatchNormAct2d (what ``freeze_batch_norm_2d`` makes of a BatchNormAct2d): the frozen
+    multiply-add, then its own ``drop`` and ``act`` (ReLU)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        super().__init__(num_features, eps)
         self.drop = nn.Identity()
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # move reshapes to the beginning
-        # to make it fuser-friendly
-        w = self.weight.reshape(1, -1, 1, 1)
-        b = self.bias.reshape(1, -1, 1, 1)
-        rv = self.running_var.reshape(1, -1, 1, 1)
-        rm = self.running_mean.reshape(1, -1, 1, 1)
-        scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        x = x * scale + bias
-        x = self.act(self.drop(x))
-        return x
+        return self.act(self.drop(super().forward(x)))
 
 
 def test_a_frozen_batchnorm_act_folds_in_the_module_tree_under_its_name():
