@@ -42,28 +42,29 @@ def _layers_by_position(graph: ir.Graph) -> dict[str, list[ir.Node]]:
 def ir_local_folds(
     original: ir.Model, folded: ir.Model, folds: list[Fold], rtol: float | None
 ) -> tuple[list[LocalFold], list[FoldCheck]]:
-    """The folds that can be checked on their own, and a not-compared entry (with the reason) for each other."""
+    """The folds to check by running their layers, and the verdicts of the others: a not-compared entry (with the
+    reason), a MatMul fold's parameter check, a failure found from the models alone."""
     opset = original.opset_imports.get("", original.opset_imports.get("ai.onnx", 1))
     in_original, in_folded = _by_label(original.graph), _by_label(folded.graph)
     positions = (_layers_by_position(original.graph), _layers_by_position(folded.graph))
     per_layer = collections.Counter((fold.graph, fold.layer) for fold in folds)
-    local, unchecked = [], []
+    local, verdicts = [], []
     for fold in folds:
         label = fold.describe()
         if fold.graph:
-            unchecked.append(fold_not_checked(label, "in a subgraph: checked through the model's outputs only"))
+            verdicts.append(fold_not_checked(label, "in a subgraph: checked through the model's outputs only"))
         elif per_layer[(fold.graph, fold.layer)] > 1:
-            unchecked.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
+            verdicts.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
         else:
             try:
                 check = _local_fold(fold, label, opset, in_original, in_folded, positions, rtol)
-                (local if isinstance(check, LocalFold) else unchecked).append(check)
+                (local if isinstance(check, LocalFold) else verdicts).append(check)
             except _OtherFunction as why:
-                unchecked.append(FoldCheck(label, "", "failed", reason=str(why)))
+                verdicts.append(FoldCheck(label, "", "failed", reason=str(why)))
             except (Refusal, LookupError) as why:
                 reason = why.reason if isinstance(why, Refusal) else why.args[0]
-                unchecked.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
-    return local, unchecked
+                verdicts.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
+    return local, verdicts
 
 
 _MATMUL = "a MatMul fold: its parameters checked against the exact fold, its output through the model's outputs"
