@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # annotations only: this module stays free of numpy for the c
 # The JSON report's schema. /2 added "quantization": one entry per measured fold (bnfold.quantization); /3 its
 # target_dtype's "error" (bnfold.half_precision_error); /4 writes a figure that is not finite as the string "inf",
 # "-inf" or "nan" (JSON has no such numbers: /3's Infinity failed strict parsers).
-SCHEMA = "bnfold.fold-report/4"
+SCHEMA = "bnfold.fold-report/5"
 
 
 def json_text(document) -> str:

@@ -123,7 +123,7 @@ _NOT_REAL_KINDS = "cmMOSU"
 class OutputComparison:
     """One output. Errors are over the ``elements_compared`` elements (None when there are none);
     ``max_rel_error`` is ``max_abs_error / magnitude``, the magnitude being max |original| over them;
-    ``noise`` is how far the runtime's own optimised run of the original is from its plain run (measured
+    ``noise`` is how far another run with other kernels is from the compared one, as ``noise_from`` says (measured
     only when the output failed); ``reason`` says why the output failed or was not compared."""
 
     name: str
@@ -138,6 +138,7 @@ class OutputComparison:
     reason: str = ""
     magnitude: float | None = None
     noise: float | None = None
+    noise_from: str = "onnxruntime's optimised run of the original against its plain run"
 
     @property
     def passed(self) -> bool:
@@ -151,24 +152,24 @@ class OutputComparison:
         return {**dataclasses.asdict(self), "passed": self.passed}
 
     def pass_integer_rounding_flips(self) -> None:
-        """Pass a failed integer output (compared exactly) that differs no more than the runtime's optimised run
-        of the original differs from its plain run (``noise``): a float value rounded or cast to an integer, or
-        ranked by ArgMax, flips where it sits on a boundary, and any change of float rounding (the runtime's
-        fusions, as a fold) flips some; a wrong fold changes far more than the noise."""
+        """Pass a failed integer output (compared exactly) that differs no more than a run with other kernels does
+        (``noise``): a float value rounded or cast to an integer, or ranked by ArgMax, flips where it sits on a
+        boundary, and any change of float rounding (other kernels, the runtime's fusions, a fold) flips some; a
+        wrong fold changes far more than the noise."""
         if not (self.failed and np.issubdtype(np.dtype(self.dtype), np.integer) and self.noise is not None):
             return
         if self.magnitude is not None and self.max_abs_error <= self.noise:
             self.status = "passed"
             self.reason = (
-                f"integer output: differs by up to {self.max_abs_error:g}, no more than the original's own optimised run "
-                f"differs from its plain run ({self.noise:g}): float rounding flipping values that sit on a boundary"
+                f"integer output: differs by up to {self.max_abs_error:g}, no more than the model's own float noise "
+                f"({self.noise:g}, {self.noise_from}): float rounding flipping values that sit on a boundary"
             )
 
     def describe_failure(self) -> str:
         if self.magnitude is None:
             return f"output {self.name!r}: {self.reason}"
         allowed = self.atol + self.rtol * self.magnitude
-        noise = "" if self.noise is None else f"; the original's own float noise (optimised vs plain run) is {self.noise:.3g}"
+        noise = "" if self.noise is None else f"; the model's own float noise is {self.noise:.3g} ({self.noise_from})"
         return (
             f"output {self.name!r}: max abs error {self.max_abs_error:.3g} on outputs of magnitude {self.magnitude:.3g} "
             f"(max |original|), {self.max_rel_error:.3g} of it, over the {allowed:.3g} allowed (atol {self.atol:g} + "

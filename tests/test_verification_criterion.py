@@ -338,7 +338,7 @@ def test_bnfold_verify_command(tmp_path):
     ok = runner.invoke(main, ["verify", *paths, "--format", "json"])
     assert ok.exit_code == 0, ok.output
     report = json.loads(ok.output)
-    assert report["schema"] == "bnfold.verify-report/2" and report["verification"]["passed"]
+    assert report["schema"] == "bnfold.verify-report/3" and report["verification"]["passed"]
     assert report["verification"]["outputs"][0]["status"] == "passed"
     (check,) = report["verification"]["folds"]
     assert check["status"] == "passed" and check["parameters"]["units"] <= ROUNDED_ONCE
@@ -678,7 +678,7 @@ def test_an_integer_output_passes_the_rounding_flips_the_original_shows_itself(t
     folded, report = fold_onnx(original)
     (flips,) = [output for output in report.verification.outputs if output.name == "q"]
     assert report.verification.passed and flips.max_abs_error == 1 and 0 < flips.noise
-    assert "no more than the original's own optimised run differs from its plain run" in flips.reason
+    assert "no more than the model's own float noise (1, onnxruntime's optimised run of the original against its plain run)" in flips.reason
     wrong = _corrupt(folded, _layer(folded, "conv").input[1], channel=3, scale=1 + 1e-3)
     assert not verify(original, wrong).passed
 
@@ -704,3 +704,44 @@ def test_a_matmul_fold_has_its_parameters_checked(tmp_path):
     next(t for t in wrong.graph.initializer if t.name == weight).CopyFrom(numpy_helper.from_array(array, weight))
     code, result, _ = _verify(original, wrong, tmp_path)
     assert code == 1 and "the folded weight of output channel 4" in result["verification"]["reason"]
+
+
+class _FixedPointHead(nn.Module):
+    """Conv -> BatchNorm, returned as is and as int32 fixed point: round(4096 z)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        z = self.bn(self.conv(x))
+        return z, torch.round(z * 4096).to(torch.int32)
+
+
+def test_torch_integer_output_passes_the_rounding_flips_other_kernels_show():
+    """A correct fold flips about a hundred of the 131072 fixed-point values by 1; so does running the model
+    without oneDNN (another convolution kernel). It failed, compared exactly; a wrong fold still fails."""
+    model = _trained(_FixedPointHead())
+    x = torch.randn(1, 8, 128, 128, generator=torch.Generator().manual_seed(1))
+    result = bnfold.fold(model, x)
+    (_, fixed_point) = result.report.verification.outputs
+    assert fixed_point.passed and fixed_point.max_abs_error == 1 and fixed_point.noise >= 1
+    assert "the folded model run without oneDNN against with it" in fixed_point.reason
+
+
+def test_torch_failure_carries_the_models_own_float_noise(monkeypatch):
+    calls = []
+
+    def corrupted(weight, bias, affine, layout, out_dtype=None):
+        weight, bias = fold_into_outputs(weight, bias, affine, layout, out_dtype)
+        calls.append(1)
+        weight[3] *= 1.5
+        return weight, bias
+
+    fold_into_outputs = planning.fold_into_outputs
+    monkeypatch.setattr(planning, "fold_into_outputs", corrupted)
+    with pytest.raises(VerificationError) as caught:
+        bnfold.fold(_trained(_FixedPointHead()), torch.randn(1, 8, 32, 32, generator=torch.Generator().manual_seed(1)))
+    (first, second) = caught.value.verification.outputs
+    assert first.failed and second.failed and second.max_abs_error > 100 * second.noise
+    assert "(the folded model run without oneDNN against with it)" in first.describe_failure()

@@ -59,7 +59,7 @@ from bnfold.torch_fold.planning import FoldPlan, plan_folds
 from bnfold.torch_fold.quantization import measure_torch_folds
 from bnfold.torch_fold.rewrite import fold_in_graph, fold_in_module_tree
 from bnfold.torch_fold.tracing import ModelNotTraceableError, TracedModel, trace_model
-from bnfold.torch_fold.verify import FoldCapture, compare_outputs, output_leaves, run_outputs
+from bnfold.torch_fold.verify import FoldCapture, compare_outputs, measure_noise, output_leaves, run_outputs
 from bnfold.verification import VerificationError
 
 __all__ = ["ModelNotTraceableError", "TorchFoldResult", "fold", "measure_folds"]
@@ -145,6 +145,7 @@ def fold(
     if verify:
         actual = run_outputs(folded, example_inputs)
         report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)
+        measure_noise(folded, example_inputs, actual, report.verification)
         report.verification.folds = capture.check(folded, plan.folds, rtol)
         if not report.verification.passed:
             raise VerificationError(report.verification, report, folded)
