@@ -619,9 +619,65 @@ def test_batchnorms_in_model_local_functions_are_folded_where_the_graph_calls_th
     model.ir_version = 8
     folded, report = fold_onnx(model)
     assert [fold.batchnorm for fold in report.folds] == ["bn"] and report.verification.passed
-    assert "inlined the model-local function(s) local.ConvBN" in " ".join(report.notes)
+    assert "inlined the model-local function(s) local.ConvBN," in " ".join(report.notes)
     assert [function.name for function in folded.functions] == ["Act"] and op_count(folded, "BatchNormalization") == 0
     assert_same_outputs(model, folded, atol=1e-5, rtol=1e-4)
+
+
+def _nested_functions_model(relu_first: bool) -> onnx.ModelProto:
+    """As torch.onnx.export(export_modules_as_functions=True) writes a model: the graph calls a Block function,
+    which calls a Conv2d, a BatchNorm2d and a ReLU function of their own domains (ReLU before the BatchNorm with
+    ``relu_first``)."""
+    channels = 4
+    r = np.random.default_rng(0)
+    stats = {"scale": r.uniform(0.5, 1.5, channels), "bias": r.normal(size=channels), "mean": r.normal(size=channels),
+             "var": r.uniform(0.5, 2.0, channels)}  # fmt: skip
+    inits = [initializer(name, value.astype(np.float32)) for name, value in stats.items()]
+    inits.append(initializer("W", r.normal(size=(channels, 3, 3, 3)).astype(np.float32)))
+    opset = [helper.make_opsetid("", 17)]
+    conv = helper.make_function("torch.nn.modules.conv", "Conv2d", ["x", "W"], ["y"], [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], opset)
+    norm = helper.make_function("torch.nn.modules.batchnorm", "BatchNorm2d", ["x", "s", "b", "m", "v"], ["y"],
+                                [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])], opset)  # fmt: skip
+    relu = helper.make_function("torch.nn.modules.activation", "ReLU", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])], opset)
+    calls = [helper.make_node("Conv2d", ["x", "W"], ["c"], domain="torch.nn.modules.conv", name="conv")]
+    order = (("ReLU", "activation", "c", "a", "relu"), ("BatchNorm2d", "batchnorm", "a", "y", "bn"))
+    if not relu_first:
+        order = (("BatchNorm2d", "batchnorm", "c", "a", "bn"), ("ReLU", "activation", "a", "y", "relu"))
+    for op, module, source, target, name in order:
+        inputs = [source, "s", "b", "m", "v"] if op == "BatchNorm2d" else [source]
+        calls.append(helper.make_node(op, inputs, [target], domain=f"torch.nn.modules.{module}", name=name))
+    block_opsets = [*opset, *(helper.make_opsetid(f"torch.nn.modules.{module}", 1) for module in ("conv", "batchnorm", "activation"))]
+    block = helper.make_function("__main__", "Block", ["x", "W", "s", "b", "m", "v"], ["y"], calls, block_opsets)
+    graph = helper.make_graph(
+        [helper.make_node("Block", ["input", "W", "scale", "bias", "mean", "var"], ["output"], domain="__main__", name="block")],
+        "nested", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels, 8, 8])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[*block_opsets, helper.make_opsetid("__main__", 1)], functions=[conv, norm, relu, block])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_batchnorm_nested_in_functions_beside_a_conv_function_folds():
+    """The BatchNorm function was inlined into Block alone (0 of 0 folded, and Block then used a domain it does
+    not import: onnxruntime refused the output); the Conv its own function left it no neighbour. The functions
+    holding layers or BatchNorms, and those calling them, are inlined; the ReLU stays a function."""
+    model = _nested_functions_model(relu_first=False)
+    folded, report = fold_onnx(model)
+    assert len(report.folds) == 1 and report.folds[0].layer_op == "Conv" and op_count(folded, "BatchNormalization") == 0
+    assert report.verification.passed and [check.status for check in report.verification.folds] == ["passed"]
+    assert [function.name for function in folded.functions] == ["ReLU"]
+    onnx.checker.check_model(folded, full_check=True)
+    assert_same_outputs(model, folded, atol=1e-5, rtol=1e-4)
+
+
+def test_inlined_functions_are_verified_even_when_nothing_folds():
+    model = _nested_functions_model(relu_first=True)
+    folded, report = fold_onnx(model)
+    assert report.folds == [] and [skip.code for skip in report.skips] == ["no-foldable-neighbour"]
+    assert report.verification is not None and report.verification.passed
+    onnx.checker.check_model(folded, full_check=True)
 
 
 def test_shapes_inferred_for_the_analysis_stay_out_of_the_folded_model(tmp_path):

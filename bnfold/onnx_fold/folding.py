@@ -134,8 +134,8 @@ def _fold_onnx(model, source: str | os.PathLike | None, verify: bool, freeze: bo
         return folded, report, pending
     from bnfold.onnx_fold.ir_pass import fold_with_pass
 
-    def verify_into(report: FoldReport, original, folded) -> None:
-        _verify(report, verify, original, folded, **verification)
+    def verify_into(report: FoldReport, original, folded, restructured: bool) -> None:
+        _verify(report, verify, original, folded, restructured=restructured, **verification)
 
     return *fold_with_pass(model, None if source is None else str(source), freeze, verify_into), {}
 
@@ -145,9 +145,10 @@ def _proto_initializer_inputs(model: onnx.ModelProto) -> bool:
     return any(value.name in initializers for value in model.graph.input)
 
 
-def _verify(report: FoldReport, verify: bool, original, folded, **options) -> None:
-    """Run the verification into ``report`` (raising when it fails), or note why there is none."""
-    if verify and report.folds:
+def _verify(report: FoldReport, verify: bool, original, folded, restructured: bool = False, **options) -> None:
+    """Run the verification into ``report`` (raising when it fails), or note why there is none: when something
+    was folded, or the model ``restructured`` otherwise (its functions inlined)."""
+    if verify and (report.folds or restructured):
         from bnfold.onnx_fold import verify as onnx_verify
 
         report.verification = onnx_verify.verify(original, folded, folds=report.folds, **options)

@@ -270,14 +270,15 @@ def fold_with_pass(
     model: str | os.PathLike | ir.Model | onnx.ModelProto,
     label: str | None,
     freeze: bool,
-    verify_into: Callable[[FoldReport, str | ir.Model | onnx.ModelProto, ir.Model], None],
+    verify_into: Callable[[FoldReport, str | ir.Model | onnx.ModelProto, ir.Model, bool], None],
 ) -> tuple[ir.Model | onnx.ModelProto, FoldReport]:
     """Fold a working copy of ``model`` with :class:`FoldBatchNormPass`; ``verify_into`` verifies the result
-    into the report against ``model`` itself. ``label`` names the model in the report and errors
+    into the report against ``model`` itself (told whether functions were inlined: then even with no fold). ``label`` names the model in the report and errors
     (default: its path or graph name)."""
     copy = _working_copy(model, label)
     working = copy.model
-    copy.notes += _inline_functions_with_batchnorms(working)
+    inlined = inline_fold_functions(working)
+    copy.notes += inlined
     if freeze:
         copy.notes += _freeze_initializer_inputs(working)
     report = FoldReport(model=copy.label, frontend="onnx", nodes_before=node_counts(working), notes=copy.notes)
@@ -292,21 +293,33 @@ def fold_with_pass(
     )
     report.nodes_after = node_counts(working)
     copy.restore_declared_shapes()
-    verify_into(report, copy.original, working)
+    verify_into(report, copy.original, working, bool(inlined))
     if isinstance(model, onnx.ModelProto):
         return ir.to_proto(working), report
     return working, report
 
 
-def _inline_functions_with_batchnorms(model: ir.Model) -> list[str]:
-    """Inline the calls of each model-local function that holds a BatchNormalization (torch.onnx.export's
-    ``export_modules_as_functions``): the fold sees graphs, not function bodies. The note that says which."""
-    holding = {key for key, function in model.functions.items() if any(node.op_type == "BatchNormalization" for node in function)}
-    if not holding:
+def inline_fold_functions(model: ir.Model) -> list[str]:
+    """Inline the calls of each model-local function (torch.onnx.export's ``export_modules_as_functions``) that
+    holds a BatchNormalization or a layer that may absorb one, or calls such a function: the fold sees graphs,
+    not function bodies, so a BatchNorm nested in functions, or a BatchNorm beside a Conv that is a function of its
+    own, is folded in the graph that calls them. The note that says which."""
+    if not any(node.op_type == "BatchNormalization" for function in model.functions.values() for node in function):
         return []
-    InlinePass(criteria=lambda function: function.identifier() in holding)(model)
-    names = ", ".join(f"{domain}.{name}" for domain, name, _ in sorted(holding))
-    return [f"inlined the model-local function(s) {names}, which hold BatchNorms, into the graphs that call them"]
+    relevant = {key for key, function in model.functions.items() if any(node.op_type in _FOLD_OPS and node.domain in ("", "ai.onnx") for node in function)}
+    callers = {key: {(node.domain, node.op_type, node.overload) for node in function} for key, function in model.functions.items()}
+    while True:  # (then the functions that call them, up to the graphs)
+        more = {key for key, called in callers.items() if key not in relevant and called & relevant}
+        if not more:
+            break
+        relevant |= more
+    InlinePass(criteria=lambda function: function.identifier() in relevant)(model)  # (nested calls too)
+    names = ", ".join(f"{domain}.{name}" for domain, name, _ in sorted(relevant))
+    return [f"inlined the model-local function(s) {names}, which hold BatchNorms or layers, into the graphs that call them"]
+
+
+# What a fold reads or rewrites: a function holding one is inlined (see inline_fold_functions).
+_FOLD_OPS = frozenset({"BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def _freeze_initializer_inputs(model: ir.Model) -> list[str]:

@@ -274,9 +274,12 @@ def _with_local_checks(
     import onnx_ir as ir
 
     from bnfold.onnx_fold.ir_local_checks import ir_local_folds
-    from bnfold.onnx_fold.ir_pass import analysis_copy
+    from bnfold.onnx_fold.ir_pass import analysis_copy, inline_fold_functions
 
     original_ir = original if _is_ir_model(original) else _ir_model(original)
+    if original_ir.functions:  # run and read as the fold saw it, its folds' functions inlined (never the caller's model)
+        original_ir = original_ir.clone() if original_ir is original else original_ir
+        inline_fold_functions(original_ir)
     folded_ir = folded if isinstance(folded, ir.Model) else ir.from_proto(folded)
     # A MatMul fold's rule reads its data's rank: inferred on a copy (onnxruntime runs the original as it is).
     read = analysis_copy(original_ir) if any(fold.layer_op == "MatMul" for fold in folds) else original_ir
