@@ -250,3 +250,22 @@ def test_a_declared_shape_between_nodes_is_not_taken_on_trust(tmp_path):
     for source in (model, path, ir.from_proto(model)):
         _, report = bnfold.fold_onnx(source, verify=False)
         assert not report.folds and [skip.code for skip in report.skips] == ["channel-mismatch"]
+
+
+def test_nodes_out_of_order_are_sorted_and_a_cycle_is_refused(tmp_path):
+    """onnxruntime's float16 converter with keep_io_types writes the input Cast after the nodes reading it:
+    onnxruntime runs that, onnx's checker refused it and bnfold with it. A cycle has no order: still refused."""
+    model = conv_bn()
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"]))
+    model.graph.node[0].input[0] = "x16"
+    model.graph.node.append(helper.make_node("Identity", ["x"], ["x16"], name="cast_in"))
+    path = tmp_path / "unsorted.onnx"
+    path.write_bytes(model.SerializeToString())
+    loaded = load_inline_model(path)
+    assert [node.name for node in loaded.graph.node] == ["cast_in", "conv", "bn"]
+    folded, report = bnfold.fold_onnx(path)
+    assert len(report.folds) == 1 and report.verification.passed
+    model.graph.node[2].input[0] = "z"  # Identity(z) -> Conv -> BatchNorm -> z
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match="topologically sorted"):
+        load_inline_model(path)

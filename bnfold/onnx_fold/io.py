@@ -5,7 +5,9 @@ on disk. onnx_ir is imported only where it is used: its import pulls sympy and c
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import heapq
 import math
 import mmap
 import os
@@ -51,8 +53,29 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         # By path, so that models past 2 GiB are checked too (the checker reads no tensor data from files).
         onnx.checker.check_model(str(path))
     except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
-        raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
+        if "topologically sorted" not in str(error) or not _sorted_and_checked(model, path):
+            raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
     return model
+
+
+def _sorted_and_checked(model, path: Path) -> bool:
+    """Check ``model`` (onnx_ir's) with its nodes in an order :func:`_sort_topologically` finds, through its
+    protobuf, in which external tensors stay references (the checker reads no tensor data); then sort its nodes
+    (onnx_ir's sort). False when there is no such order."""
+    import onnx_ir as ir
+
+    try:
+        proto = ir.to_proto(model)
+    except Exception:  # noqa: BLE001 - onnx_ir cannot write it back (a name that is not UTF-8): the checker's error stands
+        return False
+    if not _sort_topologically(proto.graph):
+        return False
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as error:  # noqa: BLE001 - (as in load_model)
+        raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
+    model.graph.sort()
+    return True
 
 
 @contextlib.contextmanager
@@ -83,13 +106,54 @@ def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
         raise InputError(path, "not an ONNX model (no graph in the file)")
     if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(model.graph)):
         return None
-    view = _checker_view(model, path)
     try:
-        onnx.checker.check_model(view)
+        onnx.checker.check_model(_checker_view(model, path))
     except Exception as error:  # ValidationError; non-UTF-8 strings fail to decode as UnicodeDecodeError
-        raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
+        if not ("topologically sorted" in str(error) and _sort_topologically(model.graph)):
+            raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
+        try:
+            onnx.checker.check_model(_checker_view(model, path))
+        except Exception as error:  # noqa: BLE001 - (as above)
+            raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
     _files_named[_file_identity(path)] = frozenset({path.absolute()})
     return model
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> bool:
+    """Put ``graph``'s nodes in an order where each comes after the nodes making its inputs, keeping their
+    order where it already is one (onnxruntime runs graphs in any order; onnx's checker, and bnfold with it,
+    takes only sorted ones: onnxruntime's float16 converter with keep_io_types writes its input casts last).
+    False, changing nothing, when there is none (a cycle, an input nothing makes) or a node holds a subgraph
+    (whose reads of outer values would count as inputs too)."""
+    nodes = list(graph.node)
+    if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in nodes for attribute in node.attribute):
+        return False
+    producer = {output: index for index, node in enumerate(nodes) for output in node.output if output}
+    given = {"", *(value.name for value in graph.input), *(tensor.name for tensor in graph.initializer),
+             *(tensor.values.name for tensor in graph.sparse_initializer)}  # fmt: skip
+    if any(name not in producer and name not in given for node in nodes for name in node.input):
+        return False
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = collections.defaultdict(list)
+    for index, node in enumerate(nodes):
+        for source in {producer[name] for name in node.input if name in producer}:
+            waiting[index] += 1
+            readers[source].append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for reader in readers[index]:
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) < len(nodes):
+        return False
+    del graph.node[:]
+    graph.node.extend(nodes[index] for index in order)
+    return True
 
 
 def read_model_proto(path: Path) -> onnx.ModelProto:
