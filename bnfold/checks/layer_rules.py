@@ -107,14 +107,13 @@ _STATISTIC_NAMES = ("weight", "bias", "running mean", "running variance")
 
 
 def _untrained_findings(name: str, statistics: Statistics) -> list[Finding]:
-    reasons = []
-    # 0 and 1 are PyTorch's initial values; trained statistics are never exactly that across a layer.
-    if np.all(statistics.running_mean == 0) and np.all(statistics.running_var == 1):
-        reasons.append(f"running mean is exactly 0 and variance exactly 1 in all {statistics.running_mean.size} channels")
+    # 0 and 1 are PyTorch's initial values; trained statistics are never exactly that across a layer. A count of
+    # 0 beside other statistics is no sign: load_state_dict fills in 0 for a checkpoint without the count.
+    if not (np.all(statistics.running_mean == 0) and np.all(statistics.running_var == 1)):
+        return []
+    reasons = [f"running mean is exactly 0 and variance exactly 1 in all {statistics.running_mean.size} channels"]
     if statistics.batches_tracked == 0:
         reasons.append("num_batches_tracked is 0")
-    if not reasons:
-        return []
     return [Finding("BN003", name, f"{' and '.join(reasons)}: the running statistics were never updated by training")]
 
 
