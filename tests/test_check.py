@@ -211,6 +211,69 @@ def test_dropout_with_nothing_to_drop_is_harmless_in_train_mode():
     assert check_model(model, torch.zeros(2, 8)) == []
 
 
+def drop_path(x, drop_prob: float = 0., training: bool = False, scale_by_keep: bool = True):
+    """timm's ``layers/drop.py`` drop_path."""
+    if drop_prob == 0. or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # work with diff dim tensors, not just 2D ConvNets
+    random_tensor = x.new_empty(shape).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        random_tensor.div_(keep_prob)
+    return x * random_tensor
+
+
+class DropPath(nn.Module):
+    """timm's DropPath (stochastic depth on a residual branch, per sample)."""
+
+    def __init__(self, drop_prob: float = 0., scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x):
+        return drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+
+
+class StochasticDepth(nn.Module):
+    """torchvision's StochasticDepth ("row" mode: per sample), its ``ops/stochastic_depth.py`` function inlined."""
+
+    def __init__(self, p: float, mode: str = "row") -> None:
+        super().__init__()
+        self.p = p
+        self.mode = mode
+
+    def forward(self, input):  # noqa: A002 - torchvision's name
+        if not self.training or self.p == 0.0:
+            return input
+        survival_rate = 1.0 - self.p
+        size = [input.shape[0]] + [1] * (input.ndim - 1) if self.mode == "row" else [1] * input.ndim
+        noise = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(survival_rate)
+        if survival_rate > 0.0:
+            noise.div_(survival_rate)
+        return input * noise
+
+
+class _Residual(nn.Module):
+    def __init__(self, drop: nn.Module):
+        super().__init__()
+        self.linear, self.drop = nn.Linear(8, 8), drop
+
+    def forward(self, x):
+        return x + self.drop(self.linear(x))
+
+
+@pytest.mark.parametrize("drop", [lambda: DropPath(0.2), lambda: StochasticDepth(0.2)], ids=["timm-drop-path", "torchvision-stochastic-depth"])
+def test_a_drop_path_left_in_training_mode_is_reported(drop):
+    """A fine-tune that froze its BatchNorms but left the model in train mode: found only as batch dependence
+    (BD001, with an input shape given), and not at all without one."""
+    model = _Residual(drop()).train()
+    findings = check_model(model, torch.ones(4, 8), measure_batch=False)
+    assert named(findings, "DO001") == ["drop"]
+    assert "zeroes 20% of its inputs, by whole samples or blocks, at random" in findings[0].message
+    assert check_model(model.eval(), torch.ones(4, 8), measure_batch=False) == []
+
+
 @pytest.mark.parametrize("opset", [12, 17])
 def test_dropout_exported_in_training_mode(opset, tmp_path):
     path = tmp_path / "dropout.onnx"

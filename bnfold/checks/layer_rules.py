@@ -48,6 +48,7 @@ class DropoutState:
     name: str
     training: str | None  # why it drops at inference, e.g. "module.training is True"; None when inactive
     probability: float | None  # None when it is not a constant
+    drops: str = "of its inputs"  # what it zeroes: inputs, or whole samples of a branch (drop path), or blocks
 
 
 LayerState = BatchNormState | DropoutState
@@ -75,7 +76,7 @@ def dropout_findings(state: DropoutState) -> list[Finding]:
     if not state.training or state.probability == 0:
         return []  # inactive, or active with nothing to drop
     rate = "an unknown fraction" if state.probability is None else f"{state.probability:.0%}"
-    return [Finding("DO001", state.name, f"training mode ({state.training}): it zeroes {rate} of its inputs at random")]
+    return [Finding("DO001", state.name, f"training mode ({state.training}): it zeroes {rate} {state.drops} at random")]
 
 
 def statistics_findings(name: str, statistics: Statistics) -> list[Finding]:

@@ -60,7 +60,18 @@ def module_layer_states(model: nn.Module) -> list[LayerState]:
             states.append(BatchNormState(name, training, module.running_mean is not None, _module_statistics(module)))
         elif _is_a(module, _DropoutNd):
             states.append(DropoutState(name, training, float(module.p)))
+        elif (regulariser := _random_regulariser(module)) is not None:
+            states.append(DropoutState(name, training, *regulariser))
     return states
+
+
+def _random_regulariser(module: nn.Module) -> tuple[float, str] | None:
+    """The drop probability of a training-time random layer that is not a Dropout, and what it drops: timm's
+    DropPath and DropBlock2d (``drop_prob``), torchvision's StochasticDepth (``p``)."""
+    probability = getattr(module, "p" if type(module).__name__ == "StochasticDepth" else "drop_prob", None)
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)):
+        return None
+    return float(probability), "of its inputs, by whole samples or blocks,"
 
 
 def _module_statistics(module: nn.Module) -> Statistics | None:
