@@ -633,10 +633,20 @@ def test_pre_commit_hooks_run_the_check_command_on_model_files():
     assert "torch" in hooks["bnfold-check-pytorch"]["additional_dependencies"]
 
 
-def test_github_annotation_stays_on_one_line():
+def test_github_annotation_stays_on_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a:b.onnx").write_bytes(b"")
     finding = bnfold.checks.Finding("BD002", "", "line one\nline two, 100%").at("dir/a:b.onnx")
     (line,) = format_github(CheckResults([finding], checked=1)).splitlines()
     assert line == f"::notice file=dir/a%3Ab.onnx,title=BD002::<model>: line one\\nline two, 100%25 ({CODES['BD002'].hint})"
+
+
+def test_github_annotation_of_a_model_spec_names_it_in_the_title():
+    """A --model spec is no file for GitHub to attach the annotation to (it looked for "pkg.models%3Amake")."""
+    finding = bnfold.checks.Finding("BN001", "bn", "training mode").at("pkg.models:make")
+    (line,) = format_github(CheckResults([finding], checked=1)).splitlines()
+    assert line.startswith("::error title=BN001 in pkg.models%3Amake::bn: training mode")
 
 
 def test_registering_the_command_keeps_torch_out_of_cli_start_up():

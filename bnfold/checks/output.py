@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 
 from bnfold.checks.findings import CODES, SEVERITIES, Finding
 from bnfold.report import printable
@@ -80,6 +81,9 @@ def format_github(results: CheckResults) -> str:
 
 
 def _workflow_command(command: str, path: str, title: str, message: str) -> str:
+    # A --model spec (module:callable) is no file of the repository for GitHub to annotate: it goes in the title.
+    if not os.path.isfile(path):
+        return f"::{command} title={_escape_property(f'{title} in {path}')}::{_escape_data(message)}"
     return f"::{command} file={_escape_property(path)},title={_escape_property(title)}::{_escape_data(message)}"
 
 
