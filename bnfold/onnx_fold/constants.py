@@ -158,10 +158,11 @@ FREEZE_HINT = (
 def _input_reason(value: ir.Value) -> str:
     if value.const_value is None:
         return f"read from graph input {value.name!r}; make it an initializer to fold"
-    # IR version < 4 requires every initializer to be a graph input: the usual source of this.
+    # IR version < 4 requires every initializer to be a graph input, and torch.onnx.export's
+    # keep_initializers_as_inputs=True writes them so: the usual sources of this.
     return (
         f"read from graph input {value.name!r}, whose initializer is only an overridable default (IR version < 4 "
-        f"models declare every initializer an input); {FREEZE_HINT}"
+        f"models, and exports with keep_initializers_as_inputs=True, declare every initializer an input); {FREEZE_HINT}"
     )
 
 
