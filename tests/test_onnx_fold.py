@@ -593,15 +593,20 @@ def test_constant_queries_along_a_long_runtime_add_chain_stay_linear(monkeypatch
     assert len(visits) < 5 * length
 
 
-def test_batchnorms_in_model_local_functions_are_folded_where_the_graph_calls_them():
-    """torch.onnx.export's export_modules_as_functions: each Conv+BatchNorm a function the graph calls. That
-    function is inlined and folded; a function without a BatchNorm stays a function."""
-    channels = 4
+def _function_model_initializers(channels: int) -> list[onnx.TensorProto]:
+    """A BatchNorm's scale, bias, mean and var, and a 3x3 Conv weight W from 3 channels: what the function models read."""
     r = np.random.default_rng(0)
     stats = {"scale": r.uniform(0.5, 1.5, channels), "bias": r.normal(size=channels), "mean": r.normal(size=channels),
              "var": r.uniform(0.5, 2.0, channels)}  # fmt: skip
     inits = [initializer(name, value.astype(np.float32)) for name, value in stats.items()]
-    inits.append(initializer("W", r.normal(size=(channels, 3, 3, 3)).astype(np.float32)))
+    return [*inits, initializer("W", r.normal(size=(channels, 3, 3, 3)).astype(np.float32))]
+
+
+def test_batchnorms_in_model_local_functions_are_folded_where_the_graph_calls_them():
+    """torch.onnx.export's export_modules_as_functions: each Conv+BatchNorm a function the graph calls. That
+    function is inlined and folded; a function without a BatchNorm stays a function."""
+    channels = 4
+    inits = _function_model_initializers(channels)
     conv_bn = helper.make_function(
         "local", "ConvBN", ["x", "W", "scale", "bias", "mean", "var"], ["y"],
         [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -629,11 +634,7 @@ def _nested_functions_model(relu_first: bool) -> onnx.ModelProto:
     which calls a Conv2d, a BatchNorm2d and a ReLU function of their own domains (ReLU before the BatchNorm with
     ``relu_first``)."""
     channels = 4
-    r = np.random.default_rng(0)
-    stats = {"scale": r.uniform(0.5, 1.5, channels), "bias": r.normal(size=channels), "mean": r.normal(size=channels),
-             "var": r.uniform(0.5, 2.0, channels)}  # fmt: skip
-    inits = [initializer(name, value.astype(np.float32)) for name, value in stats.items()]
-    inits.append(initializer("W", r.normal(size=(channels, 3, 3, 3)).astype(np.float32)))
+    inits = _function_model_initializers(channels)
     opset = [helper.make_opsetid("", 17)]
     conv = helper.make_function("torch.nn.modules.conv", "Conv2d", ["x", "W"], ["y"], [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], opset)
     norm = helper.make_function("torch.nn.modules.batchnorm", "BatchNorm2d", ["x", "s", "b", "m", "v"], ["y"],
