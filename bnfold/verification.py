@@ -123,8 +123,9 @@ _NOT_REAL_KINDS = "cmMOSU"
 class OutputComparison:
     """One output. Errors are over the ``elements_compared`` elements (None when there are none);
     ``max_rel_error`` is ``max_abs_error / magnitude``, the magnitude being max |original| over them;
-    ``noise`` is how far another run with other kernels is from the compared one, as ``noise_from`` says (measured
-    only when the output failed); ``reason`` says why the output failed or was not compared."""
+    ``noise`` is how far a run of the original with other kernels, as ``noise_from`` says, is from the compared
+    one, in ``noise_elements`` elements (measured only when the output failed, see :meth:`measure_noise`);
+    ``reason`` says why the output failed or was not compared."""
 
     name: str
     dtype: str
@@ -138,7 +139,8 @@ class OutputComparison:
     reason: str = ""
     magnitude: float | None = None
     noise: float | None = None
-    noise_from: str = "onnxruntime's optimised run of the original against its plain run"
+    noise_elements: int | None = None
+    noise_from: str = ""
 
     @property
     def passed(self) -> bool:
@@ -151,18 +153,32 @@ class OutputComparison:
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "passed": self.passed}
 
-    def pass_integer_rounding_flips(self) -> None:
-        """Pass a failed integer output (compared exactly) that differs no more than a run with other kernels does
-        (``noise``): a float value rounded or cast to an integer, or ranked by ArgMax, flips where it sits on a
-        boundary, and any change of float rounding (other kernels, the runtime's fusions, a fold) flips some; a
-        wrong fold changes far more than the noise."""
-        if not (self.failed and np.issubdtype(np.dtype(self.dtype), np.integer) and self.noise is not None):
+    def measure_noise(self, expected: np.ndarray, other: np.ndarray, actual: np.ndarray, noise_from: str) -> None:
+        """Set ``noise`` (the largest difference) and ``noise_elements`` (how many differ) between ``expected``, the
+        original's run that was compared, and ``other``, a run of the original with other kernels, as ``noise_from``
+        says; then pass a failed integer output (compared exactly) that the fold (``actual``) changes no more than
+        that: a float value rounded or cast to an integer, or ranked by ArgMax, flips where it sits on a boundary,
+        and any change of float rounding (other kernels, the runtime's fusions, a fold) flips some. A wrong fold
+        changes more values, or by more."""
+        expected64, other64 = np.asarray(expected, np.float64), np.asarray(other, np.float64)
+        if expected64.shape != other64.shape:
             return
-        if self.magnitude is not None and self.max_abs_error <= self.noise:
+        noise = np.abs(other64 - expected64)
+        self.noise = float(np.nanmax(noise)) if noise.size else 0.0
+        self.noise_elements = int(np.count_nonzero(noise))
+        self.noise_from = noise_from
+        if not (self.failed and self.magnitude is not None and np.issubdtype(np.dtype(self.dtype), np.integer)):
+            return
+        differing = int(np.count_nonzero(np.asarray(actual) != np.asarray(expected)))
+        # A fold rounds the weights besides reordering the sums: up to about twice the flips the other run shows
+        # (measured: 121 against 81 without oneDNN), give or take three standard deviations of such a count.
+        allowed = 2 * self.noise_elements + 3 * math.sqrt(2 * self.noise_elements) + 3
+        if self.max_abs_error <= self.noise and differing <= allowed:
             self.status = "passed"
             self.reason = (
-                f"integer output: differs by up to {self.max_abs_error:g}, no more than the model's own float noise "
-                f"({self.noise:g}, {self.noise_from}): float rounding flipping values that sit on a boundary"
+                f"integer output: {differing} value(s) differ, by up to {self.max_abs_error:g}; the original's own float "
+                f"noise ({noise_from}) changes {self.noise_elements}, by up to {self.noise:g}: float rounding flipping "
+                "values that sit on a boundary"
             )
 
     def describe_failure(self) -> str:

@@ -73,7 +73,7 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
         fail(f"{candidate if error.model == 'folded' else original}: {error}", output_format=output_format)
     result.overrides = CLI_OVERRIDES
     if output_format == "json":
-        # (/2: a figure that is not finite is the string "inf", "-inf" or "nan", as in the fold report; /3: noise_from)
+        # (/2: a figure that is not finite is the string "inf", "-inf" or "nan", as in the fold report; /3: noise_elements, noise_from)
         click.echo(json_text({"schema": "bnfold.verify-report/3", "original": str(original), "candidate": str(candidate),
                               "verification": result.to_dict()}))  # fmt: skip
     else:

@@ -1,13 +1,16 @@
 """The local checks of folds in any model onnx_ir reads (see :mod:`bnfold.onnx_fold.local_checks`): each fold's
 BatchNorm and layer found in the original with the pass's rules, its layer in the folded model by label, else
 (a model from another tool may rename nodes) by the names of the values around it, else by position among the
-nodes of its op type. A layer matched by position alone may be another one (two parallel branches listed in
-another order): when its check fails, the fold is left to the outputs' check rather than failed."""
+nodes of its op type. When that layer does not hold the fold (its parameters or attributes differ), another layer
+of the op type that does is taken instead (another tool may renumber two parallel branches' layers); when none
+does, the first one's failure stands."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from bnfold.onnx_fold.constants import constant_array
@@ -21,7 +24,7 @@ from bnfold.onnx_fold.rules import (
     node_label,
 )
 from bnfold.report import Fold
-from bnfold.verification import FoldCheck, fold_not_checked
+from bnfold.verification import FoldCheck, ParameterComparison, fold_not_checked
 
 
 def _by_label(graph: ir.Graph) -> dict[str, list[ir.Node]]:
@@ -93,7 +96,7 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     matmul = layer.node.op_type == "MatMul"
     if in_folded.get(fold.batchnorm):
         raise LookupError(f"the folded model keeps {fold.batchnorm!r}")  # another tool left it: nothing folded
-    folded_layer, by_position = _corresponding_layer(fold, layer, anchor, in_folded, positions)
+    folded_layer = _corresponding_layer(fold, layer, anchor, in_folded, positions)
     if folded_layer.op_type != layer.node.op_type:
         raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
     if _beside_a_batchnorm(folded_layer, preceding):
@@ -101,14 +104,14 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
-    # (its weights may be initializers, Constant nodes or constant computations, as in the original)
-    folded_view = layer_view(folded_layer, opset, features_last=matmul)  # (a MatMul's data rank: its weights suffice)
-    different = _different_attribute(layer.node, folded_layer, layer.weight.ndim)
-    if different:
-        if by_position:
-            raise LookupError(f"the folded model's {folded_layer.op_type} at its position has another {different}")
-        raise _OtherFunction(f"the folded layer has another {different}, which a fold never changes")
-    parameters, bias_terms = compare_layer_parameters(_parameters(layer), _parameters(folded_view), match.affine, preceding, rtol)
+    verdict = _holds_the_fold(layer, folded_layer, opset, match.affine, preceding, rtol)
+    if not verdict.holds:
+        others = (node for node in positions[1].get(layer.node.op_type, []) if node is not folded_layer and not _beside_a_batchnorm(node, preceding))
+        found = next((other for other in (_holds_the_fold(layer, node, opset, match.affine, preceding, rtol, quiet=True) for node in others) if other.holds), None)
+        verdict, folded_layer = (found, found.node) if found else (verdict, folded_layer)
+    if verdict.different:
+        raise _OtherFunction(f"the folded layer has another {verdict.different}, which a fold never changes")
+    parameters, bias_terms = verdict.parameters, verdict.bias_terms
     if matmul:
         status = "passed" if parameters.passed else "failed"
         return FoldCheck(label, parameters.dtype, status, layer.layout.out_channels(layer.weight.shape), parameters=parameters, reason=_MATMUL)
@@ -120,8 +123,42 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     return LocalFold(
         label, data, reference, ir.serde.serialize_node(folded_layer), folded_weights,
         ir.serde.serialize_node(layer.node), original_inputs, match.affine, preceding, parameters, bias_terms,
-        matched_by_position=by_position,
     )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Candidate:
+    """A folded model's layer read as a fold of the original's: its attribute that differs (or ""), its parameters
+    against the exact fold."""
+
+    node: ir.Node
+    different: str
+    parameters: ParameterComparison | None
+    bias_terms: np.ndarray | None
+
+    @property
+    def holds(self) -> bool:
+        return not self.different and self.parameters is not None and self.parameters.passed
+
+
+def _holds_the_fold(
+    layer: Layer, node: ir.Node, opset: int, affine, preceding: bool, rtol: float | None, quiet: bool = False
+) -> _Candidate:
+    """``node`` as the fold of the original's ``layer``. With ``quiet``, a node that cannot be read as one (another
+    weight shape or layout, a weight that is not constant) holds nothing, where it otherwise raises."""
+    try:
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if quiet and (weight is None or weight.shape is None or list(weight.shape) != list(layer.weight.shape)):
+            raise LookupError("another weight shape")
+        # (its weights may be initializers, Constant nodes or constant computations, as in the original)
+        view = layer_view(node, opset, features_last=layer.node.op_type == "MatMul")  # (a MatMul's data rank: its weights suffice)
+        different = _different_attribute(layer.node, node, layer.weight.shape)
+        parameters, bias_terms = compare_layer_parameters(_parameters(layer), _parameters(view), affine, preceding, rtol)
+    except (Refusal, LookupError):
+        if not quiet:
+            raise
+        return _Candidate(node, "", None, None)
+    return _Candidate(node, different, parameters, bias_terms)
 
 
 def _beside_a_batchnorm(layer: ir.Node, preceding: bool) -> bool:
@@ -142,44 +179,57 @@ _FUNCTION_ATTRIBUTES = {
              "pads": lambda k: [0] * 2 * k, "strides": lambda k: [1] * k},
     "Gemm": {"transA": lambda k: 0},
 }  # fmt: skip
-_FUNCTION_ATTRIBUTES["ConvTranspose"] = {**_FUNCTION_ATTRIBUTES["Conv"], "output_padding": lambda k: [0] * k, "output_shape": lambda k: None}
+_FUNCTION_ATTRIBUTES["ConvTranspose"] = {**_FUNCTION_ATTRIBUTES["Conv"], "output_padding": lambda k: [0] * k}
 
 
-def _different_attribute(original: ir.Node, folded: ir.Node, weight_rank: int) -> str:
-    """The first attribute (of :data:`_FUNCTION_ATTRIBUTES`) on which the two layers differ, said with both
-    values; "" when none does."""
-    spatial = weight_rank - 2
-    for name, default in _FUNCTION_ATTRIBUTES.get(original.op_type, {}).items():
-        values = []
-        for node in (original, folded):
-            attribute = node.attributes.get(name)
-            value = default(spatial) if attribute is None else attribute.value
-            values.append(list(value) if isinstance(value, (list, tuple)) else value)
-        if values[0] != values[1]:
-            return f"{name} ({values[1]}, the original's {values[0]})"
-    return ""
+def _different_attribute(original: ir.Node, folded: ir.Node, weight_shape: tuple[int, ...]) -> str:
+    """The first attribute (of :data:`_FUNCTION_ATTRIBUTES`) on which the two layers differ in effect, said with
+    both values; "" when none does. Equivalent forms agree: ``auto_pad`` at stride 1 as its explicit pads, VALID
+    as zero pads, a dilation on a kernel axis of size 1 as none."""
+    forms = [_function_attributes(node, weight_shape) for node in (original, folded)]
+    return next((f"{name} ({forms[1][name]}, the original's {value})" for name, value in forms[0].items() if forms[1][name] != value), "")
 
 
-def _corresponding_layer(fold: Fold, layer: Layer, anchor: ir.Node, in_folded, positions) -> tuple[ir.Node, bool]:
-    """The folded model's node for the original's ``layer``, and whether it was matched by position alone:
-    by label, else (a model from another tool may rename nodes) the one node of its op type that writes the
-    BatchNorm's output (a fold into the layer before) or reads its input (into the layer after), else by
-    position among the nodes of its op type when both models have as many of them."""
+def _function_attributes(node: ir.Node, weight_shape: tuple[int, ...]) -> dict:
+    kernel = list(weight_shape[2:])
+    values = {}
+    for name, default in _FUNCTION_ATTRIBUTES.get(node.op_type, {}).items():
+        attribute = node.attributes.get(name)
+        value = default(len(kernel)) if attribute is None else attribute.value
+        values[name] = list(value) if isinstance(value, (list, tuple)) else value
+    if "dilations" not in values:
+        return values
+    values["dilations"] = [1 if size == 1 else dilation for size, dilation in zip(kernel, values["dilations"])]
+    if values["auto_pad"] == "VALID":
+        values["auto_pad"], values["pads"] = "NOTSET", [0] * 2 * len(kernel)
+    elif values["auto_pad"] in ("SAME_UPPER", "SAME_LOWER") and all(stride == 1 for stride in values["strides"]):
+        totals = [dilation * (size - 1) for size, dilation in zip(kernel, values["dilations"])]
+        small, large = [total // 2 for total in totals], [total - total // 2 for total in totals]
+        values["pads"] = small + large if values["auto_pad"] == "SAME_UPPER" else large + small
+        values["auto_pad"] = "NOTSET"
+    return values
+
+
+def _corresponding_layer(fold: Fold, layer: Layer, anchor: ir.Node, in_folded, positions) -> ir.Node:
+    """The folded model's node for the original's ``layer``: by label, else (a model from another tool may
+    rename nodes) the one node of its op type that writes the BatchNorm's output (a fold into the layer before)
+    or reads its input (into the layer after), else by position among the nodes of its op type when both models
+    have as many of them."""
     labels = [fold.layer]
     if fold.direction == "into-preceding":
         # An unnamed layer whose output became a graph output took the BatchNorm's output name.
         labels.append(f"{layer.node.op_type}->{anchor.outputs[0].name}")
     for label in labels:
         if in_folded.get(label):
-            return _only(in_folded, label, "folded"), False
+            return _only(in_folded, label, "folded")
     in_original, in_candidate = (by_op.get(layer.node.op_type, []) for by_op in positions)
     if fold.direction == "into-preceding":
         around = [node for node in in_candidate if node.outputs and node.outputs[0].name == anchor.outputs[0].name]
     else:
         around = [node for node in in_candidate if node.inputs and node.inputs[0] is not None and node.inputs[0].name == anchor.inputs[0].name]
     if len(around) == 1:
-        return around[0], False
+        return around[0]
     if len(in_original) != len(in_candidate):
         raise LookupError(f"no node is labelled {fold.layer!r} in the folded model, and it has {len(in_candidate)} "
                           f"{layer.node.op_type} nodes where the original has {len(in_original)}")  # fmt: skip
-    return in_candidate[in_original.index(layer.node)], True
+    return in_candidate[in_original.index(layer.node)]

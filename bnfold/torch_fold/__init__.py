@@ -145,7 +145,8 @@ def fold(
     if verify:
         actual = run_outputs(folded, example_inputs)
         report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)
-        measure_noise(folded, example_inputs, actual, report.verification)
+        if working is not model:  # (the original is intact to measure the noise on)
+            measure_noise(model, example_inputs, expected, actual, report.verification)
         report.verification.folds = capture.check(folded, plan.folds, rtol)
         if not report.verification.passed:
             raise VerificationError(report.verification, report, folded)

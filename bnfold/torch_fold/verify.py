@@ -61,10 +61,12 @@ def compare_outputs(
     return Verification(comparisons, inputs, nothing_compared=f"the forward returned no tensors ({returned})")
 
 
-def measure_noise(model: nn.Module, example_inputs: tuple, actual: dict[str, Any], verification: Verification) -> None:
-    """Set each failed output's ``noise``: how far the folded model run without oneDNN (other convolution kernels,
-    other rounding) is from its run with it (``actual``), the float noise a user can compare the error with; then
-    pass the integer outputs whose error is within it (see OutputComparison.pass_integer_rounding_flips)."""
+def measure_noise(
+    original: nn.Module, example_inputs: tuple, expected: dict[str, Any], actual: dict[str, Any], verification: Verification
+) -> None:
+    """Measure each failed output's noise (see OutputComparison.measure_noise): how far the original run without
+    oneDNN (other convolution kernels, other rounding) is from its run with it (``expected``), the float noise a
+    user can compare the error with. ``original`` must not be folded yet (a fold would make its own allowance)."""
     failed = [comparison for comparison in verification.outputs if comparison.failed and comparison.magnitude is not None]
     if not failed:
         return
@@ -72,16 +74,13 @@ def measure_noise(model: nn.Module, example_inputs: tuple, actual: dict[str, Any
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (torch warns about TF32 on Intel GPUs as the flags change)
             with torch.backends.mkldnn.flags(enabled=False):
-                other = run_outputs(model, example_inputs)
+                other = run_outputs(original, example_inputs)
     except Exception:  # noqa: BLE001 - the figure is a help to the reader, never a reason to fail differently
         return
     for comparison in failed:
-        ours, theirs = actual.get(comparison.name), other.get(comparison.name)
-        if isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor) and ours.shape == theirs.shape:
-            difference = np.abs(to_numpy(ours).astype(np.float64) - to_numpy(theirs).astype(np.float64))
-            comparison.noise = float(np.nanmax(difference)) if difference.size else 0.0
-            comparison.noise_from = "the folded model run without oneDNN against with it"
-            comparison.pass_integer_rounding_flips()
+        leaves = [leaves.get(comparison.name) for leaves in (expected, other, actual)]
+        if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), "the original run without oneDNN against with it")
 
 
 def _compare_leaf(name: str, expected: Any, actual: Any, atol: float | None, rtol: float | None) -> OutputComparison:
