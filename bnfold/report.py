@@ -170,7 +170,7 @@ def _describe_output(output: OutputComparison) -> str:
         return f"--   {output.name}: not compared: {output.reason}"
     mark = "ok" if output.passed else "FAIL"
     left_out = output.elements - output.elements_compared
-    counted = f"{output.elements_compared} element(s)" + (f", {left_out} NaN/Inf in both left out" if left_out else "")
+    counted = f"{output.elements_compared} element(s)" + (f", {left_out} where the original is NaN or Inf left out" if left_out else "")
     because = f"; {output.reason}" if output.reason else ""
     return (
         f"{mark:4} {output.name}: max abs {output.max_abs_error:.3g}, max rel {output.max_rel_error:.3g} "

@@ -246,7 +246,8 @@ def verify(
         dtype_name = str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(element_type))) if element_type else str(reference.dtype)
         comparisons.append(compare_output(name, reference, actual[name], dtype_name, atol, rtol))
     if any(comparison.failed and comparison.magnitude is not None for comparison in comparisons):
-        _measure_noise(original, feeds, expected, actual, comparisons)
+        proven = len(checks) == len(folds or []) and all(check.status == "passed" and check.units is not None for check in checks)
+        _measure_noise(original, feeds, expected, actual, comparisons, proven)
     return Verification(comparisons, {name: list(array.shape) for name, array in feeds.items()}, folds=checks)
 
 
@@ -307,7 +308,7 @@ def _ir_model(original: ModelSource) -> ir.Model:
 
 def _measure_noise(
     original: ModelSource | ir.Model, feeds: dict[str, np.ndarray], plain: dict[str, np.ndarray], actual: dict[str, np.ndarray],
-    comparisons: list[OutputComparison],
+    comparisons: list[OutputComparison], folds_proven: bool,
 ) -> None:
     """Measure each failed output's noise (see OutputComparison.measure_noise): how far onnxruntime's optimised run
     of the original (its own fusions and kernel choices) is from the plain one (``plain``, the verification's own
@@ -319,7 +320,7 @@ def _measure_noise(
     for comparison in comparisons:
         if comparison.failed and comparison.magnitude is not None and comparison.name in optimised:
             name = comparison.name
-            comparison.measure_noise(plain[name], optimised[name], actual[name], _OPTIMISED_RUN)
+            comparison.measure_noise(plain[name], optimised[name], actual[name], _OPTIMISED_RUN, folds_proven)
 
 
 _OPTIMISED_RUN = "onnxruntime's optimised run of the original against its plain run"
