@@ -105,10 +105,13 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
     verdict = _holds_the_fold(layer, folded_layer, opset, match.affine, preceding, rtol)
-    if not verdict.holds:
-        others = (node for node in positions[1].get(layer.node.op_type, []) if node is not folded_layer and not _beside_a_batchnorm(node, preceding))
-        found = next((other for other in (_holds_the_fold(layer, node, opset, match.affine, preceding, rtol, quiet=True) for node in others) if other.holds), None)
-        verdict, folded_layer = (found, found.node) if found else (verdict, folded_layer)
+    if not verdict.holds:  # (another tool may have renumbered parallel branches: the layer that holds it, if any)
+        for node in positions[1].get(layer.node.op_type, []):
+            if node is not folded_layer and not _beside_a_batchnorm(node, preceding):
+                other = _holds_the_fold(layer, node, opset, match.affine, preceding, rtol, quiet=True)
+                if other.holds:
+                    verdict, folded_layer = other, node
+                    break
     if verdict.different:
         raise _OtherFunction(f"the folded layer has another {verdict.different}, which a fold never changes")
     parameters, bias_terms = verdict.parameters, verdict.bias_terms
