@@ -798,3 +798,24 @@ def test_dropout_whose_training_mode_defaults_to_true_is_in_training_mode(tmp_pa
     mode.CopyFrom(numpy_helper.from_array(np.array(False), "training"))
     model.graph.initializer[0].CopyFrom(mode)
     assert not [f for f in check_onnx(model, measure_batch=False) if f.code == "DO001"]
+
+
+def test_a_batchnorm_fed_its_own_batch_statistics_is_bn002():
+    """How torch.onnx's dynamo exporter writes track_running_stats=False: mean and variance computed from the
+    BatchNorm's own input. It was found only through the batch dependence (BD001), so not at batch size 1."""
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+        helper.make_node("Unsqueeze", ["m", "spatial"], ["m4"]),
+        helper.make_node("Sub", ["x", "m4"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["d2"]),
+        helper.make_node("ReduceMean", ["d2", "axes"], ["v"], keepdims=0),
+        helper.make_node("BatchNormalization", ["x", "scale", "bias", "m", "v"], ["y"], name="bn"),
+    ]
+    inits = [numpy_helper.from_array(np.array(a, np.int64), n) for n, a in (("axes", [0, 2, 3]), ("spatial", [0, 2, 3]))]
+    inits += [numpy_helper.from_array(np.ones(4, np.float32), "scale"), numpy_helper.from_array(np.zeros(4, np.float32), "bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    findings = check_onnx(model, measure_batch=False)
+    assert codes(findings) == ["BN002"] and findings[0].name == "bn"

@@ -109,7 +109,26 @@ def _constant_input(node: ir.Node, index: int) -> np.ndarray | None:
 
 
 def _batchnorm_state(node: ir.Node, version: int) -> BatchNormState:
-    return BatchNormState(node_label(node), _batchnorm_training(node, version), statistics=_statistics(node))
+    # (torch.onnx's dynamo exporter writes track_running_stats=False as a BatchNormalization fed the batch's
+    # own mean and variance: ReduceMean and friends of its input)
+    batch_statistics = any(_computed_from(node.inputs[index], node.inputs[0]) for index in (3, 4) if index < len(node.inputs))
+    return BatchNormState(node_label(node), _batchnorm_training(node, version), not batch_statistics, _statistics(node))
+
+
+def _computed_from(value: ir.Value | None, source: ir.Value | None) -> bool:
+    """Whether ``value`` is computed, through any nodes of its graph, from ``source``."""
+    seen, pending = set(), [value]
+    while pending:
+        current = pending.pop()
+        if current is None or current in seen:
+            continue
+        if current is source:
+            return True
+        seen.add(current)
+        producer = current.producer()
+        if producer is not None:
+            pending.extend(producer.inputs)
+    return False
 
 
 def _batchnorm_training(node: ir.Node, version: int) -> str | None:
