@@ -269,3 +269,16 @@ def test_nodes_out_of_order_are_sorted_and_a_cycle_is_refused(tmp_path):
     path.write_bytes(model.SerializeToString())
     with pytest.raises(InputError, match="topologically sorted"):
         load_inline_model(path)
+
+
+def test_nodes_out_of_order_with_external_data_are_sorted_whatever_the_working_directory(tmp_path):
+    """The sorted model was checked in memory, where onnx's checker looks for external data in the working
+    directory: refused unless run from the model's folder."""
+    model = conv_bn()
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"]))
+    model.graph.node.reverse()
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    folded, report = bnfold.fold_onnx(folder / "m.onnx")
+    assert len(report.folds) == 1 and report.verification.passed

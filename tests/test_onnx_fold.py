@@ -7,11 +7,15 @@ single-layer models (the errors reached are around 1e-6), float64 1e-12, float16
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx_models import (
     assert_same_outputs,
     batchnorm_node,
@@ -679,6 +683,49 @@ def test_inlined_functions_are_verified_even_when_nothing_folds():
     assert report.folds == [] and [skip.code for skip in report.skips] == ["no-foldable-neighbour"]
     assert report.verification is not None and report.verification.passed
     onnx.checker.check_model(folded, full_check=True)
+
+
+def test_a_batchnorm_in_an_if_branch_inside_a_function_folds():
+    """The function was not inlined (its BatchNorm is in a branch, not among its own nodes): "folded 0 of 0",
+    while `bnfold check` said it would fold."""
+    channels = 4
+    inits = _function_model_initializers(channels)
+    branch = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y_then"], name="bn")],
+        "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    otherwise = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y_else"], pads=[1, 1, 1, 1])], "else", [],
+                                  [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])  # fmt: skip
+    opset = [helper.make_opsetid("", 17)]
+    function = helper.make_function("local", "Branchy", ["x", "W", "s", "b", "m", "v", "flag"], ["y"],
+                                    [helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=otherwise)], opset)  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Branchy", ["input", "W", "scale", "bias", "mean", "var", "flag"], ["output"], domain="local", name="call")],
+        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels, 8, 8])],
+        [*inits, numpy_helper.from_array(np.array(True), "flag")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[*opset, helper.make_opsetid("local", 1)], functions=[function])
+    model.ir_version = 8
+    folded, report = fold_onnx(model)
+    assert [(fold.batchnorm, fold.graph) for fold in report.folds] == [("bn", "then")] and report.verification.passed
+    assert_same_outputs(model, folded, atol=1e-5, rtol=1e-4)
+
+
+def test_a_failed_shape_inference_prints_no_traceback(tmp_path):
+    """onnx_ir's shape inference (a model with external data loads through onnx_ir) logs its failure with a whole
+    traceback, which reached stderr."""
+    nodes = [helper.make_node("Add", ["x", "odd"], ["d"]), helper.make_node("MatMul", ["d", "w"], ["y"])]
+    inits = [initializer("odd", np.ones([3, 5], np.float32)), initializer("w", np.ones([5, 2], np.float32))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    completed = subprocess.run([Path(sys.executable).with_name("bnfold"), path, "--dry-run"], capture_output=True, text=True)
+    assert "Traceback" not in completed.stderr and completed.stderr.count("\n") <= 1, completed.stderr
 
 
 def test_shapes_inferred_for_the_analysis_stay_out_of_the_folded_model(tmp_path):

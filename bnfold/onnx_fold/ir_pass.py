@@ -22,7 +22,7 @@ from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
 from bnfold.errors import describe_error
 from bnfold.onnx_fold.derived_shapes import derive_missing_shapes
-from bnfold.onnx_fold.io import InputError, data_inputs, load_model
+from bnfold.onnx_fold.io import InputError, data_inputs, load_model, onnx_ir_logging_off
 from bnfold.onnx_fold.rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
@@ -172,7 +172,8 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
         declared = _forget_declared_shapes(copy.model)
         copy.restore_declared_shapes = functools.partial(_set_types_and_shapes, declared)
         try:
-            ShapeInferencePass()(copy.model)
+            with onnx_ir_logging_off():
+                ShapeInferencePass()(copy.model)
         except Exception as error:
             copy.notes.append(_SHAPES_FAILED.format(type(error).__name__))
         derive_missing_shapes(copy.model.graph)
@@ -304,10 +305,12 @@ def inline_fold_functions(model: ir.Model) -> list[str]:
     holds a BatchNormalization or a layer that may absorb one, or calls such a function: the fold sees graphs,
     not function bodies, so a BatchNorm nested in functions, or a BatchNorm beside a Conv that is a function of its
     own, is folded in the graph that calls them. The note that says which."""
-    if not any(node.op_type == "BatchNormalization" for function in model.functions.values() for node in function):
+    # (each function's nodes, those of its If/Loop branches included)
+    nodes = {key: list(ir.traversal.RecursiveGraphIterator(function)) for key, function in model.functions.items()}
+    if not any(node.op_type == "BatchNormalization" for inside in nodes.values() for node in inside):
         return []
-    relevant = {key for key, function in model.functions.items() if any(node.op_type in _FOLD_OPS and node.domain in ("", "ai.onnx") for node in function)}
-    callers = {key: {(node.domain, node.op_type, node.overload) for node in function} for key, function in model.functions.items()}
+    relevant = {key for key, inside in nodes.items() if any(node.op_type in _FOLD_OPS and node.domain in ("", "ai.onnx") for node in inside)}
+    callers = {key: {(node.domain, node.op_type, node.overload) for node in inside} for key, inside in nodes.items()}
     while True:  # (then the functions that call them, up to the graphs)
         more = {key for key, called in callers.items() if key not in relevant and called & relevant}
         if not more:

@@ -153,8 +153,10 @@ def _cannot_run_original(error: Exception) -> str:
     """onnxruntime's whole message on one line (escaped: it quotes names from the model), and the option
     that fixes it: input shapes for a shape complaint, --no-verify only where a kernel is missing."""
     message = _one_line(error)
-    if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message or _TYPE_NOT_TAKEN in message:
+    if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message:
         remedy = "onnxruntime has no kernel for it here: use --no-verify to fold without verification"
+    elif _TYPE_NOT_TAKEN in message:
+        remedy = "onnxruntime does not take that element type there: use --no-verify to fold without verification"
     elif any(word in message for word in ("dimension", "rank", "shape", "Shape")):
         remedy = "give each input a shape the model accepts with --input-shape NAME=D1,D2,..."
     else:
@@ -162,7 +164,7 @@ def _cannot_run_original(error: Exception) -> str:
     return f"onnxruntime cannot run the original model ({message}); {remedy}"
 
 
-# How onnxruntime refuses an element type none of an op's kernels takes (bfloat16 Conv on CPU).
+# How onnxruntime refuses an element type an op does not take (bfloat16 Conv on CPU, an int32 Reshape target).
 _TYPE_NOT_TAKEN = "Type Error: Type 'tensor("
 
 
