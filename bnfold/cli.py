@@ -71,7 +71,9 @@ class _BnfoldGroup(click.Group):
                 close = difflib.get_close_matches(args[0], commands, n=1, cutoff=0.6)
                 if close:
                     ctx.fail(f"no command {args[0]!r}; did you mean {close[0]!r}? (a model path runs `fold`)")
-            args = ["fold", *args]
+            # Options first: they are the command's that follows them (`bnfold --format json verify A B`), else fold's.
+            named = next((index for index, arg in enumerate(args) if arg in commands and not Path(arg).exists()), None)
+            args = [args[named], *args[:named], *args[named + 1 :]] if args[0].startswith("-") and named else ["fold", *args]
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):

@@ -341,6 +341,13 @@ def test_json_format_prints_json_on_usage_errors_too(model, args):
     assert error["schema"] == "bnfold.error/1" and error["exit_code"] == 2 and "--help" in error["error"]
 
 
+def test_options_before_a_command_go_to_that_command(model):
+    """`bnfold --format json verify A B` read "verify" as the model of a fold: "Got unexpected extra argument"."""
+    result = invoke("--format", "json", "verify", model, model)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["schema"] == "bnfold.verify-report/3"
+
+
 def test_options_before_the_model_go_to_fold(model, tmp_path):
     out = tmp_path / "f.onnx"
     result = invoke("--no-verify", "--format", "json", model, "-o", out)
