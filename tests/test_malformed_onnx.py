@@ -282,3 +282,17 @@ def test_nodes_out_of_order_with_external_data_are_sorted_whatever_the_working_d
     onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
     folded, report = bnfold.fold_onnx(folder / "m.onnx")
     assert len(report.folds) == 1 and report.verification.passed
+
+
+def test_sparse_initializers_are_refused_naming_them(tmp_path):
+    """onnx_ir reads no sparse initializer: the fold wrote a model reading a value it no longer had (exit 0)."""
+    model = conv_bn()
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"]))
+    dense = next(tensor for tensor in model.graph.initializer if tensor.name == "bn_bias")
+    model.graph.initializer.remove(dense)
+    values = helper.make_tensor("bn_bias", TensorProto.FLOAT, [1], [0.5])
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, helper.make_tensor("i", TensorProto.INT64, [1], [1]), [3]))
+    path = tmp_path / "sparse.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match=r"sparse initializers \(bn_bias\) are not supported; store them dense"):
+        load_inline_model(path)

@@ -108,6 +108,9 @@ def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
         raise InputError(path, f"not a readable ONNX model ({describe_error(error)})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(path, "not an ONNX model (no graph in the file)")
+    if model.graph.sparse_initializer:  # (onnx_ir reads none: the folded model would read values it no longer has)
+        names = ", ".join(tensor.values.name for tensor in model.graph.sparse_initializer[:3])
+        raise InputError(path, f"sparse initializers ({names}) are not supported; store them dense to fold the model")
     if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(model.graph)):
         return None
     try:
@@ -133,8 +136,7 @@ def _sort_topologically(graph: onnx.GraphProto) -> bool:
     if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in nodes for attribute in node.attribute):
         return False
     producer = {output: index for index, node in enumerate(nodes) for output in node.output if output}
-    given = {"", *(value.name for value in graph.input), *(tensor.name for tensor in graph.initializer),
-             *(tensor.values.name for tensor in graph.sparse_initializer)}  # fmt: skip
+    given = {"", *(value.name for value in graph.input), *(tensor.name for tensor in graph.initializer)}
     if any(name not in producer and name not in given for node in nodes for name in node.input):
         return False
     waiting = [0] * len(nodes)
