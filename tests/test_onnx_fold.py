@@ -771,3 +771,23 @@ def test_a_reader_of_the_batchnorms_type_alone_does_not_keep_it():
     assert [(fold.layer, fold.direction) for fold in report.folds] == [("conv", "into-following")] and report.verification.passed
     assert op_count(folded, "BatchNormalization") == 0
     assert_same_outputs(model, folded, **F32)
+
+
+def test_a_function_nothing_calls_is_neither_inlined_nor_named(tmp_path):
+    """The note named an uncalled function holding a BatchNorm as inlined; `bnfold verify` of a function model
+    against itself said "no node is labelled 'node_...'" (a name inlining makes) instead of the BatchNorm kept."""
+    from click.testing import CliRunner
+
+    from bnfold.cli import main
+
+    model = _nested_functions_model(relu_first=False)
+    spare = onnx.FunctionProto()
+    spare.CopyFrom(next(function for function in model.functions if function.name == "BatchNorm2d"))
+    spare.name = "Unused"
+    model.functions.append(spare)
+    folded, report = fold_onnx(model)
+    assert len(report.folds) == 1 and "Unused" not in " ".join(report.notes)
+    assert sorted(function.name for function in folded.functions) == ["ReLU", "Unused"]
+    onnx.save(model, tmp_path / "m.onnx")
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0 and "the folded model keeps" in result.output

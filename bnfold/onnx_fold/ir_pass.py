@@ -316,8 +316,12 @@ def inline_fold_functions(model: ir.Model) -> list[str]:
         if not more:
             break
         relevant |= more
+    before = set(model.functions)
     InlinePass(criteria=lambda function: function.identifier() in relevant)(model)  # (nested calls too)
-    names = ", ".join(f"{domain}.{name}" for domain, name, _ in sorted(relevant))
+    inlined = before - set(model.functions)  # (a function nothing calls stays as it is)
+    if not inlined:
+        return []
+    names = ", ".join(f"{domain}.{name}" for domain, name, _ in sorted(inlined))
     return [f"inlined the model-local function(s) {names}, which hold BatchNorms or layers, into the graphs that call them"]
 
 

@@ -282,6 +282,9 @@ def _with_local_checks(
         original_ir = original_ir.clone() if original_ir is original else original_ir
         inline_fold_functions(original_ir)
     folded_ir = folded if isinstance(folded, ir.Model) else ir.from_proto(folded)
+    if folded_ir.functions:  # (a candidate of `bnfold verify` may keep them: its layers then read alike)
+        folded_ir = folded_ir.clone() if folded_ir is folded else folded_ir
+        inline_fold_functions(folded_ir)
     # A MatMul fold's rule reads its data's rank: inferred on a copy (onnxruntime runs the original as it is).
     read = analysis_copy(original_ir) if any(fold.layer_op == "MatMul" for fold in folds) else original_ir
     local, checks = ir_local_folds(read, folded_ir, folds, rtol)
