@@ -104,9 +104,7 @@ def fold(
     """
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    _require_eager(model)
-    _require_eval_mode(model)
-    _require_initialised(model)
+    _require_foldable(model)
     notes = []
     working = model if inplace else _copy_model(model)
     traced, flow, plan = _analyse(working, example_inputs, record=verify, stand_ins=True)
@@ -160,9 +158,7 @@ def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target
     modified). Raises :class:`ModelNotTraceableError` when its pairs cannot be found."""
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    _require_eager(model)
-    _require_eval_mode(model)
-    _require_initialised(model)
+    _require_foldable(model)
     _, _, plan = _analyse(model, example_inputs, record=False, stand_ins=False)  # (stand-ins would patch the model)
     return measure_torch_folds(plan.folds, target_dtype)
 
@@ -232,6 +228,13 @@ def _require_eval_mode(model: nn.Module) -> None:
             f"{type(model).__name__} is in training mode ({listed}): BatchNorm uses batch statistics there and "
             "only eval-mode BatchNorm can be folded. Call model.eval() before bnfold.fold."
         )
+
+
+def _require_foldable(model: nn.Module) -> None:
+    """Refuse, saying why, a model bnfold cannot fold as it is (for fold and measure_folds alike)."""
+    _require_eager(model)
+    _require_eval_mode(model)
+    _require_initialised(model)
 
 
 def _require_eager(model: nn.Module) -> None:
