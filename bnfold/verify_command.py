@@ -86,18 +86,18 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
 def _narrower_input(original, candidate) -> str | None:
     """Which of the candidate's data inputs takes fewer shapes than the original's (a size fixed where the
     original's is symbolic, or another size), said as a user reads it; None when each takes all the original's."""
+    from bnfold.onnx_fold.derived_shapes import static_dims
     from bnfold.onnx_fold.io import data_inputs
 
-    def dims(value) -> list | None:
-        return None if value.shape is None else [dim if isinstance(dim, int) else None for dim in value.shape]
+    def shown(dims: list | None) -> list | str:
+        return "no shape" if dims is None else ["?" if size is None else size for size in dims]
 
     for mine, theirs in zip(data_inputs(original.graph), data_inputs(candidate.graph), strict=True):
-        wanted, offered = dims(mine), dims(theirs)
+        wanted, offered = static_dims(mine), static_dims(theirs)
         if offered is None:
             continue
         if wanted is None or len(wanted) != len(offered) or any(size is not None and size != want for want, size in zip(wanted, offered)):
-            shown = ["?" if size is None else size for size in wanted] if wanted is not None else "no shape"
-            return f"its input {theirs.name!r} has shape {['?' if size is None else size for size in offered]} where the original's has {shown}"
+            return f"its input {theirs.name!r} has shape {shown(offered)} where the original's has {shown(wanted)}"
     return None
 
 

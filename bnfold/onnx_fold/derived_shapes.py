@@ -34,7 +34,7 @@ def derive_missing_shapes(graph: ir.Graph) -> None:
 
 
 def _derived_dims(node: ir.Node) -> list[int | None] | None:
-    inputs = [_dims(value) for value in node.inputs]
+    inputs = [static_dims(value) for value in node.inputs]
     if node.op_type == "Reshape":  # (whatever its data's shape)
         if len(inputs) != 2:
             return None
@@ -65,7 +65,7 @@ def _shape_of(target: ir.Value) -> list[int | None] | None:
     shape_op = target.producer()
     if shape_op is None or shape_op.op_type != "Shape" or shape_op.domain not in ("", "ai.onnx"):
         return None
-    dims = _dims(shape_op.inputs[0])
+    dims = static_dims(shape_op.inputs[0])
     if dims is None:
         return None
     bounds = [shape_op.attributes.get(name) for name in ("start", "end")]
@@ -86,7 +86,8 @@ def _broadcast(shapes: list[list[int | None]]) -> list[int | None]:
     return result
 
 
-def _dims(value: ir.Value | None) -> list[int | None] | None:
+def static_dims(value: ir.Value | None) -> list[int | None] | None:
+    """The value's dimensions (None where symbolic), or None when its rank is unknown."""
     if value is None or value.shape is None:
         return None
     return [dim if isinstance(dim, int) else None for dim in value.shape]

@@ -23,6 +23,7 @@ from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 from bnfold.errors import describe_error
 from bnfold.onnx_fold.derived_shapes import derive_missing_shapes
 from bnfold.onnx_fold.io import InputError, data_inputs, load_model, onnx_ir_logging_off
+from bnfold.onnx_fold.layers import LAYER_OPS
 from bnfold.onnx_fold.rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
@@ -326,7 +327,7 @@ def inline_fold_functions(model: ir.Model) -> list[str]:
 
 
 # What a fold reads or rewrites: a function holding one is inlined (see inline_fold_functions).
-_FOLD_OPS = frozenset({"BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul"})
+_FOLD_OPS = frozenset({"BatchNormalization", *LAYER_OPS})
 
 
 def _freeze_initializer_inputs(model: ir.Model) -> list[str]:

@@ -18,16 +18,10 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.onnx_fold.constants import constant_array
+from bnfold.onnx_fold.derived_shapes import static_dims
 
 # Ops that only move a tensor's elements: a BatchNorm behind one folds when it keeps the features whole.
 LAYOUT_OPS = ("Flatten", "Reshape", "Transpose")
-
-
-def _static_dims(value: ir.Value) -> list[int | None] | None:
-    """The value's dimensions (None where symbolic), or None when its rank is unknown."""
-    if value.shape is None:
-        return None
-    return [dim if isinstance(dim, int) else None for dim in value.shape]
 
 
 class _Malformed(Exception):
@@ -54,7 +48,7 @@ def features_on_channel_axis(node: ir.Node, features: int, layer_label: str) -> 
 
 
 def _features_on_channel_axis(node: ir.Node, features: int, layer_label: str) -> str | None:
-    dims = _static_dims(node.inputs[0])
+    dims = static_dims(node.inputs[0])
     if dims is None:
         return f"the rank of {layer_label}'s output, which {node.op_type} reshapes, is unknown (shape inference found none)"
     rank = len(dims)
@@ -105,7 +99,7 @@ def _output_dims(node: ir.Node, dims: list[int | None]) -> list[int | None] | No
             if result.count(None) == 1 and known and total is not None:
                 result[result.index(None)] = total // known
         return result
-    return _static_dims(node.outputs[0])
+    return static_dims(node.outputs[0])
 
 
 def _product(dims: list[int | None]) -> int | None:

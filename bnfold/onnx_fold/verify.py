@@ -55,12 +55,13 @@ def _declared_inputs(model: onnx.ModelProto | ir.Model) -> list[_DeclaredInput]:
     if not isinstance(model, onnx.ModelProto):
         import onnx_ir as ir
 
+        from bnfold.onnx_fold.derived_shapes import static_dims
         from bnfold.onnx_fold.io import data_inputs
 
         return [
             # (An undefined element type is float32, as in a protobuf's inputs below.)
             _DeclaredInput(value.name, value.dtype.numpy() if value.dtype not in (None, ir.DataType.UNDEFINED) else np.dtype(np.float32),
-                           None if value.shape is None else [dim if isinstance(dim, int) else None for dim in value.shape])
+                           static_dims(value))
             for value in data_inputs(model.graph)
         ]  # fmt: skip
     initializers = {tensor.name for tensor in model.graph.initializer}
