@@ -275,8 +275,8 @@ def fold_with_pass(
     verify_into: Callable[[FoldReport, str | ir.Model | onnx.ModelProto, ir.Model, bool], None],
 ) -> tuple[ir.Model | onnx.ModelProto, FoldReport]:
     """Fold a working copy of ``model`` with :class:`FoldBatchNormPass`; ``verify_into`` verifies the result
-    into the report against ``model`` itself (told whether functions were inlined: then even with no fold). ``label`` names the model in the report and errors
-    (default: its path or graph name)."""
+    into the report against ``model`` itself (told whether functions were inlined: then even with no fold).
+    ``label`` names the model in the report and errors (default: its path or graph name)."""
     copy = _working_copy(model, label)
     working = copy.model
     inlined = inline_fold_functions(working)

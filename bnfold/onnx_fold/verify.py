@@ -276,20 +276,28 @@ def _with_local_checks(
     import onnx_ir as ir
 
     from bnfold.onnx_fold.ir_local_checks import ir_local_folds
-    from bnfold.onnx_fold.ir_pass import analysis_copy, inline_fold_functions
+    from bnfold.onnx_fold.ir_pass import analysis_copy
 
-    original_ir = original if _is_ir_model(original) else _ir_model(original)
-    if original_ir.functions:  # run and read as the fold saw it, its folds' functions inlined (never the caller's model)
-        original_ir = original_ir.clone() if original_ir is original else original_ir
-        inline_fold_functions(original_ir)
-    folded_ir = folded if isinstance(folded, ir.Model) else ir.from_proto(folded)
-    if folded_ir.functions:  # (a candidate of `bnfold verify` may keep them: its layers then read alike)
-        folded_ir = folded_ir.clone() if folded_ir is folded else folded_ir
-        inline_fold_functions(folded_ir)
+    # Both run and read as the fold saw the original, its folds' functions inlined (a candidate of `bnfold verify`
+    # may keep them too); never the caller's model.
+    original_ir = _fold_functions_inlined(original if _is_ir_model(original) else _ir_model(original), original)
+    folded_ir = _fold_functions_inlined(folded if isinstance(folded, ir.Model) else ir.from_proto(folded), folded)
     # A MatMul fold's rule reads its data's rank: inferred on a copy (onnxruntime runs the original as it is).
     read = analysis_copy(original_ir) if any(fold.layer_op == "MatMul" for fold in folds) else original_ir
     local, checks = ir_local_folds(read, folded_ir, folds, rtol)
     return runtime_model(original_ir), local, checks
+
+
+def _fold_functions_inlined(model: ir.Model, given) -> ir.Model:
+    """``model`` with the functions a fold inlines inlined (see inline_fold_functions): a copy when it is ``given``,
+    the caller's."""
+    from bnfold.onnx_fold.ir_pass import inline_fold_functions
+
+    if not model.functions:
+        return model
+    model = model.clone() if model is given else model
+    inline_fold_functions(model)
+    return model
 
 
 def _is_ir_model(model) -> bool:
