@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from onnx_models import batchnorm_node, batchnorm_parameters, fast_path_agrees, initializer
 
 import bnfold
-from bnfold.onnx_fold.io import InputError, load_inline_model
+from bnfold.onnx_fold.io import InputError, load_inline_model, load_model
 from bnfold.verification import VerificationError
 
 
@@ -284,15 +284,46 @@ def test_nodes_out_of_order_with_external_data_are_sorted_whatever_the_working_d
     assert len(report.folds) == 1 and report.verification.passed
 
 
-def test_sparse_initializers_are_refused_naming_them(tmp_path):
-    """onnx_ir reads no sparse initializer: the fold wrote a model reading a value it no longer had (exit 0)."""
-    model = conv_bn()
+def _with_sparse_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (conv_bn's) with the BatchNorm's bias a sparse initializer."""
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"]))
     dense = next(tensor for tensor in model.graph.initializer if tensor.name == "bn_bias")
     model.graph.initializer.remove(dense)
     values = helper.make_tensor("bn_bias", TensorProto.FLOAT, [1], [0.5])
     model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, helper.make_tensor("i", TensorProto.INT64, [1], [1]), [3]))
+    return model
+
+
+def test_sparse_initializers_are_refused_naming_them(tmp_path):
+    """onnx_ir reads no sparse initializer: the fold wrote a model reading a value it no longer had (exit 0)."""
     path = tmp_path / "sparse.onnx"
-    path.write_bytes(model.SerializeToString())
+    path.write_bytes(_with_sparse_bias(conv_bn()).SerializeToString())
     with pytest.raises(InputError, match=r"sparse initializers \(bn_bias\) are not supported; store them dense"):
         load_inline_model(path)
+
+
+def test_sparse_initializers_are_refused_by_the_onnx_ir_loader_and_in_subgraphs_too(tmp_path):
+    """A model with external data loads through onnx_ir (as bnfold check and bnfold verify load every model),
+    which dropped the sparse initializer without a word; one inside an If branch went unseen by either loader."""
+    model = _with_sparse_bias(conv_bn())
+    folder = tmp_path / "external"
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    with pytest.raises(InputError, match=r"m\.onnx: sparse initializers \(bn_bias\) are not supported"):
+        bnfold.fold_onnx(folder / "m.onnx")
+    with pytest.raises(InputError, match=r"sparse initializers \(bn_bias\) are not supported"):
+        load_model(folder / "m.onnx")
+
+    branch = _with_sparse_bias(conv_bn()).graph
+    branch.name, branch.input.pop()  # (a branch takes no inputs: it reads x from the graph around it)
+    condition = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+    nodes = [helper.make_node("Constant", [], ["c"], value=condition), helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch)]
+    outer = helper.make_model(
+        helper.make_graph(nodes, "outer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    path = tmp_path / "branch.onnx"
+    path.write_bytes(outer.SerializeToString())
+    for load in (load_inline_model, load_model):
+        with pytest.raises(InputError, match=r"sparse initializers \(bn_bias\) are not supported"):
+            load(path)

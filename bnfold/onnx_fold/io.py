@@ -40,14 +40,15 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     import onnx_ir as ir
 
     path = _model_file(path)
+    proto = _read_proto(path)
     try:
-        # An absolute base directory: onnx_ir confines a tensor's data to it only when it is not empty.
+        # (ir.load's steps, on the proto read here.) An absolute base directory: onnx_ir confines a tensor's
+        # data to it only when it is not empty.
         with onnx_ir_logging_off():
-            model = ir.load(path.absolute())
-    except Exception as error:  # protobuf's DecodeError and friends: truncated or not ONNX at all
+            model = ir.serde.deserialize_model(proto)
+        ir.external_data.set_base_dir(model.graph, path.absolute().parent)
+    except Exception as error:  # noqa: BLE001 - what onnx_ir cannot read (a name that is not UTF-8)
         raise InputError(path, f"not a readable ONNX model ({describe_error(error)})") from None
-    if len(model.graph) == 0 and not model.graph.outputs:
-        raise InputError(path, "not an ONNX model (no graph in the file)")
     _check_external_data(model, path)
     try:
         # By path, so that models past 2 GiB are checked too (the checker reads no tensor data from files).
@@ -102,15 +103,7 @@ def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
     """``path`` as a protobuf, with the checks of :func:`load_model`; None when any of its tensors is in an
     external data file (:func:`load_model` keeps those on disk, a protobuf would hold them in memory)."""
     path = _model_file(path)
-    try:
-        model = read_model_proto(path)
-    except Exception as error:  # protobuf's DecodeError and friends: truncated or not ONNX at all
-        raise InputError(path, f"not a readable ONNX model ({describe_error(error)})") from None
-    if not model.graph.node and not model.graph.output:
-        raise InputError(path, "not an ONNX model (no graph in the file)")
-    if model.graph.sparse_initializer:  # (onnx_ir reads none: the folded model would read values it no longer has)
-        names = ", ".join(tensor.values.name for tensor in model.graph.sparse_initializer[:3])
-        raise InputError(path, f"sparse initializers ({names}) are not supported; store them dense to fold the model")
+    model = _read_proto(path)
     if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(model.graph)):
         return None
     try:
@@ -123,6 +116,22 @@ def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
         except Exception as error:  # noqa: BLE001 - (as above)
             raise InputError(path, f"not a valid ONNX model ({describe_error(error)})") from None
     _files_named[_file_identity(path)] = frozenset({path.absolute()})
+    return model
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    """``path`` parsed (:func:`read_model_proto`), refused unless it holds a graph of dense tensors."""
+    try:
+        model = read_model_proto(path)
+    except Exception as error:  # protobuf's DecodeError and friends: truncated or not ONNX at all
+        raise InputError(path, f"not a readable ONNX model ({describe_error(error)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise InputError(path, "not an ONNX model (no graph in the file)")
+    # onnx_ir reads no sparse initializer: the folded model would read values it no longer has.
+    sparse = list(dict.fromkeys(tensor.values.name for graph in _graphs(model.graph) for tensor in graph.sparse_initializer))
+    if sparse:
+        names = ", ".join(sparse[:3]) + (", ..." if len(sparse) > 3 else "")
+        raise InputError(path, f"sparse initializers ({names}) are not supported; store them dense to fold the model")
     return model
 
 
@@ -490,15 +499,20 @@ def model_files(path: str | os.PathLike) -> set[Path]:
     return {path} | {path.parent / location for location in locations}
 
 
-def _tensors(graph: onnx.GraphProto):
-    """Every initializer and Constant tensor of ``graph`` and its subgraphs."""
-    yield from graph.initializer
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and its subgraphs, at any depth."""
+    yield graph
     for node in graph.node:
         for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                yield attribute.t
             for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                yield from _tensors(subgraph)
+                yield from _graphs(subgraph)
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every initializer and Constant tensor of ``graph`` and its subgraphs."""
+    for each in _graphs(graph):
+        yield from each.initializer
+        yield from (attribute.t for node in each.node for attribute in node.attribute if attribute.type == onnx.AttributeProto.TENSOR)
 
 
 def _own_data_files(path: Path) -> set[Path]:
