@@ -27,6 +27,7 @@ from bnfold.verification import (
     Verification,
     VerificationUnavailableError,
     compare_output,
+    folds_proven,
     gib,
     not_compared,
     over_random_input_budget,
@@ -249,8 +250,7 @@ def verify(
         dtype_name = str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(element_type))) if element_type else str(reference.dtype)
         comparisons.append(compare_output(name, reference, actual[name], dtype_name, atol, rtol))
     if any(comparison.failed and comparison.magnitude is not None for comparison in comparisons):
-        proven = len(checks) == len(folds or []) and all(check.status == "passed" and check.units is not None for check in checks)
-        _measure_noise(original, feeds, expected, actual, comparisons, proven)
+        _measure_noise(original, feeds, expected, actual, comparisons, folds_proven(checks, len(folds or [])))
     return Verification(comparisons, {name: list(array.shape) for name, array in feeds.items()}, folds=checks)
 
 

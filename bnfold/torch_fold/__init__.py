@@ -143,9 +143,9 @@ def fold(
     if verify:
         actual = run_outputs(folded, example_inputs)
         report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)
-        if working is not model:  # (the original is intact to measure the noise on)
-            measure_noise(model, example_inputs, expected, actual, report.verification)
         report.verification.folds = capture.check(folded, plan.folds, rtol)
+        if working is not model:  # (the original is intact to measure the noise on)
+            measure_noise(model, example_inputs, expected, actual, report.verification, len(plan.folds))
         if not report.verification.passed:
             raise VerificationError(report.verification, report, folded)
     return TorchFoldResult(folded, report)

@@ -28,6 +28,7 @@ from bnfold.verification import (
     compare_output,
     compare_parameters,
     fold_not_checked,
+    folds_proven,
     not_compared,
     tolerances_for,
 )
@@ -62,11 +63,12 @@ def compare_outputs(
 
 
 def measure_noise(
-    original: nn.Module, example_inputs: tuple, expected: dict[str, Any], actual: dict[str, Any], verification: Verification
+    original: nn.Module, example_inputs: tuple, expected: dict[str, Any], actual: dict[str, Any], verification: Verification, folds: int
 ) -> None:
     """Measure each failed output's noise (see OutputComparison.measure_noise): how far the original run without
     oneDNN (other convolution kernels, other rounding) is from its run with it (``expected``), the float noise a
-    user can compare the error with. ``original`` must not be folded yet (a fold would make its own allowance)."""
+    user can compare the error with, and within which an output passes when each of the ``folds`` passed its own
+    check (``verification.folds``). ``original`` must not be folded yet (a fold would make its own allowance)."""
     failed = [comparison for comparison in verification.outputs if comparison.failed and comparison.magnitude is not None]
     if not failed:
         return
@@ -77,10 +79,11 @@ def measure_noise(
                 other = run_outputs(original, example_inputs)
     except Exception:  # noqa: BLE001 - the figure is a help to the reader, never a reason to fail differently
         return
+    proven = folds_proven(verification.folds, folds)
     for comparison in failed:
         leaves = [leaves.get(comparison.name) for leaves in (expected, other, actual)]
         if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), "the original run without oneDNN against with it")
+            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), "the original run without oneDNN against with it", proven)
 
 
 def _compare_leaf(name: str, expected: Any, actual: Any, atol: float | None, rtol: float | None) -> OutputComparison:
