@@ -659,6 +659,35 @@ def test_renamed_layers_listed_in_another_order_do_not_fail_a_correct_fold(tmp_p
     assert code == 1 and "fold bn1 [BatchNormalization] into preceding conv1 [Conv]" in report["verification"]["reason"]
 
 
+@pytest.mark.parametrize("decoy_named_as_the_layer", [False, True])
+def test_a_layer_holding_the_fold_that_feeds_no_output_proves_nothing(tmp_path, decoy_named_as_the_layer):
+    """A candidate whose live conv is off by 1e-3 in one channel (within the outputs' tolerance), beside a copy of
+    the exact fold whose output nothing reads: the search for the layer holding the fold took the copy, and passed."""
+    original = _conv_bn(np.float32, near_dead=0)
+    folded, _ = fold_onnx(original, verify=False)
+    conv = _layer(folded, "conv")
+    decoy = onnx.NodeProto()
+    decoy.CopyFrom(conv)
+    decoy.output[:], decoy.input[1:] = ["unread"], [f"exact_{name}" for name in conv.input[1:]]
+    folded.graph.initializer.extend(
+        numpy_helper.from_array(_initializer(folded, name), f"exact_{name}") for name in conv.input[1:]
+    )
+    if decoy_named_as_the_layer:
+        decoy.name, conv.name = "conv", "conv_renamed"
+    else:
+        decoy.name = "conv_copy"
+    folded.graph.node.append(decoy)
+    wrong = _corrupt(folded, conv.input[1], channel=3, scale=1 + 1e-3)
+    code, report, _ = _verify(original, wrong, tmp_path)
+    reason = report["verification"]["reason"]
+    assert code == 1 and [check["status"] for check in report["verification"]["folds"]] == ["failed"]
+    if decoy_named_as_the_layer:
+        assert "the folded model's 'conv' feeds none of its outputs, where the original's 'conv' does" in reason
+    else:
+        assert "the folded weight of output channel 3" in reason
+    assert all(output["status"] == "passed" for output in report["verification"]["outputs"])  # (only the fold's check sees it)
+
+
 @pytest.mark.parametrize(
     "attributes",
     [{"auto_pad": "SAME_UPPER"}, {"auto_pad": "SAME_LOWER"}, {"pads": [1, 1, 1, 1], "dilations": [1, 1], "strides": [1, 1], "group": 1}],

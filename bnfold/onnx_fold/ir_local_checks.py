@@ -42,6 +42,23 @@ def _layers_by_position(graph: ir.Graph) -> dict[str, list[ir.Node]]:
     return by_op
 
 
+def _feeding_the_outputs(graph: ir.Graph) -> set[ir.Node]:
+    """The nodes of ``graph`` whose outputs its outputs read, directly or through others (or their subgraphs)."""
+    feeding: set[ir.Node] = set()
+    waiting = [value.producer() for value in graph.outputs]
+    while waiting:
+        node = waiting.pop()
+        if node is None or node in feeding or node.graph is not graph:
+            continue
+        feeding.add(node)
+        read = list(node.inputs)
+        for attribute in node.attributes.values():
+            subgraphs = [attribute.value] if attribute.type == ir.AttributeType.GRAPH else attribute.value if attribute.type == ir.AttributeType.GRAPHS else []
+            read += [value for subgraph in subgraphs for inner in ir.traversal.RecursiveGraphIterator(subgraph) for value in inner.inputs]
+        waiting += [value.producer() for value in read if value is not None]
+    return feeding
+
+
 def ir_local_folds(
     original: ir.Model, folded: ir.Model, folds: list[Fold], rtol: float | None
 ) -> tuple[list[LocalFold], list[FoldCheck]]:
@@ -50,6 +67,7 @@ def ir_local_folds(
     opset = original.opset_imports.get("", original.opset_imports.get("ai.onnx", 1))
     in_original, in_folded = _by_label(original.graph), _by_label(folded.graph)
     positions = (_layers_by_position(original.graph), _layers_by_position(folded.graph))
+    feeding = (_feeding_the_outputs(original.graph), _feeding_the_outputs(folded.graph))
     per_layer = collections.Counter((fold.graph, fold.layer) for fold in folds)
     local, verdicts = [], []
     for fold in folds:
@@ -60,7 +78,7 @@ def ir_local_folds(
             verdicts.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
         else:
             try:
-                check = _local_fold(fold, label, opset, in_original, in_folded, positions, rtol)
+                check = _local_fold(fold, label, opset, in_original, in_folded, positions, feeding, rtol)
                 (local if isinstance(check, LocalFold) else verdicts).append(check)
             except _OtherFunction as why:
                 verdicts.append(FoldCheck(label, "", "failed", reason=str(why)))
@@ -85,9 +103,10 @@ def _only(labelled: dict[str, list[ir.Node]], label: str, what: str) -> ir.Node:
     return nodes[0]
 
 
-def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, positions, rtol: float | None) -> LocalFold | FoldCheck:
+def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, positions, feeding, rtol: float | None) -> LocalFold | FoldCheck:
     """The fold's check to run, or for a MatMul fold its parameter check alone (its output goes through layout ops
-    to the BatchNorm's channel axis: compared through the model's outputs)."""
+    to the BatchNorm's channel axis: compared through the model's outputs). ``feeding``: the original's and the
+    folded model's nodes that feed their outputs; a layer that does so is held to by one that does too."""
     anchor = _only(in_original, fold.batchnorm, "original")
     preceding = fold.direction == "into-preceding"
     rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
@@ -104,14 +123,19 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
+    # (A layer holding the fold beside the model, which none of its outputs read, proves nothing of the model.)
+    live = layer.node in feeding[0]
     verdict = _holds_the_fold(layer, folded_layer, opset, match.affine, preceding, rtol)
-    if not verdict.holds:  # (another tool may have renumbered parallel branches: the layer that holds it, if any)
+    if not (verdict.holds and (folded_layer in feeding[1] or not live)):
+        # (another tool may have renumbered parallel branches: the layer that holds it, if any)
         for node in positions[1].get(layer.node.op_type, []):
-            if node is not folded_layer and not _beside_a_batchnorm(node, preceding):
+            if node is not folded_layer and (node in feeding[1] or not live) and not _beside_a_batchnorm(node, preceding):
                 other = _holds_the_fold(layer, node, opset, match.affine, preceding, rtol, quiet=True)
                 if other.holds:
                     verdict, folded_layer = other, node
                     break
+    if live and folded_layer not in feeding[1]:
+        raise _OtherFunction(f"the folded model's {node_label(folded_layer)!r} feeds none of its outputs, where the original's {fold.layer!r} does")
     if verdict.different:
         raise _OtherFunction(f"the folded layer has another {verdict.different}, which a fold never changes")
     parameters, bias_terms = verdict.parameters, verdict.bias_terms
