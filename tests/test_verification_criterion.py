@@ -659,6 +659,48 @@ def test_renamed_layers_listed_in_another_order_do_not_fail_a_correct_fold(tmp_p
     assert code == 1 and "fold bn1 [BatchNormalization] into preceding conv1 [Conv]" in report["verification"]["reason"]
 
 
+def _batchnorm_in_the_branch_never_taken() -> onnx.ModelProto:
+    """An If whose then branch (Conv -> BatchNorm) runs only when x sums past 1e30: never, on the random inputs."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 4, 3, 3)).astype(np.float32), "W"), *batchnorm_parameters(6, "bn", rng)]
+    inits.append(numpy_helper.from_array(np.array(1e30, np.float32), "never"))
+
+    def branch(name: str, nodes: list[onnx.NodeProto]) -> onnx.GraphProto:
+        nodes = [helper.make_node("Conv", ["x", "W"], [f"{name}_y"], name=f"{name}_conv"), *nodes]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)])
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "never"], ["cond"]),
+        helper.make_node("If", ["cond"], ["z"], then_branch=branch("then", [batchnorm_node("then_y", "then_z", "bn")]), else_branch=branch("else", [])),
+    ]
+    return make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+
+
+def test_a_fold_in_a_branch_the_inputs_never_take_is_checked_by_its_parameters(tmp_path):
+    """A fold in a subgraph was left to the outputs, which only the branch the random inputs take reaches: a
+    folded weight 1.5 times too large in one channel of the other branch passed."""
+    original = _batchnorm_in_the_branch_never_taken()
+    folded, report = fold_onnx(original)
+    (check,) = report.verification.folds
+    assert check.status == "passed" and check.units is None and check.parameters.units <= ROUNDED_ONCE
+    assert "in a subgraph: its parameters checked against the exact fold" in check.reason
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(folded)
+    branch = next(attribute.g for attribute in _layer_of_type(wrong, "If").attribute if attribute.g.name == "then")
+    weight = next(tensor for tensor in branch.initializer if tensor.name == branch.node[0].input[1])  # (the branch's own)
+    array = numpy_helper.to_array(weight).copy()
+    array[2] *= 1.5
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    code, result, _ = _verify(original, wrong, tmp_path)
+    assert code == 1 and "the folded weight of output channel 2" in result["verification"]["reason"]
+    assert [output["status"] for output in result["verification"]["outputs"]] == ["passed"]
+
+
+def _layer_of_type(model: onnx.ModelProto, op_type: str) -> onnx.NodeProto:
+    return next(node for node in model.graph.node if node.op_type == op_type)
+
+
 @pytest.mark.parametrize("decoy_named_as_the_layer", [False, True])
 def test_a_layer_holding_the_fold_that_feeds_no_output_proves_nothing(tmp_path, decoy_named_as_the_layer):
     """A candidate whose live conv is off by 1e-3 in one channel (within the outputs' tolerance), beside a copy of

@@ -3,7 +3,8 @@ BatchNorm and layer found in the original with the pass's rules, its layer in th
 (a model from another tool may rename nodes) by the names of the values around it, else by position among the
 nodes of its op type. When that layer does not hold the fold (its parameters or attributes differ), another layer
 of the op type that does is taken instead (another tool may renumber two parallel branches' layers); when none
-does, the first one's failure stands."""
+does, the first one's failure stands. A fold in a subgraph is found the same way in the subgraph of the same label,
+and has its parameters checked (its values cannot be exposed as the model's outputs to run its layer)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bnfold.onnx_fold.rules import (
     FoldIntoPreceding,
     Layer,
     Refusal,
+    labelled_graphs,
     layer_view,
     node_label,
 )
@@ -59,36 +61,64 @@ def _feeding_the_outputs(graph: ir.Graph) -> set[ir.Node]:
     return feeding
 
 
+@dataclasses.dataclass
+class _GraphPair:
+    """One graph of the original and the same graph of the folded model (the main graph, or a subgraph of that
+    label), with what the search for a fold's layers reads: their nodes by label and each op type's nodes in
+    order (original, folded), and the nodes that feed each one's outputs."""
+
+    by_label: tuple[dict[str, list[ir.Node]], dict[str, list[ir.Node]]]
+    positions: tuple[dict[str, list[ir.Node]], dict[str, list[ir.Node]]]
+    feeding: tuple[set[ir.Node], set[ir.Node]]
+
+    @classmethod
+    def of(cls, original: ir.Graph, folded: ir.Graph) -> _GraphPair:
+        graphs = (original, folded)
+        return cls(
+            tuple(_by_label(graph) for graph in graphs), tuple(_layers_by_position(graph) for graph in graphs), tuple(_feeding_the_outputs(graph) for graph in graphs)
+        )  # fmt: skip
+
+
+def _graph_pair(original: ir.Model, folded: ir.Model, label: str) -> _GraphPair:
+    """The graphs labelled ``label`` (see labelled_graphs) in both models."""
+    graphs = []
+    for model, what in ((original, "original"), (folded, "folded")):
+        found = [graph for graph_label, graph in labelled_graphs(model) if graph_label == label]
+        if len(found) != 1:
+            raise LookupError(f"{len(found)} subgraphs are labelled {label!r} in the {what} model")
+        graphs.append(found[0])
+    return _GraphPair.of(*graphs)
+
+
 def ir_local_folds(
     original: ir.Model, folded: ir.Model, folds: list[Fold], rtol: float | None
 ) -> tuple[list[LocalFold], list[FoldCheck]]:
     """The folds to check by running their layers, and the verdicts of the others: a not-compared entry (with the
-    reason), a MatMul fold's parameter check, a failure found from the models alone."""
+    reason), a parameter check (a MatMul fold, a fold in a subgraph), a failure found from the models alone."""
     opset = original.opset_imports.get("", original.opset_imports.get("ai.onnx", 1))
-    in_original, in_folded = _by_label(original.graph), _by_label(folded.graph)
-    positions = (_layers_by_position(original.graph), _layers_by_position(folded.graph))
-    feeding = (_feeding_the_outputs(original.graph), _feeding_the_outputs(folded.graph))
+    pairs = {"": _GraphPair.of(original.graph, folded.graph)}
     per_layer = collections.Counter((fold.graph, fold.layer) for fold in folds)
     local, verdicts = [], []
     for fold in folds:
         label = fold.describe()
-        if fold.graph:
-            verdicts.append(fold_not_checked(label, "in a subgraph: checked through the model's outputs only"))
-        elif per_layer[(fold.graph, fold.layer)] > 1:
+        if per_layer[(fold.graph, fold.layer)] > 1:
             verdicts.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
-        else:
-            try:
-                check = _local_fold(fold, label, opset, in_original, in_folded, positions, feeding, rtol)
-                (local if isinstance(check, LocalFold) else verdicts).append(check)
-            except _OtherFunction as why:
-                verdicts.append(FoldCheck(label, "", "failed", reason=str(why)))
-            except (Refusal, LookupError) as why:
-                reason = why.reason if isinstance(why, Refusal) else why.args[0]
-                verdicts.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
+            continue
+        try:
+            if fold.graph not in pairs:
+                pairs[fold.graph] = _graph_pair(original, folded, fold.graph)
+            check = _local_fold(fold, label, opset, pairs[fold.graph], rtol)
+            (local if isinstance(check, LocalFold) else verdicts).append(check)
+        except _OtherFunction as why:
+            verdicts.append(FoldCheck(label, "", "failed", reason=str(why)))
+        except (Refusal, LookupError) as why:
+            reason = why.reason if isinstance(why, Refusal) else why.args[0]
+            verdicts.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
     return local, verdicts
 
 
 _MATMUL = "a MatMul fold: its parameters checked against the exact fold, its output through the model's outputs"
+_SUBGRAPH = "in a subgraph: its parameters checked against the exact fold, its output through the model's outputs"
 
 
 class _OtherFunction(Exception):
@@ -103,10 +133,13 @@ def _only(labelled: dict[str, list[ir.Node]], label: str, what: str) -> ir.Node:
     return nodes[0]
 
 
-def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, positions, feeding, rtol: float | None) -> LocalFold | FoldCheck:
-    """The fold's check to run, or for a MatMul fold its parameter check alone (its output goes through layout ops
-    to the BatchNorm's channel axis: compared through the model's outputs). ``feeding``: the original's and the
-    folded model's nodes that feed their outputs; a layer that does so is held to by one that does too."""
+def _local_fold(fold: Fold, label: str, opset: int, pair: _GraphPair, rtol: float | None) -> LocalFold | FoldCheck:
+    """The fold's check to run, or its parameter check alone for a MatMul fold (its output goes through layout ops
+    to the BatchNorm's channel axis) or one in a subgraph (whose values cannot be exposed to run the check): its
+    output compared through the model's outputs. A layer that feeds the outputs of its graph is held to by one that
+    does too in the folded model's."""
+    in_original, in_folded = pair.by_label
+    positions, feeding = pair.positions, pair.feeding
     anchor = _only(in_original, fold.batchnorm, "original")
     preceding = fold.direction == "into-preceding"
     rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
@@ -139,9 +172,10 @@ def _local_fold(fold: Fold, label: str, opset: int, in_original, in_folded, posi
     if verdict.different:
         raise _OtherFunction(f"the folded layer has another {verdict.different}, which a fold never changes")
     parameters, bias_terms = verdict.parameters, verdict.bias_terms
-    if matmul:
+    if matmul or fold.graph:
         status = "passed" if parameters.passed else "failed"
-        return FoldCheck(label, parameters.dtype, status, layer.layout.out_channels(layer.weight.shape), parameters=parameters, reason=_MATMUL)
+        reason = _MATMUL if matmul else _SUBGRAPH
+        return FoldCheck(label, parameters.dtype, status, layer.layout.out_channels(layer.weight.shape), parameters=parameters, reason=reason)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
     else:
