@@ -701,6 +701,31 @@ def _layer_of_type(model: onnx.ModelProto, op_type: str) -> onnx.NodeProto:
     return next(node for node in model.graph.node if node.op_type == op_type)
 
 
+def test_a_batchnorm_lowered_to_mul_then_add_is_checked_as_the_map_they_compose(tmp_path):
+    """Keras 3 (through tf2onnx) lowers each BatchNorm to Conv -> Mul -> Add: two folds into one layer, which were
+    left to the outputs' check, so a folded weight 1.002 times too large in one channel passed `bnfold verify`."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, (8, 1, 1)).astype(np.float32), "gamma_over_sigma"),
+        numpy_helper.from_array(rng.normal(0, 1, (8, 1, 1)).astype(np.float32), "shift"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        helper.make_node("Mul", ["y", "gamma_over_sigma"], ["scaled"], name="bn_mul"),
+        helper.make_node("Add", ["scaled", "shift"], ["z"], name="bn_add"),
+    ]
+    original = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+    folded, report = fold_onnx(original)
+    assert [check.status for check in report.verification.folds] == ["passed", "passed"]
+    assert all(check.parameters.units <= 2 * ROUNDED_ONCE for check in report.verification.folds)  # (rounded once per fold)
+    assert "one of 2 folds into the layer: their composed map's parameters checked" in report.verification.folds[0].reason
+    wrong = _corrupt(folded, _layer(folded, "conv").input[1], channel=3, scale=1.002)
+    code, result, _ = _verify(original, wrong, tmp_path)
+    assert code == 1 and "the folded weight of output channel 3" in result["verification"]["reason"]
+    assert [check["status"] for check in result["verification"]["folds"]] == ["failed", "failed"]
+
+
 @pytest.mark.parametrize("decoy_named_as_the_layer", [False, True])
 def test_a_layer_holding_the_fold_that_feeds_no_output_proves_nothing(tmp_path, decoy_named_as_the_layer):
     """A candidate whose live conv is off by 1e-3 in one channel (within the outputs' tolerance), beside a copy of

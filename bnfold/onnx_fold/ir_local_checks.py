@@ -8,7 +8,6 @@ and has its parameters checked (its values cannot be exposed as the model's outp
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import numpy as np
@@ -21,6 +20,7 @@ from bnfold.onnx_fold.rules import (
     FoldIntoPreceding,
     Layer,
     Refusal,
+    chained_affine,
     labelled_graphs,
     layer_view,
     node_label,
@@ -97,28 +97,37 @@ def ir_local_folds(
     reason), a parameter check (a MatMul fold, a fold in a subgraph), a failure found from the models alone."""
     opset = original.opset_imports.get("", original.opset_imports.get("ai.onnx", 1))
     pairs = {"": _GraphPair.of(original.graph, folded.graph)}
-    per_layer = collections.Counter((fold.graph, fold.layer) for fold in folds)
-    local, verdicts = [], []
+    # The folds into each layer, in the order they were made: several into one layer (a BatchNorm lowered to Mul
+    # then Add) are checked together, as the one map they compose.
+    per_layer: dict[tuple[str, str], list[Fold]] = {}
     for fold in folds:
-        label = fold.describe()
-        if per_layer[(fold.graph, fold.layer)] > 1:
-            verdicts.append(fold_not_checked(label, "the layer absorbs more than one fold: checked through the model's outputs only"))
+        per_layer.setdefault((fold.graph, fold.layer), []).append(fold)
+    local, verdicts = [], []
+    for chain in per_layer.values():
+        labels = [fold.describe() for fold in chain]
+        if len(chain) > 1 and any(fold.direction != "into-preceding" for fold in chain):
+            why = "the layer absorbs more than one fold, not all from its output's side: checked through the model's outputs only"
+            verdicts += [fold_not_checked(label, why) for label in labels]
             continue
         try:
-            if fold.graph not in pairs:
-                pairs[fold.graph] = _graph_pair(original, folded, fold.graph)
-            check = _local_fold(fold, label, opset, pairs[fold.graph], rtol)
-            (local if isinstance(check, LocalFold) else verdicts).append(check)
+            if chain[0].graph not in pairs:
+                pairs[chain[0].graph] = _graph_pair(original, folded, chain[0].graph)
+            check = _local_fold(chain, labels[0], opset, pairs[chain[0].graph], rtol)
+            if isinstance(check, LocalFold):
+                local.append(check)
+            else:
+                verdicts += [dataclasses.replace(check, fold=label) for label in labels]
         except _OtherFunction as why:
-            verdicts.append(FoldCheck(label, "", "failed", reason=str(why)))
+            verdicts += [FoldCheck(label, "", "failed", reason=str(why)) for label in labels]
         except (Refusal, LookupError) as why:
             reason = why.reason if isinstance(why, Refusal) else why.args[0]
-            verdicts.append(fold_not_checked(label, f"{reason}: checked through the model's outputs only"))
+            verdicts += [fold_not_checked(label, f"{reason}: checked through the model's outputs only") for label in labels]
     return local, verdicts
 
 
 _MATMUL = "a MatMul fold: its parameters checked against the exact fold, its output through the model's outputs"
 _SUBGRAPH = "in a subgraph: its parameters checked against the exact fold, its output through the model's outputs"
+_CHAIN = "one of {} folds into the layer: their composed map's parameters checked against the exact fold, its output through the model's outputs"
 
 
 class _OtherFunction(Exception):
@@ -133,21 +142,26 @@ def _only(labelled: dict[str, list[ir.Node]], label: str, what: str) -> ir.Node:
     return nodes[0]
 
 
-def _local_fold(fold: Fold, label: str, opset: int, pair: _GraphPair, rtol: float | None) -> LocalFold | FoldCheck:
-    """The fold's check to run, or its parameter check alone for a MatMul fold (its output goes through layout ops
-    to the BatchNorm's channel axis) or one in a subgraph (whose values cannot be exposed to run the check): its
-    output compared through the model's outputs. A layer that feeds the outputs of its graph is held to by one that
-    does too in the folded model's."""
+def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rtol: float | None) -> LocalFold | FoldCheck:
+    """The check to run of ``chain``, the folds into one layer (one, or several into the layer before in the
+    order made), or its parameter check alone for a MatMul fold (its output goes through layout ops to the
+    BatchNorm's channel axis), one in a subgraph (whose values cannot be exposed to run the check) or a chain of
+    several: its output compared through the model's outputs. A layer that feeds the outputs of its graph is held
+    to by one that does too in the folded model's."""
     in_original, in_folded = pair.by_label
     positions, feeding = pair.positions, pair.feeding
+    fold = chain[0]
     anchor = _only(in_original, fold.batchnorm, "original")
     preceding = fold.direction == "into-preceding"
     rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
     match = rule.check(anchor, opset)  # read-only: the original's layer and the map that was folded
-    layer = match.layer
+    layer, affine = match.layer, match.affine
+    for previous, later in zip(chain, chain[1:]):
+        affine = affine.then(chained_affine(_only(in_original, later.batchnorm, "original"), _only(in_original, previous.batchnorm, "original"), layer, opset))
     matmul = layer.node.op_type == "MatMul"
-    if in_folded.get(fold.batchnorm):
-        raise LookupError(f"the folded model keeps {fold.batchnorm!r}")  # another tool left it: nothing folded
+    for each in chain:
+        if in_folded.get(each.batchnorm):
+            raise LookupError(f"the folded model keeps {each.batchnorm!r}")  # another tool left it: nothing folded
     folded_layer = _corresponding_layer(fold, layer, anchor, in_folded, positions)
     if folded_layer.op_type != layer.node.op_type:
         raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
@@ -158,12 +172,12 @@ def _local_fold(fold: Fold, label: str, opset: int, pair: _GraphPair, rtol: floa
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
     # (A layer holding the fold beside the model, which none of its outputs read, proves nothing of the model.)
     live = layer.node in feeding[0]
-    verdict = _holds_the_fold(layer, folded_layer, opset, match.affine, preceding, rtol)
+    verdict = _holds_the_fold(layer, folded_layer, opset, affine, preceding, rtol)
     if not (verdict.holds and (folded_layer in feeding[1] or not live)):
         # (another tool may have renumbered parallel branches: the layer that holds it, if any)
         for node in positions[1].get(layer.node.op_type, []):
             if node is not folded_layer and (node in feeding[1] or not live) and not _beside_a_batchnorm(node, preceding):
-                other = _holds_the_fold(layer, node, opset, match.affine, preceding, rtol, quiet=True)
+                other = _holds_the_fold(layer, node, opset, affine, preceding, rtol, quiet=True)
                 if other.holds:
                     verdict, folded_layer = other, node
                     break
@@ -172,9 +186,9 @@ def _local_fold(fold: Fold, label: str, opset: int, pair: _GraphPair, rtol: floa
     if verdict.different:
         raise _OtherFunction(f"the folded layer has another {verdict.different}, which a fold never changes")
     parameters, bias_terms = verdict.parameters, verdict.bias_terms
-    if matmul or fold.graph:
+    if matmul or fold.graph or len(chain) > 1:
         status = "passed" if parameters.passed else "failed"
-        reason = _MATMUL if matmul else _SUBGRAPH
+        reason = _MATMUL if matmul else _SUBGRAPH if fold.graph else _CHAIN.format(len(chain))
         return FoldCheck(label, parameters.dtype, status, layer.layout.out_channels(layer.weight.shape), parameters=parameters, reason=reason)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name
@@ -183,7 +197,7 @@ def _local_fold(fold: Fold, label: str, opset: int, pair: _GraphPair, rtol: floa
     folded_weights = [None if value is None else constant_array(value) for value in folded_layer.inputs[1:]]
     return LocalFold(
         label, data, reference, ir.serde.serialize_node(folded_layer), folded_weights,
-        ir.serde.serialize_node(layer.node), original_inputs, match.affine, preceding, parameters, bias_terms,
+        ir.serde.serialize_node(layer.node), original_inputs, affine, preceding, parameters, bias_terms,
     )  # fmt: skip
 
 

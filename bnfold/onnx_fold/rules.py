@@ -392,6 +392,23 @@ def elementwise_channel_affine(node: ir.Node, data: ir.Value, channels: int, ran
     return None
 
 
+def chained_affine(anchor: ir.Node, previous: ir.Node, layer: Layer, opset: int) -> ChannelAffine:
+    """The map of ``anchor`` (a BatchNorm, or a per-channel Mul/Add/Sub/Div) reading ``previous``'s output through
+    passthroughs, over ``layer``'s output channels: what folding it once ``previous`` is folded adds to ``layer``
+    (Keras 3 lowers a BatchNorm to a Mul then an Add, two folds into one layer). Raises Refusal when it is not one."""
+    data = _data_input(anchor)
+    if _passthroughs_before(data, opset)[0] is not previous.outputs[0]:
+        raise Refusal("no-foldable-neighbour", f"{node_label(anchor)} does not read the output of {node_label(previous)}")
+    if anchor.op_type == "BatchNormalization":
+        affine = batchnorm_channel_affine(anchor, opset)
+    else:
+        rank = _rank(data) if data.shape is not None else layer.output_rank
+        affine = elementwise_channel_affine(anchor, data, layer.layout.out_channels(layer.weight.shape), rank)
+        if affine is None:
+            raise Refusal("no-foldable-neighbour", f"the constant of {node_label(anchor)} is not per-channel")
+    return affine
+
+
 @dataclasses.dataclass
 class Match:
     anchor: ir.Node  # the BatchNorm (or elementwise node) that disappears
