@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import math
 import warnings
 from typing import Any
@@ -65,25 +66,34 @@ def compare_outputs(
 def measure_noise(
     original: nn.Module, example_inputs: tuple, expected: dict[str, Any], actual: dict[str, Any], verification: Verification, folds: int
 ) -> None:
-    """Measure each failed output's noise (see OutputComparison.measure_noise): how far the original run without
-    oneDNN (other convolution kernels, other rounding) is from its run with it (``expected``), the float noise a
-    user can compare the error with, and within which an output passes when each of the ``folds`` passed its own
-    check (``verification.folds``). ``original`` must not be folded yet (a fold would make its own allowance)."""
+    """Measure each failed output's noise (see OutputComparison.measure_noise): how far another run of the original
+    is from its run (``expected``), the float noise a user can compare the error with, and within which an output
+    passes when each of the ``folds`` passed its own check (``verification.folds``). The other run is, for a model
+    with float16 or bfloat16 weights, a float32 copy of it on float32 inputs (its own rounding: with oneDNN off,
+    CPU kernels in those dtypes round alike), else the original without oneDNN (other convolution kernels, other
+    rounding). ``original`` must not be folded yet (a fold would make its own allowance)."""
     failed = [comparison for comparison in verification.outputs if comparison.failed and comparison.magnitude is not None]
     if not failed:
         return
+    half = next((tensor.dtype for tensor in itertools.chain(original.parameters(), original.buffers()) if tensor.dtype in _HALF), None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (torch warns about TF32 on Intel GPUs as the flags change)
-            with torch.backends.mkldnn.flags(enabled=False):
-                other = run_outputs(original, example_inputs)
+            if half is not None:
+                widened = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in _HALF else x for x in example_inputs)
+                other = run_outputs(copy.deepcopy(original).float(), widened)
+                noise_from = f"the original run in float32 against in {str(half).removeprefix('torch.')}"
+            else:
+                with torch.backends.mkldnn.flags(enabled=False):
+                    other = run_outputs(original, example_inputs)
+                noise_from = "the original run without oneDNN against with it"
     except Exception:  # noqa: BLE001 - the figure is a help to the reader, never a reason to fail differently
         return
     proven = folds_proven(verification.folds, folds)
     for comparison in failed:
         leaves = [leaves.get(comparison.name) for leaves in (expected, other, actual)]
         if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), "the original run without oneDNN against with it", proven)
+            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), noise_from, proven)
 
 
 def _compare_leaf(name: str, expected: Any, actual: Any, atol: float | None, rtol: float | None) -> OutputComparison:
