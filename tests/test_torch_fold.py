@@ -1715,3 +1715,28 @@ def test_a_frozen_batchnorm_act_folds_in_the_module_tree_under_its_name():
     assert isinstance(result.model[1], nn.Sequential) and isinstance(result.model[1].act, nn.ReLU)
     assert [check.status for check in result.report.verification.folds] == ["passed", "passed"]
     assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+class _IteratesItsInput(nn.Module):
+    """fx cannot trace it (a Proxy cannot be iterated), so torch.export reads it; ``unused`` is never called (HF
+    DPT's fusion_stage.layers.0.residual_layer1 with use_batch_norm_in_fusion_residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.unused = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        for _ in x:
+            break
+        return self.bn(self.conv(x))
+
+
+def test_a_batchnorm_module_never_called_is_reported_when_export_reads_the_model():
+    """torch.export lifts every parameter and buffer, read or not: the unused BatchNorm counted as one a function
+    call reads, and vanished from the report ("folded 1 of 1")."""
+    result = fold(randomise_statistics(_IteratesItsInput()), torch.randn(2, 3, 8, 8))
+    assert "torch.export" in result.report.notes[0]
+    assert [fold.batchnorm for fold in result.report.folds] == ["bn"]
+    (skip,) = result.report.skips
+    assert (skip.batchnorm, skip.code) == ("unused", "no-foldable-neighbour")
+    assert "the example inputs do not take the path of forward() that calls it" in skip.reason

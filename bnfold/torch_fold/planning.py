@@ -90,8 +90,9 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
             "the example inputs do not take the path of forward() that calls it, if any (without torch.fx, only "
             "that path is seen); fold with inputs that take it to fold it."
         )
-    # A module whose tensors a function call reads (``F.batch_norm(x, bn.running_mean, ...)``) is that call's.
-    read = {path.rpartition(".")[0] for path in flow.traced.attribute_paths.values()}
+    # A module whose tensors a function call reads (``F.batch_norm(x, bn.running_mean, ...)``) is that call's
+    # (torch.export lifts every parameter and buffer, read or not: only those some node reads count).
+    read = {path.rpartition(".")[0] for node, path in flow.traced.attribute_paths.items() if node.users}
     # A folded BatchNorm module is replaced, its children with it (timm's SplitBatchNorm2d: aux_bn, for training).
     replaced = tuple(f"{fold.batchnorm.module_path}." for fold in plan.folds if fold.in_module_tree)
     modules = flow.traced.modules_by_path.items() if flow.traced.model is model else model.named_modules()
