@@ -819,3 +819,23 @@ def test_a_batchnorm_fed_its_own_batch_statistics_is_bn002():
     model.ir_version = 8
     findings = check_onnx(model, measure_batch=False)
     assert codes(findings) == ["BN002"] and findings[0].name == "bn"
+
+
+def test_weight_standardisation_is_no_batchnorm_in_training_mode(tmp_path):
+    """BiT's StdConv2d standardises its weight with a training-mode batch_norm: exported, a BatchNormalization in
+    training mode (or fed its input's own statistics), which check took for a BatchNorm left in training mode (BN001)
+    or without running statistics (BN002) on a correct eval-mode model."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from torch_architectures import BitStyleNet
+
+    from bnfold.architectures import randomize_batchnorm_statistics
+
+    torch.manual_seed(0)
+    model = BitStyleNet().eval()
+    randomize_batchnorm_statistics(model, torch.Generator().manual_seed(0))
+    assert check_model(model, (torch.randn(2, 3, 8, 8),)) == []
+    export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "bit.onnx")
+    assert check_onnx(tmp_path / "bit.onnx") == [finding for finding in check_onnx(tmp_path / "bit.onnx") if finding.code == "BN006"]
+    _, report = bnfold.fold_onnx(tmp_path / "bit.onnx")
+    standardising = [skip for skip in report.skips if "weight standardisation" in skip.reason]
+    assert len(standardising) == 2 and all("computed from initializers alone, not data" in skip.reason for skip in standardising)

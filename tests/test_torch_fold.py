@@ -1740,3 +1740,19 @@ def test_a_batchnorm_module_never_called_is_reported_when_export_reads_the_model
     (skip,) = result.report.skips
     assert (skip.batchnorm, skip.code) == ("unused", "no-foldable-neighbour")
     assert "the example inputs do not take the path of forward() that calls it" in skip.reason
+
+
+def test_weight_standardisation_is_no_batchnorm():
+    """timm's StdConv2d (BiT) standardises its weight with F.batch_norm(weight, None, None, training=True): each was
+    a BatchNorm "left" with batch statistics and the advice to train with track_running_stats=True."""
+    from torch_architectures import BitStyleNet
+
+    model = randomise_statistics(BitStyleNet())
+    result = fold(model, torch.randn(2, 3, 8, 8))
+    assert [fold.batchnorm for fold in result.report.folds] == ["head_norm"]
+    assert [skip.batchnorm for skip in result.report.skips] == ["norm"]  # (before a ReLU: nothing to fold into)
+    assert result.report.nodes_before["batchnorm"] == 2
+    assert (
+        "not counted as BatchNorms: the batch_norm calls in stem, conv normalise a value computed from parameters alone "
+        "(weight standardisation, as timm's StdConv2d), no data"
+    ) in result.report.notes

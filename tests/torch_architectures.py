@@ -187,6 +187,34 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d (BiT's ResNetV2; transformers' WeightStandardizedConv2d is the same): a Conv2d whose
+    weight is standardised at every call, with F.batch_norm in training mode over each output channel's weights."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, eps: float = 1e-6):
+        super().__init__(cin, cout, kernel, stride=stride, padding=((stride - 1) + (kernel - 1)) // 2, bias=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=self.eps
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class BitStyleNet(nn.Module):
+    """A BiT-style pre-activation stack (StdConv2d, BatchNorm2d, ReLU), then a plain Conv2d -> BatchNorm2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm, self.conv = StdConv2d(3, 8, 3), nn.BatchNorm2d(8), StdConv2d(8, 8, 3)
+        self.head, self.head_norm = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(torch.relu(self.norm(self.stem(x))))
+        return self.head_norm(self.head(x))
+
+
 class Conv2dSame(nn.Conv2d):
     """TensorFlow "SAME" padding (asymmetric for even kernels or stride 2) with its own forward."""
 

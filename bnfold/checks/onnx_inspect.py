@@ -34,7 +34,7 @@ from bnfold.checks.layer_rules import (
 )
 from bnfold.errors import describe_error
 from bnfold.onnx_fold import fold_onnx
-from bnfold.onnx_fold.constants import MalformedTensorError, constant_array
+from bnfold.onnx_fold.constants import MalformedTensorError, computed_from_constants, constant_array
 from bnfold.onnx_fold.io import InputError, data_inputs, load_model
 from bnfold.onnx_fold.rules import batchnorm_training_mode, node_label
 from bnfold.onnx_fold.shared import BATCHNORM_DEFAULT_EPSILON
@@ -93,7 +93,9 @@ def _layer_states(model: ir.Model, opset: int) -> list[LayerState]:
             continue
         version = node.version or opset
         if node.op_type == "BatchNormalization":
-            states.append(_batchnorm_state(node, version))
+            # (one of a value computed from initializers alone normalises no data: BiT's weight standardisation)
+            if not (node.inputs and node.inputs[0] is not None and computed_from_constants(node.inputs[0])):
+                states.append(_batchnorm_state(node, version))
         elif node.op_type == "Dropout":
             states.append(_dropout_state(node, version))
     return states

@@ -173,6 +173,26 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None else _constant(value)[0]
 
 
+def computed_from_constants(value: ir.Value) -> bool:
+    """Whether ``value`` is computed from initializers and Constant nodes alone, through ops :func:`constant_array`
+    could evaluate (none reading a graph input or drawing random numbers), without evaluating anything: a
+    BatchNormalization of it normalises no data (BiT's weight standardisation, ``F.batch_norm(weight, training=True)``)."""
+    seen, pending = set(), [value]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        producer = current.producer()
+        if current.meta.get(_NOT_CONSTANT) or current.is_graph_input() or (producer is None and current.const_value is None):
+            return False
+        if producer is not None:
+            if not _is_constant_op(producer):
+                return False
+            pending += [input_value for input_value in producer.inputs if input_value is not None]
+    return True
+
+
 def not_constant_reason(value: ir.Value) -> str:
     """Why :func:`constant_array` of ``value`` is None, as a phrase ("read from graph input 'x'")."""
     return _constant(value)[1]

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
 from bnfold.errors import describe_error
+from bnfold.onnx_fold.constants import computed_from_constants
 from bnfold.onnx_fold.derived_shapes import derive_missing_shapes
 from bnfold.onnx_fold.io import InputError, data_inputs, load_model, onnx_ir_logging_off
 from bnfold.onnx_fold.layers import LAYER_OPS
@@ -73,6 +74,13 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=len(self.folds) > before)
 
     def _fold_batchnorm(self, node: ir.Node, opset: int, editor: GraphEditor, graph_label: str) -> None:
+        if node.inputs and node.inputs[0] is not None and computed_from_constants(node.inputs[0]):
+            reason = (
+                "it normalises a value computed from initializers alone, not data (weight standardisation, as in BiT's "
+                "StdConv2d): a constant folder (onnxruntime's graph optimisations, onnxsim) evaluates it"
+            )
+            self.skips.append(Skip(node_label(node), "no-foldable-neighbour", reason, graph_label))
+            return
         refusals = []
         try:
             batchnorm_channel_affine(node, opset)  # reasons that hold in both directions come first

@@ -158,6 +158,9 @@ class DataFlow:
     batchnorms: list[BatchNormCall]
     tensor_uses: collections.Counter[int]  # id(parameter or buffer) -> number of reads in the graph
     call_count: int  # call_module, call_function and call_method nodes
+    # Where a BatchNorm call normalises a value computed from parameters and buffers alone (weight standardisation):
+    # no BatchNorm of data, so neither folded nor left.
+    standardisations: list[str] = dataclasses.field(default_factory=list)
 
     def layer_producing(self, value: Any, folded_away: Collection[fx.Node] = ()) -> LayerCall | None:
         """The layer whose output ``value`` is, directly or through pass-through calls (:mod:`.passthrough`) and
@@ -199,20 +202,27 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
     # Each node's value when computed from parameters, buffers and literals only, else None: one evaluation
     # per node for every multiply-add looked at (FrozenBatchNorm2d's scale feeds its shift's and its output's).
     constants: dict[fx.Node, Any] = {}
+    standardisations = []
     for node in traced.nodes:
         layer = _layer_call(node, traced)
         if layer is not None:
             layers[node] = layer
             continue
         batchnorm = _batchnorm_call(node, traced, constants)
-        if batchnorm is not None:
+        if batchnorm is None:
+            continue
+        if batchnorm.per_channel is None and _constant_value(batchnorm.input, traced, constants) is not None:
+            # A BatchNorm of parameters alone normalises no data: timm's StdConv2d and transformers' BiT standardise
+            # their weight with F.batch_norm(weight, None, None, training=True) at every call.
+            standardisations.append(traced.module_stack_top(node) or batchnorm.name)
+        else:
             batchnorms.append(batchnorm)
     calls = sum(node.op in ("call_module", "call_function", "call_method") for node in traced.nodes)
     # A module kept as one call for its per-channel affine counts the calls its forward makes, as traced through.
     calls += sum(
         traced.affine_forms[node.target].calls - 1 for node in traced.nodes if node.op == "call_module" and node.target in traced.affine_forms
     )
-    flow = DataFlow(traced, layers, [], _count_tensor_uses(traced), calls)
+    flow = DataFlow(traced, layers, [], _count_tensor_uses(traced), calls, standardisations)
     # A per-channel multiply-add counts as a BatchNorm when it is a whole module (FrozenBatchNorm2d) or sits
     # next to a layer; elsewhere (input scaling, layer scale) it is just arithmetic.
     flow.batchnorms = [

@@ -73,6 +73,12 @@ class FoldPlan:
 def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     """One decision per BatchNorm: per group of calls sharing statistics, and per module never called."""
     plan = FoldPlan([], [])
+    if flow.standardisations:
+        where = ", ".join(dict.fromkeys(flow.standardisations))
+        plan.notes.append(
+            f"not counted as BatchNorms: the batch_norm calls in {where} normalise a value computed from parameters alone "
+            "(weight standardisation, as timm's StdConv2d), no data"
+        )
     folded: dict[LayerCall, list[tuple[Direction, ChannelAffine]]] = collections.defaultdict(list)
     # A BatchNorm folded into the layer before it leaves that layer's output, normalised, where it was: a second
     # BatchNorm reading it folds into the same layer (layer -> BN -> BN, as the ONNX pass folds it).
