@@ -1756,3 +1756,13 @@ def test_weight_standardisation_is_no_batchnorm():
         "not counted as BatchNorms: the batch_norm calls in stem, conv normalise a value computed from parameters alone "
         "(weight standardisation, as timm's StdConv2d), no data"
     ) in result.report.notes
+
+
+@pytest.mark.parametrize("given", [dict, list])
+def test_example_inputs_as_a_dict_or_list_say_they_are_positional(given):
+    """transformers' processors return a dict: passed as example_inputs, it was the forward's first argument and
+    the error said only that tracing failed ('dict' object has no attribute 'shape')."""
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ModelNotTraceableError, match=rf"one {given.__name__} was given as its first: for keyword arguments"):
+        fold(model, {"pixel_values": x} if given is dict else [x])

@@ -266,7 +266,17 @@ def _analyse(model: nn.Module, example_inputs: tuple, record: bool, stand_ins: b
     """The traced model, its data flow and the fold plan; with ``record``, an fx trace keeps the model's run on
     the example inputs with the values around each module a fold may join (for verification); else, with
     ``stand_ins``, the run that proves it may replace the layers' forward for its duration (see trace_model)."""
-    traced = trace_model(model, example_inputs, fold_end_modules if record else None, stand_ins=stand_ins)
+    try:
+        traced = trace_model(model, example_inputs, fold_end_modules if record else None, stand_ins=stand_ins)
+    except ModelNotTraceableError as error:
+        given = example_inputs[0] if len(example_inputs) == 1 else None
+        if isinstance(given, (dict, list)):  # (transformers' processors return a dict of keyword arguments)
+            raise ModelNotTraceableError(
+                f"{error}. example_inputs are forward()'s positional arguments, and one {type(given).__name__} was "
+                "given as its first: for keyword arguments (a processor's output), give their values as a tuple in "
+                "forward()'s order, e.g. (inputs['pixel_values'],)"
+            ) from error
+        raise
     flow = read_data_flow(traced)
     return traced, flow, plan_folds(flow, model)
 
