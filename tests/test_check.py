@@ -839,3 +839,34 @@ def test_weight_standardisation_is_no_batchnorm_in_training_mode(tmp_path):
     _, report = bnfold.fold_onnx(tmp_path / "bit.onnx")
     standardising = [skip for skip in report.skips if "weight standardisation" in skip.reason]
     assert len(standardising) == 2 and all("computed from initializers alone, not data" in skip.reason for skip in standardising)
+
+
+class _RepBlock(nn.Module):
+    """RepVGG's block (TextNet in transformers): a conv -> BatchNorm branch beside a BatchNorm of the input alone
+    (rbr_identity), which the fold leaves; one channel of the latter has a large scale (variance 1e-4)."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn, self.rbr_identity = nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + self.rbr_identity(x))
+
+
+def test_no_bn007_for_a_batchnorm_the_fold_leaves(tmp_path):
+    """BN007 says what a fold would do to int8 and float16: it was estimated for rbr_identity, which the fold leaves
+    ("per-tensor int8 of the folded layer would lose about 40 dB"); without example inputs the estimate stays."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _RepBlock()).eval()
+    with torch.no_grad():
+        for batchnorm in (model[2].bn, model[2].rbr_identity):
+            batchnorm.running_var.uniform_(0.5, 2.0)
+            batchnorm.running_mean.normal_()
+        model[2].rbr_identity.running_var[3] = 1e-4
+    x = torch.randn(1, 3, 16, 16)
+    assert [skip.batchnorm for skip in bnfold.fold(model, x).report.skips] == ["2.rbr_identity"]
+    assert [finding.code for finding in check_model(model, x, measure_batch=False)] == []
+    assert [(finding.code, finding.name) for finding in check_model(model, measure_batch=False)] == [("BN007", "2.rbr_identity")]
+    export_onnx(model, x, tmp_path / "rep.onnx")
+    assert [finding.code for finding in check_onnx(tmp_path / "rep.onnx", measure_batch=False)] == ["BN006"]

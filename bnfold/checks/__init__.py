@@ -21,8 +21,9 @@ BN005   warning   near-zero variance with a large scale: ``|γ|/sqrt(var+eps) > 
                   channel, a precision risk (most of all once folded into the weights)
 BN006   info      foldable BatchNorm left in an ONNX model: ``bnfold`` would remove it
 BN007   warning   the fold would make int8 or float16 lossy: per-tensor int8 of the folded layer loses
-                  more than 12 dB (measured on the layer's weights for the BatchNorms an ONNX fold
-                  removes, else estimated from max/median ``|γ|/sqrt(var+eps)``), or folded values
+                  more than 12 dB (measured on the layer's weights for the BatchNorms the fold
+                  removes; estimated from max/median ``|γ|/sqrt(var+eps)`` where it cannot be
+                  planned: TorchScript, exported programs, no example inputs), or folded values
                   overflow float16 or put > 1% more of them below its normal range
 DO001   error     Dropout active at inference: ONNX true constant ``training_mode`` input (opset
                   12+) or ``is_test=0`` (opset < 7); PyTorch Dropout module in training mode

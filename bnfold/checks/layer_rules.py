@@ -136,7 +136,7 @@ def _precision_findings(name: str, statistics: Statistics, scale: np.ndarray) ->
 
 def _quantization_findings(name: str, statistics: Statistics, affine: ChannelAffine) -> list[Finding]:
     """BN007 from the statistics alone (:func:`bnfold.quantization.statistics_estimate`); the inspectors
-    replace it with the measured figures for the BatchNorms the fold would remove
+    replace the estimates with the measured figures of the folds, when they can plan them
     (:func:`with_measured_quantization`)."""
     lost, overflow = statistics_estimate(affine.scale, affine.shift)
     problems = []
@@ -154,11 +154,13 @@ def _quantization_findings(name: str, statistics: Statistics, affine: ChannelAff
     return [Finding("BN007", name, "; ".join(problems))] if problems else []
 
 
-def with_measured_quantization(findings: list[Finding], measured: list[LayerQuantization]) -> list[Finding]:
-    """``findings`` with BN007 measured on the folds (:mod:`bnfold.quantization`, float16 as the target) in
-    place of the estimate, for each BatchNorm measured."""
-    names = {layer.batchnorm for layer in measured}
-    kept = [finding for finding in findings if not (finding.code == "BN007" and finding.name in names)]
+def with_measured_quantization(findings: list[Finding], measured: list[LayerQuantization] | None) -> list[Finding]:
+    """``findings`` with BN007 measured on the folds the fold would make (:mod:`bnfold.quantization`, float16 as
+    the target) in place of the estimates: a BatchNorm the fold leaves makes nothing lossy. ``measured`` None
+    (the folds cannot be planned) keeps the estimates."""
+    if measured is None:
+        return findings
+    kept = [finding for finding in findings if finding.code != "BN007"]
     return kept + [Finding("BN007", layer.batchnorm, _describe_measured(layer)) for layer in measured if layer.flags]
 
 

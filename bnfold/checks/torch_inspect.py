@@ -66,14 +66,14 @@ def check_model(
     return findings + _batch_dependence(module, example_inputs, batch_dims, batch_size, seed)
 
 
-def _measured_folds(model: nn.Module, example_inputs: ExampleInputs, seed: int) -> list[LayerQuantization]:
+def _measured_folds(model: nn.Module, example_inputs: ExampleInputs, seed: int) -> list[LayerQuantization] | None:
     """The figures of the folds ``bnfold.fold`` would make (float16 as the target), planned on an eval-mode
     copy (the statistics fold the same in either mode) traced on one random sample shaped like the example
-    inputs (which may be meta templates); none when its pairs cannot be found or a sample would exceed the
-    random-input budget: the estimate from the statistics stays."""
+    inputs (which may be meta templates); None when its pairs cannot be found or a sample would exceed the
+    random-input budget: the estimates from the statistics stay."""
     templates = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
     if any(template.dim() == 0 for template in templates) or over_random_input_budget(_input_sizes(templates, 1)):
-        return []
+        return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inputs = tuple(_random_like(template, 1) for template in templates)
@@ -82,7 +82,7 @@ def _measured_folds(model: nn.Module, example_inputs: ExampleInputs, seed: int) 
     # Not only ModelNotTraceableError: fx can fail past its trace (a module name that is no Python name
     # breaks the GraphModule's generated code), and the check must report on any model it can read.
     except Exception:  # noqa: BLE001
-        return []
+        return None
 
 
 def _input_sizes(templates: list[torch.Tensor], batch_size: int) -> dict[str, tuple[list[int], str, int]]:
