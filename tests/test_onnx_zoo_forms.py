@@ -668,3 +668,99 @@ def test_qdq_gemm_with_transposed_weight_folds():
     assert [(f.layer, f.direction) for f in report.folds] == [("gemm", "into-preceding")]
     assert np.array_equal(folded_weight(result)[0], initializers(model)["W_q"])
     assert_same_outputs(model, result, **F32)
+
+
+def _keras3_batchnorm(data: str, channels: int, shape: list[int], rng, prefix: str = "bn") -> tuple[list, list]:
+    """Keras 3's BatchNorm as tf2onnx writes it: ``x * (γ/sqrt(var+eps)) + (β - mean·γ/sqrt(var+eps))``, a Mul
+    and an Add by constants of ``shape`` (per channel on one axis)."""
+    scale = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    shift = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    nodes = [
+        helper.make_node("Mul", [data, f"{prefix}_scale"], [f"{prefix}_scaled"], name=f"{prefix}/mul"),
+        helper.make_node("Add", [f"{prefix}_scaled", f"{prefix}_shift"], [f"{prefix}_out"], name=f"{prefix}/add"),
+    ]
+    return nodes, [initializer(f"{prefix}_scale", scale), initializer(f"{prefix}_shift", shift)]
+
+
+def _nhwc_conv(rng) -> onnx.ModelProto:
+    """Keras 3 Conv2D -> BatchNorm (tf2onnx): Conv -> Transpose to NHWC -> Mul [C] -> Add [C]."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        helper.make_node("Transpose", ["y"], ["y_nhwc"], perm=[0, 2, 3, 1], name="to_nhwc"),
+    ]
+    bn, constants = _keras3_batchnorm("y_nhwc", 6, [6], rng)
+    inits = [initializer("W", rng.normal(0, 0.3, (6, 4, 3, 3)).astype(np.float32)), *constants]
+    return make_model(nodes + bn, [("x", [1, 4, 6, 6])], ["bn_out"], inits)
+
+
+def _conv1d(rng) -> onnx.ModelProto:
+    """Keras Conv1D -> BatchNorm (tf2onnx): a 2-D Conv over [N, C, 1, L], Squeeze of axis 2, Mul and Add by [1, C, 1]."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        helper.make_node("Squeeze", ["y", "axes"], ["y_ncl"], name="squeeze"),
+    ]
+    bn, constants = _keras3_batchnorm("y_ncl", 6, [1, 6, 1], rng)
+    inits = [initializer("W", rng.normal(0, 0.3, (6, 4, 1, 3)).astype(np.float32)), initializer("axes", np.array([2])), *constants]
+    return make_model(nodes + bn, [("x", [2, 4, 1, 9])], ["bn_out"], inits)
+
+
+def _dense_on_tokens(rng) -> onnx.ModelProto:
+    """Keras Dense on [N, T, K] -> BatchNorm (tf2onnx): Reshape to [-1, K], MatMul, Reshape back to a target computed
+    from the input's shape (Concat(Gather(Shape(x), [0, 1]), [C])), Mul and Add by [C]."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "batch_axes"], ["batch_dims"]),
+        helper.make_node("Concat", ["batch_dims", "features"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "flat"], ["x_flat"]),
+        helper.make_node("MatMul", ["x_flat", "W"], ["y_flat"], name="dense"),
+        helper.make_node("Reshape", ["y_flat", "target"], ["y"], name="unflatten"),
+    ]
+    bn, constants = _keras3_batchnorm("y", 8, [8], rng)
+    inits = [
+        initializer("batch_axes", np.array([0, 1])), initializer("features", np.array([8])), initializer("flat", np.array([-1, 16])),
+        initializer("W", rng.normal(0, 0.3, (16, 8)).astype(np.float32)), *constants,
+    ]  # fmt: skip
+    return make_model(nodes + bn, [("x", ["n", 5, 16])], ["bn_out"], inits)
+
+
+@pytest.mark.parametrize("build", [_nhwc_conv, _conv1d, _dense_on_tokens], ids=["nhwc-conv", "conv1d", "dense-on-tokens"])
+def test_keras3_batchnorm_after_ops_that_move_the_channels_folds(build, tmp_path):
+    """tf2onnx writes Keras 3's BatchNorm as a Mul and an Add after a Transpose to NHWC, a Squeeze or a Reshape:
+    none folded ("folded 0 of 0", no reason; 34 BatchNorms of MobileNetV3Small). They fold through those ops,
+    which stay, each pair checked by the parameters of the map it composes."""
+    original = build(np.random.default_rng(0))
+    fast_path_agrees(original)
+    folded, report = fold_onnx(original)
+    assert [fold.batchnorm for fold in report.folds] == ["bn/mul", "bn/add"]
+    # (a MatMul's bias is an Add after it: the fold's shift makes one)
+    assert op_count(folded, "Mul") == 0 and op_count(folded, "Add") == (build is _dense_on_tokens) and report.verification.passed
+    assert [check.status for check in report.verification.folds] == ["passed", "passed"]
+    assert "keeps" in report.notes[0] and "whole on the axis its constant scales" in report.notes[0]
+    assert_same_outputs(original, folded, **F32)
+    # A folded weight 0.2% off in one channel passes the outputs' rtol; the parameters' check does not.
+    weight = next(node for node in folded.graph.node if node.op_type in ("Conv", "MatMul")).input[1]
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(folded)
+    tensor = next(t for t in wrong.graph.initializer if t.name == weight)
+    array = numpy_helper.to_array(tensor).copy()
+    if build is _dense_on_tokens:
+        array[:, 2] *= 1.002
+    else:
+        array[2] *= 1.002
+    tensor.CopyFrom(numpy_helper.from_array(array, weight))
+    onnx.save(original, tmp_path / "original.onnx")
+    onnx.save(wrong, tmp_path / "wrong.onnx")
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "original.onnx"), str(tmp_path / "wrong.onnx"), "--format", "json"])
+    assert result.exit_code == 1 and "output channel 2" in json.loads(result.stdout)["verification"]["reason"]
+
+
+@pytest.mark.parametrize("perm,shape", [([0, 2, 3, 1], [6, 1, 1]), ([0, 2, 1, 3], [6])], ids=["constant-on-another-axis", "channels-not-last"])
+def test_a_mul_after_a_transpose_on_another_axis_than_the_channels_is_left(perm, shape):
+    """After a Transpose to NHWC a constant of shape [6, 1, 1] scales axis 1 (now H), and after perm [0, 2, 1, 3]
+    the channels are on axis 2, not the last axis a [6] constant scales: neither is per channel."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), helper.make_node("Transpose", ["y"], ["t"], perm=perm)]
+    bn, constants = _keras3_batchnorm("t", 6, shape, rng)
+    model = make_model(nodes + bn, [("x", [1, 4, 8, 8])], ["bn_out"], [initializer("W", rng.normal(size=(6, 4, 3, 3)).astype(np.float32)), *constants])
+    folded, report = fold_onnx(model)
+    assert report.folds == [] and op_count(folded, "Mul") == 1

@@ -39,7 +39,7 @@ from bnfold.fold_math import (
     batchnorm_affine,
     fold_many_into_outputs,
 )
-from bnfold.onnx_fold.layers import FAST_PATH_LAYER_OPS, LAYER_OPS, PASS_THROUGH_OPS
+from bnfold.onnx_fold.layers import CHANNEL_MOVING_OPS, FAST_PATH_LAYER_OPS, LAYER_OPS, PASS_THROUGH_OPS
 from bnfold.onnx_fold.protobuf_writer import copy_fields
 from bnfold.onnx_fold.shared import BATCHNORM_DEFAULT_EPSILON, FreshNames, MalformedTensorError, evaluable_op
 from bnfold.report import ELEMENTWISE_AFFINE_OPS, Fold
@@ -193,8 +193,14 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
 
 
 def _elementwise_may_fold(node: onnx.NodeProto, index: _GraphIndex) -> bool:
-    """Whether FoldBatchNormPass might fold this Mul/Add/Sub/Div into a layer (erring towards yes)."""
+    """Whether FoldBatchNormPass might fold this Mul/Add/Sub/Div into a layer (erring towards yes): it reads
+    one, directly or through ops that move its channels (see CHANNEL_MOVING_OPS)."""
     producers = [index.producer(name) for name in node.input]
+    for _ in range(len(index.nodes)):  # (a walk back along one chain of movers: at most the graph's length)
+        movers = [producer for producer in producers if producer is not None and producer.op_type in CHANNEL_MOVING_OPS]
+        if any(producer is not None and producer.op_type in _FOLD_TARGET_OPS for producer in producers) or not movers:
+            break
+        producers = [index.producer(mover.input[0]) for mover in movers if mover.input]
     reads_layer = any(producer is not None and producer.op_type in _FOLD_TARGET_OPS for producer in producers)
     return reads_layer and any(index.may_be_constant(name) for name in node.input if name)
 

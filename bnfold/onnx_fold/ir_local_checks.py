@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.onnx_fold.constants import constant_array
+from bnfold.onnx_fold.layers import CHANNEL_MOVING_OPS
 from bnfold.onnx_fold.local_checks import LayerParameters, LocalFold, compare_layer_parameters
 from bnfold.onnx_fold.rules import (
     FoldIntoFollowing,
@@ -21,6 +22,7 @@ from bnfold.onnx_fold.rules import (
     Layer,
     Refusal,
     chained_affine,
+    channel_axis_at,
     labelled_graphs,
     layer_view,
     node_label,
@@ -127,6 +129,7 @@ def ir_local_folds(
 
 _MATMUL = "a MatMul fold: its parameters checked against the exact fold, its output through the model's outputs"
 _SUBGRAPH = "in a subgraph: its parameters checked against the exact fold, its output through the model's outputs"
+_MOVED = "through ops that move the channels: its parameters checked against the exact fold, its output through the model's outputs"
 _CHAIN = "one of {} folds into the layer: their composed map's parameters checked against the exact fold, its output through the model's outputs"
 
 
@@ -156,8 +159,12 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
     rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
     match = rule.check(anchor, opset)  # read-only: the original's layer and the map that was folded
     layer, affine = match.layer, match.affine
+    # An elementwise map after ops that move the channels (Conv -> Transpose to NHWC -> Mul -> Add): its constants
+    # are on the axis the channels went to; its output is not the layer's in layout.
+    moved = anchor.op_type != "BatchNormalization" and any(node.op_type in CHANNEL_MOVING_OPS for node in match.passthroughs)
+    where = channel_axis_at(layer, match.passthroughs) if moved else None
     for previous, later in zip(chain, chain[1:]):
-        affine = affine.then(chained_affine(_only(in_original, later.batchnorm, "original"), _only(in_original, previous.batchnorm, "original"), layer, opset))
+        affine = affine.then(chained_affine(_only(in_original, later.batchnorm, "original"), _only(in_original, previous.batchnorm, "original"), layer, opset, where))
     matmul = layer.node.op_type == "MatMul"
     for each in chain:
         if in_folded.get(each.batchnorm):
@@ -186,9 +193,9 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
     if verdict.different:
         raise _OtherFunction(f"the folded layer has another {verdict.different}, which a fold never changes")
     parameters, bias_terms = verdict.parameters, verdict.bias_terms
-    if matmul or fold.graph or len(chain) > 1:
+    if matmul or fold.graph or len(chain) > 1 or moved:
         status = "passed" if parameters.passed else "failed"
-        reason = _MATMUL if matmul else _SUBGRAPH if fold.graph else _CHAIN.format(len(chain))
+        reason = _MATMUL if matmul else _SUBGRAPH if fold.graph else _CHAIN.format(len(chain)) if len(chain) > 1 else _MOVED
         return FoldCheck(label, parameters.dtype, status, layer.layout.out_channels(layer.weight.shape), parameters=parameters, reason=reason)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name

@@ -40,3 +40,8 @@ FAST_PATH_LAYER_OPS = tuple(op for op, spec in LAYER_OPS.items() if spec.fast_pa
 # Ops whose output is their input at inference (a Dropout only when its mask is unread and it is not in
 # training mode): the rules fold through them.
 PASS_THROUGH_OPS = ("Identity", "Dropout")
+# Ops that only move a tensor's elements, through which a per-channel Mul/Add/Sub/Div folds into the layer when
+# they keep its output channels whole on one axis (:func:`bnfold.onnx_fold.layout.moved_channel_axis`): tf2onnx
+# writes Keras 3's BatchNorm as a Mul and an Add after a Transpose to NHWC (Conv -> Transpose -> Mul -> Add), after
+# a Squeeze (Conv1D), or after a Reshape back to [B, T, C] (Dense on 3-D data).
+CHANNEL_MOVING_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten")

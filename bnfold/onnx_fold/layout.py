@@ -86,14 +86,15 @@ def _output_dims(node: ir.Node, dims: list[int | None]) -> list[int | None] | No
     target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if target is not None and target.dtype != np.int64:
         raise _Malformed(f"the target shape of {node.op_type} is {target.dtype}, not int64")
-    if target is not None and target.ndim == 1:
+    sizes = [int(v) for v in target] if target is not None and target.ndim == 1 else _concatenated_sizes(node.inputs[1]) if len(node.inputs) > 1 else None
+    if sizes is not None:
         allow_zero = _attribute(node, "allowzero", 0, ir.AttributeType.INT)
         result = []
-        for position, size in enumerate(int(v) for v in target):
+        for position, size in enumerate(sizes):
             if size == 0 and not allow_zero:
                 result.append(dims[position] if position < rank else None)  # 0 copies the input's dimension
             else:
-                result.append(size if size >= 0 else None)
+                result.append(size if size is not None and size >= 0 else None)
         if None in result:  # one -1 (or a copied symbolic dimension): the rest of the elements
             known, total = _product([d for d in result if d is not None]), _product(dims)
             if result.count(None) == 1 and known and total is not None:
@@ -102,5 +103,78 @@ def _output_dims(node: ir.Node, dims: list[int | None]) -> list[int | None] | No
     return static_dims(node.outputs[0])
 
 
+def _concatenated_sizes(value: ir.Value | None) -> list[int | None] | None:
+    """A target shape computed at run time as a Concat of 1-D pieces (possibly through a Cast), e.g. tf2onnx's
+    ``Concat(Gather(Shape(x), [0, 1]), [C])``: each size, None where its piece is not constant; None when that
+    is not its form."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Cast":
+        producer = producer.inputs[0].producer() if producer.inputs and producer.inputs[0] is not None else None
+    if producer is None or producer.op_type != "Concat" or producer.domain not in ("", "ai.onnx"):
+        return None
+    sizes: list[int | None] = []
+    for piece in producer.inputs:
+        if piece is None:
+            return None
+        constant = constant_array(piece)
+        if constant is not None and constant.ndim == 1 and constant.dtype.kind in "iu":
+            sizes += [int(size) for size in constant]
+            continue
+        dims = static_dims(piece)
+        if dims is None or len(dims) != 1 or dims[0] is None:
+            return None
+        sizes += [None] * dims[0]
+    return sizes
+
+
 def _product(dims: list[int | None]) -> int | None:
     return None if None in dims else math.prod(dims)
+
+
+def moved_channel_axis(node: ir.Node, axis: int, rank: int, channels: int) -> tuple[int, int] | str:
+    """Where ``node`` (one of ``CHANNEL_MOVING_OPS``) puts axis ``axis`` of its ``rank``-D input, which holds
+    ``channels`` channels: (its axis in the output, the output's rank), or why it does not keep them whole on one."""
+    try:
+        return _moved_channel_axis(node, axis, rank, channels)
+    except _Malformed as why:
+        return str(why)
+
+
+def _moved_channel_axis(node: ir.Node, axis: int, rank: int, channels: int) -> tuple[int, int] | str:
+    op = node.op_type
+    if op == "Transpose":
+        perm = _attribute(node, "perm", None, ir.AttributeType.INTS)
+        perm = list(range(rank))[::-1] if perm is None else list(perm)
+        if sorted(perm) != list(range(rank)):
+            return f"Transpose's perm {perm} is not a permutation of its input's {rank} axes"
+        return perm.index(axis), rank
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _axes(node)
+        if axes is None:
+            return f"the axes {op} takes are not constant"
+        counted = rank if op == "Squeeze" else rank + len(axes)  # (Unsqueeze's axes count its output's)
+        if not all(-counted <= a < counted for a in axes) or len({a % counted for a in axes}) != len(axes):
+            return f"{op}'s axes {axes} are out of range or repeated"
+        axes = {a % counted for a in axes}
+        if op == "Squeeze":
+            return "Squeeze removes the channel axis" if axis in axes else (axis - sum(a < axis for a in axes), rank - len(axes))
+        return [position for position in range(counted) if position not in axes][axis], counted
+    dims = static_dims(node.inputs[0])
+    output_dims = None if dims is None else _output_dims(node, dims)
+    if dims is None or output_dims is None or len(dims) != rank:
+        return f"the shape {op} gives is unknown"
+    # Row-major: the channels stay whole on an axis of theirs (size, and the product of the axes after it) alone.
+    after = _product(dims[axis + 1 :])
+    for position, size in enumerate(output_dims):
+        if size == channels and after is not None and _product(output_dims[position + 1 :]) == after:
+            return position, len(output_dims)
+    return f"{op} spreads the {channels} channels over other axes"
+
+
+def _axes(node: ir.Node) -> list[int] | None:
+    """Squeeze's or Unsqueeze's axes: an attribute before opset 13, a constant input since; None when unknown."""
+    attribute = node.attributes.get("axes")
+    if attribute is not None:
+        return list(_attribute(node, "axes", None, ir.AttributeType.INTS))
+    value = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    return None if value is None or value.dtype.kind not in "iu" else [int(a) for a in value.reshape(-1)]

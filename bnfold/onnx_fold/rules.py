@@ -39,8 +39,8 @@ from bnfold.fold_math import (
     fold_into_quantized_outputs,
 )
 from bnfold.onnx_fold.constants import constant_array, drop_if_unread, not_constant_reason
-from bnfold.onnx_fold.layers import LAYER_OPS
-from bnfold.onnx_fold.layout import LAYOUT_OPS, features_on_channel_axis
+from bnfold.onnx_fold.layers import CHANNEL_MOVING_OPS, LAYER_OPS
+from bnfold.onnx_fold.layout import LAYOUT_OPS, features_on_channel_axis, moved_channel_axis
 from bnfold.onnx_fold.qdq import (
     FOLD_FIRST,
     QuantizedWeight,
@@ -364,9 +364,9 @@ def _batchnorm_channel_affine(node: ir.Node, opset: int) -> ChannelAffine:
         raise Refusal("unfoldable-statistics", f"{label}: {error}") from None
 
 
-def elementwise_channel_affine(node: ir.Node, data: ir.Value, channels: int, rank: int) -> ChannelAffine | None:
+def elementwise_channel_affine(node: ir.Node, data: ir.Value, channels: int, rank: int, axis: int = 1) -> ChannelAffine | None:
     """``node`` (Mul/Add/Sub/Div of ``data`` and a constant) as a channel affine map over a
-    ``rank``-D tensor with channels on axis 1, or None when the constant is not per-channel."""
+    ``rank``-D tensor with channels on ``axis``, or None when the constant is not per-channel."""
     if node.domain not in ("", "ai.onnx") or len(node.inputs) != 2 or "broadcast" in node.attributes:
         return None  # opset < 7 "broadcast"/"axis" semantics are not numpy's: leave those alone
     data_first = node.inputs[0] is data
@@ -377,7 +377,7 @@ def elementwise_channel_affine(node: ir.Node, data: ir.Value, channels: int, ran
     if constant is None or not _is_floating(constant) or constant.ndim > rank:
         return None
     padded = (1,) * (rank - constant.ndim) + constant.shape
-    if any(size != 1 for axis, size in enumerate(padded) if axis != 1) or padded[1] not in (1, channels):
+    if any(size != 1 for position, size in enumerate(padded) if position != axis) or padded[axis] not in (1, channels):
         return None
     per_channel = np.broadcast_to(constant.astype(np.float64).reshape(-1), (channels,)).copy()
     ones, zeros = np.ones(channels), np.zeros(channels)
@@ -392,18 +392,39 @@ def elementwise_channel_affine(node: ir.Node, data: ir.Value, channels: int, ran
     return None
 
 
-def chained_affine(anchor: ir.Node, previous: ir.Node, layer: Layer, opset: int) -> ChannelAffine:
+def channel_axis_at(layer: Layer, passthroughs: tuple[ir.Node, ...]) -> tuple[int, int]:
+    """The axis holding ``layer``'s output channels after ``passthroughs`` (in data order), and the rank there;
+    Refusal when a layout op among them does not keep the channels whole on one axis (or cannot be shown to)."""
+    if layer.node.op_type == "MatMul":
+        rank = _rank(layer.node.inputs[0])
+        if rank is None:
+            raise Refusal("channel-mismatch", f"the rank of {node_label(layer.node)}'s data is unknown")
+    else:
+        rank = layer.output_rank
+    axis = rank - 1 if layer.node.op_type in _FEATURES_LAST_OPS else 1
+    channels = layer.layout.out_channels(layer.weight.shape)
+    for node in passthroughs:
+        if node.op_type in CHANNEL_MOVING_OPS:
+            moved = moved_channel_axis(node, axis, rank, channels)
+            if isinstance(moved, str):
+                raise Refusal("channel-mismatch", f"{node_label(node)}: {moved}")
+            axis, rank = moved
+    return axis, rank
+
+
+def chained_affine(anchor: ir.Node, previous: ir.Node, layer: Layer, opset: int, moved: tuple[int, int] | None = None) -> ChannelAffine:
     """The map of ``anchor`` (a BatchNorm, or a per-channel Mul/Add/Sub/Div) reading ``previous``'s output through
-    passthroughs, over ``layer``'s output channels: what folding it once ``previous`` is folded adds to ``layer``
-    (Keras 3 lowers a BatchNorm to a Mul then an Add, two folds into one layer). Raises Refusal when it is not one."""
+    passthroughs, over ``layer``'s output channels (``moved``: on that axis of a tensor of that rank, see
+    :func:`channel_axis_at`): what folding it once ``previous`` is folded adds to ``layer`` (Keras 3 lowers a
+    BatchNorm to a Mul then an Add, two folds into one layer). Raises Refusal when it is not one."""
     data = _data_input(anchor)
     if _passthroughs_before(data, opset)[0] is not previous.outputs[0]:
         raise Refusal("no-foldable-neighbour", f"{node_label(anchor)} does not read the output of {node_label(previous)}")
     if anchor.op_type == "BatchNormalization":
         affine = batchnorm_channel_affine(anchor, opset)
     else:
-        rank = _rank(data) if data.shape is not None else layer.output_rank
-        affine = elementwise_channel_affine(anchor, data, layer.layout.out_channels(layer.weight.shape), rank)
+        axis, rank = moved or (1, _rank(data) if data.shape is not None else layer.output_rank)
+        affine = elementwise_channel_affine(anchor, data, layer.layout.out_channels(layer.weight.shape), rank, axis)
         if affine is None:
             raise Refusal("no-foldable-neighbour", f"the constant of {node_label(anchor)} is not per-channel")
     return affine
@@ -447,14 +468,14 @@ class Match:
     def _passthrough_notes(self) -> list[str]:
         if not self.passthroughs:
             return []
-        layout = [node for node in self.passthroughs if node.op_type in LAYOUT_OPS]
+        layout = [node for node in self.passthroughs if node.op_type in CHANNEL_MOVING_OPS]
         through = ", ".join(f"{node_label(node)} [{node.op_type}]" for node in self.passthroughs)
         if not layout:
             return [f"{node_label(self.anchor)} folded through {through}, left in place (the identity at inference)"]
+        where = "on the BatchNorm's channel axis" if self.anchor.op_type == "BatchNormalization" else "on the axis its constant scales"
         return [
             f"{node_label(self.anchor)} folded through {through}, left in place: "
-            f"{'/'.join(node.op_type for node in layout)} keeps {node_label(self.layer.node)}'s output features whole "
-            "on the BatchNorm's channel axis"
+            f"{'/'.join(node.op_type for node in layout)} keeps {node_label(self.layer.node)}'s output features whole {where}"
         ]
 
 
@@ -492,6 +513,20 @@ def _chain_before(value: ir.Value | None, opset: int, through_layout: bool) -> t
 
 # Layers whose output features are on the last axis, where a layout op can bring them to the channel axis.
 _FEATURES_LAST_OPS = ("Gemm", "MatMul")
+
+
+def _chain_moving_channels(value: ir.Value | None, opset: int) -> tuple[ir.Value | None, tuple[ir.Node, ...]]:
+    """:func:`_passthroughs_before`, also past channel-moving ops (:data:`CHANNEL_MOVING_OPS`), each node read only
+    by the next: what stands between a layer and a per-channel elementwise node."""
+    value, chain = _passthroughs_before(value, opset)
+    while True:
+        mover = value.producer() if value is not None else None
+        if mover is None or mover.op_type not in CHANNEL_MOVING_OPS or mover.domain not in ("", "ai.onnx") or not mover.inputs:
+            return value, chain
+        if _only_consumer(mover.outputs[0]) is None:
+            return value, chain
+        value, inner = _passthroughs_before(mover.inputs[0], opset)
+        chain = (*inner, mover, *chain)
 
 
 def _passthroughs_before(value: ir.Value | None, opset: int) -> tuple[ir.Value | None, tuple[ir.Node, ...]]:
@@ -566,21 +601,25 @@ class FoldIntoPreceding:
     def check(self, anchor: ir.Node, opset: int) -> Match:
         if not anchor.outputs:
             raise Refusal("no-foldable-neighbour", "it has no output")
-        through_layout = anchor.op_type == "BatchNormalization"
-        if not any(_is_layer(_layer_behind(_chain_before(value, opset, through_layout)[0])) for value in anchor.inputs):
+        batchnorm = anchor.op_type == "BatchNormalization"
+
+        def chain(value):
+            return _chain_before(value, opset, through_layout=True) if batchnorm else _chain_moving_channels(value, opset)
+
+        if not any(_is_layer(_layer_behind(chain(value)[0])) for value in anchor.inputs):
             # Checked before _data_input, which may evaluate constants (shape arithmetic is full of Mul/Add).
             source = anchor.inputs[0].producer() if anchor.inputs and anchor.inputs[0] is not None else None
             source_name = "a graph input or constant" if source is None else source.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source_name}, not a Conv/ConvTranspose/Gemm/MatMul")
         anchor_input = _data_input(anchor)
-        data, passthroughs = _chain_before(anchor_input, opset, through_layout)
+        data, passthroughs = chain(anchor_input)
         producer = _layer_behind(data)
         if not _is_layer(producer):
             source = "a graph input or constant" if producer is None else producer.op_type
             raise Refusal("no-foldable-neighbour", f"its input comes from {source}, not a Conv/ConvTranspose/Gemm/MatMul")
         if producer.graph is not anchor.graph:
             raise Refusal("no-foldable-neighbour", f"its input comes from {node_label(producer)} in an enclosing graph")
-        layout = [node for node in passthroughs if node.op_type in LAYOUT_OPS]
+        layout = [node for node in passthroughs if node.op_type in CHANNEL_MOVING_OPS]
         layer = layer_view(producer, opset, features_last=bool(layout))
         if layer.output is not data:
             raise Refusal("no-foldable-neighbour", f"it is the bias Add of {node_label(producer)}")
@@ -591,15 +630,16 @@ class FoldIntoPreceding:
                 "must stay unscaled",
             )
         channels = layer.layout.out_channels(layer.weight.shape)
-        for node in layout:
-            reason = features_on_channel_axis(node, channels, node_label(layer.node))
-            if reason is not None:
-                raise Refusal("channel-mismatch", f"{node_label(node)}: {reason}")
-        if anchor.op_type == "BatchNormalization":
+        if batchnorm:
+            for node in layout:
+                reason = features_on_channel_axis(node, channels, node_label(layer.node))
+                if reason is not None:
+                    raise Refusal("channel-mismatch", f"{node_label(node)}: {reason}")
             affine = batchnorm_channel_affine(anchor, opset)
         else:
+            axis, rank = channel_axis_at(layer, passthroughs) if layout else (1, layer.output_rank)
             # (``anchor_input``, not the layer's output: an Identity or Dropout may stand between them)
-            affine = elementwise_channel_affine(anchor, anchor_input, channels, layer.output_rank)
+            affine = elementwise_channel_affine(anchor, anchor_input, channels, rank, axis)
             if affine is None:
                 raise Refusal("no-foldable-neighbour", "the constant is not per-channel")
         if affine.channels != channels:
