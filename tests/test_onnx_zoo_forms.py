@@ -764,3 +764,19 @@ def test_a_mul_after_a_transpose_on_another_axis_than_the_channels_is_left(perm,
     model = make_model(nodes + bn, [("x", [1, 4, 8, 8])], ["bn_out"], [initializer("W", rng.normal(size=(6, 4, 3, 3)).astype(np.float32)), *constants])
     folded, report = fold_onnx(model)
     assert report.folds == [] and op_count(folded, "Mul") == 1
+
+
+def test_a_lowered_batchnorm_with_no_layer_to_fold_into_is_named_in_a_note():
+    """Keras 3's BatchNorm after a Concat or a pool (DenseNet: 62 of them) is a Mul -> Add that nothing absorbs:
+    the report said "folded 0 of 0 BatchNorm(s)" and nothing else."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), helper.make_node("Relu", ["y"], ["r"], name="relu")]
+    bn, constants = _keras3_batchnorm("r", 6, [6, 1, 1], rng)
+    model = make_model(nodes + bn, [("x", [1, 4, 6, 6])], ["bn_out"], [initializer("W", rng.normal(size=(6, 4, 3, 3)).astype(np.float32)), *constants])
+    assert not fast_path_agrees(model)  # (the fast path leaves such models to the pass, which names what it leaves)
+    _, report = fold_onnx(model)
+    assert report.folds == [] and report.skips == []
+    assert (
+        "left 1 Mul -> Add pair(s) by constants, the form of a BatchNorm some converters (tf2onnx for Keras 3) write, "
+        "with no layer to fold into: bn/mul (its input comes from Relu, not a Conv/ConvTranspose/Gemm/MatMul)"
+    ) in report.notes

@@ -202,7 +202,19 @@ def _elementwise_may_fold(node: onnx.NodeProto, index: _GraphIndex) -> bool:
             break
         producers = [index.producer(mover.input[0]) for mover in movers if mover.input]
     reads_layer = any(producer is not None and producer.op_type in _FOLD_TARGET_OPS for producer in producers)
-    return reads_layer and any(index.may_be_constant(name) for name in node.input if name)
+    return (reads_layer and any(index.may_be_constant(name) for name in node.input if name)) or _lowered_batchnorm(node, index)
+
+
+def _lowered_batchnorm(node: onnx.NodeProto, index: _GraphIndex) -> bool:
+    """Whether ``node`` is a Mul by an initializer of several values read only by an Add/Sub of an initializer of
+    the same shape (a BatchNorm as tf2onnx writes Keras 3's): the pass names those it leaves, in a note."""
+    scales = [index.initializers[name] for name in node.input if name in index.initializers]
+    readers = index.readers.get(node.output[0], []) if node.op_type == "Mul" and len(node.output) == 1 else []
+    if len(scales) != 1 or len(readers) != 1 or math.prod(scales[0].dims) < 2:
+        return False
+    reader = index.nodes[readers[0]]
+    shifts = [index.initializers[name] for name in reader.input if name in index.initializers]
+    return reader.op_type in ("Add", "Sub") and len(shifts) == 1 and list(shifts[0].dims) == list(scales[0].dims)
 
 
 def _plain_pair(position: int, opset: int, index: _GraphIndex) -> PlainPair | None:

@@ -54,6 +54,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.folds: list[Fold] = []
         self.skips: list[Skip] = []
         self.notes: list[str] = []
+        self.lowered_left: list[str] = []  # Mul -> Add pairs by constants (a lowered BatchNorm) left, with why
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
@@ -67,6 +68,12 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                     self._fold_batchnorm(node, opset, editor, label)
                 elif node.op_type in ELEMENTWISE_OPS:
                     self._fold_elementwise(node, opset, editor, label)
+        if self.lowered_left:
+            self.notes.append(
+                f"left {len(self.lowered_left)} Mul -> Add pair(s) by constants, the form of a BatchNorm some converters "
+                f"(tf2onnx for Keras 3) write, with no layer to fold into: {'; '.join(self.lowered_left[:3])}"
+                + ("; ..." if len(self.lowered_left) > 3 else "")
+            )
         if editor.removed_constants:
             ops = ", ".join(f"{op} x{count}" for op, count in sorted(editor.removed_constants.items()))
             total = sum(editor.removed_constants.values())
@@ -107,8 +114,11 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         rule = self.rules[0]
         try:
             match = rule.check(node, opset)
-        except Refusal:
-            return  # an ordinary elementwise op: nothing to report
+        except Refusal as refusal:
+            # An ordinary elementwise op, nothing to report; unless a lowered BatchNorm, which a user looks for.
+            if _lowered_batchnorm(node):
+                self.lowered_left.append(f"{node_label(node)} ({refusal.reason})")
+            return
         self._apply(rule, match, editor, graph_label)
 
     def _apply(self, rule, match, editor: GraphEditor, graph_label: str) -> None:
@@ -124,6 +134,20 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         rule.rewrite(match, editor)
         self.folds.append(fold)
         self.notes += notes
+
+
+def _lowered_batchnorm(node: ir.Node) -> bool:
+    """Whether ``node`` is a Mul of a tensor by a constant of more than one value, read only by an Add (or Sub) of a
+    constant of the same shape: a BatchNorm as ``x * scale + shift`` (as tf2onnx writes Keras 3's)."""
+    if node.op_type != "Mul" or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return False
+    scales = [value for value in node.inputs if value is not None and value.const_value is not None]
+    uses = list(node.outputs[0].uses())
+    if len(scales) != 1 or len(uses) != 1 or scales[0].shape is None or scales[0].const_value.size < 2:
+        return False
+    reader = uses[0].node
+    shifts = [value for value in reader.inputs if value is not None and value is not node.outputs[0] and value.const_value is not None]
+    return reader.op_type in ("Add", "Sub") and len(shifts) == 1 and shifts[0].shape == scales[0].shape
 
 
 @dataclasses.dataclass
