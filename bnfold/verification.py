@@ -154,7 +154,7 @@ class OutputComparison:
         return {**dataclasses.asdict(self), "passed": self.passed}
 
     def measure_noise(
-        self, expected: np.ndarray, other: np.ndarray, actual: np.ndarray, noise_from: str, folds_proven: bool = False
+        self, expected: np.ndarray, other: np.ndarray, actual: np.ndarray, noise_from: str, folds_proven: bool = False, allowances: bool = True
     ) -> None:
         """Set ``noise`` (the largest difference) and ``noise_elements`` (how many differ) between ``expected``, the
         original's run that was compared, and ``other``, a run of the original with other kernels, as ``noise_from``
@@ -163,16 +163,17 @@ class OutputComparison:
         and any change of float rounding (other kernels, the runtime's fusions, a fold) flips some. A wrong fold
         changes more values, or by more. With ``folds_proven`` (every fold passed its own check), a failed float
         output within the noise passes too: the model amplifies rounding that much itself (a float16 model with
-        float32 outputs, a division near zero). Neither allowance is made at tolerances other than the defaults."""
+        float32 outputs, a division near zero). Neither allowance is made without ``allowances`` (tolerances the
+        user set are the criterion). Elements that are not finite in either run are no noise (an overflow in one)."""
         expected64, other64 = np.asarray(expected, np.float64), np.asarray(other, np.float64)
         if expected64.shape != other64.shape:
             return
-        noise = np.abs(other64 - expected64)
-        self.noise = float(np.nanmax(noise)) if noise.size else 0.0
-        self.noise_elements = int(np.count_nonzero(noise))
+        finite = np.isfinite(expected64) & np.isfinite(other64)
+        noise = np.abs(other64[finite] - expected64[finite])
+        self.noise = float(noise.max()) if noise.size else 0.0
+        self.noise_elements = int(np.count_nonzero((expected64 != other64) & ~(np.isnan(expected64) & np.isnan(other64))))
         self.noise_from = noise_from
-        # (Tolerances the user set are the criterion: no allowance then.)
-        if not (self.failed and self.magnitude is not None) or (self.atol, self.rtol) != tolerances_for(self.dtype, None, None):
+        if not (self.failed and self.magnitude is not None and allowances):
             return
         if folds_proven and self.dtype in DEFAULT_TOLERANCES and self.max_abs_error <= self.noise:
             self.status = "passed"

@@ -981,7 +981,17 @@ def test_a_float_output_within_the_noise_passes_when_every_fold_passed_its_own_c
     assert comparison.failed
     comparison.measure_noise(expected, other, actual, "another run", folds_proven=proven)
     assert comparison.passed is proven and comparison.noise == pytest.approx(6.7, rel=1e-3)
-    # Tolerances the user set are the criterion (the model's own noise is still measured, for the message).
-    explicit = compare_output("output", expected, actual, "float32", rtol=2e-3)
-    explicit.measure_noise(expected, other, actual, "another run", folds_proven=proven)
+    # Tolerances the user set are the criterion, even the defaults' values (the noise is still measured, for the message).
+    explicit = compare_output("output", expected, actual, "float32", rtol=1e-3)
+    explicit.measure_noise(expected, other, actual, "another run", folds_proven=proven, allowances=False)
     assert explicit.failed and explicit.noise == pytest.approx(6.7, rel=1e-3)
+    # An element one run overflows is no noise: it allowed any error (noise inf).
+    overflowed = other.copy()
+    overflowed[0] = np.inf
+    comparison = compare_output("output", expected, actual, "float32")
+    comparison.measure_noise(expected, overflowed, actual, "another run", folds_proven=proven)
+    assert comparison.passed is proven and comparison.noise == pytest.approx(6.7, rel=1e-3)
+    wrong = expected + np.float32(50.0)
+    comparison = compare_output("output", expected, wrong, "float32")
+    comparison.measure_noise(expected, overflowed, wrong, "another run", folds_proven=proven)
+    assert comparison.failed

@@ -250,7 +250,8 @@ def verify(
         dtype_name = str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(element_type))) if element_type else str(reference.dtype)
         comparisons.append(compare_output(name, reference, actual[name], dtype_name, atol, rtol))
     if any(comparison.failed and comparison.magnitude is not None for comparison in comparisons):
-        _measure_noise(original, feeds, expected, actual, comparisons, folds_proven(checks, len(folds or [])))
+        proven = folds_proven(checks, len(folds or []))
+        _measure_noise(original, feeds, expected, actual, comparisons, proven, allowances=atol is None and rtol is None)
     return Verification(comparisons, {name: list(array.shape) for name, array in feeds.items()}, folds=checks)
 
 
@@ -322,7 +323,7 @@ def _ir_model(original: ModelSource) -> ir.Model:
 
 def _measure_noise(
     original: ModelSource | ir.Model, feeds: dict[str, np.ndarray], plain: dict[str, np.ndarray], actual: dict[str, np.ndarray],
-    comparisons: list[OutputComparison], folds_proven: bool,
+    comparisons: list[OutputComparison], folds_proven: bool, allowances: bool,
 ) -> None:
     """Measure each failed output's noise (see OutputComparison.measure_noise): how far onnxruntime's optimised run
     of the original (its own fusions and kernel choices) is from the plain one (``plain``, the verification's own
@@ -334,7 +335,7 @@ def _measure_noise(
     for comparison in comparisons:
         if comparison.failed and comparison.magnitude is not None and comparison.name in optimised:
             name = comparison.name
-            comparison.measure_noise(plain[name], optimised[name], actual[name], _OPTIMISED_RUN, folds_proven)
+            comparison.measure_noise(plain[name], optimised[name], actual[name], _OPTIMISED_RUN, folds_proven, allowances)
 
 
 _OPTIMISED_RUN = "onnxruntime's optimised run of the original against its plain run"

@@ -145,7 +145,7 @@ def fold(
         report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)
         report.verification.folds = capture.check(folded, plan.folds, rtol)
         if working is not model:  # (the original is intact to measure the noise on)
-            measure_noise(model, example_inputs, expected, actual, report.verification, len(plan.folds))
+            measure_noise(model, example_inputs, expected, actual, report.verification, len(plan.folds), atol is None and rtol is None)
         if not report.verification.passed:
             raise VerificationError(report.verification, report, folded)
     return TorchFoldResult(folded, report)

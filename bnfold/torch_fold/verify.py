@@ -64,11 +64,13 @@ def compare_outputs(
 
 
 def measure_noise(
-    original: nn.Module, example_inputs: tuple, expected: dict[str, Any], actual: dict[str, Any], verification: Verification, folds: int
+    original: nn.Module, example_inputs: tuple, expected: dict[str, Any], actual: dict[str, Any], verification: Verification, folds: int,
+    allowances: bool,
 ) -> None:
     """Measure each failed output's noise (see OutputComparison.measure_noise): how far another run of the original
     is from its run (``expected``), the float noise a user can compare the error with, and within which an output
-    passes when each of the ``folds`` passed its own check (``verification.folds``). The other run is, for a model
+    passes when each of the ``folds`` passed its own check (``verification.folds``) and ``allowances`` (no tolerance
+    the user set) holds. The other run is, for a model
     with float16 or bfloat16 weights, a float32 copy of it on float32 inputs (its own rounding: with oneDNN off,
     CPU kernels in those dtypes round alike), else the original without oneDNN (other convolution kernels, other
     rounding). ``original`` must not be folded yet (a fold would make its own allowance)."""
@@ -93,7 +95,7 @@ def measure_noise(
     for comparison in failed:
         leaves = [leaves.get(comparison.name) for leaves in (expected, other, actual)]
         if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), noise_from, proven)
+            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), noise_from, proven, allowances)
 
 
 def _compare_leaf(name: str, expected: Any, actual: Any, atol: float | None, rtol: float | None) -> OutputComparison:
