@@ -1766,3 +1766,24 @@ def test_example_inputs_as_a_dict_or_list_say_they_are_positional(given):
     x = torch.randn(1, 3, 8, 8)
     with pytest.raises(ModelNotTraceableError, match=rf"one {given.__name__} was given as its first: for keyword arguments"):
         fold(model, {"pixel_values": x} if given is dict else [x])
+
+
+class _NormalisesABuffer(nn.Module):
+    """Copies its conv output into a buffer, then normalises that with batch statistics: a BatchNorm of data."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("bank", torch.zeros(2, 4, 8, 8))
+
+    def forward(self, x):
+        self.bank.copy_(self.conv(x))
+        return F.batch_norm(self.bank, None, None, training=True)
+
+
+def test_a_batch_norm_of_a_buffer_is_counted_as_a_batchnorm():
+    """Weight standardisation is told by what the batch_norm reads: parameters alone. A buffer, which a forward may
+    fill with data, counted as a constant, and this batch_norm of the conv's output was noted as one."""
+    result = fold(_NormalisesABuffer().eval(), torch.randn(2, 3, 8, 8), verify=False)
+    assert [skip.code for skip in result.report.skips] == ["batch-statistics"]
+    assert not any("weight standardisation" in note for note in result.report.notes)

@@ -211,7 +211,7 @@ def read_data_flow(traced: TracedModel) -> DataFlow:
         batchnorm = _batchnorm_call(node, traced, constants)
         if batchnorm is None:
             continue
-        if batchnorm.per_channel is None and _constant_value(batchnorm.input, traced, constants) is not None:
+        if batchnorm.per_channel is None and _of_parameters_alone(batchnorm.input, traced, constants):
             # A BatchNorm of parameters alone normalises no data: timm's StdConv2d and transformers' BiT standardise
             # their weight with F.batch_norm(weight, None, None, training=True) at every call.
             standardisations.append(traced.module_stack_top(node) or batchnorm.name)
@@ -628,6 +628,15 @@ def _evaluate(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> 
         if node.op == "call_method":
             return getattr(arguments[0], node.target)(*arguments[1:], **keywords)
         return node.target(*arguments, **keywords)
+
+
+def _of_parameters_alone(value: Any, traced: TracedModel, cache: dict[fx.Node, Any]) -> bool:
+    """Whether ``value`` is computed from parameters (and literals) alone: not from buffers either, which a forward
+    may fill with data (``self.bank.copy_(x)``)."""
+    if _constant_value(value, traced, cache) is None:
+        return False
+    read = [node for node in _constant_computation((value,), cache) if node in traced.attribute_paths]
+    return bool(read) and all(isinstance(traced.attribute_at(traced.attribute_paths[node]), nn.Parameter) for node in read)
 
 
 def _constant_computation(values: tuple, cache: dict[fx.Node, Any]) -> set[fx.Node]:
