@@ -595,6 +595,31 @@ def test_a_candidate_weight_from_a_constant_node_is_checked_as_a_fold(tmp_path):
     assert code == 1 and "the folded weight of output channel 3" in report["verification"]["reason"]
 
 
+def test_an_extra_layer_holding_the_fold_that_feeds_the_outputs_times_zero_proves_nothing(tmp_path):
+    """The copy of the exact fold feeds the outputs, but times zero, beside the live conv 1e-3 off in one channel:
+    the search for the layer holding the fold (for renumbered branches) took the copy. It searches only among as many
+    layers of the op type as the original has."""
+    original = _conv_bn(np.float32, near_dead=0)
+    folded, _ = fold_onnx(original, verify=False)
+    conv = _layer(folded, "conv")
+    copy_of_fold = onnx.NodeProto()
+    copy_of_fold.CopyFrom(conv)
+    copy_of_fold.name, copy_of_fold.output[:], copy_of_fold.input[1:] = "conv_copy", ["exact"], [f"exact_{name}" for name in conv.input[1:]]
+    folded.graph.initializer.extend(numpy_helper.from_array(_initializer(folded, name), f"exact_{name}") for name in conv.input[1:])
+    folded.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "zero"))
+    live = conv.output[0]
+    conv.output[0] = "live"
+    folded.graph.node.extend([
+        copy_of_fold,
+        helper.make_node("Mul", ["exact", "zero"], ["nothing"], name="times_zero"),
+        helper.make_node("Add", ["live", "nothing"], [live], name="plus"),
+    ])  # fmt: skip
+    folded.graph.node.sort(key=lambda node: {"Conv": 0, "Mul": 1, "Add": 2}.get(node.op_type, 3))
+    wrong = _corrupt(folded, conv.input[1], channel=3, scale=1 + 1e-3)
+    code, report, _ = _verify(original, wrong, tmp_path)
+    assert code == 1 and "the folded weight of output channel 3" in report["verification"]["reason"]
+
+
 def test_a_candidate_layer_with_other_attributes_fails(tmp_path):
     """Dilations 2 and pads 2 give the same output shape as pads 1, and the same values on a 1x1 image: the
     attributes themselves are compared (a fold never changes them)."""

@@ -180,8 +180,11 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
     # (A layer holding the fold beside the model, which none of its outputs read, proves nothing of the model.)
     live = layer.node in feeding[0]
     verdict = _holds_the_fold(layer, folded_layer, opset, affine, preceding, rtol)
-    if not (verdict.holds and (folded_layer in feeding[1] or not live)):
-        # (another tool may have renumbered parallel branches: the layer that holds it, if any)
+    # Another tool may have renumbered parallel branches: the layer that holds it, if any, among as many layers of
+    # the op type as the original has (a candidate with one more could keep the exact fold beside a wrong layer,
+    # feeding the outputs times zero).
+    renumbered = len(positions[0].get(layer.node.op_type, [])) == len(positions[1].get(layer.node.op_type, []))
+    if renumbered and not (verdict.holds and (folded_layer in feeding[1] or not live)):
         for node in positions[1].get(layer.node.op_type, []):
             if node is not folded_layer and (node in feeding[1] or not live) and not _beside_a_batchnorm(node, preceding):
                 other = _holds_the_fold(layer, node, opset, affine, preceding, rtol, quiet=True)
