@@ -721,6 +721,9 @@ def test_a_fold_in_a_branch_the_inputs_never_take_is_checked_by_its_parameters(t
     code, result, _ = _verify(original, wrong, tmp_path)
     assert code == 1 and "the folded weight of output channel 2" in result["verification"]["reason"]
     assert [output["status"] for output in result["verification"]["outputs"]] == ["passed"]
+    branch.name = "renamed"  # (found by the If node's label and the attribute holding it instead)
+    code, result, _ = _verify(original, wrong, tmp_path)
+    assert code == 1 and "the folded weight of output channel 2" in result["verification"]["reason"]
 
 
 def _layer_of_type(model: onnx.ModelProto, op_type: str) -> onnx.NodeProto:

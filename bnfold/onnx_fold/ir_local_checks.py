@@ -81,15 +81,33 @@ class _GraphPair:
         )  # fmt: skip
 
 
-def _graph_pair(original: ir.Model, folded: ir.Model, label: str) -> _GraphPair:
-    """The graphs labelled ``label`` (see labelled_graphs) in both models."""
-    graphs = []
-    for model, what in ((original, "original"), (folded, "folded")):
-        found = [graph for graph_label, graph in labelled_graphs(model) if graph_label == label]
-        if len(found) != 1:
-            raise LookupError(f"{len(found)} subgraphs are labelled {label!r} in the {what} model")
-        graphs.append(found[0])
-    return _GraphPair.of(*graphs)
+def _graph_pair(original: ir.Model, folded: ir.Model, fold: Fold) -> _GraphPair:
+    """The subgraph ``fold`` is in (labelled ``fold.graph``, see labelled_graphs, and holding its BatchNorm) in the
+    original, and the same one in the folded model: labelled alike and holding its layer, else (another tool may
+    rename graphs; a then and an else branch may share a name) the graph in the same attribute of the node with
+    the same label as the one that holds the original's."""
+    found = [graph for label, graph in labelled_graphs(original) if label == fold.graph and fold.batchnorm in _by_label(graph)]
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} subgraphs labelled {fold.graph!r} hold {fold.batchnorm!r} in the original model")
+    inner = found[0]
+    candidates = [graph for label, graph in labelled_graphs(folded) if label == fold.graph and fold.layer in _by_label(graph)]
+    if len(candidates) != 1:
+        owner, attribute = next(
+            ((node, name) for node in original.graph.all_nodes() for name, value in node.attributes.items() if inner in _graphs_of(value)), (None, "")
+        )
+        owners = [node for node in folded.graph.all_nodes() if owner is not None and node_label(node) == node_label(owner) and node.op_type == owner.op_type]
+        candidates = [graph for node in owners for graph in _graphs_of(node.attributes.get(attribute))]
+        if len(candidates) != 1:
+            raise LookupError(f"no one subgraph of the folded model corresponds to the original's {fold.graph!r}")
+    return _GraphPair.of(inner, candidates[0])
+
+
+def _graphs_of(attribute: ir.Attr | None) -> list[ir.Graph]:
+    if attribute is None:
+        return []
+    if attribute.type == ir.AttributeType.GRAPH:
+        return [attribute.value]
+    return list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else []
 
 
 def ir_local_folds(
@@ -112,9 +130,10 @@ def ir_local_folds(
             verdicts += [fold_not_checked(label, why) for label in labels]
             continue
         try:
-            if chain[0].graph not in pairs:
-                pairs[chain[0].graph] = _graph_pair(original, folded, chain[0].graph)
-            check = _local_fold(chain, labels[0], opset, pairs[chain[0].graph], rtol)
+            where = chain[0].graph and (chain[0].graph, chain[0].batchnorm)
+            if where not in pairs:
+                pairs[where] = _graph_pair(original, folded, chain[0])
+            check = _local_fold(chain, labels[0], opset, pairs[where], rtol)
             if isinstance(check, LocalFold):
                 local.append(check)
             else:
