@@ -753,6 +753,16 @@ def test_a_batchnorm_lowered_to_mul_then_add_is_checked_as_the_map_they_compose(
     code, result, _ = _verify(original, wrong, tmp_path)
     assert code == 1 and "the folded weight of output channel 3" in result["verification"]["reason"]
     assert [check["status"] for check in result["verification"]["folds"]] == ["failed", "failed"]
+    # A candidate that keeps the Add under another name (it folded the Mul alone) is no wrong composed fold.
+    mul_folded = onnx.ModelProto()
+    mul_folded.CopyFrom(original)
+    mul_folded.graph.node.pop(1)
+    mul_folded.graph.node[1].input[0] = "y"
+    mul_folded.graph.node[1].name = "renamed_add"
+    weight = _initializer(mul_folded, "W") * _initializer(mul_folded, "gamma_over_sigma")[:, :, :, None]
+    next(t for t in mul_folded.graph.initializer if t.name == "W").CopyFrom(numpy_helper.from_array(weight.astype(np.float32), "W"))
+    code, result, _ = _verify(original, mul_folded, tmp_path)
+    assert code == 0 and "the folded model keeps renamed_add [Add], by a constant, after 'conv'" in result["verification"]["folds"][0]["reason"]
 
 
 @pytest.mark.parametrize("decoy_named_as_the_layer", [False, True])

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.onnx_fold.constants import constant_array
-from bnfold.onnx_fold.layers import CHANNEL_MOVING_OPS
+from bnfold.onnx_fold.layers import CHANNEL_MOVING_OPS, PASS_THROUGH_OPS
 from bnfold.onnx_fold.local_checks import LayerParameters, LocalFold, compare_layer_parameters
 from bnfold.onnx_fold.rules import (
     FoldIntoFollowing,
@@ -193,6 +193,10 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
         raise LookupError(f"{fold.layer!r} is a {folded_layer.op_type} in the folded model")
     if _beside_a_batchnorm(folded_layer, preceding):
         raise LookupError(f"the folded model keeps a BatchNorm {'after' if preceding else 'before'} {fold.layer!r}")
+    elementwise = {each.batchnorm_op for each in chain} - {"BatchNormalization"}
+    kept = _kept_elementwise(folded_layer, elementwise, opset) if preceding and elementwise else None
+    if kept is not None:  # (under another name: another tool left it, or folded only part of the chain)
+        raise LookupError(f"the folded model keeps {node_label(kept)} [{kept.op_type}], by a constant, after {fold.layer!r}")
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
     if any(array is None and value is not None for array, value in zip(original_inputs, layer.node.inputs[1:])):
         raise LookupError(f"the original {fold.layer!r} reads a weight that is not constant")
@@ -263,6 +267,23 @@ def _holds_the_fold(
             raise
         return _Candidate(node, "", None, None)
     return _Candidate(node, different, parameters, bias_terms)
+
+
+def _kept_elementwise(layer: ir.Node, ops: set[str], opset: int) -> ir.Node | None:
+    """The node of one of ``ops`` by a constant that reads ``layer``'s output (past a MatMul's bias Add, and
+    passthroughs and channel-moving ops each read only by the next), if any."""
+    value, bias_add = (layer.outputs[0] if layer.outputs else None), layer.op_type == "MatMul"
+    while value is not None:
+        uses = [use.node for use in value.uses()]
+        if len(uses) != 1:
+            return None
+        reader = uses[0]
+        by_constant = any(operand is not None and operand is not value and constant_array(operand) is not None for operand in reader.inputs)
+        if reader.op_type in ops and by_constant and not (bias_add and reader.op_type == "Add"):
+            return reader
+        moves = reader.op_type in (*CHANNEL_MOVING_OPS, *PASS_THROUGH_OPS) or (bias_add and reader.op_type == "Add" and by_constant)
+        value, bias_add = (reader.outputs[0] if moves and reader.outputs else None), False
+    return None
 
 
 def _beside_a_batchnorm(layer: ir.Node, preceding: bool) -> bool:
