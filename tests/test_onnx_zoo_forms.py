@@ -780,3 +780,46 @@ def test_a_lowered_batchnorm_with_no_layer_to_fold_into_is_named_in_a_note():
         "left 1 Mul -> Add pair(s) by constants, the form of a BatchNorm some converters (tf2onnx for Keras 3) write, "
         "with no layer to fold into: bn/mul (its input comes from Relu, not a Conv/ConvTranspose/Gemm/MatMul)"
     ) in report.notes
+
+
+class _ConvFlattenNorm(torch.nn.Module):
+    """A head as face-recognition and metric-learning models end: a conv to [N, C, 1, 1], flatten, BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 5)
+        self.norm = torch.nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.norm(self.conv(x).flatten(1))
+
+
+def test_a_batchnorm_after_a_conv_whose_channels_ops_move_back_to_axis_1_folds(tmp_path):
+    """Conv -> Flatten -> BatchNorm1d (torch export), and Conv -> Transpose -> Transpose back -> BatchNorm (tf2onnx
+    with its own fusion off): refused, "its input comes from Flatten/Transpose". A Transpose that leaves the
+    channels on another axis is still refused, saying which."""
+    model = _ConvFlattenNorm().eval()
+    randomize_batchnorm_statistics(model, torch.Generator().manual_seed(0))
+    export_onnx(model, torch.randn(2, 4, 5, 5), tmp_path / "head.onnx")
+    original = onnx.load(tmp_path / "head.onnx")
+    fast_path_agrees(original)
+    folded, report = fold_onnx(original)
+    assert len(report.folds) == 1 and op_count(folded, "BatchNormalization") == 0 and report.verification.passed
+    assert report.verification.folds[0].status == "passed" and report.verification.folds[0].parameters is not None
+    assert_same_outputs(original, folded, **F32)
+
+    rng = np.random.default_rng(0)
+    for perms, folds in (([[0, 2, 3, 1], [0, 3, 1, 2]], 1), ([[0, 2, 3, 1]], 0)):
+        nodes = [helper.make_node("Conv", ["x", "W"], ["t0"], name="conv")]
+        nodes += [helper.make_node("Transpose", [f"t{i}"], [f"t{i + 1}"], perm=perm, name=f"transpose{i}") for i, perm in enumerate(perms)]
+        nodes.append(batchnorm_node(f"t{len(perms)}", "z", "bn"))
+        channels = 6 if folds else 4  # (axis 1 after NHWC is H, of size 4: a BatchNorm over it is another model)
+        inits = [initializer("W", rng.normal(size=(6, 4, 3, 3)).astype(np.float32)), *batchnorm_parameters(channels, "bn", rng)]
+        model = make_model(nodes, [("x", [1, 4, 6, 6])], ["z"], inits)
+        folded, report = fold_onnx(model)
+        assert len(report.folds) == folds
+        if folds:
+            assert_same_outputs(model, folded, **F32)
+        else:
+            assert report.skips[0].code == "channel-mismatch"
+            assert "Transpose put conv's output channels on axis 3, not the BatchNorm's channel axis 1" in report.skips[0].reason

@@ -162,14 +162,14 @@ class _WorkingCopy:
 
 
 def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: str | None) -> _WorkingCopy:
-    """A working copy of ``model``, with inferred shapes when it has a MatMul (MatMul folds need the data's
-    rank). The shapes the file declares for the values between nodes are not taken on trust: a value declared
-    2-D that is 3-D would fold a BatchNorm across the wrong axis; inference computes them from the graph's inputs."""
+    """A working copy of ``model``, with inferred shapes when its folds may need them (see :func:`needs_shapes`).
+    The shapes the file declares for the values between nodes are not taken on trust: a value declared 2-D that
+    is 3-D would fold a BatchNorm across the wrong axis; inference computes them from the graph's inputs."""
     if isinstance(model, onnx.ModelProto):
         # Inferred on the protobuf, before the conversion: onnx_ir's pass would convert back and forth.
         label, notes = label or _label(model.graph.name), []
         shaped = model
-        if _proto_has_matmul(model):
+        if _proto_needs_shapes(model):
             undeclared = onnx.ModelProto()
             undeclared.CopyFrom(model)  # (byte for byte: a name that is not UTF-8 is refused later, with the file named)
             del undeclared.graph.value_info[:]
@@ -201,7 +201,7 @@ def _working_copy(model: str | os.PathLike | ir.Model | onnx.ModelProto, label: 
         except Exception as error:  # onnx_ir refuses to copy a graph that reads values nothing defines
             raise InputError(label, f"not a usable ONNX model ({_innermost(error)})") from None
         copy = _WorkingCopy(clone, model, label, [])
-    if _needs_shapes(copy.model):
+    if needs_shapes(copy.model):
         declared = _forget_declared_shapes(copy.model)
         copy.restore_declared_shapes = functools.partial(_set_types_and_shapes, declared)
         try:
@@ -283,21 +283,37 @@ def _declare_main_graph_values(model: ir.Model, declared: dict[str, onnx.ValueIn
                     ir.serde.deserialize_value_info_proto(declared[value.name], value)
 
 
-def _needs_shapes(model: ir.Model) -> bool:
-    """Only MatMul folds need inferred shapes (the data's rank); inference is superlinear in graph size."""
-    return any(node.op_type == "MatMul" for _, graph in labelled_graphs(model) for node in graph)
+def needs_shapes(model: ir.Model) -> bool:
+    """Only MatMul folds (the data's rank) and folds through a Reshape or Flatten of a layer's output (the shapes it
+    gives) need inferred shapes; inference is superlinear in graph size."""
+    return any(node.op_type == "MatMul" for _, graph in labelled_graphs(model) for node in graph) or reshapes_a_layer(model)
 
 
-def _proto_has_matmul(model: onnx.ModelProto) -> bool:
-    """:func:`_needs_shapes` of a protobuf model (subgraphs included)."""
+def reshapes_a_layer(model: ir.Model) -> bool:
+    """Whether a Reshape or Flatten reads a layer's output (a fold through it reads the shapes it gives)."""
+    for _, graph in labelled_graphs(model):
+        for node in graph:
+            producer = node.inputs[0].producer() if node.op_type in _RESHAPING and node.inputs and node.inputs[0] is not None else None
+            if producer is not None and producer.op_type in LAYER_OPS:
+                return True
+    return False
+
+
+def _proto_needs_shapes(model: onnx.ModelProto) -> bool:
+    """:func:`needs_shapes` of a protobuf model (subgraphs included)."""
     graphs = [model.graph]
     while graphs:
-        for node in graphs.pop().node:
-            if node.op_type == "MatMul":
+        graph = graphs.pop()
+        layer_outputs = {name for node in graph.node if node.op_type in LAYER_OPS for name in node.output}
+        for node in graph.node:
+            if node.op_type == "MatMul" or (node.op_type in _RESHAPING and node.input and node.input[0] in layer_outputs):
                 return True
             for attribute in node.attribute:
                 graphs.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
     return False
+
+
+_RESHAPING = ("Reshape", "Flatten")
 
 
 def fold_with_pass(

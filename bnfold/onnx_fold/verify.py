@@ -277,14 +277,16 @@ def _with_local_checks(
     import onnx_ir as ir
 
     from bnfold.onnx_fold.ir_local_checks import ir_local_folds
-    from bnfold.onnx_fold.ir_pass import analysis_copy
+    from bnfold.onnx_fold.ir_pass import analysis_copy, reshapes_a_layer
 
     # Both run and read as the fold saw the original, its folds' functions inlined (a candidate of `bnfold verify`
     # may keep them too); never the caller's model.
     original_ir = _fold_functions_inlined(original if _is_ir_model(original) else _ir_model(original), original)
     folded_ir = _fold_functions_inlined(folded if isinstance(folded, ir.Model) else ir.from_proto(folded), folded)
-    # A MatMul fold's rule reads its data's rank: inferred on a copy (onnxruntime runs the original as it is).
-    read = analysis_copy(original_ir) if any(fold.layer_op == "MatMul" for fold in folds) else original_ir
+    # A MatMul fold's rule reads its data's rank, one through a Reshape the shape it gives: inferred on a copy
+    # (onnxruntime runs the original as it is).
+    shapes_read = any(fold.layer_op == "MatMul" for fold in folds) or reshapes_a_layer(original_ir)
+    read = analysis_copy(original_ir) if shapes_read else original_ir
     local, checks = ir_local_folds(read, folded_ir, folds, rtol)
     return runtime_model(original_ir), local, checks
 
