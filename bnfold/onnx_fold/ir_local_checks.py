@@ -196,7 +196,7 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
     if _beside_a_batchnorm(folded_layer, preceding):
         raise LookupError(f"the folded model keeps a BatchNorm {'after' if preceding else 'before'} {fold.layer!r}")
     elementwise = {each.batchnorm_op for each in chain} - {"BatchNormalization"}
-    kept = _kept_elementwise(folded_layer, elementwise, opset) if preceding and elementwise else None
+    kept = _kept_elementwise(folded_layer, elementwise) if preceding and elementwise else None
     if kept is not None:  # (under another name: another tool left it, or folded only part of the chain)
         raise LookupError(f"the folded model keeps {node_label(kept)} [{kept.op_type}], by a constant, after {fold.layer!r}")
     original_inputs = [None if value is None else constant_array(value) for value in layer.node.inputs[1:]]
@@ -271,7 +271,7 @@ def _holds_the_fold(
     return _Candidate(node, different, parameters, bias_terms)
 
 
-def _kept_elementwise(layer: ir.Node, ops: set[str], opset: int) -> ir.Node | None:
+def _kept_elementwise(layer: ir.Node, ops: set[str]) -> ir.Node | None:
     """The node of one of ``ops`` by a constant that reads ``layer``'s output (past a MatMul's bias Add, and
     passthroughs and channel-moving ops each read only by the next), if any."""
     value, bias_add = (layer.outputs[0] if layer.outputs else None), layer.op_type == "MatMul"
