@@ -16,7 +16,7 @@ import click
 from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, errors
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
-from bnfold.errors import EXIT_BAD_INPUT, InputError, echo_error, internal_error
+from bnfold.errors import EXIT_BAD_INPUT, InputError, echo, echo_error, internal_error
 from bnfold.input_shapes import parse_input_shapes, positional
 from bnfold.report import printable
 
@@ -81,7 +81,7 @@ def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, s
         _check_one(results, selection, spec, check_spec)
     text = FORMATTERS[output_format](results)
     if text:
-        click.echo(text)
+        echo(text)
     click.get_current_context().exit(_exit_code(results))
 
 

@@ -21,6 +21,7 @@ from bnfold.errors import (
     InputError,
     VerificationError,
     VerificationUnavailableError,
+    echo,
     echo_error,
     echo_error_json,
     fail,
@@ -193,4 +194,4 @@ def fold(
 
 
 def _emit(report, output_format: str) -> None:
-    click.echo(report.to_json() if output_format == "json" else report.format_text())
+    echo(report.to_json() if output_format == "json" else report.format_text())

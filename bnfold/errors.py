@@ -30,9 +30,19 @@ def internal_error(error: BaseException) -> str:
     return f"internal error ({describe_error(error)}); please report it"
 
 
+def echo(text: str, err: bool = False) -> None:
+    """``click.echo``, where a reader that closed the pipe (``bnfold verify A B | head -1``) ends the output, not
+    the command: the rest goes nowhere and the exit code stays the verdict's (it was an internal error, exit 2)."""
+    try:
+        click.echo(text, err=err)
+    except BrokenPipeError:
+        stream = sys.stderr if err else sys.stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # (Python flushes it again at exit)
+
+
 def echo_error(message: str) -> None:
     """``bnfold: error: MESSAGE`` on stderr, one line: names quoted from model files are escaped."""
-    click.echo(f"bnfold: error: {printable(message)}", err=True)
+    echo(f"bnfold: error: {printable(message)}", err=True)
 
 
 # What ``--format json`` prints on stdout when a command fails with bad input, so that stdout is always JSON.
@@ -51,7 +61,7 @@ def echo_error_json(message: str, code: int) -> None:
     """The ``bnfold.error/1`` object on stdout, for a failure under ``--format json``."""
     import json
 
-    click.echo(json.dumps({"schema": ERROR_SCHEMA, "error": printable(message), "exit_code": code}))
+    echo(json.dumps({"schema": ERROR_SCHEMA, "error": printable(message), "exit_code": code}))
 
 
 class InputError(Exception):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from bnfold.errors import fail
+from bnfold.errors import echo, fail
 from bnfold.input_shapes import named, parse_input_shapes, positional
 
 EXIT_NOT_EQUIVALENT = 1
@@ -74,12 +74,12 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
     result.overrides = CLI_OVERRIDES
     if output_format == "json":
         # (/2: a figure that is not finite is the string "inf", "-inf" or "nan", as in the fold report; /3: noise_elements, noise_from)
-        click.echo(json_text({"schema": "bnfold.verify-report/3", "original": str(original), "candidate": str(candidate),
+        echo(json_text({"schema": "bnfold.verify-report/3", "original": str(original), "candidate": str(candidate),
                               "verification": result.to_dict()}))  # fmt: skip
     else:
-        click.echo(printable(result.summary()))  # names from the models, escaped
+        echo(printable(result.summary()))  # names from the models, escaped
         if result.reason:
-            click.echo(f"  {printable(result.reason)}")
+            echo(f"  {printable(result.reason)}")
     sys.exit(0 if result.passed else EXIT_NOT_EQUIVALENT)
 
 

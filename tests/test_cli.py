@@ -367,3 +367,18 @@ def test_check_reports_an_internal_error_for_its_model_and_checks_the_others(mod
     report = json.loads(result.stdout)
     assert report["unreadable"] == [{"path": str(model), "message": "internal error (ZeroDivisionError: division by zero); please report it"}]
     assert report["summary"]["checked"] == 1 and any(finding["code"] == "BN006" for finding in report["findings"])
+
+
+@pytest.mark.parametrize("command", [["--dry-run"], ["--dry-run", "--format", "json"], ["--dry-run", "--atol", "0", "--rtol", "0"]])
+def test_a_reader_that_closes_the_pipe_leaves_the_exit_code_the_verdicts(model, command):
+    """`bnfold ... | head -1` closes the pipe before the report is written: that was an internal error (exit 2,
+    "please report it"). The output ends there; the exit code is the verdict's (1 when the verification fails)."""
+    script = Path(sys.executable).with_name("bnfold")
+    read, write = os.pipe()
+    os.close(read)  # (the reader is gone before bnfold writes anything)
+    try:
+        completed = subprocess.run([script, model, *command], stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert completed.returncode == (1 if "--atol" in command else 0)
+    assert "internal error" not in completed.stderr and "Traceback" not in completed.stderr
