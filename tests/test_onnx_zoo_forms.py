@@ -823,3 +823,55 @@ def test_a_batchnorm_after_a_conv_whose_channels_ops_move_back_to_axis_1_folds(t
         else:
             assert report.skips[0].code == "channel-mismatch"
             assert "Transpose put conv's output channels on axis 3, not the BatchNorm's channel axis 1" in report.skips[0].reason
+
+
+def _paddle_conv_bias_then(moving: str, rng) -> onnx.ModelProto:
+    """paddle2onnx's conv: Conv -> Add (its bias) -> Identity, then the BatchNorm behind ``moving``: BatchNorm1D
+    after a flatten (Reshape to Concat(Slice(Shape(x), 0, 1), [-1]), the batch dynamic) or after Conv1D's
+    Squeeze of its 2-D conv's height."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="Conv.0"),
+        helper.make_node("Add", ["c", "bias"], ["a"], name="Add.0"),
+        helper.make_node("Identity", ["a"], ["i"], name="Identity.0"),
+    ]
+    if moving == "flatten":
+        nodes += [
+            helper.make_node("Shape", ["i"], ["shape"]),
+            helper.make_node("Slice", ["shape", "zero", "one", "zero"], ["batch"]),
+            helper.make_node("Concat", ["batch", "minus_one"], ["target"], axis=0),
+            helper.make_node("Reshape", ["i", "target"], ["moved"], name="Reshape.0"),
+        ]
+        shape, kernel = ["n", 4, 5, 5], (6, 4, 5, 5)
+    else:
+        nodes.append(helper.make_node("Squeeze", ["i", "two"], ["moved"], name="Squeeze.0"))
+        shape, kernel = ["n", 4, 1, 9], (6, 4, 1, 3)
+    nodes.append(batchnorm_node("moved", "z", "bn"))
+    inits = [
+        initializer("W", rng.normal(0, 0.3, kernel).astype(np.float32)), initializer("bias", rng.normal(size=(1, 6, 1, 1)).astype(np.float32)),
+        initializer("zero", np.array([0])), initializer("one", np.array([1])), initializer("minus_one", np.array([-1])), initializer("two", np.array([2])),
+        *batchnorm_parameters(6, "bn", rng),
+    ]  # fmt: skip
+    return make_model(nodes, [("x", shape)], ["z"], inits)
+
+
+@pytest.mark.parametrize("moving", ["flatten", "squeeze"])
+def test_paddle_conv_bias_add_and_batchnorm_behind_a_reshape_fold_and_are_checked(moving, tmp_path):
+    """A dynamic-batch flatten as paddle2onnx writes it was "Reshape spreads the 16 channels over other axes"; and
+    the bias Add's fold and the BatchNorm's, into one conv with a Squeeze between them, were checked through the
+    outputs only ("BatchNormalization.0 does not read the output of Add.2"): a fold without eps passed verify."""
+    original = _paddle_conv_bias_then(moving, np.random.default_rng(0))
+    folded, report = fold_onnx(original)
+    assert [fold.batchnorm for fold in report.folds] == ["Add.0", "bn"] and report.verification.passed
+    assert [check.status for check in report.verification.folds] == ["passed", "passed"]
+    assert_same_outputs(original, folded, **F32)
+    weight = next(node for node in folded.graph.node if node.op_type == "Conv").input[1]
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(folded)
+    tensor = next(t for t in wrong.graph.initializer if t.name == weight)
+    array = numpy_helper.to_array(tensor).copy()
+    array[4] *= 1.001
+    tensor.CopyFrom(numpy_helper.from_array(array, weight))
+    onnx.save(original, tmp_path / "original.onnx")
+    onnx.save(wrong, tmp_path / "wrong.onnx")
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "original.onnx"), str(tmp_path / "wrong.onnx"), "--format", "json"])
+    assert result.exit_code == 1 and "output channel 4" in json.loads(result.stdout)["verification"]["reason"]

@@ -24,7 +24,7 @@ from bnfold.errors import describe_error
 from bnfold.onnx_fold.constants import computed_from_constants
 from bnfold.onnx_fold.derived_shapes import derive_missing_shapes
 from bnfold.onnx_fold.io import InputError, data_inputs, load_model, onnx_ir_logging_off
-from bnfold.onnx_fold.layers import LAYER_OPS
+from bnfold.onnx_fold.layers import LAYER_OPS, PASS_THROUGH_OPS
 from bnfold.onnx_fold.rules import (
     ELEMENTWISE_OPS,
     FoldIntoFollowing,
@@ -290,10 +290,15 @@ def needs_shapes(model: ir.Model) -> bool:
 
 
 def reshapes_a_layer(model: ir.Model) -> bool:
-    """Whether a Reshape or Flatten reads a layer's output (a fold through it reads the shapes it gives)."""
+    """Whether a Reshape or Flatten reads a layer's output, directly or through passthroughs and elementwise ops
+    (a bias Add), each read only by the next: a fold through it reads the shapes it gives."""
     for _, graph in labelled_graphs(model):
         for node in graph:
-            producer = node.inputs[0].producer() if node.op_type in _RESHAPING and node.inputs and node.inputs[0] is not None else None
+            value = node.inputs[0] if node.op_type in _RESHAPING and node.inputs else None
+            producer = value.producer() if value is not None else None
+            while producer is not None and producer.op_type in _LEADING and len(value.uses()) == 1 and producer.inputs:
+                value = producer.inputs[0]
+                producer = value.producer() if value is not None else None
             if producer is not None and producer.op_type in LAYER_OPS:
                 return True
     return False
@@ -304,16 +309,19 @@ def _proto_needs_shapes(model: onnx.ModelProto) -> bool:
     graphs = [model.graph]
     while graphs:
         graph = graphs.pop()
-        layer_outputs = {name for node in graph.node if node.op_type in LAYER_OPS for name in node.output}
+        reaching: set[str] = set()  # the outputs of layers, and of passthroughs and elementwise ops after them
         for node in graph.node:
-            if node.op_type == "MatMul" or (node.op_type in _RESHAPING and node.input and node.input[0] in layer_outputs):
+            if node.op_type == "MatMul" or (node.op_type in _RESHAPING and node.input and node.input[0] in reaching):
                 return True
+            if node.op_type in LAYER_OPS or (node.op_type in _LEADING and node.input and node.input[0] in reaching):
+                reaching.update(node.output)
             for attribute in node.attribute:
                 graphs.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
     return False
 
 
 _RESHAPING = ("Reshape", "Flatten")
+_LEADING = (*PASS_THROUGH_OPS, *ELEMENTWISE_OPS)  # (between a layer and a Reshape it folds through)
 
 
 def fold_with_pass(

@@ -12,6 +12,7 @@ the inferred shapes, and otherwise says why not.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -86,27 +87,45 @@ def _output_dims(node: ir.Node, dims: list[int | None]) -> list[int | None] | No
     target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if target is not None and target.dtype != np.int64:
         raise _Malformed(f"the target shape of {node.op_type} is {target.dtype}, not int64")
-    sizes = [int(v) for v in target] if target is not None and target.ndim == 1 else _concatenated_sizes(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is not None and target.ndim == 1:
+        sizes = [int(v) for v in target]
+    else:
+        sizes = _concatenated_sizes(node.inputs[1], node.inputs[0]) if len(node.inputs) > 1 else None
     if sizes is not None:
         allow_zero = _attribute(node, "allowzero", 0, ir.AttributeType.INT)
-        result = []
+        result, copied = [], set()  # (copied: the input's axes whose size an output axis takes, known or not)
         for position, size in enumerate(sizes):
-            if size == 0 and not allow_zero:
-                result.append(dims[position] if position < rank else None)  # 0 copies the input's dimension
+            if isinstance(size, _InputAxis) or (size == 0 and not allow_zero):
+                axis = size.axis if isinstance(size, _InputAxis) else position  # (a 0 copies the input's dimension)
+                copied.add(axis)
+                result.append(dims[axis] if axis < rank else None)
             else:
                 result.append(size if size is not None and size >= 0 else None)
-        if None in result:  # one -1 (or a copied symbolic dimension): the rest of the elements
-            known, total = _product([d for d in result if d is not None]), _product(dims)
-            if result.count(None) == 1 and known and total is not None:
-                result[result.index(None)] = total // known
+        open_sizes = [position for position, size in enumerate(sizes) if not isinstance(size, _InputAxis) and (size is None or size < 0)]
+        if len(open_sizes) == 1:  # one -1: the rest of the elements (a copied size cancels, symbolic or not)
+            known = _product([d for position, d in enumerate(result) if position != open_sizes[0] and not isinstance(sizes[position], _InputAxis) and sizes[position] != 0])
+            rest = _product([d for axis, d in enumerate(dims) if axis not in copied])
+            if known and rest is not None and rest % known == 0:
+                result[open_sizes[0]] = rest // known
+        inferred = static_dims(node.outputs[0])  # (what shape inference knows of the sizes left open)
+        if inferred is not None and len(inferred) == len(result):
+            result = [size if size is not None else other for size, other in zip(result, inferred)]
         return result
     return static_dims(node.outputs[0])
 
 
-def _concatenated_sizes(value: ir.Value | None) -> list[int | None] | None:
+@dataclasses.dataclass(frozen=True)
+class _InputAxis:
+    """A size of a computed target shape that is the size of the reshaped input's axis ``axis``."""
+
+    axis: int
+
+
+def _concatenated_sizes(value: ir.Value | None, data: ir.Value) -> list[int | None | _InputAxis] | None:
     """A target shape computed at run time as a Concat of 1-D pieces (possibly through a Cast), e.g. tf2onnx's
-    ``Concat(Gather(Shape(x), [0, 1]), [C])``: each size, None where its piece is not constant; None when that
-    is not its form."""
+    ``Concat(Gather(Shape(x), [0, 1]), [C])`` or Paddle's ``Concat(Slice(Shape(x), 0, 1), [-1])``: each size, an
+    :class:`_InputAxis` where a piece copies sizes of ``data`` (the reshaped input), None where a piece is not
+    constant; None when that is not its form."""
     producer = value.producer() if value is not None else None
     if producer is not None and producer.op_type == "Cast":
         producer = producer.inputs[0].producer() if producer.inputs and producer.inputs[0] is not None else None
@@ -120,11 +139,34 @@ def _concatenated_sizes(value: ir.Value | None) -> list[int | None] | None:
         if constant is not None and constant.ndim == 1 and constant.dtype.kind in "iu":
             sizes += [int(size) for size in constant]
             continue
+        axes = _input_axes(piece, data)
+        if axes is not None:
+            sizes += [_InputAxis(axis) for axis in axes]
+            continue
         dims = static_dims(piece)
         if dims is None or len(dims) != 1 or dims[0] is None:
             return None
         sizes += [None] * dims[0]
     return sizes
+
+
+def _input_axes(piece: ir.Value, data: ir.Value) -> list[int] | None:
+    """The axes of ``data`` whose sizes ``piece`` is: ``Gather(Shape(data), constant indices)`` or
+    ``Slice(Shape(data), constant starts, constant ends)`` (step 1, axis 0); None otherwise."""
+    producer = piece.producer()
+    shape = producer.inputs[0].producer() if producer is not None and producer.inputs and producer.inputs[0] is not None else None
+    rank = None if data.shape is None else len(data.shape)
+    if shape is None or shape.op_type != "Shape" or shape.inputs[0] is not data or shape.attributes or rank is None:
+        return None
+    constants = [constant_array(value) if value is not None else None for value in producer.inputs[1:]]
+    if any(constant is None or constant.dtype.kind not in "iu" for constant in constants):
+        return None
+    if producer.op_type == "Gather" and producer.attributes.get_int("axis", 0) == 0 and constants[0].ndim == 1:
+        return [int(index) % rank for index in constants[0]]
+    if producer.op_type == "Slice" and len(constants) >= 2 and all(constant.size == 1 for constant in constants):
+        start, end, axis, step = (int(constant.reshape(-1)[0]) for constant in (*constants, *[np.zeros(1), np.ones(1)][len(constants) - 2 :]))
+        return list(range(rank))[slice(start, end)] if axis == 0 and step == 1 else None
+    return None
 
 
 def _product(dims: list[int | None]) -> int | None:

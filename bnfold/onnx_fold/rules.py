@@ -418,13 +418,21 @@ def chained_affine(anchor: ir.Node, previous: ir.Node, layer: Layer, opset: int,
     :func:`channel_axis_at`): what folding it once ``previous`` is folded adds to ``layer`` (Keras 3 lowers a
     BatchNorm to a Mul then an Add, two folds into one layer). Raises Refusal when it is not one."""
     data = _data_input(anchor)
-    if _passthroughs_before(data, opset)[0] is not previous.outputs[0]:
+    source, between = _chain_moving_channels(data, opset)
+    if source is not previous.outputs[0]:
         raise Refusal("no-foldable-neighbour", f"{node_label(anchor)} does not read the output of {node_label(previous)}")
+    channels = layer.layout.out_channels(layer.weight.shape)
     if anchor.op_type == "BatchNormalization":
         affine = batchnorm_channel_affine(anchor, opset)
     else:
-        axis, rank = moved or (1, _rank(data) if data.shape is not None else layer.output_rank)
-        affine = elementwise_channel_affine(anchor, data, layer.layout.out_channels(layer.weight.shape), rank, axis)
+        axis, rank = moved or (1, _rank(source) if source.shape is not None else layer.output_rank)
+        for node in between:  # (ops between the two that move the channels again)
+            if node.op_type in CHANNEL_MOVING_OPS:
+                where = moved_channel_axis(node, axis, rank, channels)
+                if isinstance(where, str):
+                    raise Refusal("channel-mismatch", f"{node_label(node)}: {where}")
+                axis, rank = where
+        affine = elementwise_channel_affine(anchor, data, channels, rank, axis)
         if affine is None:
             raise Refusal("no-foldable-neighbour", f"the constant of {node_label(anchor)} is not per-channel")
     return affine
