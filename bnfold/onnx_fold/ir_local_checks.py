@@ -2,9 +2,15 @@
 BatchNorm and layer found in the original with the pass's rules, its layer in the folded model by label, else
 (a model from another tool may rename nodes) by the names of the values around it, else by position among the
 nodes of its op type. When that layer does not hold the fold (its parameters or attributes differ), another layer
-of the op type that does is taken instead (another tool may renumber two parallel branches' layers); when none
-does, the first one's failure stands. A fold in a subgraph is found the same way in the subgraph of the same label,
-and has its parameters checked (its values cannot be exposed as the model's outputs to run its layer)."""
+of the op type that does, and feeds the outputs as the original's does, is taken instead, among as many layers of
+the op type as the original has (another tool may renumber two parallel branches' layers); when none does, the
+first one's failure stands.
+
+The check runs the layer where it can; its parameters alone are checked (against the exact fold) for a fold into a
+MatMul, a fold in a subgraph (found in the subgraph of the same label, else in the same attribute of the node with
+the same label: its values cannot be exposed as the model's outputs), a fold through ops that move the channels,
+and several folds into one layer from its output's side (Keras 3's Mul then Add), as the one map they compose. A
+candidate that keeps a BatchNorm, or a Mul/Add of such a chain, under another name is left to the outputs."""
 
 from __future__ import annotations
 
