@@ -738,20 +738,23 @@ def test_keras3_batchnorm_after_ops_that_move_the_channels_folds(build, tmp_path
     assert "keeps" in report.notes[0] and "whole on the axis its constant scales" in report.notes[0]
     assert_same_outputs(original, folded, **F32)
     # A folded weight 0.2% off in one channel passes the outputs' rtol; the parameters' check does not.
-    weight = next(node for node in folded.graph.node if node.op_type in ("Conv", "MatMul")).input[1]
+    _assert_verify_catches_one_channel_off(original, folded, 2, 1.002, tmp_path)
+
+
+def _assert_verify_catches_one_channel_off(original: onnx.ModelProto, folded: onnx.ModelProto, channel: int, scale: float, tmp_path) -> None:
+    """`bnfold verify` of ``original`` against ``folded`` with output ``channel`` of its layer's weight times
+    ``scale`` (a MatMul's weight is [in, out]) fails, naming that channel."""
+    layer = next(node for node in folded.graph.node if node.op_type in ("Conv", "MatMul"))
     wrong = onnx.ModelProto()
     wrong.CopyFrom(folded)
-    tensor = next(t for t in wrong.graph.initializer if t.name == weight)
+    tensor = next(t for t in wrong.graph.initializer if t.name == layer.input[1])
     array = numpy_helper.to_array(tensor).copy()
-    if build is _dense_on_tokens:
-        array[:, 2] *= 1.002
-    else:
-        array[2] *= 1.002
-    tensor.CopyFrom(numpy_helper.from_array(array, weight))
+    (array[:, channel] if layer.op_type == "MatMul" else array[channel])[...] *= scale
+    tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
     onnx.save(original, tmp_path / "original.onnx")
     onnx.save(wrong, tmp_path / "wrong.onnx")
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "original.onnx"), str(tmp_path / "wrong.onnx"), "--format", "json"])
-    assert result.exit_code == 1 and "output channel 2" in json.loads(result.stdout)["verification"]["reason"]
+    assert result.exit_code == 1 and f"output channel {channel}" in json.loads(result.stdout)["verification"]["reason"]
 
 
 @pytest.mark.parametrize("perm,shape", [([0, 2, 3, 1], [6, 1, 1]), ([0, 2, 1, 3], [6])], ids=["constant-on-another-axis", "channels-not-last"])
@@ -864,14 +867,4 @@ def test_paddle_conv_bias_add_and_batchnorm_behind_a_reshape_fold_and_are_checke
     assert [fold.batchnorm for fold in report.folds] == ["Add.0", "bn"] and report.verification.passed
     assert [check.status for check in report.verification.folds] == ["passed", "passed"]
     assert_same_outputs(original, folded, **F32)
-    weight = next(node for node in folded.graph.node if node.op_type == "Conv").input[1]
-    wrong = onnx.ModelProto()
-    wrong.CopyFrom(folded)
-    tensor = next(t for t in wrong.graph.initializer if t.name == weight)
-    array = numpy_helper.to_array(tensor).copy()
-    array[4] *= 1.001
-    tensor.CopyFrom(numpy_helper.from_array(array, weight))
-    onnx.save(original, tmp_path / "original.onnx")
-    onnx.save(wrong, tmp_path / "wrong.onnx")
-    result = CliRunner().invoke(main, ["verify", str(tmp_path / "original.onnx"), str(tmp_path / "wrong.onnx"), "--format", "json"])
-    assert result.exit_code == 1 and "output channel 4" in json.loads(result.stdout)["verification"]["reason"]
+    _assert_verify_catches_one_channel_off(original, folded, 4, 1.001, tmp_path)
