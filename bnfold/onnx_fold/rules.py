@@ -402,8 +402,13 @@ def channel_axis_at(layer: Layer, passthroughs: tuple[ir.Node, ...]) -> tuple[in
     else:
         rank = layer.output_rank
     axis = rank - 1 if layer.node.op_type in _FEATURES_LAST_OPS else 1
-    channels = layer.layout.out_channels(layer.weight.shape)
-    for node in passthroughs:
+    return _moved_along(passthroughs, axis, rank, layer.layout.out_channels(layer.weight.shape))
+
+
+def _moved_along(nodes: tuple[ir.Node, ...], axis: int, rank: int, channels: int) -> tuple[int, int]:
+    """Where the ``channels`` on ``axis`` of a ``rank``-D tensor are after the channel-moving ops among ``nodes``
+    (in data order): their axis and the rank there; Refusal when one of them does not keep them whole on one."""
+    for node in nodes:
         if node.op_type in CHANNEL_MOVING_OPS:
             moved = moved_channel_axis(node, axis, rank, channels)
             if isinstance(moved, str):
@@ -426,12 +431,7 @@ def chained_affine(anchor: ir.Node, previous: ir.Node, layer: Layer, opset: int,
         affine = batchnorm_channel_affine(anchor, opset)
     else:
         axis, rank = moved or (1, _rank(source) if source.shape is not None else layer.output_rank)
-        for node in between:  # (ops between the two that move the channels again)
-            if node.op_type in CHANNEL_MOVING_OPS:
-                where = moved_channel_axis(node, axis, rank, channels)
-                if isinstance(where, str):
-                    raise Refusal("channel-mismatch", f"{node_label(node)}: {where}")
-                axis, rank = where
+        axis, rank = _moved_along(between, axis, rank, channels)  # (ops between the two that move the channels again)
         affine = elementwise_channel_affine(anchor, data, channels, rank, axis)
         if affine is None:
             raise Refusal("no-foldable-neighbour", f"the constant of {node_label(anchor)} is not per-channel")

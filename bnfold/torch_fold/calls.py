@@ -158,7 +158,7 @@ class DataFlow:
     batchnorms: list[BatchNormCall]
     tensor_uses: collections.Counter[int]  # id(parameter or buffer) -> number of reads in the graph
     call_count: int  # call_module, call_function and call_method nodes
-    # Where a BatchNorm call normalises a value computed from parameters and buffers alone (weight standardisation):
+    # Where a BatchNorm call normalises a value computed from parameters alone (weight standardisation):
     # no BatchNorm of data, so neither folded nor left.
     standardisations: list[str] = dataclasses.field(default_factory=list)
 

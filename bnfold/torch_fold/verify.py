@@ -70,10 +70,10 @@ def measure_noise(
     """Measure each failed output's noise (see OutputComparison.measure_noise): how far another run of the original
     is from its run (``expected``), the float noise a user can compare the error with, and within which an output
     passes when each of the ``folds`` passed its own check (``verification.folds``) and ``allowances`` (no tolerance
-    the user set) holds. The other run is, for a model
-    with float16 or bfloat16 weights, a float32 copy of it on float32 inputs (its own rounding: with oneDNN off,
-    CPU kernels in those dtypes round alike), else the original without oneDNN (other convolution kernels, other
-    rounding). ``original`` must not be folded yet (a fold would make its own allowance)."""
+    the user set) holds. The other run is, for a model with float16 or bfloat16 weights, a float32 copy of it on
+    float32 inputs (its own rounding: with oneDNN off, CPU kernels in those dtypes round alike), else the original
+    without oneDNN (other convolution kernels, other rounding). ``original`` must not be folded yet (a fold would
+    make its own allowance)."""
     failed = [comparison for comparison in verification.outputs if comparison.failed and comparison.magnitude is not None]
     if not failed:
         return
