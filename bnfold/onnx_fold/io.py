@@ -128,7 +128,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise InputError(path, "not an ONNX model (no graph in the file)")
     # onnx_ir reads no sparse initializer: the folded model would read values it no longer has.
-    sparse = list(dict.fromkeys(tensor.values.name for graph in _graphs(model.graph) for tensor in graph.sparse_initializer))
+    sparse = list(dict.fromkeys(tensor.values.name for graph in proto_graphs(model.graph) for tensor in graph.sparse_initializer))
     if sparse:
         names = ", ".join(sparse[:3]) + (", ..." if len(sparse) > 3 else "")
         raise InputError(path, f"sparse initializers ({names}) are not supported; store them dense to fold the model")
@@ -499,18 +499,18 @@ def model_files(path: str | os.PathLike) -> set[Path]:
     return {path} | {path.parent / location for location in locations}
 
 
-def _graphs(graph: onnx.GraphProto):
+def proto_graphs(graph: onnx.GraphProto):
     """``graph`` and its subgraphs, at any depth."""
     yield graph
     for node in graph.node:
         for attribute in node.attribute:
             for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                yield from _graphs(subgraph)
+                yield from proto_graphs(subgraph)
 
 
 def _tensors(graph: onnx.GraphProto):
     """Every initializer and Constant tensor of ``graph`` and its subgraphs."""
-    for each in _graphs(graph):
+    for each in proto_graphs(graph):
         yield from each.initializer
         yield from (attribute.t for node in each.node for attribute in node.attribute if attribute.type == onnx.AttributeProto.TENSOR)
 

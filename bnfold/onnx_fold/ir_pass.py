@@ -23,7 +23,7 @@ from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 from bnfold.errors import describe_error
 from bnfold.onnx_fold.constants import computed_from_constants
 from bnfold.onnx_fold.derived_shapes import derive_missing_shapes
-from bnfold.onnx_fold.io import InputError, data_inputs, load_model, onnx_ir_logging_off
+from bnfold.onnx_fold.io import InputError, data_inputs, load_model, onnx_ir_logging_off, proto_graphs
 from bnfold.onnx_fold.layers import LAYER_OPS, PASS_THROUGH_OPS
 from bnfold.onnx_fold.rules import (
     ELEMENTWISE_OPS,
@@ -306,17 +306,13 @@ def reshapes_a_layer(model: ir.Model) -> bool:
 
 def _proto_needs_shapes(model: onnx.ModelProto) -> bool:
     """:func:`needs_shapes` of a protobuf model (subgraphs included)."""
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
+    for graph in proto_graphs(model.graph):
         reaching: set[str] = set()  # the outputs of layers, and of passthroughs and elementwise ops after them
         for node in graph.node:
             if node.op_type == "MatMul" or (node.op_type in _RESHAPING and node.input and node.input[0] in reaching):
                 return True
             if node.op_type in LAYER_OPS or (node.op_type in _LEADING and node.input and node.input[0] in reaching):
                 reaching.update(node.output)
-            for attribute in node.attribute:
-                graphs.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
     return False
 
 
