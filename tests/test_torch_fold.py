@@ -1787,3 +1787,27 @@ def test_a_batch_norm_of_a_buffer_is_counted_as_a_batchnorm():
     result = fold(_NormalisesABuffer().eval(), torch.randn(2, 3, 8, 8), verify=False)
     assert [skip.code for skip in result.report.skips] == ["batch-statistics"]
     assert not any("weight standardisation" in note for note in result.report.notes)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 9)),
+        (nn.ConvTranspose2d(4, 6, 3, stride=(2, 3), dilation=2, output_padding=(1, 2)), (2, 4, 5, 6)),
+        (nn.ConvTranspose3d(4, 4, 2, stride=2, groups=4), (4, 3, 3, 3)),  # unbatched
+    ],
+)
+def test_fold_check_rounding_scale_of_a_conv_transpose_is_its_own_forward_on_squared_tensors(layer, shape):
+    # The check's rounding scale sqrt(sum (w x)^2 + c^2) computes a torch ConvTranspose directly, as its forward
+    # would on the squared weight and bias (stride, output_padding, dilation, groups and unbatched input alike).
+    from torch.func import functional_call
+
+    from bnfold.torch_fold.verify import _squared_call
+
+    data = torch.randn(shape, generator=torch.Generator().manual_seed(0)).square()
+    bias_terms = np.random.default_rng(0).normal(size=layer.out_channels)
+    squared = {"weight": layer.weight.detach().square(), "bias": torch.from_numpy(np.square(bias_terms)).float()}
+    expected = functional_call(layer, squared, (data,))
+    actual = _squared_call(layer, data, bias_terms)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
