@@ -298,6 +298,21 @@ def test_fresh_model_has_untrained_statistics_in_pytorch_and_onnx(tmp_path):
     assert codes(check_onnx(path)).count("BN003") == 4  # ONNX keeps no counter: found by the 0/1 values
 
 
+def test_variance_zero_in_every_channel_is_statistics_never_filled_in_in_pytorch_and_onnx(trained_cnn, tmp_path):
+    model = copy.deepcopy(trained_cnn).eval()
+    model.block.bn1.running_var.zero_()
+    findings = check_model(model, measure_batch=False)
+    (finding,) = [f for f in findings if f.code == "BN003"]
+    assert finding.name == "block.bn1" and "variance is exactly 0 in all 8 channels" in finding.message
+    path = tmp_path / "zero_variance.onnx"
+    export_onnx(model, example_input("small_cnn"), path)
+    assert codes(check_onnx(path)).count("BN003") == 1
+    # One dead channel is what training can give: no finding.
+    model.block.bn1.running_var.copy_(trained_cnn.block.bn1.running_var)
+    model.block.bn1.running_var[3] = 0
+    assert "BN003" not in codes(check_model(model, measure_batch=False))
+
+
 def test_a_zero_batch_counter_beside_trained_statistics_is_no_finding(trained_cnn):
     """What load_state_dict leaves from a checkpoint without the counter (converted weights, safetensors): the
     module's own count, 0 in a fresh model. It was BN003, "never updated by training"."""

@@ -15,7 +15,8 @@ BN001   error     BatchNorm in training mode: ONNX ``training_mode=1``, ``is_tes
 BN002   error     BatchNorm without running statistics (``track_running_stats=False``): always
                   batch statistics
 BN003   error     running statistics never trained: mean exactly 0 and variance exactly 1 in
-                  every channel (PyTorch's initial values; ``num_batches_tracked == 0`` alone is not)
+                  every channel (PyTorch's initial values; ``num_batches_tracked == 0`` alone is not),
+                  or variance exactly 0 in every channel (buffers never filled in)
 BN004   error     broken running statistics: NaN/Inf, negative variance, variance + eps <= 0
 BN005   warning   near-zero variance with a large scale: ``|γ|/sqrt(var+eps) > 1e4`` in some
                   channel, a precision risk (most of all once folded into the weights)

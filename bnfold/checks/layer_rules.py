@@ -110,6 +110,18 @@ _STATISTIC_NAMES = ("weight", "bias", "running mean", "running variance")
 def _untrained_findings(name: str, statistics: Statistics) -> list[Finding]:
     # 0 and 1 are PyTorch's initial values; trained statistics are never exactly that across a layer. A count of
     # 0 beside other statistics is no sign: load_state_dict fills in 0 for a checkpoint without the count.
+    channels = statistics.running_var.size
+    if channels > 1 and np.all(statistics.running_var == 0):
+        # Training gives a variance of exactly 0 only to a channel whose input never varies (a dead channel), never
+        # to every channel of a layer; zeros are what an uninitialised buffer or a converter that lost them leaves.
+        return [
+            Finding(
+                "BN003",
+                name,
+                f"running variance is exactly 0 in all {channels} channels: the statistics were never filled in (buffers "
+                "created as zeros, or lost by a converter or checkpoint), and the layer multiplies by |γ|/sqrt(eps)",
+            )
+        ]
     if not (np.all(statistics.running_mean == 0) and np.all(statistics.running_var == 1)):
         return []
     reasons = [f"running mean is exactly 0 and variance exactly 1 in all {statistics.running_mean.size} channels"]
