@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
@@ -202,7 +203,7 @@ def test_dropout_in_train_mode_is_reported_with_its_rate():
     findings = check_model(dropout_model().train(), torch.zeros(2, 8))
     assert named(findings, "DO001") == ["2"]
     assert "25%" in findings[0].message
-    assert "BD001" in codes(findings)  # a different mask for each run
+    assert "DO002" in codes(findings) and "BD001" not in codes(findings)  # a different mask for each run
     assert check_model(dropout_model().eval(), torch.zeros(2, 8)) == []
 
 
@@ -279,9 +280,44 @@ def test_dropout_exported_in_training_mode(opset, tmp_path):
     path = tmp_path / "dropout.onnx"
     export_onnx(dropout_model().train(), torch.zeros(3, 8), path, training=True, opset=opset)
     findings = check_onnx(path)
-    assert codes(findings) == ["DO001", "BD001"]
+    assert codes(findings) == ["DO001", "DO002"]
     export_onnx(dropout_model().eval(), torch.zeros(3, 8), path, opset=opset)
     assert check_onnx(path) == []
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self, training: bool | None):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.training_flag = training
+
+    def forward(self, x):
+        y = self.linear(x)
+        # F.dropout's training defaults to True: the usual slip is to leave it out.
+        return F.dropout(y, 0.5) if self.training_flag is None else F.dropout(y, 0.5, training=self.training)
+
+
+def test_functional_dropout_active_in_eval_mode_is_random_outputs_not_batch_dependence(tmp_path):
+    """F.dropout without training=self.training drops at inference: no module says so, only the outputs of two runs
+    of one batch. It was BD001, "outputs depend on the batch"."""
+    torch.manual_seed(0)
+    model = _FunctionalDropout(None).eval()
+    findings = check_model(model, torch.zeros(3, 8))
+    (finding,) = findings
+    assert finding.code == "DO002" and finding.name == "output"
+    assert "the same batch run twice gives outputs that differ" in finding.message
+    assert check_model(_FunctionalDropout(True).eval(), torch.zeros(3, 8)) == []
+    path = tmp_path / "noise.onnx"
+    noise = helper.make_node("RandomUniformLike", ["x"], ["u"], low=0.0, high=1.0)
+    add = helper.make_node("Add", ["x", "u"], ["y"])
+    graph = helper.make_graph(
+        [noise, add],
+        "noise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert codes(check_onnx(path)) == ["DO002"]
 
 
 # Statistics

@@ -28,6 +28,8 @@ BN007   warning   the fold would make int8 or float16 lossy: per-tensor int8 of 
                   overflow float16 or put > 1% more of them below its normal range
 DO001   error     Dropout active at inference: ONNX true constant ``training_mode`` input (opset
                   12+) or ``is_test=0`` (opset < 7); PyTorch Dropout module in training mode
+DO002   error     outputs random at inference: the same batch run twice gives different outputs
+                  (``F.dropout`` with its default ``training=True``, a noise layer, a random draw)
 BD001   error     outputs depend on the batch: a sample's output in a batch of K differs from
                   its output alone beyond the dtype tolerance (figures: which output, how much)
 BD002   info      batch dependence not measured (batch fixed at 1, no example inputs, the model

@@ -2,7 +2,9 @@
 
 A model in inference mode computes each sample on its own. The measurement runs a batch of K seeded
 random samples, then each sample alone, and compares that sample's row of every output with the
-dtype tolerances of :mod:`bnfold.verification`. When the model's batch size is fixed at B > 1, "alone"
+dtype tolerances of :mod:`bnfold.verification`. The batch runs twice first: outputs that differ between
+those runs come from a random op (``F.dropout``, whose ``training`` defaults to True, a noise layer), a DO002
+finding instead of a batch dependence the samples alone would seem to show. When the model's batch size is fixed at B > 1, "alone"
 is a batch of B copies of the sample: batch statistics of identical samples are that sample's own.
 
 Front-ends supply a :data:`Runner`: it runs the batch made of the given sample indices (``[0, 1, 2, 3]``
@@ -63,6 +65,9 @@ def measure_batch_dependence(run: Runner, batch_size: int, alone_size: int = 1) 
     per_sample = [name for name, output in batched.items() if output.values.ndim and output.values.shape[0] == batch_size]
     if not per_sample:
         return [not_measured(f"no output has the batch dimension ({batch_size}) first")]
+    random = _random_outputs(run(list(range(batch_size))), batched)
+    if random:
+        return random
     worst: dict[str, tuple[int, OutputComparison]] = {}
     unmeasured: dict[str, str] = {}  # output -> why a sample of it could not be compared
     compared: set[str] = set()
@@ -86,6 +91,23 @@ def measure_batch_dependence(run: Runner, batch_size: int, alone_size: int = 1) 
         reasons = "; ".join(f"output {name!r}: {reason}" for name, reason in unmeasured.items())
         return [not_measured(f"no output row has a finite value to compare ({reasons})")]
     return [_dependence_finding(index, comparison, batch_size, alone_size) for index, comparison in worst.values()]
+
+
+def _random_outputs(again: dict[str, Output], batched: dict[str, Output]) -> list[Finding]:
+    """DO002 for the outputs that differ between two runs of the same batch: something random is active, and a
+    comparison with the samples alone would blame the batch for it."""
+    findings = []
+    for name, output in batched.items():
+        comparison = compare_output(name, again[name].values, output.values, output.dtype)
+        if comparison.failed:
+            findings.append(Finding(
+                "DO002",
+                name,
+                f"the same batch run twice gives outputs that differ by up to {comparison.max_abs_error:.3g} (max rel "
+                f"{comparison.max_rel_error:.3g}; {comparison.dtype} tolerance atol {comparison.atol:g}, rtol "
+                f"{comparison.rtol:g}): a random op is active at inference, so batch dependence was not measured",
+            ))  # fmt: skip
+    return findings
 
 
 def _alone(alone_size: int) -> str:

@@ -47,6 +47,9 @@ CODES: dict[str, Rule] = {
              "quantize that layer per-channel (not per-tensor), keep the BatchNorm, or re-estimate its statistics"),
         Rule("DO001", "error", "Dropout active at inference",
              "call model.eval() before saving or exporting the model"),
+        Rule("DO002", "error", "outputs random at inference",
+             "pass training=self.training to F.dropout (its default is True), or take the random op out of inference; "
+             "if sampling is intended, --ignore DO002"),
         Rule("BD001", "error", "outputs depend on the batch",
              "look for layers left in training mode: see the BN and DO findings; call model.eval()"),
         Rule("BD002", "info", "batch dependence not measured",
