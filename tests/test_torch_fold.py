@@ -1039,6 +1039,29 @@ def test_refusals_have_codes_and_reasons(model, inputs, expected):
     assert all(torch.equal(t, result.model.state_dict()[k]) for k, t in state_before.items())
 
 
+class FakeQuantizedConv2d(nn.Conv2d):
+    """A quantization-aware conv as brevitas's QuantConv2d and torch.ao's QAT Conv2d compute it: the weight
+    fake-quantized (per tensor, 4 bits) at every call, from the float parameter."""
+
+    def forward(self, x):
+        step = self.weight.detach().abs().max() / 7
+        weight = self.weight + (torch.clamp(torch.round(self.weight / step), -8, 7) * step - self.weight).detach()
+        return self._conv_forward(x, weight, self.bias)
+
+
+def test_a_quantization_aware_layer_absorbs_nothing_and_the_reason_says_to_fold_before_quantizing():
+    # Folding into the float weight would move what the quantizer rounds: the quantized outputs would change.
+    model = ConvThenBatchNorm()
+    model.conv = FakeQuantizedConv2d(3, 4, 3)
+    model = randomise_statistics(model)
+    inputs = (torch.randn(2, 3, 6, 6),)
+    result = fold(model, inputs)
+
+    assert skip_codes(result.report) == {"bn": "weight-not-constant"}
+    assert "fold before quantizing" in result.report.skips[0].reason
+    assert torch.equal(outputs(model, inputs), outputs(result.model, inputs))
+
+
 @pytest.mark.parametrize(
     "parametrization", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm], ids=["weight_norm", "spectral_norm"]
 )

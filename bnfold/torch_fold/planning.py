@@ -256,8 +256,9 @@ def _layer_refusal(
     if layer.weight is None or not layer.bias_is_attribute:
         return "weight-not-constant", (
             f"`{layer.name}` computes its weight or bias in forward() or through a parametrization (weight_norm, "
-            "spectral_norm: torch.nn.utils.parametrize.remove_parametrizations makes it a parameter again); only "
-            "a parameter or buffer can absorb the BatchNorm."
+            "spectral_norm: torch.nn.utils.parametrize.remove_parametrizations makes it a parameter again; a "
+            "quantization-aware layer such as brevitas's QuantConv2d: fold before quantizing, or use the quantization "
+            "library's own BatchNorm merge); only a parameter or buffer can absorb the BatchNorm."
         )
     uses = flow.uses_of(layer)
     if uses > 1:
