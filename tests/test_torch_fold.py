@@ -1834,3 +1834,120 @@ def test_fold_check_rounding_scale_of_a_conv_transpose_is_its_own_forward_on_squ
     actual = _squared_call(layer, data, bias_terms)
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+# --- models converted from ONNX by onnx2torch (its module patterns, replicated) ---------------------------------
+
+
+class OnnxReshape(nn.Module):
+    """onnx2torch's Reshape: the target shape is a tensor, read by value (a branch on it, then torch.Size of it),
+    which neither torch.fx, torch.export nor TorchDynamo can follow."""
+
+    def forward(self, data, shape):
+        if torch.any(shape == 0):
+            shape = [data.shape[i] if size == 0 else size for i, size in enumerate(shape)]
+        return torch.reshape(data, torch.Size(shape))
+
+
+class OnnxCopyIdentity(nn.Module):
+    """onnx2torch's Identity: a copy."""
+
+    def forward(self, x):
+        return x.clone()
+
+
+class OnnxBatchNorm(nn.Module):
+    """onnx2torch's BatchNormalization when its tensors are not all the node's own initializers (the exporter
+    deduplicates equal ones and reads them through Identity): F.batch_norm on the tensors it is given."""
+
+    def forward(self, data, weight, bias, running_mean, running_var):
+        return F.batch_norm(data, running_mean, running_var, weight, bias, training=self.training, eps=1e-5)
+
+
+class OnnxShape(nn.Module):
+    """onnx2torch's Shape: the input's shape as a tensor."""
+
+    def forward(self, data):
+        return torch.tensor(data.shape, device=data.device)
+
+
+class FlattenedInside(nn.Module):
+    """A Conv -> BN head ending in ``view(x.size(0), -1)`` with the reshape by value in its own forward: the module
+    fx cannot trace through has a BatchNorm of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.register_buffer("rest", torch.tensor([-1]))
+
+    def forward(self, y):
+        y = self.bn(self.conv(y))
+        return OnnxReshape.forward(self, y, torch.cat([torch.tensor(y.shape)[0:1], self.rest]))
+
+
+class ConvertedWithReshapes(nn.Module):
+    """As onnx2torch converts ``conv -> bn -> relu -> view(n, c, h, w) -> head -> fc``: shapes as tensors of values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.shape, self.reshape = OnnxShape(), OnnxReshape()
+        self.register_buffer("dims", torch.tensor([8, 6, 6]))
+        self.head = FlattenedInside()
+        self.fc = nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = self.reshape(y, torch.cat([self.shape(y)[0:1], self.dims]))
+        return self.fc(self.head(y))
+
+
+def test_modules_no_tracer_can_follow_are_kept_as_single_calls_and_the_rest_folds():
+    """onnx2torch's Reshape takes the shape from a tensor's values: fx, export and Dynamo all failed, and the whole
+    model was ModelNotTraceableError. Now fx keeps such modules as single calls (the last resort): the stem folds;
+    a BatchNorm inside a module kept whole is reported, saying why."""
+    model = randomise_statistics(ConvertedWithReshapes())
+    inputs = (torch.randn(2, 3, 6, 6),)
+    result = fold(model, inputs)
+
+    assert [fold.batchnorm for fold in result.report.folds] == ["bn"]
+    assert skip_codes(result.report) == {"head.bn": "no-foldable-neighbour"}
+    assert "inside `head`, which torch.fx could not trace through" in result.report.skips[0].reason
+    assert any("torch.fx could not trace through FlattenedInside, OnnxReshape" in note for note in result.report.notes)
+    for x in (*inputs, torch.randn(5, 3, 6, 6)):
+        assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+def test_batchnorm_statistics_passed_in_through_copies_are_constants_to_fold():
+    """onnx2torch's BatchNorm on deduplicated initializers: F.batch_norm on copies (``.clone()``) of buffers that
+    several BatchNorms share. It was parameters-not-constant ("computed in forward()") for every one of them."""
+
+    class Converted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+            self.bn1, self.bn2 = OnnxBatchNorm(), OnnxBatchNorm()
+            self.copy = OnnxCopyIdentity()
+            generator = torch.Generator().manual_seed(0)
+            self.register_buffer("ones", torch.ones(4))  # weight of both, read through copies
+            self.register_buffer("zeros", torch.zeros(4))
+            for index in (1, 2):
+                self.register_buffer(f"mean{index}", torch.randn(4, generator=generator))
+                self.register_buffer(f"var{index}", torch.rand(4, generator=generator) + 0.5)
+
+        def forward(self, x):
+            y = self.bn1(self.conv1(x), self.copy(self.ones), self.copy(self.zeros), self.mean1, self.var1)
+            return self.bn2(self.conv2(torch.relu(y)), self.copy(self.ones), self.zeros, self.copy(self.mean2), self.var2)
+
+    model = Converted().eval()
+    inputs = (torch.randn(2, 3, 9, 9),)
+    result = fold(model, inputs)
+
+    assert len(result.report.folds) == 2 and not result.report.skips
+    # Each fold takes its F.batch_norm and the copies only it reads: 3 + 3 calls.
+    assert result.report.nodes_before["total"] - result.report.nodes_after["total"] == 6
+    assert not any(node.target == "clone" for node in result.model.graph.nodes)
+    for x in (*inputs, torch.randn(3, 3, 9, 9)):
+        assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))

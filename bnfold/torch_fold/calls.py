@@ -416,7 +416,8 @@ def _functional_batchnorm_call(
     node: fx.Node, argument_names: tuple[str, ...], traced: TracedModel
 ) -> BatchNormCall:
     arguments = _bind(node, argument_names)
-    paths = {name: traced.attribute_paths.get(arguments.get(name)) for name in _BATCHNORM_TENSORS}
+    copies = {name: _copy_chain(arguments.get(name), traced) for name in _BATCHNORM_TENSORS}
+    paths = {name: traced.attribute_paths.get(chain[-1]) if chain else None for name, chain in copies.items()}
     tensors = {name: None if path is None else traced.attribute_at(path) for name, path in paths.items()}
     owner = _calling_module(node, traced, (_BatchNorm,))
     module_path = _inlined_module_call(node, traced, (_BatchNorm,))
@@ -430,14 +431,48 @@ def _functional_batchnorm_call(
         input=arguments["input"],
         name=owner or node.name,
         op=type(traced.module(owner)).__name__ if owner else "F.batch_norm",
-        key=module_path or paths["running_mean"] or node.name,
+        # (a converter may pass one buffer to several calls, onnx2torch its deduplicated initializers: the same
+        # statistics are all four tensors the same)
+        key=module_path or (repr(tuple(paths.values())) if paths["running_mean"] else node.name),
         module_path=module_path,
         **tensors,
         eps=float(arguments.get("eps", 1e-5)),
         training=bool(arguments.get("training", False)),
         tensors_are_attributes=all(arguments.get(name) is None or paths[name] is not None for name in paths),
         kept_children=kept_children or (),
+        call_nodes=1 + sum(_copies_read_once(chain) for name, chain in copies.items() if paths[name] is not None),
     )
+
+
+# Calls whose result is a copy of their one tensor argument, values and dtype unchanged.
+_COPY_METHODS = frozenset({"clone", "detach", "contiguous"})
+_COPY_FUNCTIONS = frozenset({torch.clone, torch.detach, aten.clone.default, aten.detach.default})
+
+
+def _copy_chain(value: Any, traced: TracedModel) -> list[fx.Node]:
+    """``value``, then each value it is a copy of (``.clone()``: onnx2torch passes each deduplicated initializer
+    through an ``OnnxCopyIdentity``), up to the first that is no copy; empty when ``value`` is no node."""
+    chain = []
+    while isinstance(value, fx.Node):
+        chain.append(value)
+        copies = (value.op == "call_method" and value.target in _COPY_METHODS) or (
+            value.op == "call_function" and value.target in _COPY_FUNCTIONS
+        )
+        if not copies or value in traced.attribute_paths or not value.args:
+            break
+        value = value.args[0]
+    return chain
+
+
+def _copies_read_once(chain: list[fx.Node]) -> int:
+    """How many of the copies in ``chain`` (all but its source, last) go with the one call reading its first: those
+    read by nothing else, from the call's side."""
+    count = 0
+    for value in chain[:-1]:
+        if len(value.users) != 1:
+            break
+        count += 1
+    return count
 
 
 def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> BatchNormCall | None:

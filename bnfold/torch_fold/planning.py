@@ -102,11 +102,18 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     # A folded BatchNorm module is replaced, its children with it (timm's SplitBatchNorm2d: aux_bn, for training).
     replaced = tuple(f"{fold.batchnorm.module_path}." for fold in plan.folds if fold.in_module_tree)
     modules = flow.traced.modules_by_path.items() if flow.traced.model is model else model.named_modules()
+    opaque = tuple(f"{path}." for path in flow.traced.opaque_paths)
     for name, module in modules:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called and name not in read:
             if name.startswith(replaced):
                 owner = next(prefix for prefix in replaced if name.startswith(prefix))[:-1]
                 plan.notes.append(f"{name} (never called) is removed with {owner}, the folded BatchNorm it belongs to")
+            elif name.startswith(opaque):
+                owner = next(prefix for prefix in opaque if name.startswith(prefix))[:-1]
+                plan.skips.append(Skip(name, "no-foldable-neighbour", (
+                    f"it runs inside `{owner}`, which torch.fx could not trace through (see the notes), so its "
+                    "neighbours are not seen; make that module's forward traceable, or fold the model's ONNX export."
+                )))  # fmt: skip
             else:
                 plan.skips.append(Skip(name, "no-foldable-neighbour", reason))
     return plan

@@ -82,6 +82,11 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
 
     proxy_buffer_attributes = True
 
+    def __init__(self, opaque: Opaque | None = None):
+        super().__init__()
+        self.opaque = opaque or Opaque()
+        self.failed_module: nn.Module | None = None  # the innermost module whose forward raised while traced through
+
     def trace(self, root: nn.Module, concrete_args: dict | None = None) -> fx.Graph:
         self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
         self.affine_forms: dict[str, AffineForm] = {}
@@ -121,7 +126,41 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
         if form is not None:
             self.affine_forms[module_qualified_name] = form
             return True
-        return super().is_leaf_module(module, module_qualified_name)
+        return self.opaque.holds(module) or super().is_leaf_module(module, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # (the innermost call sees the error first)
+                self.failed_module = m
+            raise
+
+
+@dataclasses.dataclass
+class Opaque:
+    """Modules fx keeps as one call instead of tracing through them, because tracing through them failed (the last
+    resort of :func:`trace_model`): a module with neither children nor parameters by its class (onnx2torch's
+    ``OnnxReshape``, ``OnnxShape``: every instance does the same), any other by itself. Never a layer, BatchNorm or
+    affine form: its call would read as the torch module's."""
+
+    classes: set[type] = dataclasses.field(default_factory=set)
+    modules: set[nn.Module] = dataclasses.field(default_factory=set)
+
+    def holds(self, module: nn.Module) -> bool:
+        return type(module) in self.classes or module in self.modules
+
+    def add(self, module: nn.Module) -> bool:
+        """Whether ``module`` could be added (else tracing it as one call cannot help, or is not sound)."""
+        if self.holds(module) or isinstance(module, (*FOLDABLE_LAYER_TYPES, nn.modules.batchnorm._BatchNorm)):
+            return False
+        if affine_form(module) is not None:
+            return False
+        if next(module.children(), None) is None and next(module.parameters(), None) is None:
+            self.classes.add(type(module))
+        else:
+            self.modules.add(module)
+        return True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -334,6 +373,8 @@ class TracedModel:
     # calls the graph run made, the scale and shift it computed and the product's (shape, dtype).
     affine_forms: dict[str, AffineForm] = dataclasses.field(default_factory=dict)
     affine_values: dict[fx.Node, tuple[Any, Any, tuple | None]] = dataclasses.field(default_factory=dict)
+    # Modules an fx graph keeps as one call because fx could not trace through them (see Opaque), by path.
+    opaque_paths: tuple[str, ...] = ()
 
     @property
     def graph(self) -> fx.Graph:
@@ -435,15 +476,51 @@ def trace_model(
     (``model_run``) with the values around each call of the modules at the paths it gives for the graph; else,
     with ``stand_ins``, the run that proves it tries the layers' stand-ins first (:mod:`.stand_ins`: they replace
     the layers' forward for its duration, so only on a model nothing else runs meanwhile)."""
+    tracer = _UnmodifiedLayersAsLeavesTracer()
+    traced = _fx_traced(model, example_inputs, recorded_modules, stand_ins, tracer)
+    if isinstance(traced, TracedModel):
+        return traced
+    fx_error = traced
+    try:
+        return _capture_without_fx(model, example_inputs, fx_error)
+    except ModelNotTraceableError as not_traceable:
+        # Last, fx again with each module it failed to trace through kept as one call (onnx2torch's OnnxReshape
+        # takes a shape from a tensor's values, which neither export nor Dynamo can follow either).
+        opaque = Opaque()
+        for _ in range(_MOST_OPAQUE_RETRIES):
+            if tracer.failed_module is None or not opaque.add(tracer.failed_module):
+                break
+            tracer = _UnmodifiedLayersAsLeavesTracer(opaque)
+            traced = _fx_traced(model, example_inputs, recorded_modules, stand_ins, tracer)
+            if isinstance(traced, TracedModel):
+                traced.opaque_paths = tuple(path for path, module in model.named_modules() if path and opaque.holds(module))
+                kinds = sorted({kind.__name__ for kind in opaque.classes} | {type(module).__name__ for module in opaque.modules})
+                traced.note = (
+                    f"torch.fx could not trace through {', '.join(kinds)} ({describe_error(fx_error)}), and neither "
+                    "torch.export nor TorchDynamo could capture the model: pairs found with torch.fx keeping those "
+                    "modules as single calls, whose inputs and outputs no fold joins"
+                )
+                return traced
+        raise not_traceable
+
+
+# Each retry traces the whole model again: past this many modules fx cannot trace through, the model is not traced.
+_MOST_OPAQUE_RETRIES = 32
+
+
+def _fx_traced(
+    model: nn.Module, example_inputs: tuple, recorded_modules: Callable[[TracedModel], set[str]] | None, stand_ins: bool,
+    tracer: _UnmodifiedLayersAsLeavesTracer,
+) -> TracedModel | Exception:
+    """The model's fx graph proven on the example inputs (see trace_model), else why not."""
     attributes_before = set(vars(model))
     try:
-        tracer = _UnmodifiedLayersAsLeavesTracer()
         with _batchnorm_rank_checks_off(model):
             graph = tracer.trace(model)
     # fx raises TraceError, TypeError, RuntimeError, ... depending on what forward does with a proxy.
     except Exception as fx_error:  # noqa: BLE001
         _take_added_attributes(model, attributes_before)
-        return _capture_without_fx(model, example_inputs, fx_error)
+        return fx_error
     # fx stores the constants it made while tracing on the model; they stay with the graph instead.
     constants = _take_added_attributes(model, attributes_before)
     note = "pairs found with torch.fx symbolic tracing"
@@ -455,8 +532,8 @@ def trace_model(
         # Python that fx evaluates on a proxy (isinstance, torch.jit.isinstance, a branch on a flag) can
         # record a graph the model never runs; its pairs would be a tracing artefact. torch.export runs
         # such Python on fake tensors, as the model does.
-        mismatch = RuntimeError("the traced graph computes other outputs than the model on the example inputs")
-        return _capture_without_fx(model, example_inputs, mismatch)
+        tracer.failed_module = None  # (no module failed: the whole graph is not the model's)
+        return RuntimeError("the traced graph computes other outputs than the model on the example inputs")
     return traced
 
 
