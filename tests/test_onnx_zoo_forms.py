@@ -868,3 +868,61 @@ def test_paddle_conv_bias_add_and_batchnorm_behind_a_reshape_fold_and_are_checke
     assert [check.status for check in report.verification.folds] == ["passed", "passed"]
     assert_same_outputs(original, folded, **F32)
     _assert_verify_catches_one_channel_off(original, folded, 4, 1.001, tmp_path)
+
+
+def _jax2onnx_inverted_residual() -> onnx.ModelProto:
+    """A MobileNet stem and inverted residual as jax2onnx 0.17 exports Flax's NHWC model: Transposes around the
+    NCHW Convs, relu6 as Max/Min, and value_info declaring the relu6 values in NHWC ([1, 16, 16, 64]) where they
+    are NCHW ([1, 64, 16, 16])."""
+    rng = np.random.default_rng(0)
+    channels = {"bn0": 16, "bn1": 64, "bn2": 64, "bn3": 16}
+    inits = [
+        initializer("k0", rng.normal(0, 0.3, [16, 3, 3, 3]).astype(np.float32)),
+        initializer("k1", rng.normal(0, 0.3, [64, 16, 1, 1]).astype(np.float32)),
+        initializer("k2", rng.normal(0, 0.3, [64, 1, 3, 3]).astype(np.float32)),
+        initializer("k3", rng.normal(0, 0.3, [16, 64, 1, 1]).astype(np.float32)),
+        initializer("zero", np.array(0, np.float32)),
+        initializer("six", np.array(6, np.float32)),
+        *(tensor for prefix, size in channels.items() for tensor in batchnorm_parameters(size, prefix, rng)),
+    ]
+    same = {"auto_pad": "SAME_UPPER"}
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t0"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t0", "k0"], ["c0"], strides=[2, 2], **same),
+        batchnorm_node("c0", "b0", "bn0"),
+        helper.make_node("Transpose", ["b0"], ["o0"], perm=[0, 2, 3, 1]),
+        helper.make_node("HardSwish", ["o0"], ["h0"]),
+        helper.make_node("Transpose", ["h0"], ["t2"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t2", "k1"], ["c1"], **same),
+        batchnorm_node("c1", "b1", "bn1"),
+        helper.make_node("Max", ["b1", "zero"], ["relu6_max_0"]),
+        helper.make_node("Min", ["relu6_max_0", "six"], ["relu6_out_0"]),
+        helper.make_node("Conv", ["relu6_out_0", "k2"], ["c2"], group=64, **same),
+        batchnorm_node("c2", "b2", "bn2"),
+        helper.make_node("Max", ["b2", "zero"], ["relu6_max_1"]),
+        helper.make_node("Min", ["relu6_max_1", "six"], ["relu6_out_1"]),
+        helper.make_node("Conv", ["relu6_out_1", "k3"], ["c3"], **same),
+        batchnorm_node("c3", "y", "bn3"),
+    ]
+    model = make_model(nodes, [("x", [1, 32, 32, 3])], ["y"], inits, opset=21)
+    nhwc = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 16, 16, 64]) for name in ("relu6_max_0", "relu6_out_0", "relu6_max_1", "relu6_out_1")]
+    declared = [value for value in model.graph.value_info if not value.name.startswith("relu6")]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend([*declared, *nhwc])
+    return model
+
+
+def test_wrong_declared_shapes_of_an_exporter_do_not_fail_the_fold_checks(tmp_path):
+    """onnxruntime runs the model as jax2onnx writes it, wrong value_info and all; the fold checks' nodes reading the
+    relu6 values made it reuse a buffer of another size ("Shape mismatch attempting to re-use buffer"): exit 2,
+    "onnxruntime cannot run the original model". The checks' copy of the original declares no shapes now."""
+    model = _jax2onnx_inverted_residual()
+    source = tmp_path / "mobilenet.onnx"
+    onnx.save(model, source)
+    result = CliRunner().invoke(main, [str(source), "-o", str(tmp_path / "folded.onnx"), "--format", "json"])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["folds"]) == 4 and report["verification"]["passed"]
+    assert all(check["status"] == "passed" for check in report["verification"]["folds"])
+    assert_same_outputs(model, onnx.load(tmp_path / "folded.onnx"), **F32)

@@ -173,6 +173,10 @@ def append_local_checks(model: RuntimeModel, local: list[LocalFold]) -> list[_Ch
     onnxruntime's CPU kernels lack."""
     fresh = FreshNames(model.names())
     graph = model.proto.graph
+    # Declared shapes are hints onnxruntime's memory planner trusts, for the values these nodes read too: an
+    # exporter's wrong ones (jax2onnx declares NHWC shapes for NCHW values) made it reuse a buffer of another size
+    # for a check ("Shape mismatch attempting to re-use buffer"), where the original alone runs. It infers them.
+    del graph.value_info[:]
     names = []
     for check in local:
         model.add_output(check.reference)
