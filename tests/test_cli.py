@@ -284,6 +284,29 @@ def test_a_kernel_onnxruntime_lacks_points_at_no_verify(tmp_path, dtype, words, 
     assert CliRunner().invoke(main, [str(path), "--dry-run", "--no-verify"]).exit_code == 0
 
 
+def test_an_ill_typed_model_is_called_invalid_not_a_matter_of_input_shapes(tmp_path):
+    """jax2onnx's float16 Flax export keeps float32 Conv kernels: onnxruntime will not load it. The message pointed at
+    --input-shape, which cannot help."""
+    from onnx import helper
+    from onnx_models import batchnorm_node, batchnorm_parameters, initializer
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], name="conv"), batchnorm_node("y", "z", "bn")],
+        "mixed",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT16, [1, 3, 3, 3])],
+        [initializer("W", rng.normal(size=(3, 2, 3, 3)).astype(np.float32)), *batchnorm_parameters(3, "bn", rng, np.float16)],
+    )
+    path = tmp_path / "mixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = CliRunner().invoke(main, [str(path), "--dry-run"])
+    assert result.exit_code == 2
+    (line,) = result.output.splitlines()
+    assert "bound to different types" in line and "--input-shape" not in line
+    assert line.endswith("onnx.checker.check_model(model, full_check=True) lists them; fix the export")
+
+
 @pytest.mark.parametrize(
     "args,words",
     [

@@ -157,6 +157,11 @@ def _cannot_run_original(error: Exception) -> str:
     message = _one_line(error)
     if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message:
         remedy = "onnxruntime has no kernel for it here: use --no-verify to fold without verification"
+    elif "bound to different types" in message:
+        remedy = (
+            "the model itself is invalid, an op's inputs disagreeing in element type (a float16 export with float32 "
+            "weights): onnx.checker.check_model(model, full_check=True) lists them; fix the export"
+        )
     elif _TYPE_NOT_TAKEN in message:
         remedy = "onnxruntime does not take that element type there: use --no-verify to fold without verification"
     elif any(word in message for word in ("dimension", "rank", "shape", "Shape")):
