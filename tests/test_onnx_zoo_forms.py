@@ -926,3 +926,47 @@ def test_wrong_declared_shapes_of_an_exporter_do_not_fail_the_fold_checks(tmp_pa
     assert len(report["folds"]) == 4 and report["verification"]["passed"]
     assert all(check["status"] == "passed" for check in report["verification"]["folds"])
     assert_same_outputs(model, onnx.load(tmp_path / "folded.onnx"), **F32)
+
+
+def _dense_on_tokens_then_batchnorm(layer: str, target: list[int], perm: tuple[int, ...] = (0, 2, 1)) -> onnx.ModelProto:
+    """jax2onnx's Flax Dense on tokens [B, T, Cin] -> BatchNorm over the features: Reshape to [B*T, Cin] -> Gemm (or
+    MatMul + Add) -> Reshape to ``target`` -> Transpose(``perm``) -> BatchNormalization (and Transpose back, left out)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        initializer("W", rng.normal(size=[32, 48]).astype(np.float32)),
+        initializer("b", rng.normal(size=[48]).astype(np.float32)),
+        initializer("flat", np.array([14, 32], np.int64)),
+        initializer("tokens", np.array(target, np.int64)),
+        *batchnorm_parameters(target[-1], "bn", rng),
+    ]
+    if layer == "Gemm":
+        dense = [helper.make_node("Gemm", ["x2", "W", "b"], ["d"], name="dense")]
+    else:
+        dense = [helper.make_node("MatMul", ["x2", "W"], ["m"], name="dense"), helper.make_node("Add", ["m", "b"], ["d"], name="bias")]
+    nodes = [
+        helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+        *dense,
+        helper.make_node("Reshape", ["d", "tokens"], ["d3"], name="to_tokens"),
+        helper.make_node("Transpose", ["d3"], ["t"], perm=list(perm), name="to_channels"),
+        batchnorm_node("t", "y", "bn"),
+    ]
+    return make_model(nodes, [("x", [2, 7, 32])], ["y"], inits, opset=21)
+
+
+@pytest.mark.parametrize("layer", ["Gemm", "MatMul"])
+def test_dense_on_tokens_batchnorm_folds_through_reshape_and_transpose(layer):
+    """It was no-foldable-neighbour ("its input comes from Transpose"): one layout op after a Gemm or MatMul was
+    followed, not two."""
+    model = _dense_on_tokens_then_batchnorm(layer, [2, 7, 48])
+    folded, report = fold_onnx(model)
+    assert [fold.layer for fold in report.folds] == ["dense"] and not report.skips
+    assert op_count(folded, "BatchNormalization") == 0
+    assert report.verification.passed and report.verification.folds[0].status == "passed"
+    assert_same_outputs(model, folded, **F32)
+
+
+def test_dense_on_tokens_reshape_that_splits_the_features_is_refused():
+    # [14, 48] -> [2, 7, 2, 24]: the features split over two axes, whatever the Transpose does after.
+    model = _dense_on_tokens_then_batchnorm("Gemm", [2, 7, 2, 24], perm=(0, 3, 1, 2))
+    folded, report = fold_onnx(model)
+    assert not report.folds and [skip.code for skip in report.skips] == ["channel-mismatch"]

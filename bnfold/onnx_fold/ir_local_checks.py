@@ -186,9 +186,9 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
     layer, affine = match.layer, match.affine
     # An elementwise map after ops that move the channels (Conv -> Transpose to NHWC -> Mul -> Add): its constants
     # are on the axis the channels went to; its output is not the layer's in layout.
-    moved = any(node.op_type in CHANNEL_MOVING_OPS for node in match.passthroughs) and (
-        anchor.op_type != "BatchNormalization" or layer.node.op_type in ("Conv", "ConvTranspose")
-    )  # (a BatchNorm after a Gemm's Flatten to [M, C] reads the Gemm's output as it is)
+    movers = sum(node.op_type in CHANNEL_MOVING_OPS for node in match.passthroughs)
+    moved = movers > 0 and (anchor.op_type != "BatchNormalization" or layer.node.op_type in ("Conv", "ConvTranspose") or movers > 1)
+    # (a BatchNorm after one Flatten of a Gemm's output to [M, C] reads that output as it is)
     where = channel_axis_at(layer, match.passthroughs) if moved and anchor.op_type != "BatchNormalization" else None
     for previous, later in zip(chain, chain[1:]):
         affine = affine.then(chained_affine(_only(in_original, later.batchnorm, "original"), _only(in_original, previous.batchnorm, "original"), layer, opset, where))

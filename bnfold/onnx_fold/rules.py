@@ -617,10 +617,10 @@ class FoldIntoPreceding:
             found = _chain_before(value, opset, through_layout=True)
             if _is_layer(_layer_behind(found[0])):
                 return found
-            # (a Conv's channels may reach the BatchNorm through ops that move them: Flatten of [N, C, 1, 1], Squeeze)
+            # (a layer's channels may reach the BatchNorm through ops that move them: a Conv's Flatten of [N, C, 1, 1]
+            # or Squeeze; jax2onnx's Dense on tokens, Gemm -> Reshape to [B, T, C] -> Transpose to [B, C, T])
             moved = _chain_moving_channels(value, opset)
-            behind = _layer_behind(moved[0])
-            return moved if _is_layer(behind) and behind.op_type not in _FEATURES_LAST_OPS else found
+            return moved if _is_layer(_layer_behind(moved[0])) else found
 
         if not any(_is_layer(_layer_behind(chain(value)[0])) for value in anchor.inputs):
             # Checked before _data_input, which may evaluate constants (shape arithmetic is full of Mul/Add).
@@ -647,11 +647,12 @@ class FoldIntoPreceding:
             )
         channels = layer.layout.out_channels(layer.weight.shape)
         if batchnorm:
-            for node in layout if layer.node.op_type in _FEATURES_LAST_OPS else ():
+            # One layout op after a Gemm or MatMul (LeViT's Flatten, a Reshape to [M, C]) may read inferred shapes.
+            for node in layout if layer.node.op_type in _FEATURES_LAST_OPS and len(layout) == 1 else ():
                 reason = features_on_channel_axis(node, channels, node_label(layer.node))
                 if reason is not None:
                     raise Refusal("channel-mismatch", f"{node_label(node)}: {reason}")
-            if layout and layer.node.op_type not in _FEATURES_LAST_OPS and (axis := channel_axis_at(layer, passthroughs)[0]) != 1:
+            if (layer.node.op_type not in _FEATURES_LAST_OPS or len(layout) > 1) and layout and (axis := channel_axis_at(layer, passthroughs)[0]) != 1:
                 moving = "/".join(node.op_type for node in layout)
                 raise Refusal("channel-mismatch", f"{moving} put {node_label(layer.node)}'s output channels on axis {axis}, not the BatchNorm's channel axis 1")
             affine = batchnorm_channel_affine(anchor, opset)
