@@ -35,8 +35,8 @@ def _codes_epilog() -> str:
 @click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the architecture that state-dict files are loaded into; a state-dict stores no train/eval mode, so "
                    "it is checked in eval mode, as deployed.")
 @click.option("--trust-pickle", is_flag=True,
-              help="Load pickled modules (torch.save(model)) and .pt2 archives holding pickled objects or compiled code; "
-                   "this runs code from the file.")
+              help="Load pickled modules (torch.save(model)), TorchScript archives, and .pt2 archives holding pickled "
+                   "objects, compiled code or file operations; this runs code from the file.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
               help="Input shape, batch dimension first, for the batch-dependence measurement: by name (NAME= or NAME:) "
                    "for ONNX inputs, or in input order (float32 for PyTorch models). --batch-size sets the batch dimension.")

@@ -565,12 +565,12 @@ def test_torch_export_archives_with_their_own_example_inputs(exported_programs):
     assert found == [("BN001", name) for name in SMALL_CNN_BATCHNORMS] + [("BD001", "output")]
 
 
-def test_torchscript_archives(trained_cnn, tmp_path):
+def test_torchscript_archives_are_checked_when_trusted(trained_cnn, tmp_path):
     path = tmp_path / "model.ts"
     torch.jit.save(torch.jit.script(trained_cnn), path)
-    assert invoke("--input-shape", "1,3,16,16", path).exit_code == 0
+    assert invoke("--trust-pickle", "--input-shape", "1,3,16,16", path).exit_code == 0
     torch.jit.save(torch.jit.script(trained_cnn.train()), path)
-    result = invoke("--format", "json", "--input-shape", "1,3,16,16", path)
+    result = invoke("--trust-pickle", "--format", "json", "--input-shape", "1,3,16,16", path)
     assert result.exit_code == 1
     assert [finding["code"] for finding in json.loads(result.stdout)["findings"]] == ["BN001"] * 4 + ["BD001"]
 
@@ -812,7 +812,7 @@ def test_a_scripted_batchnorm_subclass_is_a_batchnorm(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.InstanceNorm2d(4, track_running_stats=True))
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(model.train()), path)
-    result = invoke(path, "--ignore", "BD")
+    result = invoke(path, "--trust-pickle", "--ignore", "BD")
     assert result.exit_code == 1
     assert named_lines(result.stdout, "BN001") == ["1"]  # the subclass; not the InstanceNorm, whose state is alike
 

@@ -166,10 +166,89 @@ def test_torchscript_unpickler_resolves_no_python_global(pickle_entry, tmp_path)
         entries = {name: archive.read(name) for name in archive.namelist()}
     marker = tmp_path / "payload-ran"
     entries[entry(entries, pickle_entry)] = pickle.dumps(TouchMarker(marker), protocol=2)
-    result = invoke("--input-shape", "1,3,8,8", write_archive(tmp_path / "model.ts", entries))
+    result = invoke("--trust-pickle", "--input-shape", "1,3,8,8", write_archive(tmp_path / "model.ts", entries))
     assert result.exit_code == 2
     assert "not a readable torchscript archive" in result.stderr
     assert not marker.exists()
+
+
+class _WritesAFileAsItLoads(torch.nn.Module):
+    """TorchScript that writes a file while torch.jit.load loads it: aten::from_file creates the file, mapped shared,
+    in __setstate__."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.read = 0
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.target, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        written = torch.from_file(state[0], True, 4, dtype=torch.uint8)
+        written.fill_(88)
+        self.read = int(written.sum().item())  # (used: TorchScript would drop an unread tensor's writes)
+        self.target, self.training = state
+
+    def forward(self, x):
+        return x
+
+
+def test_torchscript_archives_are_refused_unless_trusted(tmp_path):
+    """TorchScript's code runs as the archive loads: it was loaded as safe, and wrote any file."""
+    target = tmp_path / "outside" / "written"
+    target.parent.mkdir()
+    model = torch.nn.Sequential(_WritesAFileAsItLoads(str(target)), conv_bn())
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(model.eval()), path)
+    assert not target.exists()  # (saving runs __getstate__ only)
+    result = invoke(path)
+    assert result.exit_code == 2
+    assert "is a TorchScript archive: its code runs as it loads and runs" in result.stderr
+    assert "--trust-pickle" in result.stderr
+    assert not target.exists()
+    assert invoke("--trust-pickle", path).exit_code in (0, 1) and target.read_bytes() == b"XXXX"  # (the payload is real)
+
+
+@pytest.fixture
+def exportable_from_file():
+    """aten::from_file with a Meta kernel, which torch.export needs to trace it (an attacker's own process has one)."""
+    library = torch.library.Library("aten", "IMPL")
+
+    def empty_of_size(filename, shared=None, size=0, *, dtype=None, layout=None, device=None, pin_memory=None):
+        return torch.empty(size, dtype=dtype, device="meta")
+
+    library.impl("from_file", empty_of_size, "Meta")
+    yield
+    library._destroy()
+
+
+def test_export_archive_calling_a_file_operator_is_refused(tmp_path, exportable_from_file):
+    """A .pt2 program is read safely, and check runs it: aten::from_file in its graph wrote the file it names."""
+    target = tmp_path / "outside" / "canary"
+    target.parent.mkdir()
+    target.write_bytes(b"kept")
+
+    class MapsAFile(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = conv_bn()
+
+        def forward(self, x):
+            written = torch.from_file(str(target), True, 4, dtype=torch.uint8)
+            written.fill_(90)
+            return self.layers(x) + written.float().sum() * 0
+
+    program = torch.export.export(MapsAFile().eval(), (torch.randn(1, 3, 8, 8),))
+    target.write_bytes(b"kept")  # (export traced with real tensors)
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    result = invoke(path)
+    assert result.exit_code == 2
+    assert "holding a call of aten::from_file, which opens a file by name" in result.stderr
+    assert target.read_bytes() == b"kept"
 
 
 class _RunsAShellCommand:

@@ -1,7 +1,7 @@
 """Loading the PyTorch models the check command is given, by what the file holds (not its suffix).
 
 - a ``torch.export`` archive (``.pt2``): :func:`torch.export.load`;
-- a TorchScript archive: :func:`torch.jit.load`;
+- a TorchScript archive: :func:`torch.jit.load`, only when the caller trusts the file (its code runs);
 - a state-dict saved with ``torch.save``: loaded with ``weights_only=True`` into the architecture that
   ``--factory module:callable`` builds;
 - a whole pickled module (``torch.save(model)``): unpickling it imports and runs code named in the
@@ -14,10 +14,11 @@ torch's ``weights_only`` unpickler, which builds only tensors and plain containe
 ``torch.load(weights_only=False)`` (pickled weights and constants, and example inputs the safe
 loader refuses), the TorchScript object unpickler (custom objects), ``sympy.sympify`` (shape
 expressions, which it evaluates as Python) and AOTInductor's native libraries: while it loads, each is
-refused, and so is the archive. TorchScript archives go to ``torch.jit.load``, whose C++ unpickler
-resolves only TorchScript types (a ``data.pkl`` naming any other global fails to load) and whose code
-is TorchScript, which calls registered operators, not Python. ``--trust-pickle`` lifts every refusal:
-the file may then run code.
+refused, and so is the archive; so is a program whose graph calls an operator that opens a file by name
+(``aten::from_file`` creates and maps one: ``check`` runs the program). TorchScript archives are refused: their
+code runs as ``torch.jit.load`` loads them (``__setstate__``) and as they run, and TorchScript reaches the same
+operators. ``--trust-pickle`` lifts every refusal: the file may then run code (``torch.jit.load``'s C++
+unpickler still resolves only TorchScript types).
 
 ``--model module:callable`` skips the file: the callable returns the model. For both callables the
 current directory is importable, as it is for ``python -m``.
@@ -56,6 +57,12 @@ def load_torch_model(
     kind = _archive_kind(entries)
     if kind == "export" and not trust_pickle:
         return _load_untrusted_export(path, entries)
+    if kind == "torchscript" and not trust_pickle:
+        raise InputError(
+            path,
+            "is a TorchScript archive: its code runs as it loads and runs, and may call operators that write files "
+            "(aten::from_file, aten::save), so it is refused; pass --trust-pickle if you trust the file",
+        )
     try:
         if kind == "export":
             return torch.export.load(path)
@@ -104,16 +111,37 @@ def _load_untrusted_export(path: Path, entries: list[str]) -> torch.export.Expor
     else:
         try:
             with _code_from_the_file_refused(refusals):
-                return torch.export.load(path)
+                program = torch.export.load(path)
         except Exception as error:  # a damaged archive: whatever the reader raises
             if not refusals:
                 raise InputError(path, f"not a readable export archive ({describe_error(error)})") from None
+        else:
+            touching = _file_operators(program)
+            if not touching:
+                return program
+            refusals.append(f"a call of {touching[0]}, which opens a file by name (check runs the program)")
     # torch wraps some refusals in its own errors, or catches them and tries its legacy format: the record tells.
     raise InputError(
         path,
         f"is a torch.export archive holding {refusals[0]}: loading it runs code from the file, so it is refused; "
         "pass --trust-pickle if you trust the file",
     ) from None
+
+
+# The arguments by which an operator names a file to open (aten::from_file's, which creates and maps one; aten::save's).
+_FILE_ARGUMENTS = frozenset({"filename", "file", "path", "filepath"})
+
+
+def _file_operators(program: torch.export.ExportedProgram) -> list[str]:
+    """The operators the program's graphs (its own and its control flow's) call that take a file name."""
+    found = []
+    for module in program.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+            if schema is not None and any(argument.name in _FILE_ARGUMENTS for argument in schema.arguments):
+                found.append(str(schema.name))
+    return found
 
 
 class _Refused(Exception):
