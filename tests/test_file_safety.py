@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -88,6 +89,54 @@ def test_external_data_outside_the_models_folder_is_refused_and_never_read(tmp_p
     assert code == 2 and "leaves the model's folder" in output and "SECRET" not in output
     with pytest.raises(InputError, match="leaves the model's folder"):
         load_model(model)
+
+
+def function_with_external_constant(folder: Path, location: str) -> Path:
+    """A Conv -> BN in a model-local function whose Conv weight is a Constant read from the external file ``location``
+    (9 uint8 bytes, cast and reshaped to [3, 3, 1, 1])."""
+    weight = onnx.TensorProto(name="raw", data_type=TensorProto.UINT8, dims=[9], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "9")):
+        weight.external_data.add(key=key, value=value)
+    statistics = [onnx.numpy_helper.from_array(np.full(3, value, np.float32), name) for name, value in (("s", 1.5), ("b", 0.2), ("m", 0.1), ("v", 2.0))]
+    function = helper.make_function("local", "Layer", ["x", "s", "b", "m", "v"], ["z"], [
+        helper.make_node("Constant", [], ["raw"], value=weight),
+        helper.make_node("Cast", ["raw"], ["flat"], to=TensorProto.FLOAT),
+        helper.make_node("Constant", [], ["shape"], value=onnx.numpy_helper.from_array(np.array([3, 3, 1, 1], np.int64))),
+        helper.make_node("Reshape", ["flat", "shape"], ["W"]),
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        helper.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn"),
+    ], [helper.make_opsetid("", 17)])  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Layer", ["x", "s", "b", "m", "v"], ["z"], domain="local", name="layer")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 4, 4])],
+        statistics,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[function])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+def test_a_functions_external_constant_is_read_from_the_models_folder_only(tmp_path):
+    """A function's Constant with external data was read relative to the working directory, not the model's folder:
+    run from a folder holding that name, the fold copied the file's bytes into its output weights."""
+    model = function_with_external_constant(tmp_path / "model", "secret.bin")
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "secret.bin").write_bytes(b"SECRET!!!")
+    output = tmp_path / "out.onnx"
+    code, printed = invoke(model, "-o", output, "--no-verify", cwd=tmp_path / "cwd")
+    assert code == 2 and "external data file 'secret.bin' of tensor 'raw' is missing" in printed, printed
+    assert not output.exists()
+    (tmp_path / "model" / "secret.bin").write_bytes(bytes(range(1, 10)))  # the model's own data: read from there
+    code, printed = invoke(model, "-o", output, cwd=tmp_path / "cwd")
+    assert code == 0, printed
+    folded = onnx.load(output)
+    weight = next(tensor for tensor in folded.graph.initializer if list(tensor.dims) == [3, 3, 1, 1])
+    scale = 1.5 / np.sqrt(2.0 + 1e-5)
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(weight).reshape(-1), np.arange(1, 10) * scale, rtol=1e-6)
 
 
 def test_output_onto_the_inputs_data_file_is_refused(tmp_path):

@@ -46,7 +46,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         # data to it only when it is not empty.
         with onnx_ir_logging_off():
             model = ir.serde.deserialize_model(proto)
-        ir.external_data.set_base_dir(model.graph, path.absolute().parent)
+        # (a model-local function's tensors too: left without, they were read from the working directory)
+        for graph in (model.graph, *(function.graph for function in model.functions.values())):
+            ir.external_data.set_base_dir(graph, path.absolute().parent)
     except Exception as error:  # noqa: BLE001 - what onnx_ir cannot read (a name that is not UTF-8)
         raise InputError(path, f"not a readable ONNX model ({describe_error(error)})") from None
     _check_external_data(model, path)
@@ -104,7 +106,7 @@ def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
     external data file (:func:`load_model` keeps those on disk, a protobuf would hold them in memory)."""
     path = _model_file(path)
     model = _read_proto(path)
-    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(model.graph)):
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(model)):
         return None
     try:
         onnx.checker.check_model(_checker_view(model, path))
@@ -279,44 +281,43 @@ def data_input_names(path: str | os.PathLike) -> list[str]:
 
 def external_data_files(model: ir.Model) -> set[Path]:
     """The files the model's external tensors are read from."""
+
+    return {Path(tensor.path) for tensor in _external_tensors(model)}
+
+
+def _external_tensors(model: ir.Model):
+    """Every tensor of the model kept in an external data file: initializers and Constant attributes, in the graph,
+    its subgraphs and the model-local functions."""
     import onnx_ir as ir
 
-    return {
-        Path(value.const_value.path)
-        for graph in (model.graph, *model.graph.subgraphs())
-        for value in graph.initializers.values()
-        if isinstance(value.const_value, ir.ExternalTensor)
-    }
+    for graph in (model.graph, *(function.graph for function in model.functions.values())):
+        for tensor in ir.external_data._all_tensors(graph, include_attributes=True):
+            if isinstance(tensor, ir.ExternalTensor):
+                yield tensor
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
     """Every external data location must name a regular file inside the model's folder (after symlinks),
     long enough for its tensor: a hostile model could otherwise make bnfold read, and copy into its
     output, any file the user can read."""
-    import onnx_ir as ir
-
     folder = path.absolute().parent.resolve()
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                continue
-            location = tensor.location
-            try:
-                data_path = (folder / location).resolve()
-            except (OSError, ValueError) as error:  # a NUL byte, a symlink loop
-                raise InputError(path, f"external data location {location!r} of tensor {value.name!r} is unusable ({error})") from None
-            if Path(location).is_absolute() or not data_path.is_relative_to(folder):
-                raise InputError(
-                    path,
-                    f"external data location {location!r} of tensor {value.name!r} leaves the model's folder; "
-                    "bnfold reads external data only from the model's own folder",
-                )
-            if not data_path.is_file():
-                raise InputError(path, f"external data file {location!r} of tensor {value.name!r} is missing")
-            end = (tensor.offset or 0) + (tensor.length or 0)
-            if data_path.stat().st_size < end:
-                raise InputError(path, f"external data file {location!r} is truncated (tensor {value.name!r})")
+    for tensor in _external_tensors(model):
+        location = tensor.location
+        try:
+            data_path = (folder / location).resolve()
+        except (OSError, ValueError) as error:  # a NUL byte, a symlink loop
+            raise InputError(path, f"external data location {location!r} of tensor {tensor.name!r} is unusable ({error})") from None
+        if Path(location).is_absolute() or not data_path.is_relative_to(folder):
+            raise InputError(
+                path,
+                f"external data location {location!r} of tensor {tensor.name!r} leaves the model's folder; "
+                "bnfold reads external data only from the model's own folder",
+            )
+        if not data_path.is_file():
+            raise InputError(path, f"external data file {location!r} of tensor {tensor.name!r} is missing")
+        end = (tensor.offset or 0) + (tensor.length or 0)
+        if data_path.stat().st_size < end:
+            raise InputError(path, f"external data file {location!r} is truncated (tensor {tensor.name!r})")
 
 
 def tensor_bytes(model: ir.Model) -> int:
@@ -491,7 +492,7 @@ def model_files(path: str | os.PathLike) -> set[Path]:
         return {path}
     locations = {
         entry.value
-        for tensor in _tensors(proto.graph)
+        for tensor in _tensors(proto)
         if tensor.data_location == onnx.TensorProto.EXTERNAL
         for entry in tensor.external_data
         if entry.key == "location"
@@ -508,11 +509,14 @@ def proto_graphs(graph: onnx.GraphProto):
                 yield from proto_graphs(subgraph)
 
 
-def _tensors(graph: onnx.GraphProto):
-    """Every initializer and Constant tensor of ``graph`` and its subgraphs."""
-    for each in proto_graphs(graph):
+def _tensors(model: onnx.ModelProto):
+    """Every initializer and Constant tensor of the model's graph, its subgraphs and its local functions."""
+    functions = [onnx.GraphProto(node=function.node) for function in model.functions]
+    for each in (graph for top in (model.graph, *functions) for graph in proto_graphs(top)):
         yield from each.initializer
-        yield from (attribute.t for node in each.node for attribute in node.attribute if attribute.type == onnx.AttributeProto.TENSOR)
+        for node in each.node:
+            for attribute in node.attribute:
+                yield from [attribute.t] if attribute.type == onnx.AttributeProto.TENSOR else attribute.tensors
 
 
 def _own_data_files(path: Path) -> set[Path]:

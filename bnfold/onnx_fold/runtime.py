@@ -165,8 +165,8 @@ def _from_proto(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> Runtim
 
 def _from_ir(model: ir.Model) -> RuntimeModel:
     """onnx_ir serializes an external tensor as its reference: each large initializer of the main graph is
-    swapped for one to the placeholder, any other external tensor for its values (the scratch folder has
-    none of the model's files)."""
+    swapped for one to the placeholder, any other external tensor (a Constant's too) for its values (the scratch
+    folder has none of the model's files)."""
     import onnx_ir as ir
 
     tensors, swapped = {}, []
@@ -190,11 +190,26 @@ def _from_ir(model: ir.Model) -> RuntimeModel:
                 value.const_value = ir.ExternalTensor(_PLACEHOLDER, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name)
             else:
                 value.const_value = ir.tensor(array, name=value.name)
+    # A Constant's external tensor (in the graph, a subgraph or a model-local function) goes in as its values too.
+    attributes = []
+    for graph in (main, *(function.graph for function in model.functions.values())):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for name, attribute in node.attributes.items():
+                if not attribute.is_ref() and attribute.type == ir.AttributeType.TENSOR and isinstance(attribute.value, ir.ExternalTensor):
+                    attributes.append((node, name, attribute))
+    for node, name, attribute in attributes:
+        try:
+            array = attribute.value.numpy()
+        except Exception as error:  # (as above)
+            raise MalformedTensorError.unreadable(attribute.value.name or name, error) from None
+        node.attributes[name] = ir.AttrTensor(name, ir.tensor(array, name=attribute.value.name))
     try:
         proto = ir.to_proto(model)
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
+        for node, name, attribute in attributes:
+            node.attributes[name] = attribute
     return RuntimeModel(proto, tensors)
 
 

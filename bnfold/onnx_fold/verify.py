@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from bnfold.onnx_fold.io import read_model_proto, scratch_directory
+from bnfold.onnx_fold.io import load_model, read_model_proto, scratch_directory
 from bnfold.onnx_fold.local_checks import append_local_checks, plain_folds, plain_local_folds, read_local_checks
 from bnfold.onnx_fold.runtime import RuntimeModel, model_runner, run_model, runtime_model
 from bnfold.onnx_fold.shared import MalformedTensorError
@@ -324,7 +324,7 @@ def _ir_model(original: ModelSource) -> ir.Model:
     import onnx_ir as ir
 
     if isinstance(original, (str, os.PathLike)):
-        return ir.load(original)
+        return load_model(original)  # (checked as the fold loaded it: external data from the model's folder only)
     return ir.from_proto(_proto(original))
 
 
