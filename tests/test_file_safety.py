@@ -349,6 +349,51 @@ def test_interrupt_exits_130_in_one_line_and_removes_scratch_files(tmp_path):
     assert ours(scratch) == []
 
 
+def endless_loop_model(path: Path) -> Path:
+    """The example model with a side output from a Loop of 10**15 iterations: onnxruntime's run never returns."""
+    model = onnx.load(EXAMPLE)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["condition_in"], ["condition_out"]), helper.make_node("Identity", ["carried_in"], ["carried_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("carried_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("condition_out", TensorProto.BOOL, []), helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, [1])],
+    )  # fmt: skip
+    model.graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array(10**15, np.int64), "trips"),
+        onnx.numpy_helper.from_array(np.array(True), "always"),
+        onnx.numpy_helper.from_array(np.zeros(1, np.float32), "start"),
+    ])  # fmt: skip
+    model.graph.node.append(helper.make_node("Loop", ["trips", "always", "start"], ["carried"], body=body))
+    model.graph.output.append(helper.make_tensor_value_info("carried", TensorProto.FLOAT, [1]))
+    onnx.save(model, path)
+    return path
+
+
+def test_a_run_that_never_ends_stops_on_sigterm_and_removes_its_scratch_files(tmp_path):
+    """onnxruntime's run of an endless Loop never returned to Python: SIGINT and SIGTERM went unheard until SIGKILL,
+    which left the scratch directory."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    model = endless_loop_model(tmp_path / "loop.onnx")
+    process = subprocess.Popen(
+        [BNFOLD, model, "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(scratch)}, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ours(scratch) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1)  # (into the run)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "bnfold: interrupted"
+    assert ours(scratch) == []
+
+
 def test_an_output_folder_that_refuses_new_files_is_bad_input():
     """/proc refuses new files even to root, for whom the up-front access check passes."""
     code, output = invoke(EXAMPLE, "-o", "/proc/folded.onnx", "--no-verify")

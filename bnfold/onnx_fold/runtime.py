@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import threading
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -248,7 +249,34 @@ class _Runner:
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self._names:  # a model without outputs computes nothing, and onnxruntime refuses to run it
             return {}
-        return dict(zip(self._names, self._session.run(self._names, feeds), strict=True))
+        return dict(zip(self._names, _interruptible_run(self._session, self._names, feeds), strict=True))
+
+
+def _interruptible_run(session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run``, in a thread of its own: Python handles Ctrl-C and SIGTERM only between its own bytecodes, so
+    a run that never returns (a hostile model's Loop of 10**15 iterations) held the process until SIGKILL, scratch
+    files left behind. On either, onnxruntime is told to stop (at its next node), then the interruption goes on."""
+    options = ort.RunOptions()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["outputs"] = session.run(names, feeds, options)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name="bnfold-onnxruntime", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except BaseException:
+        options.terminate = True
+        worker.join(10)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["outputs"]
 
 
 def model_runner(
