@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import threading
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
