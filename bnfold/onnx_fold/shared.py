@@ -9,11 +9,16 @@ import itertools
 # (1e-5 itself is not a float32; the difference shows in float64 models with small variances).
 BATCHNORM_DEFAULT_EPSILON = 9.999999747378752e-06
 
-# Ops never evaluated ahead of time: random results (Dropout is random in training mode), or subgraphs.
+# Ops never evaluated ahead of time: random results (Dropout is random in training mode), subgraphs, and windowed
+# ops, whose reference implementations loop in Python (a 568-byte model's MaxPool of a 9 MB constant took 57 s);
+# exporters compute weights with none of them.
 _NEVER_EVALUATED = frozenset(
     {
         "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
         "Dropout", "If", "Loop", "Scan", "SequenceMap",
+        "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "DeformConv", "MaxPool", "AveragePool", "LpPool",
+        "MaxUnpool", "MaxRoiPool", "RoiAlign", "LRN", "Resize", "Upsample", "GridSample", "Col2Im", "NonMaxSuppression",
+        "STFT",
     }
 )  # fmt: skip
 
