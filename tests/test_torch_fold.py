@@ -1951,3 +1951,50 @@ def test_batchnorm_statistics_passed_in_through_copies_are_constants_to_fold():
     assert not any(node.target == "clone" for node in result.model.graph.nodes)
     for x in (*inputs, torch.randn(3, 3, 9, 9)):
         assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+class ClonedStatisticsChanged(nn.Module):
+    """F.batch_norm on a copy of the running mean that forward changes in place first."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.randn(4, generator=generator))
+        self.register_buffer("var", torch.rand(4, generator=generator) + 0.5)
+
+    def forward(self, x):
+        mean = self.mean.clone()
+        mean.add_(10.0)
+        return F.batch_norm(self.conv(x), mean, self.var, training=False)
+
+
+class TrainingCallSharesStatistics(nn.Module):
+    """A training-mode F.batch_norm updates, in place at every call, the running statistics an eval-mode one reads
+    with another weight."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.conv, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+        for name in ("weight", "weight2", "bias", "mean"):
+            self.register_buffer(name, torch.randn(4, generator=generator))
+        self.register_buffer("var", torch.rand(4, generator=generator) + 0.5)
+
+    def forward(self, x):
+        updating = F.batch_norm(self.conv2(x), self.mean, self.var, self.weight2, self.bias, training=True, momentum=0.5)
+        return F.batch_norm(self.conv(x), self.mean, self.var, self.weight, self.bias, training=False) + updating
+
+
+@pytest.mark.parametrize("build", [ClonedStatisticsChanged, TrainingCallSharesStatistics])
+def test_statistics_that_forward_changes_are_never_folded(build):
+    """A copy changed in place was folded as the buffer it copies (verify=False returned a model off by 18); a call
+    sharing statistics with a training-mode call was folded once the calls were grouped by all four tensors."""
+    model = build().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    pristine = copy.deepcopy(model)
+    result = fold(model, (x,), verify=False)
+
+    assert not result.report.folds
+    for _ in range(2):  # (the training-mode call changes the statistics at each call, in both)
+        assert_same_outputs(outputs(pristine, (x,)), outputs(result.model, (x,)))

@@ -106,49 +106,53 @@ def fold(
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _require_foldable(model)
     notes = []
-    working = model if inplace else _copy_model(model)
-    traced, flow, plan = _analyse(working, example_inputs, record=verify, stand_ins=True)
-    if inplace and plan.needs_graph:
-        notes.append("inplace=True not honoured: the result is a new GraphModule and the input model is unchanged")
-        working = _copy_model(model)
+    with _BuffersKept(model) as kept:  # (restored on the way out: bnfold's runs leave the models' buffers as given)
+        working = model if inplace else kept.also(_copy_model(model))
         traced, flow, plan = _analyse(working, example_inputs, record=verify, stand_ins=True)
-    notes.append(traced.note)
-    if verify:
-        # The original's values before anything is folded: from the run that proved the fx graph (the model or
-        # its copy, equal to it, running the example inputs), else from a run of the original with hooks catching
-        # each fold's own values.
-        run = traced.model_run
-        capture = FoldCapture(model, plan.folds, folds_into_model=working is model, run=run)
-        if capture.recorded:
-            expected = output_leaves(run.output)
+        if inplace and plan.needs_graph:
+            notes.append("inplace=True not honoured: the result is a new GraphModule and the input model is unchanged")
+            kept.restore()  # (the copy is of the model as it was given)
+            working = kept.also(_copy_model(model))
+            traced, flow, plan = _analyse(working, example_inputs, record=verify, stand_ins=True)
+        kept.restore()  # (before the folds write into the layers, and before verification runs the models)
+        kept.written = {id(tensor) for fold in plan.folds for tensor in (fold.layer.weight, fold.layer.bias) if tensor is not None}
+        notes.append(traced.note)
+        if verify:
+            # The original's values before anything is folded: from the run that proved the fx graph (the model or
+            # its copy, equal to it, running the example inputs), else from a run of the original with hooks catching
+            # each fold's own values.
+            run = traced.model_run
+            capture = FoldCapture(model, plan.folds, folds_into_model=working is model, run=run)
+            if capture.recorded:
+                expected = output_leaves(run.output)
+            else:
+                try:
+                    expected = run_outputs(model, example_inputs)
+                finally:
+                    capture.remove()
+        measured = []
+        if quantization or target_dtype is not None:
+            measured = measure_torch_folds(plan.folds, target_dtype)  # before the rewrite overwrites the weights
+        if plan.needs_graph:
+            folded = fold_in_graph(plan.folds, traced)
+            notes.append(
+                f"the result is a torch.fx GraphModule instead of the {type(model).__name__} module tree: some folds "
+                "involve function calls (F.conv2d, F.batch_norm, or a layer subclass with its own forward) that exist "
+                "only in the traced graph"
+            )
         else:
-            try:
-                expected = run_outputs(model, example_inputs)
-            finally:
-                capture.remove()
-    measured = []
-    if quantization or target_dtype is not None:
-        measured = measure_torch_folds(plan.folds, target_dtype)  # before the rewrite overwrites the weights
-    if plan.needs_graph:
-        folded = fold_in_graph(plan.folds, traced)
-        notes.append(
-            f"the result is a torch.fx GraphModule instead of the {type(model).__name__} module tree: some folds "
-            "involve function calls (F.conv2d, F.batch_norm, or a layer subclass with its own forward) that exist "
-            "only in the traced graph"
-        )
-    else:
-        folded = fold_in_module_tree(plan.folds, working, traced, copied=working is not model)
-    report = _report(model, flow, plan, notes)
-    report.quantization = measured
-    if verify:
-        actual = run_outputs(folded, example_inputs)
-        report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)
-        report.verification.folds = capture.check(folded, plan.folds, rtol)
-        if working is not model:  # (the original is intact to measure the noise on)
-            measure_noise(model, example_inputs, expected, actual, report.verification, len(plan.folds), atol is None and rtol is None)
-        if not report.verification.passed:
-            raise VerificationError(report.verification, report, folded)
-    return TorchFoldResult(folded, report)
+            folded = fold_in_module_tree(plan.folds, working, traced, copied=working is not model)
+        report = _report(model, flow, plan, notes)
+        report.quantization = measured
+        if verify:
+            actual = run_outputs(folded, example_inputs)
+            report.verification = compare_outputs(expected, actual, example_inputs, atol, rtol)
+            report.verification.folds = capture.check(folded, plan.folds, rtol)
+            if working is not model:  # (the original is intact to measure the noise on)
+                measure_noise(model, example_inputs, expected, actual, report.verification, len(plan.folds), atol is None and rtol is None)
+            if not report.verification.passed:
+                raise VerificationError(report.verification, report, folded)
+        return TorchFoldResult(folded, report)
 
 
 @torch.inference_mode(False)
@@ -159,8 +163,48 @@ def measure_folds(model: nn.Module, example_inputs: tuple | torch.Tensor, target
     check_target_dtype(target_dtype)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _require_foldable(model)
-    _, _, plan = _analyse(model, example_inputs, record=False, stand_ins=False)  # (stand-ins would patch the model)
+    with _BuffersKept(model):
+        _, _, plan = _analyse(model, example_inputs, record=False, stand_ins=False)  # (stand-ins would patch the model)
     return measure_torch_folds(plan.folds, target_dtype)
+
+
+class _BuffersKept:
+    """The buffers of the models bnfold runs, as they were given: a forward may change a buffer in place at every
+    call (a training-mode ``F.batch_norm`` updates its running statistics, a counter counts), and bnfold's own runs
+    (the trace check, verification) must leave the model, and the model it returns, as they were. Tensors a fold
+    writes (``written``) keep their new values."""
+
+    def __init__(self, model: nn.Module):
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.written: set[int] = set()
+        self.also(model)
+
+    def also(self, model: nn.Module) -> nn.Module:
+        """Keep ``model``'s buffers too; ``model``."""
+        for buffer in model.buffers():
+            # (only dense values: sparse, quantized and meta tensors do not compare; an inference tensor cannot
+            # change in place)
+            dense = buffer.layout is torch.strided and not (buffer.is_meta or buffer.is_quantized or buffer.is_inference())
+            if dense and id(buffer) not in self._kept:
+                self._kept[id(buffer)] = (buffer, buffer.detach().clone())
+        return model
+
+    def __enter__(self) -> _BuffersKept:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        # (by value: batch_norm's kernel updates its running statistics without a version counter's notice)
+        with torch.no_grad():
+            for key, (buffer, values) in self._kept.items():
+                if key in self.written or torch.equal(buffer, values):
+                    continue
+                if buffer.shape == values.shape and buffer.dtype == values.dtype:
+                    buffer.copy_(values)
+                else:  # (resized in place)
+                    buffer.data = values.clone()
 
 
 def _copy_model(model: nn.Module) -> nn.Module:

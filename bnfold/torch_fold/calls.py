@@ -190,10 +190,24 @@ class DataFlow:
         return max(self.tensor_uses[id(tensor)] for tensor in (layer.weight, layer.bias) if tensor is not None)
 
     def batchnorms_by_statistics(self) -> list[list[BatchNormCall]]:
-        groups: dict[str, list[BatchNormCall]] = {}
+        """The calls in groups that normalise with the same statistics: those with one key (a module's calls), and
+        those sharing a running mean or variance tensor (one a training-mode call updates in place for every call
+        reading it), in order of their first call."""
+        groups: list[list[BatchNormCall]] = []
+        group_of: dict[object, list[BatchNormCall]] = {}
         for call in self.batchnorms:
-            groups.setdefault(call.key, []).append(call)
-        return list(groups.values())
+            keys = [call.key, *(id(tensor) for tensor in (call.running_mean, call.running_var) if tensor is not None)]
+            joined = list({id(group): group for key in keys if (group := group_of.get(key)) is not None}.values())
+            group = joined[0] if joined else []
+            if not joined:
+                groups.append(group)
+            for other in joined[1:]:  # (a call sharing statistics with two groups joins them)
+                group.extend(other)
+                groups.remove(other)
+                group_of.update(dict.fromkeys([key for key, found in group_of.items() if found is other], group))
+            group.append(call)
+            group_of.update(dict.fromkeys(keys, group))
+        return [sorted(group, key=self.batchnorms.index) for group in groups]
 
 
 def read_data_flow(traced: TracedModel) -> DataFlow:
@@ -431,16 +445,14 @@ def _functional_batchnorm_call(
         input=arguments["input"],
         name=owner or node.name,
         op=type(traced.module(owner)).__name__ if owner else "F.batch_norm",
-        # (a converter may pass one buffer to several calls, onnx2torch its deduplicated initializers: the same
-        # statistics are all four tensors the same)
-        key=module_path or (repr(tuple(paths.values())) if paths["running_mean"] else node.name),
+        key=module_path or node.name,  # (calls sharing a statistics tensor are grouped by it: batchnorms_by_statistics)
         module_path=module_path,
         **tensors,
         eps=float(arguments.get("eps", 1e-5)),
         training=bool(arguments.get("training", False)),
         tensors_are_attributes=all(arguments.get(name) is None or paths[name] is not None for name in paths),
         kept_children=kept_children or (),
-        call_nodes=1 + sum(_copies_read_once(chain) for name, chain in copies.items() if paths[name] is not None),
+        call_nodes=1 + sum(len(chain) - 1 for name, chain in copies.items() if paths[name] is not None),  # (its copies go with it)
     )
 
 
@@ -451,28 +463,20 @@ _COPY_FUNCTIONS = frozenset({torch.clone, torch.detach, aten.clone.default, aten
 
 def _copy_chain(value: Any, traced: TracedModel) -> list[fx.Node]:
     """``value``, then each value it is a copy of (``.clone()``: onnx2torch passes each deduplicated initializer
-    through an ``OnnxCopyIdentity``), up to the first that is no copy; empty when ``value`` is no node."""
+    through an ``OnnxCopyIdentity``), up to the first that is no copy; empty when ``value`` is no node. A copy counts
+    only while it is read by the next link alone (anything else may change it in place, ``m.add_(1)``)."""
     chain = []
     while isinstance(value, fx.Node):
         chain.append(value)
         copies = (value.op == "call_method" and value.target in _COPY_METHODS) or (
             value.op == "call_function" and value.target in _COPY_FUNCTIONS
         )
-        if not copies or value in traced.attribute_paths or not value.args:
+        if not copies or value in traced.attribute_paths or not value.args or len(value.users) != 1:
             break
         value = value.args[0]
     return chain
 
 
-def _copies_read_once(chain: list[fx.Node]) -> int:
-    """How many of the copies in ``chain`` (all but its source, last) go with the one call reading its first: those
-    read by nothing else, from the call's side."""
-    count = 0
-    for value in chain[:-1]:
-        if len(value.users) != 1:
-            break
-        count += 1
-    return count
 
 
 def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> BatchNormCall | None:
