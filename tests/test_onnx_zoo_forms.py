@@ -545,6 +545,31 @@ def test_qdq_per_channel_scales_absorb_the_batchnorm(bias, zero_point):
     assert_same_outputs(model, result, **F32)
 
 
+@pytest.mark.parametrize("opset", [13, 19])
+def test_qdq_fold_beside_a_batchnorm_left_is_verified_through_the_outputs(opset):
+    """A model the onnx_ir pass folds (a pre-activation BatchNorm stays): at opset 19 the check of the QDQ fold read
+    the layer's integers as its weight, exit 2 "internal error (ValueError: data type int8 not inexact)"."""
+    r = np.random.default_rng(0)
+    inits = [
+        initializer("W_q", r.integers(-127, 128, size=[6, 3, 3, 3]).astype(np.int8)),
+        initializer("W_scale", r.uniform(0.002, 0.02, 6).astype(np.float32)), initializer("W_zero", np.zeros(6, np.int8)),
+        *batchnorm_parameters(3, "pre", r), *batchnorm_parameters(6, "bn", r),
+    ]  # fmt: skip
+    nodes = [
+        batchnorm_node("x", "normed", "pre"),
+        helper.make_node("Relu", ["normed"], ["active"]),
+        helper.make_node("DequantizeLinear", ["W_q", "W_scale", "W_zero"], ["W"], name="dequantize_w", axis=0),
+        helper.make_node("Conv", ["active", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        batchnorm_node("y", "z", "bn"),
+    ]
+    model = make_model(nodes, [("x", [1, 3, 8, 8])], ["z"], inits, opset=opset)
+    result, report = fold_onnx(model)
+    assert [fold.batchnorm for fold in report.folds] == ["bn"] and [skip.batchnorm for skip in report.skips] == ["pre"]
+    assert report.verification.passed
+    assert report.verification.folds[0].status == "not compared" and "reads a quantized weight" in report.verification.folds[0].reason
+    assert_same_outputs(model, result, **F32)
+
+
 def test_qdq_per_tensor_scale_becomes_per_channel():
     model = qdq_conv_bn(scale=np.float32(0.01), zero_point=np.int8(0), axis=None, opset=13)
     result, report = fold_onnx(model)
