@@ -545,6 +545,17 @@ def test_qdq_per_channel_scales_absorb_the_batchnorm(bias, zero_point):
     assert_same_outputs(model, result, **F32)
 
 
+def test_qdq_weight_whose_shape_is_read_folds():
+    """An unoptimised dynamo export reads each Conv weight's Shape; quantized, every BatchNorm was refused: "the
+    quantized weight ... is also read elsewhere, which must keep its values". The fold keeps the shape."""
+    model = qdq_conv_bn()
+    model.graph.node.append(helper.make_node("Shape", ["W"], ["W_shape"], name="weight_shape"))
+    model.graph.output.append(helper.make_tensor_value_info("W_shape", TensorProto.INT64, [4]))
+    result, report = fold_onnx(model)
+    assert len(report.folds) == 1 and not report.skips and report.verification.passed
+    assert_same_outputs(model, result, **F32)
+
+
 @pytest.mark.parametrize("opset", [13, 19])
 def test_qdq_fold_beside_a_batchnorm_left_is_verified_through_the_outputs(opset):
     """A model the onnx_ir pass folds (a pre-activation BatchNorm stays): at opset 19 the check of the QDQ fold read

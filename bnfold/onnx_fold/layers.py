@@ -45,3 +45,13 @@ PASS_THROUGH_OPS = ("Identity", "Dropout")
 # writes Keras 3's BatchNorm as a Mul and an Add after a Transpose to NHWC (Conv -> Transpose -> Mul -> Add), after
 # a Squeeze (Conv1D), or after a Reshape back to [B, T, C] (Dense on 3-D data).
 CHANNEL_MOVING_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten")
+
+
+_SHAPE_READERS = ("Shape", "Size")
+
+
+def reads_elements(use) -> bool:
+    """Whether a use of a value (an onnx_ir ``Usage``) reads its elements: not a reader of its shape alone, nor
+    CastLike's second input, whose type alone it reads (the torch.onnx dynamo exporter makes a Conv's zero bias as
+    CastLike(0, x) of the Conv's input, and an unoptimised export reads each weight's Shape)."""
+    return use.node.op_type not in _SHAPE_READERS and not (use.node.op_type == "CastLike" and use.idx == 1)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.onnx_fold.constants import constant_array, not_constant_reason
+from bnfold.onnx_fold.layers import reads_elements
 
 DEQUANTIZE_OPS = ("DequantizeLinear",)
 # DequantizeLinear's axis attribute, which a per-tensor scale needs to become per-channel, came with opset 13.
@@ -53,7 +54,8 @@ def quantized_weight(node: ir.Node, layer_label: str, out_axis: int | None, opse
     (weight axis ``out_axis``; None where no single axis holds them) can absorb a per-channel scale, in a
     model of default-domain ``opset``."""
     label = f"the quantized weight of {layer_label} ({node.name or node.outputs[0].name})"
-    if len(node.outputs[0].uses()) != 1 or node.outputs[0].is_graph_output():
+    # (a Shape of the weight, as an unoptimised dynamo export reads each, keeps its value: the fold keeps the shape)
+    if len([use for use in node.outputs[0].uses() if reads_elements(use)]) != 1 or node.outputs[0].is_graph_output():
         raise QuantizedWeightError(f"{label} is also read elsewhere, which must keep its values; {FOLD_FIRST}")
     inputs = [node.inputs[index] if index < len(node.inputs) else None for index in range(3)]
     source = inputs[0].producer() if inputs[0] is not None else None

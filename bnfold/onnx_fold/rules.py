@@ -39,7 +39,7 @@ from bnfold.fold_math import (
     fold_into_quantized_outputs,
 )
 from bnfold.onnx_fold.constants import constant_array, drop_if_unread, not_constant_reason
-from bnfold.onnx_fold.layers import CHANNEL_MOVING_OPS, LAYER_OPS
+from bnfold.onnx_fold.layers import CHANNEL_MOVING_OPS, LAYER_OPS, reads_elements
 from bnfold.onnx_fold.layout import LAYOUT_OPS, features_on_channel_axis, moved_channel_axis
 from bnfold.onnx_fold.qdq import (
     FOLD_FIRST,
@@ -100,21 +100,14 @@ def _typed_attr(node: ir.Node, name: str, default, types: tuple[ir.AttributeType
 
 
 # Readers of a tensor's shape alone (reshape_as, view(x.shape) in exporters): a fold changes no shape.
-_SHAPE_READERS = ("Shape", "Size")
 
 
 def _only_consumer(value: ir.Value) -> ir.Node | None:
     """The one node that reads ``value``'s elements (readers of its shape or type alone aside), if only one does."""
-    uses = [use for use in value.uses() if _reads_elements(use)]
+    uses = [use for use in value.uses() if reads_elements(use)]
     if value.is_graph_output() or len(uses) != 1:
         return None
     return uses[0].node
-
-
-def _reads_elements(use) -> bool:
-    """Not a reader of the shape alone, nor CastLike's second input, whose type alone it reads (the torch.onnx
-    dynamo exporter makes a Conv's zero bias as CastLike(0, x) of the Conv's input)."""
-    return use.node.op_type not in _SHAPE_READERS and not (use.node.op_type == "CastLike" and use.idx == 1)
 
 
 def _is_floating(array: np.ndarray) -> bool:
