@@ -821,6 +821,21 @@ def named_lines(stdout: str, code: str) -> list[str]:
     return [line.split(f" {code} error ")[1].split(":")[0] for line in stdout.splitlines() if f" {code} error " in line]
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_repository_inside_a_checked_folder_runs_no_command_of_its_own(tmp_path, onnx_files):
+    """A folder of models may come with a .git whose config names a command: git ran core.fsmonitor's as check listed
+    the folder's files."""
+    tree, marker = tmp_path / "tree", tmp_path / "command-ran"
+    tree.mkdir()
+    shutil.copy(onnx_files["eval"], tree / "model.onnx")
+    subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    subprocess.run(["git", "-C", str(tree), "config", "core.fsmonitor", f"touch {marker}; echo"], check=True)
+    result = invoke(tree, "--ignore", "BD")
+    assert result.exit_code == 0, result.output
+    assert "1 checked model" in result.output
+    assert not marker.exists()
+
+
 def test_a_directory_walk_stays_inside_the_directory(tmp_path, onnx_files):
     """A file symlink out of the tree is not followed (nothing outside what was named is read); a directory with
     nothing to check says so, where a CI gate pointed at the wrong folder would pass in silence."""

@@ -50,10 +50,12 @@ def files_to_check(path: str | os.PathLike) -> list[Path]:
 
 
 def _git_files(directory: Path) -> list[Path] | None:
-    """The tracked and untracked-but-not-ignored files under ``directory``; None outside a git work tree."""
+    """The tracked and untracked-but-not-ignored files under ``directory``; None outside a git work tree. The
+    repository may have come with the models (an unpacked archive): git runs its ``core.fsmonitor`` setting as a
+    command, which is switched off."""
     try:
         listing = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "."],
+            ["git", "-c", "core.fsmonitor=false", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "."],
             cwd=directory, capture_output=True, check=True,
         )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):  # no git, or not a repository
