@@ -289,3 +289,39 @@ def test_an_archive_entry_that_expands_far_past_its_size_is_refused_unread(tmp_p
     # An archive as torch writes it (stored) passes this check, however large.
     torch.save({"w": torch.zeros(1 << 20)}, path)
     assert "decompression bomb" not in invoke(path).stderr
+
+
+def test_export_archive_calling_an_operator_through_a_higher_order_one_is_refused(tmp_path):
+    """with_effects(token, aten.from_file, path, ...) calls the operator its argument names: the check of node
+    targets let it through, and check wrote the file."""
+    target = tmp_path / "outside" / "canary"
+    target.parent.mkdir()
+    target.write_bytes(b"kept")
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(conv_bn(), (torch.randn(2, 3, 8, 8),)), path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    program = json.loads(entries[entry(entries, "models/model.json")])
+    graph = program["graph_module"]["graph"]
+    byte = {"dtype": 1, "sizes": [{"as_int": 4}], "requires_grad": False, "device": {"type": "cpu", "index": None},
+            "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}  # fmt: skip
+    graph["tensor_values"].update({name: dict(byte) for name in ("token", "mapped", "filled")})
+
+    def argument(name, kind=1, **value):
+        return {"name": name, "arg": value, "kind": kind}
+
+    graph["nodes"][0:0] = [
+        {"target": "torch.ops.higher_order.with_effects", "name": "effect", "metadata": {}, "is_hop_single_tensor_return": True,
+         "inputs": [argument("", as_tensor=graph["inputs"][-1]["as_tensor"]), argument("", as_operator="torch.ops.aten.from_file.default"),
+                    argument("", as_string=str(target)), argument("", as_bool=True), argument("", as_int=4),
+                    argument("dtype", 2, as_scalar_type=1)],
+         "outputs": [{"as_tensors": [{"name": "token"}, {"name": "mapped"}]}]},
+        {"target": "torch.ops.aten.fill_.Scalar", "name": "filled", "metadata": {}, "is_hop_single_tensor_return": None,
+         "inputs": [argument("self", as_tensor={"name": "mapped"}), argument("value", as_int=90)],
+         "outputs": [{"as_tensor": {"name": "filled"}}]},
+    ]  # fmt: skip
+    entries[entry(entries, "models/model.json")] = json.dumps(program).encode()
+    result = invoke(write_archive(tmp_path / "effects.pt2", entries))
+    assert result.exit_code == 2
+    assert "holding a call of with_effects, which is not an operator bnfold runs from an untrusted file" in result.stderr
+    assert target.read_bytes() == b"kept"

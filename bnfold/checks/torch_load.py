@@ -14,8 +14,9 @@ torch's ``weights_only`` unpickler, which builds only tensors and plain containe
 ``torch.load(weights_only=False)`` (pickled weights and constants, and example inputs the safe
 loader refuses), the TorchScript object unpickler (custom objects), ``sympy.sympify`` (shape
 expressions, which it evaluates as Python) and AOTInductor's native libraries: while it loads, each is
-refused, and so is the archive; so is a program whose graph calls an operator that opens a file by name
-(``aten::from_file`` creates and maps one: ``check`` runs the program). TorchScript archives are refused: their
+refused, and so is the archive; so is a program whose graph calls anything but aten and prims operators that
+open no file and print nothing (``aten::from_file`` creates and maps one; a higher-order operator such as
+``with_effects`` calls whatever operator its arguments name: ``check`` runs the program). TorchScript archives are refused: their
 code runs as ``torch.jit.load`` loads them (``__setstate__``) and as they run, and TorchScript reaches the same
 operators. ``--trust-pickle`` lifts every refusal: the file may then run code (``torch.jit.load``'s C++
 unpickler still resolves only TorchScript types).
@@ -130,10 +131,10 @@ def _load_untrusted_export(path: Path, entries: list[str]) -> torch.export.Expor
             if not refusals:
                 raise InputError(path, f"not a readable export archive ({describe_error(error)})") from None
         else:
-            touching = _file_operators(program)
-            if not touching:
+            unsafe = _unsafe_calls(program)
+            if not unsafe:
                 return program
-            refusals.append(f"a call of {touching[0]}, which opens a file by name (check runs the program)")
+            refusals.append(f"a call of {unsafe[0]} (check runs the program)")
     # torch wraps some refusals in its own errors, or catches them and tries its legacy format: the record tells.
     raise InputError(
         path,
@@ -142,20 +143,40 @@ def _load_untrusted_export(path: Path, entries: list[str]) -> torch.export.Expor
     ) from None
 
 
-# The arguments by which an operator names a file to open (aten::from_file's, which creates and maps one; aten::save's).
+# What a program from an untrusted archive may call: aten and prims operators (operator.getitem picks an output),
+# but none that opens a file by name (aten::from_file creates and maps one; aten::save) or writes to the terminal
+# (aten::_print: raw bytes into check's output). Higher-order operators are not run: they call what their arguments
+# name (with_effects(token, aten.from_file, ...) ran any operator).
+_OPERATOR_NAMESPACES = ("aten", "prims")
 _FILE_ARGUMENTS = frozenset({"filename", "file", "path", "filepath"})
+_UNSAFE_OPERATORS = frozenset({"aten::_print"})
 
 
-def _file_operators(program: torch.export.ExportedProgram) -> list[str]:
-    """The operators the program's graphs (its own and its control flow's) call that take a file name."""
+def _unsafe_calls(program: torch.export.ExportedProgram) -> list[str]:
+    """What the program's graphs call that :data:`_OPERATOR_NAMESPACES` does not allow, described."""
     found = []
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
         for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
-            schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-            if schema is not None and any(argument.name in _FILE_ARGUMENTS for argument in schema.arguments):
-                found.append(str(schema.name))
+            if node.op != "call_function" or _is_plain_arithmetic(node.target):
+                continue
+            target = node.target
+            if not isinstance(target, torch._ops.OpOverload):
+                found.append(f"{getattr(target, '__name__', target)}, which is not an operator bnfold runs from an untrusted file")
+            elif target.namespace not in _OPERATOR_NAMESPACES:
+                found.append(f"{target.name()}, an operator outside {' and '.join(_OPERATOR_NAMESPACES)}")
+            elif any(argument.name in _FILE_ARGUMENTS for argument in target._schema.arguments):
+                found.append(f"{target.name()}, which opens a file by name")
+            elif target.name() in _UNSAFE_OPERATORS:
+                found.append(f"{target.name()}, which writes to the terminal")
     return found
+
+
+def _is_plain_arithmetic(target) -> bool:
+    """Python's own operators (a dynamic shape's ``s0 * 3``, an output picked by ``getitem``), ``math``'s functions
+    and torch's symbolic-integer helpers (``sym_max``, ``sym_not``): values only."""
+    module = getattr(target, "__module__", None)
+    return module in ("_operator", "math") or (module in ("torch", "torch.fx.experimental.sym_node") and target.__name__.startswith("sym_"))
 
 
 class _Refused(Exception):
