@@ -9,6 +9,7 @@ during start-up is handled like any other.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 import warnings
@@ -82,7 +83,11 @@ class _BnfoldGroup(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("bnfold: interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            # Scratch files went as the stack unwound. Out now: onnxruntime's threads of a session stopped mid-run
+            # abort the interpreter's own exit ("terminate called without an active exception", SIGABRT).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         except click.UsageError as error:  # (a command's options and arguments)
             raise _usage_error_line(error, ctx.meta[_JSON_ERRORS]) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
