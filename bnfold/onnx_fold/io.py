@@ -121,6 +121,47 @@ def load_inline_model(path: str | os.PathLike) -> onnx.ModelProto | None:
     return model
 
 
+# Inlined functions may make this many times the nodes a model stores, past 10,000 nodes: a model whose transformer
+# layers are one function called 24 times is well within it; 18 levels of functions each calling the next twice (a
+# 1.8 KB file) make 262,144 nodes, which onnxruntime took hours to load, deaf to Ctrl-C.
+_MOST_INLINED_EXPANSION = 64
+_FEWEST_INLINED_LIMIT = 10_000
+
+
+def _check_inlined_size(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a model whose local functions call each other so that inlining them (onnxruntime does, as it loads
+    the model; the fold does for the functions holding what it folds) would multiply its nodes (see the caps)."""
+    if not model.functions:
+        return
+    bodies = {(function.domain, function.name, function.overload): function for function in model.functions}
+
+    def called(graph_nodes) -> list[tuple[str, str, str]]:
+        graphs = proto_graphs(onnx.GraphProto(node=graph_nodes))
+        return [(node.domain, node.op_type, node.overload) for graph in graphs for node in graph.node]
+
+    calls = {key: called(function.node) for key, function in bodies.items()}
+    sizes: dict[tuple[str, str, str], int] = {}
+    pending, started = list(bodies), set()
+    while pending:  # (a function's size once those it calls are known; recursion counts 1: onnx's checker refuses it)
+        key = pending[-1]
+        if key in sizes:
+            pending.pop()
+            continue
+        started.add(key)
+        unknown = [each for each in calls[key] if each in bodies and each not in sizes and each not in started]
+        if unknown:
+            pending.append(unknown[0])
+            continue
+        pending.pop()
+        sizes[key] = sum(sizes.get(each, 1) for each in calls[key])
+    stored = sum(len(graph.node) for graph in proto_graphs(model.graph)) + sum(len(each) for each in calls.values())
+    inlined = sum(sizes.get(each, 1) for each in called(model.graph.node))
+    if inlined > max(_FEWEST_INLINED_LIMIT, _MOST_INLINED_EXPANSION * stored):
+        raise InputError(
+            path, f"its model-local functions call each other so that inlining them makes {inlined} nodes from the {stored} it stores"
+        )
+
+
 def _read_proto(path: Path) -> onnx.ModelProto:
     """``path`` parsed (:func:`read_model_proto`), refused unless it holds a graph of dense tensors."""
     try:
@@ -134,6 +175,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if sparse:
         names = ", ".join(sparse[:3]) + (", ..." if len(sparse) > 3 else "")
         raise InputError(path, f"sparse initializers ({names}) are not supported; store them dense to fold the model")
+    _check_inlined_size(model, path)
     return model
 
 
