@@ -325,3 +325,14 @@ def test_export_archive_calling_an_operator_through_a_higher_order_one_is_refuse
     assert result.exit_code == 2
     assert "holding a call of with_effects, which is not an operator bnfold runs from an untrusted file" in result.stderr
     assert target.read_bytes() == b"kept"
+
+
+def test_an_archive_torch_cannot_read_is_one_line_naming_why(tmp_path, archive_entries):
+    """torch.export.load logs the reader's traceback (28 lines on stderr), then raises an error saying to look at it."""
+    entries = dict(archive_entries)
+    program = entry(entries, "models/model.json")
+    entries[program] = entries[program].replace(b"torch.ops.aten.conv2d.default", b"torch.ops.higher_order.with_effects")
+    result = invoke(write_archive(tmp_path / "damaged.pt2", entries))
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert "not a readable export archive (RuntimeError: " in line and "warnings above" not in line

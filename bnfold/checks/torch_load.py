@@ -31,6 +31,7 @@ import ast
 import builtins
 import contextlib
 import importlib
+import logging
 import os
 import pickle
 import re
@@ -124,12 +125,13 @@ def _load_untrusted_export(path: Path, entries: list[str]) -> torch.export.Expor
         # torch.export.load loads every AOTInductor model in the archive: a native library, or C++ it compiles.
         refusals.append("AOTInductor compiled code")
     else:
+        logged: list[str] = []
         try:
-            with _code_from_the_file_refused(refusals):
+            with _code_from_the_file_refused(refusals), _export_log_kept(logged):
                 program = torch.export.load(path)
         except Exception as error:  # a damaged archive: whatever the reader raises
             if not refusals:
-                raise InputError(path, f"not a readable export archive ({describe_error(error)})") from None
+                raise InputError(path, f"not a readable export archive ({logged[0] if logged else describe_error(error)})") from None
         else:
             unsafe = _unsafe_calls(program)
             if not unsafe:
@@ -177,6 +179,26 @@ def _is_plain_arithmetic(target) -> bool:
     and torch's symbolic-integer helpers (``sym_max``, ``sym_not``): values only."""
     module = getattr(target, "__module__", None)
     return module in ("_operator", "math") or (module in ("torch", "torch.fx.experimental.sym_node") and target.__name__.startswith("sym_"))
+
+
+@contextlib.contextmanager
+def _export_log_kept(logged: list[str]) -> Iterator[None]:
+    """While active, torch.export's log records go to ``logged`` (one line each) instead of stderr: loading a damaged
+    archive, it logs the reader's whole traceback, then raises an error that points at it."""
+    logger = logging.getLogger("torch.export")
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(describe_error(record.exc_info[1]) if record.exc_info else record.getMessage())
+
+    handlers, propagates = logger.handlers[:], logger.propagate
+    logger.handlers[:] = [Keep()]  # (torch's own handler sits on this logger)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.propagate = propagates
 
 
 class _Refused(Exception):
