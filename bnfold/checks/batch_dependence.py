@@ -105,7 +105,8 @@ def _random_outputs(again: dict[str, Output], batched: dict[str, Output]) -> lis
                 name,
                 f"the same batch run twice gives outputs that differ by up to {comparison.max_abs_error:.3g} (max rel "
                 f"{comparison.max_rel_error:.3g}; {comparison.dtype} tolerance atol {comparison.atol:g}, rtol "
-                f"{comparison.rtol:g}): a random op is active at inference, so batch dependence was not measured",
+                f"{comparison.rtol:g}): something in the forward is random at inference (an active dropout, a noise op) "
+                "or changes state at each call, so batch dependence was not measured",
             ))  # fmt: skip
     return findings
 

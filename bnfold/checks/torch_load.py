@@ -140,8 +140,8 @@ def _load_untrusted_export(path: Path, entries: list[str]) -> torch.export.Expor
     # torch wraps some refusals in its own errors, or catches them and tries its legacy format: the record tells.
     raise InputError(
         path,
-        f"is a torch.export archive holding {refusals[0]}: loading it runs code from the file, so it is refused; "
-        "pass --trust-pickle if you trust the file",
+        f"is a torch.export archive holding {refusals[0]}: loading or running it runs code from the file, so it is "
+        "refused; pass --trust-pickle if you trust the file",
     ) from None
 
 
