@@ -3,9 +3,10 @@
 A model in inference mode computes each sample on its own. The measurement runs a batch of K seeded
 random samples, then each sample alone, and compares that sample's row of every output with the
 dtype tolerances of :mod:`bnfold.verification`. The batch runs twice first: outputs that differ between
-those runs come from a random op (``F.dropout``, whose ``training`` defaults to True, a noise layer), a DO002
-finding instead of a batch dependence the samples alone would seem to show. When the model's batch size is fixed at B > 1, "alone"
-is a batch of B copies of the sample: batch statistics of identical samples are that sample's own.
+those runs come from a random op (``F.dropout``, whose ``training`` defaults to True, a noise layer) or state a
+call changes, a DO002 finding instead of a batch dependence the samples alone would seem to show. When the
+model's batch size is fixed at B > 1, "alone" is a batch of B copies of the sample: batch statistics of identical
+samples are that sample's own.
 
 Front-ends supply a :data:`Runner`: it runs the batch made of the given sample indices (``[0, 1, 2, 3]``
 is the whole batch, ``[2]`` or ``[2, 2]`` is sample 2 alone) and returns every output, batch axis first.

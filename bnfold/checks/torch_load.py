@@ -16,9 +16,9 @@ loader refuses), the TorchScript object unpickler (custom objects), ``sympy.symp
 expressions, which it evaluates as Python) and AOTInductor's native libraries: while it loads, each is
 refused, and so is the archive; so is a program whose graph calls anything but aten and prims operators that
 open no file and print nothing (``aten::from_file`` creates and maps one; a higher-order operator such as
-``with_effects`` calls whatever operator its arguments name: ``check`` runs the program). TorchScript archives are refused: their
-code runs as ``torch.jit.load`` loads them (``__setstate__``) and as they run, and TorchScript reaches the same
-operators. ``--trust-pickle`` lifts every refusal: the file may then run code (``torch.jit.load``'s C++
+``with_effects`` calls whatever operator its arguments name: ``check`` runs the program). TorchScript archives
+are refused: their code runs as ``torch.jit.load`` loads them (``__setstate__``) and as they run, and
+TorchScript reaches the same operators. ``--trust-pickle`` lifts every refusal: the file may then run code (``torch.jit.load``'s C++
 unpickler still resolves only TorchScript types).
 
 ``--model module:callable`` skips the file: the callable returns the model. For both callables the

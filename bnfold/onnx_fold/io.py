@@ -47,7 +47,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         with onnx_ir_logging_off():
             model = ir.serde.deserialize_model(proto)
         # (a model-local function's tensors too: left without, they were read from the working directory)
-        for graph in (model.graph, *(function.graph for function in model.functions.values())):
+        for graph in graph_and_functions(model):
             ir.external_data.set_base_dir(graph, path.absolute().parent)
     except Exception as error:  # noqa: BLE001 - what onnx_ir cannot read (a name that is not UTF-8)
         raise InputError(path, f"not a readable ONNX model ({describe_error(error)})") from None
@@ -135,9 +135,8 @@ def _check_inlined_size(model: onnx.ModelProto, path: Path) -> None:
         return
     bodies = {(function.domain, function.name, function.overload): function for function in model.functions}
 
-    def called(graph_nodes) -> list[tuple[str, str, str]]:
-        graphs = proto_graphs(onnx.GraphProto(node=graph_nodes))
-        return [(node.domain, node.op_type, node.overload) for graph in graphs for node in graph.node]
+    def called(nodes) -> list[tuple[str, str, str]]:
+        return [(node.domain, node.op_type, node.overload) for node in _nodes_within(nodes)]
 
     calls = {key: called(function.node) for key, function in bodies.items()}
     sizes: dict[tuple[str, str, str], int] = {}
@@ -154,8 +153,9 @@ def _check_inlined_size(model: onnx.ModelProto, path: Path) -> None:
             continue
         pending.pop()
         sizes[key] = sum(sizes.get(each, 1) for each in calls[key])
-    stored = sum(len(graph.node) for graph in proto_graphs(model.graph)) + sum(len(each) for each in calls.values())
-    inlined = sum(sizes.get(each, 1) for each in called(model.graph.node))
+    in_graph = called(model.graph.node)
+    stored = len(in_graph) + sum(len(each) for each in calls.values())
+    inlined = sum(sizes.get(each, 1) for each in in_graph)
     if inlined > max(_FEWEST_INLINED_LIMIT, _MOST_INLINED_EXPANSION * stored):
         raise InputError(
             path, f"its model-local functions call each other so that inlining them makes {inlined} nodes from the {stored} it stores"
@@ -323,8 +323,12 @@ def data_input_names(path: str | os.PathLike) -> list[str]:
 
 def external_data_files(model: ir.Model) -> set[Path]:
     """The files the model's external tensors are read from."""
-
     return {Path(tensor.path) for tensor in _external_tensors(model)}
+
+
+def graph_and_functions(model: ir.Model) -> list[ir.Graph]:
+    """The model's graph and the graphs of its model-local functions (subgraphs are theirs to walk)."""
+    return [model.graph, *(function.graph for function in model.functions.values())]
 
 
 def _external_tensors(model: ir.Model):
@@ -332,7 +336,7 @@ def _external_tensors(model: ir.Model):
     its subgraphs and the model-local functions."""
     import onnx_ir as ir
 
-    for graph in (model.graph, *(function.graph for function in model.functions.values())):
+    for graph in graph_and_functions(model):
         for tensor in ir.external_data._all_tensors(graph, include_attributes=True):
             if isinstance(tensor, ir.ExternalTensor):
                 yield tensor
@@ -545,20 +549,32 @@ def model_files(path: str | os.PathLike) -> set[Path]:
 def proto_graphs(graph: onnx.GraphProto):
     """``graph`` and its subgraphs, at any depth."""
     yield graph
-    for node in graph.node:
+    yield from _subgraphs(graph.node)
+
+
+def _subgraphs(nodes):
+    """The subgraphs of ``nodes``' attributes, at any depth."""
+    for node in nodes:
         for attribute in node.attribute:
             for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
                 yield from proto_graphs(subgraph)
 
 
+def _nodes_within(nodes):
+    """``nodes`` and those of their subgraphs, at any depth."""
+    yield from nodes
+    for subgraph in _subgraphs(nodes):
+        yield from subgraph.node
+
+
 def _tensors(model: onnx.ModelProto):
     """Every initializer and Constant tensor of the model's graph, its subgraphs and its local functions."""
-    functions = [onnx.GraphProto(node=function.node) for function in model.functions]
-    for each in (graph for top in (model.graph, *functions) for graph in proto_graphs(top)):
-        yield from each.initializer
-        for node in each.node:
-            for attribute in node.attribute:
-                yield from [attribute.t] if attribute.type == onnx.AttributeProto.TENSOR else attribute.tensors
+    function_nodes = [node for function in model.functions for node in function.node]
+    for graph in (*proto_graphs(model.graph), *_subgraphs(function_nodes)):
+        yield from graph.initializer
+    for node in (*_nodes_within(model.graph.node), *_nodes_within(function_nodes)):
+        for attribute in node.attribute:
+            yield from [attribute.t] if attribute.type == onnx.AttributeProto.TENSOR else attribute.tensors
 
 
 def _own_data_files(path: Path) -> set[Path]:

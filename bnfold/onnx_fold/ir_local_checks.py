@@ -183,7 +183,7 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
     preceding = fold.direction == "into-preceding"
     rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
     match = rule.check(anchor, opset)  # read-only: the original's layer and the map that was folded
-    if match.quantized is not None or match.layer.quantized is not None:
+    if match.layer.quantized is not None:
         # (the fold went into the DequantizeLinear's scales: the layer's weight is its integers)
         raise LookupError(f"{fold.layer!r} reads a quantized weight")
     layer, affine = match.layer, match.affine

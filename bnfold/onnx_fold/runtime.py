@@ -32,7 +32,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from bnfold.onnx_fold.fast_path import tensor_array
-from bnfold.onnx_fold.io import RAW_STORAGE, scratch_directory
+from bnfold.onnx_fold.io import RAW_STORAGE, graph_and_functions, scratch_directory
 from bnfold.onnx_fold.protobuf_writer import copy_fields
 from bnfold.onnx_fold.shared import MalformedTensorError
 
@@ -193,7 +193,7 @@ def _from_ir(model: ir.Model) -> RuntimeModel:
                 value.const_value = ir.tensor(array, name=value.name)
     # A Constant's external tensor (in the graph, a subgraph or a model-local function) goes in as its values too.
     attributes = []
-    for graph in (main, *(function.graph for function in model.functions.values())):
+    for graph in graph_and_functions(model):
         for node in ir.traversal.RecursiveGraphIterator(graph):
             for name, attribute in node.attributes.items():
                 if not attribute.is_ref() and attribute.type == ir.AttributeType.TENSOR and isinstance(attribute.value, ir.ExternalTensor):

@@ -477,8 +477,6 @@ def _copy_chain(value: Any, traced: TracedModel) -> list[fx.Node]:
     return chain
 
 
-
-
 def _affine_call(node: fx.Node, traced: TracedModel, cache: dict[fx.Node, Any]) -> BatchNormCall | None:
     """``x * scale + shift`` (or ``- shift``, operands in either order) with a per-channel scale and shift
     computed from parameters, buffers and literals only, keeping x's shape and dtype. ``cache`` holds the
