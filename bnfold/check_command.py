@@ -18,6 +18,7 @@ from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
 from bnfold.errors import EXIT_BAD_INPUT, InputError, echo, echo_error, internal_error
 from bnfold.input_shapes import parse_input_shapes, positional
+from bnfold.limits import limit_options
 from bnfold.report import printable
 
 EXIT_ERROR_FINDINGS = 1
@@ -47,6 +48,7 @@ def _codes_epilog() -> str:
               help="Report only these codes or code prefixes, comma-separated (e.g. BN,DO001).")
 @click.option("--ignore", metavar="CODES", help="Do not report these codes or code prefixes, comma-separated.")
 @click.option("--format", "output_format", type=click.Choice(list(FORMATTERS)), default="text", show_default=True)
+@limit_options
 def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, seed, select, ignore, output_format) -> None:
     """Check ONNX files and PyTorch models for BatchNorm/Dropout left in training mode, untrained or
     broken statistics, and outputs that change with the batch; exit 1 on any error finding.

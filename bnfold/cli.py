@@ -14,6 +14,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -22,6 +23,7 @@ from bnfold.errors import (
     InputError,
     VerificationError,
     VerificationUnavailableError,
+    describe_error,
     echo,
     echo_error,
     echo_error_json,
@@ -29,6 +31,7 @@ from bnfold.errors import (
     internal_error,
 )
 from bnfold.input_shapes import named, parse_input_shapes, positional
+from bnfold.limits import TimeLimitReached, limit_options
 from bnfold.verify_command import verification_options, verify
 
 EXIT_VERIFICATION_FAILED = 1
@@ -81,19 +84,33 @@ class _BnfoldGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except TimeLimitReached as error:
+            _exit_now(str(error), EXIT_BAD_INPUT, ctx.meta[_JSON_ERRORS])
         except KeyboardInterrupt:
-            click.echo("bnfold: interrupted", err=True)
-            # Scratch files went as the stack unwound. Out now: onnxruntime's threads of a session stopped mid-run
-            # abort the interpreter's own exit ("terminate called without an active exception", SIGABRT).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(EXIT_INTERRUPTED)
+            _exit_now(None, EXIT_INTERRUPTED, json_errors=False)
         except click.UsageError as error:  # (a command's options and arguments)
             raise _usage_error_line(error, ctx.meta[_JSON_ERRORS]) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except MemoryError as error:  # (past --max-memory, in Python's or numpy's own allocations)
+            fail(f"out of memory ({describe_error(error)})", output_format="json" if ctx.meta[_JSON_ERRORS] else "text")
         except Exception as error:  # a bug, not bad input; still one line, and not the code of a verdict
             fail(internal_error(error), output_format="json" if ctx.meta[_JSON_ERRORS] else "text")
+
+
+def _exit_now(message: str | None, code: int, json_errors: bool) -> NoReturn:
+    """The end of an interrupted command (Ctrl-C, SIGTERM, ``--timeout``): its line, then out at once."""
+    if message is None:
+        click.echo("bnfold: interrupted", err=True)
+    else:
+        echo_error(message)
+        if json_errors:
+            echo_error_json(message, code)
+    # Scratch files went as the stack unwound. Out now: onnxruntime's threads of a session stopped mid-run abort the
+    # interpreter's own exit ("terminate called without an active exception", SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # The group's own options: any other option first (`bnfold --no-verify MODEL -o OUT`) is the fold command's.
@@ -147,6 +164,7 @@ main.add_command(verify)
 @click.option("--dry-run", is_flag=True, help="Fold and verify, report, write nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @verification_options
+@limit_options
 @click.option(
     "--freeze-initializer-inputs",
     is_flag=True,

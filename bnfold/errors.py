@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
+from bnfold.limits import memory_hint
 from bnfold.report import printable
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def echo(text: str, err: bool = False) -> None:
 
 def echo_error(message: str) -> None:
     """``bnfold: error: MESSAGE`` on stderr, one line: names quoted from model files are escaped."""
-    echo(f"bnfold: error: {printable(message)}", err=True)
+    echo(f"bnfold: error: {printable(memory_hint(message))}", err=True)
 
 
 # What ``--format json`` prints on stdout when a command fails with bad input, so that stdout is always JSON.
@@ -61,7 +62,7 @@ def echo_error_json(message: str, code: int) -> None:
     """The ``bnfold.error/1`` object on stdout, for a failure under ``--format json``."""
     import json
 
-    echo(json.dumps({"schema": ERROR_SCHEMA, "error": printable(message), "exit_code": code}))
+    echo(json.dumps({"schema": ERROR_SCHEMA, "error": printable(memory_hint(message)), "exit_code": code}))
 
 
 class InputError(Exception):

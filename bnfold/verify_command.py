@@ -16,6 +16,7 @@ import click
 
 from bnfold.errors import echo, fail
 from bnfold.input_shapes import named, parse_input_shapes, positional
+from bnfold.limits import limit_options
 
 EXIT_NOT_EQUIVALENT = 1
 
@@ -39,6 +40,7 @@ def verification_options(command):
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
 @verification_options
+@limit_options
 def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -> None:
     """Run ORIGINAL and CANDIDATE on the same seeded random inputs and compare every output; check each fold
     bnfold finds in ORIGINAL against CANDIDATE's corresponding layer."""

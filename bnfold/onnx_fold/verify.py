@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from bnfold.limits import allocation_failed
 from bnfold.onnx_fold.io import load_model, read_model_proto, scratch_directory
 from bnfold.onnx_fold.local_checks import append_local_checks, plain_folds, plain_local_folds, read_local_checks
 from bnfold.onnx_fold.runtime import RuntimeModel, model_runner, run_model, runtime_model
@@ -162,6 +163,8 @@ def _cannot_run_original(error: Exception) -> str:
             "the model itself is invalid, an op's inputs disagreeing in element type (a float16 export with float32 "
             "weights): onnx.checker.check_model(model, full_check=True) lists them; fix the export"
         )
+    elif allocation_failed(message):  # (before the shape words: ConstantOfShape's allocation names its op)
+        remedy = "the run needs more memory than it may have: give smaller input shapes (--input-shape), raise --max-memory, or use --no-verify"
     elif _TYPE_NOT_TAKEN in message:
         remedy = "onnxruntime does not take that element type there: use --no-verify to fold without verification"
     elif any(word in message for word in ("dimension", "rank", "shape", "Shape")):
