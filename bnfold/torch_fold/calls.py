@@ -207,7 +207,8 @@ class DataFlow:
                 group_of.update(dict.fromkeys([key for key, found in group_of.items() if found is other], group))
             group.append(call)
             group_of.update(dict.fromkeys(keys, group))
-        return [sorted(group, key=self.batchnorms.index) for group in groups]
+        position = {id(call): index for index, call in enumerate(self.batchnorms)}
+        return [sorted(group, key=lambda call: position[id(call)]) for group in groups]
 
 
 def read_data_flow(traced: TracedModel) -> DataFlow:
