@@ -1953,6 +1953,31 @@ def test_batchnorm_statistics_passed_in_through_copies_are_constants_to_fold():
         assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
 
 
+def test_a_copy_passed_for_two_statistics_counts_once():
+    """One clone as both weight and bias of an F.batch_norm: the fold takes two calls, not three."""
+
+    class SharedCopy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            generator = torch.Generator().manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("ones", torch.ones(4))
+            self.register_buffer("mean", torch.randn(4, generator=generator))
+            self.register_buffer("var", torch.rand(4, generator=generator) + 0.5)
+
+        def forward(self, x):
+            affine = self.ones.clone()
+            return F.batch_norm(self.conv(x), self.mean, self.var, affine, affine, training=False)
+
+    model = SharedCopy().eval()
+    inputs = (torch.randn(2, 3, 9, 9),)
+    result = fold(model, inputs)
+
+    assert len(result.report.folds) == 1
+    assert result.report.nodes_before["total"] - result.report.nodes_after["total"] == 2
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
+
+
 class ClonedStatisticsChanged(nn.Module):
     """F.batch_norm on a copy of the running mean that forward changes in place first."""
 

@@ -453,7 +453,8 @@ def _functional_batchnorm_call(
         training=bool(arguments.get("training", False)),
         tensors_are_attributes=all(arguments.get(name) is None or paths[name] is not None for name in paths),
         kept_children=kept_children or (),
-        call_nodes=1 + sum(len(chain) - 1 for name, chain in copies.items() if paths[name] is not None),  # (its copies go with it)
+        # (its copies go with it, each once: one clone may be passed as both mean and variance)
+        call_nodes=1 + len({copy for name, chain in copies.items() if paths[name] is not None for copy in chain[:-1]}),
     )
 
 
