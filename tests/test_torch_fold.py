@@ -24,6 +24,8 @@ from torch_architectures import (
     FrozenBatchNorm2d,
     LinearNorm,
     TfMobileVit,
+    TimmGELU,
+    TimmSwish,
     ValueBranchNet,
     batchnorm_modules,
     fuse_folds,
@@ -167,6 +169,22 @@ def test_batchnorm_act_folds_in_the_module_tree_keeping_drop_and_act():
     assert [check.status for check in result.report.verification.folds] == ["passed"] * 4
     assert result.report.nodes_before == {"batchnorm": 4, "total": 36}
     assert result.report.nodes_after == {"batchnorm": 0, "total": 32}
+
+
+@pytest.mark.parametrize("activation", [TimmGELU, TimmSwish])
+def test_batchnorm_act_with_an_activation_of_timms_own_folds_in_the_module_tree(activation):
+    """timm's own activation modules (not torch's: fx traces through them) inside BatchNormAct2d: the folds went
+    into an fx GraphModule, checked through the outputs only (efficientformerv2_s0: 30 of 74)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=activation))
+    model = randomise_statistics(model)
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert type(result.model) is nn.Sequential
+    assert isinstance(result.model[1], nn.Sequential) and isinstance(result.model[1].act, activation)
+    assert [check.status for check in result.report.verification.folds] == ["passed"]
+    x = torch.randn(3, 3, 8, 8)
+    assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
 
 
 def test_a_wrong_batchnorm_act_fold_fails_its_own_check(monkeypatch):
@@ -616,6 +634,7 @@ class _CountsItsRuns(nn.Module):
 def test_verification_reuses_the_trace_checks_run_and_still_catches_a_wrong_fold(monkeypatch):
     # The run that proves fx's graph gives the expected outputs and each fold's values: fx's trace, that run and
     # the folded model's run are all (before: the original ran once more).
+    torch.manual_seed(0)  # (a draw where channel 1 of bn2's output is small passes the corrupted fold's outputs)
     model, inputs = randomise_statistics(_CountsItsRuns()), (torch.randn(2, 3, 8, 8),)
     _CountsItsRuns.runs = 0
     result = fold(model, inputs)
@@ -627,7 +646,7 @@ def test_verification_reuses_the_trace_checks_run_and_still_catches_a_wrong_fold
     def write_then_corrupt(folds, traced, copied):
         write(folds, traced, copied)
         with torch.no_grad():
-            traced.model.conv2.weight[1] *= 1 + 1e-2
+            traced.model.conv2.weight[1] *= 1 + 1e-1
 
     monkeypatch.setattr(rewrite, "_write_folded_weights", write_then_corrupt)
     with pytest.raises(VerificationError) as raised:
@@ -636,6 +655,7 @@ def test_verification_reuses_the_trace_checks_run_and_still_catches_a_wrong_fold
     (failed,) = verification.failed_folds
     assert failed.fold.startswith("bn2 [BatchNorm2d] into preceding conv2") and failed.channel == 1
     assert [output.status for output in verification.outputs] == ["failed"]
+    assert verification.outputs[0].max_rel_error > 3 * verification.outputs[0].rtol  # (a margin, on any CPU)
 
 
 def test_nested_outputs_are_all_compared():

@@ -335,6 +335,28 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return x
 
 
+class TimmGELU(nn.Module):
+    """timm's ``layers/activations.py`` GELU, verbatim: a module of timm's own (fx traces through it), with a dummy
+    ``inplace`` argument; efficientformerv2's and any ``act_layer='gelu'`` BatchNormAct2d apply it."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - timm's name
+        return F.gelu(input)
+
+
+class TimmSwish(nn.Module):
+    """timm's ``layers/activations.py`` Swish, verbatim: in place on its input when asked."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        return x.mul_(x.sigmoid()) if self.inplace else x.mul(x.sigmoid())
+
+
 class ConvNormAct(nn.Module):
     """timm's ``layers/conv_bn_act.py`` ConvNormAct: ``conv`` then ``bn`` (a BatchNormAct2d), no anti-aliasing."""
 

@@ -608,22 +608,23 @@ def module_remainder(
 def _child_call(
     traced: TracedModel, path: str, value: fx.Node, inside: set[fx.Node]
 ) -> tuple[str, set[fx.Node], fx.Node] | None:
-    """The call of a child of module ``path`` on ``value`` alone, when it is ``value``'s only reader: the
-    child's name, its nodes and its result. fx records the call as one ``call_module`` node; torch.export and
-    Dynamo as the calls the child's forward made (``bn.drop``: ``aten.dropout``), which must read nothing but
-    ``value``, each other and the child's own parameters, and give one result."""
-    readers = value_readers(value)
-    if len(readers) != 1:
-        return None
-    (reader,) = readers
-    if reader.op == "call_module":
+    """The call of a child of module ``path`` on ``value`` alone, when only that call reads ``value``: the child's
+    name, its nodes and its result. fx records the call as one ``call_module`` node, unless the child is a module of
+    the user's own (timm's ``GELU``, whose forward fx traces through); torch.export and Dynamo as the calls the
+    child's forward made (``bn.drop``: ``aten.dropout``). Those calls must read nothing but ``value`` (timm's
+    in-place Swish reads it twice), each other and the child's own parameters, and give one result."""
+    readers = list(value_readers(value))
+    if len(readers) == 1 and readers[0].op == "call_module":
+        (reader,) = readers
         parent, _, name = reader.target.rpartition(".")
         plain_call = parent == path and reader.args == (value,) and not reader.kwargs
         return (name, {reader}, reader) if plain_call else None
-    child = next((p for p in module_stack_paths(reader) if p.rpartition(".")[0] == path), None)
-    if not traced.modules_inlined or child is None:
+    child = next((p for p in module_stack_paths(readers[0]) if p.rpartition(".")[0] == path), None) if readers else None
+    if child is None:
         return None
     nodes = inside.intersection(traced.nodes_inside(value.graph, child))
+    if not set(readers) <= nodes:
+        return None
     child_attributes = {n for n, p in traced.attribute_paths.items() if p.startswith(f"{child}.")}
     if any(not set(node.all_input_nodes) <= nodes | child_attributes | {value} for node in nodes):
         return None

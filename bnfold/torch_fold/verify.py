@@ -121,22 +121,7 @@ class FoldCapture:
 
     def __init__(self, model: nn.Module, folds: list[PlannedFold], folds_into_model: bool, run: ModelRun | None = None):
         layers = collections.Counter(fold.layer.module_path for fold in folds)
-        # A BatchNorm module that applies more after normalising (timm's BatchNormAct2d: drop, act) has no hook
-        # on the normalised value: its output is compared with those children applied to the folded layer's
-        # output when they are elementwise and change an error no more than in proportion (see _KEPT_ELEMENTWISE).
-        self.after = {
-            fold: [model.get_submodule(f"{fold.batchnorm.module_path}.{name}") for name in fold.batchnorm.kept_children]
-            for fold in folds
-            if fold.in_module_tree
-        }
-        self.checked = [
-            fold
-            for fold in folds
-            if fold.in_module_tree
-            and layers[fold.layer.module_path] == 1
-            and all(type(child) in _KEPT_ELEMENTWISE and not child._forward_hooks for child in self.after[fold])
-            and _values_line_up(fold)
-        ]
+        self.checked = [fold for fold in folds if fold.in_module_tree and layers[fold.layer.module_path] == 1 and _values_line_up(fold)]
         self.values: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Half-precision layers are checked in float32 (see LOCAL_UNITS): a float32 copy of each, taken
         # before folding changes it (an in-place fold folds this very model).
@@ -179,8 +164,6 @@ class FoldCapture:
             if fold not in self.checked:
                 if not fold.in_module_tree:
                     why = "a function call in the traced graph"
-                elif fold.batchnorm.kept_children:
-                    why = f"the BatchNorm module also applies {', '.join(fold.batchnorm.kept_children)}, not only an elementwise activation"
                 elif not _values_line_up(fold):
                     why = "the calls between the layer and the BatchNorm rearrange the values"
                 else:
@@ -193,21 +176,12 @@ class FoldCapture:
                 checks.append(fold_not_checked(label, "the layer or BatchNorm runs more than once: checked through the model's outputs only"))
                 continue
             checks.append(_check_one(
-                fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold), self.parameters[fold], self.after[fold],
+                fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold), self.parameters[fold],
             ))  # fmt: skip
         return checks
 
 
 _HALF = (torch.float16, torch.bfloat16)
-
-# Modules a BatchNorm module may apply after normalising, for its fold to be checked through them: eval-mode
-# dropout, and activations whose slope is at most 1.2 in magnitude (Hardswish 1.5), so that an error past the
-# allowance before them stays of that order after (a dead ReLU hides it, as in the model).
-_KEPT_ELEMENTWISE = frozenset({
-    nn.Identity, nn.Dropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.Mish,
-    nn.Tanh, nn.Sigmoid,
-})  # fmt: skip
-
 
 def _values_line_up(fold: PlannedFold) -> bool:
     """Whether the values caught around the BatchNorm line up with the layer's: the BatchNorm's output reshaped
@@ -249,12 +223,11 @@ _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_trans
 
 
 def _check_one(
-    fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters, after: list[nn.Module]
+    fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters
 ) -> FoldCheck:
-    """The folded layer on the original's input to it (then the modules ``after`` it that the BatchNorm module
-    applies, when a fold into the layer before) against the original layer and BatchNorm, each element's error
-    in units of its rounding scale sqrt(sum (w x)^2 + c^2), c the terms summed into the bias (see LOCAL_UNITS),
-    and its parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
+    """The folded layer on the original's input to it against the original layer and BatchNorm, each element's
+    error in units of its rounding scale sqrt(sum (w x)^2 + c^2), c the terms summed into the bias (see
+    LOCAL_UNITS), and its parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
     (layer_in, _), (norm_in, norm_out) = layer_call, norm_call
     axis = fold.layer.feature_axis(layer_call[1].dim())
     folded_layer = layer = folded.get_submodule(fold.layer.module_path)
@@ -264,7 +237,14 @@ def _check_one(
     affine = fold.affine
     exact = exact_fold(*(to_numpy_float(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
     with torch.no_grad():
-        if original is None:
+        if original is None and fold.batchnorm.kept_children:
+            # A BatchNorm module that applies children after normalising (timm's BatchNormAct2d: drop, act) shows
+            # no normalised value: the exact per-channel map of the original layer's output stands for it.
+            layer_out = layer_call[1].double()
+            shape = [-1] + [1] * (layer_out.dim() - 1 - axis)
+            scale, shift = (torch.from_numpy(array).to(layer_out.device).reshape(shape) for array in (affine.scale, affine.shift))
+            reference = layer_out * scale + shift
+        elif original is None:
             reference = norm_out if preceding else layer_call[1]
             reference = reference.reshape(layer_call[1].shape)  # LeViT's LinearNorm: BatchNorm1d on flatten(0, 1)
         else:
@@ -276,10 +256,6 @@ def _check_one(
             layer = copy.deepcopy(layer).float()
         actual = layer(data)
         magnitude = _squared_call(layer, data * data, exact.bias_terms).sqrt()
-        for child in after:
-            actual = child(actual)
-            if original is not None:
-                reference = child(reference)
     bias = None if folded_layer.bias is None else to_numpy_as_is(folded_layer.bias)
     compared = compare_parameters(exact, to_numpy_as_is(folded_layer.weight), bias, fold.layer.layout, rtol)
     # The comparison works in float64 from values of any float dtype numpy has.
