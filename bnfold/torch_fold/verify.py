@@ -70,32 +70,47 @@ def measure_noise(
     """Measure each failed output's noise (see OutputComparison.measure_noise): how far another run of the original
     is from its run (``expected``), the float noise a user can compare the error with, and within which an output
     passes when each of the ``folds`` passed its own check (``verification.folds``) and ``allowances`` (no tolerance
-    the user set) holds. The other run is, for a model with float16 or bfloat16 weights, a float32 copy of it on
-    float32 inputs (its own rounding: with oneDNN off, CPU kernels in those dtypes round alike), else the original
-    without oneDNN (other convolution kernels, other rounding). ``original`` must not be folded yet (a fold would
-    make its own allowance)."""
+    the user set) holds. The other run is, for a float32 model, a float64 copy of it on float64 inputs: the result
+    its float32 run approximates, however the kernels round (switching oneDNN off, the measure before, changes no
+    rounding in a model of Linear layers: a noise of 0). For a model with float16 or bfloat16 weights it is a
+    float32 copy of it on float32 inputs (its own rounding: with oneDNN off, CPU kernels in those dtypes round
+    alike), and for a float64 model, or one that does not run in float64, the original without oneDNN (other
+    convolution kernels, other rounding). ``original`` must not be folded yet (a fold would make its own
+    allowance)."""
     failed = [comparison for comparison in verification.outputs if comparison.failed and comparison.magnitude is not None]
     if not failed:
         return
-    half = next((tensor.dtype for tensor in itertools.chain(original.parameters(), original.buffers()) if tensor.dtype in _HALF), None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (torch warns about TF32 on Intel GPUs as the flags change)
+    dtypes = {tensor.dtype for tensor in itertools.chain(original.parameters(), original.buffers()) if tensor.is_floating_point()}
+    half = next((dtype for dtype in dtypes if dtype in _HALF), None)
+    other = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch warns about TF32 on Intel GPUs as the flags change)
+        try:
             if half is not None:
-                widened = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in _HALF else x for x in example_inputs)
-                other = run_outputs(copy.deepcopy(original).float(), widened)
-                noise_from = f"the original run in float32 against in {str(half).removeprefix('torch.')}"
-            else:
+                other = run_outputs(copy.deepcopy(original).float(), _widened(example_inputs, _HALF, torch.float32))
+                noise_from, exact = f"the original run in float32 against in {str(half).removeprefix('torch.')}", False
+            elif dtypes == {torch.float32}:
+                other = run_outputs(copy.deepcopy(original).double(), _widened(example_inputs, (torch.float32,), torch.float64))
+                noise_from, exact = "the original's float32 run against a float64 run of it", True
+        except Exception:  # noqa: BLE001 - a model that does not run in another dtype: other kernels then
+            other = None
+        try:
+            if other is None:
                 with torch.backends.mkldnn.flags(enabled=False):
                     other = run_outputs(original, example_inputs)
-                noise_from = "the original run without oneDNN against with it"
-    except Exception:  # noqa: BLE001 - the figure is a help to the reader, never a reason to fail differently
-        return
+                noise_from, exact = "the original run without oneDNN against with it", False
+        except Exception:  # noqa: BLE001 - the figure is a help to the reader, never a reason to fail differently
+            return
     proven = folds_proven(verification.folds, folds)
     for comparison in failed:
         leaves = [leaves.get(comparison.name) for leaves in (expected, other, actual)]
         if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), noise_from, proven, allowances)
+            comparison.measure_noise(*(to_numpy(leaf) for leaf in leaves), noise_from, proven, allowances, exact)
+
+
+def _widened(example_inputs: tuple, dtypes: tuple[torch.dtype, ...], wider: torch.dtype) -> tuple:
+    """``example_inputs`` with each tensor of one of ``dtypes`` cast to ``wider`` (exactly)."""
+    return tuple(x.to(wider) if isinstance(x, torch.Tensor) and x.dtype in dtypes else x for x in example_inputs)
 
 
 def _compare_leaf(name: str, expected: Any, actual: Any, atol: float | None, rtol: float | None) -> OutputComparison:
