@@ -547,8 +547,13 @@ class Verification:
             )
         if self.compared:
             return ""
-        why = self.nothing_compared or "; ".join(f"output {o.name!r}: {o.reason}" for o in self.outputs)
-        return f"nothing was compared: {why or 'the model has no outputs'}"
+        if self.nothing_compared or not self.outputs:
+            return f"nothing was compared: {self.nothing_compared or 'the model has no outputs'}"
+        why = "; ".join(f"output {o.name!r}: {o.reason}" for o in self.outputs)
+        return (
+            f"nothing was compared: {why}; verify on inputs for which an output holds finite values (a detector's: "
+            f"inputs it detects something in), or {self.overrides.skip}"
+        )
 
     def _describe_fold_failure(self, check: FoldCheck, count: int) -> str:
         others = f" (and {count - 1} other fold(s))" if count > 1 else ""

@@ -74,7 +74,10 @@ def test_an_output_nan_everywhere_in_the_original_fails_the_fold_with_nothing_wr
     onnx.save(conv_batchnorm(nan_everywhere("b", "y"), ["y"]), path)
     result = invoke(path, "-o", out, "--format", "json")
     assert result.exit_code == 1 and not out.exists()
-    reason = f"nothing was compared: output 'y': the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s)"
+    reason = (
+        f"nothing was compared: output 'y': the original is NaN or Inf in all {CONV_OUTPUT_ELEMENTS} element(s); verify on "
+        "inputs for which an output holds finite values (a detector's: inputs it detects something in), or --no-verify"
+    )
     assert result.stderr == f"bnfold: error: {path}: verification failed, nothing written: {reason}\n"
     verification = json.loads(result.stdout)["verification"]
     assert verification["passed"] is False and verification["reason"] == reason
@@ -156,7 +159,8 @@ def test_infinities_must_keep_their_sign():
     (y,) = verify(original, folded).outputs
     assert (y.status, y.reason) == ("failed", "144 element(s) differ where the original is NaN or Inf")
     same = verify(original, onnx.load_from_string(original))
-    assert not same.passed and same.reason == "nothing was compared: output 'y': the original is NaN or Inf in all 144 element(s)"
+    assert not same.passed and same.reason.startswith("nothing was compared: output 'y': the original is NaN or Inf in all 144 element(s); ")
+    assert same.reason.endswith("or verify=False")
 
 
 class ConvBatchNorm(nn.Module):
@@ -211,6 +215,17 @@ def test_non_tensor_leaves_beside_tensors_are_reported_not_compared():
         ("output[4]['n']", "not compared", 0, "the original is NaN or Inf in all 1 element(s)"),
     ]
     assert result.report.format_text().splitlines()[-6].startswith("  verification passed: 5 output(s), 4 not compared, ")
+
+
+def test_empty_outputs_fail_saying_which_inputs_would_verify():
+    """A detector whose random-weight scores pass no threshold returns empty boxes (torchvision's
+    fasterrcnn_mobilenet_v3_large_320_fpn): the message said nothing of what to do."""
+    with pytest.raises(VerificationError) as raised:
+        fold_torch(lambda y: y.flatten()[y.flatten() > 1e9])
+    assert str(raised.value) == (
+        "nothing was compared: output 'output': the output is empty; verify on inputs for which an output holds finite "
+        "values (a detector's: inputs it detects something in), or verify=False"
+    )
 
 
 def test_a_tensor_nan_everywhere_fails_verification():
