@@ -22,6 +22,7 @@ from torch_architectures import (
     BatchNormAct2d,
     Conv2dSame,
     FrozenBatchNorm2d,
+    LearnableAffineBlock,
     LinearNorm,
     TfMobileVit,
     TimmGELU,
@@ -185,6 +186,18 @@ def test_batchnorm_act_with_an_activation_of_timms_own_folds_in_the_module_tree(
     assert [check.status for check in result.report.verification.folds] == ["passed"]
     x = torch.randn(3, 3, 8, 8)
     assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+def test_one_scale_and_bias_for_every_channel_is_no_batchnorm():
+    """hgnetv2's LearnableAffineBlock after each activation: timm hgnetv2_b0 was reported "folded 49 of 73
+    BatchNorm(s)" for its 42 BatchNorms, its 31 blocks counted among them (24 left as no-foldable-neighbour)."""
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), LearnableAffineBlock(1.5, 0.25)))
+    inputs = (torch.randn(2, 3, 8, 8),)
+    result = fold(model, inputs)
+
+    assert [(fold.batchnorm, fold.layer) for fold in result.report.folds] == [("1", "0")]
+    assert result.report.skips == [] and result.report.nodes_before["batchnorm"] == 1
+    assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
 def test_a_wrong_batchnorm_act_fold_fails_its_own_check(monkeypatch):

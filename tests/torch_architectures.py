@@ -357,6 +357,19 @@ class TimmSwish(nn.Module):
         return x.mul_(x.sigmoid()) if self.inplace else x.mul(x.sigmoid())
 
 
+class LearnableAffineBlock(nn.Module):
+    """timm's ``models/hgnet.py`` LearnableAffineBlock, verbatim: one learned scale and bias for every channel,
+    after the activation of hgnetv2's ConvBNAct."""
+
+    def __init__(self, scale_value=1.0, bias_value=0.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([scale_value]), requires_grad=True)
+        self.bias = nn.Parameter(torch.tensor([bias_value]), requires_grad=True)
+
+    def forward(self, x):
+        return self.scale * x + self.bias
+
+
 class ConvNormAct(nn.Module):
     """timm's ``layers/conv_bn_act.py`` ConvNormAct: ``conv`` then ``bn`` (a BatchNormAct2d), no anti-aliasing."""
 

@@ -525,9 +525,12 @@ def _affine_module_call(node: fx.Node, traced: TracedModel) -> BatchNormCall | N
 
 def _per_channel(node: fx.Node, data: Any, product_meta, scale: Any, shift: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``scale`` and ``shift`` as one value per channel of ``data``, when ``node`` (and the product before it,
-    ``product_meta``) keeps ``data``'s shape and dtype."""
+    ``product_meta``) keeps ``data``'s shape and dtype, and they are not one value for every channel of several
+    (timm's LearnableAffineBlock in hgnetv2, ``scale * x + bias`` with one of each: no BatchNorm)."""
     data_meta = tensor_shape_and_dtype(data)
     if data_meta is None or data_meta != tensor_shape_and_dtype(node) or data_meta != product_meta:
+        return None
+    if len(data_meta[0]) > 1 and data_meta[0][1] > 1 and all(_one_value(value) for value in (scale, shift)):
         return None
     scale, shift = _channel_values(scale, data_meta[0]), _channel_values(shift, data_meta[0])
     return None if scale is None or shift is None else (scale, shift)
@@ -689,6 +692,10 @@ def _constant_computation(values: tuple, cache: dict[fx.Node, Any]) -> set[fx.No
             computation.add(node)
             unvisited.extend(node.all_input_nodes)
     return computation
+
+
+def _one_value(value: Any) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
 
 
 def _channel_values(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
