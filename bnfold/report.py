@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # annotations only: this module stays free of numpy for the c
 # The JSON report's schema. /2 added "quantization": one entry per measured fold (bnfold.quantization); /3 its
 # target_dtype's "error" (bnfold.half_precision_error); /4 writes a figure that is not finite as the string "inf",
 # "-inf" or "nan" (JSON has no such numbers: /3's Infinity failed strict parsers).
-SCHEMA = "bnfold.fold-report/5"
+SCHEMA = "bnfold.fold-report/6"
 
 
 def json_text(document) -> str:
@@ -73,11 +73,15 @@ class Fold:
     direction: Direction
     graph: str = ""
     batchnorm_op: str = "BatchNormalization"  # or BatchNorm2d, F.batch_norm, or a Mul/Add/Sub/Div standing for one
+    # The BatchNorm's channels [start, stop) the layer took, when a concatenation of layers' outputs precedes the
+    # BatchNorm (PyTorch: each layer takes its part); None: all of them.
+    channels: list[int] | None = None
 
     def describe(self) -> str:
         where = f" (in {self.graph})" if self.graph else ""
         into = "preceding" if self.direction == "into-preceding" else "following"
-        return f"{self.batchnorm} [{self.batchnorm_op}] into {into} {self.layer} [{self.layer_op}]{where}"
+        part = "" if self.channels is None else f" (channels {self.channels[0]}-{self.channels[1] - 1})"
+        return f"{self.batchnorm} [{self.batchnorm_op}]{part} into {into} {self.layer} [{self.layer_op}]{where}"
 
 
 @dataclasses.dataclass
@@ -138,8 +142,9 @@ class FoldReport:
     def format_text(self) -> str:
         """The report as the command line prints it: one line per fold and skip, then the verification."""
         lines = [f"bnfold: {self.model}"]
-        batchnorm_folds = sum(f.batchnorm_op not in ELEMENTWISE_AFFINE_OPS for f in self.folds)
-        other_folds = len(self.folds) - batchnorm_folds
+        # (a BatchNorm after a concatenation folds into each concatenated layer: one BatchNorm, several folds)
+        batchnorm_folds = len({(f.graph, f.batchnorm) for f in self.folds if f.batchnorm_op not in ELEMENTWISE_AFFINE_OPS})
+        other_folds = sum(f.batchnorm_op in ELEMENTWISE_AFFINE_OPS for f in self.folds)
         also = f" and {other_folds} per-channel Mul/Add/Sub/Div" if other_folds else ""
         lines.append(
             f"  folded {batchnorm_folds} of {batchnorm_folds + len(self.skips)} BatchNorm(s){also}; "

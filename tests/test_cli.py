@@ -54,7 +54,7 @@ def test_json_report_follows_the_schema(model, tmp_path):
     result = invoke("fold", model, "-o", tmp_path / "f.onnx", "--format", "json")
     assert result.exit_code == 0
     report = json.loads(result.output)
-    assert report["schema"] == "bnfold.fold-report/5"
+    assert report["schema"] == "bnfold.fold-report/6"
     assert report["nodes_before"] == {"total": 15, "batchnorm": 4}
     assert report["nodes_after"] == {"total": 11, "batchnorm": 0}
     assert {f["direction"] for f in report["folds"]} == {"into-preceding"}

@@ -127,7 +127,7 @@ def test_cli_json_has_every_fold_and_text_only_the_flagged_one(onnx_path, tmp_pa
     result = runner.invoke(main, [str(onnx_path), "--dry-run", "--format", "json", "--target-dtype", "float16"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["schema"] == "bnfold.fold-report/5"
+    assert report["schema"] == "bnfold.fold-report/6"
     entries = report["quantization"]
     assert [entry["batchnorm"] for entry in entries] == BATCHNORMS
     assert [entry["flags"] for entry in entries] == [[], [], [], ["int8"]]

@@ -24,6 +24,7 @@ from torch_architectures import (
     FrozenBatchNorm2d,
     LearnableAffineBlock,
     LinearNorm,
+    MixedConv2d,
     TfMobileVit,
     TimmGELU,
     TimmSwish,
@@ -186,6 +187,82 @@ def test_batchnorm_act_with_an_activation_of_timms_own_folds_in_the_module_tree(
     assert [check.status for check in result.report.verification.folds] == ["passed"]
     x = torch.randn(3, 3, 8, 8)
     assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+class MixNetBlock(nn.Module):
+    """timm MixNet's depthwise MixedConv2d then BatchNormAct2d, and a pointwise MixedConv2d then BatchNorm2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_dw = MixedConv2d(12, 12, [3, 5, 7], depthwise=True)
+        self.bn1 = BatchNormAct2d(12, act_layer=nn.SiLU)
+        self.conv_pwl = MixedConv2d(12, 10, [1, 1])
+        self.bn2 = nn.BatchNorm2d(10)
+
+    def forward(self, x):
+        return self.bn2(self.conv_pwl(self.bn1(self.conv_dw(x))))
+
+
+def test_a_batchnorm_after_a_concatenation_of_convs_folds_a_part_into_each():
+    """MixNet's MixedConv2d concatenates the convs of each channel group, then a BatchNorm: each output channel comes
+    from one conv, which takes its part of the scale and shift. timm mixnet_s folded 15 of its 49 BatchNorms."""
+    model = randomise_statistics(MixNetBlock())
+    inputs = (torch.randn(2, 12, 9, 9),)
+    result = fold(model, inputs)
+
+    assert type(result.model) is MixNetBlock and not result.report.skips
+    assert [(f.batchnorm, f.layer, f.channels) for f in result.report.folds] == [
+        ("bn1", "conv_dw.0", [0, 4]), ("bn1", "conv_dw.1", [4, 8]), ("bn1", "conv_dw.2", [8, 12]),
+        ("bn2", "conv_pwl.0", [0, 5]), ("bn2", "conv_pwl.1", [5, 10]),
+    ]  # fmt: skip
+    assert result.report.nodes_before["batchnorm"] == 2 and result.report.nodes_after["batchnorm"] == 0
+    assert result.report.format_text().splitlines()[1].startswith("  folded 2 of 2 BatchNorm(s); ")
+    assert "bn1 [BatchNormAct2d] (channels 4-7) into preceding conv_dw.1 [Conv2d]" in result.report.format_text()
+    assert [check.status for check in result.report.verification.folds] == ["passed"] * 5
+    assert isinstance(result.model.bn2, nn.Identity) and isinstance(result.model.bn1.act, nn.SiLU)
+    for x in (*inputs, torch.randn(3, 12, 14, 10)):
+        assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+def test_a_wrong_part_of_a_concatenation_fold_fails_its_own_check(monkeypatch):
+    """The part of bn2 that conv_pwl.1 takes, off by a relative 1e-3 in one channel: its own check fails."""
+    from bnfold.torch_fold import planning
+
+    fold_into_outputs = planning.fold_into_outputs
+
+    def corrupted(weight, bias, affine, layout, out_dtype=None):
+        weight, bias = fold_into_outputs(weight, bias, affine, layout, out_dtype)
+        if weight.shape[0] == 5 and weight.shape[1] == 6:  # conv_pwl.1 (conv_pwl.0 reads 6 channels too: the second)
+            corrupted.calls += 1
+            if corrupted.calls == 2:
+                weight[3] *= 1 + 1e-3
+        return weight, bias
+
+    corrupted.calls = 0
+    monkeypatch.setattr(planning, "fold_into_outputs", corrupted)
+    with pytest.raises(VerificationError) as caught:
+        fold(randomise_statistics(MixNetBlock()), (torch.randn(2, 12, 9, 9),))
+    (failed,) = caught.value.verification.failed_folds
+    assert failed.fold.startswith("bn2 [BatchNorm2d] (channels 5-9) into preceding conv_pwl.1") and failed.channel == 3
+
+
+def test_a_concatenation_read_elsewhere_or_of_other_values_stays():
+    class Shared(nn.Module):
+        def __init__(self, mixed_with_input: bool):
+            super().__init__()
+            self.a, self.b, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(8)
+            self.mixed_with_input = mixed_with_input
+
+        def forward(self, x):
+            if self.mixed_with_input:
+                return self.bn(torch.cat([self.a(x), x, self.b(x)[:, :1]], 1))
+            joined = torch.cat([self.a(x), self.b(x)], 1)
+            return self.bn(joined), joined.mean()
+
+    shared = fold(randomise_statistics(Shared(False)), (torch.randn(2, 3, 8, 8),)).report
+    assert skip_codes(shared) == {"bn": "layer-output-shared"} and "the concatenation" in shared.skips[0].reason
+    mixed = fold(randomise_statistics(Shared(True)), (torch.randn(2, 3, 8, 8),)).report
+    assert skip_codes(mixed) == {"bn": "no-foldable-neighbour"} and "is no Conv, ConvTranspose or Linear output" in mixed.skips[0].reason
 
 
 def test_one_scale_and_bias_for_every_channel_is_no_batchnorm():

@@ -357,6 +357,38 @@ class TimmSwish(nn.Module):
         return x.mul_(x.sigmoid()) if self.inplace else x.mul(x.sigmoid())
 
 
+def _split_channels(num_chan, num_groups):
+    """timm's ``layers/mixed_conv2d.py`` _split_channels, verbatim."""
+    split = [num_chan // num_groups for _ in range(num_groups)]
+    split[0] += num_chan - sum(split)
+    return split
+
+
+class MixedConv2d(nn.ModuleDict):
+    """timm's ``layers/mixed_conv2d.py`` MixedConv2d (MixNet's MDConv), with plain symmetric padding for its
+    ``create_conv2d_pad``: each kernel size convolves its own channel group, the results concatenated."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, depthwise=False):
+        super().__init__()
+        kernel_size = kernel_size if isinstance(kernel_size, list) else [kernel_size]
+        num_groups = len(kernel_size)
+        in_splits = _split_channels(in_channels, num_groups)
+        out_splits = _split_channels(out_channels, num_groups)
+        self.in_channels = sum(in_splits)
+        self.out_channels = sum(out_splits)
+        for idx, (k, in_ch, out_ch) in enumerate(zip(kernel_size, in_splits, out_splits)):
+            conv_groups = in_ch if depthwise else 1
+            padding = ((stride - 1) + dilation * (k - 1)) // 2
+            self.add_module(str(idx), nn.Conv2d(in_ch, out_ch, k, stride, padding, dilation, groups=conv_groups, bias=False))
+        self.splits = in_splits
+
+    def forward(self, x):
+        x_split = torch.split(x, self.splits, 1)
+        x_out = [c(x_split[i]) for i, c in enumerate(self.values())]
+        x = torch.cat(x_out, 1)
+        return x
+
+
 class LearnableAffineBlock(nn.Module):
     """timm's ``models/hgnet.py`` LearnableAffineBlock, verbatim: one learned scale and bias for every channel,
     after the activation of hgnetv2's ConvBNAct."""

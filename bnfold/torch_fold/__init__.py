@@ -326,8 +326,8 @@ def _analyse(model: nn.Module, example_inputs: tuple, record: bool, stand_ins: b
 
 
 def _report(model: nn.Module, flow: DataFlow, plan: FoldPlan, notes: list[str]) -> FoldReport:
-    batchnorms = len(plan.folds) + len(plan.skips)
-    folds = len(plan.folds)
+    folded = list({id(fold.batchnorm): fold.batchnorm for fold in plan.folds}.values())  # (one per part of a concatenation)
+    batchnorms = len(folded) + len(plan.skips)
     return FoldReport(
         model=type(model).__name__,
         frontend="pytorch",
@@ -335,8 +335,8 @@ def _report(model: nn.Module, flow: DataFlow, plan: FoldPlan, notes: list[str]) 
         skips=plan.skips,
         nodes_before={"batchnorm": batchnorms, "total": flow.call_count},
         nodes_after={
-            "batchnorm": batchnorms - folds,
-            "total": flow.call_count - sum(fold.batchnorm.call_nodes for fold in plan.folds),
+            "batchnorm": batchnorms - len(folded),
+            "total": flow.call_count - sum(batchnorm.call_nodes for batchnorm in folded),
         },
         notes=[*notes, *plan.notes],
     )

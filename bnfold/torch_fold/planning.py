@@ -12,6 +12,7 @@ import collections
 import dataclasses
 
 import numpy as np
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -49,6 +50,9 @@ class PlannedFold:
     affine: ChannelAffine
     # The pass-through calls (eval-mode dropout, reshapes, ...) between the two, in data-flow order; they stay.
     between: tuple[fx.Node, ...] = ()
+    # The BatchNorm's channels [start, stop) this fold takes, when it follows a concatenation of layers' outputs
+    # (MixNet's MixedConv2d: torch.cat of convs over channel groups) and folds a part into each; None: all of them.
+    channels: tuple[int, int] | None = None
 
     @property
     def in_module_tree(self) -> bool:
@@ -56,7 +60,8 @@ class PlannedFold:
         return self.layer.module_path is not None and self.batchnorm.module_path is not None
 
     def to_report(self) -> Fold:
-        return Fold(self.batchnorm.name, self.layer.name, self.layer.op, self.direction, batchnorm_op=self.batchnorm.op)
+        channels = None if self.channels is None else list(self.channels)
+        return Fold(self.batchnorm.name, self.layer.name, self.layer.op, self.direction, batchnorm_op=self.batchnorm.op, channels=channels)
 
 
 @dataclasses.dataclass
@@ -85,9 +90,12 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     folded_away: set[fx.Node] = set()
     for calls in flow.batchnorms_by_statistics():
         decision = _decide(calls, flow, folded, folded_away)
-        (plan.folds if isinstance(decision, PlannedFold) else plan.skips).append(decision)
-        if isinstance(decision, PlannedFold) and decision.direction == "into-preceding" and _leaves_its_input(decision.batchnorm):
-            folded_away.add(decision.batchnorm.node)
+        if isinstance(decision, Skip):
+            plan.skips.append(decision)
+            continue
+        plan.folds.extend(decision)
+        if decision[0].direction == "into-preceding" and _leaves_its_input(decision[0].batchnorm):
+            folded_away.add(decision[0].batchnorm.node)
     called = {call.name for call in flow.batchnorms}
     if flow.traced.method == "fx":
         reason = "forward() never calls it, so there is nothing to fold; delete it if it is unused."
@@ -130,16 +138,18 @@ def _decide(
     flow: DataFlow,
     folded: dict[LayerCall, list[tuple[Direction, ChannelAffine]]],
     folded_away: set[fx.Node],
-) -> PlannedFold | Skip:
-    """The fold or skip for one BatchNorm; ``folded`` holds the folds into each layer so far (updated), and
-    ``folded_away`` the BatchNorms folded into the layer before them (see :func:`plan_folds`)."""
+) -> list[PlannedFold] | Skip:
+    """The fold (or, after a concatenation, the folds of its parts) or skip for one BatchNorm; ``folded`` holds the
+    folds into each layer so far (updated), and ``folded_away`` the BatchNorms folded into the layer before them (see
+    :func:`plan_folds`)."""
     batchnorm = calls[0]
     refusal = _batchnorm_refusal(calls)
     if refusal is not None:
         return Skip(batchnorm.name, *refusal)
     preceding = flow.layer_producing(batchnorm.input, folded_away)
     following = flow.sole_layer_reading(batchnorm.node)
-    if preceding is None and following is None:
+    pieces = _concatenated(batchnorm.input) if preceding is None else None
+    if preceding is None and following is None and pieces is None:
         return Skip(batchnorm.name, "no-foldable-neighbour", _no_neighbour_reason(batchnorm, flow))
     refusal = _hooks_refusal(batchnorm.module_path, flow, "would be dropped with it")
     if refusal is not None:
@@ -150,6 +160,11 @@ def _decide(
         reason = f"{error}; re-estimate the running statistics (forward passes in train mode) to fold it."
         return Skip(batchnorm.name, "unfoldable-statistics", reason)
     first_refusal = None
+    if pieces is not None:
+        decision = _concatenation_folds(batchnorm, pieces, affine, flow, folded, folded_away)
+        if isinstance(decision, list):
+            return decision
+        first_refusal = decision
     for layer, direction in ((preceding, "into-preceding"), (following, "into-following")):
         if layer is None:
             continue
@@ -165,9 +180,81 @@ def _decide(
                 )
             else:
                 folded[layer].append((direction, affine))
-                return PlannedFold(batchnorm, layer, direction, values, affine, between)
+                return [PlannedFold(batchnorm, layer, direction, values, affine, between)]
         first_refusal = first_refusal or refusal
     return Skip(batchnorm.name, *first_refusal)
+
+
+# torch.cat and its aliases, as fx records them and as export and Dynamo do.
+_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
+
+
+def _concatenated(value: object) -> list[fx.Node] | None:
+    """The values ``value`` concatenates along axis 1 (``torch.cat(values, 1)``), else None."""
+    if not isinstance(value, fx.Node) or value.op != "call_function" or value.target not in _CONCATENATIONS:
+        return None
+    pieces = value.args[0] if value.args else value.kwargs.get("tensors")
+    dim = value.args[1] if len(value.args) > 1 else value.kwargs.get("dim", value.kwargs.get("axis", 0))
+    shape = value_shape(value)
+    if shape is None or not isinstance(pieces, (list, tuple)) or not all(isinstance(piece, fx.Node) for piece in pieces):
+        return None
+    return list(pieces) if isinstance(dim, int) and len(shape) > 1 and dim % len(shape) == 1 else None
+
+
+def _concatenation_folds(
+    batchnorm: BatchNormCall,
+    pieces: list[fx.Node],
+    affine: ChannelAffine,
+    flow: DataFlow,
+    folded: dict[LayerCall, list[tuple[Direction, ChannelAffine]]],
+    folded_away: set[fx.Node],
+) -> list[PlannedFold] | Refusal:
+    """A BatchNorm after a concatenation of layers' outputs along its channels (MixNet's MixedConv2d: the convs of
+    each channel group, concatenated): each layer absorbs the BatchNorm's channels that its output fills, when
+    each is a layer's output (through pass-through calls) and the concatenation is the BatchNorm's alone."""
+    concatenation = batchnorm.input
+    others = [reader for reader in value_readers(concatenation) if reader is not (batchnorm.input_reader or batchnorm.node)]
+    if others:
+        readers = ", ".join(describe_node(reader, flow.traced) for reader in others)
+        return "layer-output-shared", (
+            f"its input, the concatenation {describe_node(concatenation, flow.traced)}, is also read by {readers}, which "
+            f"must keep seeing un-normalised values. {_STAYS}"
+        )
+    parts, start = [], 0
+    for piece in pieces:
+        layer, shape = flow.layer_producing(piece, folded_away), value_shape(piece)
+        if layer is None or shape is None:
+            return "no-foldable-neighbour", (
+                f"its input is the concatenation {describe_node(concatenation, flow.traced)}, and "
+                f"{describe_node(piece, flow.traced)} in it is no Conv, ConvTranspose or Linear output: it folds only "
+                f"when each concatenated value is one, each layer taking its channels. {_STAYS}"
+            )
+        between = _calls_between(layer.node, piece)
+        refusal = _layer_refusal(batchnorm, layer, "into-preceding", between, flow, concatenation, shape[1])
+        if refusal is not None:
+            return refusal
+        stop = start + shape[1]
+        terms = None if affine.shift_terms is None else affine.shift_terms[start:stop]
+        parts.append((layer, between, ChannelAffine(affine.scale[start:stop], affine.shift[start:stop], terms), (start, stop)))
+        start = stop
+    if len({layer for layer, *_ in parts}) < len(parts):
+        return "module-reused", (
+            f"the concatenation {describe_node(concatenation, flow.traced)} holds one layer's output more than once, "
+            f"and one fold into it cannot scale each copy its own way. {_STAYS}"
+        )
+    folds = []
+    for layer, between, part, channels in parts:
+        try:
+            values = _fold_values(layer, "into-preceding", part, folded[layer])
+        except FoldOverflowError as error:
+            return "fold-overflows", (
+                f"folding its channels {channels[0]}-{channels[1] - 1} into `{layer.name}`: {error}; keep the BatchNorm, "
+                "or convert the model to a wider dtype (model.float()) before folding."
+            )
+        folds.append(PlannedFold(batchnorm, layer, "into-preceding", values, part, between, channels))
+    for fold in folds:
+        folded[fold.layer].append(("into-preceding", fold.affine))
+    return folds
 
 
 def channel_affine(batchnorm: BatchNormCall) -> ChannelAffine:
@@ -258,8 +345,16 @@ def _calls_between(source: fx.Node, value: fx.Node) -> tuple[fx.Node, ...]:
 
 
 def _layer_refusal(
-    batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, between: tuple[fx.Node, ...], flow: DataFlow
+    batchnorm: BatchNormCall,
+    layer: LayerCall,
+    direction: Direction,
+    between: tuple[fx.Node, ...],
+    flow: DataFlow,
+    concatenation: fx.Node | None = None,
+    channels: int | None = None,
 ) -> Refusal | None:
+    """Why ``layer`` cannot absorb the BatchNorm (``channels`` of it, where the layer's output reaches it through
+    ``concatenation``), or None."""
     if layer.weight is None or not layer.bias_is_attribute:
         return "weight-not-constant", (
             f"`{layer.name}` computes its weight or bias in forward() or through a parametrization (weight_norm, "
@@ -277,7 +372,7 @@ def _layer_refusal(
     if refusal is not None:
         return refusal
     if direction == "into-preceding":
-        refusal = _preceding_layer_refusal(batchnorm, layer, between, flow)
+        refusal = _preceding_layer_refusal(batchnorm, layer, between, flow, concatenation, channels)
     else:
         refusal = _following_layer_refusal(batchnorm, layer, between, flow)
     if refusal is None and not flow.traced.graph_rewritable and not (layer.module_path and batchnorm.module_path):
@@ -290,11 +385,16 @@ def _layer_refusal(
 
 
 def _preceding_layer_refusal(
-    batchnorm: BatchNormCall, layer: LayerCall, between: tuple[fx.Node, ...], flow: DataFlow
+    batchnorm: BatchNormCall,
+    layer: LayerCall,
+    between: tuple[fx.Node, ...],
+    flow: DataFlow,
+    concatenation: fx.Node | None,
+    channels: int | None,
 ) -> Refusal | None:
     # Each value from the layer's output to the BatchNorm's input must have the next call as its only reader.
     values = [layer.node, *between]
-    next_readers = [*between, batchnorm.input_reader or batchnorm.node]
+    next_readers = [*between, concatenation or batchnorm.input_reader or batchnorm.node]
     other_readers = [
         reader for value, next_node in zip(values, next_readers) for reader in value_readers(value) if reader is not next_node
     ]
@@ -304,7 +404,7 @@ def _preceding_layer_refusal(
             f"the output of `{layer.name}` is also read by {readers}, which must keep seeing "
             f"un-normalised values. {_STAYS}"
         )
-    return _channel_refusal(batchnorm, layer, "into-preceding", between, flow)
+    return _channel_refusal(batchnorm, layer, "into-preceding", between, flow, channels)
 
 
 def _following_layer_refusal(
@@ -325,10 +425,11 @@ def _following_layer_refusal(
 
 
 def _channel_refusal(
-    batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, between: tuple[fx.Node, ...], flow: DataFlow
+    batchnorm: BatchNormCall, layer: LayerCall, direction: Direction, between: tuple[fx.Node, ...], flow: DataFlow,
+    channels: int | None = None,
 ) -> Refusal | None:
-    """The BatchNorm's channels (axis 1 of its input and output) must be the layer's features (see
-    :meth:`LayerCall.feature_axis`), followed through the calls between them."""
+    """The BatchNorm's channels (axis 1 of its input and output; ``channels`` of them after a concatenation) must be
+    the layer's features (see :meth:`LayerCall.feature_axis`), followed through the calls between them."""
     preceding = direction == "into-preceding"
     side, layer_value = ("output", layer.node) if preceding else ("input", layer.input)
     shape = value_shape(layer_value)
@@ -357,8 +458,9 @@ def _channel_refusal(
             f"{where}, but the BatchNorm normalises axis 1: the channel axes do not line up."
         )
     layer_channels = layer.output_channels if preceding else layer.input_channels
-    if batchnorm.channels != layer_channels:
-        return "channel-mismatch", f"the BatchNorm has {batchnorm.channels} channels but `{layer.name}` has {layer_channels}."
+    expected = batchnorm.channels if channels is None else channels
+    if expected != layer_channels:
+        return "channel-mismatch", f"the BatchNorm has {expected} channels there but `{layer.name}` has {layer_channels}."
     return None
 
 

@@ -261,6 +261,8 @@ def _check_one(
             reference = layer_out * scale + shift
         elif original is None:
             reference = norm_out if preceding else layer_call[1]
+            if fold.channels is not None:  # (after a concatenation: the layer's part of the BatchNorm's channels)
+                reference = reference.narrow(1, fold.channels[0], fold.channels[1] - fold.channels[0])
             reference = reference.reshape(layer_call[1].shape)  # LeViT's LinearNorm: BatchNorm1d on flatten(0, 1)
         else:
             # Half precision: both sides in float32 from the exactly upcast input and weights.
