@@ -791,3 +791,55 @@ def test_a_function_nothing_calls_is_neither_inlined_nor_named(tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx")])
     assert result.exit_code == 0 and "the folded model keeps" in result.output
+
+
+def _concatenated_convs(read_elsewhere: bool = False, with_input: bool = False) -> onnx.ModelProto:
+    """MixNet's MixedConv2d as exported: Split -> three Convs of their own kernel size -> Concat(axis=1) -> BN -> Relu."""
+    rng = np.random.default_rng(0)
+    initializers = [initializer("splits", np.array([4, 4, 4], np.int64)), *batchnorm_parameters(13 if with_input else 12, "bn", rng)]
+    nodes = [helper.make_node("Split", ["x", "splits"], ["s0", "s1", "s2"], axis=1)]
+    for index, kernel in enumerate((3, 5, 7)):
+        initializers.append(initializer(f"w{index}", rng.normal(0, 0.3, (4, 1, kernel, kernel)).astype(np.float32)))
+        nodes.append(helper.make_node("Conv", [f"s{index}", f"w{index}"], [f"c{index}"], group=4, pads=[kernel // 2] * 4, name=f"conv{index}"))
+    pieces = ["c0", "c1", "c2"] + (["first"] if with_input else [])
+    if with_input:
+        nodes.append(helper.make_node("Slice", ["x", "zero", "one", "one_axis"], ["first"]))
+        initializers += [initializer("zero", np.array([0], np.int64)), initializer("one", np.array([1], np.int64)), initializer("one_axis", np.array([1], np.int64))]
+    nodes += [helper.make_node("Concat", pieces, ["joined"], axis=-3), batchnorm_node("joined", "normalised", "bn"), helper.make_node("Relu", ["normalised"], ["y"])]
+    outputs = ["y", "joined"] if read_elsewhere else ["y"]
+    return make_model(nodes, [("x", ["N", 12, 9, 9])], outputs, initializers)
+
+
+def test_a_batchnorm_after_a_concat_of_convs_folds_a_part_into_each():
+    """MixNet exports (timm mixnet_s: 15 of 49 BatchNorms folded): each channel after the Concat comes from one conv,
+    which takes its part of the BatchNorm."""
+    model = _concatenated_convs()
+    folded, report = fold_onnx(model)
+
+    assert op_count(folded, "BatchNormalization") == 0 and op_count(folded, "Concat") == 1 and not report.skips
+    assert [(fold.layer, fold.channels) for fold in report.folds] == [("conv0", [0, 4]), ("conv1", [4, 8]), ("conv2", [8, 12])]
+    assert report.format_text().splitlines()[1].startswith("  folded 1 of 1 BatchNorm(s); nodes 7 -> 6")
+    checks = report.verification.folds
+    assert [check.status for check in checks] == ["passed"] * 3 and all("a part of a BatchNorm after a Concat" in check.reason for check in checks)
+    assert_same_outputs(model, folded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("read_elsewhere", "with_input", "code"), [(True, False, "layer-output-shared"), (False, True, "no-foldable-neighbour")])
+def test_a_concat_read_elsewhere_or_of_other_values_keeps_its_batchnorm(read_elsewhere, with_input, code):
+    folded, report = fold_onnx(_concatenated_convs(read_elsewhere, with_input))
+    assert not report.folds and [skip.code for skip in report.skips] == [code] and "Concat" in report.skips[0].reason
+    assert op_count(folded, "BatchNormalization") == 1
+
+
+def test_a_wrong_part_of_a_concat_fold_fails_verification(tmp_path):
+    from bnfold.onnx_fold.verify import verify
+
+    model = _concatenated_convs()
+    folded, report = fold_onnx(model, verify=False)
+    weight = next(node for node in folded.graph.node if node.name == "conv1").input[1]
+    tensor = next(t for t in folded.graph.initializer if t.name == weight)
+    array = numpy_helper.to_array(tensor).copy()
+    array[2] *= 1 + 1e-3
+    tensor.CopyFrom(numpy_helper.from_array(array, weight))
+    (check,) = [check for check in verify(model, folded, folds=report.folds).folds if check.status == "failed"]
+    assert check.fold.startswith("bn [BatchNormalization] (channels 4-7) into preceding conv1") and check.parameters.channel == 2

@@ -23,6 +23,7 @@ from bnfold.onnx_fold.constants import constant_array
 from bnfold.onnx_fold.layers import CHANNEL_MOVING_OPS, PASS_THROUGH_OPS
 from bnfold.onnx_fold.local_checks import LayerParameters, LocalFold, compare_layer_parameters
 from bnfold.onnx_fold.rules import (
+    FoldIntoConcatenated,
     FoldIntoFollowing,
     FoldIntoPreceding,
     Layer,
@@ -155,6 +156,7 @@ def ir_local_folds(
 _MATMUL = "a MatMul fold: its parameters checked against the exact fold, its output through the model's outputs"
 _SUBGRAPH = "in a subgraph: its parameters checked against the exact fold, its output through the model's outputs"
 _MOVED = "through ops that move the channels: its parameters checked against the exact fold, its output through the model's outputs"
+_CONCATENATED = "a part of a BatchNorm after a Concat: its parameters checked against the exact fold, its output through the model's outputs"
 _CHAIN = "one of {} folds into the layer: their composed map's parameters checked against the exact fold, its output through the model's outputs"
 
 
@@ -181,8 +183,14 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
     fold = chain[0]
     anchor = _only(in_original, fold.batchnorm, "original")
     preceding = fold.direction == "into-preceding"
-    rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
-    match = rule.check(anchor, opset)  # read-only: the original's layer and the map that was folded
+    if fold.channels is None:
+        rule = FoldIntoPreceding() if preceding else FoldIntoFollowing()
+        match = rule.check(anchor, opset)  # read-only: the original's layer and the map that was folded
+    else:  # (the part of a BatchNorm after a Concat that this layer took)
+        parts = [part for part in FoldIntoConcatenated().check(anchor, opset).parts if node_label(part.layer.node) == fold.layer]
+        if len(parts) != 1:
+            raise LookupError(f"{len(parts)} layers labelled {fold.layer!r} are concatenated before {fold.batchnorm!r}")
+        match = parts[0]
     if match.layer.quantized is not None:
         # (the fold went into the DequantizeLinear's scales: the layer's weight is its integers)
         raise LookupError(f"{fold.layer!r} reads a quantized weight")
@@ -230,9 +238,11 @@ def _local_fold(chain: list[Fold], label: str, opset: int, pair: _GraphPair, rto
     if verdict.different:
         raise _OtherFunction(f"the folded layer has another {verdict.different}, which a fold never changes")
     parameters, bias_terms = verdict.parameters, verdict.bias_terms
-    if matmul or fold.graph or len(chain) > 1 or moved:
+    if matmul or fold.graph or len(chain) > 1 or moved or fold.channels is not None:
         status = "passed" if parameters.passed else "failed"
-        reason = _MATMUL if matmul else _SUBGRAPH if fold.graph else _CHAIN.format(len(chain)) if len(chain) > 1 else _MOVED
+        reason = (
+            _MATMUL if matmul else _SUBGRAPH if fold.graph else _CHAIN.format(len(chain)) if len(chain) > 1 else _MOVED if moved else _CONCATENATED
+        )
         return FoldCheck(label, parameters.dtype, status, layer.layout.out_channels(layer.weight.shape), parameters=parameters, reason=reason)
     if preceding:
         data, reference = layer.node.inputs[0].name, anchor.outputs[0].name

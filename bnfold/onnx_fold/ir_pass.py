@@ -27,6 +27,7 @@ from bnfold.onnx_fold.io import InputError, data_inputs, load_model, onnx_ir_log
 from bnfold.onnx_fold.layers import LAYER_OPS, PASS_THROUGH_OPS
 from bnfold.onnx_fold.rules import (
     ELEMENTWISE_OPS,
+    FoldIntoConcatenated,
     FoldIntoFollowing,
     FoldIntoPreceding,
     GraphEditor,
@@ -47,7 +48,7 @@ def node_counts(model: ir.Model) -> dict[str, int]:
 class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold every BatchNormalization (and per-channel elementwise affine) that is provably safe."""
 
-    rules = (FoldIntoPreceding(), FoldIntoFollowing())
+    rules = (FoldIntoPreceding(), FoldIntoConcatenated(), FoldIntoFollowing())
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,17 +123,21 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self._apply(rule, match, editor, graph_label)
 
     def _apply(self, rule, match, editor: GraphEditor, graph_label: str) -> None:
-        fold = Fold(
-            batchnorm=node_label(match.anchor),
-            layer=node_label(match.layer.node),
-            layer_op=match.layer.node.op_type,
-            direction=rule.direction,
-            graph=graph_label,
-            batchnorm_op=match.anchor.op_type,
-        )
+        folds = [
+            Fold(
+                batchnorm=node_label(match.anchor),
+                layer=node_label(part.layer.node),
+                layer_op=part.layer.node.op_type,
+                direction=rule.direction,
+                graph=graph_label,
+                batchnorm_op=match.anchor.op_type,
+                channels=None if part.channels is None else list(part.channels),
+            )
+            for part in match.parts
+        ]
         notes = match.notes()  # (labels read before the rewrite renames anything)
         rule.rewrite(match, editor)
-        self.folds.append(fold)
+        self.folds += folds
         self.notes += notes
 
 

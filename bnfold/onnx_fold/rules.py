@@ -445,6 +445,14 @@ class Match:
     # BatchNorm after a MatMul a layout op (Flatten/Reshape/Transpose) proven to keep the features whole.
     passthroughs: tuple[ir.Node, ...] = ()
     quantized: QuantizedOutputFold | None = None
+    # The BatchNorm's channels [start, stop) the layer takes, when the layer is one of a Concat's (see
+    # FoldIntoConcatenated); None: all of them.
+    channels: tuple[int, int] | None = None
+
+    @property
+    def parts(self) -> list[Match]:
+        """The folds the match makes, one per layer."""
+        return [self]
 
     def notes(self) -> list[str]:
         """What the report says about the nodes the fold went through, and about a quantized weight."""
@@ -660,16 +668,84 @@ class FoldIntoPreceding:
                 "channel-mismatch",
                 f"{node_label(anchor)} has {affine.channels} channels, {node_label(layer.node)} outputs {channels}",
             )
-        bias, _, beta = _bias_alpha_beta(layer)
-        # Gemm adds beta * C: the shift enters C divided by beta.
-        shifted = ChannelAffine(affine.scale, affine.shift / beta)
-        weight, bias, quantized = _folded(fold_into_outputs, anchor, layer, bias, shifted)
-        return Match(anchor, layer, self.direction, affine, weight, bias, passthroughs, quantized)
+        return _into_outputs(anchor, layer, affine, passthroughs)
 
     def rewrite(self, match: Match, editor: GraphEditor) -> None:
         _write_weight_and_bias(match, editor)
         # The passthroughs stay: they now carry the folded layer's output.
         editor.bypass(match.anchor, match.passthroughs[-1].outputs[0] if match.passthroughs else match.layer.output)
+
+
+def _into_outputs(
+    anchor: ir.Node, layer: Layer, affine: ChannelAffine, passthroughs: tuple[ir.Node, ...], channels: tuple[int, int] | None = None
+) -> Match:
+    """The match of ``affine`` folded into ``layer``'s output channels."""
+    bias, _, beta = _bias_alpha_beta(layer)
+    # Gemm adds beta * C: the shift enters C divided by beta.
+    shifted = ChannelAffine(affine.scale, affine.shift / beta)
+    weight, bias, quantized = _folded(fold_into_outputs, anchor, layer, bias, shifted)
+    return Match(anchor, layer, "into-preceding", affine, weight, bias, passthroughs, quantized, channels)
+
+
+@dataclasses.dataclass
+class ConcatenationMatch:
+    """A BatchNorm after a Concat of layers' outputs: one fold per layer, of its part of the channels."""
+
+    anchor: ir.Node
+    concatenation: ir.Node
+    parts: list[Match]
+
+    def notes(self) -> list[str]:
+        return [note for part in self.parts for note in part.notes()]
+
+
+class FoldIntoConcatenated:
+    """``Concat(Layer_1, ..., Layer_n) -> BatchNorm`` along the channels (MixNet's MixedConv2d: each kernel size
+    convolves its own channel group): each layer takes the BatchNorm's channels its output fills, when each
+    Concat input is a Conv/ConvTranspose/Gemm output (through Identity and inference Dropout) read by the Concat
+    alone, and the Concat is the BatchNorm's alone. The Concat stays."""
+
+    direction = "into-preceding"
+
+    def check(self, anchor: ir.Node, opset: int) -> ConcatenationMatch:
+        concatenation = anchor.inputs[0].producer() if anchor.op_type == "BatchNormalization" and anchor.inputs[0] is not None else None
+        if concatenation is None or concatenation.op_type != "Concat" or concatenation.domain not in ("", "ai.onnx"):
+            raise Refusal("no-foldable-neighbour", "its input is no Concat of layers' outputs")
+        chains = [_chain_before(value, opset, through_layout=False) for value in concatenation.inputs]
+        for data, _ in chains:  # (what is no layer's output first: most such Concats join other values, DenseNet's)
+            producer = _layer_behind(data)
+            if producer is None or producer.op_type not in _CHANNEL_AXIS_OPS or producer.domain not in ("", "ai.onnx"):
+                what = "a graph input or constant" if producer is None else node_label(producer)
+                raise Refusal("no-foldable-neighbour", f"{node_label(concatenation)} before it concatenates {what}, no Conv/ConvTranspose/Gemm output")
+        layers = [(layer_view(_layer_behind(data), opset), data, passthroughs) for data, passthroughs in chains]
+        rank = layers[0][0].output_rank
+        axis = _typed_attr(concatenation, "axis", 0, _INT, "channel-mismatch")
+        if rank is None or axis % rank != 1:
+            raise Refusal("channel-mismatch", f"{node_label(concatenation)} concatenates along axis {axis}, not the BatchNorm's channel axis 1")
+        if concatenation.graph is not anchor.graph or _only_consumer(concatenation.outputs[0]) is not anchor:
+            raise Refusal("layer-output-shared", f"the output of {node_label(concatenation)} is also read elsewhere (or is a graph output), so it must stay unscaled")
+        affine = batchnorm_channel_affine(anchor, opset)
+        parts, start = [], 0
+        for layer, data, passthroughs in layers:
+            producer = layer.node
+            if layer.output is not data or _only_consumer(data) is not (passthroughs[0] if passthroughs else concatenation):
+                raise Refusal("layer-output-shared", f"the output of {node_label(producer)} is also read elsewhere (or is a graph output), so it must stay unscaled")
+            stop = start + layer.layout.out_channels(layer.weight.shape)
+            part = ChannelAffine(affine.scale[start:stop], affine.shift[start:stop], None if affine.shift_terms is None else affine.shift_terms[start:stop])
+            parts.append(_into_outputs(anchor, layer, part, passthroughs, (start, stop)))
+            start = stop
+        if start != affine.channels:
+            raise Refusal("channel-mismatch", f"{node_label(anchor)} has {affine.channels} channels, the layers {node_label(concatenation)} concatenates output {start}")
+        return ConcatenationMatch(anchor, concatenation, parts)
+
+    def rewrite(self, match: ConcatenationMatch, editor: GraphEditor) -> None:
+        for part in match.parts:
+            _write_weight_and_bias(part, editor)
+        editor.bypass(match.anchor, match.concatenation.outputs[0])
+
+
+# Layers whose output channels are on axis 1, as a Concat along it joins them.
+_CHANNEL_AXIS_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
 def _starts_without_bias(layer: Layer) -> bool:
