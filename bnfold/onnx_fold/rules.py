@@ -1,6 +1,6 @@
 """Fold rules for ONNX graphs, in the style of onnxscript's rewriter: a pattern, a check, a rewrite.
 
-Two rules, both anchored at a per-channel affine node (a BatchNormalization, or a Mul/Add/Sub/Div by a
+Three rules, each anchored at a per-channel affine node (a BatchNormalization, or a Mul/Add/Sub/Div by a
 per-channel constant, the form some exporters give a BatchNorm or a Caffe Scale layer):
 
 - :class:`FoldIntoPreceding` (backward): ``Layer -> affine`` becomes ``Layer'`` with scaled output
@@ -8,6 +8,8 @@ per-channel constant, the form some exporters give a BatchNorm or a Caffe Scale 
   A BatchNorm may also read a Gemm/MatMul (of any data rank) through a Flatten/Reshape/Transpose that
   :mod:`.layout` proves keeps the features on its channel axis (LeViT's ``MatMul -> Flatten -> BN``). A
   weight stored as ``DequantizeLinear(W_q, scale, zero_point)`` (:mod:`.qdq`) takes the fold in its scales.
+- :class:`FoldIntoConcatenated` (backward, BatchNorm only): ``Concat(Layer_1, ..., Layer_n) -> BatchNorm`` along the
+  channels becomes the Concat of the ``Layer_i'``, each with its part of the channels scaled.
 - :class:`FoldIntoFollowing` (forward, BatchNorm only): ``BatchNorm -> Layer`` becomes ``Layer'`` with
   scaled input channels. Layer = Conv that pads nothing, Gemm with transA=0, or a 2-D MatMul.
 
