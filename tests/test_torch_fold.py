@@ -277,6 +277,32 @@ def test_one_scale_and_bias_for_every_channel_is_no_batchnorm():
     assert_same_outputs(outputs(model, inputs), outputs(result.model, inputs))
 
 
+def test_a_child_called_with_more_than_the_normalised_value_is_not_a_kept_child():
+    """A BatchNorm subclass calling its own activation as ``self.act(y, 6.0)``: fx traces through the call, and the
+    BatchNorm module was replaced by nn.Sequential(act), dropping the 6.0 (13.9 off on inputs past the cap)."""
+
+    class Clip(nn.Module):
+        def forward(self, x, limit=None):
+            return x if limit is None else x.clamp(max=limit)
+
+    class BatchNormClip(nn.BatchNorm2d):
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.act = Clip()
+
+        def forward(self, x):
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return self.act(y, 6.0)
+
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormClip(8)))
+    result = fold(model, (torch.randn(2, 3, 16, 16),))
+
+    assert len(result.report.folds) == 1
+    large = 10 * torch.randn(2, 3, 16, 16)
+    assert outputs(model, (large,)).max() == 6.0
+    assert_same_outputs(outputs(model, (large,)), outputs(result.model, (large,)))
+
+
 def test_a_wrong_batchnorm_act_fold_fails_its_own_check(monkeypatch):
     """One channel of a BatchNormAct2d fold off by a relative 1e-3: before, such a fold was left to the
     outputs' check, which passes it (one channel's error is below rtol)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import inspect
 import itertools
 from collections.abc import Collection
 from typing import Any
@@ -623,7 +624,7 @@ def _child_call(
         plain_call = parent == path and reader.args == (value,) and not reader.kwargs
         return (name, {reader}, reader) if plain_call else None
     child = next((p for p in module_stack_paths(readers[0]) if p.rpartition(".")[0] == path), None) if readers else None
-    if child is None:
+    if child is None or not _takes_one_argument(traced.module(child)):
         return None
     nodes = inside.intersection(traced.nodes_inside(value.graph, child))
     if not set(readers) <= nodes:
@@ -635,6 +636,16 @@ def _child_call(
     if len(results) != 1:
         return None
     return child.rpartition(".")[2], nodes, results[0]
+
+
+def _takes_one_argument(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes one argument and no other: a call whose nodes the graph records, not the
+    call, may have passed more (``self.act(y, 6.0)``), which replacing the BatchNorm module by ``module`` would drop."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 1 and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _constant_value(value: Any, traced: TracedModel, cache: dict[fx.Node, Any]) -> Any:
