@@ -18,7 +18,7 @@ from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
 from bnfold.errors import EXIT_BAD_INPUT, InputError, echo, echo_error, internal_error
 from bnfold.input_shapes import parse_input_shapes, positional
-from bnfold.limits import limit_options
+from bnfold.limits import limit_options, work_done
 from bnfold.report import printable
 
 EXIT_ERROR_FINDINGS = 1
@@ -81,6 +81,7 @@ def check(paths, model_specs, factory, trust_pickle, input_shapes, batch_size, s
     for spec in model_specs:
         check_spec = functools.partial(sources.check_entry_point, spec, example_inputs, **measurement)
         _check_one(results, selection, spec, check_spec)
+    work_done()
     text = FORMATTERS[output_format](results)
     if text:
         echo(text)

@@ -31,7 +31,7 @@ from bnfold.errors import (
     internal_error,
 )
 from bnfold.input_shapes import named, parse_input_shapes, positional
-from bnfold.limits import TimeLimitReached, limit_options
+from bnfold.limits import TimeLimitReached, limit_options, work_done
 from bnfold.verify_command import verification_options, verify
 
 EXIT_VERIFICATION_FAILED = 1
@@ -106,11 +106,14 @@ def _exit_now(message: str | None, code: int, json_errors: bool) -> NoReturn:
         echo_error(message)
         if json_errors:
             echo_error_json(message, code)
-    # Scratch files went as the stack unwound. Out now: onnxruntime's threads of a session stopped mid-run abort the
-    # interpreter's own exit ("terminate called without an active exception", SIGABRT).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # Scratch files went as the stack unwound. After an onnxruntime run stopped mid-run, out at once: its session's
+    # threads abort the interpreter's own exit (SIGABRT). Else as any exit (in-process, a notebook lives on).
+    runtime = sys.modules.get("bnfold.onnx_fold.runtime")
+    if runtime is not None and runtime.runs_stopped:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise click.exceptions.Exit(code)
 
 
 # The group's own options: any other option first (`bnfold --no-verify MODEL -o OUT`) is the fold command's.
@@ -203,6 +206,7 @@ def fold(
         if target is not None and not dry_run:
             save_model(folded, target, read_from=read_from, pending=pending)
             report.output = str(target)
+        work_done()
     except InputError as error:
         fail(str(error), output_format=output_format)
     except VerificationUnavailableError as error:
@@ -211,6 +215,7 @@ def fold(
         from bnfold.verification import CLI_OVERRIDES
 
         error.verification.overrides = CLI_OVERRIDES  # the reason names the flags, not the Python arguments
+        work_done()
         _emit(error.report, output_format)
         fail(f"{model}: verification failed, nothing written: {error}", EXIT_VERIFICATION_FAILED)
     _emit(report, output_format)

@@ -131,14 +131,23 @@ def _allocated() -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _alarm(seconds: float, ctx: click.Context) -> Iterator[None]:
-    def reached(signum, frame) -> None:
+class _Reached:
+    """The SIGALRM handler of ``--timeout``: raises :class:`TimeLimitReached` naming the models the command reads."""
+
+    def __init__(self, seconds: float, ctx: click.Context):
+        self.seconds, self.ctx = seconds, ctx
+
+    def __call__(self, signum, frame) -> None:
+        ctx = self.ctx
         arguments = [ctx.params.get(param.name) for param in ctx.command.params if isinstance(param, click.Argument)]
         files = [str(value) for values in arguments for value in (values if isinstance(values, tuple) else (values,))
-                 if isinstance(value, os.PathLike)]  # fmt: skip (the models the command reads)
-        raise TimeLimitReached(f"{', '.join(files) or 'bnfold'}: stopped at the time limit of {seconds:g} s (--timeout)")
+                 if isinstance(value, os.PathLike)]  # fmt: skip
+        raise TimeLimitReached(f"{', '.join(files) or 'bnfold'}: stopped at the time limit of {self.seconds:g} s (--timeout)")
 
+
+@contextlib.contextmanager
+def _alarm(seconds: float, ctx: click.Context) -> Iterator[None]:
+    reached = _Reached(seconds, ctx)
     previous = signal.signal(signal.SIGALRM, reached)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -146,6 +155,13 @@ def _alarm(seconds: float, ctx: click.Context) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def work_done() -> None:
+    """The command's work is done (its output written): what is left, printing the report, runs past ``--timeout``
+    (a reader slow on the pipe must not turn a written output into an error)."""
+    if hasattr(signal, "setitimer") and isinstance(signal.getsignal(signal.SIGALRM), _Reached):
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 # How numpy, torch and onnxruntime say an allocation failed (under the data limit: the limit was reached).

@@ -16,7 +16,7 @@ import click
 
 from bnfold.errors import echo, fail
 from bnfold.input_shapes import named, parse_input_shapes, positional
-from bnfold.limits import limit_options
+from bnfold.limits import limit_options, work_done
 
 EXIT_NOT_EQUIVALENT = 1
 
@@ -74,6 +74,7 @@ def verify(original, candidate, output_format, input_shapes, atol, rtol, seed) -
     except VerificationUnavailableError as error:
         fail(f"{candidate if error.model == 'folded' else original}: {error}", output_format=output_format)
     result.overrides = CLI_OVERRIDES
+    work_done()
     if output_format == "json":
         # (/2: a figure that is not finite is the string "inf", "-inf" or "nan", as in the fold report; /3: noise_elements, noise_from)
         echo(json_text({"schema": "bnfold.verify-report/3", "original": str(original), "candidate": str(candidate),

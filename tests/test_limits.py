@@ -102,3 +102,28 @@ def test_sizes_read_in_binary_units(text, size):
 def test_a_size_that_cannot_be_used_is_a_usage_error(text, problem):
     result = CliRunner().invoke(main, [str(EXAMPLE), "--dry-run", f"--max-memory={text}"])
     assert result.exit_code == 2 and problem in result.output and "--max-memory" in result.output
+
+
+def test_a_timeout_in_process_ends_the_command_not_the_interpreter():
+    """The command line run in-process (CliRunner, a notebook): a --timeout outside an onnxruntime run ended the host
+    interpreter (os._exit); only a stopped onnxruntime run needs that."""
+    result = CliRunner().invoke(main, [str(EXAMPLE), "--dry-run", "--no-verify", "--timeout", "0.001"])
+    assert result.exit_code == 2 and f"{EXAMPLE}: stopped at the time limit of 0.001 s (--timeout)" in result.output
+
+
+def test_the_timeout_stops_with_the_work_not_the_report(tmp_path, monkeypatch):
+    """The output written, a reader slow on the pipe kept the report waiting past --timeout: exit 2, "stopped",
+    with the output in place."""
+    import bnfold.cli
+
+    emit = bnfold.cli._emit
+
+    def slow_emit(report, output_format):
+        time.sleep(2)
+        emit(report, output_format)
+
+    monkeypatch.setattr(bnfold.cli, "_emit", slow_emit)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, [str(EXAMPLE), "-o", str(out), "--no-verify", "--timeout", "1"])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and "folded 4 of 4" in result.output

@@ -252,6 +252,11 @@ class _Runner:
         return dict(zip(self._names, _interruptible_run(self._session, self._names, feeds), strict=True))
 
 
+# Runs told to stop mid-run: their session's threads abort the interpreter's own exit ("terminate called without an
+# active exception", SIGABRT), so an interrupted command line leaves through os._exit (see bnfold.cli).
+runs_stopped = 0
+
+
 def _interruptible_run(session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """``session.run``, in a thread of its own: Python handles Ctrl-C and SIGTERM only between its own bytecodes, so
     a run that never returns (a hostile model's Loop of 10**15 iterations) held the process until SIGKILL, scratch
@@ -272,6 +277,8 @@ def _interruptible_run(session: ort.InferenceSession, names: list[str], feeds: d
             worker.join(0.1)
     except BaseException:
         options.terminate = True
+        global runs_stopped  # noqa: PLW0603 - one fact of the process, read as it exits
+        runs_stopped += 1
         worker.join(10)
         raise
     if "error" in outcome:
