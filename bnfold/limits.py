@@ -47,7 +47,7 @@ def limit_options(command):
         click.option("--max-memory", metavar="SIZE", envvar="BNFOLD_MAX_MEMORY", callback=_limit_memory, expose_value=False,
                      help="Most memory the run may allocate (libraries included), e.g. 4G or 512M, or 'none' [default: the "
                           "memory the machine has free at start; env BNFOLD_MAX_MEMORY]."),
-        click.option("--timeout", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True), envvar="BNFOLD_TIMEOUT",
+        click.option("--timeout", metavar="SECONDS", type=click.FloatRange(min=0, max=1e9, min_open=True), envvar="BNFOLD_TIMEOUT",
                      callback=_limit_time, expose_value=False,
                      help="Stop (exit 2, nothing written) after this many seconds [env BNFOLD_TIMEOUT]."),
     ]  # fmt: skip
@@ -71,6 +71,8 @@ def _limit_memory(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 def _limit_time(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    if value is not None and value != value:  # (NaN passes every range check)
+        raise click.BadParameter("nan is not a number of seconds", ctx, param)
     if value is not None and not hasattr(signal, "setitimer"):
         raise click.BadParameter("not available on this platform (no interval timer)", ctx, param)
     if value is not None:
@@ -86,9 +88,13 @@ def parse_size(text: str) -> int | None:
     if match is None:
         raise ValueError(f"{text!r} is not a size (e.g. 4G, 512M, or 'none')")
     size = int(float(match[1]) * _UNITS[match[2].upper()])
-    if size < 1 << 26:
-        raise ValueError(f"{text!r} is less than 64M, too little to load the libraries")
+    if size < _FEWEST_BYTES:
+        # (below it, OpenBLAS gives up allocating its buffers and aborts the process: "Memory allocation still failed")
+        raise ValueError(f"{text!r} is less than 256M, too little for the libraries (numpy, onnxruntime, torch) to run")
     return size
+
+
+_FEWEST_BYTES = 256 << 20
 
 
 def free_memory() -> int | None:
@@ -112,6 +118,9 @@ def _data_limit(size: int) -> Iterator[None]:
     wanted = _allocated() + size  # (on top of what the process holds: in-process, a notebook's own arrays)
     if soft != resource.RLIM_INFINITY:
         wanted = min(wanted, soft)  # (never above a limit the process already has)
+    elif wanted >= 1 << 62:  # (more than any machine has: no limit, which setrlimit could not take as a number)
+        yield
+        return
     resource.setrlimit(resource.RLIMIT_DATA, (wanted, hard))
     try:
         yield

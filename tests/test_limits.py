@@ -98,10 +98,21 @@ def test_sizes_read_in_binary_units(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize(("text", "problem"), [("2x", "is not a size"), ("1K", "less than 64M"), ("-1G", "is not a size")])
-def test_a_size_that_cannot_be_used_is_a_usage_error(text, problem):
-    result = CliRunner().invoke(main, [str(EXAMPLE), "--dry-run", f"--max-memory={text}"])
-    assert result.exit_code == 2 and problem in result.output and "--max-memory" in result.output
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [("--max-memory=2x", "is not a size"), ("--max-memory=64M", "less than 256M"), ("--max-memory=-1G", "is not a size"),
+     ("--timeout=nan", "nan is not a number"), ("--timeout=inf", "not in the range"), ("--timeout=0", "not in the range")],
+)  # fmt: skip
+def test_a_limit_that_cannot_be_used_is_a_usage_error(option, problem):
+    """64M let OpenBLAS abort the process; nan, inf and 1e300 seconds were internal errors."""
+    result = CliRunner().invoke(main, [str(EXAMPLE), "--dry-run", option])
+    assert result.exit_code == 2 and problem in result.output and option.partition("=")[0] in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_more_memory_than_any_machine_has_is_no_limit():
+    result = CliRunner().invoke(main, [str(EXAMPLE), "--dry-run", "--max-memory", "99999999999999999999T"])
+    assert result.exit_code == 0, result.output
 
 
 def test_a_timeout_in_process_ends_the_command_not_the_interpreter():
