@@ -16,7 +16,7 @@ import click
 from bnfold.checks import CODES, CodeSelection, Finding, UnknownCodeError, errors
 from bnfold.checks.findings import DEFAULT_BATCH_SIZE
 from bnfold.checks.output import FORMATTERS, CheckResults
-from bnfold.errors import EXIT_BAD_INPUT, InputError, echo, echo_error, internal_error
+from bnfold.errors import EXIT_BAD_INPUT, InputError, describe_error, echo, echo_error, internal_error
 from bnfold.input_shapes import parse_input_shapes, positional
 from bnfold.limits import limit_options, work_done
 from bnfold.report import printable
@@ -96,7 +96,7 @@ def _check_one(results: CheckResults, selection: CodeSelection, label: str, run:
         results.unreadable[label] = error.problem
         return
     except Exception as error:  # noqa: BLE001 - a bug, not bad input: reported for this model, the others still checked
-        problem = internal_error(error)
+        problem = f"out of memory ({describe_error(error)})" if isinstance(error, MemoryError) else internal_error(error)
         echo_error(f"{label}: {problem}")
         results.unreadable[label] = problem
         return

@@ -303,6 +303,40 @@ def test_a_child_called_with_more_than_the_normalised_value_is_not_a_kept_child(
     assert_same_outputs(outputs(model, (large,)), outputs(result.model, (large,)))
 
 
+def test_a_child_applied_twice_is_not_a_kept_child():
+    """``self.act(self.act(y))`` in a BatchNorm subclass was replaced by nn.Sequential(act=...), holding it once (0.418
+    off; behind 40 steps of the logistic map, that passed verification against the model's own float64 distance)."""
+
+    class BatchNormTwice(nn.BatchNorm2d):
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.act = TimmGELU()
+
+        def forward(self, x):
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return self.act(self.act(y))
+
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormTwice(8)))
+    result = fold(model, (torch.randn(2, 3, 8, 8),))
+    assert len(result.report.folds) == 1
+    x = torch.randn(3, 3, 11, 11)
+    assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+def test_a_wrong_replacement_of_a_batchnorm_module_by_its_children_fails_its_check(monkeypatch):
+    """The fold's own check compares the layer with the exact map before the children; the children themselves are
+    replayed on the module's normalised input against its output: a replacement that drops one fails there."""
+    from bnfold.torch_fold import calls
+
+    module_remainder = calls.module_remainder
+    monkeypatch.setattr(calls, "module_remainder", lambda *args: (module_remainder(*args) or ())[:1])  # ("drop",): act lost
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=TimmGELU)))
+    with pytest.raises(VerificationError) as caught:
+        fold(model, (torch.randn(2, 3, 8, 8),))
+    (failed,) = caught.value.verification.failed_folds
+    assert "`1` replaced by its drop does not give the module's output from its normalised input" in failed.reason
+
+
 def test_a_wrong_batchnorm_act_fold_fails_its_own_check(monkeypatch):
     """One channel of a BatchNormAct2d fold off by a relative 1e-3: before, such a fold was left to the
     outputs' check, which passes it (one channel's error is below rtol)."""

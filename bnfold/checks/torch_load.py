@@ -130,6 +130,8 @@ def _load_untrusted_export(path: Path, entries: list[str]) -> torch.export.Expor
             with _code_from_the_file_refused(refusals), _export_log_kept(logged):
                 program = torch.export.load(path)
         except Exception as error:  # a damaged archive: whatever the reader raises
+            if isinstance(error, MemoryError):
+                raise  # (past --max-memory: no fault of the file)
             if not refusals:
                 raise InputError(path, f"not a readable export archive ({logged[0] if logged else describe_error(error)})") from None
         else:

@@ -592,7 +592,7 @@ def module_remainder(
     current = normalised
     while any(reader in inside for reader in value_readers(current)):
         call = _child_call(traced, path, current, inside)
-        if call is None:
+        if call is None or call[0] in children:  # (a child applied twice: a replacement holds each child once)
             return None
         name, nodes, current = call
         children.append(name)
@@ -626,6 +626,8 @@ def _child_call(
     child = next((p for p in module_stack_paths(readers[0]) if p.rpartition(".")[0] == path), None) if readers else None
     if child is None or not _takes_one_argument(traced.module(child)):
         return None
+    if traced.method == "fx" and traced.module_calls.get(child) != [True]:
+        return None  # (called more than once, or with more than the value: its nodes are not one call on it)
     nodes = inside.intersection(traced.nodes_inside(value.graph, child))
     if not set(readers) <= nodes:
         return None

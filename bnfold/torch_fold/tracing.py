@@ -90,6 +90,7 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
     def trace(self, root: nn.Module, concrete_args: dict | None = None) -> fx.Graph:
         self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
         self.affine_forms: dict[str, AffineForm] = {}
+        self.module_calls: dict[str, list[bool]] = collections.defaultdict(list)
         state_before = _ModuleState(root)
         try:
             graph = super().trace(root, concrete_args)
@@ -129,6 +130,10 @@ class _UnmodifiedLayersAsLeavesTracer(fx.Tracer):
         return self.opaque.holds(module) or super().is_leaf_module(module, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        # Each call of each module, as whether it passed one positional argument alone: a module traced through
+        # leaves no node of its call (TracedModel.module_calls).
+        with contextlib.suppress(NameError):  # (a module outside the model's tree has no path)
+            self.module_calls[self.path_of_module(m)].append(len(args) == 1 and not kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -375,6 +380,9 @@ class TracedModel:
     affine_values: dict[fx.Node, tuple[Any, Any, tuple | None]] = dataclasses.field(default_factory=dict)
     # Modules an fx graph keeps as one call because fx could not trace through them (see Opaque), by path.
     opaque_paths: tuple[str, ...] = ()
+    # For an fx graph, each module's calls while fx traced, by path: whether each passed one positional argument
+    # alone (fx records no node for the call of a module it traces through, only the calls its forward made).
+    module_calls: dict[str, list[bool]] = dataclasses.field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
@@ -525,7 +533,9 @@ def _fx_traced(
     constants = _take_added_attributes(model, attributes_before)
     note = "pairs found with torch.fx symbolic tracing"
     attribute_paths = {node: node.target for node in graph.nodes if node.op == "get_attr"}
-    traced = TracedModel(model, [graph], "fx", attribute_paths, note, constants, affine_forms=tracer.affine_forms)
+    traced = TracedModel(
+        model, [graph], "fx", attribute_paths, note, constants, affine_forms=tracer.affine_forms, module_calls=dict(tracer.module_calls)
+    )
     keep_run = recorded_modules is not None
     recorded = recorded_modules(traced) if keep_run else set()
     if not _computes_like(traced, example_inputs, recorded, keep_run, stand_ins and not keep_run):

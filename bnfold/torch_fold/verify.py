@@ -237,6 +237,33 @@ def _squared_call(layer: nn.Module, squared_data: torch.Tensor, bias_terms: np.n
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _children_replaced_wrongly(fold: PlannedFold, folded: nn.Module, norm_in: torch.Tensor, norm_out: torch.Tensor) -> str | None:
+    """Why the children a folded BatchNorm module was replaced by (timm's BatchNormAct2d: drop, act) do not give the
+    module's output from its normalisation of its input, as the original computed it; None when they do. The fold's
+    own check compares the layer before them: this one proves the replacement, whatever the children are."""
+    batchnorm = fold.batchnorm
+    with torch.no_grad():
+        if batchnorm.per_channel is None:
+            value = F.batch_norm(
+                norm_in, batchnorm.running_mean, batchnorm.running_var, batchnorm.weight, batchnorm.bias, False, 0.0, batchnorm.eps
+            )
+        else:
+            shape = [-1] + [1] * (norm_in.dim() - 2)
+            scale, shift = (tensor.to(norm_in.dtype).reshape(shape) for tensor in batchnorm.per_channel)
+            value = norm_in * scale + shift
+        for name in batchnorm.kept_children:
+            value = folded.get_submodule(f"{batchnorm.module_path}.{name}")(value)
+    if not isinstance(value, torch.Tensor) or value.shape != norm_out.shape:
+        return f"`{batchnorm.module_path}` replaced by its {', '.join(batchnorm.kept_children)} gives another shape than the module"
+    comparison = compare_output("output", to_numpy(norm_out), to_numpy(value), str(norm_out.dtype).removeprefix("torch."))
+    if comparison.passed:
+        return None
+    return (
+        f"`{batchnorm.module_path}` replaced by its {', '.join(batchnorm.kept_children)} does not give the module's output "
+        f"from its normalised input: {comparison.describe_failure()}"
+    )
+
+
 def _check_one(
     fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters
 ) -> FoldCheck:
@@ -244,6 +271,10 @@ def _check_one(
     error in units of its rounding scale sqrt(sum (w x)^2 + c^2), c the terms summed into the bias (see
     LOCAL_UNITS), and its parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
     (layer_in, _), (norm_in, norm_out) = layer_call, norm_call
+    if fold.batchnorm.kept_children:
+        wrong = _children_replaced_wrongly(fold, folded, norm_in, norm_out)
+        if wrong is not None:
+            return FoldCheck(label, str(norm_out.dtype).removeprefix("torch."), "failed", reason=wrong)
     axis = fold.layer.feature_axis(layer_call[1].dim())
     folded_layer = layer = folded.get_submodule(fold.layer.module_path)
     preceding = fold.direction == "into-preceding"
