@@ -334,7 +334,29 @@ def test_a_wrong_replacement_of_a_batchnorm_module_by_its_children_fails_its_che
     with pytest.raises(VerificationError) as caught:
         fold(model, (torch.randn(2, 3, 8, 8),))
     (failed,) = caught.value.verification.failed_folds
-    assert "`1` replaced by its drop does not give the module's output from its normalised input" in failed.reason
+    assert "`1` replaced by its drop does not compute what the module computes: output" in failed.reason
+
+
+def test_a_batchnorm_module_whose_forward_branches_on_the_shape_fails_its_check():
+    """fx cannot trace ``if x.shape[-1] > 8``; torch.export takes the example's branch, and the BatchNorm was replaced by
+    nn.Sequential(act) for every input (1.5 off at width 5). The replacement is now run at other widths too."""
+
+    class ShapeBranch(nn.BatchNorm2d):
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            if x.shape[-1] > 8:
+                y = self.act(y)
+            return y
+
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ShapeBranch(8)))
+    with pytest.raises(VerificationError) as caught:
+        fold(model, (torch.randn(2, 3, 12, 12),))
+    (failed,) = caught.value.verification.failed_folds
+    assert "`1` replaced by its act does not compute what the module computes on its input reshaped to [2, 8, 12, 6]" in failed.reason
 
 
 def test_a_wrong_batchnorm_act_fold_fails_its_own_check(monkeypatch):

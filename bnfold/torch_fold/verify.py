@@ -150,6 +150,8 @@ class FoldCapture:
         self.parameters = {
             fold: _parameters(model.get_submodule(fold.layer.module_path), folds_into_model) for fold in self.checked
         }
+        # Each BatchNorm module the fold replaces by its children (the object: an in-place fold unregisters it).
+        self.replaced = {fold: model.get_submodule(fold.batchnorm.module_path) for fold in self.checked if fold.batchnorm.kept_children}
         self._hooks = []
         paths = {path for fold in self.checked for path in (fold.layer.module_path, fold.batchnorm.module_path)}
         self.recorded = run is not None and paths <= run.calls.keys()
@@ -191,7 +193,7 @@ class FoldCapture:
                 checks.append(fold_not_checked(label, "the layer or BatchNorm runs more than once: checked through the model's outputs only"))
                 continue
             checks.append(_check_one(
-                fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold), self.parameters[fold],
+                fold, folded, layer_calls[0], norm_calls[0], label, rtol, self.originals.get(fold), self.parameters[fold], self.replaced.get(fold),
             ))  # fmt: skip
         return checks
 
@@ -237,42 +239,58 @@ def _squared_call(layer: nn.Module, squared_data: torch.Tensor, bias_terms: np.n
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _children_replaced_wrongly(fold: PlannedFold, folded: nn.Module, norm_in: torch.Tensor, norm_out: torch.Tensor) -> str | None:
-    """Why the children a folded BatchNorm module was replaced by (timm's BatchNormAct2d: drop, act) do not give the
-    module's output from its normalisation of its input, as the original computed it; None when they do. The fold's
-    own check compares the layer before them: this one proves the replacement, whatever the children are."""
+def _children_replaced_wrongly(
+    fold: PlannedFold, folded: nn.Module, module: nn.Module, norm_in: torch.Tensor, norm_out: torch.Tensor
+) -> str | None:
+    """Why the children the folded BatchNorm ``module`` was replaced by (timm's BatchNormAct2d: drop, act) do not
+    compute what the module computed, from its normalisation of its input; None when they do. The fold's own check
+    compares the layer before them: this one proves the replacement, on the module's input in the original's run, and
+    on that input halved and doubled along its last axis (the batch for a BatchNorm1d's [N, C]): a graph torch.export
+    captured holds the branches the example's shapes took (``if x.shape[-1] > 8: y = self.act(y)``)."""
     batchnorm = fold.batchnorm
+    children = [folded.get_submodule(f"{batchnorm.module_path}.{name}") for name in batchnorm.kept_children]
+    axis = -1 if norm_in.dim() > 2 else 0
+    size = norm_in.shape[axis]
+    variants = [(norm_in, norm_out)]
     with torch.no_grad():
-        if batchnorm.per_channel is None:
-            value = F.batch_norm(
-                norm_in, batchnorm.running_mean, batchnorm.running_var, batchnorm.weight, batchnorm.bias, False, 0.0, batchnorm.eps
-            )
-        else:
-            shape = [-1] + [1] * (norm_in.dim() - 2)
-            scale, shift = (tensor.to(norm_in.dtype).reshape(shape) for tensor in batchnorm.per_channel)
-            value = norm_in * scale + shift
-        for name in batchnorm.kept_children:
-            value = folded.get_submodule(f"{batchnorm.module_path}.{name}")(value)
-    if not isinstance(value, torch.Tensor) or value.shape != norm_out.shape:
-        return f"`{batchnorm.module_path}` replaced by its {', '.join(batchnorm.kept_children)} gives another shape than the module"
-    comparison = compare_output("output", to_numpy(norm_out), to_numpy(value), str(norm_out.dtype).removeprefix("torch."))
-    if comparison.passed:
-        return None
-    return (
-        f"`{batchnorm.module_path}` replaced by its {', '.join(batchnorm.kept_children)} does not give the module's output "
-        f"from its normalised input: {comparison.describe_failure()}"
-    )
+        for other in (norm_in.narrow(axis, 0, size // 2) if size > 1 else None, torch.cat((norm_in, norm_in.flip(axis)), axis)):
+            if other is not None:
+                variants.append((other, module(other)))
+        for data, expected in variants:
+            value = _normalised(batchnorm, data)
+            for child in children:
+                value = child(value)
+            if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor) or value.shape != expected.shape:
+                return f"`{batchnorm.module_path}` replaced by its {', '.join(batchnorm.kept_children)} gives another shape than the module"
+            comparison = compare_output("output", to_numpy(expected), to_numpy(value), str(expected.dtype).removeprefix("torch."))
+            if not comparison.passed:
+                shape = "" if data is norm_in else f" on its input reshaped to {list(data.shape)}"
+                return (
+                    f"`{batchnorm.module_path}` replaced by its {', '.join(batchnorm.kept_children)} does not compute what "
+                    f"the module computes{shape}: {comparison.describe_failure()}"
+                )
+    return None
+
+
+def _normalised(batchnorm, data: torch.Tensor) -> torch.Tensor:
+    """The BatchNorm's normalisation of ``data``, as its call computed it (``F.batch_norm``, or ``x * scale + shift``)."""
+    if batchnorm.per_channel is None:
+        return F.batch_norm(data, batchnorm.running_mean, batchnorm.running_var, batchnorm.weight, batchnorm.bias, False, 0.0, batchnorm.eps)
+    shape = [-1] + [1] * (data.dim() - 2)
+    scale, shift = (tensor.to(data.dtype).reshape(shape) for tensor in batchnorm.per_channel)
+    return data * scale + shift
 
 
 def _check_one(
-    fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters
+    fold: PlannedFold, folded: nn.Module, layer_call, norm_call, label: str, rtol: float | None, original, parameters,
+    replaced: nn.Module | None = None,
 ) -> FoldCheck:
     """The folded layer on the original's input to it against the original layer and BatchNorm, each element's
     error in units of its rounding scale sqrt(sum (w x)^2 + c^2), c the terms summed into the bias (see
     LOCAL_UNITS), and its parameters against the exact fold of the original's (see PARAMETER_UNITS)."""
     (layer_in, _), (norm_in, norm_out) = layer_call, norm_call
-    if fold.batchnorm.kept_children:
-        wrong = _children_replaced_wrongly(fold, folded, norm_in, norm_out)
+    if replaced is not None:
+        wrong = _children_replaced_wrongly(fold, folded, replaced, norm_in, norm_out)
         if wrong is not None:
             return FoldCheck(label, str(norm_out.dtype).removeprefix("torch."), "failed", reason=wrong)
     axis = fold.layer.feature_axis(layer_call[1].dim())
