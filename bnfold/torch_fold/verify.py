@@ -262,6 +262,8 @@ def _children_replaced_wrongly(
                 value = child(value)
             if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor) or value.shape != expected.shape:
                 return f"`{batchnorm.module_path}` replaced by its {', '.join(batchnorm.kept_children)} gives another shape than the module"
+            if torch.equal(value, expected):
+                continue  # (the usual case: the same calls on the same values)
             comparison = compare_output("output", to_numpy(expected), to_numpy(value), str(expected.dtype).removeprefix("torch."))
             if not comparison.passed:
                 shape = "" if data is norm_in else f" on its input reshaped to {list(data.shape)}"
