@@ -21,6 +21,7 @@ from torch_architectures import (
     CASES,
     BatchNormAct2d,
     Conv2dSame,
+    DynamicConv2dSame,
     FrozenBatchNorm2d,
     LearnableAffineBlock,
     LinearNorm,
@@ -222,6 +223,29 @@ def test_a_batchnorm_after_a_concatenation_of_convs_folds_a_part_into_each():
     assert isinstance(result.model.bn2, nn.Identity) and isinstance(result.model.bn1.act, nn.SiLU)
     for x in (*inputs, torch.randn(3, 12, 14, 10)):
         assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
+
+
+def test_a_concatenation_of_convs_fx_cannot_trace_folds_through_export():
+    """tf_mixnet_s: MixedConv2d of TF-"same" convs (math.ceil on the input size: no fx), so torch.export's graph, whose
+    concatenation is aten.cat: 49 of 49 folded in timm, as through fx."""
+
+    class TfMixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList([DynamicConv2dSame(3, 4, 3, stride=2), DynamicConv2dSame(3, 6, 5, stride=2)])
+            self.bn = nn.BatchNorm2d(10)
+
+        def forward(self, x):
+            return self.bn(torch.cat([conv(x) for conv in self.convs], 1))
+
+    model = randomise_statistics(TfMixed())
+    result = fold(model, (torch.randn(2, 3, 9, 9),))
+
+    assert "torch.export" in result.report.notes[0]
+    assert [(f.layer, f.channels) for f in result.report.folds] == [("convs.0", [0, 4]), ("convs.1", [4, 10])]
+    assert type(result.model) is TfMixed and isinstance(result.model.bn, nn.Identity)
+    x = torch.randn(1, 3, 14, 11)
+    assert_same_outputs(outputs(model, (x,)), outputs(result.model, (x,)))
 
 
 def test_a_wrong_part_of_a_concatenation_fold_fails_its_own_check(monkeypatch):
