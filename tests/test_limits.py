@@ -71,6 +71,7 @@ def test_check_reports_the_run_the_memory_limit_stopped(tmp_path):
     result = CliRunner().invoke(main, ["check", str(model), "--max-memory", "1G", "--select", "BD002"])
     assert result.exit_code == 0, result.output
     assert "BD002" in result.output and "Failed to allocate memory" in result.output
+    assert "(the memory limit: 1.0 GiB)" in result.output
 
 
 @pytest.mark.parametrize("command", [["{model}", "-o", "{out}"], ["check", "{model}"]], ids=["fold", "check"])

@@ -21,6 +21,7 @@ import numpy as np
 
 from bnfold.checks.findings import Finding
 from bnfold.errors import describe_error
+from bnfold.limits import memory_hint
 from bnfold.verification import OutputComparison, compare_output
 
 
@@ -62,7 +63,8 @@ def measure_batch_dependence(run: Runner, batch_size: int, alone_size: int = 1) 
     try:
         batched = run(list(range(batch_size)))
     except Exception as error:  # whatever the runtime raises: the model cannot be measured on random data
-        return [not_measured(f"the model does not run on a batch of {batch_size} random samples ({describe_error(error)})")]
+        # (past --max-memory, the message names the limit)
+        return [not_measured(memory_hint(f"the model does not run on a batch of {batch_size} random samples ({describe_error(error)})"))]
     per_sample = [name for name, output in batched.items() if output.values.ndim and output.values.shape[0] == batch_size]
     if not per_sample:
         return [not_measured(f"no output has the batch dimension ({batch_size}) first")]
