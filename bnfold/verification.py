@@ -180,8 +180,8 @@ class OutputComparison:
         (a float16 model with float32 outputs, a division near zero, a deep network with untrained weights). With
         ``exact`` (``other`` is a float64 run of the original, the result its float32 run approximates), that is: the
         folded output no further from ``other`` than :data:`EXACT_DISTANCE_RATIO` times the original's own distance
-        from it. Neither allowance is made without ``allowances`` (tolerances the user
-        set are the criterion). Elements that are not finite in either run are no noise (an overflow in one)."""
+        from it. Neither allowance is made without ``allowances`` (tolerances the user set are the criterion).
+        Elements that are not finite in either run are no noise (an overflow in one)."""
         expected64, other64 = np.asarray(expected, np.float64), np.asarray(other, np.float64)
         if expected64.shape != other64.shape:
             return

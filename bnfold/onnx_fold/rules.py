@@ -101,9 +101,6 @@ def _typed_attr(node: ir.Node, name: str, default, types: tuple[ir.AttributeType
     return attribute.value
 
 
-# Readers of a tensor's shape alone (reshape_as, view(x.shape) in exporters): a fold changes no shape.
-
-
 def _only_consumer(value: ir.Value) -> ir.Node | None:
     """The one node that reads ``value``'s elements (readers of its shape or type alone aside), if only one does."""
     uses = [use for use in value.uses() if reads_elements(use)]
@@ -714,12 +711,12 @@ class FoldIntoConcatenated:
         if concatenation is None or concatenation.op_type != "Concat" or concatenation.domain not in ("", "ai.onnx"):
             raise Refusal("no-foldable-neighbour", "its input is no Concat of layers' outputs")
         chains = [_chain_before(value, opset, through_layout=False) for value in concatenation.inputs]
-        for data, _ in chains:  # (what is no layer's output first: most such Concats join other values, DenseNet's)
-            producer = _layer_behind(data)
+        producers = [_layer_behind(data) for data, _ in chains]
+        for producer in producers:  # (what is no layer's output first: most such Concats join other values, DenseNet's)
             if producer is None or producer.op_type not in _CHANNEL_AXIS_OPS or producer.domain not in ("", "ai.onnx"):
                 what = "a graph input or constant" if producer is None else node_label(producer)
                 raise Refusal("no-foldable-neighbour", f"{node_label(concatenation)} before it concatenates {what}, no Conv/ConvTranspose/Gemm output")
-        layers = [(layer_view(_layer_behind(data), opset), data, passthroughs) for data, passthroughs in chains]
+        layers = [(layer_view(producer, opset), data, passthroughs) for producer, (data, passthroughs) in zip(producers, chains)]
         rank = layers[0][0].output_rank
         axis = _typed_attr(concatenation, "axis", 0, _INT, "channel-mismatch")
         if rank is None or axis % rank != 1:

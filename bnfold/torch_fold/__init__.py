@@ -55,7 +55,7 @@ from torch.nn.parameter import is_lazy
 from bnfold.quantization import LayerQuantization, check_target_dtype
 from bnfold.report import FoldReport
 from bnfold.torch_fold.calls import DataFlow, fold_end_modules, read_data_flow
-from bnfold.torch_fold.planning import FoldPlan, plan_folds
+from bnfold.torch_fold.planning import FoldPlan, folded_batchnorms, plan_folds
 from bnfold.torch_fold.quantization import measure_torch_folds
 from bnfold.torch_fold.rewrite import fold_in_graph, fold_in_module_tree
 from bnfold.torch_fold.tracing import ModelNotTraceableError, TracedModel, trace_model
@@ -326,7 +326,7 @@ def _analyse(model: nn.Module, example_inputs: tuple, record: bool, stand_ins: b
 
 
 def _report(model: nn.Module, flow: DataFlow, plan: FoldPlan, notes: list[str]) -> FoldReport:
-    folded = list({id(fold.batchnorm): fold.batchnorm for fold in plan.folds}.values())  # (one per part of a concatenation)
+    folded = folded_batchnorms(plan.folds)
     batchnorms = len(folded) + len(plan.skips)
     return FoldReport(
         model=type(model).__name__,

@@ -64,6 +64,11 @@ class PlannedFold:
         return Fold(self.batchnorm.name, self.layer.name, self.layer.op, self.direction, batchnorm_op=self.batchnorm.op, channels=channels)
 
 
+def folded_batchnorms(folds: list[PlannedFold]) -> list[BatchNormCall]:
+    """Each folded BatchNorm once, in fold order (one after a concatenation folds a part into each concatenated layer)."""
+    return list({id(fold.batchnorm): fold.batchnorm for fold in folds}.values())
+
+
 @dataclasses.dataclass
 class FoldPlan:
     folds: list[PlannedFold]

@@ -16,9 +16,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bnfold.torch_fold.calls import BatchNormCall, LayerCall
+from bnfold.torch_fold.calls import LayerCall
 from bnfold.torch_fold.conversion import to_torch
-from bnfold.torch_fold.planning import PlannedFold
+from bnfold.torch_fold.planning import PlannedFold, folded_batchnorms
 from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel
 
 
@@ -27,7 +27,7 @@ def fold_in_module_tree(folds: list[PlannedFold], model: nn.Module, traced: Trac
     or by an ``nn.Sequential`` of the children its forward applied after normalising (timm's BatchNormAct2d:
     ``drop``, ``act``), under their own names so their state_dict keys stay. ``copied``: the model is bnfold's copy."""
     _write_folded_weights(folds, traced, copied)
-    for batchnorm in _folded_batchnorms(folds):
+    for batchnorm in folded_batchnorms(folds):
         path = batchnorm.module_path
         module = model.get_submodule(path)
         kept = collections.OrderedDict((name, module.get_submodule(name)) for name in batchnorm.kept_children)
@@ -43,7 +43,7 @@ def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModu
     # Each bypassed BatchNorm's replacement: the next one's input may be its output (BN -> BN, both folded into
     # the layer before them, or the second into the layer after).
     replacements: dict[fx.Node, fx.Node] = {}
-    for batchnorm in _folded_batchnorms(folds):
+    for batchnorm in folded_batchnorms(folds):
         data = batchnorm.input
         while data in replacements:
             data = replacements[data]
@@ -52,11 +52,6 @@ def fold_in_graph(folds: list[PlannedFold], traced: TracedModel) -> fx.GraphModu
     graph_module = traced.to_graph_module()
     graph_module.graph.lint()
     return graph_module
-
-
-def _folded_batchnorms(folds: list[PlannedFold]) -> list[BatchNormCall]:
-    """Each folded BatchNorm once (one after a concatenation folds a part into each concatenated layer)."""
-    return list({id(fold.batchnorm): fold.batchnorm for fold in folds}.values())
 
 
 def _write_folded_weights(folds: list[PlannedFold], traced: TracedModel, copied: bool) -> None:
