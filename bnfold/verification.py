@@ -82,6 +82,14 @@ def rounding_unit(dtype_name: str) -> float:
         return 0.0
 
 
+def check_tolerances(**tolerances: float | None) -> None:
+    """Refuse an explicit tolerance (``atol=``, ``rtol=``) that is not a finite number >= 0: NaN compares false
+    with every error, so ``rtol=nan`` passed any difference."""
+    for name, value in tolerances.items():
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+
+
 def tolerances_for(dtype_name: str, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
     """The (atol, rtol) for an output of ``dtype_name``, with explicit overrides; exact for non-floats."""
     default_atol, default_rtol = DEFAULT_TOLERANCES.get(dtype_name, (0.0, 0.0))
@@ -592,6 +600,8 @@ class Verification:
         )
 
     def _acceptable(self, rtol: float) -> str:
+        if not math.isfinite(rtol):  # (NaN or Inf units: no tolerance accepts the difference)
+            return f"no tolerance accepts that (or {self.overrides.skip})"
         return (
             f"if the difference is acceptable, rerun with {self.overrides.option('rtol', f'{rtol:.2g}')} or more "
             f"(or {self.overrides.skip})"

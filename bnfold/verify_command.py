@@ -27,13 +27,24 @@ def verification_options(command):
         click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]D1,D2,...",
                      help="Shape of an input, by name (NAME= or NAME:) or in input order; symbolic dims default to 1."),
-        click.option("--atol", type=float, help="Absolute tolerance (default by dtype: float32 1e-6)."),
-        click.option("--rtol", type=float, help="Tolerance relative to each output's max |original| (default by dtype: float32 1e-3)."),
+        click.option("--atol", type=float, callback=_tolerance, help="Absolute tolerance (default by dtype: float32 1e-6)."),
+        click.option("--rtol", type=float, callback=_tolerance,
+                     help="Tolerance relative to each output's max |original| (default by dtype: float32 1e-3)."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random inputs."),
     ]  # fmt: skip
     for option in reversed(options):  # decorators apply bottom-up: keep the listed order in --help
         command = option(command)
     return command
+
+
+def _tolerance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    from bnfold.verification import check_tolerances  # (numpy: not for --help)
+
+    try:
+        check_tolerances(**{param.name: value})
+    except ValueError as error:
+        raise click.BadParameter(str(error).partition(" ")[2], ctx, param) from None
+    return value
 
 
 @click.command()

@@ -352,6 +352,39 @@ def test_bnfold_verify_command(tmp_path):
     assert runner.invoke(main, ["verify", paths[0], str(tmp_path / "junk.onnx")]).exit_code == 2
 
 
+@pytest.mark.parametrize("option", [["--rtol", "nan"], ["--atol", "nan"], ["--rtol", "inf"], ["--atol", "-1e-3"]])
+def test_a_tolerance_that_is_no_finite_number_at_least_zero_is_refused(tmp_path, option):
+    """NaN compares false with every error: ``--rtol nan`` passed models whose outputs differ by 470%."""
+    original = _conv_bn(np.float32, near_dead=0)
+    other = copy.deepcopy(original)
+    other.graph.initializer[0].CopyFrom(numpy_helper.from_array(_initializer(original, "w") * 3 + 1, "w"))
+    paths = [_save(original, tmp_path / "a.onnx"), _save(other, tmp_path / "b.onnx")]
+    refused = CliRunner().invoke(main, ["verify", *paths, *option])
+    assert refused.exit_code == 2 and f"Invalid value for '{option[0]}': must be a finite number >= 0" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    assert CliRunner().invoke(main, [paths[0], "-o", str(tmp_path / "out.onnx"), *option]).exit_code == 2
+    assert not (tmp_path / "out.onnx").exists()
+    name, value = option[0].removeprefix("--"), float(option[1])
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        fold_onnx(original, **{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        verify(original, other, **{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        bnfold.fold(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval(), torch.randn(1, 3, 4, 4), **{name: value})
+
+
+def test_a_fold_check_of_no_finite_units_suggests_no_tolerance(tmp_path):
+    """A weight of 4.3e24 squares past float32's range in the rounding-scale run: the check measures NaN units
+    and fails, and its message suggests no ``--rtol nan``, which no tolerance is."""
+    model = _conv_bn(np.float32, near_dead=0)
+    weight = _initializer(model, "w").copy()
+    weight[0, 2, 2, 2] = 4.3e24
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "w"))
+    failed = CliRunner().invoke(main, [_save(model, tmp_path / "a.onnx"), "-o", str(tmp_path / "out.onnx")])
+    assert failed.exit_code == 1 and "nan rounding units" in failed.output, failed.output
+    assert "no tolerance accepts that (or --no-verify)" in failed.output and "--rtol nan" not in failed.output
+
+
 def test_bnfold_verify_of_models_with_external_data(tmp_path):
     """The candidate's weights stay memory-mapped for onnxruntime while the fold checks read them: unmapping them
     then failed (BufferError) on every external-data candidate."""

@@ -87,6 +87,10 @@ def _fold_measured(
     quantization: bool = False, target_dtype: str | None = None, **verification,
 ):  # fmt: skip
     """:func:`_fold_onnx`, then the quantization measure if asked (on the folded model's data: none pending)."""
+    if verify:
+        from bnfold.verification import check_tolerances
+
+        check_tolerances(atol=verification.get("atol"), rtol=verification.get("rtol"))
     if target_dtype is not None:
         from bnfold.quantization import check_target_dtype
 
