@@ -1906,11 +1906,12 @@ class _PreActivation(nn.Module):
 
 @pytest.mark.parametrize(
     "beside,words",
-    [(False, "its input comes from `add`, and the module applies `bn.drop`, `bn.act` to its output before `conv` (Conv2d) reads it"),
-     (True, "its output is read by the module's own `bn.drop`, `bn.act`, then `add`; none of them is a Conv")],
+    [(False, "its input comes from `add`, and the module applies `bn.act` to its output before `conv` (Conv2d) reads it"),
+     (True, "its output is read by the module's own `bn.act`, then `add`; none of them is a Conv")],
 )  # fmt: skip
 def test_a_batchnorm_act_left_names_what_reads_the_module_output(beside, words):
-    """The reason named the module's own ``drop`` (an Identity) as the reader, never the act or what follows."""
+    """The reason named the module's own ``drop`` (an Identity) as the reader, never the act or what follows; it
+    names the act alone, the child that changes the values."""
     torch.manual_seed(0)
     model = _PreActivation(beside)
     for _ in range(3):
@@ -1918,6 +1919,31 @@ def test_a_batchnorm_act_left_names_what_reads_the_module_output(beside, words):
     result = fold(model.eval(), (torch.randn(2, 8, 8, 8),))
     (skip,) = result.report.skips
     assert words in skip.reason
+
+
+class _NormBeforeAttention(nn.Module):
+    """timm's MobileNetV4 hybrid block: a BatchNormAct2d made with apply_act=False (``drop`` and ``act`` are
+    Identities) on a sum, read by the query's and the key's convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = BatchNormAct2d(8, apply_act=False)
+        self.query, self.key = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        x = self.norm(x + 1)
+        return self.query(x) * self.key(x)
+
+
+def test_a_batchnorm_act_whose_children_are_identities_is_left_for_its_readers_not_its_children():
+    """The reason said the module applies ``norm.drop`` and ``norm.act`` (two Identities) before its readers."""
+    torch.manual_seed(0)
+    model = _NormBeforeAttention()
+    for _ in range(3):
+        model(torch.randn(2, 8, 8, 8))
+    (skip,) = fold(model.eval(), (torch.randn(2, 8, 8, 8),)).report.skips
+    assert "its output is read by `query` (Conv2d), `key` (Conv2d): a layer can absorb it only as the output's only reader" in skip.reason
+    assert "drop" not in skip.reason and "act" not in skip.reason
 
 
 @pytest.mark.parametrize("make", [torch.jit.script, lambda model: torch.jit.trace(model, torch.randn(1, 3, 8, 8))], ids=["script", "trace"])

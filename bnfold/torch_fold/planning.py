@@ -480,16 +480,20 @@ def _no_neighbour_reason(batchnorm: BatchNormCall, flow: DataFlow) -> str:
         source += f" (through {', '.join(describe_node(node, flow.traced) for node in passed)})"
     described = ", ".join(describe_node(reader, flow.traced) for reader in readers) or "nothing"
     if batchnorm.kept_children:  # (timm's BatchNormAct2d: its own drop and act read the normalised values)
-        applied = ", ".join(f"`{batchnorm.module_path}.{child}`" for child in batchnorm.kept_children)
         inside = flow.traced.nodes_inside(batchnorm.node.graph, batchnorm.module_path)
         readers = value_readers(inside[-1]) if inside else []
         described = ", ".join(describe_node(reader, flow.traced) for reader in readers) or "nothing"
-        if any(reader in flow.layers for reader in readers):
+        # (an nn.Identity child, as timm's apply_act=False makes, changes nothing the readers see)
+        passing = {node.target for node in inside if node.op == "call_module" and flow.passes_through(node)}
+        changing = [path for child in batchnorm.kept_children if (path := f"{batchnorm.module_path}.{child}") not in passing]
+        applied = ", ".join(f"`{path}`" for path in changing)
+        if changing and any(reader in flow.layers for reader in readers):
             return (
                 f"its input comes from {source}, and the module applies {applied} to its output before {described} "
                 f"reads it: a layer can absorb only what reaches it unchanged. {_STAYS}"
             )
-        described = f"the module's own {applied}, then {described}"
+        if changing:
+            described = f"the module's own {applied}, then {described}"
     if any(reader in flow.layers for reader in readers):
         return (
             f"its input comes from {source} and its output is read by {described}: a layer can absorb it only "
