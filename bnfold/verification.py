@@ -466,7 +466,8 @@ def _root_mean_square_units(reference: np.ndarray, folded: np.ndarray, magnitude
 
 def _output_errors(reference: np.ndarray, folded: np.ndarray, magnitude: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """Each element's |error| in float64, and that error in units of eps x its magnitude: NaN or Inf that
-    the fold brought in is infinitely many; an element of magnitude 0 (all terms zero) must match exactly."""
+    the fold brought in is infinitely many; an element of magnitude 0 (all terms zero) must match exactly, one
+    whose magnitude overflowed (Inf or NaN) counts 0."""
     diff = folded.astype(np.float64)
     with np.errstate(invalid="ignore"):
         diff -= reference
@@ -480,6 +481,10 @@ def _output_errors(reference: np.ndarray, folded: np.ndarray, magnitude: np.ndar
     finite = np.isfinite(reference)
     diff[~finite] = 0.0
     diff[finite & ~np.isfinite(folded)] = math.inf
+    # A term whose square overflows the dtype (a weight of 1e20 in float32) makes the rounding scale Inf, or NaN
+    # where it meets a zero (Inf x 0, the padding): the error there is no measure of the fold, whose parameters
+    # are checked exactly on their own; such an element counts 0 units.
+    scale[np.isnan(scale) & (diff < math.inf)] = math.inf
     with np.errstate(divide="ignore", invalid="ignore"):
         units = np.where(diff == 0, 0.0, diff / scale)
     return diff, units

@@ -373,16 +373,27 @@ def test_a_tolerance_that_is_no_finite_number_at_least_zero_is_refused(tmp_path,
         bnfold.fold(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval(), torch.randn(1, 3, 4, 4), **{name: value})
 
 
-def test_a_fold_check_of_no_finite_units_suggests_no_tolerance(tmp_path):
-    """A weight of 4.3e24 squares past float32's range in the rounding-scale run: the check measures NaN units
-    and fails, and its message suggests no ``--rtol nan``, which no tolerance is."""
+def test_a_weight_whose_square_overflows_folds_verified(tmp_path):
+    """A weight of 4.3e24 squares past float32's range in the rounding-scale run (Inf, and Inf x 0 = NaN at the
+    padding): the check measured NaN units and refused a correct fold, suggesting ``--rtol nan``. Such elements
+    now count 0 units (the weights are checked exactly on their own); the other channels are measured as ever."""
     model = _conv_bn(np.float32, near_dead=0)
     weight = _initializer(model, "w").copy()
     weight[0, 2, 2, 2] = 4.3e24
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "w"))
-    failed = CliRunner().invoke(main, [_save(model, tmp_path / "a.onnx"), "-o", str(tmp_path / "out.onnx")])
-    assert failed.exit_code == 1 and "nan rounding units" in failed.output, failed.output
-    assert "no tolerance accepts that (or --no-verify)" in failed.output and "--rtol nan" not in failed.output
+    folded = CliRunner().invoke(main, [_save(model, tmp_path / "a.onnx"), "-o", str(tmp_path / "out.onnx"), "--format", "json"])
+    assert folded.exit_code == 0, folded.output
+    (check,) = json.loads(folded.output)["verification"]["folds"]
+    assert check["status"] == "passed" and 0 < check["units"] < 4 and check["parameters"]["units"] <= ROUNDED_ONCE
+    # A candidate whose layer gives Inf where the original is finite: no tolerance accepts it, and none is suggested.
+    broken = onnx.load(tmp_path / "out.onnx")
+    name = _layer(broken, "conv").input[1]
+    infinite = _initializer(broken, name).copy()
+    infinite[3, 0, 1, 1] = np.inf
+    next(tensor for tensor in broken.graph.initializer if tensor.name == name).CopyFrom(numpy_helper.from_array(infinite, name))
+    failed = CliRunner().invoke(main, ["verify", str(tmp_path / "a.onnx"), _save(broken, tmp_path / "b.onnx")])
+    assert failed.exit_code == 1 and "inf rounding units" in failed.output, failed.output
+    assert "no tolerance accepts that (or --no-verify)" in failed.output and "--rtol inf" not in failed.output
 
 
 def test_bnfold_verify_of_models_with_external_data(tmp_path):
