@@ -70,14 +70,15 @@ class _BnfoldGroup(click.Group):
         if args and args[0] == "help":
             args = ["--help"]
         elif args and args[0] not in commands and args[0] not in _GROUP_OPTIONS:
-            if not args[0].startswith("-") and not Path(args[0]).exists():
+            # (os.path.exists: False for a name the system cannot look up, which the command then reports)
+            if not args[0].startswith("-") and not os.path.exists(args[0]):
                 import difflib  # (only for what may be a mistyped command: 2 ms of start-up otherwise)
 
                 close = difflib.get_close_matches(args[0], commands, n=1, cutoff=0.6)
                 if close:
                     ctx.fail(f"no command {args[0]!r}; did you mean {close[0]!r}? (a model path runs `fold`)")
             # Options first: they are the command's that follows them (`bnfold --format json verify A B`), else fold's.
-            named = next((index for index, arg in enumerate(args) if arg in commands and not Path(arg).exists()), None)
+            named = next((index for index, arg in enumerate(args) if arg in commands and not os.path.exists(arg)), None)
             args = [args[named], *args[:named], *args[named + 1 :]] if args[0].startswith("-") and named else ["fold", *args]
         return super().parse_args(ctx, args)
 

@@ -33,12 +33,19 @@ def internal_error(error: BaseException) -> str:
 
 def echo(text: str, err: bool = False) -> None:
     """``click.echo``, where a reader that closed the pipe (``bnfold verify A B | head -1``) ends the output, not
-    the command: the rest goes nowhere and the exit code stays the verdict's (it was an internal error, exit 2)."""
+    the command: the rest goes nowhere and the exit code stays the verdict's (it was an internal error, exit 2).
+    A stream that cannot be written otherwise (stdout on a full disk, stderr closed) goes nowhere from then on
+    too; stdout's failure is then the command's, exit 2 (what it printed, a report, is lost)."""
     try:
         click.echo(text, err=err)
-    except BrokenPipeError:
+    except OSError as error:
         stream = sys.stderr if err else sys.stdout
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # (Python flushes it again at exit)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # (Python flushes it again at exit)
+        except (AttributeError, OSError, ValueError):  # (no stream at all: a descriptor closed at start-up)
+            pass
+        if not err and not isinstance(error, BrokenPipeError):
+            fail(f"<stdout>: cannot write ({error.strerror or describe_error(error)})")
 
 
 def echo_error(message: str) -> None:
@@ -76,6 +83,18 @@ class InputError(Exception):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A named input file does not exist: caught as an :class:`InputError` or a ``FileNotFoundError``."""
+
+
+def file_status(path: str | os.PathLike) -> os.stat_result | None:
+    """``os.stat`` of a path the user named (symlinks followed); None when nothing is there. :class:`InputError`
+    naming it when the system cannot look it up (a name too long, a loop of symlinks, a folder it may not enter),
+    which pathlib's ``exists()`` and ``is_file()`` raise as they are."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as error:  # (ValueError: a NUL byte in the name)
+        raise InputError(path, f"cannot be looked up ({error.strerror.lower() if getattr(error, 'strerror', None) else error})") from None
 
 
 class VerificationError(RuntimeError):

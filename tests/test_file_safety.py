@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -89,6 +90,63 @@ def test_external_data_outside_the_models_folder_is_refused_and_never_read(tmp_p
     assert code == 2 and "leaves the model's folder" in output and "SECRET" not in output
     with pytest.raises(InputError, match="leaves the model's folder"):
         load_model(model)
+
+
+def set_external_field(model_path: Path, key: str, value: str) -> None:
+    """Set ``key`` of the first external tensor of ``model_path`` to ``value`` (a crafted model)."""
+    proto = onnx.load(model_path, load_external_data=False)
+    entries = proto.graph.initializer[0].external_data
+    entry = next((entry for entry in entries if entry.key == key), None) or entries.add(key=key)
+    entry.value = value
+    onnx.save(proto, model_path)
+
+
+@pytest.mark.parametrize(
+    "field,problem",
+    [(("length", "4"), "has length 4, but the tensor takes"),  # (onnx_ir read the tensor's size anyway: exit 0)
+     (("offset", "-16"), "external data offset '-16' of tensor"),  # (these three: onnx_ir's SerdeError, naming nothing)
+     (("offset", "abc"), "external data offset 'abc' of tensor"),
+     (("length", "-1"), "external data length '-1' of tensor"),
+     ("directory", "is not a regular file"),  # (these two said "is missing")
+     ("fifo", "is not a regular file"),
+     ("long name", "cannot be looked up (file name too long)")],  # (an internal error)
+    ids=["short length", "negative offset", "offset not a number", "negative length", "directory", "fifo", "long name"],
+)  # fmt: skip
+def test_external_data_that_does_not_hold_its_tensor_is_refused_saying_which_and_why(tmp_path, field, problem):
+    """onnx and onnxruntime refuse each of these models; bnfold did not, or said something else."""
+    model = with_external_data(tmp_path / "model")
+    if field == "directory":
+        (tmp_path / "model" / "folder").mkdir()
+        point_tensor_at(model, "folder")
+    elif field == "fifo":
+        os.mkfifo(tmp_path / "model" / "pipe.data")
+        point_tensor_at(model, "pipe.data")
+    elif field == "long name":
+        point_tensor_at(model, "x" * 300)
+    else:
+        set_external_field(model, *field)
+    code, output = invoke(model, "-o", tmp_path / "out.onnx")
+    assert code == 2 and output.count("\n") == 1 and f"{model}: " in output and problem in output, output
+    assert not (tmp_path / "out.onnx").exists()
+    with pytest.raises(InputError, match=re.escape(problem)):
+        load_model(model)
+
+
+@pytest.mark.parametrize("command", ["fold", "output", "verify", "check", "check-pt"])
+def test_a_name_too_long_for_the_system_is_bad_input_not_a_traceback(tmp_path, command):
+    """The group's routing looked the name up with pathlib, which raises for it: a traceback and exit 1; the
+    commands reported an internal error."""
+    long = "x" * 300
+    arguments = {
+        "fold": [f"{long}.onnx", "-o", tmp_path / "out.onnx"],
+        "output": [EXAMPLE, "-o", tmp_path / f"{long}.onnx"],
+        "verify": ["verify", f"{long}.onnx", EXAMPLE],
+        "check": ["check", f"{long}.onnx"],
+        "check-pt": ["check", tmp_path / f"{long}.pt"],
+    }[command]
+    code, output = invoke(*arguments, cwd=tmp_path)
+    assert code == 2 and "cannot be looked up (file name too long)" in output and "internal error" not in output, output
+    assert "Traceback" not in output and list(tmp_path.iterdir()) == []
 
 
 def function_with_external_constant(folder: Path, location: str) -> Path:
@@ -416,3 +474,27 @@ def test_onnxruntimes_own_error_log_never_reaches_stderr(tmp_path):
     run = subprocess.run([BNFOLD, path, "-o", tmp_path / "out.onnx"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith(f"bnfold: error: {path}: onnxruntime cannot run the original model")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_report_that_cannot_be_written_is_an_error_naming_stdout(tmp_path):
+    """stdout on a full disk: the report's write failed as an internal error ("please report it")."""
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([BNFOLD, EXAMPLE, "-o", tmp_path / "out.onnx"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr == "bnfold: error: <stdout>: cannot write (No space left on device)\n", run.stderr
+
+
+@pytest.mark.parametrize("output_format", ["text", "json"])
+def test_an_unwritable_stderr_keeps_the_exit_code_and_the_json_error(tmp_path, output_format):
+    """stderr open read-only (what a wrapper script run with ``2>&-`` can leave): writing the error line failed, the
+    exit code became 1 (a verdict's) and the JSON error never reached stdout."""
+    readable = tmp_path / "stderr"
+    readable.write_text("")
+    with open(readable, "rb") as unwritable:
+        run = subprocess.run(
+            [BNFOLD, tmp_path / "missing.onnx", "-o", tmp_path / "out.onnx", "--format", output_format],
+            stdout=subprocess.PIPE, stderr=unwritable, text=True, timeout=120,
+        )  # fmt: skip
+    assert run.returncode == 2
+    if output_format == "json":
+        assert '"exit_code": 2' in run.stdout and "missing.onnx: no such file" in run.stdout

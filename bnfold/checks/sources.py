@@ -35,7 +35,7 @@ def files_to_check(path: str | os.PathLike) -> list[Path]:
     git work tree only the files git does not ignore, elsewhere all but hidden files and folders; never a file
     that a symlink places outside the directory (what is checked is what the user named)."""
     path = Path(path)
-    if not path.is_dir():
+    if not os.path.isdir(path):  # (False for a name the system cannot look up: reported when checked)
         return [path]
     listed = _git_files(path)
     if listed is None:

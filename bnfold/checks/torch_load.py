@@ -35,6 +35,7 @@ import logging
 import os
 import pickle
 import re
+import stat
 import sys
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from bnfold.checks.torch_inspect import Model
-from bnfold.errors import InputError, MissingInputError, describe_error
+from bnfold.errors import InputError, MissingInputError, describe_error, file_status
 
 
 def load_torch_model(
@@ -53,8 +54,11 @@ def load_torch_model(
 ) -> Model:
     """The model in ``path``; :class:`InputError` (one line) when it cannot or must not be loaded."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(path, "no such file") if not path.exists() else InputError(path, "not a file")
+    status = file_status(path)
+    if status is None:
+        raise MissingInputError(path, "no such file")
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(path, "not a file")
     entries = _archive_entries(path)
     kind = _archive_kind(entries)
     if kind == "export" and not trust_pickle:

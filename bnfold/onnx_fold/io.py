@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from bnfold.errors import InputError, MissingInputError, describe_error
+from bnfold.errors import InputError, MissingInputError, describe_error, file_status
 from bnfold.onnx_fold.protobuf_writer import SerializedModel, copy_fields, fill_pending_data
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 
     path = _model_file(path)
     proto = _read_proto(path)
+    _check_external_data_fields(proto, path)
     try:
         # (ir.load's steps, on the proto read here.) An absolute base directory: onnx_ir confines a tensor's
         # data to it only when it is not empty.
@@ -251,13 +252,14 @@ def _file_identity(path: Path) -> tuple:
 def _model_file(path: str | os.PathLike) -> Path:
     """``path``, refused unless it is a non-empty regular file (reading a FIFO could wait forever, a device never end)."""
     path = Path(path)
-    if not path.exists():
+    status = file_status(path)
+    if status is None:
         raise MissingInputError(path, "no such file")
-    if path.is_dir():
+    if stat.S_ISDIR(status.st_mode):
         raise InputError(path, "is a directory, not an ONNX file")
-    if not stat.S_ISREG(path.stat().st_mode):
+    if not stat.S_ISREG(status.st_mode):
         raise InputError(path, "not a regular file (a FIFO, a device or a socket), not an ONNX model")
-    if path.stat().st_size == 0:
+    if status.st_size == 0:
         raise InputError(path, "empty file, not an ONNX model")
     return path
 
@@ -342,6 +344,15 @@ def _external_tensors(model: ir.Model):
                 yield tensor
 
 
+def _check_external_data_fields(model: onnx.ModelProto, path: Path) -> None:
+    """An external tensor's offset and length must be whole numbers of bytes (onnx_ir's error for another said
+    nothing of which tensor, or why)."""
+    for tensor in _tensors(model):
+        for entry in tensor.external_data if tensor.data_location == onnx.TensorProto.EXTERNAL else ():
+            if entry.key in ("offset", "length") and not (entry.value.isascii() and entry.value.isdigit()):
+                raise InputError(path, f"external data {entry.key} {entry.value!r} of tensor {tensor.name!r} is not a whole number of bytes")
+
+
 def _check_external_data(model: ir.Model, path: Path) -> None:
     """Every external data location must name a regular file inside the model's folder (after symlinks),
     long enough for its tensor: a hostile model could otherwise make bnfold read, and copy into its
@@ -359,10 +370,20 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 f"external data location {location!r} of tensor {tensor.name!r} leaves the model's folder; "
                 "bnfold reads external data only from the model's own folder",
             )
-        if not data_path.is_file():
+        try:
+            status = file_status(data_path)
+        except InputError as error:
+            raise InputError(path, f"external data location {location!r} of tensor {tensor.name!r} {error.problem}") from None
+        if status is None:
             raise InputError(path, f"external data file {location!r} of tensor {tensor.name!r} is missing")
-        end = (tensor.offset or 0) + (tensor.length or 0)
-        if data_path.stat().st_size < end:
+        if not stat.S_ISREG(status.st_mode):
+            raise InputError(path, f"external data location {location!r} of tensor {tensor.name!r} is not a regular file")
+        # (a length other than the tensor's size: onnx and onnxruntime refuse it, where onnx_ir reads the tensor's size)
+        if tensor.length is not None and tensor.length != tensor.nbytes:
+            raise InputError(
+                path, f"external data of tensor {tensor.name!r} has length {tensor.length}, but the tensor takes {tensor.nbytes} bytes"
+            )
+        if status.st_size < (tensor.offset or 0) + tensor.nbytes:
             raise InputError(path, f"external data file {location!r} is truncated (tensor {tensor.name!r})")
 
 
@@ -380,13 +401,14 @@ def check_writable(path: str | os.PathLike, read_from: Iterable[str | os.PathLik
     replacing ``/dev/null`` is never what was meant), or is one of the files ``read_from``."""
     path = Path(path)
     directory = path.parent
-    if path.is_dir():
+    status, directory_status = file_status(path), file_status(directory)
+    if status is not None and stat.S_ISDIR(status.st_mode):
         raise InputError(path, "output is a directory")
-    if not directory.is_dir():
+    if directory_status is None or not stat.S_ISDIR(directory_status.st_mode):
         raise InputError(path, f"output directory {str(directory)!r} does not exist")
-    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+    if status is not None and not stat.S_ISREG(status.st_mode):
         raise InputError(path, "output exists and is not a regular file (a device, FIFO or socket)")
-    if not os.access(directory, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not os.access(directory, os.W_OK) or (status is not None and not os.access(path, os.W_OK)):
         raise InputError(path, "output is not writable")
     for source in read_from:
         if _same_file(path, Path(source)):
@@ -489,7 +511,7 @@ def save_model(
             model = ir.from_proto(model)
         else:
             external_data = False
-    kept = {file for source in read_from for file in model_files(source)} if path.exists() else set(map(Path, read_from))
+    kept = {file for source in read_from for file in model_files(source)} if file_status(path) else set(map(Path, read_from))
     tensor_files = external_data_files(model) if serialized is None else set()
     check_writable(path, [*kept, *tensor_files])
     if external_data is None:
