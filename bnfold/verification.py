@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Literal
 
 import ml_dtypes
@@ -86,7 +87,7 @@ def check_tolerances(**tolerances: float | None) -> None:
     """Refuse an explicit tolerance (``atol=``, ``rtol=``) that is not a finite number >= 0: NaN compares false
     with every error, so ``rtol=nan`` passed any difference."""
     for name, value in tolerances.items():
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
 
 

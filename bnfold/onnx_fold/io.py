@@ -511,7 +511,7 @@ def save_model(
             model = ir.from_proto(model)
         else:
             external_data = False
-    kept = {file for source in read_from for file in model_files(source)} if file_status(path) else set(map(Path, read_from))
+    kept = {file for source in read_from for file in model_files(source)} if file_status(path) is not None else set(map(Path, read_from))
     tensor_files = external_data_files(model) if serialized is None else set()
     check_writable(path, [*kept, *tensor_files])
     if external_data is None:
