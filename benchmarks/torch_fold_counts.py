@@ -45,7 +45,7 @@ _REALISTIC_ROUNDS = 3
 _REALISTIC = ("resnet50", "mobilenet_v2")
 
 
-def _best_ms(runs: dict[str, object], rounds: int) -> dict[str, float]:
+def best_ms(runs: dict[str, object], rounds: int) -> dict[str, float]:
     """Best time of each run over the rounds, the runs taking turns within each round."""
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
@@ -108,7 +108,7 @@ def _measure(name: str, model: torch.nn.Module, inputs: tuple, rounds: int) -> t
     # fuse traces with torch.fx first: a model fx cannot trace, it cannot fuse (it raises).
     if fx_traceable(model):
         runs["fuse"] = lambda: fuse(model)
-    best = _best_ms(runs, rounds)
+    best = best_ms(runs, rounds)
     fuse_ratio = best["bnfold"] / best["fuse"] if "fuse" in best else None
     fuse_ms, ratio = (f"{best['fuse']:.1f}", f"{fuse_ratio:.2f}") if fuse_ratio is not None else ("fails", "-")
     reference = best["bnfold"] + best["original forward"] + best["folded forward"]

@@ -20,10 +20,10 @@ Phases:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.fx.experimental.optimization import fuse
+from torch_fold_counts import best_ms  # (this folder: the script's own, first on the path)
 
 from bnfold.architectures import example_image, realistic_model
 from bnfold.fold_math import WeightLayout, batchnorm_affine, fold_into_outputs
@@ -33,16 +33,6 @@ from bnfold.torch_fold.planning import plan_folds
 from bnfold.torch_fold.tracing import _UnmodifiedLayersAsLeavesTracer, trace_model
 
 _ROUNDS = 5
-
-
-def _least_ms(runs: dict[str, object], rounds: int) -> dict[str, float]:
-    least = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for name, run in runs.items():
-            started = time.process_time()
-            run()
-            least[name] = min(least[name], (time.process_time() - started) * 1000)
-    return least
 
 
 def _conv_batchnorm_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
@@ -81,7 +71,7 @@ def _measure(name: str) -> dict[str, float]:
         for conv, bn in pairs
     ]  # fmt: skip
     floats = [(conv.weight.detach(), (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().reshape(-1, 1, 1, 1)) for conv, bn in pairs]
-    return _least_ms(
+    return best_ms(
         {
             "fuse": lambda: fuse(model),
             "bnfold": lambda: fold(model, inputs, verify=False),
