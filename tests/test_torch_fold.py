@@ -1946,6 +1946,21 @@ def test_a_batchnorm_act_whose_children_are_identities_is_left_for_its_readers_n
     assert "drop" not in skip.reason and "act" not in skip.reason
 
 
+def test_a_batchnorm_act_of_identities_folds_into_the_conv_after_it_checked_on_its_own():
+    """Into the layer after it, the fold's own check took the layer's output for the BatchNorm's input and mapped it
+    channel by channel: a RuntimeError (4 channels against 3) reached the user."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(), BatchNormAct2d(3, apply_act=False), nn.Conv2d(3, 4, 3))
+    for _ in range(3):
+        model(torch.randn(2, 3, 10, 10))
+    model.eval()
+    data = torch.randn(2, 3, 10, 10)
+    result = fold(model, (data,))
+    (check,) = result.report.verification.folds
+    assert result.report.folds[0].direction == "into-following" and check.status == "passed" and check.units < 4
+    torch.testing.assert_close(result.model(data), model(data), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("make", [torch.jit.script, lambda model: torch.jit.trace(model, torch.randn(1, 3, 8, 8))], ids=["script", "trace"])
 def test_a_torchscript_module_is_refused_saying_what_to_fold(make):
     model = make(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())

@@ -303,9 +303,10 @@ def _check_one(
     affine = fold.affine
     exact = exact_fold(*(to_numpy_float(tensor) for tensor in parameters), affine, fold.layer.layout, preceding)
     with torch.no_grad():
-        if original is None and fold.batchnorm.kept_children:
+        if original is None and fold.batchnorm.kept_children and preceding:
             # A BatchNorm module that applies children after normalising (timm's BatchNormAct2d: drop, act) shows
-            # no normalised value: the exact per-channel map of the original layer's output stands for it.
+            # no normalised value: the exact per-channel map of the original layer's output stands for it. (Into
+            # the layer after it, the children pass the values: the layer's own output is the reference.)
             layer_out = layer_call[1].double()
             shape = [-1] + [1] * (layer_out.dim() - 1 - axis)
             scale, shift = (torch.from_numpy(array).to(layer_out.device).reshape(shape) for array in (affine.scale, affine.shift))
