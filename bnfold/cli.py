@@ -29,6 +29,7 @@ from bnfold.errors import (
     echo_error_json,
     fail,
     internal_error,
+    stream_failed,
 )
 from bnfold.input_shapes import named, parse_input_shapes, positional
 from bnfold.limits import TimeLimitReached, limit_options, work_done
@@ -46,6 +47,13 @@ _LAZY_COMMANDS = {"check": ("bnfold.check_command", "check")}
 class _BnfoldGroup(click.Group):
     """Routes ``bnfold MODEL ...`` to ``bnfold fold MODEL ...``, suggests the command a mistyped word was
     meant to be, and turns usage errors, interrupts and unexpected exceptions into one line and an exit code."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as error:  # (click's own writes, --help and --version, on a stdout that cannot take them)
+            stream_failed(error, sys.stdout)
+            raise
 
     def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
         json_errors = _asks_for_json(args)

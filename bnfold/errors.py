@@ -39,13 +39,18 @@ def echo(text: str, err: bool = False) -> None:
     try:
         click.echo(text, err=err)
     except OSError as error:
-        stream = sys.stderr if err else sys.stdout
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # (Python flushes it again at exit)
-        except (AttributeError, OSError, ValueError):  # (no stream at all: a descriptor closed at start-up)
-            pass
-        if not err and not isinstance(error, BrokenPipeError):
-            fail(f"<stdout>: cannot write ({error.strerror or describe_error(error)})")
+        stream_failed(error, sys.stderr if err else sys.stdout)
+
+
+def stream_failed(error: OSError, stream) -> None:
+    """After ``error`` writing ``stream``: it goes nowhere from then on; for stdout not lost to a closed pipe, the
+    command fails, exit 2."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # (Python flushes it again at exit)
+    except (AttributeError, OSError, ValueError):  # (no stream at all: a descriptor closed at start-up)
+        pass
+    if stream is sys.stdout and not isinstance(error, BrokenPipeError):
+        fail(f"<stdout>: cannot write ({error.strerror or describe_error(error)})")
 
 
 def echo_error(message: str) -> None:

@@ -477,11 +477,22 @@ def test_onnxruntimes_own_error_log_never_reaches_stderr(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
-def test_a_report_that_cannot_be_written_is_an_error_naming_stdout(tmp_path):
-    """stdout on a full disk: the report's write failed as an internal error ("please report it")."""
+@pytest.mark.parametrize("arguments", [[EXAMPLE, "-o", "out.onnx"], ["--version"], ["--help"]], ids=["report", "version", "help"])
+def test_a_report_that_cannot_be_written_is_an_error_naming_stdout(tmp_path, arguments):
+    """stdout on a full disk: the report's write failed as an internal error ("please report it"), click's own
+    --version and --help with a traceback and exit 1."""
     with open("/dev/full", "w") as full:
-        run = subprocess.run([BNFOLD, EXAMPLE, "-o", tmp_path / "out.onnx"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        run = subprocess.run([BNFOLD, *arguments], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 2 and run.stderr == "bnfold: error: <stdout>: cannot write (No space left on device)\n", run.stderr
+
+
+def test_a_closed_stderr_changes_nothing(tmp_path):
+    """stderr closed at start-up (``2>&-``): Python's ``sys.stderr`` is None, and verification's progress line asked
+    it whether a person watches: an internal error, exit 2, nothing written."""
+    run = subprocess.run(
+        [BNFOLD, EXAMPLE, "-o", tmp_path / "out.onnx"], stdout=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(2)
+    )
+    assert run.returncode == 0 and "verification passed" in run.stdout and (tmp_path / "out.onnx").exists(), run.stdout
 
 
 @pytest.mark.parametrize("output_format", ["text", "json"])

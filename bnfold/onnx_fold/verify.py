@@ -188,7 +188,7 @@ def _one_line(error: Exception) -> str:
 
 def _progress(message: str, started: float) -> None:
     """Progress on stderr when a person is watching it: verification of a large model takes a while."""
-    if sys.stderr.isatty():
+    if sys.stderr is not None and sys.stderr.isatty():  # (None: stderr closed at start-up, `2>&-`)
         print(f"bnfold: verifying: {message} ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
 
 
