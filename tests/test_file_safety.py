@@ -109,8 +109,9 @@ def set_external_field(model_path: Path, key: str, value: str) -> None:
      (("length", "-1"), "external data length '-1' of tensor"),
      ("directory", "is not a regular file"),  # (these two said "is missing")
      ("fifo", "is not a regular file"),
-     ("long name", "cannot be looked up (file name too long)")],  # (an internal error)
-    ids=["short length", "negative offset", "offset not a number", "negative length", "directory", "fifo", "long name"],
+     ("long name", "cannot be looked up (file name too long)"),  # (these two: an internal error)
+     ("symlink loop", "cannot be looked up (too many levels of symbolic links)")],
+    ids=["short length", "negative offset", "offset not a number", "negative length", "directory", "fifo", "long name", "symlink loop"],
 )  # fmt: skip
 def test_external_data_that_does_not_hold_its_tensor_is_refused_saying_which_and_why(tmp_path, field, problem):
     """onnx and onnxruntime refuse each of these models; bnfold did not, or said something else."""
@@ -123,6 +124,10 @@ def test_external_data_that_does_not_hold_its_tensor_is_refused_saying_which_and
         point_tensor_at(model, "pipe.data")
     elif field == "long name":
         point_tensor_at(model, "x" * 300)
+    elif field == "symlink loop":
+        (tmp_path / "model" / "one").symlink_to("two")
+        (tmp_path / "model" / "two").symlink_to("one")
+        point_tensor_at(model, "one")
     else:
         set_external_field(model, *field)
     code, output = invoke(model, "-o", tmp_path / "out.onnx")
@@ -474,6 +479,17 @@ def test_onnxruntimes_own_error_log_never_reaches_stderr(tmp_path):
     run = subprocess.run([BNFOLD, path, "-o", tmp_path / "out.onnx"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith(f"bnfold: error: {path}: onnxruntime cannot run the original model")
+
+
+def test_check_of_a_folder_with_a_symlink_loop_reports_it_unreadable(tmp_path):
+    """Listing the folder resolved each name with Path.resolve, which raises for a loop: an internal error."""
+    shutil.copy(EXAMPLE, tmp_path / "model.onnx")
+    (tmp_path / "one.onnx").symlink_to("two.onnx")
+    (tmp_path / "two.onnx").symlink_to("one.onnx")
+    code, output = invoke("check", tmp_path)
+    assert code == 2 and "internal error" not in output, output
+    assert f"{tmp_path / 'one.onnx'}: cannot be looked up (too many levels of symbolic links)" in output
+    assert "1 checked model(s), 2 unreadable" in output
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")

@@ -45,7 +45,8 @@ def files_to_check(path: str | os.PathLike) -> list[Path]:
             listed += [Path(folder, name).relative_to(path) for name in names if not name.startswith(".")]
     inside = path.resolve()
     return sorted(
-        path / name for name in listed if name.suffix.lower() in MODEL_SUFFIXES and (path / name).resolve().is_relative_to(inside)
+        # (realpath: a symlink loop stays a name, reported when checked, where Path.resolve raises)
+        path / name for name in listed if name.suffix.lower() in MODEL_SUFFIXES and Path(os.path.realpath(path / name)).is_relative_to(inside)
     )
 
 

@@ -361,8 +361,9 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
     for tensor in _external_tensors(model):
         location = tensor.location
         try:
-            data_path = (folder / location).resolve()
-        except (OSError, ValueError) as error:  # a NUL byte, a symlink loop
+            # (os.path.realpath leaves a symlink loop as it is, for the lookup below to report; Path.resolve raises)
+            data_path = Path(os.path.realpath(folder / location))
+        except (OSError, ValueError) as error:  # a NUL byte
             raise InputError(path, f"external data location {location!r} of tensor {tensor.name!r} is unusable ({error})") from None
         if Path(location).is_absolute() or not data_path.is_relative_to(folder):
             raise InputError(
