@@ -83,12 +83,15 @@ def rounding_unit(dtype_name: str) -> float:
         return 0.0
 
 
-def check_tolerances(**tolerances: float | None) -> None:
-    """Refuse an explicit tolerance (``atol=``, ``rtol=``) that is not a finite number >= 0: NaN compares false
-    with every error, so ``rtol=nan`` passed any difference."""
-    for name, value in tolerances.items():
-        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+def tolerance(name: str, value: float | None) -> float | None:
+    """An explicit tolerance (``atol``, ``rtol``) as a float, refused unless it is a finite real number >= 0: NaN
+    compares false with every error, so ``rtol=nan`` passed any difference. (A float: numpy's and Fraction's do not
+    go into the JSON report.)"""
+    if value is None:
+        return None
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+    return float(value)
 
 
 def tolerances_for(dtype_name: str, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:

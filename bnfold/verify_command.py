@@ -38,13 +38,12 @@ def verification_options(command):
 
 
 def _tolerance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    from bnfold.verification import check_tolerances  # (numpy: not for --help)
+    from bnfold.verification import tolerance  # (numpy: not for --help)
 
     try:
-        check_tolerances(**{param.name: value})
+        return tolerance(param.name, value)
     except ValueError as error:
         raise click.BadParameter(str(error).partition(" ")[2], ctx, param) from None
-    return value
 
 
 @click.command()

@@ -10,6 +10,7 @@ catch it; these tests corrupt folds and check that they do, and that other tools
 from __future__ import annotations
 
 import copy
+import fractions
 import json
 import math
 from pathlib import Path
@@ -371,6 +372,16 @@ def test_a_tolerance_that_is_no_finite_number_at_least_zero_is_refused(tmp_path,
         verify(original, other, **{name: value})
     with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
         bnfold.fold(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval(), torch.randn(1, 3, 4, 4), **{name: value})
+
+
+def test_a_tolerance_of_any_real_number_type_goes_into_the_report_as_a_float():
+    """numpy's float32 and a Fraction were kept as given: the JSON report could not be written."""
+    _, report = fold_onnx(_conv_bn(np.float32, near_dead=0), rtol=np.float32(0.5), atol=fractions.Fraction(1, 1000))
+    (output,) = json.loads(report.to_json())["verification"]["outputs"]
+    assert output["rtol"] == 0.5 and output["atol"] == 0.001 and type(report.verification.outputs[0].rtol) is float
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    torch_report = bnfold.fold(model, torch.randn(1, 3, 4, 4), rtol=np.float16(0.25)).report
+    assert json.loads(torch_report.to_json())["verification"]["outputs"][0]["rtol"] == 0.25
 
 
 def test_a_weight_whose_square_overflows_folds_verified(tmp_path):

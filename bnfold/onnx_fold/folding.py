@@ -87,10 +87,11 @@ def _fold_measured(
     quantization: bool = False, target_dtype: str | None = None, **verification,
 ):  # fmt: skip
     """:func:`_fold_onnx`, then the quantization measure if asked (on the folded model's data: none pending)."""
-    if verify:
-        from bnfold.verification import check_tolerances
+    if verify:  # (refused before the fold, not after it)
+        from bnfold.verification import tolerance
 
-        check_tolerances(atol=verification.get("atol"), rtol=verification.get("rtol"))
+        for name in ("atol", "rtol"):
+            verification[name] = tolerance(name, verification.get(name))
     if target_dtype is not None:
         from bnfold.quantization import check_target_dtype
 

@@ -27,12 +27,12 @@ from bnfold.verification import (
     OutputComparison,
     Verification,
     VerificationUnavailableError,
-    check_tolerances,
     compare_output,
     folds_proven,
     gib,
     not_compared,
     over_random_input_budget,
+    tolerance,
 )
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ def verify(
     ``known_arrays`` are values of initializers already in memory, by name, each the same tensor in both
     models where both have it (the fast path's: see :class:`bnfold.onnx_fold.fast_path.FastFold`):
     onnxruntime gets these rather than copies out of the protobufs."""
-    check_tolerances(atol=atol, rtol=rtol)
+    atol, rtol = tolerance("atol", atol), tolerance("rtol", rtol)
     started = time.perf_counter()
     known_arrays = known_arrays or {}
     try:

@@ -60,7 +60,7 @@ from bnfold.torch_fold.quantization import measure_torch_folds
 from bnfold.torch_fold.rewrite import fold_in_graph, fold_in_module_tree
 from bnfold.torch_fold.tracing import ModelNotTraceableError, TracedModel, trace_model
 from bnfold.torch_fold.verify import FoldCapture, compare_outputs, measure_noise, output_leaves, run_outputs
-from bnfold.verification import VerificationError, check_tolerances
+from bnfold.verification import VerificationError, tolerance
 
 __all__ = ["ModelNotTraceableError", "TorchFoldResult", "fold", "measure_folds"]
 
@@ -103,7 +103,7 @@ def fold(
     (:mod:`bnfold.quantization`).
     """
     check_target_dtype(target_dtype)
-    check_tolerances(atol=atol, rtol=rtol)
+    atol, rtol = tolerance("atol", atol), tolerance("rtol", rtol)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _require_foldable(model)
     notes = []
