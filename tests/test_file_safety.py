@@ -525,3 +525,29 @@ def test_an_unwritable_stderr_keeps_the_exit_code_and_the_json_error(tmp_path, o
     assert run.returncode == 2
     if output_format == "json":
         assert '"exit_code": 2' in run.stdout and "missing.onnx: no such file" in run.stdout
+
+
+def test_a_constants_external_data_goes_with_the_folded_model_to_another_folder(tmp_path):
+    """A Constant whose value is in the input's data file (onnx's convert_attribute=True) kept naming that file in
+    the output, relative to the output's folder where it is not: exit 0, verification passed, and an output
+    onnxruntime refuses ("External data path does not exist")."""
+    rng = np.random.default_rng(0)
+    arrays = {"W": rng.standard_normal((4, 8, 1, 1)), "s": rng.random(4) + 1, "b": rng.random(4), "m": rng.random(4), "v": rng.random(4) + 1}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]),
+         helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(rng.standard_normal(600).astype(np.float32), "kv")),
+         helper.make_node("Neg", ["k"], ["o"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4]), helper.make_tensor_value_info("o", TensorProto.FLOAT, [600])],
+        [onnx.numpy_helper.from_array(array.astype(np.float32), name) for name, array in arrays.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.external_data_helper.convert_model_to_external_data(model, location="w.bin", size_threshold=0, convert_attribute=True)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(model, tmp_path / "in" / "m.onnx")
+    code, output = invoke(tmp_path / "in" / "m.onnx", "-o", tmp_path / "out" / "f.onnx")
+    assert code == 0, output
+    assert not (tmp_path / "out" / "w.bin").exists()
+    assert_same_outputs(onnx.load(tmp_path / "in" / "m.onnx"), onnx.load(tmp_path / "out" / "f.onnx"), atol=1e-5, rtol=1e-5)

@@ -529,6 +529,7 @@ def save_model(
             else:
                 import onnx_ir as ir
 
+                _attribute_tensors_in_memory(model)
                 ir.save(model, staged_model, external_data=data_name)
             if data_name:
                 os.link(staging / data_name, path.parent / data_name)  # fails rather than replace a file
@@ -537,6 +538,24 @@ def save_model(
         raise InputError(path, f"cannot write output ({error.strerror or error})") from None
     for file in orphaned:
         file.unlink(missing_ok=True)
+
+
+def _attribute_tensors_in_memory(model: ir.Model) -> None:
+    """Read into the model each attribute tensor held in an external data file (a Constant's value): onnx_ir writes
+    initializers to the output's data file, but left these naming the input's file, relative to a folder the output
+    may not be in (an output onnxruntime could not load)."""
+    import onnx_ir as ir
+
+    for graph in graph_and_functions(model):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for name, attribute in list(node.attributes.items()):
+                if attribute.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+                    continue
+                several = attribute.type == ir.AttributeType.TENSORS
+                tensors = attribute.value if several else [attribute.value]
+                if any(isinstance(tensor, ir.ExternalTensor) for tensor in tensors):
+                    loaded = ir.external_data.convert_tensors_from_external(tensors)
+                    node.attributes[name] = ir.Attr(name, attribute.type, loaded if several else loaded[0])
 
 
 def _serialized_within_limit(model: onnx.ModelProto, pending: dict[str, np.ndarray] | None) -> SerializedModel | None:
