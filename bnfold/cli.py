@@ -104,7 +104,16 @@ class _BnfoldGroup(click.Group):
         except MemoryError as error:  # (past --max-memory, in Python's or numpy's own allocations)
             fail(f"out of memory ({describe_error(error)})", output_format="json" if ctx.meta[_JSON_ERRORS] else "text")
         except Exception as error:  # a bug, not bad input; still one line, and not the code of a verdict
+            if isinstance(error, OSError) and _raised_by_click_echo(error):  # (a command's --help on a stdout that cannot take it)
+                stream_failed(error, sys.stdout)
+                sys.exit(1)  # (a closed pipe: as click's own main ends then)
             fail(internal_error(error), output_format="json" if ctx.meta[_JSON_ERRORS] else "text")
+
+
+def _raised_by_click_echo(error: BaseException) -> bool:
+    import traceback  # (3 ms of start-up otherwise)
+
+    return any(frame.f_code is click.utils.echo.__code__ for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def _exit_now(message: str | None, code: int, json_errors: bool) -> NoReturn:

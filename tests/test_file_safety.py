@@ -493,10 +493,12 @@ def test_check_of_a_folder_with_a_symlink_loop_reports_it_unreadable(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
-@pytest.mark.parametrize("arguments", [[EXAMPLE, "-o", "out.onnx"], ["--version"], ["--help"]], ids=["report", "version", "help"])
+@pytest.mark.parametrize(
+    "arguments", [[EXAMPLE, "-o", "out.onnx"], ["--version"], ["--help"], ["verify", "--help"]], ids=["report", "version", "help", "verify help"]
+)
 def test_a_report_that_cannot_be_written_is_an_error_naming_stdout(tmp_path, arguments):
-    """stdout on a full disk: the report's write failed as an internal error ("please report it"), click's own
-    --version and --help with a traceback and exit 1."""
+    """stdout on a full disk: the report's write failed as an internal error ("please report it"), as a command's
+    --help did; click's own --version and --help raised a traceback, exit 1."""
     with open("/dev/full", "w") as full:
         run = subprocess.run([BNFOLD, *arguments], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 2 and run.stderr == "bnfold: error: <stdout>: cannot write (No space left on device)\n", run.stderr
