@@ -151,7 +151,8 @@ class _Reached:
         arguments = [ctx.params.get(param.name) for param in ctx.command.params if isinstance(param, click.Argument)]
         files = [str(value) for values in arguments for value in (values if isinstance(values, tuple) else (values,))
                  if isinstance(value, os.PathLike)]  # fmt: skip
-        raise TimeLimitReached(f"{', '.join(files) or 'bnfold'}: stopped at the time limit of {self.seconds:g} s (--timeout)")
+        named = f"{', '.join(files)}: " if files else ""  # (none yet: the time ran out as the command line was read)
+        raise TimeLimitReached(f"{named}stopped at the time limit of {self.seconds:g} s (--timeout)")
 
 
 @contextlib.contextmanager

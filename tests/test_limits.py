@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import onnx
 import pytest
@@ -121,6 +123,17 @@ def test_a_timeout_in_process_ends_the_command_not_the_interpreter():
     interpreter (os._exit); only a stopped onnxruntime run needs that."""
     result = CliRunner().invoke(main, [str(EXAMPLE), "--dry-run", "--no-verify", "--timeout", "0.001"])
     assert result.exit_code == 2 and f"{EXAMPLE}: stopped at the time limit of 0.001 s (--timeout)" in result.output
+
+
+def test_a_timeout_before_the_paths_are_read_names_no_file():
+    """The time ran out as the command line was read (a limit under a millisecond): the line named the file
+    ``bnfold`` ("bnfold: error: bnfold: stopped at ...")."""
+    from bnfold.cli import fold
+    from bnfold.limits import TimeLimitReached, _Reached
+
+    with pytest.raises(TimeLimitReached) as stopped:
+        _Reached(0.0001, click.Context(fold))(signal.SIGALRM, None)
+    assert str(stopped.value) == "stopped at the time limit of 0.0001 s (--timeout)"
 
 
 def test_the_timeout_stops_with_the_work_not_the_report(tmp_path, monkeypatch):
