@@ -23,16 +23,20 @@ from bnfold.torch_fold.tracing import FOLDABLE_LAYER_TYPES, TracedModel
 
 
 def fold_in_module_tree(folds: list[PlannedFold], model: nn.Module, traced: TracedModel, copied: bool) -> nn.Module:
-    """The user's model, with each folded BatchNorm module replaced where it is registered by ``nn.Identity``,
+    """The user's model, with each folded BatchNorm module replaced wherever it is registered by ``nn.Identity``,
     or by an ``nn.Sequential`` of the children its forward applied after normalising (timm's BatchNormAct2d:
     ``drop``, ``act``), under their own names so their state_dict keys stay. ``copied``: the model is bnfold's copy."""
     _write_folded_weights(folds, traced, copied)
+    registered = collections.defaultdict(list)  # (a module registered under two names is replaced under both)
+    for path, module in model.named_modules(remove_duplicate=False):
+        registered[id(module)].append(path)
     for batchnorm in folded_batchnorms(folds):
-        path = batchnorm.module_path
-        module = model.get_submodule(path)
+        module = model.get_submodule(batchnorm.module_path)
         kept = collections.OrderedDict((name, module.get_submodule(name)) for name in batchnorm.kept_children)
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, nn.Sequential(kept) if kept else nn.Identity())
+        replacement = nn.Sequential(kept) if kept else nn.Identity()
+        for path in registered[id(module)]:
+            parent_path, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), name, replacement)
     return model
 
 
