@@ -57,6 +57,7 @@ SKIP_CODES = {
     "module-reused": "the layer module is called more than once",
     "batch-statistics": "track_running_stats=False: the BatchNorm always uses batch statistics",
     "hooked-module": "the layer or BatchNorm module has hooks, which would see other values or be dropped",
+    "read-elsewhere": "forward() reads the BatchNorm module's parameters or buffers outside its call",
 }
 
 Direction = Literal["into-preceding", "into-following"]

@@ -2309,3 +2309,32 @@ def test_a_batchnorm_registered_under_two_names_is_removed_under_both(inplace):
         folded, report = fold(model if inplace and verify else copy.deepcopy(model), (torch.randn(2, 3, 8, 8),), verify=verify, inplace=inplace)
         assert isinstance(folded.bn, nn.Identity) and folded.bn_alias is folded.bn and len(report.folds) == 1
         torch.testing.assert_close(folded(data), expected, rtol=1e-5, atol=1e-5)
+
+
+class _ChannelAttentionByBatchNormWeight(nn.Module):
+    """NAM's channel attention: the BatchNorm's own weight, normalised, weighs its output's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        weight = self.bn.weight.abs() / self.bn.weight.abs().sum()
+        return torch.sigmoid(y * weight.view(1, -1, 1, 1))
+
+
+def test_a_batchnorm_whose_weight_forward_reads_stays_saying_where():
+    """Folded and replaced by nn.Identity, the BatchNorm took the weight forward() reads: the folded model raised
+    AttributeError (a raw exception out of verification; verify=False returned a model that cannot run)."""
+    torch.manual_seed(0)
+    model = _ChannelAttentionByBatchNormWeight()
+    for _ in range(3):
+        model(torch.randn(4, 3, 8, 8))
+    model.eval()
+    for verify in (True, False):
+        folded, report = fold(model, (torch.randn(2, 3, 8, 8),), verify=verify)
+        (skip,) = report.skips
+        assert not report.folds and skip.code == "read-elsewhere" and "reads `bn.weight` outside the module's call" in skip.reason
+        data = torch.randn(3, 3, 9, 9)
+        torch.testing.assert_close(folded(data), model(data))

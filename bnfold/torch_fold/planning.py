@@ -29,7 +29,7 @@ from bnfold.report import Direction, Fold, Skip
 from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, value_readers
 from bnfold.torch_fold.conversion import to_numpy, to_numpy_float
 from bnfold.torch_fold.passthrough import axis_after, converted_dtypes, value_shape
-from bnfold.torch_fold.tracing import has_hooks
+from bnfold.torch_fold.tracing import has_hooks, module_stack_paths
 
 # (skip code, reason) for a check that fails.
 Refusal = tuple[str, str]
@@ -148,7 +148,7 @@ def _decide(
     folds into each layer so far (updated), and ``folded_away`` the BatchNorms folded into the layer before them (see
     :func:`plan_folds`)."""
     batchnorm = calls[0]
-    refusal = _batchnorm_refusal(calls)
+    refusal = _batchnorm_refusal(calls) or _read_elsewhere_refusal(batchnorm, flow)
     if refusal is not None:
         return Skip(batchnorm.name, *refusal)
     preceding = flow.layer_producing(batchnorm.input, folded_away)
@@ -327,6 +327,24 @@ def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
             "its scale, bias, mean or variance is computed in forward() instead of being a parameter or buffer; "
             "only constants can be folded."
         )
+    return None
+
+
+def _read_elsewhere_refusal(batchnorm: BatchNormCall, flow: DataFlow) -> Refusal | None:
+    """A BatchNorm module whose parameters or buffers forward() also reads outside its call (NAM attention weighs
+    the channels by ``bn.weight``) must stay, with them."""
+    path = batchnorm.module_path
+    if path is None:
+        return None
+    for node, attribute in flow.traced.attribute_paths.items():
+        if node.graph is not batchnorm.node.graph or not attribute.startswith(f"{path}."):
+            continue
+        outside = [user for user in node.users if user is not batchnorm.node and path not in module_stack_paths(user)]
+        if outside:
+            return "read-elsewhere", (
+                f"forward() also reads `{attribute}` outside the module's call ({describe_node(outside[0], flow.traced)}), "
+                "so the module must stay as it is."
+            )
     return None
 
 
