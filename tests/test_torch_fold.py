@@ -2338,3 +2338,22 @@ def test_a_batchnorm_whose_weight_forward_reads_stays_saying_where():
         assert not report.folds and skip.code == "read-elsewhere" and "reads `bn.weight` outside the module's call" in skip.reason
         data = torch.randn(3, 3, 9, 9)
         torch.testing.assert_close(folded(data), model(data))
+
+
+def test_a_conv_whose_weight_is_a_buffer_folds_checked_on_its_own():
+    """Frozen weights, registered as a buffer: the fold's own check squared the layer's parameters alone and raised
+    KeyError: 'weight'."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    weight = conv.weight.detach().clone()
+    del conv.weight
+    conv.register_buffer("weight", weight)
+    model = nn.Sequential(conv, nn.BatchNorm2d(8))
+    for _ in range(3):
+        model(torch.randn(4, 3, 8, 8))
+    model.eval()
+    folded, report = fold(model, (torch.randn(2, 3, 8, 8),))
+    (check,) = report.verification.folds
+    assert check.status == "passed" and check.units < 4 and "weight" in dict(folded[0].named_buffers())
+    data = torch.randn(3, 3, 9, 9)
+    torch.testing.assert_close(folded(data), model(data), rtol=1e-5, atol=1e-5)

@@ -219,6 +219,8 @@ def _squared_call(layer: nn.Module, squared_data: torch.Tensor, bias_terms: np.n
     Linear's own computation on the squared tensors, else its forward through functional_call (the layer's
     parameters stay as they are)."""
     squared = {name: parameter.square() for name, parameter in layer.named_parameters() if name != "bias"}
+    if "weight" not in squared:  # (a weight held as a buffer: frozen weights)
+        squared["weight"] = layer.weight.square()
     squared["bias"] = torch.from_numpy(np.square(bias_terms)).to(layer.weight.device, layer.weight.dtype)
     if isinstance(layer, nn.Linear) and has_torch_forward(layer):
         return F.linear(squared_data, squared["weight"], squared["bias"])
