@@ -2357,3 +2357,20 @@ def test_a_conv_whose_weight_is_a_buffer_folds_checked_on_its_own():
     assert check.status == "passed" and check.units < 4 and "weight" in dict(folded[0].named_buffers())
     data = torch.randn(3, 3, 9, 9)
     torch.testing.assert_close(folded(data), model(data), rtol=1e-5, atol=1e-5)
+
+
+def test_models_fold_cannot_use_are_refused_saying_what_to_do():
+    """A legacy weight_norm (deepcopy's RuntimeError), a model on the meta device (NotImplementedError from the
+    plan) and a Dropout alone in train mode (blamed on BatchNorm's batch statistics)."""
+    weight_normed = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    torch.nn.utils.weight_norm(weight_normed[0])
+    with pytest.raises(ValueError, match=r"Sequential cannot be copied \(RuntimeError: .*remove_weight_norm.* inplace=True"):
+        fold(weight_normed, torch.randn(2, 3, 8, 8))
+    with torch.device("meta"):
+        on_meta = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with pytest.raises(ValueError, match=r"tensors on the meta device \(0.weight, 0.bias, 1.weight, \.\.\.\), which hold no values"):
+        fold(on_meta, torch.randn(2, 3, 8, 8, device="meta"), verify=False)
+    dropout = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.5), nn.BatchNorm2d(8)).eval()
+    dropout[1].train()
+    with pytest.raises(ValueError, match=r"training mode \(1\): Dropout zeroes values at random there"):
+        fold(dropout, torch.randn(2, 3, 8, 8))

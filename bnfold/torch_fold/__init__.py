@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from bnfold.errors import describe_error
 from bnfold.quantization import LayerQuantization, check_target_dtype
 from bnfold.report import FoldReport
 from bnfold.torch_fold.calls import DataFlow, fold_end_modules, read_data_flow
@@ -240,7 +241,14 @@ def _copy_model(model: nn.Module) -> nn.Module:
             for buffer in module._buffers.values():
                 if _plain_tensor(buffer) and holders[buffer.untyped_storage().data_ptr()] == 1:
                     memo[id(buffer)] = buffer.clone()
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except (RuntimeError, TypeError) as error:  # (legacy weight_norm keeps its computed weight, a non-leaf, as an attribute)
+        raise ValueError(
+            f"{type(model).__name__} cannot be copied ({describe_error(error)}), and bnfold folds a copy: remove what "
+            "cannot be (torch.nn.utils.remove_weight_norm for the legacy weight_norm), or fold the model itself with "
+            "inplace=True"
+        ) from None
 
 
 def _plain_tensor(value: object) -> bool:
@@ -262,17 +270,19 @@ _PLAIN_CONTAINERS = (dict, collections.OrderedDict, set)
 
 
 def _require_eval_mode(model: nn.Module) -> None:
-    training = [
-        name or "<model>"
+    training = {
+        name or "<model>": module
         for name, module in model.named_modules()
         if isinstance(module, _MODE_SENSITIVE_TYPES) and module.training
-    ]
+    }
     if training:
-        listed = ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
-        raise ValueError(
-            f"{type(model).__name__} is in training mode ({listed}): BatchNorm uses batch statistics there and "
-            "only eval-mode BatchNorm can be folded. Call model.eval() before bnfold.fold."
+        listed = ", ".join(list(training)[:3]) + (", ..." if len(training) > 3 else "")
+        why = (
+            "BatchNorm uses batch statistics there and only eval-mode BatchNorm can be folded"
+            if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in training.values())
+            else "Dropout zeroes values at random there, so no fold could be checked"
         )
+        raise ValueError(f"{type(model).__name__} is in training mode ({listed}): {why}. Call model.eval() before bnfold.fold.")
 
 
 def _require_foldable(model: nn.Module) -> None:
@@ -280,6 +290,7 @@ def _require_foldable(model: nn.Module) -> None:
     _require_eager(model)
     _require_eval_mode(model)
     _require_initialised(model)
+    _require_values(model)
 
 
 def _require_eager(model: nn.Module) -> None:
@@ -289,6 +300,17 @@ def _require_eager(model: nn.Module) -> None:
         raise ModelNotTraceableError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script or torch.jit.trace), which bnfold cannot "
             "read: fold the eager nn.Module it was made from, then script or trace the folded model."
+        )
+
+
+def _require_values(model: nn.Module) -> None:
+    """A model on the meta device has shapes and no values: nothing to fold from."""
+    on_meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if on_meta:
+        listed = ", ".join(on_meta[:3]) + (", ..." if len(on_meta) > 3 else "")
+        raise ValueError(
+            f"{type(model).__name__} has tensors on the meta device ({listed}), which hold no values: load its weights "
+            "(load_state_dict(..., assign=True), or to_empty() then load them) before bnfold.fold."
         )
 
 
