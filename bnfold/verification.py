@@ -132,9 +132,10 @@ _NOT_REAL_KINDS = "cmMOSU"
 
 
 # How much further from a float64 run of the original a folded float32 model's output may be than the original's own
-# float32 run, when every fold passed its own check (see OutputComparison.measure_noise): the folded model rounds its
-# weights once more, then runs with its own rounding. Measured on correct folds of timm models with untrained
-# weights: 1.25 (efficientnetv2_rw_t, 3.3e4 against 2.6e4), up to 2.5 (fbnetv3_b, 0.135 against 0.054).
+# float32 run (from a float32 run, a float16 or bfloat16 model's), when every fold passed its own check (see
+# OutputComparison.measure_noise): the folded model rounds its weights once more, then runs with its own rounding.
+# Measured on correct folds of timm models with untrained weights: 1.25 (efficientnetv2_rw_t, 3.3e4 against 2.6e4),
+# up to 2.5 (fbnetv3_b, 0.135 against 0.054).
 EXACT_DISTANCE_RATIO = 4
 
 
@@ -190,8 +191,8 @@ class OutputComparison:
         fold) flips some. A wrong fold changes more values, or by more. With ``folds_proven`` (every fold passed its
         own check), a failed float output within the noise passes too: the model amplifies rounding that much itself
         (a float16 model with float32 outputs, a division near zero, a deep network with untrained weights). With
-        ``exact`` (``other`` is a float64 run of the original, the result its float32 run approximates), that is: the
-        folded output no further from ``other`` than :data:`EXACT_DISTANCE_RATIO` times the original's own distance
+        ``exact`` (``other`` is a run of the original in a wider dtype, float64 for float32, the result its run
+        approximates), that is: the folded output no further from ``other`` than :data:`EXACT_DISTANCE_RATIO` times the original's own distance
         from it. Neither allowance is made without ``allowances`` (tolerances the user set are the criterion).
         Elements that are not finite in either run are no noise (an overflow in one)."""
         expected64, other64 = np.asarray(expected, np.float64), np.asarray(other, np.float64)
@@ -209,7 +210,7 @@ class OutputComparison:
                 with np.errstate(invalid="ignore"):
                     distance = float(np.max(np.abs(np.asarray(actual, np.float64)[finite] - other64[finite]), initial=0.0))
                 within = distance <= EXACT_DISTANCE_RATIO * self.noise
-                figures = f"the folded output is {distance:.3g} from a float64 run of the original, the original {self.noise:.3g}"
+                figures = f"the folded output is {distance:.3g} from a run of the original in a wider dtype, the original {self.noise:.3g}"
             else:
                 within = self.max_abs_error <= self.noise
                 figures = f"the output differs by no more than the original's own float noise ({noise_from}), {self.noise:.3g}"

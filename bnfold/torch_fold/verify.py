@@ -88,7 +88,8 @@ def measure_noise(
         try:
             if half is not None:
                 other = run_outputs(copy.deepcopy(original).float(), _widened(example_inputs, _HALF, torch.float32))
-                noise_from, exact = f"the original run in float32 against in {str(half).removeprefix('torch.')}", False
+                # (float32 is to a half-precision run what float64 is to a float32 one: the result it approximates)
+                noise_from, exact = f"the original run in float32 against in {str(half).removeprefix('torch.')}", True
             elif dtypes == {torch.float32}:
                 other = run_outputs(copy.deepcopy(original).double(), _widened(example_inputs, (torch.float32,), torch.float64))
                 noise_from, exact = "the original's float32 run against a float64 run of it", True
