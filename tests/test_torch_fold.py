@@ -2374,3 +2374,28 @@ def test_models_fold_cannot_use_are_refused_saying_what_to_do():
     dropout[1].train()
     with pytest.raises(ValueError, match=r"training mode \(1\): Dropout zeroes values at random there"):
         fold(dropout, torch.randn(2, 3, 8, 8))
+
+
+class _TiedConvolutions(nn.Module):
+    """Two convolutions sharing one weight (tied parameters), each called once, each before its BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.c2.weight = self.c1.weight
+        self.b1, self.b2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.b2(self.c2(self.b1(self.c1(x)).relu()))
+
+
+def test_a_layer_with_a_tied_weight_is_left_saying_so_not_that_it_is_called_twice():
+    """Each convolution is called once; the reason said "`c1` is called 2 times"."""
+    report = fold(_TiedConvolutions().eval(), torch.randn(2, 3, 8, 8)).report
+    reasons = {skip.batchnorm: skip.reason for skip in report.skips}
+    assert set(reasons) == {"b1", "b2"} and "`c1`'s weight or bias is also read elsewhere (2 reads" in reasons["b1"]
+    assert not any("is called" in reason for reason in reasons.values())
+    reused = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    model = nn.Sequential(reused[0], reused[1], reused[0]).eval()
+    (skip,) = fold(model, torch.randn(2, 3, 8, 8)).report.skips
+    assert "`0` is called 2 times" in skip.reason

@@ -387,9 +387,15 @@ def _layer_refusal(
         )
     uses = flow.uses_of(layer)
     if uses > 1:
+        calls = sum(other.module_path == layer.module_path for other in flow.layers.values()) if layer.module_path else 1
+        if calls > 1:
+            return "module-reused", (
+                f"`{layer.name}` is called {calls} times, and folding would change every call; give each call its own "
+                "layer to fold it."
+            )
         return "module-reused", (
-            f"`{layer.name}` is called {uses} times (or shares its weight with another layer), and folding would "
-            "change every call; give each call its own layer to fold it."
+            f"`{layer.name}`'s weight or bias is also read elsewhere ({uses} reads: a parameter tied to another layer or "
+            "module), and folding would change what every reader sees; give the layer its own parameters to fold it."
         )
     refusal = _hooks_refusal(layer.module_path, flow, "would see the folded layer's values instead of its own")
     if refusal is not None:
