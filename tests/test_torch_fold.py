@@ -2399,3 +2399,23 @@ def test_a_layer_with_a_tied_weight_is_left_saying_so_not_that_it_is_called_twic
     model = nn.Sequential(reused[0], reused[1], reused[0]).eval()
     (skip,) = fold(model, torch.randn(2, 3, 8, 8)).report.skips
     assert "`0` is called 2 times" in skip.reason
+
+
+class _StatisticsUpdatedInForward(nn.Module):
+    """An exponential average of the running mean, updated in place in forward() (in eval mode too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.bn.running_mean.mul_(0.9).add_(0.1 * y.mean((0, 2, 3)).detach())
+        return self.bn(y)
+
+
+def test_a_batchnorm_whose_statistics_forward_updates_is_left_saying_so():
+    """It was left as track_running_stats=False, which it is not."""
+    (skip,) = fold(_StatisticsUpdatedInForward().eval(), torch.randn(2, 3, 8, 8)).report.skips
+    assert skip.code == "parameters-not-constant" and "forward() changes it before the call" in skip.reason
+    assert "track_running_stats" not in skip.reason

@@ -148,7 +148,7 @@ def _decide(
     folds into each layer so far (updated), and ``folded_away`` the BatchNorms folded into the layer before them (see
     :func:`plan_folds`)."""
     batchnorm = calls[0]
-    refusal = _batchnorm_refusal(calls) or _read_elsewhere_refusal(batchnorm, flow)
+    refusal = _batchnorm_refusal(calls, flow) or _read_elsewhere_refusal(batchnorm, flow)
     if refusal is not None:
         return Skip(batchnorm.name, *refusal)
     preceding = flow.layer_producing(batchnorm.input, folded_away)
@@ -303,7 +303,7 @@ def _numpy_dtype(tensor) -> np.dtype:
     return np.dtype(str(tensor.dtype).removeprefix("torch."))
 
 
-def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
+def _batchnorm_refusal(calls: list[BatchNormCall], flow: DataFlow) -> Refusal | None:
     """Reasons that hold whatever the neighbours are."""
     batchnorm = calls[0]
     if len(calls) > 1:
@@ -312,6 +312,12 @@ def _batchnorm_refusal(calls: list[BatchNormCall]) -> Refusal | None:
             "give each call its own BatchNorm to fold them."
         )
     if batchnorm.per_channel is None and (batchnorm.running_mean is None or batchnorm.running_var is None):
+        module = flow.traced.module(batchnorm.module_path) if batchnorm.module_path else None
+        if getattr(module, "running_mean", None) is not None and getattr(module, "running_var", None) is not None:
+            return "parameters-not-constant", (
+                "its running mean or variance is not what the call reads as a constant: forward() changes it before "
+                "the call (an update in place) or passes other statistics; only constants can be folded."
+            )
         return "batch-statistics", (
             "track_running_stats=False: it normalises every batch with that batch's own statistics, even in "
             "eval mode, so there is no constant scale and shift to fold; train with track_running_stats=True "
