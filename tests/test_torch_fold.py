@@ -2419,3 +2419,11 @@ def test_a_batchnorm_whose_statistics_forward_updates_is_left_saying_so():
     (skip,) = fold(_StatisticsUpdatedInForward().eval(), torch.randn(2, 3, 8, 8)).report.skips
     assert skip.code == "parameters-not-constant" and "forward() changes it before the call" in skip.reason
     assert "track_running_stats" not in skip.reason
+
+
+def test_a_model_that_fails_on_the_example_inputs_is_said_to():
+    """Inputs of 4 channels for a 3-channel convolution: the error opened with fx's "the traced graph computes other
+    outputs than the model", the model's own error buried in export's part of it."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with pytest.raises(ModelNotTraceableError, match=r"^Sequential fails on the example inputs \(RuntimeError: Given groups=1.*give inputs it accepts"):
+        fold(model, torch.randn(2, 4, 8, 8))

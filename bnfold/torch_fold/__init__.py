@@ -343,9 +343,23 @@ def _analyse(model: nn.Module, example_inputs: tuple, record: bool, stand_ins: b
                 "given as its first: for keyword arguments (a processor's output), give their values as a tuple in "
                 "forward()'s order, e.g. (inputs['pixel_values'],)"
             ) from error
+        _require_running(model, example_inputs, error)
         raise
     flow = read_data_flow(traced)
     return traced, flow, plan_folds(flow, model)
+
+
+def _require_running(model: nn.Module, example_inputs: tuple, error: ModelNotTraceableError) -> None:
+    """No tracer captures a model that fails on the example inputs itself: say that first (each tracer's failure
+    said it its own way, fx's as "other outputs than the model")."""
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as failure:  # noqa: BLE001 - whatever the model raises is the cause to name
+        raise ModelNotTraceableError(
+            f"{type(model).__name__} fails on the example inputs ({describe_error(failure)}): bnfold runs the model on "
+            "them, so give inputs it accepts (forward()'s positional arguments, as a tuple)"
+        ) from error
 
 
 def _report(model: nn.Module, flow: DataFlow, plan: FoldPlan, notes: list[str]) -> FoldReport:
