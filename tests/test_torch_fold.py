@@ -1313,7 +1313,7 @@ def test_an_identity_with_hooks_between_the_pair_is_no_pass_through():
     model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.BatchNorm2d(4)))
     model[1].register_forward_hook(lambda module, args, output: output * 2)
     result = fold(model, (torch.randn(2, 3, 6, 6),))
-    assert skip_codes(result.report) == {"2": "no-foldable-neighbour"}
+    assert skip_codes(result.report) == {"2": "hooked-module"}  # (the hook is the reason: no-foldable-neighbour before)
 
 
 def test_refusal_reasons_name_the_neighbours():
@@ -2427,3 +2427,11 @@ def test_a_model_that_fails_on_the_example_inputs_is_said_to():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
     with pytest.raises(ModelNotTraceableError, match=r"^Sequential fails on the example inputs \(RuntimeError: Given groups=1.*give inputs it accepts"):
         fold(model, torch.randn(2, 4, 8, 8))
+
+
+def test_a_hooked_dropout_between_the_layer_and_the_batchnorm_is_named_as_the_reason():
+    """The Dropout's hook keeps it from passing the values through: the reason said no Conv was next to the BatchNorm."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.1), nn.BatchNorm2d(8)).eval()
+    model[1].register_forward_hook(lambda module, inputs, output: None)
+    (skip,) = fold(model, torch.randn(2, 3, 8, 8)).report.skips
+    assert skip.code == "hooked-module" and "`1` has hooks" in skip.reason and "would see the normalised values instead" in skip.reason

@@ -57,18 +57,27 @@ _DROPOUTS = frozenset({
 })
 
 
+def held_by_hooks(node: Any, traced: TracedModel) -> bool:
+    """Whether ``node`` is a call of a module that would pass values (see :func:`passes_values`) but for its hooks."""
+    return (
+        isinstance(node, fx.Node) and node.op == "call_module" and _keeps_values(node, traced) and has_hooks(traced.module(node.target))
+    )
+
+
+def _keeps_values(node: fx.Node, traced: TracedModel) -> bool:
+    """A module call of ``nn.Identity``, an eval-mode Dropout, ``nn.Flatten`` or ``nn.Unflatten`` on its data alone."""
+    module = traced.module(node.target)
+    keeps = isinstance(module, (nn.Identity, *_RESHAPE_MODULES)) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
+    return keeps and len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs and computes_torch_forward(module)
+
+
 def passes_values(node: Any, traced: TracedModel) -> bool:
     """Whether ``node``'s output holds its data input's values (``node.args[0]``), rearranged at most: it is
     then no reader that must keep seeing un-normalised values."""
     if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
-        module = traced.module(node.target)
-        keeps = (
-            isinstance(module, (nn.Identity, *_RESHAPE_MODULES))
-            or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
-        )
-        return keeps and len(node.args) == 1 and not node.kwargs and computes_torch_forward(module) and not has_hooks(module)
+        return _keeps_values(node, traced) and not has_hooks(traced.module(node.target))
     if node.op not in ("call_function", "call_method"):
         return False
     if node.target in _DROPOUTS:

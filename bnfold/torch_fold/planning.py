@@ -28,7 +28,7 @@ from bnfold.fold_math import (
 from bnfold.report import Direction, Fold, Skip
 from bnfold.torch_fold.calls import BatchNormCall, DataFlow, LayerCall, describe_node, value_readers
 from bnfold.torch_fold.conversion import to_numpy, to_numpy_float
-from bnfold.torch_fold.passthrough import axis_after, converted_dtypes, value_shape
+from bnfold.torch_fold.passthrough import axis_after, converted_dtypes, held_by_hooks, value_shape
 from bnfold.torch_fold.tracing import has_hooks, module_stack_paths
 
 # (skip code, reason) for a check that fails.
@@ -155,6 +155,11 @@ def _decide(
     following = flow.sole_layer_reading(batchnorm.node)
     pieces = _concatenated(batchnorm.input) if preceding is None else None
     if preceding is None and following is None and pieces is None:
+        source = batchnorm.input
+        while flow.passes_through(source):
+            source = source.args[0]
+        if held_by_hooks(source, flow.traced):  # (a hooked Dropout between the layer and the BatchNorm)
+            return Skip(batchnorm.name, *_hooks_refusal(source.target, flow, "would see the normalised values instead"))
         return Skip(batchnorm.name, "no-foldable-neighbour", _no_neighbour_reason(batchnorm, flow))
     refusal = _hooks_refusal(batchnorm.module_path, flow, "would be dropped with it")
     if refusal is not None:
