@@ -2435,3 +2435,23 @@ def test_a_hooked_dropout_between_the_layer_and_the_batchnorm_is_named_as_the_re
     model[1].register_forward_hook(lambda module, inputs, output: None)
     (skip,) = fold(model, torch.randn(2, 3, 8, 8)).report.skips
     assert skip.code == "hooked-module" and "`1` has hooks" in skip.reason and "would see the normalised values instead" in skip.reason
+
+
+class _ScriptedBlock(nn.Module):
+    """An eager model holding a scripted Conv -> BatchNorm block, then its own pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
+        self.conv, self.bn = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.block(x)))
+
+
+def test_a_batchnorm_inside_a_scripted_submodule_is_reported_left():
+    """It was neither folded nor listed: "folded 1 of 1" for a model holding two."""
+    report = fold(_ScriptedBlock().eval(), torch.randn(2, 3, 8, 8)).report
+    (skip,) = report.skips
+    assert len(report.folds) == 1 and report.nodes_before["batchnorm"] == 2
+    assert skip.batchnorm == "block.1" and "inside `block`, a TorchScript module" in skip.reason

@@ -116,8 +116,15 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     replaced = tuple(f"{fold.batchnorm.module_path}." for fold in plan.folds if fold.in_module_tree)
     modules = flow.traced.modules_by_path.items() if flow.traced.model is model else model.named_modules()
     opaque = tuple(f"{path}." for path in flow.traced.opaque_paths)
+    scripted = [name for name, module in modules if name and isinstance(module, torch.jit.ScriptModule)]
     for name, module in modules:
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called and name not in read:
+        if _scripted_batchnorm(module):  # (a TorchScript module's BatchNorm: a copy of the class, run as compiled code)
+            owner = next(path for path in scripted if name == path or name.startswith(f"{path}."))
+            plan.skips.append(Skip(name, "no-foldable-neighbour", (
+                f"it runs inside `{owner}`, a TorchScript module (torch.jit.script or trace), whose compiled code "
+                "bnfold cannot read; fold the eager module it was made from, then script or trace it."
+            )))  # fmt: skip
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in called and name not in read:
             if name.startswith(replaced):
                 owner = next(prefix for prefix in replaced if name.startswith(prefix))[:-1]
                 plan.notes.append(f"{name} (never called) is removed with {owner}, the folded BatchNorm it belongs to")
@@ -130,6 +137,13 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
             else:
                 plan.skips.append(Skip(name, "no-foldable-neighbour", reason))
     return plan
+
+
+def _scripted_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in _BATCHNORM_CLASSES
+
+
+_BATCHNORM_CLASSES = frozenset(kind.__name__ for kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
 
 
 def _leaves_its_input(batchnorm: BatchNormCall) -> bool:
