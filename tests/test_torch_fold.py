@@ -2455,3 +2455,24 @@ def test_a_batchnorm_inside_a_scripted_submodule_is_reported_left():
     (skip,) = report.skips
     assert len(report.folds) == 1 and report.nodes_before["batchnorm"] == 2
     assert skip.batchnorm == "block.1" and "inside `block`, a TorchScript module" in skip.reason
+
+
+class _SharedStatistics(nn.Module):
+    """Two Conv -> BatchNorm branches whose BatchNorms share one running_mean tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.b = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.b[1].running_mean = self.a[1].running_mean
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_batchnorms_sharing_statistics_are_each_reported_left():
+    """Decided together, they were reported as one skip, of the first, said to be "called 2 times"; the other was
+    neither folded nor left."""
+    report = fold(_SharedStatistics().eval(), torch.randn(2, 3, 8, 8)).report
+    assert [skip.batchnorm for skip in report.skips] == ["a.1", "b.1"] and not report.folds
+    assert all("`a.1`, `b.1` share their statistics" in skip.reason for skip in report.skips)

@@ -96,7 +96,9 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     for calls in flow.batchnorms_by_statistics():
         decision = _decide(calls, flow, folded, folded_away)
         if isinstance(decision, Skip):
-            plan.skips.append(decision)
+            # (BatchNorm modules sharing a statistics tensor decide together: each of them is left)
+            names = dict.fromkeys(call.name for call in calls)
+            plan.skips += [dataclasses.replace(decision, batchnorm=name) for name in names]
             continue
         plan.folds.extend(decision)
         if decision[0].direction == "into-preceding" and _leaves_its_input(decision[0].batchnorm):
@@ -325,6 +327,13 @@ def _numpy_dtype(tensor) -> np.dtype:
 def _batchnorm_refusal(calls: list[BatchNormCall], flow: DataFlow) -> Refusal | None:
     """Reasons that hold whatever the neighbours are."""
     batchnorm = calls[0]
+    names = list(dict.fromkeys(call.name for call in calls))
+    if len(names) > 1:
+        return "module-reused", (
+            f"{', '.join(f'`{name}`' for name in names)} share their statistics (the same running mean or variance "
+            "tensor), which bnfold decides together, as the calls of one module, and one fold cannot absorb them all; "
+            "give each BatchNorm its own buffers to fold them."
+        )
     if len(calls) > 1:
         return "module-reused", (
             f"it is called {len(calls)} times with the same statistics and one fold can absorb only one call; "
