@@ -116,7 +116,7 @@ def plan_folds(flow: DataFlow, model: nn.Module) -> FoldPlan:
     read = {path.rpartition(".")[0] for node, path in flow.traced.attribute_paths.items() if node.users}
     # A folded BatchNorm module is replaced, its children with it (timm's SplitBatchNorm2d: aux_bn, for training).
     replaced = tuple(f"{fold.batchnorm.module_path}." for fold in plan.folds if fold.in_module_tree)
-    modules = flow.traced.modules_by_path.items() if flow.traced.model is model else model.named_modules()
+    modules = list(flow.traced.modules_by_path.items() if flow.traced.model is model else model.named_modules())
     opaque = tuple(f"{path}." for path in flow.traced.opaque_paths)
     scripted = [name for name, module in modules if name and isinstance(module, torch.jit.ScriptModule)]
     for name, module in modules:
