@@ -368,16 +368,12 @@ def _read_elsewhere_refusal(batchnorm: BatchNormCall, flow: DataFlow) -> Refusal
     """A BatchNorm module whose parameters or buffers forward() also reads outside its call (NAM attention weighs
     the channels by ``bn.weight``) must stay, with them."""
     path = batchnorm.module_path
-    if path is None:
-        return None
-    for node, attribute in flow.traced.attribute_paths.items():
-        if node.graph is not batchnorm.node.graph or not attribute.startswith(f"{path}."):
-            continue
+    for node in flow.traced.attribute_reads_by_owner.get(path, []) if path is not None else []:
         outside = [user for user in node.users if user is not batchnorm.node and path not in module_stack_paths(user)]
-        if outside:
+        if node.graph is batchnorm.node.graph and outside:
             return "read-elsewhere", (
-                f"forward() also reads `{attribute}` outside the module's call ({describe_node(outside[0], flow.traced)}), "
-                "so the module must stay as it is."
+                f"forward() also reads `{flow.traced.attribute_paths[node]}` outside the module's call "
+                f"({describe_node(outside[0], flow.traced)}), so the module must stay as it is."
             )
     return None
 

@@ -428,6 +428,15 @@ class TracedModel:
         return module if module is not None else self.model.get_submodule(path)
 
     @functools.cached_property
+    def attribute_reads_by_owner(self) -> dict[str, list[fx.Node]]:
+        """The graph nodes reading a parameter or buffer (``get_attr``, or export's lifted inputs), by the path of
+        the module that holds it."""
+        reads = collections.defaultdict(list)
+        for node, path in self.attribute_paths.items():
+            reads[path.rpartition(".")[0]].append(node)
+        return reads
+
+    @functools.cached_property
     def modules_by_path(self) -> dict[str, nn.Module]:
         """The model's modules by path, as ``named_modules`` lists them."""
         return dict(self.model.named_modules())
