@@ -51,7 +51,9 @@ class _BnfoldGroup(click.Group):
     def main(self, *args, **kwargs):
         try:
             return super().main(*args, **kwargs)
-        except OSError as error:  # (click's own writes, --help and --version, on a stdout that cannot take them)
+        # click's own writes (--help, --version, a command's --help) on a stdout that cannot take them; a closed pipe
+        # click's main ends itself (exit 1).
+        except OSError as error:
             stream_failed(error, sys.stdout)
             raise
 
@@ -105,8 +107,7 @@ class _BnfoldGroup(click.Group):
             fail(f"out of memory ({describe_error(error)})", output_format="json" if ctx.meta[_JSON_ERRORS] else "text")
         except Exception as error:  # a bug, not bad input; still one line, and not the code of a verdict
             if isinstance(error, OSError) and _raised_by_click_echo(error):  # (a command's --help on a stdout that cannot take it)
-                stream_failed(error, sys.stdout)
-                sys.exit(1)  # (a closed pipe: as click's own main ends then)
+                raise  # (to main, which handles click's own writes)
             fail(internal_error(error), output_format="json" if ctx.meta[_JSON_ERRORS] else "text")
 
 
